@@ -1,0 +1,748 @@
+//! The broker: every port decision Styxy makes, as plain data in and plain data out.
+//!
+//! It holds the port table (sockets the observers saw in the kernel), the leases and the instances, and
+//! answers: which ports are free for a service type, which port an `Allocate` gets, whether a `bind()` keeps
+//! its port or moves, who holds a port. It reads no files, opens no sockets and reads no clock: the caller
+//! passes `now` and a [`ProcessView`], and gets back [`Effects`] to persist and publish. This file answers
+//! "who decides that 6006 is taken?".
+
+pub mod model;
+pub mod ranges;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub use model::*;
+pub use ranges::{PortRange, ServiceRanges, ServiceType};
+
+/// Lease lifetimes the daemon applies when a caller does not give one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// TTL of an `Allocate` lease that is tied to no process.
+    pub default_ttl_ms: u64,
+    /// How long a `ResolveBind` claim waits for its process to bind before it lapses.
+    pub claim_ttl_ms: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            default_ttl_ms: 3_600_000,
+            claim_ttl_ms: 30_000,
+        }
+    }
+}
+
+/// Why the broker refused a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BrokerError {
+    #[error("no free port left in {service_type} range {start}-{end}")]
+    NoFreePort {
+        service_type: String,
+        start: u16,
+        end: u16,
+    },
+    #[error("no lease {0}")]
+    NoSuchLease(String),
+    #[error("no lease on port {0}")]
+    NoLeaseOnPort(u16),
+    #[error("lease {lease_id} belongs to uid {owner_uid}; only that user or root may release it")]
+    NotOwner { lease_id: String, owner_uid: u32 },
+}
+
+/// A socket in the table with the service type inferred from its owner's command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub socket: BoundSocket,
+    pub service_type: String,
+}
+
+/// Who holds a port, as told to a process whose bind was moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HolderView {
+    Socket(Held),
+    Lease(Lease),
+}
+
+/// What `ResolveBind` tells the shim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindDecision {
+    Keep {
+        port: u16,
+    },
+    Reassign {
+        port: u16,
+        holder: Option<HolderView>,
+    },
+}
+
+/// A `bind()` about to happen, as the shim reported it and the daemon identified the asker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindRequest {
+    pub asker: ProcessInfo,
+    pub uid: u32,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub reuseport: bool,
+    pub instance_id: Option<String>,
+}
+
+/// An `Allocate` call, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocateRequest {
+    pub service_type: String,
+    pub preferred_port: Option<u16>,
+    pub process: Option<ProcessId>,
+    pub uid: u32,
+    pub instance_id: Option<String>,
+    pub ttl_ms: Option<u64>,
+}
+
+/// Free ports of one service type's range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Suggestion {
+    pub service_type: String,
+    pub ports: Vec<u16>,
+    pub start: u16,
+    pub end: u16,
+}
+
+/// Everything known about one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortView {
+    pub port: u16,
+    pub holders: Vec<Held>,
+    pub lease: Option<Lease>,
+    pub range_type: Option<String>,
+}
+
+/// Which part of the port table a fresh socket-table reading covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Port {
+        port: u16,
+        protocol: Option<Protocol>,
+    },
+    Range {
+        start: u16,
+        end: u16,
+    },
+}
+
+impl Scope {
+    fn covers(&self, socket: &BoundSocket) -> bool {
+        match *self {
+            Scope::All => true,
+            Scope::Port { port, protocol } => {
+                socket.port == port && protocol.is_none_or(|p| p == socket.protocol)
+            }
+            Scope::Range { start, end } => (start..=end).contains(&socket.port),
+        }
+    }
+}
+
+/// The port table, leases and instances.
+#[derive(Debug)]
+pub struct Broker {
+    ranges: ServiceRanges,
+    settings: LeaseSettings,
+    sockets: HashMap<u64, Held>,
+    by_port: BTreeMap<(u16, Protocol), BTreeSet<u64>>,
+    leases: BTreeMap<u16, Lease>,
+    lease_ports: HashMap<String, u16>,
+    instances: BTreeMap<String, Instance>,
+    next_lease_seq: u64,
+    reassignments: u64,
+}
+
+impl Broker {
+    pub fn new(ranges: ServiceRanges, settings: LeaseSettings) -> Self {
+        Broker {
+            ranges,
+            settings,
+            sockets: HashMap::new(),
+            by_port: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            lease_ports: HashMap::new(),
+            instances: BTreeMap::new(),
+            next_lease_seq: 1,
+            reassignments: 0,
+        }
+    }
+
+    /// A broker holding the leases and instances read back from the state dir.
+    pub fn restore(
+        ranges: ServiceRanges,
+        settings: LeaseSettings,
+        leases: impl IntoIterator<Item = Lease>,
+        instances: impl IntoIterator<Item = Instance>,
+    ) -> Self {
+        let mut broker = Broker::new(ranges, settings);
+        for lease in leases {
+            broker.insert_lease(lease);
+        }
+        broker.next_lease_seq = broker
+            .leases
+            .values()
+            .filter_map(|l| l.id.strip_prefix("lease-")?.parse::<u64>().ok())
+            .max()
+            .map_or(1, |n| n + 1);
+        broker.instances = instances.into_iter().map(|i| (i.id.clone(), i)).collect();
+        broker
+    }
+
+    pub fn ranges(&self) -> &ServiceRanges {
+        &self.ranges
+    }
+
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn bound_port_count(&self) -> usize {
+        self.by_port
+            .keys()
+            .map(|(port, _)| *port)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
+    pub fn reassignments(&self) -> u64 {
+        self.reassignments
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.values()
+    }
+
+    /// Every socket in the table, by port.
+    pub fn holders(&self) -> Vec<Held> {
+        self.by_port
+            .values()
+            .flatten()
+            .filter_map(|cookie| self.sockets.get(cookie).cloned())
+            .collect()
+    }
+
+    /// Whether anything holds `port`: a socket of any protocol, or a lease.
+    pub fn is_taken(&self, port: u16) -> bool {
+        self.leases.contains_key(&port) || self.is_bound(port, None)
+    }
+
+    fn is_bound(&self, port: u16, protocol: Option<Protocol>) -> bool {
+        match protocol {
+            Some(p) => self.by_port.contains_key(&(port, p)),
+            None => Protocol::ALL
+                .iter()
+                .any(|p| self.by_port.contains_key(&(port, *p))),
+        }
+    }
+
+    fn sockets_on(&self, port: u16, protocol: Option<Protocol>) -> impl Iterator<Item = &Held> {
+        Protocol::ALL
+            .into_iter()
+            .filter(move |p| protocol.is_none_or(|want| want == *p))
+            .filter_map(move |p| self.by_port.get(&(port, p)))
+            .flatten()
+            .filter_map(|cookie| self.sockets.get(cookie))
+    }
+
+    /// Everything known about `port` (all protocols when `protocol` is `None`).
+    pub fn observe(&self, port: u16, protocol: Option<Protocol>) -> PortView {
+        PortView {
+            port,
+            holders: self.sockets_on(port, protocol).cloned().collect(),
+            lease: self.leases.get(&port).cloned(),
+            range_type: self.ranges.type_of_port(port).map(|t| t.name.clone()),
+        }
+    }
+
+    /// Up to `count` free ports of `service_type`'s range (`dev` for an unknown type), lowest first.
+    pub fn suggest(&self, service_type: &str, count: usize) -> Suggestion {
+        let t = self.ranges.get_or_fallback(service_type);
+        Suggestion {
+            service_type: t.name.clone(),
+            ports: (t.start..=t.end)
+                .filter(|p| !self.is_taken(*p))
+                .take(count)
+                .collect(),
+            start: t.start,
+            end: t.end,
+        }
+    }
+
+    // ---- observer input ----------------------------------------------------------------------------
+
+    /// Applies one event from an observer.
+    pub fn apply(&mut self, event: PortEvent, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        match event {
+            PortEvent::Bound(socket) => self.insert_socket(socket, now_ms, &mut effects),
+            PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
+        }
+        effects
+    }
+
+    /// Makes the part of the table that `scope` covers equal to a fresh reading of the kernel's socket
+    /// tables: sockets no longer there are released, new ones are bound, known ones keep their history.
+    pub fn reconcile(&mut self, scope: Scope, reading: Vec<BoundSocket>, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        let fresh: HashMap<u64, BoundSocket> = reading
+            .into_iter()
+            .filter(|s| scope.covers(s))
+            .map(|s| (s.cookie, s))
+            .collect();
+        let gone: Vec<u64> = self
+            .sockets
+            .iter()
+            .filter(|(cookie, held)| scope.covers(&held.socket) && !fresh.contains_key(cookie))
+            .map(|(cookie, _)| *cookie)
+            .collect();
+        for cookie in gone {
+            self.remove_socket(cookie, &mut effects);
+        }
+        for (cookie, socket) in fresh {
+            match self.sockets.get_mut(&cookie) {
+                // Known: keep its `since`; learn the owner if this reading found it and the last did not.
+                Some(held)
+                    if held.socket.port == socket.port
+                        && held.socket.protocol == socket.protocol =>
+                {
+                    if held.socket.owner.is_none() && socket.owner.is_some() {
+                        held.service_type = infer_type(&self.ranges, &socket);
+                        held.socket.owner = socket.owner;
+                    }
+                }
+                _ => self.insert_socket(socket, now_ms, &mut effects),
+            }
+        }
+        effects
+    }
+
+    fn insert_socket(&mut self, socket: BoundSocket, now_ms: u64, effects: &mut Effects) {
+        if self.sockets.contains_key(&socket.cookie) {
+            self.remove_socket_quietly(socket.cookie);
+        }
+        let (port, protocol, cookie) = (socket.port, socket.protocol, socket.cookie);
+        self.settle_leases_on_bind(&socket, effects);
+        let held = Held {
+            service_type: infer_type(&self.ranges, &socket),
+            socket: BoundSocket {
+                since_ms: if socket.since_ms == 0 {
+                    now_ms
+                } else {
+                    socket.since_ms
+                },
+                ..socket
+            },
+        };
+        effects.notices.push(Notice::Bound(held.clone()));
+        self.sockets.insert(cookie, held);
+        self.by_port
+            .entry((port, protocol))
+            .or_default()
+            .insert(cookie);
+    }
+
+    /// A lease turns into "bound" when its holder binds its port: an Allocate lease ends (the socket now
+    /// holds the port); a claim stays, no longer lapsing, to live as long as its process.
+    fn settle_leases_on_bind(&mut self, socket: &BoundSocket, effects: &mut Effects) {
+        let Some(lease) = self.leases.get(&socket.port) else {
+            return;
+        };
+        let owner = socket.owner.as_ref().map(|o| o.id);
+        let binder_owns = match lease.process {
+            Some(p) => owner == Some(p),
+            None => lease.owner_uid == socket.uid,
+        };
+        if !binder_owns {
+            return;
+        }
+        if lease.claim {
+            if lease.expires_ms.is_some() {
+                let mut settled = lease.clone();
+                settled.expires_ms = None;
+                effects.changes.push(StateChange::PutLease {
+                    lease: settled.clone(),
+                });
+                self.leases.insert(settled.port, settled);
+            }
+        } else if let Some(lease) = self.take_lease(socket.port) {
+            effects.lease_removed(lease);
+        }
+    }
+
+    fn remove_socket_quietly(&mut self, cookie: u64) -> Option<Held> {
+        let held = self.sockets.remove(&cookie)?;
+        let key = (held.socket.port, held.socket.protocol);
+        if let Some(set) = self.by_port.get_mut(&key) {
+            set.remove(&cookie);
+            if set.is_empty() {
+                self.by_port.remove(&key);
+            }
+        }
+        Some(held)
+    }
+
+    fn remove_socket(&mut self, cookie: u64, effects: &mut Effects) {
+        if let Some(held) = self.remove_socket_quietly(cookie) {
+            effects.notices.push(Notice::Released(held));
+        }
+    }
+
+    // ---- leases ------------------------------------------------------------------------------------
+
+    fn insert_lease(&mut self, lease: Lease) {
+        self.lease_ports.insert(lease.id.clone(), lease.port);
+        if let Some(old) = self.leases.insert(lease.port, lease) {
+            self.lease_ports.remove(&old.id);
+        }
+    }
+
+    fn take_lease(&mut self, port: u16) -> Option<Lease> {
+        let lease = self.leases.remove(&port)?;
+        self.lease_ports.remove(&lease.id);
+        Some(lease)
+    }
+
+    fn new_lease_id(&mut self) -> String {
+        let id = format!("lease-{}", self.next_lease_seq);
+        self.next_lease_seq += 1;
+        id
+    }
+
+    /// Lowest free port of a service type's range, preferring `preferred` when it is free.
+    fn pick_for_allocate(&self, range: &ServiceType, preferred: Option<u16>) -> Option<u16> {
+        preferred
+            .filter(|p| !self.is_taken(*p))
+            .or_else(|| (range.start..=range.end).find(|p| !self.is_taken(*p)))
+    }
+
+    /// Atomically picks a free port and leases it.
+    pub fn allocate(
+        &mut self,
+        req: AllocateRequest,
+        now_ms: u64,
+    ) -> Result<(Lease, Effects), BrokerError> {
+        let range = self.ranges.get_or_fallback(&req.service_type).clone();
+        let port = self
+            .pick_for_allocate(&range, req.preferred_port)
+            .ok_or_else(|| BrokerError::NoFreePort {
+                service_type: range.name.clone(),
+                start: range.start,
+                end: range.end,
+            })?;
+        let ttl_ms = match (req.ttl_ms, req.process) {
+            (Some(ttl), _) => Some(ttl),
+            (None, None) => Some(self.settings.default_ttl_ms),
+            (None, Some(_)) => None,
+        };
+        let lease = Lease {
+            id: self.new_lease_id(),
+            port,
+            service_type: range.name,
+            owner_uid: req.uid,
+            process: req.process,
+            instance_id: req.instance_id,
+            created_ms: now_ms,
+            expires_ms: ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
+            claim: false,
+            requested_port: None,
+        };
+        let mut effects = Effects::default();
+        effects.lease_put(&lease);
+        self.insert_lease(lease.clone());
+        Ok((lease, effects))
+    }
+
+    /// Ends a lease named by id.
+    pub fn release_id(
+        &mut self,
+        id: &str,
+        caller: Caller,
+    ) -> Result<(Lease, Effects), BrokerError> {
+        let port = *self
+            .lease_ports
+            .get(id)
+            .ok_or_else(|| BrokerError::NoSuchLease(id.to_string()))?;
+        self.release_port(port, caller)
+    }
+
+    /// Ends the lease on a port.
+    pub fn release_port(
+        &mut self,
+        port: u16,
+        caller: Caller,
+    ) -> Result<(Lease, Effects), BrokerError> {
+        let lease = self
+            .leases
+            .get(&port)
+            .ok_or(BrokerError::NoLeaseOnPort(port))?;
+        if !caller.is_root() && caller.uid != lease.owner_uid {
+            return Err(BrokerError::NotOwner {
+                lease_id: lease.id.clone(),
+                owner_uid: lease.owner_uid,
+            });
+        }
+        let mut effects = Effects::default();
+        let lease = self
+            .take_lease(port)
+            .ok_or(BrokerError::NoLeaseOnPort(port))?;
+        effects.lease_removed(lease.clone());
+        Ok((lease, effects))
+    }
+
+    /// Takes back a lease the daemon just made but cannot honour: the kernel showed its port taken after all.
+    pub fn withdraw_lease(&mut self, id: &str) -> Effects {
+        let mut effects = Effects::default();
+        if let Some(lease) = self
+            .lease_ports
+            .get(id)
+            .copied()
+            .and_then(|port| self.take_lease(port))
+        {
+            effects.lease_removed(lease);
+        }
+        effects
+    }
+
+    /// Ends leases whose TTL has passed or whose process has exited, and instances whose process has exited.
+    /// A claim whose process holds its port keeps living with the process.
+    pub fn expire(&mut self, now_ms: u64, processes: &dyn ProcessView) -> Effects {
+        let mut effects = Effects::default();
+        let ended: Vec<u16> = self
+            .leases
+            .values()
+            .filter(|l| {
+                let process_gone = l.process.is_some_and(|p| !processes.is_alive(p));
+                let lapsed = l.expires_ms.is_some_and(|t| t <= now_ms);
+                let holds_port = l.claim
+                    && self
+                        .sockets_on(l.port, None)
+                        .any(|h| h.socket.owner.as_ref().map(|o| o.id) == l.process);
+                process_gone || (lapsed && !holds_port)
+            })
+            .map(|l| l.port)
+            .collect();
+        for port in ended {
+            if let Some(lease) = self.take_lease(port) {
+                effects.lease_removed(lease);
+            }
+        }
+        let gone: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| !processes.is_alive(i.process))
+            .map(|i| i.id.clone())
+            .collect();
+        for id in gone {
+            self.instances.remove(&id);
+            effects.changes.push(StateChange::RemoveInstance { id });
+        }
+        effects
+    }
+
+    /// Names a group of processes; `ldpreload-<pid>` when no id is given.
+    pub fn register_instance(
+        &mut self,
+        id: Option<String>,
+        process: ProcessId,
+        now_ms: u64,
+    ) -> (String, Effects) {
+        let id = id.unwrap_or_else(|| format!("ldpreload-{}", process.pid));
+        let instance = Instance {
+            id: id.clone(),
+            process,
+            registered_ms: now_ms,
+        };
+        let mut effects = Effects::default();
+        effects.changes.push(StateChange::PutInstance {
+            instance: instance.clone(),
+        });
+        self.instances.insert(id.clone(), instance);
+        (id, effects)
+    }
+
+    // ---- the shim's question -----------------------------------------------------------------------
+
+    /// Decides whether a `bind()` keeps its port or moves, and claims the answer for the asker so that two
+    /// racing processes never get the same port.
+    pub fn resolve_bind(
+        &mut self,
+        req: &BindRequest,
+        processes: &dyn ProcessView,
+        now_ms: u64,
+    ) -> Result<(BindDecision, Effects), BrokerError> {
+        let mut effects = Effects::default();
+        // Intended sharing (worker pools): never moved, never claimed.
+        if req.reuseport {
+            return Ok((BindDecision::Keep { port: req.port }, effects));
+        }
+        let me = req.asker.id;
+
+        // The same process binding the same port again (IPv4 then IPv6) goes where its first bind went.
+        if let Some(earlier) = self
+            .leases
+            .values()
+            .find(|l| l.claim && l.process == Some(me) && l.requested_port == Some(req.port))
+        {
+            let port = earlier.port;
+            let holder = self.holder_of(req.port, req.protocol, me);
+            self.audit_move(req, port, holder.as_ref(), &mut effects, now_ms);
+            return Ok((BindDecision::Reassign { port, holder }, effects));
+        }
+
+        // A lease whose process has exited holds nothing, whatever the last sweep saw.
+        if let Some(lease) = self.leases.get(&req.port) {
+            if lease.process.is_some_and(|p| !processes.is_alive(p)) {
+                if let Some(lease) = self.take_lease(req.port) {
+                    effects.lease_removed(lease);
+                }
+            }
+        }
+
+        let holder = self.holder_of(req.port, req.protocol, me).or_else(|| {
+            self.leases
+                .get(&req.port)
+                .filter(|l| !self.lease_belongs_to(l, req, processes))
+                .cloned()
+                .map(HolderView::Lease)
+        });
+        let Some(holder) = holder else {
+            if !self.leases.contains_key(&req.port) {
+                let claim = self.new_claim(req, req.port, None, now_ms);
+                effects.lease_put(&claim);
+                self.insert_lease(claim);
+            }
+            return Ok((BindDecision::Keep { port: req.port }, effects));
+        };
+
+        let range = self.ranges.move_range(req.port);
+        let port = self
+            .pick_for_move(&range, req.port)
+            .ok_or_else(|| BrokerError::NoFreePort {
+                service_type: range.service_type.clone(),
+                start: range.start,
+                end: range.end,
+            })?;
+        let claim = self.new_claim(req, port, Some(req.port), now_ms);
+        effects.lease_put(&claim);
+        self.insert_lease(claim);
+        self.audit_move(req, port, Some(&holder), &mut effects, now_ms);
+        Ok((
+            BindDecision::Reassign {
+                port,
+                holder: Some(holder),
+            },
+            effects,
+        ))
+    }
+
+    /// A socket on `port` that another process holds.
+    fn holder_of(&self, port: u16, protocol: Protocol, me: ProcessId) -> Option<HolderView> {
+        self.sockets_on(port, Some(protocol))
+            .find(|h| h.socket.owner.as_ref().map(|o| o.id) != Some(me))
+            .cloned()
+            .map(HolderView::Socket)
+    }
+
+    /// Whether a lease is the asker's own: leased to it or to one of its ancestors (a shell that allocated
+    /// a port for the server it starts), to its instance, or, tied to no process, to its user.
+    fn lease_belongs_to(
+        &self,
+        lease: &Lease,
+        req: &BindRequest,
+        processes: &dyn ProcessView,
+    ) -> bool {
+        if lease.instance_id.is_some() && lease.instance_id == req.instance_id {
+            return true;
+        }
+        match lease.process {
+            None => lease.owner_uid == req.uid,
+            Some(p) if p == req.asker.id => true,
+            Some(p) => processes.ancestors(req.asker.id.pid).contains(&p),
+        }
+    }
+
+    /// The next free port after `requested` in its range, wrapping around to the range's start.
+    fn pick_for_move(&self, range: &PortRange, requested: u16) -> Option<u16> {
+        let after = requested.saturating_add(1).max(range.start)..=range.end;
+        let before = range.start..=requested.min(range.end);
+        after
+            .chain(before)
+            .find(|p| *p != requested && !self.is_taken(*p))
+    }
+
+    fn new_claim(
+        &mut self,
+        req: &BindRequest,
+        port: u16,
+        requested: Option<u16>,
+        now_ms: u64,
+    ) -> Lease {
+        Lease {
+            id: self.new_lease_id(),
+            port,
+            service_type: self.ranges.move_range(port).service_type,
+            owner_uid: req.uid,
+            process: Some(req.asker.id),
+            instance_id: req.instance_id.clone(),
+            created_ms: now_ms,
+            expires_ms: Some(now_ms.saturating_add(self.settings.claim_ttl_ms)),
+            claim: true,
+            requested_port: requested,
+        }
+    }
+
+    fn audit_move(
+        &mut self,
+        req: &BindRequest,
+        port: u16,
+        holder: Option<&HolderView>,
+        effects: &mut Effects,
+        now_ms: u64,
+    ) {
+        self.reassignments += 1;
+        let (holder_pid, holder_comm) = match holder {
+            Some(HolderView::Socket(h)) => (
+                h.socket.owner.as_ref().map(|o| o.id.pid),
+                h.socket.owner.as_ref().map(|o| o.comm.clone()),
+            ),
+            Some(HolderView::Lease(l)) => (l.process.map(|p| p.pid), None),
+            None => (None, None),
+        };
+        effects.notices.push(Notice::Reassigned(AuditRecord {
+            at_ms: now_ms,
+            pid: req.asker.id.pid,
+            comm: req.asker.comm.clone(),
+            uid: req.uid,
+            requested_port: req.port,
+            assigned_port: port,
+            protocol: req.protocol,
+            service_type: self.ranges.move_range(port).service_type,
+            holder_pid,
+            holder_comm,
+            instance_id: req.instance_id.clone(),
+        }));
+    }
+}
+
+fn infer_type(ranges: &ServiceRanges, socket: &BoundSocket) -> String {
+    match &socket.owner {
+        Some(owner) => ranges.infer(&owner.cmdline, &owner.comm).to_string(),
+        None => ranges
+            .type_of_port(socket.port)
+            .map_or(ranges::FALLBACK_TYPE, |t| t.name.as_str())
+            .to_string(),
+    }
+}

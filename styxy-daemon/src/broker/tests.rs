@@ -1,0 +1,720 @@
+//! The broker's decisions, tested as plain data: no sockets, no files, no clock.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+
+/// A process table for tests: who is alive, and each pid's parent.
+#[derive(Default)]
+struct Procs {
+    alive: HashSet<ProcessId>,
+    parent: HashMap<u32, ProcessId>,
+}
+
+impl ProcessView for Procs {
+    fn is_alive(&self, id: ProcessId) -> bool {
+        self.alive.contains(&id)
+    }
+    fn ancestors(&self, pid: u32) -> Vec<ProcessId> {
+        let mut out = Vec::new();
+        let mut cur = pid;
+        while let Some(p) = self.parent.get(&cur) {
+            out.push(*p);
+            cur = p.pid;
+        }
+        out
+    }
+}
+
+fn pid(pid: u32) -> ProcessId {
+    ProcessId {
+        pid,
+        start_time: u64::from(pid) * 10,
+    }
+}
+
+fn proc_info(p: u32, comm: &str, cmdline: &str) -> ProcessInfo {
+    ProcessInfo {
+        id: pid(p),
+        comm: comm.into(),
+        cmdline: cmdline.into(),
+    }
+}
+
+fn socket(cookie: u64, port: u16, owner: Option<ProcessInfo>) -> BoundSocket {
+    BoundSocket {
+        cookie,
+        protocol: Protocol::Tcp,
+        family: Family::Inet,
+        address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        port,
+        uid: 1000,
+        owner,
+        since_ms: 0,
+    }
+}
+
+fn broker() -> Broker {
+    Broker::new(ServiceRanges::default(), LeaseSettings::default())
+}
+
+fn bind_req(p: u32, port: u16) -> BindRequest {
+    BindRequest {
+        asker: proc_info(p, "node", "node server.js"),
+        uid: 1000,
+        port,
+        protocol: Protocol::Tcp,
+        reuseport: false,
+        instance_id: None,
+    }
+}
+
+fn alloc(service: &str) -> AllocateRequest {
+    AllocateRequest {
+        service_type: service.into(),
+        preferred_port: None,
+        process: None,
+        uid: 1000,
+        instance_id: None,
+        ttl_ms: None,
+    }
+}
+
+fn user(uid: u32) -> Caller {
+    Caller { uid, pid: None }
+}
+
+fn storybook_holder() -> BoundSocket {
+    socket(
+        1,
+        6006,
+        Some(proc_info(4121, "node", "node .bin/storybook dev -p 6006")),
+    )
+}
+
+// ---- suggest and allocate ------------------------------------------------------------------------------
+
+#[test]
+fn suggest_is_lowest_free_first_excluding_bound_and_leased() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 3000, None)), 1);
+    b.allocate(
+        AllocateRequest {
+            preferred_port: Some(3001),
+            ..alloc("dev")
+        },
+        1,
+    )
+    .unwrap();
+    let s = b.suggest("dev", 3);
+    assert_eq!(s.ports, vec![3002, 3003, 3004]);
+    assert_eq!(
+        (s.service_type.as_str(), s.start, s.end),
+        ("dev", 3000, 3099)
+    );
+}
+
+#[test]
+fn suggest_for_unknown_type_uses_dev_and_a_udp_socket_also_takes_the_port() {
+    let mut b = broker();
+    b.apply(
+        PortEvent::Bound(BoundSocket {
+            protocol: Protocol::Udp,
+            ..socket(9, 3000, None)
+        }),
+        1,
+    );
+    let s = b.suggest("whatever", 1);
+    assert_eq!(
+        (s.service_type.as_str(), s.ports.as_slice()),
+        ("dev", &[3001][..])
+    );
+}
+
+#[test]
+fn allocations_are_distinct_until_the_range_is_exhausted() {
+    let mut b = broker();
+    let mut seen = HashSet::new();
+    for _ in 0..24 {
+        let (lease, effects) = b.allocate(alloc("storybook"), 5).unwrap();
+        assert!((6006..=6029).contains(&lease.port));
+        assert!(
+            seen.insert(lease.port),
+            "port {} handed out twice",
+            lease.port
+        );
+        assert!(matches!(effects.changes[0], StateChange::PutLease { .. }));
+    }
+    assert_eq!(
+        b.allocate(alloc("storybook"), 5).unwrap_err(),
+        BrokerError::NoFreePort {
+            service_type: "storybook".into(),
+            start: 6006,
+            end: 6029
+        }
+    );
+}
+
+#[test]
+fn allocate_takes_the_preferred_port_only_when_free() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 8080, None)), 1);
+    let pick = |b: &mut Broker, p| {
+        b.allocate(
+            AllocateRequest {
+                preferred_port: Some(p),
+                ..alloc("api")
+            },
+            1,
+        )
+        .unwrap()
+        .0
+        .port
+    };
+    assert_eq!(pick(&mut b, 8050), 8050);
+    assert_eq!(
+        pick(&mut b, 8080),
+        8000,
+        "held preferred port falls back to lowest free"
+    );
+}
+
+#[test]
+fn lease_lifetimes_follow_pid_and_ttl() {
+    let mut b = broker();
+    let (free_standing, _) = b.allocate(alloc("dev"), 1_000).unwrap();
+    assert_eq!(
+        free_standing.expires_ms,
+        Some(1_000 + 3_600_000),
+        "no pid: default TTL"
+    );
+    assert_eq!(
+        free_standing.process, None,
+        "never tied to the short-lived client"
+    );
+    let (with_pid, _) = b
+        .allocate(
+            AllocateRequest {
+                process: Some(pid(7)),
+                ..alloc("dev")
+            },
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(with_pid.expires_ms, None, "lives with its process");
+    let (with_ttl, _) = b
+        .allocate(
+            AllocateRequest {
+                ttl_ms: Some(5_000),
+                ..alloc("dev")
+            },
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(with_ttl.expires_ms, Some(6_000));
+}
+
+#[test]
+fn release_is_for_the_owner_or_root() {
+    let mut b = broker();
+    let (lease, _) = b.allocate(alloc("dev"), 1).unwrap();
+    assert_eq!(
+        b.release_id(&lease.id, user(1001)).unwrap_err(),
+        BrokerError::NotOwner {
+            lease_id: lease.id.clone(),
+            owner_uid: 1000
+        }
+    );
+    let (released, effects) = b.release_port(lease.port, user(1000)).unwrap();
+    assert_eq!(released.id, lease.id);
+    assert_eq!(
+        effects.changes,
+        vec![StateChange::RemoveLease {
+            id: lease.id.clone()
+        }]
+    );
+    assert_eq!(
+        b.release_id(&lease.id, user(0)).unwrap_err(),
+        BrokerError::NoSuchLease(lease.id)
+    );
+    let (again, _) = b.allocate(alloc("dev"), 1).unwrap();
+    assert_eq!(again.port, released.port, "released port is free again");
+    assert!(
+        b.release_id(&again.id, user(0)).is_ok(),
+        "root may release any lease"
+    );
+    assert_eq!(
+        b.release_port(3099, user(0)).unwrap_err(),
+        BrokerError::NoLeaseOnPort(3099)
+    );
+}
+
+// ---- resolve_bind --------------------------------------------------------------------------------------
+
+#[test]
+fn free_port_is_kept_and_claimed_so_a_racing_process_moves() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(10), pid(11)].into(),
+        ..Procs::default()
+    };
+    let (first, effects) = b.resolve_bind(&bind_req(10, 6006), &procs, 1).unwrap();
+    assert_eq!(first, BindDecision::Keep { port: 6006 });
+    assert!(
+        matches!(&effects.changes[..], [StateChange::PutLease { lease }] if lease.claim && lease.port == 6006)
+    );
+    let (second, _) = b.resolve_bind(&bind_req(11, 6006), &procs, 2).unwrap();
+    assert!(matches!(
+        second,
+        BindDecision::Reassign {
+            port: 6007,
+            holder: Some(HolderView::Lease(_))
+        }
+    ));
+}
+
+#[test]
+fn held_port_moves_within_its_range_and_names_the_holder() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    let (decision, effects) = b
+        .resolve_bind(&bind_req(20, 6006), &Procs::default(), 2)
+        .unwrap();
+    let BindDecision::Reassign { port, holder } = decision else {
+        panic!("expected a move, got {decision:?}");
+    };
+    assert_eq!(port, 6007);
+    let Some(HolderView::Socket(held)) = holder else {
+        panic!("holder should be the socket");
+    };
+    assert_eq!(
+        (
+            held.service_type.as_str(),
+            held.socket.owner.unwrap().id.pid
+        ),
+        ("storybook", 4121)
+    );
+    let audit: Vec<_> = effects
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Reassigned(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (
+            audit[0].requested_port,
+            audit[0].assigned_port,
+            audit[0].holder_pid
+        ),
+        (6006, 6007, Some(4121))
+    );
+    assert_eq!(b.reassignments(), 1);
+}
+
+#[test]
+fn an_api_port_never_moves_to_the_dev_range() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 8000, None)), 1);
+    let (d, _) = b
+        .resolve_bind(&bind_req(20, 8000), &Procs::default(), 2)
+        .unwrap();
+    assert!(matches!(d, BindDecision::Reassign { port: 8001, .. }));
+}
+
+#[test]
+fn a_move_wraps_around_to_the_start_of_the_range() {
+    let mut b = broker();
+    for (i, port) in (6027..=6029).enumerate() {
+        b.apply(PortEvent::Bound(socket(i as u64 + 1, port, None)), 1);
+    }
+    let (d, _) = b
+        .resolve_bind(&bind_req(20, 6028), &Procs::default(), 2)
+        .unwrap();
+    assert!(
+        matches!(d, BindDecision::Reassign { port: 6006, .. }),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_full_range_is_an_error_not_a_wrong_answer() {
+    let mut b = broker();
+    for (i, port) in (6006..=6029).enumerate() {
+        b.apply(PortEvent::Bound(socket(i as u64 + 1, port, None)), 1);
+    }
+    assert!(matches!(
+        b.resolve_bind(&bind_req(20, 6006), &Procs::default(), 2),
+        Err(BrokerError::NoFreePort { .. })
+    ));
+}
+
+#[test]
+fn a_port_in_no_range_moves_upwards_nearby() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 20000, None)), 1);
+    b.apply(PortEvent::Bound(socket(2, 20001, None)), 1);
+    let (d, _) = b
+        .resolve_bind(&bind_req(20, 20000), &Procs::default(), 2)
+        .unwrap();
+    assert!(matches!(d, BindDecision::Reassign { port: 20002, .. }));
+}
+
+#[test]
+fn the_same_process_never_conflicts_with_itself() {
+    let mut b = broker();
+    let me = proc_info(30, "node", "node server.js");
+    b.apply(PortEvent::Bound(socket(1, 3000, Some(me))), 1);
+    let (d, _) = b
+        .resolve_bind(&bind_req(30, 3000), &Procs::default(), 2)
+        .unwrap();
+    assert_eq!(d, BindDecision::Keep { port: 3000 });
+}
+
+#[test]
+fn a_moved_process_binding_the_same_port_again_gets_the_same_new_port() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    let procs = Procs {
+        alive: [pid(40)].into(),
+        ..Procs::default()
+    };
+    let (v4, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 2).unwrap();
+    // The IPv4 bind is seen by the observer in between; the IPv6 bind of 6006 must follow it.
+    b.apply(
+        PortEvent::Bound(socket(
+            2,
+            6007,
+            Some(proc_info(40, "node", "node server.js")),
+        )),
+        3,
+    );
+    let (v6, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 4).unwrap();
+    assert!(matches!(v4, BindDecision::Reassign { port: 6007, .. }));
+    assert!(
+        matches!(v6, BindDecision::Reassign { port: 6007, .. }),
+        "{v6:?}"
+    );
+    let (other, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 5).unwrap();
+    assert!(
+        matches!(other, BindDecision::Reassign { port: 6008, .. }),
+        "{other:?}"
+    );
+}
+
+#[test]
+fn reuseport_binds_are_never_moved_or_claimed() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 3000, None)), 1);
+    let req = BindRequest {
+        reuseport: true,
+        ..bind_req(50, 3000)
+    };
+    let (d, effects) = b.resolve_bind(&req, &Procs::default(), 2).unwrap();
+    assert_eq!(d, BindDecision::Keep { port: 3000 });
+    assert!(effects.is_empty());
+}
+
+#[test]
+fn only_the_asking_protocol_conflicts() {
+    let mut b = broker();
+    b.apply(
+        PortEvent::Bound(BoundSocket {
+            protocol: Protocol::Udp,
+            ..socket(1, 5353, None)
+        }),
+        1,
+    );
+    let (d, _) = b
+        .resolve_bind(&bind_req(60, 5353), &Procs::default(), 2)
+        .unwrap();
+    assert_eq!(d, BindDecision::Keep { port: 5353 });
+}
+
+#[test]
+fn a_lease_of_an_ancestor_or_instance_or_same_user_is_the_askers_own() {
+    let mut b = broker();
+    let shell = pid(70);
+    let procs = Procs {
+        alive: [shell, pid(71), pid(72)].into(),
+        parent: [(72, pid(71)), (71, shell)].into(),
+    };
+    // A shell allocated 3000 for the server it starts (pid 72, its grandchild).
+    b.allocate(
+        AllocateRequest {
+            preferred_port: Some(3000),
+            process: Some(shell),
+            ..alloc("dev")
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        b.resolve_bind(&bind_req(72, 3000), &procs, 2).unwrap().0,
+        BindDecision::Keep { port: 3000 }
+    );
+    let stranger = Procs {
+        alive: procs.alive.clone(),
+        ..Procs::default()
+    };
+    assert!(matches!(
+        b.resolve_bind(&bind_req(99, 3000), &stranger, 2).unwrap().0,
+        BindDecision::Reassign { .. }
+    ));
+
+    // A script reserved 3050 for later, tied to no process: same uid keeps it, another uid moves.
+    b.allocate(
+        AllocateRequest {
+            preferred_port: Some(3050),
+            ..alloc("dev")
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        b.resolve_bind(&bind_req(80, 3050), &procs, 2).unwrap().0,
+        BindDecision::Keep { port: 3050 }
+    );
+    let other_user = BindRequest {
+        uid: 1001,
+        ..bind_req(81, 3050)
+    };
+    assert!(matches!(
+        b.resolve_bind(&other_user, &procs, 2).unwrap().0,
+        BindDecision::Reassign { .. }
+    ));
+
+    // An agent session's lease: any process of that instance keeps it.
+    b.allocate(
+        AllocateRequest {
+            preferred_port: Some(3060),
+            instance_id: Some("session-1".into()),
+            uid: 1001,
+            ..alloc("dev")
+        },
+        1,
+    )
+    .unwrap();
+    let in_session = BindRequest {
+        instance_id: Some("session-1".into()),
+        ..bind_req(82, 3060)
+    };
+    assert_eq!(
+        b.resolve_bind(&in_session, &procs, 2).unwrap().0,
+        BindDecision::Keep { port: 3060 }
+    );
+}
+
+#[test]
+fn a_lease_whose_process_died_does_not_block() {
+    let mut b = broker();
+    b.allocate(
+        AllocateRequest {
+            preferred_port: Some(3000),
+            process: Some(pid(90)),
+            ..alloc("dev")
+        },
+        1,
+    )
+    .unwrap();
+    let (d, effects) = b
+        .resolve_bind(&bind_req(91, 3000), &Procs::default(), 2)
+        .unwrap();
+    assert_eq!(d, BindDecision::Keep { port: 3000 });
+    assert!(effects
+        .changes
+        .iter()
+        .any(|c| matches!(c, StateChange::RemoveLease { .. })));
+}
+
+#[test]
+fn a_withdrawn_claim_frees_the_port() {
+    let mut b = broker();
+    let (d, effects) = b
+        .resolve_bind(&bind_req(10, 3000), &Procs::default(), 1)
+        .unwrap();
+    assert_eq!(d, BindDecision::Keep { port: 3000 });
+    let [StateChange::PutLease { lease }] = &effects.changes[..] else {
+        panic!("expected one claim, got {effects:?}");
+    };
+    assert!(b.is_taken(3000));
+    assert!(
+        b.withdraw_lease("lease-999").is_empty(),
+        "unknown id: nothing happens"
+    );
+    assert_eq!(b.withdraw_lease(&lease.id).changes.len(), 1);
+    assert!(!b.is_taken(3000));
+}
+
+// ---- observer input ------------------------------------------------------------------------------------
+
+#[test]
+fn bound_and_released_events_update_the_table_and_notify() {
+    let mut b = broker();
+    let effects = b.apply(PortEvent::Bound(storybook_holder()), 77);
+    assert!(
+        matches!(&effects.notices[..], [Notice::Bound(h)] if h.socket.since_ms == 77 && h.service_type == "storybook")
+    );
+    let view = b.observe(6006, None);
+    assert_eq!(view.holders[0].service_type, "storybook");
+    assert_eq!(view.range_type.as_deref(), Some("storybook"));
+    let effects = b.apply(PortEvent::Released { cookie: 1 }, 78);
+    assert!(matches!(&effects.notices[..], [Notice::Released(h)] if h.socket.port == 6006));
+    assert!(b.observe(6006, None).holders.is_empty());
+    assert!(
+        b.apply(PortEvent::Released { cookie: 1 }, 79).is_empty(),
+        "unknown release is a no-op"
+    );
+}
+
+#[test]
+fn reconcile_touches_only_its_scope_and_keeps_history() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 3000, None)), 10);
+    b.apply(PortEvent::Bound(socket(2, 3001, None)), 10);
+    // A point reading of port 3000 that no longer has socket 1 but a new socket 3.
+    let effects = b.reconcile(
+        Scope::Port {
+            port: 3000,
+            protocol: Some(Protocol::Tcp),
+        },
+        vec![socket(3, 3000, None), socket(4, 3005, None)],
+        20,
+    );
+    assert_eq!(effects.notices.len(), 2, "{effects:?}");
+    assert!(
+        b.observe(3001, None).holders.len() == 1,
+        "outside the scope: untouched"
+    );
+    assert!(
+        b.observe(3005, None).holders.is_empty(),
+        "outside the scope: not added"
+    );
+    // A full reading that still has 3 (its owner now known) and 2.
+    let owner = proc_info(5, "vite", "node vite");
+    b.reconcile(
+        Scope::All,
+        vec![socket(3, 3000, Some(owner)), socket(2, 3001, None)],
+        30,
+    );
+    let held = &b.observe(3000, None).holders[0];
+    assert_eq!(held.socket.since_ms, 20, "first seen time kept");
+    assert_eq!(
+        held.socket.owner.as_ref().unwrap().id.pid,
+        5,
+        "owner learnt later"
+    );
+}
+
+#[test]
+fn an_allocate_lease_turns_into_bound_when_its_holder_binds() {
+    let mut b = broker();
+    let (lease, _) = b
+        .allocate(
+            AllocateRequest {
+                preferred_port: Some(3000),
+                process: Some(pid(5)),
+                ..alloc("dev")
+            },
+            1,
+        )
+        .unwrap();
+    let stranger_bind = b.apply(
+        PortEvent::Bound(socket(9, 3000, Some(proc_info(6, "x", "x")))),
+        2,
+    );
+    assert!(
+        stranger_bind.changes.is_empty(),
+        "someone else's bind does not end the lease"
+    );
+    let effects = b.apply(
+        PortEvent::Bound(socket(1, 3000, Some(proc_info(5, "vite", "vite")))),
+        2,
+    );
+    assert_eq!(
+        effects.changes,
+        vec![StateChange::RemoveLease { id: lease.id }]
+    );
+    assert_eq!(b.lease_count(), 0);
+}
+
+// ---- expiry and restore --------------------------------------------------------------------------------
+
+#[test]
+fn expire_ends_lapsed_and_orphaned_leases_but_keeps_bound_claims() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(1), pid(2)].into(),
+        ..Procs::default()
+    };
+    b.allocate(
+        AllocateRequest {
+            ttl_ms: Some(10),
+            ..alloc("dev")
+        },
+        0,
+    )
+    .unwrap();
+    b.allocate(
+        AllocateRequest {
+            process: Some(pid(3)),
+            ..alloc("dev")
+        },
+        0,
+    )
+    .unwrap();
+    b.resolve_bind(&bind_req(1, 6006), &procs, 0).unwrap();
+    b.resolve_bind(&bind_req(2, 6010), &procs, 0).unwrap();
+    b.apply(
+        PortEvent::Bound(socket(1, 6006, Some(proc_info(1, "node", "node")))),
+        1,
+    );
+    b.register_instance(None, pid(1), 0);
+    b.register_instance(Some("gone".into()), pid(3), 0);
+    let effects = b.expire(1_000_000, &procs);
+    let removed: Vec<_> = effects
+        .changes
+        .iter()
+        .map(|c| match c {
+            StateChange::RemoveLease { id } => id.clone(),
+            StateChange::RemoveInstance { id } => id.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        removed.len(),
+        4,
+        "ttl lease, dead pid lease, unbound claim, dead instance: {removed:?}"
+    );
+    assert!(removed.contains(&"gone".to_string()));
+    assert_eq!(
+        b.leases().map(|l| l.port).collect::<Vec<_>>(),
+        vec![6006],
+        "bound claim lives on"
+    );
+    assert_eq!(
+        b.instances().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        vec!["ldpreload-1"]
+    );
+}
+
+#[test]
+fn restore_keeps_leases_and_never_reuses_an_id() {
+    let mut b = broker();
+    let (a, _) = b.allocate(alloc("dev"), 1).unwrap();
+    let (c, _) = b.allocate(alloc("dev"), 1).unwrap();
+    let mut restored = Broker::restore(
+        ServiceRanges::default(),
+        LeaseSettings::default(),
+        vec![a.clone(), c.clone()],
+        vec![],
+    );
+    assert_eq!(restored.lease_count(), 2);
+    let (next, _) = restored.allocate(alloc("dev"), 2).unwrap();
+    assert_ne!(next.id, a.id);
+    assert_ne!(next.id, c.id);
+    assert_eq!(next.port, 3002);
+}

@@ -1,0 +1,63 @@
+//! Connecting to the daemon: over its Unix socket (the default) or loopback TCP.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use styxy_proto::v1::port_broker_client::PortBrokerClient;
+
+/// Where the daemon is.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "{}", p.display()),
+            Target::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A channel to the daemon, with a message that says how to fix it when the daemon is not there.
+pub async fn channel(target: &Target) -> Result<Channel> {
+    let hint = || {
+        format!(
+            "cannot reach the Styxy daemon at {target}. Is it running? Start it with `styxy daemon` \
+             (or `sudo systemctl start styxy`), or point to it with --socket PATH / STYXY_SOCKET"
+        )
+    };
+    match target {
+        Target::Unix(path) => {
+            let path = path.clone();
+            // The URI is required by the API but unused: the connector below dials the socket.
+            Endpoint::from_static("http://styxy.local")
+                .connect_timeout(Duration::from_secs(2))
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .with_context(hint)
+        }
+        Target::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("{addr} is not a valid address (expected HOST:PORT)"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .with_context(hint),
+    }
+}
+
+pub async fn connect(target: &Target) -> Result<PortBrokerClient<Channel>> {
+    Ok(PortBrokerClient::new(channel(target).await?))
+}

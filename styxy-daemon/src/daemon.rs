@@ -1,0 +1,279 @@
+//! `styxy daemon`: loads the config and the saved state, starts an observer, serves gRPC on a Unix socket
+//! and loopback TCP, and shuts down cleanly on SIGINT/SIGTERM (saving its state last).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::broker::{Broker, LeaseSettings, ServiceRanges};
+use crate::engine::{Endpoints, Engine, ObserverStatus, AUDIT_KEEP};
+use crate::rpc::BrokerService;
+use crate::store::Store;
+use styxy_proto::v1::port_broker_server::PortBrokerServer;
+
+/// Which observer to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObserverChoice {
+    /// eBPF when it can be used, else the socket tables (and say why).
+    Auto,
+    /// eBPF, or fail.
+    Ebpf,
+    /// The kernel's socket tables, read at an interval.
+    Sockets,
+}
+
+/// Everything `styxy daemon` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub socket: PathBuf,
+    /// `None`: no TCP listener.
+    pub listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub observer: ObserverChoice,
+    pub scan_interval: Duration,
+    pub tcp_allow_writes: bool,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(opts: DaemonOptions) -> Result<()> {
+    // 1. Service ranges: built-in defaults, changed by the config file if there is one.
+    let ranges = load_ranges(opts.config.as_deref())?;
+
+    // 2. Saved leases and instances; those whose process has died go at the first sweep.
+    let (store, snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
+    tracing::info!(
+        "state dir {}: {} lease(s), {} instance(s) restored",
+        opts.state_dir.display(),
+        snapshot.leases.len(),
+        snapshot.instances.len()
+    );
+    let broker = Broker::restore(
+        ranges,
+        LeaseSettings::default(),
+        snapshot.leases,
+        snapshot.instances,
+    );
+    let engine = Arc::new(Engine::new(broker, store.clone(), audit));
+    engine.expire().await?;
+
+    // 3. What is bound already, then an observer to keep it current.
+    tokio::task::block_in_place(|| engine.resync())
+        .context("reading the kernel's socket tables")?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let observer = start_observer(&opts, engine.clone(), shutdown.clone())?;
+    tracing::info!("observer: {} ({})", observer.kind, observer.reason);
+    engine.set_observer(observer);
+    tokio::spawn(sweep_leases(engine.clone(), shutdown.clone()));
+
+    // 4. The gRPC service on the Unix socket and on loopback TCP, with health and reflection.
+    let uds = bind_unix_socket(&opts.socket)?;
+    let tcp = match opts.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("listening on {addr} (use --listen ADDR or --listen none)")
+        })?),
+        None => None,
+    };
+    engine.set_endpoints(Endpoints {
+        socket_path: Some(opts.socket.clone()),
+        tcp_listen: tcp
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string()),
+    });
+    let service = BrokerService::new(
+        engine.clone(),
+        opts.tcp_allow_writes,
+        opts.socket.display().to_string(),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PortBrokerServer<BrokerService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(styxy_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(styxy_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let router = Server::builder()
+        .add_service(PortBrokerServer::new(service))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let mut servers = tokio::task::JoinSet::new();
+    let mut uds_shutdown = shutdown.clone();
+    servers.spawn(router.clone().serve_with_incoming_shutdown(
+        UnixListenerStream::new(uds),
+        async move {
+            let _ = uds_shutdown.wait_for(|stop| *stop).await;
+        },
+    ));
+    if let Some(tcp) = tcp {
+        tracing::info!("listening on {}", tcp.local_addr()?);
+        let mut tcp_shutdown = shutdown.clone();
+        servers.spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(tcp),
+            async move {
+                let _ = tcp_shutdown.wait_for(|stop| *stop).await;
+            },
+        ));
+    }
+    tracing::info!("listening on {}", opts.socket.display());
+    notify_ready();
+
+    // 5. Until a signal, or a server failing.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let failure = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = sigterm.recv() => None,
+        Some(result) = servers.join_next() => Some(result),
+    };
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    while servers.join_next().await.is_some() {}
+    let _ = std::fs::remove_file(&opts.socket);
+    store.close().await?;
+    match failure {
+        Some(Ok(Err(e))) => Err(e).context("the gRPC server failed"),
+        Some(Err(e)) => Err(e).context("the gRPC server task failed"),
+        _ => Ok(()),
+    }
+}
+
+fn load_ranges(config: Option<&Path>) -> Result<ServiceRanges> {
+    let Some(path) = config else {
+        return Ok(ServiceRanges::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let ranges =
+        ServiceRanges::from_toml(&text).with_context(|| format!("in config {}", path.display()))?;
+    tracing::info!(
+        "config {}: {} service types",
+        path.display(),
+        ranges.types().len()
+    );
+    Ok(ranges)
+}
+
+/// Binds the Unix socket, replacing a stale socket file but never a live daemon's, and lets every local
+/// user connect (each caller is identified by SO_PEERCRED, so access is decided per call).
+fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another Styxy daemon is already listening on {}; stop it first or pass --socket PATH",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Starts the chosen observer and says which one runs and why.
+fn start_observer(
+    opts: &DaemonOptions,
+    engine: Arc<Engine>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<ObserverStatus> {
+    let ebpf_unavailable = "the eBPF observer is not part of this build yet";
+    match opts.observer {
+        ObserverChoice::Ebpf => {
+            bail!("--observer ebpf: {ebpf_unavailable}; use --observer sockets")
+        }
+        ObserverChoice::Auto | ObserverChoice::Sockets => {
+            tokio::spawn(scan_socket_tables(engine, opts.scan_interval, shutdown));
+            let reason = if opts.observer == ObserverChoice::Sockets {
+                "chosen with --observer sockets".to_string()
+            } else {
+                ebpf_unavailable.to_string()
+            };
+            Ok(ObserverStatus {
+                kind: "sockets-table",
+                reason: format!(
+                    "{reason}; reading socket tables every {} ms",
+                    opts.scan_interval.as_millis()
+                ),
+            })
+        }
+    }
+}
+
+/// The sockets-table observer: a full sock_diag reading at each interval, reconciled into the broker.
+async fn scan_socket_tables(
+    engine: Arc<Engine>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.resync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("reading the socket tables: {e}"),
+            Err(e) => tracing::error!("socket-table reader failed: {e}"),
+        }
+    }
+}
+
+/// Ends lapsed leases and those of exited processes, once a second.
+async fn sweep_leases(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = engine.expire().await {
+            tracing::warn!("sweeping leases: {e:#}");
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) the daemon is ready, when it runs under systemd.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let result = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
+        if let Some(abstract_name) = path.as_os_str().as_encoded_bytes().strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+            s.send_to_addr(b"READY=1\n", &addr)
+        } else {
+            s.send_to(b"READY=1\n", &path)
+        }
+    });
+    if let Err(e) = result {
+        tracing::warn!("telling systemd we are ready ({}): {e}", path.display());
+    }
+}

@@ -1,0 +1,367 @@
+//! The daemon's shared state and the I/O around each broker decision.
+//!
+//! Every request goes the same way: check the kernel for the ports at stake right then (a missed event
+//! never yields a wrong answer), lock the broker, decide, queue the state changes to the store in the
+//! broker's order, unlock, publish notices to `Watch` subscribers and the audit log, and (for changes a
+//! caller relies on later) wait until they are on disk.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+
+use crate::broker::{
+    AllocateRequest, AuditRecord, BindDecision, BindRequest, Broker, BrokerError, Caller, Effects,
+    Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
+};
+use crate::observe::procs::ProcFs;
+use crate::observe::KernelTables;
+use crate::store::{Store, Ticket};
+
+/// How many reassignments the daemon keeps in memory for `ListAudit`.
+pub const AUDIT_KEEP: usize = 10_000;
+/// How many times a decision is retried when the kernel shows the chosen port taken after all.
+const KERNEL_RETRIES: usize = 16;
+
+/// Wall-clock time in Unix milliseconds: the only clock the broker sees, handed in by the engine.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the state store could not write to disk: {0}")]
+    Store(String),
+    #[error(
+        "every candidate port in the {0} range was taken in the kernel as it was picked; try again"
+    )]
+    Contended(String),
+}
+
+/// Which observer feeds the broker, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObserverStatus {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+/// Where the daemon listens and keeps its state, for `Status`.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    pub socket_path: Option<PathBuf>,
+    pub tcp_listen: Option<String>,
+}
+
+/// Everything requests share.
+pub struct Engine {
+    broker: Mutex<Broker>,
+    store: Store,
+    kernel: KernelTables,
+    notices: broadcast::Sender<Notice>,
+    audit: Mutex<VecDeque<AuditRecord>>,
+    observer: Mutex<ObserverStatus>,
+    endpoints: Mutex<Endpoints>,
+    started: Instant,
+    dropped_events: AtomicU64,
+    observed_events: AtomicU64,
+}
+
+/// A snapshot of counters for `Status`.
+#[derive(Clone, Debug)]
+pub struct StatusReport {
+    pub observer: ObserverStatus,
+    pub uptime_seconds: u64,
+    pub bound_ports: usize,
+    pub leases: usize,
+    pub instances: usize,
+    pub dropped_events: u64,
+    pub observed_events: u64,
+    pub reassignments: u64,
+    pub state_dir: PathBuf,
+    pub endpoints: Endpoints,
+}
+
+impl Engine {
+    pub fn new(broker: Broker, store: Store, audit: Vec<AuditRecord>) -> Self {
+        let (notices, _) = broadcast::channel(4096);
+        Engine {
+            broker: Mutex::new(broker),
+            store,
+            kernel: KernelTables::new(),
+            notices,
+            audit: Mutex::new(audit.into()),
+            observer: Mutex::new(ObserverStatus {
+                kind: "none",
+                reason: "starting".into(),
+            }),
+            endpoints: Mutex::new(Endpoints::default()),
+            started: Instant::now(),
+            dropped_events: AtomicU64::new(0),
+            observed_events: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn set_observer(&self, status: ObserverStatus) {
+        *lock(&self.observer) = status;
+    }
+
+    pub fn set_endpoints(&self, endpoints: Endpoints) {
+        *lock(&self.endpoints) = endpoints;
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    /// Runs `decide` under the broker lock, queues its state changes in order, then publishes its notices.
+    fn commit<T>(&self, decide: impl FnOnce(&mut Broker) -> (T, Effects)) -> (T, Ticket) {
+        let (value, effects, ticket) = {
+            let mut broker = lock(&self.broker);
+            let (value, effects) = decide(&mut broker);
+            let audit: Vec<AuditRecord> = effects
+                .notices
+                .iter()
+                .filter_map(|n| match n {
+                    Notice::Reassigned(record) => Some(record.clone()),
+                    _ => None,
+                })
+                .collect();
+            let ticket = self.store.enqueue(&effects.changes, &audit);
+            (value, effects, ticket)
+        };
+        for notice in effects.notices {
+            if let Notice::Reassigned(record) = &notice {
+                let mut audit = lock(&self.audit);
+                if audit.len() >= AUDIT_KEEP {
+                    audit.pop_front();
+                }
+                audit.push_back(record.clone());
+            }
+            // No subscribers is fine.
+            let _ = self.notices.send(notice);
+        }
+        (value, ticket)
+    }
+
+    fn commit_effects(&self, decide: impl FnOnce(&mut Broker) -> Effects) -> Ticket {
+        self.commit(|b| ((), decide(b))).1
+    }
+
+    /// Brings the table up to date for one port (or a range) from the kernel's socket tables.
+    fn refresh(&self, scope: Scope) {
+        let reading = match scope {
+            Scope::Port { port, protocol } => self.kernel.read(Some(port), protocol),
+            _ => self.kernel.read(None, None),
+        };
+        match reading {
+            Ok(reading) => {
+                self.commit_effects(|b| b.reconcile(scope, reading, now_ms()));
+            }
+            Err(e) => tracing::warn!("reading the kernel's socket tables: {e}"),
+        }
+    }
+
+    /// Whether the kernel shows anything bound on `port` right now (any protocol).
+    fn kernel_shows_bound(&self, port: u16) -> bool {
+        match self.kernel.read(Some(port), None) {
+            Ok(reading) if reading.is_empty() => false,
+            Ok(reading) => {
+                let scope = Scope::Port {
+                    port,
+                    protocol: None,
+                };
+                self.commit_effects(|b| b.reconcile(scope, reading, now_ms()));
+                true
+            }
+            Err(e) => {
+                tracing::warn!("checking port {port} in the kernel: {e}");
+                false
+            }
+        }
+    }
+
+    // ---- observers ---------------------------------------------------------------------------------
+
+    /// Events from an observer.
+    pub fn apply_events(&self, events: Vec<PortEvent>) {
+        self.observed_events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let now = now_ms();
+        self.commit_effects(|b| {
+            let mut effects = Effects::default();
+            for event in events {
+                effects.extend(b.apply(event, now));
+            }
+            effects
+        });
+    }
+
+    /// A full reading of the kernel's socket tables.
+    pub fn resync(&self) -> std::io::Result<()> {
+        let reading = self.kernel.read(None, None)?;
+        self.commit_effects(|b| b.reconcile(Scope::All, reading, now_ms()));
+        Ok(())
+    }
+
+    pub fn count_dropped(&self, n: u64) {
+        self.dropped_events.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Ends lapsed and orphaned leases and instances.
+    pub async fn expire(&self) -> anyhow::Result<()> {
+        // Liveness checks read /proc: keep them off the async workers' critical path.
+        let ticket =
+            tokio::task::block_in_place(|| self.commit_effects(|b| b.expire(now_ms(), &ProcFs)));
+        self.store.durable(ticket).await
+    }
+
+    // ---- requests ----------------------------------------------------------------------------------
+
+    pub fn suggest(&self, service_type: &str, count: usize) -> Suggestion {
+        let range = lock(&self.broker)
+            .ranges()
+            .get_or_fallback(service_type)
+            .clone();
+        self.refresh(Scope::Range {
+            start: range.start,
+            end: range.end,
+        });
+        lock(&self.broker).suggest(service_type, count)
+    }
+
+    pub fn observe(&self, port: u16, protocol: Option<Protocol>) -> PortView {
+        self.refresh(Scope::Port { port, protocol });
+        lock(&self.broker).observe(port, protocol)
+    }
+
+    /// The service type whose range a port is in (where a moved bind of it goes).
+    pub fn range_type_of(&self, port: u16) -> String {
+        lock(&self.broker).ranges().move_range(port).service_type
+    }
+
+    pub fn list(&self) -> (Vec<crate::broker::Held>, Vec<Lease>) {
+        let broker = lock(&self.broker);
+        (broker.holders(), broker.leases().cloned().collect())
+    }
+
+    pub async fn allocate(&self, req: AllocateRequest) -> Result<Lease, EngineError> {
+        for _ in 0..KERNEL_RETRIES {
+            let (result, ticket) = self.commit(|b| lift(b.allocate(req.clone(), now_ms())));
+            let lease = result?;
+            if self.kernel_shows_bound(lease.port) {
+                // Bound since the last reading: the table knows now; take the lease back and pick again.
+                self.commit_effects(|b| b.withdraw_lease(&lease.id));
+                continue;
+            }
+            self.wait_durable(ticket).await?;
+            return Ok(lease);
+        }
+        Err(EngineError::Contended(req.service_type))
+    }
+
+    pub async fn release_id(&self, id: &str, caller: Caller) -> Result<Lease, EngineError> {
+        let (result, ticket) = self.commit(|b| lift(b.release_id(id, caller)));
+        let lease = result?;
+        self.wait_durable(ticket).await?;
+        Ok(lease)
+    }
+
+    pub async fn release_port(&self, port: u16, caller: Caller) -> Result<Lease, EngineError> {
+        let (result, ticket) = self.commit(|b| lift(b.release_port(port, caller)));
+        let lease = result?;
+        self.wait_durable(ticket).await?;
+        Ok(lease)
+    }
+
+    pub async fn register_instance(
+        &self,
+        id: Option<String>,
+        process: ProcessId,
+    ) -> Result<String, EngineError> {
+        let (id, ticket) = self.commit(|b| b.register_instance(id, process, now_ms()));
+        self.wait_durable(ticket).await?;
+        Ok(id)
+    }
+
+    /// The shim's question. Not made to wait for the disk: a claim is short-lived and tied to a process that
+    /// is about to bind; were the daemon to die first, the observer sees the bind after restart anyway.
+    pub fn resolve_bind(&self, req: &BindRequest) -> Result<BindDecision, BrokerError> {
+        self.refresh(Scope::Port {
+            port: req.port,
+            protocol: Some(req.protocol),
+        });
+        for _ in 0..KERNEL_RETRIES {
+            let (decision, _) = self.commit(|b| lift(b.resolve_bind(req, &ProcFs, now_ms())));
+            let decision = decision?;
+            match decision {
+                BindDecision::Reassign { port, .. } if self.kernel_shows_bound(port) => {
+                    let claim = lock(&self.broker).observe(port, None).lease;
+                    if let Some(claim) = claim.filter(|l| l.process == Some(req.asker.id)) {
+                        self.commit_effects(|b| b.withdraw_lease(&claim.id));
+                    }
+                }
+                decision => return Ok(decision),
+            }
+        }
+        // Every candidate turned out taken: keep the asked port and let the kernel answer.
+        Ok(BindDecision::Keep { port: req.port })
+    }
+
+    async fn wait_durable(&self, ticket: Ticket) -> Result<(), EngineError> {
+        self.store
+            .durable(ticket)
+            .await
+            .map_err(|e| EngineError::Store(format!("{e:#}")))
+    }
+
+    pub fn audit(&self, since_ms: Option<u64>, limit: usize) -> Vec<AuditRecord> {
+        let audit = lock(&self.audit);
+        let matching: Vec<&AuditRecord> = audit
+            .iter()
+            .filter(|r| since_ms.is_none_or(|s| r.at_ms >= s))
+            .collect();
+        let skip = matching.len().saturating_sub(limit);
+        matching.into_iter().skip(skip).cloned().collect()
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let broker = lock(&self.broker);
+        StatusReport {
+            observer: lock(&self.observer).clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            bound_ports: broker.bound_port_count(),
+            leases: broker.lease_count(),
+            instances: broker.instance_count(),
+            dropped_events: self.dropped_events.load(Ordering::Relaxed),
+            observed_events: self.observed_events.load(Ordering::Relaxed),
+            reassignments: broker.reassignments(),
+            state_dir: self.store.dir().to_path_buf(),
+            endpoints: lock(&self.endpoints).clone(),
+        }
+    }
+}
+
+/// A broker result whose effects are committed only on success.
+fn lift<T>(result: Result<(T, Effects), BrokerError>) -> (Result<T, BrokerError>, Effects) {
+    match result {
+        Ok((value, effects)) => (Ok(value), effects),
+        Err(e) => (Err(e), Effects::default()),
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the data is plain and every update completes or is not made.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

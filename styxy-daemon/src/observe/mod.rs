@@ -1,0 +1,81 @@
+//! Observers: where the broker learns which sockets are bound. This file answers "where does a bind event
+//! go?": every observer turns what it sees into `PortEvent`s or socket-table readings for the broker.
+//!
+//! - [`KernelTables`] reads the kernel's socket tables (netlink sock_diag) and finds each socket's process;
+//!   the RPC layer uses it for point checks before it calls a port free, and the scanner for full readings.
+//! - [`run_scanner`] is the sockets-table observer: a full reading at a fixed interval, reconciled into the
+//!   broker, which turns differences into bind and release notices.
+
+pub mod procs;
+pub mod sockets;
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::Mutex;
+
+use crate::broker::{BoundSocket, Protocol};
+use procs::SocketOwners;
+use sockets::{KernelSocket, SockDiag};
+
+/// The kernel's socket tables with each socket's owning process.
+#[derive(Default)]
+pub struct KernelTables {
+    /// Idle netlink connections, reused across calls (one per concurrent caller at most).
+    pool: Mutex<Vec<SockDiag>>,
+    owners: Mutex<SocketOwners>,
+}
+
+impl KernelTables {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn query(
+        &self,
+        port: Option<u16>,
+        protocol: Option<Protocol>,
+    ) -> io::Result<Vec<KernelSocket>> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut diag = match pooled {
+            Some(d) => d,
+            None => SockDiag::new()?,
+        };
+        let result = diag.bound_sockets(port, protocol);
+        if result.is_ok() {
+            self.pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(diag);
+        }
+        result
+    }
+
+    /// Bound sockets on one port (or all ports), with their owners found in `/proc`.
+    pub fn read(
+        &self,
+        port: Option<u16>,
+        protocol: Option<Protocol>,
+    ) -> io::Result<Vec<BoundSocket>> {
+        let raw = self.query(port, protocol)?;
+        let inodes: Vec<u64> = raw.iter().map(|s| s.inode).collect();
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        let found = owners.resolve(&inodes, &sockets::owners_uids(&raw));
+        if port.is_none() && protocol.is_none() {
+            owners.retain(&inodes.iter().copied().collect::<HashSet<_>>());
+        }
+        drop(owners);
+        Ok(raw
+            .into_iter()
+            .map(|s| BoundSocket {
+                cookie: s.cookie,
+                protocol: s.protocol,
+                family: s.family,
+                address: s.address,
+                port: s.port,
+                uid: s.uid,
+                owner: found.get(&s.inode).cloned(),
+                since_ms: 0,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,133 @@
+//! Reading processes from `/proc`: identity (pid + start time), command line, ancestry, and which process
+//! owns a socket. This is the daemon's [`ProcessView`] for the broker.
+
+use std::collections::{HashMap, HashSet};
+
+use procfs::process::{FDTarget, Process};
+
+use crate::broker::{ProcessId, ProcessInfo, ProcessView};
+
+/// A process's identity, if it is running.
+pub fn process_id(pid: u32) -> Option<ProcessId> {
+    let stat = Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()?;
+    Some(ProcessId {
+        pid,
+        start_time: stat.starttime,
+    })
+}
+
+/// What the broker is told about a process: identity, short name and command line.
+pub fn process_info(pid: u32) -> Option<ProcessInfo> {
+    let process = Process::new(i32::try_from(pid).ok()?).ok()?;
+    let stat = process.stat().ok()?;
+    let cmdline = process
+        .cmdline()
+        .map(|args| args.join(" "))
+        .unwrap_or_default();
+    Some(ProcessInfo {
+        id: ProcessId {
+            pid,
+            start_time: stat.starttime,
+        },
+        comm: stat.comm,
+        cmdline,
+    })
+}
+
+/// The uid a process runs as.
+pub fn process_uid(pid: u32) -> Option<u32> {
+    Process::new(i32::try_from(pid).ok()?).ok()?.uid().ok()
+}
+
+/// The live `/proc`, as the broker's view of processes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcFs;
+
+/// How far up the process tree [`ProcessView::ancestors`] looks.
+const MAX_ANCESTRY: usize = 64;
+
+impl ProcessView for ProcFs {
+    fn is_alive(&self, id: ProcessId) -> bool {
+        process_id(id.pid) == Some(id)
+    }
+
+    fn ancestors(&self, pid: u32) -> Vec<ProcessId> {
+        let mut out = Vec::new();
+        let mut current = pid;
+        while out.len() < MAX_ANCESTRY {
+            let parent = Process::new(current as i32)
+                .and_then(|p| p.stat())
+                .map(|s| s.ppid)
+                .unwrap_or(0);
+            let Some(parent) = u32::try_from(parent).ok().filter(|p| *p > 1) else {
+                break;
+            };
+            match process_id(parent) {
+                Some(id) => out.push(id),
+                None => break,
+            }
+            current = parent;
+        }
+        out
+    }
+}
+
+/// Finds the processes that own sockets, by socket inode, scanning `/proc/*/fd` only for inodes it has not
+/// resolved before. When several processes share a socket (a pre-fork server), the lowest pid (usually the
+/// parent that bound it) is taken.
+#[derive(Debug, Default)]
+pub struct SocketOwners {
+    known: HashMap<u64, ProcessInfo>,
+}
+
+impl SocketOwners {
+    /// Owners of the given inodes; `uids` narrows the scan to processes of those users.
+    pub fn resolve(&mut self, inodes: &[u64], uids: &HashSet<u32>) -> HashMap<u64, ProcessInfo> {
+        let missing: HashSet<u64> = inodes
+            .iter()
+            .copied()
+            .filter(|i| *i != 0 && !self.known.contains_key(i))
+            .collect();
+        if !missing.is_empty() {
+            self.scan(&missing, uids);
+        }
+        inodes
+            .iter()
+            .filter_map(|i| self.known.get(i).map(|p| (*i, p.clone())))
+            .collect()
+    }
+
+    /// Forgets inodes that are no longer bound, so the cache stays the size of the socket table.
+    pub fn retain(&mut self, live: &HashSet<u64>) {
+        self.known.retain(|inode, _| live.contains(inode));
+    }
+
+    fn scan(&mut self, missing: &HashSet<u64>, uids: &HashSet<u32>) {
+        let Ok(processes) = procfs::process::all_processes() else {
+            return;
+        };
+        let mut found: HashMap<u64, u32> = HashMap::new();
+        for process in processes.flatten() {
+            if !uids.is_empty() && !process.uid().is_ok_and(|u| uids.contains(&u)) {
+                continue;
+            }
+            let Ok(fds) = process.fd() else { continue };
+            for fd in fds.flatten() {
+                if let FDTarget::Socket(inode) = fd.target {
+                    if missing.contains(&inode) {
+                        let pid = process.pid as u32;
+                        found
+                            .entry(inode)
+                            .and_modify(|p| *p = (*p).min(pid))
+                            .or_insert(pid);
+                    }
+                }
+            }
+        }
+        for (inode, pid) in found {
+            if let Some(info) = process_info(pid) {
+                self.known.insert(inode, info);
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The kernel's socket tables through netlink `sock_diag`: listening TCP and bound UDP sockets, all of them
+//! or only those on one port (the kernel filters by source port, so a point check costs a few syscalls,
+//! not a walk of `/proc/net/*`).
+
+use std::collections::HashSet;
+use std::io;
+use std::net::IpAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+use crate::broker::{Family, Protocol};
+
+/// One socket as `sock_diag` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelSocket {
+    pub cookie: u64,
+    pub inode: u64,
+    pub uid: u32,
+    pub protocol: Protocol,
+    pub family: Family,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// A netlink `sock_diag` connection.
+pub struct SockDiag {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl SockDiag {
+    pub fn new() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(SockDiag {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Listening TCP and unconnected bound UDP sockets, of every family, on `port` (all ports when `None`),
+    /// of `protocol` (both when `None`).
+    pub fn bound_sockets(
+        &mut self,
+        port: Option<u16>,
+        protocol: Option<Protocol>,
+    ) -> io::Result<Vec<KernelSocket>> {
+        let mut out = Vec::new();
+        for proto in Protocol::ALL
+            .into_iter()
+            .filter(|p| protocol.is_none_or(|want| want == *p))
+        {
+            for family in [Family::Inet, Family::Inet6] {
+                self.dump(proto, family, port, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn dump(
+        &mut self,
+        protocol: Protocol,
+        family: Family,
+        port: Option<u16>,
+        out: &mut Vec<KernelSocket>,
+    ) -> io::Result<()> {
+        let (ip_proto, states) = match protocol {
+            Protocol::Tcp => (IPPROTO_TCP, StateFlags::LISTEN),
+            // An unconnected UDP socket is in TCP_CLOSE: a server waiting for datagrams, not a client.
+            Protocol::Udp => (IPPROTO_UDP, StateFlags::CLOSE),
+        };
+        let mut socket_id = match family {
+            Family::Inet => SocketId::new_v4(),
+            Family::Inet6 => SocketId::new_v6(),
+        };
+        socket_id.source_port = port.unwrap_or(0);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family: match family {
+                    Family::Inet => AF_INET,
+                    Family::Inet6 => AF_INET6,
+                },
+                protocol: ip_proto,
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+
+        loop {
+            let size = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let message =
+                    <NetlinkMessage<SockDiagMessage>>::deserialize(&self.buf[offset..size])
+                        .map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("sock_diag reply: {e}"),
+                            )
+                        })?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        if let Some(s) = to_kernel_socket(&response.header, protocol, family, port)
+                        {
+                            out.push(s);
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => {
+                        return Err(e.to_io());
+                    }
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
+}
+
+fn to_kernel_socket(
+    h: &InetResponseHeader,
+    protocol: Protocol,
+    family: Family,
+    port: Option<u16>,
+) -> Option<KernelSocket> {
+    let id = &h.socket_id;
+    // Older kernels ignore the port filter for some tables: filter here as well.
+    if id.source_port == 0 || port.is_some_and(|p| p != id.source_port) {
+        return None;
+    }
+    // The kernel writes the cookie as two native-endian u32 halves, low half first.
+    let lo = u32::from_ne_bytes([id.cookie[0], id.cookie[1], id.cookie[2], id.cookie[3]]);
+    let hi = u32::from_ne_bytes([id.cookie[4], id.cookie[5], id.cookie[6], id.cookie[7]]);
+    Some(KernelSocket {
+        cookie: u64::from(lo) | (u64::from(hi) << 32),
+        inode: u64::from(h.inode),
+        uid: h.uid,
+        protocol,
+        family,
+        address: id.source_address,
+        port: id.source_port,
+    })
+}
+
+/// The users owning these sockets, to narrow a `/proc` scan for their owners.
+pub fn owners_uids(sockets: &[KernelSocket]) -> HashSet<u32> {
+    sockets.iter().map(|s| s.uid).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, UdpSocket};
+
+    #[test]
+    fn finds_a_listening_tcp_socket_and_a_udp_socket_by_port() {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let tcp_port = tcp.local_addr().unwrap().port();
+        let udp = UdpSocket::bind("[::1]:0").expect("bind udp");
+        let udp_port = udp.local_addr().unwrap().port();
+        let mut diag = SockDiag::new().expect("sock_diag socket");
+
+        let found = diag.bound_sockets(Some(tcp_port), None).unwrap();
+        assert!(found.iter().any(|s| s.port == tcp_port
+            && s.protocol == Protocol::Tcp
+            && s.family == Family::Inet));
+        assert!(found.iter().all(|s| s.port == tcp_port));
+        assert!(found.iter().all(|s| s.cookie != 0 && s.inode != 0));
+
+        let found = diag
+            .bound_sockets(Some(udp_port), Some(Protocol::Udp))
+            .unwrap();
+        assert!(found
+            .iter()
+            .any(|s| s.port == udp_port && s.family == Family::Inet6));
+
+        let all = diag.bound_sockets(None, None).unwrap();
+        assert!(all.iter().any(|s| s.port == tcp_port));
+        assert!(all.iter().any(|s| s.port == udp_port));
+        drop(tcp);
+        assert!(diag
+            .bound_sockets(Some(tcp_port), Some(Protocol::Tcp))
+            .unwrap()
+            .is_empty());
+    }
+}

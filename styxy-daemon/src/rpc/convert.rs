@@ -1,0 +1,274 @@
+//! Input validation and conversions between `styxy.v1` messages and the broker's types.
+//!
+//! Every bad input becomes `InvalidArgument` with a message saying what was wrong and what is accepted.
+
+use tonic::Status;
+
+use crate::broker::ranges::is_valid_type_name;
+use crate::broker::BrokerError;
+use crate::broker::{AuditRecord, Family, Held, Lease, Notice, Protocol};
+use crate::engine::EngineError;
+use styxy_proto::v1 as pb;
+
+pub const MAX_SUGGEST: u32 = 1000;
+pub const MAX_AUDIT: u32 = 10_000;
+/// The longest lease a caller may ask for: 30 days.
+pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+const MAX_INSTANCE_ID: usize = 128;
+
+pub fn port(value: u32, field: &str) -> Result<u16, Status> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{field} must be a port from 1 to 65535, got {value}"
+            ))
+        })
+}
+
+pub fn service_type(value: &str) -> Result<String, Status> {
+    if is_valid_type_name(value) {
+        Ok(value.to_string())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "service_type {value:?} is invalid: use 1-64 characters of a-z, 0-9, '_', '.', '-' (e.g. \"api\")"
+        )))
+    }
+}
+
+pub fn instance_id(value: Option<String>) -> Result<Option<String>, Status> {
+    match value {
+        None => Ok(None),
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= MAX_INSTANCE_ID
+                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(id))
+        }
+        Some(id) => Err(Status::invalid_argument(format!(
+            "instance_id {id:?} is invalid: use 1-{MAX_INSTANCE_ID} printable ASCII characters, no spaces"
+        ))),
+    }
+}
+
+pub fn pid(value: u32) -> Result<u32, Status> {
+    if value == 0 || value > i32::MAX as u32 {
+        Err(Status::invalid_argument(format!(
+            "pid must be a process id above 0, got {value}"
+        )))
+    } else {
+        Ok(value)
+    }
+}
+
+pub fn ttl_ms(value: Option<u64>) -> Result<Option<u64>, Status> {
+    match value {
+        None => Ok(None),
+        Some(s) if (1..=MAX_TTL_SECONDS).contains(&s) => Ok(Some(s * 1000)),
+        Some(s) => Err(Status::invalid_argument(format!(
+            "ttl_seconds must be from 1 to {MAX_TTL_SECONDS} (30 days), got {s}"
+        ))),
+    }
+}
+
+pub fn count(value: u32, max: u32, default: u32, field: &str) -> Result<usize, Status> {
+    match value {
+        0 => Ok(default as usize),
+        n if n <= max => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "{field} must be from 1 to {max}, got {n}"
+        ))),
+    }
+}
+
+pub fn protocol_opt(value: i32) -> Result<Option<Protocol>, Status> {
+    match pb::Protocol::try_from(value) {
+        Ok(pb::Protocol::Unspecified) => Ok(None),
+        Ok(pb::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
+        Ok(pb::Protocol::Udp) => Ok(Some(Protocol::Udp)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "protocol {value} is unknown: use PROTOCOL_TCP (1) or PROTOCOL_UDP (2)"
+        ))),
+    }
+}
+
+pub fn protocol_required(value: i32) -> Result<Protocol, Status> {
+    protocol_opt(value)?.ok_or_else(|| {
+        Status::invalid_argument("protocol is required: PROTOCOL_TCP (1) or PROTOCOL_UDP (2)")
+    })
+}
+
+pub fn family_valid(value: i32) -> Result<(), Status> {
+    pb::Family::try_from(value).map(|_| ()).map_err(|_| {
+        Status::invalid_argument(format!(
+            "family {value} is unknown: use FAMILY_INET or FAMILY_INET6"
+        ))
+    })
+}
+
+pub fn proto_protocol(p: Protocol) -> pb::Protocol {
+    match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+    }
+}
+
+fn proto_family(f: Family) -> pb::Family {
+    match f {
+        Family::Inet => pb::Family::Inet,
+        Family::Inet6 => pb::Family::Inet6,
+    }
+}
+
+pub fn holder(held: &Held) -> pb::Holder {
+    let s = &held.socket;
+    pb::Holder {
+        pid: s.owner.as_ref().map_or(0, |o| o.id.pid),
+        comm: s.owner.as_ref().map(|o| o.comm.clone()).unwrap_or_default(),
+        cmdline: s
+            .owner
+            .as_ref()
+            .map(|o| o.cmdline.clone())
+            .unwrap_or_default(),
+        service_type: held.service_type.clone(),
+        uid: s.uid,
+        protocol: proto_protocol(s.protocol) as i32,
+        addresses: vec![s.address.to_string()],
+        since_ms: s.since_ms,
+        port: u32::from(s.port),
+    }
+}
+
+pub fn lease(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        lease_id: l.id.clone(),
+        port: u32::from(l.port),
+        service_type: l.service_type.clone(),
+        owner_uid: l.owner_uid,
+        pid: l.process.map_or(0, |p| p.pid),
+        instance_id: l.instance_id.clone().unwrap_or_default(),
+        created_at_ms: l.created_ms,
+        expires_at_ms: l.expires_ms.unwrap_or(0),
+        claim: l.claim,
+    }
+}
+
+pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        at_ms: r.at_ms,
+        pid: r.pid,
+        comm: r.comm.clone(),
+        requested_port: u32::from(r.requested_port),
+        assigned_port: u32::from(r.assigned_port),
+        protocol: proto_protocol(r.protocol) as i32,
+        service_type: r.service_type.clone(),
+        holder_pid: r.holder_pid.unwrap_or(0),
+        holder_comm: r.holder_comm.clone().unwrap_or_default(),
+        instance_id: r.instance_id.clone().unwrap_or_default(),
+        uid: r.uid,
+    }
+}
+
+fn socket_event(kind: pb::EventKind, held: &Held) -> pb::PortEvent {
+    let s = &held.socket;
+    pb::PortEvent {
+        kind: kind as i32,
+        port: u32::from(s.port),
+        protocol: proto_protocol(s.protocol) as i32,
+        pid: s.owner.as_ref().map_or(0, |o| o.id.pid),
+        comm: s.owner.as_ref().map(|o| o.comm.clone()).unwrap_or_default(),
+        service_type: held.service_type.clone(),
+        requested_port: 0,
+        at_ms: s.since_ms,
+        lease_id: String::new(),
+        family: proto_family(s.family) as i32,
+        address: s.address.to_string(),
+    }
+}
+
+fn lease_event(kind: pb::EventKind, l: &Lease, at_ms: u64) -> pb::PortEvent {
+    pb::PortEvent {
+        kind: kind as i32,
+        port: u32::from(l.port),
+        pid: l.process.map_or(0, |p| p.pid),
+        service_type: l.service_type.clone(),
+        at_ms,
+        lease_id: l.id.clone(),
+        ..Default::default()
+    }
+}
+
+/// A notice as a `Watch` event.
+pub fn event(notice: &Notice, now_ms: u64) -> pb::PortEvent {
+    match notice {
+        Notice::Bound(h) => socket_event(pb::EventKind::Bound, h),
+        Notice::Released(h) => pb::PortEvent {
+            at_ms: now_ms,
+            ..socket_event(pb::EventKind::Released, h)
+        },
+        Notice::Reassigned(r) => pb::PortEvent {
+            kind: pb::EventKind::Reassigned as i32,
+            port: u32::from(r.assigned_port),
+            protocol: proto_protocol(r.protocol) as i32,
+            pid: r.pid,
+            comm: r.comm.clone(),
+            service_type: r.service_type.clone(),
+            requested_port: u32::from(r.requested_port),
+            at_ms: r.at_ms,
+            ..Default::default()
+        },
+        Notice::Leased(l) => lease_event(pb::EventKind::Leased, l, l.created_ms),
+        Notice::LeaseEnded(l) => lease_event(pb::EventKind::LeaseEnded, l, now_ms),
+    }
+}
+
+/// A failed request as a gRPC status with the reason.
+pub fn engine_error(e: EngineError) -> Status {
+    match e {
+        EngineError::Broker(e) => match e {
+            BrokerError::NoFreePort { .. } => Status::resource_exhausted(e.to_string()),
+            BrokerError::NoSuchLease(_) | BrokerError::NoLeaseOnPort(_) => {
+                Status::not_found(e.to_string())
+            }
+            BrokerError::NotOwner { .. } => Status::permission_denied(e.to_string()),
+        },
+        EngineError::Store(_) => Status::internal(e.to_string()),
+        EngineError::Contended(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_inputs_get_messages_that_say_what_is_accepted() {
+        assert!(port(0, "port")
+            .unwrap_err()
+            .message()
+            .contains("1 to 65535"));
+        assert_eq!(
+            port(70000, "port").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(port(8080, "port").unwrap(), 8080);
+        assert!(service_type("Web App")
+            .unwrap_err()
+            .message()
+            .contains("a-z"));
+        assert!(ttl_ms(Some(0)).is_err());
+        assert_eq!(ttl_ms(Some(2)).unwrap(), Some(2000));
+        assert!(count(5000, MAX_SUGGEST, 1, "count")
+            .unwrap_err()
+            .message()
+            .contains("1 to 1000"));
+        assert_eq!(count(0, MAX_SUGGEST, 1, "count").unwrap(), 1);
+        assert!(protocol_opt(9).is_err());
+        assert!(protocol_required(0).is_err());
+        assert!(instance_id(Some("has space".into())).is_err());
+        assert!(instance_id(Some(String::new())).is_err());
+        assert!(pid(0).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The `styxy.v1.PortBroker` gRPC service: identifies the caller, validates and translates each request,
+//! and hands it to the [`Engine`]. No decisions are made here.
+//!
+//! Callers on the Unix socket are identified with `SO_PEERCRED`. Callers on loopback TCP cannot be, so the
+//! calls that change state are refused there unless the operator opted in (`--tcp-allow-writes`).
+
+pub mod convert;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::broker::{AllocateRequest, BindDecision, BindRequest, Caller, HolderView};
+use crate::engine::{now_ms, Engine};
+use crate::observe::procs;
+use styxy_proto::v1 as pb;
+use styxy_proto::v1::port_broker_server::PortBroker;
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct BrokerService {
+    engine: Arc<Engine>,
+    /// Lets unidentified (TCP) callers change state, acting as the daemon's own user.
+    tcp_allow_writes: bool,
+    /// Where to tell TCP callers to go instead.
+    socket_hint: String,
+}
+
+impl BrokerService {
+    pub fn new(engine: Arc<Engine>, tcp_allow_writes: bool, socket_hint: String) -> Self {
+        BrokerService {
+            engine,
+            tcp_allow_writes,
+            socket_hint,
+        }
+    }
+
+    /// The caller of a request that changes state.
+    fn caller<T>(&self, request: &Request<T>, call: &str) -> Result<Caller, Status> {
+        if let Some(cred) = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+        {
+            return Ok(Caller {
+                uid: cred.uid(),
+                pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+            });
+        }
+        if self.tcp_allow_writes {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            return Ok(Caller { uid, pid: None });
+        }
+        Err(Status::permission_denied(format!(
+            "{call} changes state and needs a caller the daemon can identify; call it over the Unix socket \
+             (grpcurl -plaintext -unix -authority localhost {} styxy.v1.PortBroker/{call}) or start the daemon with --tcp-allow-writes",
+            self.socket_hint
+        )))
+    }
+}
+
+/// Runs blocking work (kernel and `/proc` reads) without stalling other requests on this worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PortEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PortBroker for BrokerService {
+    async fn suggest(
+        &self,
+        request: Request<pb::SuggestRequest>,
+    ) -> Result<Response<pb::SuggestResponse>, Status> {
+        let req = request.into_inner();
+        let service_type = convert::service_type(&req.service_type)?;
+        let count = convert::count(req.count, convert::MAX_SUGGEST, 1, "count")?;
+        let s = blocking(|| self.engine.suggest(&service_type, count));
+        Ok(Response::new(pb::SuggestResponse {
+            service_type: s.service_type,
+            ports: s.ports.into_iter().map(u32::from).collect(),
+            range_start: u32::from(s.start),
+            range_end: u32::from(s.end),
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let caller = self.caller(&request, "Allocate")?;
+        let req = request.into_inner();
+        let service_type = convert::service_type(&req.service_type)?;
+        let preferred_port = req
+            .preferred_port
+            .map(|p| convert::port(p, "preferred_port"))
+            .transpose()?;
+        let process = match req.pid {
+            None => None,
+            Some(pid) => {
+                let pid = convert::pid(pid)?;
+                Some(procs::process_id(pid).ok_or_else(|| {
+                    Status::invalid_argument(format!("pid {pid} is not a running process"))
+                })?)
+            }
+        };
+        let lease = self
+            .engine
+            .allocate(AllocateRequest {
+                service_type,
+                preferred_port,
+                process,
+                uid: caller.uid,
+                instance_id: convert::instance_id(req.instance_id)?,
+                ttl_ms: convert::ttl_ms(req.ttl_seconds)?,
+            })
+            .await
+            .map_err(convert::engine_error)?;
+        Ok(Response::new(pb::AllocateResponse {
+            port: u32::from(lease.port),
+            lease_id: lease.id,
+            service_type: lease.service_type,
+            expires_at_ms: lease.expires_ms.unwrap_or(0),
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = self.caller(&request, "Release")?;
+        let lease = match request.into_inner().target {
+            Some(pb::release_request::Target::LeaseId(id)) if !id.is_empty() && id.len() <= 128 => {
+                self.engine.release_id(&id, caller).await
+            }
+            Some(pb::release_request::Target::Port(port)) => {
+                let port = convert::port(port, "port")?;
+                self.engine.release_port(port, caller).await
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give the lease to release: lease_id (e.g. \"lease-3\") or port",
+                ))
+            }
+        }
+        .map_err(convert::engine_error)?;
+        Ok(Response::new(pb::ReleaseResponse {
+            released_lease_ids: vec![lease.id],
+        }))
+    }
+
+    async fn observe(
+        &self,
+        request: Request<pb::ObserveRequest>,
+    ) -> Result<Response<pb::ObserveResponse>, Status> {
+        let req = request.into_inner();
+        let port = convert::port(req.port, "port")?;
+        let protocol = convert::protocol_opt(req.protocol)?;
+        let view = blocking(|| self.engine.observe(port, protocol));
+        Ok(Response::new(pb::ObserveResponse {
+            port: u32::from(port),
+            bound: !view.holders.is_empty(),
+            holders: view.holders.iter().map(convert::holder).collect(),
+            lease: view.lease.as_ref().map(convert::lease),
+            range_service_type: view.range_type.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_ports(
+        &self,
+        _: Request<pb::ListPortsRequest>,
+    ) -> Result<Response<pb::ListPortsResponse>, Status> {
+        let (holders, leases) = self.engine.list();
+        Ok(Response::new(pb::ListPortsResponse {
+            holders: holders.iter().map(convert::holder).collect(),
+            leases: leases.iter().map(convert::lease).collect(),
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let stream = BroadcastStream::new(self.engine.subscribe()).filter_map(|item| match item {
+            Ok(notice) => Some(Ok(convert::event(&notice, now_ms()))),
+            Err(lagged) => {
+                tracing::warn!("a Watch subscriber fell behind: {lagged}");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn register_instance(
+        &self,
+        request: Request<pb::RegisterInstanceRequest>,
+    ) -> Result<Response<pb::RegisterInstanceResponse>, Status> {
+        let caller = self.caller(&request, "RegisterInstance")?;
+        let req = request.into_inner();
+        let pid = convert::pid(req.pid)?;
+        let instance_id = convert::instance_id(req.instance_id)?;
+        let process = procs::process_id(pid).ok_or_else(|| {
+            Status::invalid_argument(format!("pid {pid} is not a running process"))
+        })?;
+        may_act_for(caller, pid)?;
+        let id = self
+            .engine
+            .register_instance(instance_id, process)
+            .await
+            .map_err(convert::engine_error)?;
+        Ok(Response::new(pb::RegisterInstanceResponse {
+            instance_id: id,
+        }))
+    }
+
+    async fn resolve_bind(
+        &self,
+        request: Request<pb::ResolveBindRequest>,
+    ) -> Result<Response<pb::ResolveBindResponse>, Status> {
+        let caller = self.caller(&request, "ResolveBind")?;
+        let req = request.into_inner();
+        let pid = convert::pid(req.pid)?;
+        let port = convert::port(req.port, "port")?;
+        let protocol = convert::protocol_required(req.protocol)?;
+        convert::family_valid(req.family)?;
+        let instance_id = convert::instance_id(req.instance_id)?;
+        let uid = may_act_for(caller, pid)?;
+        let asker = procs::process_info(pid).ok_or_else(|| {
+            Status::invalid_argument(format!("pid {pid} is not a running process"))
+        })?;
+        let bind = BindRequest {
+            asker,
+            uid,
+            port,
+            protocol,
+            reuseport: req.reuseport,
+            instance_id,
+        };
+        let decision = blocking(|| self.engine.resolve_bind(&bind))
+            .map_err(|e| convert::engine_error(e.into()))?;
+        let requested_type = self.engine.range_type_of(port);
+        let response = match decision {
+            BindDecision::Keep { port } => pb::ResolveBindResponse {
+                action: pb::BindAction::Keep as i32,
+                port: u32::from(port),
+                holder: None,
+                service_type: requested_type,
+            },
+            BindDecision::Reassign { port, holder } => pb::ResolveBindResponse {
+                action: pb::BindAction::Reassign as i32,
+                port: u32::from(port),
+                holder: holder.map(|h| match h {
+                    HolderView::Socket(held) => convert::holder(&held),
+                    HolderView::Lease(lease) => pb::Holder {
+                        pid: lease.process.map_or(0, |p| p.pid),
+                        comm: format!("lease {}", lease.id),
+                        service_type: lease.service_type,
+                        uid: lease.owner_uid,
+                        port: u32::from(lease.port),
+                        ..Default::default()
+                    },
+                }),
+                service_type: requested_type,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.engine.status();
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            observer: s.observer.kind.to_string(),
+            observer_reason: s.observer.reason,
+            uptime_seconds: s.uptime_seconds,
+            bound_ports: s.bound_ports as u32,
+            leases: s.leases as u32,
+            instances: s.instances as u32,
+            dropped_events: s.dropped_events,
+            reassignments: s.reassignments,
+            state_dir: s.state_dir.display().to_string(),
+            socket_path: s
+                .endpoints
+                .socket_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            tcp_listen: s.endpoints.tcp_listen.unwrap_or_default(),
+            observed_events: s.observed_events,
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let limit = convert::count(req.limit, convert::MAX_AUDIT, 100, "limit")?;
+        let entries = self.engine.audit(req.since_ms, limit);
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries.iter().map(convert::audit_entry).collect(),
+        }))
+    }
+}
+
+/// A caller may act for itself, for its own user's processes, or (root) for anyone. Returns the uid the
+/// request is made as: the target process's.
+fn may_act_for(caller: Caller, pid: u32) -> Result<u32, Status> {
+    if caller.pid == Some(pid) {
+        return Ok(caller.uid);
+    }
+    let target_uid = procs::process_uid(pid)
+        .ok_or_else(|| Status::invalid_argument(format!("pid {pid} is not a running process")))?;
+    if caller.is_root() || caller.uid == target_uid {
+        Ok(target_uid)
+    } else {
+        Err(Status::permission_denied(format!(
+            "pid {pid} belongs to uid {target_uid}; uid {} may only act for its own processes",
+            caller.uid
+        )))
+    }
+}

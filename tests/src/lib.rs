@@ -1,0 +1,1 @@
+//! End-to-end test helpers live in the test files themselves.
