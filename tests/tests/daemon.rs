@@ -1,0 +1,513 @@
+//! The daemon end to end over gRPC: real daemon binary, real servers, real sockets.
+
+use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use styxy_tests::v1 as pb;
+use styxy_tests::{eventually, http_server, is_root, Daemon};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_reports_the_holder_pid_and_inferred_service_type() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let port = daemon.base + 3; // in this daemon's storybook range
+    let server = http_server(port)?;
+    let mut client = daemon.client().await?;
+    // Observe checks the kernel at call time: no waiting for the observer's next reading.
+    let seen = client
+        .observe(pb::ObserveRequest {
+            port: u32::from(port),
+            protocol: 0,
+        })
+        .await?
+        .into_inner();
+    assert!(seen.bound, "{seen:?}");
+    assert_eq!(seen.range_service_type, "storybook");
+    let holder = &seen.holders[0];
+    assert_eq!(holder.pid, server.pid());
+    assert_eq!(
+        holder.service_type, "api",
+        "python's http.server is an api server"
+    );
+    assert!(holder.cmdline.contains("http.server"), "{holder:?}");
+    assert_eq!(holder.protocol, pb::Protocol::Tcp as i32);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suggest_skips_the_held_port() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let _server = http_server(daemon.base)?;
+    let mut client = daemon.client().await?;
+    let s = client
+        .suggest(pb::SuggestRequest {
+            service_type: "storybook".into(),
+            count: 3,
+        })
+        .await?
+        .into_inner();
+    let b = u32::from(daemon.base);
+    assert_eq!(s.ports, vec![b + 1, b + 2, b + 3]);
+    assert_eq!((s.range_start, s.range_end), (b, b + 23));
+    let unknown = client
+        .suggest(pb::SuggestRequest {
+            service_type: "no-such-type".into(),
+            count: 1,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (unknown.service_type.as_str(), unknown.range_start),
+        ("dev", 3000)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_allocations_get_two_hundred_distinct_ports() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let client = daemon.client().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            client
+                .allocate(pb::AllocateRequest {
+                    service_type: "bulk".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let mut ports = HashSet::new();
+    let mut ids = HashSet::new();
+    while let Some(result) = tasks.join_next().await {
+        let lease = result??;
+        assert_eq!(lease.service_type, "bulk");
+        assert!(
+            ports.insert(lease.port),
+            "port {} handed out twice",
+            lease.port
+        );
+        assert!(ids.insert(lease.lease_id));
+    }
+    assert_eq!(ports.len(), 200);
+    let range = u32::from(daemon.base + 300)..=u32::from(daemon.base + 549);
+    assert!(ports.iter().all(|p| range.contains(p)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_frees_the_port_by_id_and_by_port() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let preferred = u32::from(daemon.base + 150);
+    let allocate = |port| pb::AllocateRequest {
+        service_type: "api".into(),
+        preferred_port: Some(port),
+        ..Default::default()
+    };
+    let first = client.allocate(allocate(preferred)).await?.into_inner();
+    assert_eq!(first.port, preferred);
+    let second = client.allocate(allocate(preferred)).await?.into_inner();
+    assert_ne!(
+        second.port, preferred,
+        "a leased port is not handed out again"
+    );
+
+    let released = client
+        .release(pb::ReleaseRequest {
+            target: Some(pb::release_request::Target::LeaseId(first.lease_id.clone())),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(released.released_lease_ids, vec![first.lease_id]);
+    let seen = client
+        .observe(pb::ObserveRequest {
+            port: preferred,
+            protocol: 0,
+        })
+        .await?
+        .into_inner();
+    assert!(seen.lease.is_none());
+    assert_eq!(
+        client
+            .allocate(allocate(preferred))
+            .await?
+            .into_inner()
+            .port,
+        preferred
+    );
+
+    client
+        .release(pb::ReleaseRequest {
+            target: Some(pb::release_request::Target::Port(second.port)),
+        })
+        .await?;
+    let gone = client
+        .release(pb::ReleaseRequest {
+            target: Some(pb::release_request::Target::Port(second.port)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_streams_a_bind_and_a_release() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let mut events = client.watch(pb::WatchRequest {}).await?.into_inner();
+    let port = daemon.base + 7;
+    let server = http_server(port)?;
+    let pid = server.pid();
+    let bound = next_event(&mut events, |e| {
+        e.kind == pb::EventKind::Bound as i32 && e.port == u32::from(port)
+    })
+    .await?;
+    assert_eq!(bound.pid, pid);
+    assert_eq!(bound.service_type, "api");
+    assert_eq!(bound.protocol, pb::Protocol::Tcp as i32);
+    drop(server);
+    let released = next_event(&mut events, |e| {
+        e.kind == pb::EventKind::Released as i32 && e.port == u32::from(port)
+    })
+    .await?;
+    assert_eq!(released.pid, pid);
+    Ok(())
+}
+
+async fn next_event(
+    events: &mut tonic::Streaming<pb::PortEvent>,
+    wanted: impl Fn(&pb::PortEvent) -> bool,
+) -> anyhow::Result<pb::PortEvent> {
+    let found = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(event) = events.next().await {
+            let event = event?;
+            if wanted(&event) {
+                return Ok(event);
+            }
+        }
+        anyhow::bail!("the event stream ended")
+    })
+    .await??;
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_inputs_are_invalid_argument_with_a_message() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut c = daemon.client().await?;
+    let mut errors = Vec::new();
+    errors.push(
+        c.suggest(pb::SuggestRequest {
+            service_type: "Bad Type".into(),
+            count: 1,
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.suggest(pb::SuggestRequest {
+            service_type: "dev".into(),
+            count: 100_000,
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.observe(pb::ObserveRequest {
+            port: 0,
+            protocol: 0,
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.observe(pb::ObserveRequest {
+            port: 70000,
+            protocol: 0,
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.observe(pb::ObserveRequest {
+            port: 80,
+            protocol: 42,
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.allocate(pb::AllocateRequest {
+            service_type: "dev".into(),
+            ttl_seconds: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.allocate(pb::AllocateRequest {
+            service_type: "dev".into(),
+            preferred_port: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.allocate(pb::AllocateRequest {
+            service_type: "dev".into(),
+            pid: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.release(pb::ReleaseRequest { target: None })
+            .await
+            .unwrap_err(),
+    );
+    errors.push(
+        c.resolve_bind(pb::ResolveBindRequest {
+            pid: std::process::id(),
+            port: 8000,
+            protocol: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.register_instance(pb::RegisterInstanceRequest {
+            instance_id: Some("has spaces".into()),
+            pid: std::process::id(),
+        })
+        .await
+        .unwrap_err(),
+    );
+    errors.push(
+        c.list_audit(pb::ListAuditRequest {
+            since_ms: None,
+            limit: 1_000_000,
+        })
+        .await
+        .unwrap_err(),
+    );
+    for e in &errors {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().len() > 20,
+            "the message should say what was wrong: {e:?}"
+        );
+    }
+    // The daemon is still up and well.
+    c.status(pb::StatusRequest {}).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_survive_kill_9_and_restart() -> anyhow::Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let mut sleeper = Command::new("sleep")
+        .arg("300")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut client = daemon.client().await?;
+    let mut made = Vec::new();
+    for i in 0..10u32 {
+        let lease = client
+            .allocate(pb::AllocateRequest {
+                service_type: if i % 2 == 0 { "api" } else { "storybook" }.into(),
+                pid: (i % 3 == 0).then_some(sleeper.id()),
+                ttl_seconds: (i % 3 == 1).then_some(600),
+                instance_id: Some(format!("agent-{i}")),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        made.push((lease.lease_id, lease.port));
+    }
+    let instance = client
+        .register_instance(pb::RegisterInstanceRequest {
+            instance_id: None,
+            pid: sleeper.id(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(instance.instance_id, format!("ldpreload-{}", sleeper.id()));
+
+    daemon.kill9_and_restart().await?;
+    let mut client = daemon.client().await?;
+    let listed = client
+        .list_ports(pb::ListPortsRequest {})
+        .await?
+        .into_inner();
+    let mut back: Vec<(String, u32)> = listed
+        .leases
+        .iter()
+        .map(|l| (l.lease_id.clone(), l.port))
+        .collect();
+    back.sort();
+    made.sort();
+    assert_eq!(back, made, "every lease is back, none twice");
+    assert_eq!(
+        client
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner()
+            .instances,
+        1
+    );
+
+    let fresh = client
+        .allocate(pb::AllocateRequest {
+            service_type: "api".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(made
+        .iter()
+        .all(|(id, port)| *id != fresh.lease_id && *port != fresh.port));
+
+    // Leases tied to a process end with it, across a restart too.
+    sleeper.kill()?;
+    sleeper.wait()?;
+    let tied = made.len() - 6; // i = 0, 3, 6, 9
+    eventually(10, "leases of the dead process to end", || {
+        let mut client = client.clone();
+        let expected = made.len() + 1 - tied;
+        async move {
+            let n = client
+                .list_ports(pb::ListPortsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .leases
+                .len();
+            (n == expected).then_some(())
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_serves_reads_and_refuses_writes_with_the_way_to_do_them() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut tcp = daemon.tcp_client().await?;
+    tcp.status(pb::StatusRequest {}).await?;
+    tcp.suggest(pb::SuggestRequest {
+        service_type: "api".into(),
+        count: 2,
+    })
+    .await?;
+    let refused = tcp
+        .allocate(pb::AllocateRequest {
+            service_type: "api".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .contains(&daemon.socket.display().to_string()),
+        "{refused:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resolve_bind_moves_a_held_port_within_its_range_and_audits_it() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 5;
+    let server = http_server(held)?;
+    let mut client = daemon.client().await?;
+    let ask = |port: u16| pb::ResolveBindRequest {
+        pid: std::process::id(),
+        port: u32::from(port),
+        protocol: pb::Protocol::Tcp as i32,
+        family: pb::Family::Inet as i32,
+        reuseport: false,
+        instance_id: None,
+    };
+    let moved = client.resolve_bind(ask(held)).await?.into_inner();
+    assert_eq!(moved.action, pb::BindAction::Reassign as i32);
+    assert_eq!(moved.port, u32::from(held + 1));
+    assert_eq!(moved.service_type, "storybook");
+    let holder = moved.holder.expect("holder");
+    assert_eq!(holder.pid, server.pid());
+    // Same process, same port again (IPv6 after IPv4): the same new port.
+    assert_eq!(
+        client.resolve_bind(ask(held)).await?.into_inner().port,
+        moved.port
+    );
+    // A free port is kept.
+    let free = client.resolve_bind(ask(held + 10)).await?.into_inner();
+    assert_eq!(
+        (free.action, free.port),
+        (pb::BindAction::Keep as i32, u32::from(held + 10))
+    );
+    let audit = client
+        .list_audit(pb::ListAuditRequest {
+            since_ms: None,
+            limit: 10,
+        })
+        .await?
+        .into_inner();
+    let entry = &audit.entries[0];
+    assert_eq!(
+        (entry.requested_port, entry.assigned_port),
+        (u32::from(held), u32::from(held + 1))
+    );
+    assert_eq!(entry.holder_pid, server.pid());
+    assert_eq!(entry.pid, std::process::id());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_owner_or_root_may_release_a_lease() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!(
+            "SKIP only_the_owner_or_root_may_release_a_lease: needs root to act as another user"
+        );
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let lease = client
+        .allocate(pb::AllocateRequest {
+            service_type: "api".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let as_nobody = Command::new(styxy_tests::styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["release", &lease.lease_id])
+        .uid(65534)
+        .output()?;
+    assert!(!as_nobody.status.success());
+    let stderr = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(stderr.contains("belongs to uid 0"), "{stderr}");
+    // The lease is still there; its owner may release it.
+    let out = daemon.cli(&["release", &lease.lease_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
