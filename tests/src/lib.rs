@@ -16,14 +16,17 @@ use tonic::transport::Channel;
 
 pub use styxy_proto::v1;
 
-/// The directory holding the workspace's built binaries (`target/debug` for `cargo test`).
+/// The directory holding the workspace's built binaries: `target/<profile>`, whether this runs as a test
+/// (`target/<profile>/deps/<test>-<hash>`) or as a binary (`target/<profile>/styxy-bench`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir.parent()
+            .map_or_else(|| dir.to_path_buf(), Path::to_path_buf)
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The `styxy` binary, or a panic that says how to build it.
@@ -91,7 +94,7 @@ impl Daemon {
             &config,
             format!(
                 "[services.storybook]\nrange = [{}, {}]\n[services.api]\nrange = [{}, {}]\n\
-                 [services.bulk]\nrange = [{}, {}]\n",
+                 [services.bulk]\nrange = [{}, {}]\n[services.bench]\nrange = [10000, 19999]\n",
                 base,
                 base + 23,
                 base + 100,

@@ -7,11 +7,14 @@
 //! "who decides that 6006 is taken?".
 
 pub mod model;
+mod portset;
 pub mod ranges;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use portset::PortSet;
 
 pub use model::*;
 pub use ranges::{PortRange, ServiceRanges, ServiceType};
@@ -152,6 +155,9 @@ pub struct Broker {
     by_port: BTreeMap<(u16, Protocol), BTreeSet<u64>>,
     leases: BTreeMap<u16, Lease>,
     lease_ports: HashMap<String, u16>,
+    /// Ports held by a socket of any protocol or by a lease: derived from the two maps above, kept in step
+    /// by [`Broker::retake`] so that searches for free ports do not walk them.
+    taken: PortSet,
     instances: BTreeMap<String, Instance>,
     next_lease_seq: u64,
     reassignments: u64,
@@ -166,6 +172,7 @@ impl Broker {
             by_port: BTreeMap::new(),
             leases: BTreeMap::new(),
             lease_ports: HashMap::new(),
+            taken: PortSet::default(),
             instances: BTreeMap::new(),
             next_lease_seq: 1,
             reassignments: 0,
@@ -236,7 +243,13 @@ impl Broker {
 
     /// Whether anything holds `port`: a socket of any protocol, or a lease.
     pub fn is_taken(&self, port: u16) -> bool {
-        self.leases.contains_key(&port) || self.is_bound(port, None)
+        self.taken.contains(port)
+    }
+
+    /// Brings `taken` up to date for one port after the socket table or the leases changed.
+    fn retake(&mut self, port: u16) {
+        let taken = self.leases.contains_key(&port) || self.is_bound(port, None);
+        self.taken.set(port, taken);
     }
 
     fn is_bound(&self, port: u16, protocol: Option<Protocol>) -> bool {
@@ -272,10 +285,7 @@ impl Broker {
         let t = self.ranges.get_or_fallback(service_type);
         Suggestion {
             service_type: t.name.clone(),
-            ports: (t.start..=t.end)
-                .filter(|p| !self.is_taken(*p))
-                .take(count)
-                .collect(),
+            ports: self.taken.free_in(t.start, t.end).take(count).collect(),
             start: t.start,
             end: t.end,
         }
@@ -352,6 +362,7 @@ impl Broker {
             .entry((port, protocol))
             .or_default()
             .insert(cookie);
+        self.retake(port);
     }
 
     /// A lease turns into "bound" when its holder binds its port: an Allocate lease ends (the socket now
@@ -391,6 +402,7 @@ impl Broker {
                 self.by_port.remove(&key);
             }
         }
+        self.retake(key.0);
         Some(held)
     }
 
@@ -403,15 +415,18 @@ impl Broker {
     // ---- leases ------------------------------------------------------------------------------------
 
     fn insert_lease(&mut self, lease: Lease) {
-        self.lease_ports.insert(lease.id.clone(), lease.port);
-        if let Some(old) = self.leases.insert(lease.port, lease) {
+        let port = lease.port;
+        self.lease_ports.insert(lease.id.clone(), port);
+        if let Some(old) = self.leases.insert(port, lease) {
             self.lease_ports.remove(&old.id);
         }
+        self.retake(port);
     }
 
     fn take_lease(&mut self, port: u16) -> Option<Lease> {
         let lease = self.leases.remove(&port)?;
         self.lease_ports.remove(&lease.id);
+        self.retake(port);
         Some(lease)
     }
 
@@ -425,7 +440,7 @@ impl Broker {
     fn pick_for_allocate(&self, range: &ServiceType, preferred: Option<u16>) -> Option<u16> {
         preferred
             .filter(|p| !self.is_taken(*p))
-            .or_else(|| (range.start..=range.end).find(|p| !self.is_taken(*p)))
+            .or_else(|| self.taken.first_free(range.start, range.end))
     }
 
     /// Atomically picks a free port and leases it.
@@ -676,11 +691,17 @@ impl Broker {
 
     /// The next free port after `requested` in its range, wrapping around to the range's start.
     fn pick_for_move(&self, range: &PortRange, requested: u16) -> Option<u16> {
-        let after = requested.saturating_add(1).max(range.start)..=range.end;
-        let before = range.start..=requested.min(range.end);
-        after
-            .chain(before)
-            .find(|p| *p != requested && !self.is_taken(*p))
+        let after = (requested < range.end)
+            .then(|| {
+                self.taken
+                    .first_free(requested.saturating_add(1).max(range.start), range.end)
+            })
+            .flatten();
+        after.or_else(|| {
+            self.taken
+                .free_in(range.start, requested.min(range.end))
+                .find(|p| *p != requested)
+        })
     }
 
     fn new_claim(

@@ -73,11 +73,12 @@ impl ProcessView for ProcFs {
 }
 
 /// Finds the processes that own sockets, by socket inode, scanning `/proc/*/fd` only for inodes it has not
-/// resolved before. When several processes share a socket (a pre-fork server), the lowest pid (usually the
-/// parent that bound it) is taken.
+/// looked for before. When several processes share a socket (a pre-fork server), the lowest pid (usually the
+/// parent that bound it) is taken. An inode no process could be found for (another user's, without root)
+/// is remembered as such, so it does not cost a scan on every reading.
 #[derive(Debug, Default)]
 pub struct SocketOwners {
-    known: HashMap<u64, ProcessInfo>,
+    known: HashMap<u64, Option<ProcessInfo>>,
 }
 
 impl SocketOwners {
@@ -93,7 +94,7 @@ impl SocketOwners {
         }
         inodes
             .iter()
-            .filter_map(|i| self.known.get(i).map(|p| (*i, p.clone())))
+            .filter_map(|i| Some((*i, self.known.get(i)?.clone()?)))
             .collect()
     }
 
@@ -124,10 +125,9 @@ impl SocketOwners {
                 }
             }
         }
-        for (inode, pid) in found {
-            if let Some(info) = process_info(pid) {
-                self.known.insert(inode, info);
-            }
+        for inode in missing {
+            let owner = found.get(inode).and_then(|pid| process_info(*pid));
+            self.known.insert(*inode, owner);
         }
     }
 }

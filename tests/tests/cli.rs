@@ -1,0 +1,125 @@
+//! The `styxy` command-line client: readable output for people, `--json` for scripts, clear errors.
+
+use std::process::{Command, Output};
+
+use styxy_tests::{http_server, styxy_bin, Daemon};
+
+fn text(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "styxy failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&text(out)).expect("valid JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn human_and_json_output_of_every_command() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 4;
+    let server = http_server(held)?;
+    let b = daemon.base;
+
+    let status = text(&daemon.cli(&["status"]));
+    assert!(
+        status.contains("observer:") && status.contains("sockets-table"),
+        "{status}"
+    );
+    let status = json(&daemon.cli(&["--json", "status"]));
+    assert_eq!(status["observer"], "sockets-table");
+
+    let observed = text(&daemon.cli(&["observe", &held.to_string()]));
+    assert!(
+        observed.contains(&format!("pid {}", server.pid())) && observed.contains("storybook range"),
+        "{observed}"
+    );
+    let observed =
+        json(&daemon.cli(&["--json", "observe", &held.to_string(), "--protocol", "tcp"]));
+    assert_eq!(observed["holders"][0]["pid"], server.pid());
+    let free = text(&daemon.cli(&["observe", &(b + 20).to_string()]));
+    assert!(free.contains("is free"), "{free}");
+
+    let suggested = text(&daemon.cli(&["suggest", "storybook", "-n", "5"]));
+    assert!(
+        suggested.starts_with(&format!(
+            "storybook ({b}-{}): {b} {} {} {} {}",
+            b + 23,
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 5
+        )),
+        "{suggested}"
+    );
+    let suggested = json(&daemon.cli(&["--json", "suggest", "storybook", "-n", "2"]));
+    assert_eq!(suggested["ports"], serde_json::json!([b, b + 1]));
+
+    let leased = text(&daemon.cli(&["allocate", "api", "--ttl", "120"]));
+    assert!(
+        leased.starts_with(&format!("{} (api) leased as lease-", b + 100)),
+        "{leased}"
+    );
+    let leased = json(&daemon.cli(&[
+        "--json",
+        "allocate",
+        "api",
+        "--port",
+        &(b + 150).to_string(),
+    ]));
+    assert_eq!(leased["port"], b + 150);
+    let lease_id = leased["lease_id"].as_str().expect("lease id").to_string();
+
+    let ports = text(&daemon.cli(&["ports"]));
+    assert!(
+        ports.contains("PORT") && ports.contains(&held.to_string()) && ports.contains(&lease_id),
+        "{ports}"
+    );
+    let ports = json(&daemon.cli(&["--json", "ports"]));
+    assert_eq!(ports["leases"].as_array().map(Vec::len), Some(2));
+
+    assert!(text(&daemon.cli(&["release", &lease_id])).contains(&lease_id));
+    let released = json(&daemon.cli(&["--json", "release", &(b + 100).to_string()]));
+    assert_eq!(
+        released["released_lease_ids"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    assert!(text(&daemon.cli(&["audit"])).contains("no reassigned binds yet"));
+    assert_eq!(
+        json(&daemon.cli(&["--json", "audit"])),
+        serde_json::json!([])
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_say_what_to_do() -> anyhow::Result<()> {
+    let out = Command::new(styxy_bin())
+        .args(["--socket", "/nonexistent/styxy.sock", "status"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Is it running?") && stderr.contains("styxy daemon"),
+        "{stderr}"
+    );
+
+    let daemon = Daemon::start().await?;
+    let out = daemon.cli(&["suggest", "Not Valid"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a-z, 0-9"));
+    let out = daemon.cli(&["release", "lease-404"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no lease lease-404"));
+    let out = daemon.cli(&["observe", "99999"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects a port above 65535"
+    );
+    Ok(())
+}

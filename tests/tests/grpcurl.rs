@@ -1,0 +1,122 @@
+//! The daemon through the real grpcurl binary, using server reflection only (no .proto at hand).
+
+use std::process::Command;
+
+use styxy_tests::{grpcurl, http_server, Daemon};
+
+/// Runs grpcurl; returns (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let bin = grpcurl().expect("grpcurl");
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("running grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_lists_describes_and_calls_over_tcp_and_the_unix_socket() -> anyhow::Result<()> {
+    if grpcurl().is_none() {
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let tcp = daemon.tcp.as_str();
+    let socket = daemon.socket.display().to_string();
+
+    let (ok, services, err) = run(&["-plaintext", tcp, "list"]);
+    assert!(ok, "{err}");
+    for name in ["styxy.v1.PortBroker", "grpc.health.v1.Health"] {
+        assert!(services.contains(name), "{services}");
+    }
+    let (ok, described, err) = run(&["-plaintext", tcp, "describe", "styxy.v1.PortBroker"]);
+    assert!(ok, "{err}");
+    assert!(described.contains("rpc ResolveBind"), "{described}");
+
+    let (ok, health, err) = run(&["-plaintext", tcp, "grpc.health.v1.Health/Check"]);
+    assert!(ok && health.contains("SERVING"), "{health}{err}");
+
+    let port = daemon.base + 2;
+    let server = http_server(port)?;
+    let body = format!("{{\"port\": {port}}}");
+    let (ok, seen, err) = run(&[
+        "-plaintext",
+        "-d",
+        &body,
+        tcp,
+        "styxy.v1.PortBroker/Observe",
+    ]);
+    assert!(ok, "{err}");
+    let seen: serde_json::Value = serde_json::from_str(&seen)?;
+    assert_eq!(seen["bound"], true);
+    assert_eq!(seen["holders"][0]["pid"], server.pid());
+    assert_eq!(seen["holders"][0]["serviceType"], "api");
+
+    let (ok, suggested, err) = run(&[
+        "-plaintext",
+        "-d",
+        r#"{"service_type": "storybook", "count": 2}"#,
+        tcp,
+        "styxy.v1.PortBroker/Suggest",
+    ]);
+    assert!(ok, "{err}");
+    let suggested: serde_json::Value = serde_json::from_str(&suggested)?;
+    assert_eq!(
+        suggested["ports"],
+        serde_json::json!([daemon.base, daemon.base + 1])
+    );
+
+    // Changing state over TCP is refused, with the Unix-socket command to use instead.
+    let (ok, _, err) = run(&[
+        "-plaintext",
+        "-d",
+        r#"{"service_type": "api"}"#,
+        tcp,
+        "styxy.v1.PortBroker/Allocate",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("-unix"),
+        "{err}"
+    );
+
+    // Over the Unix socket it works (grpcurl sends the socket path as :authority, which HTTP/2 refuses:
+    // `-authority localhost` is the documented fix).
+    let (ok, leased, err) = run(&[
+        "-plaintext",
+        "-unix",
+        "-authority",
+        "localhost",
+        "-d",
+        r#"{"service_type": "api"}"#,
+        &socket,
+        "styxy.v1.PortBroker/Allocate",
+    ]);
+    assert!(ok, "{err}");
+    let leased: serde_json::Value = serde_json::from_str(&leased)?;
+    assert_eq!(leased["port"], daemon.base + 100);
+    assert!(leased["leaseId"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("lease-")));
+
+    let (ok, _, err) = run(&[
+        "-plaintext",
+        "-d",
+        r#"{"port": 0}"#,
+        tcp,
+        "styxy.v1.PortBroker/Observe",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("1 to 65535"),
+        "{err}"
+    );
+
+    let (ok, status, err) = run(&["-plaintext", tcp, "styxy.v1.PortBroker/Status"]);
+    assert!(ok, "{err}");
+    assert!(status.contains("\"observer\""), "{status}");
+    Ok(())
+}
