@@ -1,12 +1,13 @@
 //! The `styxy` client commands: readable tables for people, `--json` for scripts.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
 use crate::client::{connect, Target};
+use crate::engine::now_ms;
 use styxy_proto::v1 as pb;
 
 /// A client command, parsed.
@@ -463,12 +464,6 @@ fn print_leases(leases: &[pb::Lease]) {
             expiry(l.expires_at_ms)
         );
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn expiry(expires_at_ms: u64) -> String {
