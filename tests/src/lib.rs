@@ -67,21 +67,16 @@ pub fn is_root() -> bool {
 /// `storybook` = base..base+23, `api` = base+100..base+199, `bulk` = base+300.. (250 ports, spilling into
 /// the next block, which this daemon also owns).
 pub struct Daemon {
-    pub child: Child,
+    child: Child,
     pub dir: PathBuf,
     pub socket: PathBuf,
-    pub state_dir: PathBuf,
+    state_dir: PathBuf,
     pub tcp: String,
     pub base: u16,
-    extra_args: Vec<String>,
 }
 
 impl Daemon {
     pub async fn start() -> Result<Daemon> {
-        Daemon::start_with(&[]).await
-    }
-
-    pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
         let base = port_block();
         let _second_block = port_block();
         let dir = std::env::temp_dir().join(format!("styxy-test-{}-{base}", std::process::id()));
@@ -89,9 +84,8 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         // Let other users reach the socket (tests that act as another uid).
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let config = dir.join("config.toml");
         std::fs::write(
-            &config,
+            dir.join("config.toml"),
             format!(
                 "[services.storybook]\nrange = [{}, {}]\n[services.api]\nrange = [{}, {}]\n\
                  [services.bulk]\nrange = [{}, {}]\n[services.bench]\nrange = [10000, 19999]\n",
@@ -103,56 +97,21 @@ impl Daemon {
                 base + 549
             ),
         )?;
-        let mut daemon = Daemon {
-            child: Command::new("true").spawn()?,
-            socket: dir.join("styxy.sock"),
-            state_dir: dir.join("state"),
+        let socket = dir.join("styxy.sock");
+        let state_dir = dir.join("state");
+        let (child, tcp) = launch(&dir, &socket, &state_dir).await?;
+        Ok(Daemon {
+            child,
             dir,
-            tcp: String::new(),
+            socket,
+            state_dir,
+            tcp,
             base,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        };
-        let _ = daemon.child.wait();
-        daemon.spawn().await?;
-        Ok(daemon)
-    }
-
-    async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
-        self.child = Command::new(styxy_bin())
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--config")
-            .arg(self.dir.join("config.toml"))
-            .args(["--listen", "127.0.0.1:0", "--scan-interval-ms", "100"])
-            .args(&self.extra_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting styxy daemon")?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut client) = connect(&Target::Unix(self.socket.clone())).await {
-                if let Ok(status) = client.status(pb::StatusRequest {}).await {
-                    self.tcp = status.into_inner().tcp_listen;
-                    return Ok(());
-                }
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("daemon exited with {status} at start:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("daemon did not answer within 20 s:\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        read_log(&self.dir)
     }
 
     pub async fn client(&self) -> Result<PortBrokerClient<Channel>> {
@@ -167,7 +126,10 @@ impl Daemon {
     pub async fn kill9_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        self.spawn().await
+        let (child, tcp) = launch(&self.dir, &self.socket, &self.state_dir).await?;
+        self.child = child;
+        self.tcp = tcp;
+        Ok(())
     }
 
     /// Runs the `styxy` CLI against this daemon.
@@ -188,6 +150,46 @@ impl Drop for Daemon {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+}
+
+/// Starts the daemon of a test dir and waits until it answers `Status`; returns it and its TCP address.
+/// A daemon that does not come up is killed, and the error carries its log.
+async fn launch(dir: &Path, socket: &Path, state_dir: &Path) -> Result<(Child, String)> {
+    let log = std::fs::File::create(dir.join("daemon.log"))?;
+    let mut child = Command::new(styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .args(["--listen", "127.0.0.1:0", "--scan-interval-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting styxy daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut client) = connect(&Target::Unix(socket.to_path_buf())).await {
+            if let Ok(status) = client.status(pb::StatusRequest {}).await {
+                return Ok((child, status.into_inner().tcp_listen));
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("daemon exited with {status} at start:\n{}", read_log(dir));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("daemon did not answer within 20 s:\n{}", read_log(dir));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -691,17 +691,11 @@ impl Broker {
 
     /// The next free port after `requested` in its range, wrapping around to the range's start.
     fn pick_for_move(&self, range: &PortRange, requested: u16) -> Option<u16> {
-        let after = (requested < range.end)
-            .then(|| {
-                self.taken
-                    .first_free(requested.saturating_add(1).max(range.start), range.end)
-            })
-            .flatten();
-        after.or_else(|| {
-            self.taken
-                .free_in(range.start, requested.min(range.end))
-                .find(|p| *p != requested)
-        })
+        let after = self
+            .taken
+            .free_in(requested.saturating_add(1).max(range.start), range.end);
+        let before = self.taken.free_in(range.start, requested.min(range.end));
+        after.chain(before).find(|p| *p != requested)
     }
 
     fn new_claim(
