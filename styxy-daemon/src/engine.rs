@@ -175,15 +175,24 @@ impl Engine {
 
     /// Whether the kernel shows anything bound on `port` right now (any protocol).
     fn kernel_shows_bound(&self, port: u16) -> bool {
+        self.kernel_shows_bound_except(port, None)
+    }
+
+    /// Whether the kernel shows `port` bound right now by anyone but `except` (a process that may
+    /// bind its own port again, e.g. IPv6 next to IPv4); folds what it saw into the port table.
+    fn kernel_shows_bound_except(&self, port: u16, except: Option<ProcessId>) -> bool {
         match self.kernel.read(Some(port), None) {
             Ok(reading) if reading.is_empty() => false,
             Ok(reading) => {
+                let by_other = reading
+                    .iter()
+                    .any(|s| except.is_none() || s.owner.as_ref().map(|o| o.id) != except);
                 let scope = Scope::Port {
                     port,
                     protocol: None,
                 };
                 self.commit_effects(|b| b.reconcile(scope, reading, now_ms()));
-                true
+                by_other
             }
             Err(e) => {
                 tracing::warn!("checking port {port} in the kernel: {e}");
@@ -306,7 +315,9 @@ impl Engine {
             let (decision, _) = self.commit(|b| lift(b.resolve_bind(req, &ProcFs, now_ms())));
             let decision = decision?;
             match decision {
-                BindDecision::Reassign { port, .. } if self.kernel_shows_bound(port) => {
+                BindDecision::Reassign { port, .. }
+                    if self.kernel_shows_bound_except(port, Some(req.asker.id)) =>
+                {
                     let claim = lock(&self.broker).observe(port, None).lease;
                     if let Some(claim) = claim.filter(|l| l.process == Some(req.asker.id)) {
                         self.commit_effects(|b| b.withdraw_lease(&claim.id));

@@ -4,7 +4,8 @@
 //! - [`observe`] watches the kernel's sockets and reads `/proc`;
 //! - [`store`] persists leases, instances and the audit log;
 //! - [`engine`] does the I/O around each decision; [`rpc`] serves `styxy.v1` over gRPC;
-//! - [`daemon`] wires them together; [`cli`] and [`client`] are the `styxy` command-line client.
+//! - [`daemon`] wires them together; [`cli`] and [`client`] are the `styxy` command-line client;
+//! - [`preload`] turns the bind() shim on for a command (`styxy run`, `styxy env`).
 
 pub mod broker;
 pub mod cli;
@@ -13,5 +14,6 @@ pub mod daemon;
 pub mod engine;
 pub mod observe;
 pub mod paths;
+pub mod preload;
 pub mod rpc;
 pub mod store;

@@ -36,6 +36,26 @@ struct Args {
 enum Command {
     /// Run the broker daemon.
     Daemon(DaemonArgs),
+    /// Run a command with the bind() shim preloaded: its servers move off ports others hold.
+    Run {
+        /// Group the command's ports with an agent session (sets STYXY_INSTANCE).
+        #[arg(long)]
+        instance: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Print the shell lines that turn the shim on: eval "$(styxy env)".
+    Env {
+        /// Also set STYXY_INSTANCE.
+        #[arg(long)]
+        instance: Option<String>,
+    },
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -116,6 +136,17 @@ async fn run(args: Args) -> Result<()> {
                 tcp_allow_writes: d.tcp_allow_writes,
             })
             .await
+        }
+        Command::Run { instance, command } => {
+            styxy::preload::run(&command, instance.as_deref(), args.socket.as_deref())
+        }
+        Command::Env { instance } => {
+            let library = styxy::preload::find_library()?;
+            print!(
+                "{}",
+                styxy::preload::env_lines(&library, instance.as_deref(), args.socket.as_deref())
+            );
+            Ok(())
         }
         Command::Client(command) => {
             let target = match args.tcp {

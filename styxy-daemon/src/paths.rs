@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 
+pub use styxy_common::paths::default_socket;
+
 /// TCP address the daemon listens on by default (loopback only).
 pub const DEFAULT_TCP: &str = "127.0.0.1:9876";
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -18,18 +20,6 @@ fn env_dir(var: &str) -> Option<PathBuf> {
 
 fn home() -> PathBuf {
     env_dir("HOME").unwrap_or_else(|| PathBuf::from("/tmp"))
-}
-
-/// `/run/styxy/styxy.sock` as root, `$XDG_RUNTIME_DIR/styxy/styxy.sock` otherwise.
-pub fn default_socket() -> PathBuf {
-    if is_root() {
-        return PathBuf::from("/run/styxy/styxy.sock");
-    }
-    let base = env_dir("XDG_RUNTIME_DIR").unwrap_or_else(|| {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        PathBuf::from(format!("/tmp/styxy-{}", unsafe { libc::getuid() }))
-    });
-    base.join("styxy").join("styxy.sock")
 }
 
 /// `/var/lib/styxy` as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.

@@ -278,3 +278,162 @@ pub fn grpcurl() -> Option<PathBuf> {
     }
     found
 }
+
+/// `libstyxy_preload.so` from the build, or a panic that says how to build it.
+pub fn shim_library() -> PathBuf {
+    let path = bin_dir().join("libstyxy_preload.so");
+    assert!(
+        path.exists() && bin_dir().join("libstyxy_shim_client.so").exists(),
+        "{} (or libstyxy_shim_client.so next to it) is missing: build with `cargo build --workspace` \
+         (`cargo xtask test` does this)",
+        path.display()
+    );
+    path
+}
+
+/// A helper binary of this crate (`bind-probe`).
+pub fn helper_bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build with `cargo build --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A process whose stdout and stderr lines are collected as they come; killed when dropped.
+pub struct Spawned {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Spawned {
+    /// Starts `command` with stdin, stdout and stderr piped.
+    pub fn start(command: &mut Command) -> Result<Spawned> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        forward_lines(stdout, tx.clone());
+        forward_lines(stderr, tx);
+        Ok(Spawned {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// The first new line that `wanted` accepts, within `secs` seconds; the error shows every line seen.
+    pub fn line_where(&mut self, secs: u64, wanted: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!(
+                    "no expected line within {secs} s; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// A line `wanted` accepts, already seen or arriving within `secs` seconds (stdout and stderr
+    /// lines may arrive in either order).
+    pub fn has_line(&mut self, secs: u64, wanted: impl Fn(&str) -> bool) -> Result<String> {
+        if let Some(line) = self.seen.iter().find(|l| wanted(l)) {
+            return Ok(line.clone());
+        }
+        self.line_where(secs, wanted)
+    }
+
+    /// Every line until the process closes its output (or `secs` pass).
+    pub fn rest(&mut self, secs: u64) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(source: impl std::io::Read + Send + 'static, to: std::sync::mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(source).lines() {
+            let Ok(line) = line else { break };
+            if to.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// A python process that listens on each of `ports` (127.0.0.1), as one holder; killed when dropped.
+pub fn port_holder(ports: &[u16]) -> Result<Spawned> {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let script = format!(
+        "import socket, sys\nkeep = []\nfor p in [{}]:\n    s = socket.socket()\n    s.bind(('127.0.0.1', p))\n    \
+         s.listen(8)\n    keep.append(s)\nprint('ready', flush=True)\nsys.stdin.read()\n",
+        list.join(", ")
+    );
+    let mut holder = Spawned::start(Command::new("python3").args(["-c", &script]))?;
+    holder.line_where(15, |l| l == "ready")?;
+    Ok(holder)
+}
+
+/// The new port in a `✓ STYXY: Auto-assigned port NEW (OLD in use by …)` line.
+pub fn notice_port(line: &str) -> Option<u16> {
+    line.strip_prefix("✓ STYXY: Auto-assigned port ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// An HTTP GET of `/` on 127.0.0.1:port; the status line.
+pub fn http_get(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.lines().next().unwrap_or_default().to_string())
+}
+
+impl Daemon {
+    /// `styxy --socket S run -- PROGRAM ARGS…` for this daemon.
+    pub fn shimmed(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(styxy_bin());
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["run", "--", program])
+            .args(args);
+        command
+    }
+}

@@ -52,14 +52,14 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup(&root)?;
-            cargo(&["build", "--workspace", "--bins"])?;
+            cargo(&["build", "--workspace"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args)
         }
         Task::Bench { args } => {
             setup(&root)?;
-            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            cargo(&["build", "--release", "--workspace"])?;
             run(Command::new(root.join("target/release/styxy-bench")).args(&args))
         }
     }

@@ -50,6 +50,10 @@ impl KernelTables {
         result
     }
 
+    fn lock_owners(&self) -> std::sync::MutexGuard<'_, procs::SocketOwners> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Bound sockets on one port (or all ports), with their owners found in `/proc`.
     pub fn read(
         &self,
@@ -58,8 +62,15 @@ impl KernelTables {
     ) -> io::Result<Vec<BoundSocket>> {
         let raw = self.query(port, protocol)?;
         let inodes: Vec<u64> = raw.iter().map(|s| s.inode).collect();
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        let found = owners.resolve(&inodes, &sockets::owners_uids(&raw));
+        // The /proc scan runs without the lock, so a point check never waits behind a full scan.
+        let missing = self.lock_owners().missing(&inodes);
+        let scanned = (!missing.is_empty())
+            .then(|| procs::find_owners(&missing, &sockets::owners_uids(&raw)));
+        let mut owners = self.lock_owners();
+        if let Some(scanned) = scanned {
+            owners.learn(scanned);
+        }
+        let found = owners.owners(&inodes);
         if port.is_none() && protocol.is_none() {
             owners.retain(&inodes.iter().copied().collect::<HashSet<_>>());
         }

@@ -82,16 +82,22 @@ pub struct SocketOwners {
 }
 
 impl SocketOwners {
-    /// Owners of the given inodes; `uids` narrows the scan to processes of those users.
-    pub fn resolve(&mut self, inodes: &[u64], uids: &HashSet<u32>) -> HashMap<u64, ProcessInfo> {
-        let missing: HashSet<u64> = inodes
+    /// The inodes among `inodes` not looked for yet.
+    pub fn missing(&self, inodes: &[u64]) -> HashSet<u64> {
+        inodes
             .iter()
             .copied()
             .filter(|i| *i != 0 && !self.known.contains_key(i))
-            .collect();
-        if !missing.is_empty() {
-            self.scan(&missing, uids);
-        }
+            .collect()
+    }
+
+    /// Records what [`find_owners`] found.
+    pub fn learn(&mut self, found: HashMap<u64, Option<ProcessInfo>>) {
+        self.known.extend(found);
+    }
+
+    /// Owners of the given inodes, as far as they are known.
+    pub fn owners(&self, inodes: &[u64]) -> HashMap<u64, ProcessInfo> {
         inodes
             .iter()
             .filter_map(|i| Some((*i, self.known.get(i)?.clone()?)))
@@ -102,13 +108,22 @@ impl SocketOwners {
     pub fn retain(&mut self, live: &HashSet<u64>) {
         self.known.retain(|inode, _| live.contains(inode));
     }
+}
 
-    fn scan(&mut self, missing: &HashSet<u64>, uids: &HashSet<u32>) {
-        let Ok(processes) = procfs::process::all_processes() else {
-            return;
-        };
-        let mut found: HashMap<u64, u32> = HashMap::new();
+/// Scans `/proc/*/fd` for the processes holding the `missing` socket inodes (only processes of
+/// `uids` when it is not empty); every missing inode gets an entry, `None` when no owner was found.
+/// Stops as soon as every inode is found: `/proc` lists pids in ascending order, so the first
+/// process found for an inode is the lowest pid.
+pub fn find_owners(
+    missing: &HashSet<u64>,
+    uids: &HashSet<u32>,
+) -> HashMap<u64, Option<ProcessInfo>> {
+    let mut found: HashMap<u64, u32> = HashMap::new();
+    if let Ok(processes) = procfs::process::all_processes() {
         for process in processes.flatten() {
+            if found.len() == missing.len() {
+                break;
+            }
             if !uids.is_empty() && !process.uid().is_ok_and(|u| uids.contains(&u)) {
                 continue;
             }
@@ -116,18 +131,14 @@ impl SocketOwners {
             for fd in fds.flatten() {
                 if let FDTarget::Socket(inode) = fd.target {
                     if missing.contains(&inode) {
-                        let pid = process.pid as u32;
-                        found
-                            .entry(inode)
-                            .and_modify(|p| *p = (*p).min(pid))
-                            .or_insert(pid);
+                        found.entry(inode).or_insert(process.pid as u32);
                     }
                 }
             }
         }
-        for inode in missing {
-            let owner = found.get(inode).and_then(|pid| process_info(*pid));
-            self.known.insert(*inode, owner);
-        }
     }
+    missing
+        .iter()
+        .map(|inode| (*inode, found.get(inode).and_then(|pid| process_info(*pid))))
+        .collect()
 }

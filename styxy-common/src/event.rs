@@ -1,0 +1,124 @@
+//! The record the eBPF programs push through the ring buffer, one per bind or release.
+//!
+//! Fixed layout (`#[repr(C)]`, explicit padding, 88 bytes) so both sides read it the same way.
+//! The daemon checks [`BindEvent::SIZE`] against what the ring buffer hands it.
+
+/// `cgroup/bind4|6`: a bind was asked for (the requested address and port, before the kernel acts).
+pub const KIND_BIND_REQUEST: u8 = 1;
+/// `cgroup/post_bind4|6`: the socket is bound (the port actually bound, ephemeral included).
+pub const KIND_BOUND: u8 = 2;
+/// `cgroup/sock_release`: a bound socket is going away.
+pub const KIND_RELEASED: u8 = 3;
+
+/// Address families, as the kernel numbers them.
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// IP protocol numbers.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Length of the kernel's task comm.
+pub const COMM_LEN: usize = 16;
+
+/// One bind-related event from the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindEvent {
+    /// `bpf_ktime_get_ns()` when the program ran.
+    pub timestamp_ns: u64,
+    /// `bpf_get_socket_cookie()`: identifies the socket for its whole life.
+    pub cookie: u64,
+    /// The cgroup (v2) id of the task.
+    pub cgroup_id: u64,
+    /// Process id (kernel tgid).
+    pub tgid: u32,
+    /// Thread id (kernel pid).
+    pub tid: u32,
+    pub uid: u32,
+    /// One of `KIND_*`.
+    pub kind: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`] (0 when the kernel did not say).
+    pub protocol: u8,
+    pub _pad0: u8,
+    /// The port of the event, host byte order: bound port for [`KIND_BOUND`] and [`KIND_RELEASED`].
+    pub port: u16,
+    /// The port the program asked for, host byte order (0 when not known).
+    pub requested_port: u16,
+    pub _pad1: u32,
+    /// Local address: IPv4 in the first 4 bytes, or IPv6 (network byte order).
+    pub addr: [u8; 16],
+    /// The task's comm, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// Room for the kernel-side rewrite step (the port the kernel moved the bind to); 0 for now.
+    pub rewritten_port: u16,
+    pub _pad2: [u8; 6],
+}
+
+impl BindEvent {
+    pub const SIZE: usize = core::mem::size_of::<BindEvent>();
+
+    /// An all-zero record, for the eBPF side to fill in.
+    pub const fn zeroed() -> Self {
+        BindEvent {
+            timestamp_ns: 0,
+            cookie: 0,
+            cgroup_id: 0,
+            tgid: 0,
+            tid: 0,
+            uid: 0,
+            kind: 0,
+            family: 0,
+            protocol: 0,
+            _pad0: 0,
+            port: 0,
+            requested_port: 0,
+            _pad1: 0,
+            addr: [0; 16],
+            comm: [0; COMM_LEN],
+            rewritten_port: 0,
+            _pad2: [0; 6],
+        }
+    }
+
+    /// Read a record from ring-buffer bytes; `None` when the length is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::SIZE {
+            return None;
+        }
+        // SAFETY: the length matches, BindEvent is plain old data (every bit pattern is valid),
+        // and read_unaligned does not require the slice to be aligned.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<BindEvent>()) })
+    }
+
+    /// The comm up to its first NUL.
+    pub fn comm_bytes(&self) -> &[u8] {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        &self.comm[..end]
+    }
+}
+
+// The layout is part of the ABI with the kernel programs: fail the build if it drifts.
+const _: () = assert!(BindEvent::SIZE == 88);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_through_bytes() {
+        let mut event = BindEvent::zeroed();
+        event.kind = KIND_BOUND;
+        event.port = 6006;
+        event.tgid = 4121;
+        event.comm[..4].copy_from_slice(b"node");
+        // SAFETY: BindEvent is repr(C) plain data; viewing it as bytes is sound.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&event as *const BindEvent).cast::<u8>(), BindEvent::SIZE)
+        };
+        assert_eq!(BindEvent::from_bytes(bytes), Some(event));
+        assert_eq!(event.comm_bytes(), b"node");
+        assert_eq!(BindEvent::from_bytes(&bytes[1..]), None);
+    }
+}

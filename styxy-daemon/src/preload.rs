@@ -1,0 +1,150 @@
+//! Turning the bind() shim on: finding `libstyxy_preload.so`, `styxy run -- CMD…` and `styxy env`.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// File name of the shim.
+pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
+/// Overrides where the shim is looked for.
+pub const PRELOAD_ENV: &str = "STYXY_PRELOAD_LIB";
+
+/// Where the shim may be, in order: `$STYXY_PRELOAD_LIB`, next to the `styxy` binary (a cargo
+/// build), `<prefix>/lib/styxy/` for a binary in `<prefix>/bin/`, then the usual prefixes.
+pub fn candidates() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Some(path) = std::env::var_os(PRELOAD_ENV).filter(|v| !v.is_empty()) {
+        found.push(PathBuf::from(path));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        found.push(dir.join(PRELOAD_LIBRARY));
+        if let Some(prefix) = dir.parent() {
+            found.push(prefix.join("lib/styxy").join(PRELOAD_LIBRARY));
+        }
+    }
+    for prefix in ["/usr/local", "/usr"] {
+        found.push(Path::new(prefix).join("lib/styxy").join(PRELOAD_LIBRARY));
+    }
+    found
+}
+
+/// The shim's absolute path, or an error that lists where it was looked for and how to fix it.
+pub fn find_library() -> Result<PathBuf> {
+    let candidates = candidates();
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(std::fs::canonicalize(found).unwrap_or_else(|_| found.clone()));
+    }
+    let looked: Vec<String> = candidates
+        .iter()
+        .map(|p| format!("  {}", p.display()))
+        .collect();
+    bail!(
+        "{PRELOAD_LIBRARY} not found; looked in:\n{}\nBuild it with `cargo build --release` (or `cargo xtask build`), \
+         install it with `styxy install`, or point {PRELOAD_ENV} at it",
+        looked.join("\n")
+    )
+}
+
+/// `LD_PRELOAD` with the shim first, keeping what was there and never listing the shim twice.
+pub fn preload_value(library: &Path, existing: Option<&str>) -> String {
+    let library = library.to_string_lossy();
+    let mut entries = vec![library.to_string()];
+    for entry in existing
+        .unwrap_or("")
+        .split([':', ' '])
+        .filter(|e| !e.is_empty())
+    {
+        let is_shim =
+            entry == library || Path::new(entry).file_name() == Some(PRELOAD_LIBRARY.as_ref());
+        if !is_shim {
+            entries.push(entry.to_string());
+        }
+    }
+    entries.join(":")
+}
+
+/// `styxy run`: replace this process with `command`, the shim preloaded.
+pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) -> Result<()> {
+    let Some((program, args)) = command.split_first() else {
+        bail!("nothing to run: give a command, e.g. `styxy run -- npm run storybook`");
+    };
+    let library = find_library()?;
+    let existing = std::env::var("LD_PRELOAD").ok();
+    let mut child = std::process::Command::new(program);
+    child
+        .args(args)
+        .env("LD_PRELOAD", preload_value(&library, existing.as_deref()));
+    if let Some(instance) = instance {
+        child.env("STYXY_INSTANCE", instance);
+    }
+    if let Some(socket) = socket {
+        child.env(styxy_common::paths::SOCKET_ENV, socket);
+    }
+    let error = child.exec();
+    bail!(
+        "cannot run {}: {error}{}",
+        Path::new(program).display(),
+        if error.kind() == std::io::ErrorKind::NotFound {
+            " (is it installed and on PATH?)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Quote for a POSIX shell.
+pub fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// `styxy env`: the shell lines that turn the shim on, for `eval "$(styxy env)"`.
+pub fn env_lines(library: &Path, instance: Option<&str>, socket: Option<&Path>) -> String {
+    let mut out = format!(
+        "export LD_PRELOAD={}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\"\n",
+        shell_quote(&library.to_string_lossy())
+    );
+    if let Some(instance) = instance {
+        out += &format!("export STYXY_INSTANCE={}\n", shell_quote(instance));
+    }
+    if let Some(socket) = socket {
+        out += &format!(
+            "export {}={}\n",
+            styxy_common::paths::SOCKET_ENV,
+            shell_quote(&socket.to_string_lossy())
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shim_goes_first_once_and_keeps_the_rest() {
+        let lib = Path::new("/opt/styxy/lib/libstyxy_preload.so");
+        assert_eq!(
+            preload_value(lib, None),
+            "/opt/styxy/lib/libstyxy_preload.so"
+        );
+        assert_eq!(
+            preload_value(lib, Some("/usr/lib/libfoo.so other.so")),
+            "/opt/styxy/lib/libstyxy_preload.so:/usr/lib/libfoo.so:other.so"
+        );
+        // An older copy elsewhere is replaced, not doubled.
+        assert_eq!(
+            preload_value(lib, Some("/tmp/old/libstyxy_preload.so:/x.so")),
+            "/opt/styxy/lib/libstyxy_preload.so:/x.so"
+        );
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,326 @@
+//! The bind() shim end to end: real servers (python, node, a Rust probe) under `styxy run` or
+//! `LD_PRELOAD`, a real daemon, real sockets.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use styxy_tests::v1 as pb;
+use styxy_tests::{
+    helper_bin, http_get, http_server, notice_port, port_holder, shim_library, wait_for_listener,
+    Daemon, Spawned,
+};
+
+const NOTICE: &str = "✓ STYXY: Auto-assigned port ";
+
+/// `bound REQUESTED ACTUAL` lines of the bind probe, as (requested, actual).
+fn bound(line: &str) -> Option<(u16, u16)> {
+    let mut words = line.strip_prefix("bound ")?.split_whitespace();
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+fn probe(daemon: &Daemon, args: &[&str]) -> Command {
+    let mut command = Command::new(helper_bin("bind-probe"));
+    command
+        .args(args)
+        .env("LD_PRELOAD", shim_library())
+        .env("STYXY_SOCKET", &daemon.socket)
+        .env_remove("STYXY_NOTIFY")
+        .env_remove("STYXY_DISABLE");
+    command
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_server_on_a_held_port_starts_on_a_free_one_and_says_so() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 100; // in the test daemon's api range
+    let holder = http_server(asked)?;
+    let mut server = Spawned::start(
+        daemon
+            .shimmed(
+                "python3",
+                &[
+                    "-u",
+                    "-m",
+                    "http.server",
+                    &asked.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ],
+            )
+            .env_remove("STYXY_NOTIFY"),
+    )?;
+    let notice = server.line_where(20, |l| l.starts_with(NOTICE))?;
+    let moved = notice_port(&notice).context("port in the notice")?;
+    assert!(
+        moved != asked && (daemon.base + 100..=daemon.base + 199).contains(&moved),
+        "moved within the api range: {notice}"
+    );
+    assert!(
+        notice.ends_with(&format!("({asked} in use by api, pid {})", holder.pid())),
+        "{notice}"
+    );
+    server.has_line(20, |l| l.contains(&format!("port {moved}")))?;
+    wait_for_listener(moved)?;
+    assert!(http_get(moved)?.contains("200"), "the moved server serves");
+    assert!(http_get(asked)?.contains("200"), "the holder is untouched");
+
+    let audit = daemon
+        .client()
+        .await?
+        .list_audit(pb::ListAuditRequest {
+            since_ms: None,
+            limit: 10,
+        })
+        .await?
+        .into_inner();
+    assert!(
+        audit
+            .entries
+            .iter()
+            .any(|e| e.requested_port == u32::from(asked)
+                && e.assigned_port == u32::from(moved)
+                && e.pid == server.child.id()
+                && e.holder_pid == holder.pid()),
+        "audit has the move: {:?}",
+        audit.entries
+    );
+    Ok(())
+}
+
+const NODE_SERVERS: &str = r#"
+const http = require('http');
+const port = Number(process.argv[1]);
+const mode = process.argv[2];
+const serve = (name) => http.createServer((q, r) => r.end(name));
+if (mode === 'dual') {
+  const s = serve('dual').listen(port, '::', () => console.log(`listening ${s.address().port}`));
+} else {
+  const v4 = serve('v4').listen({ port, host: '0.0.0.0' }, () => {
+    const v6 = serve('v6').listen({ port, host: '::', ipv6Only: true }, () =>
+      console.log(`listening ${v4.address().port} ${v6.address().port}`));
+  });
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_servers_on_ipv6_and_on_both_families_move_together() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 110;
+    let _holder = http_server(asked)?;
+    let asked = asked.to_string();
+
+    // One dual-stack server on `::`.
+    let mut dual =
+        Spawned::start(&mut daemon.shimmed("node", &["-e", NODE_SERVERS, &asked, "dual"]))?;
+    let listening = dual.line_where(20, |l| l.starts_with("listening "))?;
+    let port: u16 = listening["listening ".len()..].parse()?;
+    assert_ne!(port.to_string(), asked);
+    assert!(http_get(port)?.contains("200"));
+    let mut v6 =
+        std::net::TcpStream::connect(("::1", port)).context("the move holds on ::1 too")?;
+    std::io::Write::write_all(&mut v6, b"GET / HTTP/1.0\r\n\r\n")?;
+
+    // One process with an IPv4 and an IPv6-only server on the same asked port: one new port for both.
+    let mut pair =
+        Spawned::start(&mut daemon.shimmed("node", &["-e", NODE_SERVERS, &asked, "pair"]))?;
+    let listening = pair.line_where(20, |l| l.starts_with("listening "))?;
+    let ports: Vec<&str> = listening.split_whitespace().skip(1).collect();
+    ensure!(ports.len() == 2, "{listening}");
+    assert_eq!(
+        ports[0], ports[1],
+        "IPv4 and IPv6 on the same new port: {listening}"
+    );
+    assert_ne!(ports[0], asked);
+    assert_ne!(ports[0], port.to_string(), "not the other node's port");
+    let notices = pair.seen.iter().filter(|l| l.starts_with(NOTICE)).count();
+    assert_eq!(notices, 1, "one line for one move: {:?}", pair.seen);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_servers_started_at_once_on_one_held_port_all_get_their_own() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 120;
+    let _holder = http_server(asked)?;
+    let mut servers = Vec::new();
+    for _ in 0..20 {
+        servers.push(Spawned::start(&mut daemon.shimmed(
+            "python3",
+            &[
+                "-u",
+                "-m",
+                "http.server",
+                &asked.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ],
+        ))?);
+    }
+    let mut ports = BTreeSet::new();
+    for server in &mut servers {
+        let notice = server.line_where(60, |l| l.starts_with(NOTICE))?;
+        let port = notice_port(&notice).context("port in notice")?;
+        server.has_line(30, |l| l.starts_with("Serving HTTP"))?;
+        ports.insert(port);
+    }
+    assert_eq!(ports.len(), 20, "twenty distinct ports: {ports:?}");
+    for &port in &ports {
+        assert!((daemon.base + 100..=daemon.base + 199).contains(&port));
+        assert!(http_get(port)?.contains("200"), "port {port} serves");
+    }
+    for server in &mut servers {
+        assert!(server.child.try_wait()?.is_none(), "none failed");
+    }
+    Ok(())
+}
+
+/// What a python bind of `port` prints, with or without the shim (and its environment).
+fn python_bind(port: u16, shim_env: Option<&[(&str, &str)]>) -> Result<String> {
+    let script = format!(
+        "import socket\ns = socket.socket()\ntry:\n    s.bind(('127.0.0.1', {port}))\n    \
+         print('bound', s.getsockname()[1])\nexcept OSError as e:\n    print('failed', e.errno, e.strerror)\n"
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &script]);
+    if let Some(env) = shim_env {
+        command
+            .env("LD_PRELOAD", shim_library())
+            .envs(env.iter().copied());
+    }
+    let out = command.output()?;
+    ensure!(out.status.success(), "python failed: {out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_string() + &String::from_utf8(out.stderr)?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_daemon_down_the_shim_changes_nothing() -> Result<()> {
+    // A port block of our own, with no daemon serving the socket.
+    let base = styxy_tests::port_block();
+    let held = base + 1;
+    let _holder = http_server(held)?;
+    let missing = std::env::temp_dir().join(format!("styxy-no-daemon-{}.sock", std::process::id()));
+    let stale = std::env::temp_dir().join(format!("styxy-stale-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&stale);
+    drop(std::os::unix::net::UnixListener::bind(&stale)?); // a socket file nobody listens on
+    for socket in [&missing, &stale] {
+        let env = [("STYXY_SOCKET", socket.to_str().context("utf-8 path")?)];
+        for port in [base + 2, held] {
+            let native = python_bind(port, None)?;
+            let shimmed = python_bind(port, Some(&env))?;
+            assert_eq!(shimmed, native, "port {port}, socket {}", socket.display());
+        }
+    }
+    assert!(
+        python_bind(held, None)?.starts_with("failed 98"),
+        "held really is held"
+    );
+    let _ = std::fs::remove_file(&stale);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reuseport_sockets_are_never_moved() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let port = daemon.base + 130;
+    // A first process holds the port with SO_REUSEPORT; a second joins it, also with SO_REUSEPORT.
+    let mut first = Spawned::start(&mut probe(&daemon, &["reuseport", &port.to_string()]))?;
+    let mut second = Spawned::start(&mut probe(&daemon, &["reuseport", &port.to_string()]))?;
+    for probe in [&mut first, &mut second] {
+        for _ in 0..2 {
+            let line =
+                probe.line_where(20, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+            assert_eq!(bound(&line), Some((port, port)), "{line}");
+        }
+    }
+    assert!(!second.seen.iter().any(|l| l.starts_with(NOTICE)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let held: Vec<u16> = (0..10).map(|i| daemon.base + 140 + i).collect();
+    let _holder = port_holder(&held)?;
+    let range = daemon.base + 100..=daemon.base + 199;
+
+    // Parent binds (and so starts its client thread), forks; the child binds another held port.
+    let mut forked = Spawned::start(&mut probe(
+        &daemon,
+        &["fork", &held[0].to_string(), &held[1].to_string(), "--exit"],
+    ))?;
+    let lines = forked.rest(30);
+    let moves: Vec<(u16, u16)> = lines.iter().filter_map(|l| bound(l)).collect();
+    assert_eq!(moves.len(), 2, "parent and child both bound: {lines:?}");
+    for (asked, got) in &moves {
+        assert!(asked != got && range.contains(got), "{lines:?}");
+    }
+    assert_ne!(moves[0].1, moves[1].1, "{lines:?}");
+
+    // Eight threads bind eight held ports at the same moment.
+    let ports: Vec<String> = held[2..].iter().map(u16::to_string).collect();
+    let mut args = vec!["threads"];
+    args.extend(ports.iter().map(String::as_str));
+    let mut threads = Spawned::start(&mut probe(&daemon, &args))?;
+    let mut got = BTreeSet::new();
+    for _ in 0..8 {
+        let line =
+            threads.line_where(30, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+        let (asked, port) = bound(&line).with_context(|| format!("a thread failed: {line}"))?;
+        assert!(asked != port && range.contains(&port), "{line}");
+        got.insert(port);
+    }
+    assert_eq!(got.len(), 8, "eight distinct ports: {got:?}");
+    for port in got {
+        wait_for_listener(port)?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokio_host_binding_inside_its_runtime_is_moved() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 160;
+    let _holder = port_holder(&[asked])?;
+    let mut host = Spawned::start(&mut probe(
+        &daemon,
+        &["tokio", &asked.to_string(), "--exit"],
+    ))?;
+    let line = host.line_where(20, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+    let (_, port) = bound(&line).with_context(|| format!("bind failed: {line}"))?;
+    assert_ne!(port, asked, "{:?}", host.rest(5));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grpc_client_loads_only_when_a_bind_needs_it() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut probe = Spawned::start(&mut probe(&daemon, &["loaded", "--exit"]))?;
+    let line = probe.line_where(20, |l| l.starts_with("preload "))?;
+    assert_eq!(line, "preload true client false");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn styxy_disable_and_port_zero_pass_straight_through() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 170;
+    let _holder = port_holder(&[held])?;
+    let socket = daemon.socket.to_str().context("utf-8 path")?;
+    let disabled = python_bind(
+        held,
+        Some(&[("STYXY_SOCKET", socket), ("STYXY_DISABLE", "1")]),
+    )?;
+    assert!(disabled.starts_with("failed 98"), "{disabled}");
+    let zero = python_bind(0, Some(&[("STYXY_SOCKET", socket)]))?;
+    assert!(zero.starts_with("bound "), "{zero}");
+    let quiet = python_bind(
+        held,
+        Some(&[("STYXY_SOCKET", socket), ("STYXY_NOTIFY", "off")]),
+    )?;
+    assert!(
+        quiet.starts_with("bound ") && !quiet.contains("STYXY"),
+        "{quiet}"
+    );
+    Ok(())
+}
