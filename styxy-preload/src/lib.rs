@@ -189,7 +189,9 @@ impl Bind {
     }
 
     fn managed(&self) -> Outcome {
-        if env_flag(c"STYXY_DISABLE") {
+        // Cheapest checks first: a daemon known to be down costs two loads and a clock read.
+        let failure = recent_failure();
+        if failure == Some(Failure::Down) || env_flag(c"STYXY_DISABLE") {
             return self.as_asked();
         }
         let Some(protocol) = socket_protocol(self.fd) else {
@@ -209,7 +211,7 @@ impl Bind {
             socket_path: getenv(c"STYXY_SOCKET"),
             instance_id: getenv(c"STYXY_INSTANCE"),
         };
-        match recent_failure() {
+        match failure {
             Some(Failure::Down) => return self.as_asked(),
             Some(Failure::Slow) => {}
             None => match ask(&query) {

@@ -46,7 +46,16 @@ fn main() -> Result<()> {
     match Args::parse().command {
         Task::Setup => setup(&root),
         Task::Run { args } => {
-            cargo(&["build", "--release", "-p", "styxy-daemon"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "styxy-daemon",
+                "-p",
+                "styxy-preload",
+                "-p",
+                "styxy-shim-client",
+            ])?;
             let styxy = root.join("target/release/styxy");
             run(Command::new(&styxy).arg("daemon").args(&args))
         }

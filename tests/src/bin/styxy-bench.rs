@@ -46,6 +46,11 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
+    // `styxy-bench [broker|shim]`: one part only; both by default.
+    let only = std::env::args().nth(1);
+    if only.as_deref() == Some("shim") {
+        return shim::run().await;
+    }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
     let mut results = Vec::new();
     for clients in [1, 32] {
@@ -67,7 +72,185 @@ async fn main() -> Result<()> {
             styxy.pct(0.5).as_secs_f64() / peer.pct(0.5).as_secs_f64()
         );
     }
-    Ok(())
+    // Where the time goes: the floor (a call that does no work) and the shim's one call, direct.
+    let daemon = Daemon::start().await?;
+    let floor = styxy_run(
+        &daemon,
+        1,
+        "floor: Status, 1 client".into(),
+        |mut c| async move {
+            c.status(pb::StatusRequest {}).await?;
+            Ok(())
+        },
+    )
+    .await?;
+    let free = daemon.base + 150;
+    let resolve = styxy_run(
+        &daemon,
+        1,
+        "ResolveBind (free port), 1 client".into(),
+        move |mut c| async move {
+            c.resolve_bind(pb::ResolveBindRequest {
+                pid: std::process::id(),
+                port: u32::from(free),
+                protocol: pb::Protocol::Tcp as i32,
+                family: pb::Family::Inet as i32,
+                reuseport: false,
+                instance_id: None,
+            })
+            .await?;
+            Ok(())
+        },
+    )
+    .await?;
+    println!();
+    floor.print();
+    resolve.print();
+    if only.as_deref() == Some("broker") {
+        return Ok(());
+    }
+    println!();
+    shim::run().await
+}
+
+/// The preload shim: the cost of `bind()` with and without it, and of merely loading it.
+mod shim {
+    use std::ffi::OsString;
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    use anyhow::{bail, Context, Result};
+    use styxy_tests::{helper_bin, port_holder, shim_library, Daemon};
+
+    const BINDS: usize = 2000;
+    const STARTS: usize = 400;
+
+    /// Nanosecond samples.
+    struct Samples(Vec<u64>);
+
+    impl Samples {
+        fn pct(&self, p: f64) -> f64 {
+            let mut sorted = self.0.clone();
+            sorted.sort_unstable();
+            sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+        }
+        fn mean(&self) -> f64 {
+            self.0.iter().sum::<u64>() as f64 / self.0.len() as f64 / 1000.0
+        }
+    }
+
+    /// `bind-timer PORT BINDS`, with the shim and `env` when given.
+    fn time_binds(port: u16, shim_env: Option<&[(&str, OsString)]>) -> Result<(usize, Samples)> {
+        let mut command = Command::new(helper_bin("bind-timer"));
+        command.args([port.to_string(), BINDS.to_string()]);
+        command.env_remove("LD_PRELOAD").env("STYXY_NOTIFY", "off");
+        if let Some(env) = shim_env {
+            command.env("LD_PRELOAD", shim_library());
+            command.envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let out = command.output().context("running bind-timer")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        if words.next() != Some("ok") {
+            bail!("bind-timer failed: {out:?}");
+        }
+        let failed = words.next().context("failed count")?.parse()?;
+        let samples = words.map(str::parse).collect::<Result<Vec<u64>, _>>()?;
+        Ok((failed, Samples(samples)))
+    }
+
+    fn time_starts(preload: bool) -> Result<Samples> {
+        let mut samples = Vec::with_capacity(STARTS);
+        for _ in 0..STARTS {
+            let mut command = Command::new("/bin/true");
+            command.env_remove("LD_PRELOAD").stdout(Stdio::null());
+            if preload {
+                command.env("LD_PRELOAD", shim_library());
+            }
+            let started = Instant::now();
+            let status = command.status()?;
+            samples.push(started.elapsed().as_nanos() as u64);
+            if !status.success() {
+                bail!("/bin/true failed under {command:?}");
+            }
+        }
+        Ok(Samples(samples))
+    }
+
+    fn row(label: &str, native: &Samples, shimmed: &Samples, note: &str) {
+        println!(
+            "{label:<34} native p50 {:>7.1} p99 {:>7.1} µs | shim p50 {:>7.1} p99 {:>7.1} µs | mean {:>5.2}×  {note}",
+            native.pct(0.5),
+            native.pct(0.99),
+            shimmed.pct(0.5),
+            shimmed.pct(0.99),
+            shimmed.mean() / native.mean(),
+        );
+    }
+
+    pub async fn run() -> Result<()> {
+        println!("Preload shim — {BINDS} timed bind() calls per case (after warm-up), {STARTS} process starts\n");
+        let daemon = Daemon::start().await?;
+        let socket: OsString = daemon.socket.clone().into();
+        let up = [("STYXY_SOCKET", socket)];
+        let missing: PathBuf = std::env::temp_dir().join("styxy-bench-no-daemon.sock");
+        let down = [("STYXY_SOCKET", OsString::from(missing))];
+        let free = daemon.base + 150;
+        let held = daemon.base + 160;
+        let _holder = port_holder(&[held])?;
+
+        let (_, native_zero) = time_binds(0, None)?;
+        let (_, shim_zero) = time_binds(0, Some(&up))?;
+        row(
+            "(a) port 0, pass-through",
+            &native_zero,
+            &shim_zero,
+            "target ≤ 1.1×",
+        );
+
+        let (_, native_free) = time_binds(free, None)?;
+        let (failed, shim_free) = time_binds(free, Some(&up))?;
+        row(
+            "(b) free port, daemon up",
+            &native_free,
+            &shim_free,
+            "target p50 ≤ 100 µs, p99 ≤ 500 µs",
+        );
+        if failed > 0 {
+            println!("    {failed} binds failed");
+        }
+
+        let (native_failed, native_held) = time_binds(held, None)?;
+        let (failed, shim_held) = time_binds(held, Some(&up))?;
+        row(
+            "(c) held port, moved",
+            &native_held,
+            &shim_held,
+            "target p50 ≤ 100 µs, p99 ≤ 500 µs",
+        );
+        println!(
+            "    native: {native_failed} of {BINDS} failed with EADDRINUSE; shim: {failed} failed"
+        );
+
+        let (_, shim_down) = time_binds(free, Some(&down))?;
+        row(
+            "(d) daemon down, free port",
+            &native_free,
+            &shim_down,
+            "target ≤ 2×",
+        );
+
+        let native_start = time_starts(false)?;
+        let shim_start = time_starts(true)?;
+        row(
+            "(e) /bin/true start-up",
+            &native_start,
+            &shim_start,
+            "target ≤ 1.2×",
+        );
+        Ok(())
+    }
 }
 
 /// Runs `per_client(client_index)` on `clients` concurrent tasks, each with its own connection, for OPS
