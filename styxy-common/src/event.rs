@@ -99,6 +99,30 @@ impl BindEvent {
     }
 }
 
+/// Value of the kernel side's `BOUND` map (key: socket cookie): what post_bind saw, so that
+/// sock_release, which may not read the port, can report it. The daemon also fills it in for
+/// sockets bound before it attached, so their release is reported too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundRecord {
+    /// Host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: u32,
+    /// As in [`BindEvent::addr`].
+    pub addr: [u8; 16],
+}
+
+/// Names of the kernel side's maps, shared so both sides agree.
+pub const EVENTS_MAP: &str = "EVENTS";
+pub const DROPPED_MAP: &str = "DROPPED";
+pub const BOUND_MAP: &str = "BOUND";
+
+/// Program names (the functions' names in the object) and what they attach to.
+pub const PROGRAMS_SOCK_ADDR: [&str; 2] = ["styxy_bind4", "styxy_bind6"];
+pub const PROGRAMS_SOCK: [&str; 3] = ["styxy_post_bind4", "styxy_post_bind6", "styxy_sock_release"];
+
 // The layout is part of the ABI with the kernel programs: fail the build if it drifts.
 const _: () = assert!(BindEvent::SIZE == 88);
 

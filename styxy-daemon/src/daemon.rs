@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -15,6 +17,7 @@ use tonic::transport::Server;
 
 use crate::broker::{Broker, LeaseSettings, ServiceRanges};
 use crate::engine::{Endpoints, Engine, ObserverStatus, AUDIT_KEEP};
+use crate::observe::ebpf;
 use crate::rpc::BrokerService;
 use crate::store::Store;
 use styxy_proto::v1::port_broker_server::PortBrokerServer;
@@ -41,6 +44,10 @@ pub struct DaemonOptions {
     pub observer: ObserverChoice,
     pub scan_interval: Duration,
     pub tcp_allow_writes: bool,
+    /// cgroup v2 directory the eBPF observer attaches to (default: the cgroup v2 root).
+    pub cgroup: Option<PathBuf>,
+    /// The eBPF object (default: looked up next to the binary and in the install prefix).
+    pub ebpf_object: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -65,9 +72,8 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let engine = Arc::new(Engine::new(broker, store.clone(), audit));
     engine.expire().await?;
 
-    // 3. What is bound already, then an observer to keep it current.
-    tokio::task::block_in_place(|| engine.resync())
-        .context("reading the kernel's socket tables")?;
+    // 3. An observer to keep the port table current, and what is bound already (read after an
+    //    eBPF observer attaches, so that no bind in between is missed).
     let (shutdown_tx, shutdown) = watch::channel(false);
     let observer = start_observer(&opts, engine.clone(), shutdown.clone())?;
     tracing::info!("observer: {} ({})", observer.kind, observer.reason);
@@ -193,31 +199,99 @@ fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Starts the chosen observer and says which one runs and why.
+/// Starts the chosen observer, takes the first reading of the socket tables, and says which
+/// observer runs and why.
 fn start_observer(
     opts: &DaemonOptions,
     engine: Arc<Engine>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<ObserverStatus> {
-    let ebpf_unavailable = "the eBPF observer is not part of this build yet";
-    match opts.observer {
-        ObserverChoice::Ebpf => {
-            bail!("--observer ebpf: {ebpf_unavailable}; use --observer sockets")
-        }
-        ObserverChoice::Auto | ObserverChoice::Sockets => {
-            tokio::spawn(scan_socket_tables(engine, opts.scan_interval, shutdown));
-            let reason = if opts.observer == ObserverChoice::Sockets {
-                "chosen with --observer sockets".to_string()
-            } else {
-                ebpf_unavailable.to_string()
-            };
-            Ok(ObserverStatus {
-                kind: "sockets-table",
+    let ebpf = match opts.observer {
+        ObserverChoice::Sockets => None,
+        ObserverChoice::Auto | ObserverChoice::Ebpf => Some(attach_ebpf(opts)),
+    };
+    let ebpf_error = match ebpf {
+        Some(Ok(mut attached)) => {
+            let reading = tokio::task::block_in_place(|| engine.resync_reading())
+                .context("reading the kernel's socket tables")?;
+            let seeded = attached.seed_bound(&reading);
+            let status = ObserverStatus {
+                kind: "ebpf",
                 reason: format!(
-                    "{reason}; reading socket tables every {} ms",
-                    opts.scan_interval.as_millis()
+                    "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables",
+                    attached.cgroup.display()
                 ),
-            })
+            };
+            // SAFETY: the descriptor is the ring buffer's map fd, owned by `attached`, which the
+            // AsyncFd owns in turn: it stays open and the same for the AsyncFd's whole life.
+            let events = unsafe { AsyncFd::register_with_interest(attached, Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("watching the eBPF ring buffer: {e}"))?;
+            tokio::spawn(read_ebpf_events(engine, events, shutdown));
+            return Ok(status);
+        }
+        Some(Err(e)) if opts.observer == ObserverChoice::Ebpf => {
+            return Err(e.context("--observer ebpf"));
+        }
+        Some(Err(e)) => Some(format!("eBPF unavailable: {e:#}")),
+        None => None,
+    };
+    tokio::task::block_in_place(|| engine.resync())
+        .context("reading the kernel's socket tables")?;
+    tokio::spawn(scan_socket_tables(engine, opts.scan_interval, shutdown));
+    let reason = ebpf_error.unwrap_or_else(|| "chosen with --observer sockets".to_string());
+    Ok(ObserverStatus {
+        kind: "sockets-table",
+        reason: format!(
+            "{reason}; reading socket tables every {} ms",
+            opts.scan_interval.as_millis()
+        ),
+    })
+}
+
+fn attach_ebpf(opts: &DaemonOptions) -> Result<ebpf::Attached> {
+    let object = ebpf::find_object(opts.ebpf_object.as_deref())?;
+    let cgroup = match &opts.cgroup {
+        Some(path) => path.clone(),
+        None => ebpf::cgroup2_root()?,
+    };
+    ebpf::attach(&object, &cgroup)
+}
+
+/// The eBPF observer's reader: wakes when the ring buffer has records (no polling), feeds them to
+/// the broker, and resyncs from the socket tables when the kernel side had to drop some.
+async fn read_ebpf_events(
+    engine: Arc<Engine>,
+    mut events: AsyncFd<ebpf::Attached>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut owners = ebpf::OwnerCache::default();
+    loop {
+        let mut guard = tokio::select! {
+            ready = events.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!("eBPF ring buffer: {e}; no more bind events");
+                    return;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let attached = guard.get_inner_mut();
+        let batch = attached.drain(&mut owners);
+        let lost = attached.newly_dropped();
+        guard.clear_ready();
+        owners.clear();
+        if !batch.is_empty() {
+            engine.apply_events(batch);
+        }
+        if lost > 0 {
+            tracing::warn!(
+                "{lost} eBPF record(s) lost (ring buffer full): resyncing from the socket tables"
+            );
+            engine.count_dropped(lost);
+            if let Err(e) = engine.resync() {
+                tracing::warn!("resync after lost records: {e}");
+            }
         }
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
 use crate::broker::{
-    AllocateRequest, AuditRecord, BindDecision, BindRequest, Broker, BrokerError, Caller, Effects,
-    Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
+    AllocateRequest, AuditRecord, BindDecision, BindRequest, BoundSocket, Broker, BrokerError,
+    Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
 };
 use crate::observe::procs::ProcFs;
 use crate::observe::KernelTables;
@@ -219,9 +219,14 @@ impl Engine {
 
     /// A full reading of the kernel's socket tables.
     pub fn resync(&self) -> std::io::Result<()> {
+        self.resync_reading().map(drop)
+    }
+
+    /// [`Engine::resync`], returning what the kernel showed.
+    pub fn resync_reading(&self) -> std::io::Result<Vec<BoundSocket>> {
         let reading = self.kernel.read(None, None)?;
-        self.commit_effects(|b| b.reconcile(Scope::All, reading, now_ms()));
-        Ok(())
+        self.commit_effects(|b| b.reconcile(Scope::All, reading.clone(), now_ms()));
+        Ok(reading)
     }
 
     pub fn count_dropped(&self, n: u64) {

@@ -80,6 +80,12 @@ struct DaemonArgs {
     /// Let TCP callers (who cannot be identified) make calls that change state, as the daemon's user.
     #[arg(long)]
     tcp_allow_writes: bool,
+    /// cgroup v2 directory the eBPF observer attaches to [default: the cgroup v2 root, i.e. the whole machine]
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The eBPF object [default: $STYXY_EBPF_OBJECT, next to this binary, or <prefix>/lib/styxy/styxy-ebpf.o]
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -134,6 +140,8 @@ async fn run(args: Args) -> Result<()> {
                 observer: d.observer,
                 scan_interval: Duration::from_millis(d.scan_interval_ms),
                 tcp_allow_writes: d.tcp_allow_writes,
+                cgroup: d.cgroup,
+                ebpf_object: d.ebpf_object,
             })
             .await
         }

@@ -68,6 +68,7 @@ pub fn is_root() -> bool {
 /// the next block, which this daemon also owns).
 pub struct Daemon {
     child: Child,
+    extra_args: Vec<String>,
     pub dir: PathBuf,
     pub socket: PathBuf,
     state_dir: PathBuf,
@@ -77,6 +78,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start() -> Result<Daemon> {
+        Daemon::start_with(&[]).await
+    }
+
+    /// A daemon with extra `styxy daemon` arguments (e.g. `--observer ebpf --cgroup DIR`).
+    pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         let base = port_block();
         let _second_block = port_block();
         let dir = std::env::temp_dir().join(format!("styxy-test-{}-{base}", std::process::id()));
@@ -99,9 +106,10 @@ impl Daemon {
         )?;
         let socket = dir.join("styxy.sock");
         let state_dir = dir.join("state");
-        let (child, tcp) = launch(&dir, &socket, &state_dir).await?;
+        let (child, tcp) = launch(&dir, &socket, &state_dir, &extra_args).await?;
         Ok(Daemon {
             child,
+            extra_args,
             dir,
             socket,
             state_dir,
@@ -122,11 +130,19 @@ impl Daemon {
         connect(&Target::Tcp(self.tcp.clone())).await
     }
 
+    /// `kill -9`, and wait until it is gone.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// `kill -9`, then start again on the same state dir and socket.
     pub async fn kill9_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        let (child, tcp) = launch(&self.dir, &self.socket, &self.state_dir).await?;
+        let (child, tcp) =
+            launch(&self.dir, &self.socket, &self.state_dir, &self.extra_args).await?;
         self.child = child;
         self.tcp = tcp;
         Ok(())
@@ -159,7 +175,12 @@ fn read_log(dir: &Path) -> String {
 
 /// Starts the daemon of a test dir and waits until it answers `Status`; returns it and its TCP address.
 /// A daemon that does not come up is killed, and the error carries its log.
-async fn launch(dir: &Path, socket: &Path, state_dir: &Path) -> Result<(Child, String)> {
+async fn launch(
+    dir: &Path,
+    socket: &Path,
+    state_dir: &Path,
+    extra_args: &[String],
+) -> Result<(Child, String)> {
     let log = std::fs::File::create(dir.join("daemon.log"))?;
     let mut child = Command::new(styxy_bin())
         .arg("daemon")
@@ -170,6 +191,14 @@ async fn launch(dir: &Path, socket: &Path, state_dir: &Path) -> Result<(Child, S
         .arg("--config")
         .arg(dir.join("config.toml"))
         .args(["--listen", "127.0.0.1:0", "--scan-interval-ms", "100"])
+        // The socket tables unless a test asks for another observer: `auto` would attach eBPF to
+        // the root cgroup (as root), and every test daemon would see every other test's binds.
+        .args(if extra_args.iter().any(|a| a == "--observer") {
+            &[][..]
+        } else {
+            &["--observer", "sockets"][..]
+        })
+        .args(extra_args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -435,5 +464,122 @@ impl Daemon {
             .args(["run", "--", program])
             .args(args);
         command
+    }
+}
+
+/// The next event from a Watch stream that `wanted` accepts, within 15 s.
+pub async fn next_event(
+    events: &mut tonic::Streaming<pb::PortEvent>,
+    wanted: impl Fn(&pb::PortEvent) -> bool,
+) -> Result<pb::PortEvent> {
+    use tokio_stream::StreamExt;
+    let found = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(event) = events.next().await {
+            let event = event?;
+            if wanted(&event) {
+                return Ok(event);
+            }
+        }
+        bail!("the event stream ended")
+    })
+    .await
+    .context("no such event within 15 s")??;
+    Ok(found)
+}
+
+/// What the eBPF tests need: root, a cgroup v2 mount and the built object. `None` (after printing
+/// why) when something is missing outside CI; in CI (`CI` set) a missing piece fails the test.
+pub fn ebpf_ready() -> Option<EbpfSetup> {
+    let object = std::env::var_os("STYXY_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            bin_dir()
+                .parent()
+                .map_or_else(PathBuf::new, Path::to_path_buf)
+                .join("styxy-ebpf.o")
+        });
+    let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|mounts| {
+            mounts
+                .lines()
+                .find(|l| {
+                    l.split(" - ")
+                        .nth(1)
+                        .is_some_and(|fs| fs.starts_with("cgroup2 "))
+                })
+                .and_then(|l| l.split(' ').nth(4).map(PathBuf::from))
+        });
+    let missing = if !is_root() {
+        Some("not root".to_string())
+    } else if cgroup_root.is_none() {
+        Some("no cgroup v2 mount".to_string())
+    } else if !object.is_file() {
+        Some(format!(
+            "{} missing (cargo xtask build-ebpf)",
+            object.display()
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the eBPF tests must run in CI, but: {why}"
+        );
+        eprintln!("SKIP: eBPF test: {why}");
+        return None;
+    }
+    Some(EbpfSetup {
+        object,
+        cgroup_root: cgroup_root?,
+    })
+}
+
+pub struct EbpfSetup {
+    pub object: PathBuf,
+    pub cgroup_root: PathBuf,
+}
+
+/// A fresh child cgroup, removed (once empty) when dropped.
+pub struct ChildCgroup {
+    pub path: PathBuf,
+}
+
+impl ChildCgroup {
+    pub fn create(root: &Path) -> Result<ChildCgroup> {
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let path = root.join(format!(
+            "styxy-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(ChildCgroup { path })
+    }
+
+    /// `sh -c 'echo $$ > cgroup.procs; exec PROGRAM ARGS…'`: the program runs inside this cgroup.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&self.path)
+            .arg(program)
+            .args(args);
+        command
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        // The processes were killed by their owners' Drop; the kernel needs a moment to let go.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -3,11 +3,9 @@
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use styxy_tests::v1 as pb;
-use styxy_tests::{eventually, http_server, is_root, Daemon};
-use tokio_stream::StreamExt;
+use styxy_tests::{eventually, http_server, is_root, next_event, Daemon};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -180,23 +178,6 @@ async fn watch_streams_a_bind_and_a_release() -> anyhow::Result<()> {
     .await?;
     assert_eq!(released.pid, pid);
     Ok(())
-}
-
-async fn next_event(
-    events: &mut tonic::Streaming<pb::PortEvent>,
-    wanted: impl Fn(&pb::PortEvent) -> bool,
-) -> anyhow::Result<pb::PortEvent> {
-    let found = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(event) = events.next().await {
-            let event = event?;
-            if wanted(&event) {
-                return Ok(event);
-            }
-        }
-        anyhow::bail!("the event stream ended")
-    })
-    .await??;
-    Ok(found)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's build, run, test and benchmark entry points.
 //!
 //! - `setup`: install what a fresh machine lacks (scripts/setup.sh);
+//! - `build-ebpf`: build the kernel programs (styxy-ebpf) into `target/styxy-ebpf.o`;
 //! - `run`: build in release mode and run the daemon in the foreground;
 //! - `test`: build every binary the end-to-end tests start, then run the whole test suite;
 //! - `bench`: build in release mode and run the side-by-side benchmarks.
@@ -22,6 +23,12 @@ struct Args {
 enum Task {
     /// Install what a fresh machine lacks (idempotent).
     Setup,
+    /// Build the eBPF programs into target/styxy-ebpf.o (the daemon finds them there).
+    BuildEbpf {
+        /// Release profile (both profiles are optimised; release keeps debug info for the verifier's messages).
+        #[arg(long)]
+        release: bool,
+    },
     /// Build (release) and run the daemon in the foreground; extra arguments go to `styxy daemon`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,7 +52,11 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match Args::parse().command {
         Task::Setup => setup(&root),
+        Task::BuildEbpf { release } => build_ebpf(&root, release),
         Task::Run { args } => {
+            if let Err(e) = build_ebpf(&root, true) {
+                eprintln!("xtask: {e:#}\nxtask: continuing without eBPF: the daemon will read the socket tables");
+            }
             cargo(&[
                 "build",
                 "--release",
@@ -61,6 +72,12 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup(&root)?;
+            match build_ebpf(&root, true) {
+                Ok(()) => {}
+                // CI must run the eBPF tests, never skip them.
+                Err(e) if std::env::var_os("CI").is_some() => return Err(e),
+                Err(e) => eprintln!("xtask: {e:#}\nxtask: the eBPF tests will say SKIP"),
+            }
             cargo(&["build", "--workspace"])?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
@@ -79,6 +96,78 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Debian's compiler, which ships the library source that `-Z build-std=core` needs.
+const EBPF_RUSTC: &str = "/usr/bin/rustc";
+const EBPF_CARGO: &str = "/usr/bin/cargo";
+const EBPF_LIBRARY_SOURCE: &str = "/usr/lib/rustlib/src/rust/library/core";
+
+/// What the eBPF build needs and this machine lacks, with how to get it.
+fn missing_ebpf_tools() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !Path::new(EBPF_RUSTC).exists() || !Path::new(EBPF_CARGO).exists() {
+        missing.push(format!(
+            "{EBPF_RUSTC} and {EBPF_CARGO} (apt-get install rustc-web cargo-web)"
+        ));
+    }
+    if !Path::new(EBPF_LIBRARY_SOURCE).exists() {
+        missing.push(format!(
+            "the Rust library source in {EBPF_LIBRARY_SOURCE} (apt-get install rust-web-src)"
+        ));
+    }
+    let linker_found = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !linker_found {
+        missing.push(
+            "bpf-linker on PATH (LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 \
+             --no-default-features --features llvm-22, after apt-get install llvm-22-dev)"
+                .into(),
+        );
+    }
+    missing
+}
+
+fn build_ebpf(root: &Path, release: bool) -> Result<()> {
+    let missing = missing_ebpf_tools();
+    if !missing.is_empty() {
+        bail!(
+            "cannot build the eBPF programs; missing:\n  - {}\nInstall them all with `cargo xtask setup` (as root)",
+            missing.join("\n  - ")
+        );
+    }
+    let target_dir = root.join("target/ebpf");
+    let mut build = Command::new(EBPF_CARGO);
+    build
+        .current_dir(root.join("styxy-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTC", EBPF_RUSTC)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "build",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = target_dir
+        .join("bpfel-unknown-none")
+        .join(profile)
+        .join("styxy-ebpf");
+    let object = root.join("target/styxy-ebpf.o");
+    std::fs::copy(&built, &object)
+        .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
+    println!("xtask: eBPF object at {}", object.display());
+    Ok(())
 }
 
 fn setup(root: &Path) -> Result<()> {

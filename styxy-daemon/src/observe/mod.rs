@@ -6,6 +6,7 @@
 //! - [`run_scanner`] is the sockets-table observer: a full reading at a fixed interval, reconciled into the
 //!   broker, which turns differences into bind and release notices.
 
+pub mod ebpf;
 pub mod procs;
 pub mod sockets;
 

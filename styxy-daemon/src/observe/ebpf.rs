@@ -1,0 +1,324 @@
+//! The eBPF observer: loads the `styxy-ebpf` object, attaches its programs to a cgroup v2
+//! directory, and turns the ring buffer's records into [`PortEvent`]s for the broker.
+//!
+//! Links are plain file descriptors (`bpf_link_create`), never pinned: they detach when the daemon
+//! exits, `kill -9` included, so nothing is left attached behind it and no bpffs is needed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
+use aya::Ebpf;
+use styxy_common::event::{
+    BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, DROPPED_MAP, EVENTS_MAP, IPPROTO_TCP,
+    IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+};
+
+use crate::broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
+use crate::observe::procs;
+
+/// File name of the eBPF object.
+pub const OBJECT_NAME: &str = "styxy-ebpf.o";
+/// Overrides where the object is looked for.
+pub const OBJECT_ENV: &str = "STYXY_EBPF_OBJECT";
+
+/// Where the object may be, in order: `$STYXY_EBPF_OBJECT`, next to the binary, the cargo target
+/// directory above it (`cargo xtask build-ebpf` puts it in `target/`), `<prefix>/lib/styxy/`.
+pub fn object_candidates() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Some(path) = std::env::var_os(OBJECT_ENV).filter(|v| !v.is_empty()) {
+        found.push(PathBuf::from(path));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        found.push(dir.join(OBJECT_NAME));
+        if let Some(parent) = dir.parent() {
+            found.push(parent.join(OBJECT_NAME));
+            found.push(parent.join("lib/styxy").join(OBJECT_NAME));
+        }
+    }
+    for prefix in ["/usr/local", "/usr"] {
+        found.push(Path::new(prefix).join("lib/styxy").join(OBJECT_NAME));
+    }
+    found
+}
+
+/// The object to load, or why there is none.
+pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        bail!("--ebpf-object {}: no such file", path.display());
+    }
+    let candidates = object_candidates();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no eBPF object ({OBJECT_NAME}) in {}; build it with `cargo xtask build-ebpf`",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on a unified layout, `/sys/fs/cgroup/unified` on
+/// a hybrid one; read from this process's mount table.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .context("reading /proc/self/mountinfo")?;
+    mounts
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+        .context("no cgroup v2 mount found (mount one with `mount -t cgroup2 none /sys/fs/cgroup`)")
+}
+
+/// The loaded, attached programs and the maps the daemon reads.
+pub struct Attached {
+    /// Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    dropped: PerCpuArray<MapData, u64>,
+    bound: BpfHashMap<MapData, u64, BoundValue>,
+    pub cgroup: PathBuf,
+    dropped_seen: u64,
+}
+
+impl std::os::fd::AsRawFd for Attached {
+    /// The ring buffer's descriptor: readable when records wait.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
+    }
+}
+
+/// [`BoundRecord`] as a map value.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct BoundValue(BoundRecord);
+
+// SAFETY: BoundRecord is repr(C) plain data with explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for BoundValue {}
+
+/// Loads `object` and attaches every program to the cgroup directory `cgroup`.
+///
+/// The attach mode is `Single` because these are links (kernel ≥ 5.7): link_create takes no
+/// flags, and cgroup links always coexist with other programs, as `AllowMultiple` would.
+pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the eBPF observer needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)");
+    }
+    raise_memlock_limit();
+    let cgroup_dir = std::fs::File::open(cgroup)
+        .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
+    let mut ebpf = Ebpf::load_file(object)
+        .with_context(|| format!("loading eBPF object {}", object.display()))?;
+    for name in PROGRAMS_SOCK_ADDR {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from {}", object.display()))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        program
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    }
+    for name in PROGRAMS_SOCK {
+        let program: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from {}", object.display()))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        program
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    }
+    let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?)?;
+    let dropped =
+        PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
+    let bound = BpfHashMap::try_from(ebpf.take_map(BOUND_MAP).context("BOUND map missing")?)?;
+    Ok(Attached {
+        _ebpf: ebpf,
+        events,
+        dropped,
+        bound,
+        cgroup: cgroup.to_path_buf(),
+        dropped_seen: 0,
+    })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it (harmless on newer ones).
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failure only matters on old kernels and shows at load time.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+impl Attached {
+    /// Tell the kernel side about sockets bound before it attached, so their release is reported.
+    pub fn seed_bound(&mut self, sockets: &[BoundSocket]) -> usize {
+        let mut seeded = 0;
+        for socket in sockets.iter().filter(|s| s.cookie != 0) {
+            let record = BoundRecord {
+                port: socket.port,
+                family: match socket.family {
+                    Family::Inet => AF_INET,
+                    Family::Inet6 => AF_INET6,
+                },
+                protocol: match socket.protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    Protocol::Udp => IPPROTO_UDP,
+                },
+                _pad: 0,
+                addr: address_bytes(socket.address),
+            };
+            if self
+                .bound
+                .insert(socket.cookie, BoundValue(record), 0)
+                .is_ok()
+            {
+                seeded += 1;
+            }
+        }
+        seeded
+    }
+
+    /// Records lost since the last call (the ring buffer was full).
+    pub fn newly_dropped(&mut self) -> u64 {
+        let total: u64 = self
+            .dropped
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(self.dropped_seen);
+        let new = total.saturating_sub(self.dropped_seen);
+        self.dropped_seen = total;
+        new
+    }
+
+    /// Every record waiting in the ring buffer, as broker events.
+    pub fn drain(&mut self, owners: &mut OwnerCache) -> Vec<PortEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(event) = BindEvent::from_bytes(&item).and_then(|e| port_event(&e, owners)) {
+                out.push(event);
+            }
+        }
+        out
+    }
+}
+
+fn address_bytes(address: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match address {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+    }
+    out
+}
+
+/// Process details by pid for one drain: a burst of binds from one process reads `/proc` once.
+#[derive(Default)]
+pub struct OwnerCache {
+    by_pid: HashMap<u32, Option<ProcessInfo>>,
+}
+
+impl OwnerCache {
+    fn owner(&mut self, event: &BindEvent) -> Option<ProcessInfo> {
+        self.by_pid
+            .entry(event.tgid)
+            .or_insert_with(|| procs::process_info(event.tgid))
+            .clone()
+    }
+
+    pub fn clear(&mut self) {
+        self.by_pid.clear();
+    }
+}
+
+/// A kernel record as a broker event; `None` for what the broker does not track.
+pub fn port_event(event: &BindEvent, owners: &mut OwnerCache) -> Option<PortEvent> {
+    match event.kind {
+        KIND_RELEASED => Some(PortEvent::Released {
+            cookie: event.cookie,
+        }),
+        KIND_BOUND => {
+            let protocol = match event.protocol {
+                IPPROTO_TCP => Protocol::Tcp,
+                IPPROTO_UDP => Protocol::Udp,
+                _ => return None,
+            };
+            let (family, address) = match event.family {
+                AF_INET => {
+                    let mut v4 = [0u8; 4];
+                    v4.copy_from_slice(&event.addr[..4]);
+                    (Family::Inet, IpAddr::V4(Ipv4Addr::from(v4)))
+                }
+                AF_INET6 => (Family::Inet6, IpAddr::V6(Ipv6Addr::from(event.addr))),
+                _ => return None,
+            };
+            Some(PortEvent::Bound(BoundSocket {
+                cookie: event.cookie,
+                protocol,
+                family,
+                address,
+                port: event.port,
+                uid: event.uid,
+                owner: owners.owner(event),
+                since_ms: crate::engine::now_ms(),
+            }))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_records_become_broker_events() {
+        let mut record = BindEvent::zeroed();
+        record.kind = KIND_BOUND;
+        record.family = AF_INET6;
+        record.protocol = IPPROTO_UDP;
+        record.port = 5353;
+        record.cookie = 42;
+        record.tgid = u32::MAX; // no such process: no owner
+        record.addr[15] = 1; // ::1
+        let mut owners = OwnerCache::default();
+        let Some(PortEvent::Bound(socket)) = port_event(&record, &mut owners) else {
+            panic!("a bound record gives a Bound event");
+        };
+        assert_eq!(
+            (socket.port, socket.protocol, socket.family, socket.cookie),
+            (5353, Protocol::Udp, Family::Inet6, 42)
+        );
+        assert_eq!(socket.address, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert!(socket.owner.is_none());
+
+        record.kind = KIND_RELEASED;
+        assert_eq!(
+            port_event(&record, &mut owners),
+            Some(PortEvent::Released { cookie: 42 })
+        );
+        record.kind = KIND_BOUND;
+        record.protocol = 132; // SCTP: not tracked
+        assert_eq!(port_event(&record, &mut owners), None);
+    }
+}

@@ -1,0 +1,284 @@
+//! The eBPF observer end to end: the real daemon attached to a fresh child cgroup, real processes
+//! binding inside and outside it. Needs root, cgroup v2 and `cargo xtask build-ebpf`: each test
+//! says SKIP when one is missing, and fails instead in CI.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use styxy_tests::v1 as pb;
+use styxy_tests::{ebpf_ready, next_event, port_holder, ChildCgroup, Daemon, EbpfSetup, Spawned};
+
+async fn ebpf_daemon(setup: &EbpfSetup, cgroup: &ChildCgroup) -> Result<Daemon> {
+    let object = setup.object.to_str().context("utf-8 path")?;
+    let cgroup = cgroup.path.to_str().context("utf-8 path")?;
+    let daemon = Daemon::start_with(&[
+        "--observer",
+        "ebpf",
+        "--cgroup",
+        cgroup,
+        "--ebpf-object",
+        object,
+    ])
+    .await?;
+    let status = daemon
+        .client()
+        .await?
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner();
+    ensure!(status.observer == "ebpf", "observer: {status:?}");
+    Ok(daemon)
+}
+
+/// A python process that binds what it is told and prints `PROTO FAMILY PORT` for each, then waits
+/// for stdin to close.
+const BINDER: &str = r#"
+import socket, sys
+kinds = {'tcp': socket.SOCK_STREAM, 'udp': socket.SOCK_DGRAM}
+keep = []
+for spec in sys.argv[1:]:
+    proto, family, port = spec.split(':')
+    fam = socket.AF_INET6 if family == '6' else socket.AF_INET
+    s = socket.socket(fam, kinds[proto])
+    s.bind(('::1' if family == '6' else '127.0.0.1', int(port)))
+    if proto == 'tcp':
+        s.listen(4)
+    keep.append(s)
+    print(proto, family, s.getsockname()[1], flush=True)
+sys.stdin.read()
+"#;
+
+fn is_kind(e: &pb::PortEvent, kind: pb::EventKind, port: u32, protocol: pb::Protocol) -> bool {
+    e.kind == kind as i32 && e.port == port && e.protocol == protocol as i32
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binds_in_the_cgroup_stream_as_bound_and_released_with_pid_comm_and_port() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let mut events = daemon
+        .client()
+        .await?
+        .watch(pb::WatchRequest {})
+        .await?
+        .into_inner();
+
+    // Outside the cgroup first: it must produce nothing.
+    let outside_port = daemon.base + 40;
+    let _outside = port_holder(&[outside_port])?;
+
+    let (tcp, udp, v6) = (daemon.base + 41, daemon.base + 42, daemon.base + 43);
+    let specs = [
+        format!("tcp:4:{tcp}"),
+        format!("udp:4:{udp}"),
+        format!("tcp:6:{v6}"),
+        "tcp:4:0".to_string(),
+    ];
+    let mut args = vec!["-c", BINDER];
+    args.extend(specs.iter().map(String::as_str));
+    let mut inside = Spawned::start(&mut cgroup.command("python3", &args))?;
+    let mut ephemeral = 0u32;
+    for _ in 0..specs.len() {
+        let line = inside.line_where(20, |l| l.split_whitespace().count() == 3)?;
+        let port: u32 = line.split_whitespace().nth(2).context("port")?.parse()?;
+        if !line.starts_with("udp") && ![tcp, v6].map(u32::from).contains(&port) {
+            ephemeral = port;
+        }
+    }
+    ensure!(
+        ephemeral != 0,
+        "the port-0 bind reported its port: {:?}",
+        inside.seen
+    );
+    let pid = inside.child.id();
+
+    let mut seen = HashMap::new();
+    for (port, protocol, family) in [
+        (u32::from(tcp), pb::Protocol::Tcp, pb::Family::Inet),
+        (u32::from(udp), pb::Protocol::Udp, pb::Family::Inet),
+        (u32::from(v6), pb::Protocol::Tcp, pb::Family::Inet6),
+        (ephemeral, pb::Protocol::Tcp, pb::Family::Inet),
+    ] {
+        let event = next_event(&mut events, |e| {
+            is_kind(e, pb::EventKind::Bound, port, protocol) || e.port == u32::from(outside_port)
+        })
+        .await
+        .with_context(|| format!("Bound {port}/{protocol:?}"))?;
+        assert_ne!(
+            event.port,
+            u32::from(outside_port),
+            "a bind outside the cgroup was reported"
+        );
+        assert_eq!(event.pid, pid, "{event:?}");
+        assert_eq!(event.comm, "python3", "{event:?}");
+        assert_eq!(event.family, family as i32, "{event:?}");
+        seen.insert(port, event);
+    }
+
+    drop(inside); // kill: the kernel releases every socket
+    let mut waiting: Vec<u32> = seen.keys().copied().collect();
+    while !waiting.is_empty() {
+        let released = next_event(&mut events, |e| {
+            e.kind == pb::EventKind::Released as i32 && waiting.contains(&e.port)
+        })
+        .await
+        .with_context(|| format!("Released events for {waiting:?}"))?;
+        assert_eq!(released.pid, pid);
+        waiting.retain(|p| *p != released.port);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_reports_a_holder_seen_only_through_ebpf() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let mut client = daemon.client().await?;
+    let mut events = client.watch(pb::WatchRequest {}).await?.into_inner();
+    let port = daemon.base + 101; // the test daemon's api range
+    let _server = Spawned::start(&mut cgroup.command(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    ))?;
+    // The eBPF observer is the only thing that reads binds here (no socket-table scans).
+    let bound = next_event(&mut events, |e| {
+        is_kind(e, pb::EventKind::Bound, u32::from(port), pb::Protocol::Tcp)
+    })
+    .await?;
+    let observed = client
+        .observe(pb::ObserveRequest {
+            port: u32::from(port),
+            protocol: 0,
+        })
+        .await?
+        .into_inner();
+    ensure!(observed.bound, "{observed:?}");
+    let holder = observed.holders.first().context("a holder")?;
+    assert_eq!(holder.pid, bound.pid);
+    assert_eq!(holder.service_type, "api");
+    assert!(holder.cmdline.contains("http.server"), "{holder:?}");
+    Ok(())
+}
+
+fn attached_programs(cgroup: &ChildCgroup) -> Result<String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .context("running bpftool (apt-get install bpftool)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_stays_attached_after_kill_9() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let mut daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let attached = attached_programs(&cgroup)?;
+    for program in [
+        "cgroup_inet4_bind",
+        "cgroup_inet6_bind",
+        "cgroup_inet4_post_bind",
+        "cgroup_inet6_post_bind",
+        "cgroup_inet_sock_release",
+    ] {
+        assert!(attached.contains(program), "{program} attached: {attached}");
+    }
+    daemon.kill9()?;
+    let mut left = attached_programs(&cgroup)?;
+    for _ in 0..50 {
+        if !left.contains("styxy") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = attached_programs(&cgroup)?;
+    }
+    assert!(
+        !left.contains("styxy"),
+        "still attached after kill -9: {left}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
+    // Without the object: works anywhere.
+    let daemon = Daemon::start_with(&[
+        "--observer",
+        "auto",
+        "--ebpf-object",
+        "/nonexistent/styxy-ebpf.o",
+    ])
+    .await?;
+    let status = daemon
+        .client()
+        .await?
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(status.observer, "sockets-table");
+    assert!(
+        status.observer_reason.contains("eBPF unavailable")
+            && status.observer_reason.contains("/nonexistent/styxy-ebpf.o"),
+        "{}",
+        status.observer_reason
+    );
+
+    // Without privileges: the daemon as uid 65534.
+    if !styxy_tests::is_root() {
+        eprintln!("SKIP: the unprivileged fallback case needs root to switch to uid 65534");
+        return Ok(());
+    }
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let dir = std::env::temp_dir().join(format!("styxy-nobody-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let socket = dir.join("styxy.sock");
+    let mut nobody = Spawned::start(std::os::unix::process::CommandExt::uid(
+        Command::new(styxy_tests::styxy_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--listen", "none", "--observer", "auto", "--ebpf-object"])
+            .arg(&setup.object),
+        65534,
+    ))?;
+    nobody.line_where(20, |l| l.contains("listening on"))?;
+    let mut client = styxy::client::connect(&styxy::client::Target::Unix(socket)).await?;
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    assert_eq!(status.observer, "sockets-table");
+    assert!(
+        status.observer_reason.contains("needs root"),
+        "{}",
+        status.observer_reason
+    );
+    drop(nobody);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
