@@ -17,6 +17,18 @@ fi
 command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after pip install"; exit 1; }
 log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker"
 
+# Tools the end-to-end tests run: systemd-analyze (unit check) and node (a real server).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  tools=()
+  command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
+  command -v node >/dev/null 2>&1 || tools+=(nodejs)
+  if [ ${#tools[@]} -gt 0 ]; then
+    log "apt-get install ${tools[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+  fi
+fi
+
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are
 # no_std Rust for bpfel-unknown-none, built with -Z build-std=core, which needs the Rust library
 # source: Debian's rustc-web ships it (rust-web-src); rustup here cannot download rust-src. bpf-linker

@@ -139,16 +139,23 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         ));
     }
     tracing::info!("listening on {}", opts.socket.display());
-    notify_ready();
+    // Handle SIGTERM before telling systemd we are ready: a stop right after start is clean too.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let observer = engine.status().observer;
+    notify_systemd(&format!(
+        "READY=1\nSTATUS=serving on {}; observer {}",
+        opts.socket.display(),
+        observer.kind
+    ));
 
     // 5. Until a signal, or a server failing.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let failure = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         _ = sigterm.recv() => None,
         Some(result) = servers.join_next() => Some(result),
     };
     tracing::info!("shutting down");
+    notify_systemd("STOPPING=1");
     let _ = shutdown_tx.send(true);
     while servers.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&opts.socket);
@@ -332,8 +339,9 @@ async fn sweep_leases(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
-/// Tells systemd (`Type=notify`) the daemon is ready, when it runs under systemd.
-fn notify_ready() {
+/// Sends `state` (e.g. `READY=1`) to systemd's notification socket, when running under systemd
+/// (`Type=notify`); abstract socket names (`@…`) included.
+fn notify_systemd(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -342,12 +350,12 @@ fn notify_ready() {
         if let Some(abstract_name) = path.as_os_str().as_encoded_bytes().strip_prefix(b"@") {
             use std::os::linux::net::SocketAddrExt;
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
-            s.send_to_addr(b"READY=1\n", &addr)
+            s.send_to_addr(state.as_bytes(), &addr)
         } else {
-            s.send_to(b"READY=1\n", &path)
+            s.send_to(state.as_bytes(), &path)
         }
     });
     if let Err(e) = result {
-        tracing::warn!("telling systemd we are ready ({}): {e}", path.display());
+        tracing::warn!("notifying systemd at {}: {e}", path.display());
     }
 }

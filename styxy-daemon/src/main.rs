@@ -50,6 +50,13 @@ enum Command {
         )]
         command: Vec<std::ffi::OsString>,
     },
+    /// Install the binary, the shim, the eBPF object and the systemd unit.
+    Install(InstallArgs),
+    /// Remove what `styxy install` put in place (same --prefix and --root).
+    Uninstall(InstallArgs),
+    /// The Claude Code SessionStart hook.
+    #[command(subcommand)]
+    Hook(HookCommand),
     /// Print the shell lines that turn the shim on: eval "$(styxy env)".
     Env {
         /// Also set STYXY_INSTANCE.
@@ -58,6 +65,32 @@ enum Command {
     },
     #[command(flatten)]
     Client(cli::Command),
+}
+
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// Installation prefix: <prefix>/bin/styxy, <prefix>/lib/styxy/.
+    #[arg(long, default_value = styxy::install::DEFAULT_PREFIX)]
+    prefix: PathBuf,
+    /// Stage everything under this directory instead of / (for packaging and tests).
+    #[arg(long)]
+    root: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum HookCommand {
+    /// Run as the SessionStart hook: reads the hook JSON on stdin, writes to $CLAUDE_ENV_FILE.
+    SessionStart,
+    /// Add the hook to a Claude Code settings.json (default: ~/.claude/settings.json).
+    Install {
+        #[arg(long)]
+        settings: Option<PathBuf>,
+    },
+    /// Remove the hook (only it) from a Claude Code settings.json.
+    Uninstall {
+        #[arg(long)]
+        settings: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -147,6 +180,35 @@ async fn run(args: Args) -> Result<()> {
         }
         Command::Run { instance, command } => {
             styxy::preload::run(&command, instance.as_deref(), args.socket.as_deref())
+        }
+        Command::Install(a) => {
+            let layout = styxy::install::Layout::new(a.root, Some(a.prefix))?;
+            for line in styxy::install::install(&layout)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Uninstall(a) => {
+            let layout = styxy::install::Layout::new(a.root, Some(a.prefix))?;
+            for line in styxy::install::uninstall(&layout)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Hook(HookCommand::SessionStart) => {
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::default_socket));
+            println!("{}", styxy::hook::session_start(&target).await);
+            Ok(())
+        }
+        Command::Hook(HookCommand::Install { settings }) => {
+            let settings = settings.map_or_else(styxy::hook::default_settings, Ok)?;
+            println!("{}", styxy::hook::install(&settings)?);
+            Ok(())
+        }
+        Command::Hook(HookCommand::Uninstall { settings }) => {
+            let settings = settings.map_or_else(styxy::hook::default_settings, Ok)?;
+            println!("{}", styxy::hook::uninstall(&settings)?);
+            Ok(())
         }
         Command::Env { instance } => {
             let library = styxy::preload::find_library()?;

@@ -120,3 +120,48 @@ async fn grpcurl_lists_describes_and_calls_over_tcp_and_the_unix_socket() -> any
     assert!(status.contains("\"observer\""), "{status}");
     Ok(())
 }
+
+/// Every `grpcurl` line of the README, with the documented address and socket replaced by the test
+/// daemon's: what the README shows is what works.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_grpcurl_example_in_the_readme_runs() -> anyhow::Result<()> {
+    let Some(bin) = grpcurl() else {
+        return Ok(());
+    };
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let mut in_code = false;
+    let mut examples = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if in_code && line.starts_with("grpcurl ") {
+            examples.push(line);
+        }
+    }
+    assert!(examples.len() >= 8, "README examples: {examples:?}");
+    let daemon = Daemon::start().await?;
+    let socket = daemon.socket.display().to_string();
+    let bin_dir = bin
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    for example in examples {
+        let command = example
+            .replace("127.0.0.1:9876", &daemon.tcp)
+            .replace("/run/styxy/styxy.sock", &socket);
+        let out = Command::new("sh")
+            .args(["-c", &command])
+            .env(
+                "PATH",
+                format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default()),
+            )
+            .output()?;
+        assert!(
+            out.status.success(),
+            "README example failed: {example}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

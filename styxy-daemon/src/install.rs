@@ -1,0 +1,288 @@
+//! `styxy install` / `styxy uninstall`: put the binary, the shim, its client library, the eBPF
+//! object and the systemd unit in place, and take them away again.
+//!
+//! Every file is written to a temporary name and renamed over the target, so a running daemon or a
+//! process that has the shim mapped never sees a half-written file. What was created (files and
+//! the directories made for them) is listed in a manifest, which `uninstall` follows, so that an
+//! install followed by an uninstall leaves the tree as it was.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::observe::ebpf;
+use crate::preload;
+
+/// The unit template; `@BINDIR@` becomes `<prefix>/bin`.
+pub const UNIT_TEMPLATE: &str = include_str!("../../packaging/styxy.service");
+pub const UNIT_NAME: &str = "styxy.service";
+pub const DEFAULT_PREFIX: &str = "/usr/local";
+const MANIFEST: &str = "install-manifest";
+
+/// Where things go: `root` is prepended to every path (a staging directory; `/` for real), and
+/// `prefix` is what the installed files refer to each other by.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub root: PathBuf,
+    pub prefix: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: Option<PathBuf>, prefix: Option<PathBuf>) -> Result<Layout> {
+        let prefix = prefix.unwrap_or_else(|| PathBuf::from(DEFAULT_PREFIX));
+        if !prefix.is_absolute() || prefix.components().any(|c| c == Component::ParentDir) {
+            bail!(
+                "--prefix {} must be an absolute path without `..`",
+                prefix.display()
+            );
+        }
+        Ok(Layout {
+            root: root.unwrap_or_else(|| PathBuf::from("/")),
+            prefix,
+        })
+    }
+
+    /// `path` (absolute, as the installed system sees it) under the root.
+    fn staged(&self, path: &Path) -> PathBuf {
+        self.root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    pub fn bin_dir(&self) -> PathBuf {
+        self.prefix.join("bin")
+    }
+
+    pub fn lib_dir(&self) -> PathBuf {
+        self.prefix.join("lib/styxy")
+    }
+
+    pub fn unit_path(&self) -> PathBuf {
+        PathBuf::from("/etc/systemd/system").join(UNIT_NAME)
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        self.staged(&self.lib_dir().join(MANIFEST))
+    }
+
+    fn is_real_root(&self) -> bool {
+        self.root == Path::new("/")
+    }
+}
+
+/// The unit with its paths filled in.
+pub fn render_unit(layout: &Layout) -> String {
+    UNIT_TEMPLATE.replace("@BINDIR@", &layout.bin_dir().to_string_lossy())
+}
+
+/// One file to install.
+struct Item {
+    /// Absolute path on the installed system.
+    target: PathBuf,
+    contents: Vec<u8>,
+    mode: u32,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `styxy install`: returns the lines to print.
+pub fn install(layout: &Layout) -> Result<Vec<String>> {
+    let exe = std::env::current_exe().context("finding the styxy binary")?;
+    let shim = preload::find_library()?;
+    let client = shim.with_file_name(styxy_common::shim::CLIENT_LIBRARY);
+    if !client.is_file() {
+        bail!(
+            "{} is missing next to {} (build it with `cargo build --release --workspace`)",
+            client.display(),
+            shim.display()
+        );
+    }
+    let mut items = vec![
+        Item {
+            target: layout.bin_dir().join("styxy"),
+            contents: read(&exe)?,
+            mode: 0o755,
+        },
+        Item {
+            target: layout.lib_dir().join(preload::PRELOAD_LIBRARY),
+            contents: read(&shim)?,
+            mode: 0o755,
+        },
+        Item {
+            target: layout.lib_dir().join(styxy_common::shim::CLIENT_LIBRARY),
+            contents: read(&client)?,
+            mode: 0o755,
+        },
+        Item {
+            target: layout.unit_path(),
+            contents: render_unit(layout).into_bytes(),
+            mode: 0o644,
+        },
+    ];
+    let mut report = Vec::new();
+    match ebpf::find_object(None) {
+        Ok(object) => items.push(Item {
+            target: layout.lib_dir().join(ebpf::OBJECT_NAME),
+            contents: read(&object)?,
+            mode: 0o644,
+        }),
+        Err(e) => report.push(format!(
+            "note: {e:#}; the daemon will read the socket tables instead"
+        )),
+    }
+
+    let mut manifest = Manifest::load(layout)?;
+    for item in &items {
+        let staged = layout.staged(&item.target);
+        if let Some(parent) = staged.parent() {
+            manifest.created_dirs.extend(create_dirs(parent)?);
+        }
+        write_atomically(&staged, &item.contents, item.mode)?;
+        if !manifest.files.contains(&staged) {
+            manifest.files.push(staged.clone());
+        }
+        report.push(format!("installed {}", staged.display()));
+    }
+    manifest.save(layout)?;
+    if layout.is_real_root() {
+        report.push(String::new());
+        report.push("Next: systemctl daemon-reload && systemctl enable --now styxy".into());
+        report.push("Then, for Claude Code: styxy hook install".into());
+    } else {
+        report.push(format!(
+            "(staged under {}; nothing was enabled)",
+            layout.root.display()
+        ));
+    }
+    Ok(report)
+}
+
+/// `styxy uninstall`: returns the lines to print.
+pub fn uninstall(layout: &Layout) -> Result<Vec<String>> {
+    let manifest = Manifest::load(layout)?;
+    if manifest.files.is_empty() {
+        bail!(
+            "nothing to uninstall: no manifest at {} (installed with another --prefix or --root?)",
+            layout.manifest_path().display()
+        );
+    }
+    let mut report = Vec::new();
+    if layout.is_real_root() {
+        report.push("Stop it first if it runs: systemctl disable --now styxy".into());
+    }
+    for file in &manifest.files {
+        match std::fs::remove_file(file) {
+            Ok(()) => report.push(format!("removed {}", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        }
+    }
+    let manifest_path = layout.manifest_path();
+    let _ = std::fs::remove_file(&manifest_path);
+    // Directories this install created, deepest first, and only when empty.
+    let mut dirs = manifest.created_dirs.clone();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in dirs {
+        if std::fs::remove_dir(&dir).is_ok() {
+            report.push(format!("removed {}/", dir.display()));
+        }
+    }
+    Ok(report)
+}
+
+/// Creates `dir` and its missing parents; returns the ones it created, outermost first.
+fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut current = Some(dir);
+    while let Some(d) = current.filter(|d| !d.exists()) {
+        missing.push(d.to_path_buf());
+        current = d.parent();
+    }
+    missing.reverse();
+    for d in &missing {
+        std::fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(missing)
+}
+
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_file_name(format!(
+        ".{}.styxy-tmp",
+        path.file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy())
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", path.display()))
+}
+
+/// What an install created, one path per line: `f PATH` for files, `d PATH` for directories.
+#[derive(Default)]
+struct Manifest {
+    files: Vec<PathBuf>,
+    created_dirs: Vec<PathBuf>,
+}
+
+impl Manifest {
+    fn load(layout: &Layout) -> Result<Manifest> {
+        let path = layout.manifest_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let mut manifest = Manifest::default();
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("f", p)) => manifest.files.push(PathBuf::from(p)),
+                Some(("d", p)) => manifest.created_dirs.push(PathBuf::from(p)),
+                _ => bail!("{}: unreadable line {line:?}", path.display()),
+            }
+        }
+        Ok(manifest)
+    }
+
+    fn save(&self, layout: &Layout) -> Result<()> {
+        let mut text = String::new();
+        for f in &self.files {
+            text += &format!("f {}\n", f.display());
+        }
+        for d in &self.created_dirs {
+            text += &format!("d {}\n", d.display());
+        }
+        write_atomically(&layout.manifest_path(), text.as_bytes(), 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unit_points_at_the_installed_binary() {
+        let layout = Layout::new(None, Some("/opt/styxy".into())).expect("layout");
+        let unit = render_unit(&layout);
+        assert!(
+            unit.contains("ExecStart=/opt/styxy/bin/styxy daemon"),
+            "{unit}"
+        );
+        assert!(!unit.contains("@BINDIR@"));
+    }
+
+    #[test]
+    fn a_relative_prefix_is_refused() {
+        assert!(Layout::new(None, Some("usr/local".into())).is_err());
+        assert!(Layout::new(None, Some("/usr/../etc".into())).is_err());
+    }
+}
