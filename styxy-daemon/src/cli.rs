@@ -79,6 +79,8 @@ pub async fn run(command: Command, target: &Target, as_json: bool) -> Result<()>
                     "instances": s.instances, "dropped_events": s.dropped_events,
                     "observed_events": s.observed_events, "reassignments": s.reassignments,
                     "state_dir": s.state_dir, "socket_path": s.socket_path, "tcp_listen": s.tcp_listen,
+                    "observer_delay_p50_us": s.observer_delay_p50_us, "observer_delay_p99_us": s.observer_delay_p99_us,
+                    "observer_delay_samples": s.observer_delay_samples,
                 }));
             }
             println!(
@@ -101,6 +103,14 @@ pub async fn run(command: Command, target: &Target, as_json: bool) -> Result<()>
                 "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped)",
                 s.bound_ports, s.leases, s.instances, s.reassignments, s.observed_events, s.dropped_events
             );
+            if s.observer_delay_samples > 0 {
+                println!(
+                    "bind → broker: p50 {} µs · p99 {} µs (last {} events)",
+                    s.observer_delay_p50_us,
+                    s.observer_delay_p99_us,
+                    s.observer_delay_samples.min(65_536)
+                );
+            }
         }
         Command::Ports => {
             let r = call(client.list_ports(pb::ListPortsRequest {}).await)?;

@@ -284,13 +284,18 @@ async fn read_ebpf_events(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let attached = guard.get_inner_mut();
-        let batch = attached.drain(&mut owners);
+        let (batch, seen_at) = attached.drain(&mut owners);
         let lost = attached.newly_dropped();
         guard.clear_ready();
-        owners.clear();
         if !batch.is_empty() {
             engine.apply_events(batch);
         }
+        let applied_at = ebpf::monotonic_ns();
+        engine.record_observer_delays(
+            seen_at
+                .iter()
+                .map(|t| (applied_at.saturating_sub(*t) / 1000).min(u64::from(u32::MAX)) as u32),
+        );
         if lost > 0 {
             tracing::warn!(
                 "{lost} eBPF record(s) lost (ring buffer full): resyncing from the socket tables"

@@ -72,6 +72,7 @@ pub struct Engine {
     started: Instant,
     dropped_events: AtomicU64,
     observed_events: AtomicU64,
+    observer_delays: Mutex<DelayWindow>,
 }
 
 /// A snapshot of counters for `Status`.
@@ -87,6 +88,43 @@ pub struct StatusReport {
     pub reassignments: u64,
     pub state_dir: PathBuf,
     pub endpoints: Endpoints,
+    /// (p50, p99, samples) of the eBPF observer's kernel → broker delay, in µs.
+    pub observer_delay: (u32, u32, u64),
+}
+
+/// The last [`DelayWindow::CAPACITY`] observer delays, in µs.
+#[derive(Debug, Default)]
+pub struct DelayWindow {
+    samples: Vec<u32>,
+    next: usize,
+    total: u64,
+}
+
+impl DelayWindow {
+    pub const CAPACITY: usize = 65_536;
+
+    pub fn record(&mut self, micros: impl IntoIterator<Item = u32>) {
+        for m in micros {
+            if self.samples.len() < Self::CAPACITY {
+                self.samples.push(m);
+            } else {
+                self.samples[self.next] = m;
+            }
+            self.next = (self.next + 1) % Self::CAPACITY;
+            self.total += 1;
+        }
+    }
+
+    /// (p50, p99, samples recorded in all).
+    pub fn summary(&self) -> (u32, u32, u64) {
+        if self.samples.is_empty() {
+            return (0, 0, 0);
+        }
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        let at = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+        (at(0.50), at(0.99), self.total)
+    }
 }
 
 impl Engine {
@@ -106,6 +144,7 @@ impl Engine {
             started: Instant::now(),
             dropped_events: AtomicU64::new(0),
             observed_events: AtomicU64::new(0),
+            observer_delays: Mutex::new(DelayWindow::default()),
         }
     }
 
@@ -227,6 +266,11 @@ impl Engine {
         let reading = self.kernel.read(None, None)?;
         self.commit_effects(|b| b.reconcile(Scope::All, reading.clone(), now_ms()));
         Ok(reading)
+    }
+
+    /// Delays (µs) between the kernel seeing binds and the broker applying them.
+    pub fn record_observer_delays(&self, micros: impl IntoIterator<Item = u32>) {
+        lock(&self.observer_delays).record(micros);
     }
 
     pub fn count_dropped(&self, n: u64) {
@@ -365,6 +409,7 @@ impl Engine {
             reassignments: broker.reassignments(),
             state_dir: self.store.dir().to_path_buf(),
             endpoints: lock(&self.endpoints).clone(),
+            observer_delay: lock(&self.observer_delays).summary(),
         }
     }
 }

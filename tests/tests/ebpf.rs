@@ -171,6 +171,10 @@ async fn observe_reports_a_holder_seen_only_through_ebpf() -> Result<()> {
     assert_eq!(holder.pid, bound.pid);
     assert_eq!(holder.service_type, "api");
     assert!(holder.cmdline.contains("http.server"), "{holder:?}");
+    // The daemon measures how long records take from the kernel to the broker.
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    assert!(status.observer_delay_samples >= 1, "{status:?}");
+    assert!(status.observer_delay_p99_us >= status.observer_delay_p50_us);
     Ok(())
 }
 

@@ -161,7 +161,13 @@ pub struct Broker {
     instances: BTreeMap<String, Instance>,
     next_lease_seq: u64,
     reassignments: u64,
+    /// Service types already inferred, by (command line, comm): inference scans every pattern,
+    /// and a busy machine binds from the same few commands over and over.
+    inferred: HashMap<(String, String), String>,
 }
+
+/// Bound on [`Broker::inferred`]; it is cleared when full.
+const INFERRED_MAX: usize = 4096;
 
 impl Broker {
     pub fn new(ranges: ServiceRanges, settings: LeaseSettings) -> Self {
@@ -174,6 +180,7 @@ impl Broker {
             lease_ports: HashMap::new(),
             taken: PortSet::default(),
             instances: BTreeMap::new(),
+            inferred: HashMap::new(),
             next_lease_seq: 1,
             reassignments: 0,
         }
@@ -329,7 +336,7 @@ impl Broker {
                         && held.socket.protocol == socket.protocol =>
                 {
                     if held.socket.owner.is_none() && socket.owner.is_some() {
-                        held.service_type = infer_type(&self.ranges, &socket);
+                        held.service_type = infer_type(&self.ranges, &mut self.inferred, &socket);
                         held.socket.owner = socket.owner;
                     }
                 }
@@ -346,7 +353,7 @@ impl Broker {
         let (port, protocol, cookie) = (socket.port, socket.protocol, socket.cookie);
         self.settle_leases_on_bind(&socket, effects);
         let held = Held {
-            service_type: infer_type(&self.ranges, &socket),
+            service_type: infer_type(&self.ranges, &mut self.inferred, &socket),
             socket: BoundSocket {
                 since_ms: if socket.since_ms == 0 {
                     now_ms
@@ -752,9 +759,24 @@ impl Broker {
     }
 }
 
-fn infer_type(ranges: &ServiceRanges, socket: &BoundSocket) -> String {
+fn infer_type(
+    ranges: &ServiceRanges,
+    inferred: &mut HashMap<(String, String), String>,
+    socket: &BoundSocket,
+) -> String {
     match &socket.owner {
-        Some(owner) => ranges.infer(&owner.cmdline, &owner.comm).to_string(),
+        Some(owner) => {
+            let key = (owner.cmdline.clone(), owner.comm.clone());
+            if let Some(known) = inferred.get(&key) {
+                return known.clone();
+            }
+            if inferred.len() >= INFERRED_MAX {
+                inferred.clear();
+            }
+            let found = ranges.infer(&owner.cmdline, &owner.comm).to_string();
+            inferred.insert(key, found.clone());
+            found
+        }
         None => ranges
             .type_of_port(socket.port)
             .map_or(ranges::FALLBACK_TYPE, |t| t.name.as_str())

@@ -211,17 +211,34 @@ impl Attached {
         new
     }
 
-    /// Every record waiting in the ring buffer, as broker events.
-    pub fn drain(&mut self, owners: &mut OwnerCache) -> Vec<PortEvent> {
-        let mut out = Vec::new();
+    /// Every record waiting in the ring buffer, as broker events, with the kernel time
+    /// (`CLOCK_MONOTONIC` ns) of each record.
+    pub fn drain(&mut self, owners: &mut OwnerCache) -> (Vec<PortEvent>, Vec<u64>) {
+        let mut events = Vec::new();
+        let mut seen_at = Vec::new();
         while let Some(item) = self.events.next() {
-            if let Some(event) = BindEvent::from_bytes(&item).and_then(|e| port_event(&e, owners)) {
-                out.push(event);
+            let Some(record) = BindEvent::from_bytes(&item) else {
+                continue;
+            };
+            seen_at.push(record.timestamp_ns);
+            if let Some(event) = port_event(&record, owners) {
+                events.push(event);
             }
         }
-        out
+        (events, seen_at)
     }
 }
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime fills it and cannot fail for this clock.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Attached {}
 
 fn address_bytes(address: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -232,22 +249,44 @@ fn address_bytes(address: IpAddr) -> [u8; 16] {
     out
 }
 
-/// Process details by pid for one drain: a burst of binds from one process reads `/proc` once.
+/// Process details by pid, so a burst of binds from one process reads `/proc` once. An entry is
+/// trusted for [`OwnerCache::FRESH_NS`] and only while the record's comm matches (an `exec`
+/// changes it), so a reused pid or a new program is looked up again.
 #[derive(Default)]
 pub struct OwnerCache {
-    by_pid: HashMap<u32, Option<ProcessInfo>>,
+    by_pid: HashMap<u32, CachedOwner>,
+}
+
+struct CachedOwner {
+    info: Option<ProcessInfo>,
+    comm: [u8; 16],
+    fetched_ns: u64,
 }
 
 impl OwnerCache {
-    fn owner(&mut self, event: &BindEvent) -> Option<ProcessInfo> {
-        self.by_pid
-            .entry(event.tgid)
-            .or_insert_with(|| procs::process_info(event.tgid))
-            .clone()
-    }
+    const FRESH_NS: u64 = 1_000_000_000;
+    const MAX_ENTRIES: usize = 4096;
 
-    pub fn clear(&mut self) {
-        self.by_pid.clear();
+    fn owner(&mut self, event: &BindEvent) -> Option<ProcessInfo> {
+        let now = monotonic_ns();
+        if let Some(cached) = self.by_pid.get(&event.tgid) {
+            if cached.comm == event.comm && now.saturating_sub(cached.fetched_ns) < Self::FRESH_NS {
+                return cached.info.clone();
+            }
+        }
+        if self.by_pid.len() >= Self::MAX_ENTRIES {
+            self.by_pid.clear();
+        }
+        let info = procs::process_info(event.tgid);
+        self.by_pid.insert(
+            event.tgid,
+            CachedOwner {
+                info: info.clone(),
+                comm: event.comm,
+                fetched_ns: now,
+            },
+        );
+        info
     }
 }
 
