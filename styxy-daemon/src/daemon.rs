@@ -121,22 +121,27 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         .add_service(reflection_v1alpha);
 
     let mut servers = tokio::task::JoinSet::new();
-    let mut uds_shutdown = shutdown.clone();
-    servers.spawn(router.clone().serve_with_incoming_shutdown(
-        UnixListenerStream::new(uds),
-        async move {
-            let _ = uds_shutdown.wait_for(|stop| *stop).await;
-        },
-    ));
+    for (n, finished) in serve_unix_per_core(&router, uds, &shutdown)?
+        .into_iter()
+        .enumerate()
+    {
+        servers.spawn(async move {
+            finished
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("Unix-socket server thread {n} panicked")))
+        });
+    }
     if let Some(tcp) = tcp {
         tracing::info!("listening on {}", tcp.local_addr()?);
         let mut tcp_shutdown = shutdown.clone();
-        servers.spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(tcp),
-            async move {
-                let _ = tcp_shutdown.wait_for(|stop| *stop).await;
-            },
-        ));
+        servers.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), async move {
+                    let _ = tcp_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+                .context("TCP server")
+        });
     }
     tracing::info!("listening on {}", opts.socket.display());
     // Handle SIGTERM before telling systemd we are ready: a stop right after start is clean too.
@@ -204,6 +209,53 @@ fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("setting permissions of {}", path.display()))?;
     Ok(listener)
+}
+
+/// Serves the Unix socket from one single-threaded runtime per core, each accepting on its own
+/// copy of the listening socket. A request then lives on one thread from accept to answer: on this
+/// kind of machine each cross-thread wake-up costs tens of microseconds, which a work-stealing
+/// runtime pays several times per call. Returns one receiver per thread for its result.
+fn serve_unix_per_core(
+    router: &tonic::transport::server::Router,
+    uds: UnixListener,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Vec<tokio::sync::oneshot::Receiver<Result<()>>>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let listener = uds.into_std().context("taking the Unix listener")?;
+    let mut finished = Vec::new();
+    for n in 0..threads {
+        let listener = listener.try_clone().context("sharing the Unix listener")?;
+        let router = router.clone();
+        let mut stop = shutdown.clone();
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("styxy-uds-{n}"))
+            .spawn(move || {
+                let outcome = (|| -> Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting a server runtime")?;
+                    runtime.block_on(async move {
+                        let listener = UnixListener::from_std(listener)
+                            .context("registering the Unix listener")?;
+                        router
+                            .serve_with_incoming_shutdown(
+                                UnixListenerStream::new(listener),
+                                async move {
+                                    let _ = stop.wait_for(|stop| *stop).await;
+                                },
+                            )
+                            .await
+                            .context("Unix-socket server")
+                    })
+                })();
+                let _ = done.send(outcome);
+            })
+            .context("starting a server thread")?;
+        finished.push(result);
+    }
+    Ok(finished)
 }
 
 /// Starts the chosen observer, takes the first reading of the socket tables, and says which

@@ -171,6 +171,10 @@ impl Store {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        if changes.is_empty() && audit.is_empty() {
+            // Nothing to write: durable once what is already queued is (no writer wake-up).
+            return Ticket(pending.seq);
+        }
         for change in changes {
             append_json_line(&mut pending.journal, change);
         }

@@ -1,17 +1,18 @@
 //! `libstyxy_shim_client.so`: the gRPC client behind the preload shim.
 //!
 //! The shim `dlopen()`s this library on the first bind that needs the daemon and calls
-//! [`styxy_client_resolve_bind`]. Each call is handed to a worker thread that owns a small tokio
-//! runtime and a connection to the daemon's Unix socket, and the caller waits for the answer with a
-//! deadline. Running the client on its own thread keeps it out of the host's way: a host that is
-//! itself a tokio program can bind from inside its runtime without "runtime within a runtime"
-//! trouble. The worker is per process: after `fork()` the child, which has no copy of the parent's
-//! thread, starts its own on its first bind.
+//! [`styxy_client_resolve_bind`]. The call runs on the calling thread, in a single-threaded tokio
+//! runtime of this library's own, with one connection to the daemon per process: no hand-off to
+//! another thread (each costs a wake-up and a context switch, which dominated the cost of a call).
+//! This library carries its own copy of tokio, loaded `RTLD_LOCAL`, so a host that is itself a
+//! tokio program never sees this runtime, and its threads may call in from inside theirs. Several
+//! threads may call at once: tokio lets one drive the runtime while the others wait for their
+//! answers. The runtime is per process: after `fork()` the child starts its own.
 
 use std::ffi::{c_int, CStr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::mpsc as std_mpsc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -21,7 +22,6 @@ use styxy_common::shim::{
     RESOLVE_TIMEOUT, RESOLVE_UNREACHABLE,
 };
 use styxy_proto::v1 as pb;
-use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 /// The ABI version this library implements; the shim refuses a library with another.
@@ -31,8 +31,8 @@ pub extern "C" fn styxy_client_abi_version() -> u32 {
 }
 
 /// Ask the daemon about one bind. Returns one of the `RESOLVE_*` codes; fills `answer` on
-/// `RESOLVE_OK`. Never panics across the boundary and never blocks longer than the query's
-/// deadline (plus a few milliseconds of scheduling slack).
+/// `RESOLVE_OK`. Never panics across the boundary and never blocks much longer than the query's
+/// deadline.
 ///
 /// # Safety
 /// `query` and `answer` are null or valid for reads / writes of their types; the strings in the
@@ -121,28 +121,16 @@ enum Reply {
     Slow,
 }
 
-struct Job {
-    query: OwnedQuery,
-    reply: std_mpsc::SyncSender<Reply>,
-}
-
-/// Slack on top of the query's deadline for the hand-over between threads.
-const HANDOVER_SLACK: Duration = Duration::from_millis(5);
-
 fn resolve(query: OwnedQuery, answer: &mut BindAnswer) -> c_int {
-    let Some(worker) = worker() else {
+    let Some(client) = client() else {
         return RESOLVE_INTERNAL;
     };
-    let wait = query.timeout + HANDOVER_SLACK;
-    let (reply, replied) = std_mpsc::sync_channel(1);
-    if worker.jobs.send(Job { query, reply }).is_err() {
-        return RESOLVE_INTERNAL;
-    }
-    match replied.recv_timeout(wait) {
-        Ok(Reply::Answer(response)) => fill_answer(&response, answer),
-        Ok(Reply::Refused) => RESOLVE_REFUSED,
-        Ok(Reply::Unreachable) => RESOLVE_UNREACHABLE,
-        Ok(Reply::Slow) | Err(_) => RESOLVE_TIMEOUT,
+    let channel = client.channel(&query.socket);
+    match client.runtime.block_on(ask(channel, query)) {
+        Reply::Answer(response) => fill_answer(&response, answer),
+        Reply::Refused => RESOLVE_REFUSED,
+        Reply::Unreachable => RESOLVE_UNREACHABLE,
+        Reply::Slow => RESOLVE_TIMEOUT,
     }
 }
 
@@ -169,103 +157,65 @@ fn fill_answer(response: &pb::ResolveBindResponse, answer: &mut BindAnswer) -> c
     RESOLVE_OK
 }
 
-/// The worker thread of one process.
-struct Worker {
+/// The runtime and the connection of one process.
+struct Client {
     pid: u32,
-    jobs: mpsc::UnboundedSender<Job>,
+    runtime: tokio::runtime::Runtime,
+    channel: Mutex<Option<(PathBuf, Channel)>>,
 }
 
-/// The current process's worker. Atomics only: a `fork()` while another thread held a lock here
-/// would otherwise leave the child stuck.
-static WORKER: AtomicPtr<Worker> = AtomicPtr::new(std::ptr::null_mut());
+impl Client {
+    /// The channel to `socket`, created on first use (it connects lazily, and again after a failure).
+    fn channel(&self, socket: &Path) -> Channel {
+        let mut slot = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((path, channel)) if path == socket => channel.clone(),
+            _ => {
+                // Creating a channel spawns its connection task: inside the runtime.
+                let _inside = self.runtime.enter();
+                let channel = unix_channel(socket.to_path_buf());
+                *slot = Some((socket.to_path_buf(), channel.clone()));
+                channel
+            }
+        }
+    }
+}
 
-fn worker() -> Option<&'static Worker> {
+/// The current process's client. An atomic, not a lock: after a `fork()` the child must not
+/// find a lock that a thread of the parent held.
+static CLIENT: AtomicPtr<Client> = AtomicPtr::new(std::ptr::null_mut());
+
+fn client() -> Option<&'static Client> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    let current = WORKER.load(Ordering::Acquire);
-    // SAFETY: WORKER only ever holds leaked (never freed) workers.
+    let current = CLIENT.load(Ordering::Acquire);
+    // SAFETY: CLIENT only ever holds leaked (never freed) clients.
     if let Some(existing) = unsafe { current.as_ref() } {
         if existing.pid == pid {
             return Some(existing);
         }
     }
-    let fresh = Box::into_raw(Box::new(Worker::spawn(pid)?));
-    match WORKER.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
-        // The replaced worker, if any, belonged to the parent of a fork: its thread does not exist
-        // in this process, so it is left as it is (leaked), never dropped.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let fresh = Box::into_raw(Box::new(Client {
+        pid,
+        runtime,
+        channel: Mutex::new(None),
+    }));
+    match CLIENT.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // The replaced client, if any, was the parent's before a fork: it is left as it is
+        // (leaked), never dropped, since its runtime's state is not this process's to tear down.
         // SAFETY: fresh was just leaked from a Box and is never freed.
         Ok(_) => Some(unsafe { &*fresh }),
         Err(winner) => {
-            // Another thread of this process started one first: use it and stop ours.
+            // Another thread of this process made one first: use it, drop ours (unused).
             // SAFETY: fresh came from Box::into_raw above and was never shared.
             drop(unsafe { Box::from_raw(fresh) });
-            // SAFETY: winner is a leaked worker (never freed).
-            unsafe { winner.as_ref() }.filter(|w| w.pid == pid)
+            // SAFETY: winner is a leaked client (never freed).
+            unsafe { winner.as_ref() }.filter(|c| c.pid == pid)
         }
-    }
-}
-
-impl Worker {
-    fn spawn(pid: u32) -> Option<Worker> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ok()?;
-        let (jobs, queue) = mpsc::unbounded_channel();
-        // The worker must not take the host's signals: start it with every signal blocked (a new
-        // thread inherits the mask of the thread that creates it), then restore ours.
-        let _mask = BlockAllSignals::new();
-        std::thread::Builder::new()
-            .name("styxy-shim".into())
-            .spawn(move || runtime.block_on(serve(queue)))
-            .ok()?;
-        Some(Worker { pid, jobs })
-    }
-}
-
-/// Blocks every signal on this thread until dropped.
-struct BlockAllSignals {
-    previous: libc::sigset_t,
-}
-
-impl BlockAllSignals {
-    fn new() -> Self {
-        // SAFETY: sigset_t is plain data, initialised by sigfillset / pthread_sigmask.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut previous: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
-            BlockAllSignals { previous }
-        }
-    }
-}
-
-impl Drop for BlockAllSignals {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved in new().
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut());
-        }
-    }
-}
-
-async fn serve(mut queue: mpsc::UnboundedReceiver<Job>) {
-    let mut channel: Option<(PathBuf, Channel)> = None;
-    while let Some(job) = queue.recv().await {
-        let current = match &channel {
-            Some((path, channel)) if *path == job.query.socket => channel.clone(),
-            _ => {
-                let fresh = unix_channel(job.query.socket.clone());
-                channel = Some((job.query.socket.clone(), fresh.clone()));
-                fresh
-            }
-        };
-        tokio::spawn(async move {
-            let reply = ask(current, job.query).await;
-            // The caller may have given up waiting; then nobody needs the answer.
-            let _ = job.reply.send(reply);
-        });
     }
 }
 
