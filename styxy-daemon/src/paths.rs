@@ -41,3 +41,27 @@ pub fn default_config() -> PathBuf {
         .unwrap_or_else(|| home().join(".config"))
         .join("styxy/config.toml")
 }
+
+/// Where an installed or built Styxy file (`name`) may be, in order: `$env_var` when set, next to
+/// the running binary (a cargo build), the cargo target directory above it, `<prefix>/lib/styxy/`
+/// for a binary in `<prefix>/bin/`, then `/usr/local` and `/usr`.
+pub fn artifact_candidates(env_var: &str, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Some(path) = env_dir(env_var) {
+        found.push(path);
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(std::path::Path::to_path_buf))
+    {
+        found.push(dir.join(name));
+        if let Some(parent) = dir.parent() {
+            found.push(parent.join(name));
+            found.push(parent.join("lib/styxy").join(name));
+        }
+    }
+    for prefix in ["/usr/local", "/usr"] {
+        found.push(PathBuf::from(prefix).join("lib/styxy").join(name));
+    }
+    found
+}

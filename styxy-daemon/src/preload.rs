@@ -11,26 +11,9 @@ pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
 /// Overrides where the shim is looked for.
 pub const PRELOAD_ENV: &str = "STYXY_PRELOAD_LIB";
 
-/// Where the shim may be, in order: `$STYXY_PRELOAD_LIB`, next to the `styxy` binary (a cargo
-/// build), `<prefix>/lib/styxy/` for a binary in `<prefix>/bin/`, then the usual prefixes.
+/// Where the shim may be: see [`crate::paths::artifact_candidates`] (`$STYXY_PRELOAD_LIB` first).
 pub fn candidates() -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    if let Some(path) = std::env::var_os(PRELOAD_ENV).filter(|v| !v.is_empty()) {
-        found.push(PathBuf::from(path));
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf))
-    {
-        found.push(dir.join(PRELOAD_LIBRARY));
-        if let Some(prefix) = dir.parent() {
-            found.push(prefix.join("lib/styxy").join(PRELOAD_LIBRARY));
-        }
-    }
-    for prefix in ["/usr/local", "/usr"] {
-        found.push(Path::new(prefix).join("lib/styxy").join(PRELOAD_LIBRARY));
-    }
-    found
+    crate::paths::artifact_candidates(PRELOAD_ENV, PRELOAD_LIBRARY)
 }
 
 /// The shim's absolute path, or an error that lists where it was looked for and how to fix it.

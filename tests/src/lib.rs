@@ -455,6 +455,46 @@ pub fn http_get(port: u16) -> Result<String> {
 }
 
 impl Daemon {
+    /// `Status` over the Unix socket.
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        Ok(self
+            .client()
+            .await?
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The newest audit entries (moved binds), up to 100.
+    pub async fn audit(&self) -> Result<Vec<pb::AuditEntry>> {
+        let request = pb::ListAuditRequest {
+            since_ms: None,
+            limit: 100,
+        };
+        Ok(self
+            .client()
+            .await?
+            .list_audit(request)
+            .await?
+            .into_inner()
+            .entries)
+    }
+
+    /// `styxy run -- python3 -u -m http.server PORT --bind 127.0.0.1` for this daemon.
+    pub fn shimmed_http_server(&self, port: u16) -> Command {
+        self.shimmed(
+            "python3",
+            &[
+                "-u",
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ],
+        )
+    }
+
     /// `styxy --socket S run -- PROGRAM ARGS…` for this daemon.
     pub fn shimmed(&self, program: &str, args: &[&str]) -> Command {
         let mut command = Command::new(styxy_bin());

@@ -22,12 +22,7 @@ async fn ebpf_daemon(setup: &EbpfSetup, cgroup: &ChildCgroup) -> Result<Daemon> 
         object,
     ])
     .await?;
-    let status = daemon
-        .client()
-        .await?
-        .status(pb::StatusRequest {})
-        .await?
-        .into_inner();
+    let status = daemon.status().await?;
     ensure!(status.observer == "ebpf", "observer: {status:?}");
     Ok(daemon)
 }
@@ -235,12 +230,7 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
         "/nonexistent/styxy-ebpf.o",
     ])
     .await?;
-    let status = daemon
-        .client()
-        .await?
-        .status(pb::StatusRequest {})
-        .await?
-        .into_inner();
+    let status = daemon.status().await?;
     assert_eq!(status.observer, "sockets-table");
     assert!(
         status.observer_reason.contains("eBPF unavailable")

@@ -8,7 +8,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::v1 as pb;
 use styxy_tests::{http_server, notice_port, styxy_bin, Daemon, Spawned};
 
 fn temp_dir(name: &str) -> Result<PathBuf> {
@@ -270,22 +269,12 @@ async fn the_session_start_hook_turns_the_shim_on_once_and_moves_servers() -> Re
     let notice = server.line_where(20, |l| l.starts_with("✓ STYXY"))?;
     let moved = notice_port(&notice).context("port")?;
     assert_ne!(moved, held);
-    let audit = daemon
-        .client()
-        .await?
-        .list_audit(pb::ListAuditRequest {
-            since_ms: None,
-            limit: 10,
-        })
-        .await?
-        .into_inner();
+    let audit = daemon.audit().await?;
     assert!(
         audit
-            .entries
             .iter()
             .any(|e| e.assigned_port == u32::from(moved) && e.instance_id == "claude-3f9c-test"),
-        "{:?}",
-        audit.entries
+        "{audit:?}"
     );
     std::fs::remove_dir_all(&dir)?;
     Ok(())

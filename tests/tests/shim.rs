@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::v1 as pb;
 use styxy_tests::{
     helper_bin, http_get, http_server, notice_port, port_holder, shim_library, wait_for_listener,
     Daemon, Spawned,
@@ -35,21 +34,7 @@ async fn a_python_server_on_a_held_port_starts_on_a_free_one_and_says_so() -> Re
     let daemon = Daemon::start().await?;
     let asked = daemon.base + 100; // in the test daemon's api range
     let holder = http_server(asked)?;
-    let mut server = Spawned::start(
-        daemon
-            .shimmed(
-                "python3",
-                &[
-                    "-u",
-                    "-m",
-                    "http.server",
-                    &asked.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                ],
-            )
-            .env_remove("STYXY_NOTIFY"),
-    )?;
+    let mut server = Spawned::start(daemon.shimmed_http_server(asked).env_remove("STYXY_NOTIFY"))?;
     let notice = server.line_where(20, |l| l.starts_with(NOTICE))?;
     let moved = notice_port(&notice).context("port in the notice")?;
     assert!(
@@ -65,25 +50,13 @@ async fn a_python_server_on_a_held_port_starts_on_a_free_one_and_says_so() -> Re
     assert!(http_get(moved)?.contains("200"), "the moved server serves");
     assert!(http_get(asked)?.contains("200"), "the holder is untouched");
 
-    let audit = daemon
-        .client()
-        .await?
-        .list_audit(pb::ListAuditRequest {
-            since_ms: None,
-            limit: 10,
-        })
-        .await?
-        .into_inner();
+    let audit = daemon.audit().await?;
     assert!(
-        audit
-            .entries
-            .iter()
-            .any(|e| e.requested_port == u32::from(asked)
-                && e.assigned_port == u32::from(moved)
-                && e.pid == server.child.id()
-                && e.holder_pid == holder.pid()),
-        "audit has the move: {:?}",
-        audit.entries
+        audit.iter().any(|e| e.requested_port == u32::from(asked)
+            && e.assigned_port == u32::from(moved)
+            && e.pid == server.child.id()
+            && e.holder_pid == holder.pid()),
+        "audit has the move: {audit:?}"
     );
     Ok(())
 }
@@ -145,17 +118,7 @@ async fn twenty_servers_started_at_once_on_one_held_port_all_get_their_own() -> 
     let _holder = http_server(asked)?;
     let mut servers = Vec::new();
     for _ in 0..20 {
-        servers.push(Spawned::start(&mut daemon.shimmed(
-            "python3",
-            &[
-                "-u",
-                "-m",
-                "http.server",
-                &asked.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ],
-        ))?);
+        servers.push(Spawned::start(&mut daemon.shimmed_http_server(asked))?);
     }
     let mut ports = BTreeSet::new();
     for server in &mut servers {

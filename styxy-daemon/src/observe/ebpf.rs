@@ -25,27 +25,10 @@ pub const OBJECT_NAME: &str = "styxy-ebpf.o";
 /// Overrides where the object is looked for.
 pub const OBJECT_ENV: &str = "STYXY_EBPF_OBJECT";
 
-/// Where the object may be, in order: `$STYXY_EBPF_OBJECT`, next to the binary, the cargo target
-/// directory above it (`cargo xtask build-ebpf` puts it in `target/`), `<prefix>/lib/styxy/`.
+/// Where the object may be: see [`crate::paths::artifact_candidates`] (`$STYXY_EBPF_OBJECT`
+/// first; `cargo xtask build-ebpf` puts it in `target/`, above the binaries).
 pub fn object_candidates() -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    if let Some(path) = std::env::var_os(OBJECT_ENV).filter(|v| !v.is_empty()) {
-        found.push(PathBuf::from(path));
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf))
-    {
-        found.push(dir.join(OBJECT_NAME));
-        if let Some(parent) = dir.parent() {
-            found.push(parent.join(OBJECT_NAME));
-            found.push(parent.join("lib/styxy").join(OBJECT_NAME));
-        }
-    }
-    for prefix in ["/usr/local", "/usr"] {
-        found.push(Path::new(prefix).join("lib/styxy").join(OBJECT_NAME));
-    }
-    found
+    crate::paths::artifact_candidates(OBJECT_ENV, OBJECT_NAME)
 }
 
 /// The object to load, or why there is none.
@@ -126,26 +109,23 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
     let mut ebpf = Ebpf::load_file(object)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
-    for name in PROGRAMS_SOCK_ADDR {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from {}", object.display()))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    // The two program types share no trait for load/attach: the same steps, once per type.
+    macro_rules! load_and_attach {
+        ($kind:ty, $names:expr) => {
+            for name in $names {
+                let program: &mut $kind = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from {}", object.display()))?
+                    .try_into()?;
+                program.load().with_context(|| format!("loading {name}"))?;
+                program
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            }
+        };
     }
-    for name in PROGRAMS_SOCK {
-        let program: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from {}", object.display()))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-    }
+    load_and_attach!(CgroupSockAddr, PROGRAMS_SOCK_ADDR);
+    load_and_attach!(CgroupSock, PROGRAMS_SOCK);
     let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?)?;
     let dropped =
         PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
