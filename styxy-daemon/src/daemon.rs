@@ -212,9 +212,10 @@ fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves the Unix socket from one single-threaded runtime per core, each accepting on its own
-/// copy of the listening socket. A request then lives on one thread from accept to answer: on this
-/// kind of machine each cross-thread wake-up costs tens of microseconds, which a work-stealing
-/// runtime pays several times per call. Returns one receiver per thread for its result.
+/// copy of the listening socket, so a connection's requests live on one thread from read to answer
+/// instead of hopping between work-stealing workers. Measured with `cargo xtask bench` on a 2-core
+/// machine: Allocate with 32 clients went from about 5,300/s to 6,800–9,200/s; single-client
+/// latency did not change. Returns one receiver per thread for its result.
 fn serve_unix_per_core(
     router: &tonic::transport::server::Router,
     uds: UnixListener,

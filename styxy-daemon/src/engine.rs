@@ -426,3 +426,22 @@ fn lift<T>(result: Result<(T, Effects), BrokerError>) -> (Result<T, BrokerError>
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DelayWindow;
+
+    #[test]
+    fn the_delay_window_keeps_the_newest_samples_and_counts_all() {
+        let mut window = DelayWindow::default();
+        assert_eq!(window.summary(), (0, 0, 0));
+        window.record(1..=100);
+        assert_eq!(window.summary(), (51, 99, 100));
+        // Wrap around: the old, small samples give way to new, large ones.
+        window.record(std::iter::repeat_n(1000, DelayWindow::CAPACITY));
+        assert_eq!(
+            window.summary(),
+            (1000, 1000, 100 + DelayWindow::CAPACITY as u64)
+        );
+    }
+}
