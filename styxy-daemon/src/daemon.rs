@@ -259,6 +259,9 @@ fn serve_unix_per_core(
     Ok(finished)
 }
 
+/// How often the eBPF observer's port table is checked against a full socket-table reading.
+const EBPF_SAFETY_RESYNC: Duration = Duration::from_secs(60);
+
 /// Starts the chosen observer, takes the first reading of the socket tables, and says which
 /// observer runs and why.
 fn start_observer(
@@ -278,15 +281,20 @@ fn start_observer(
             let status = ObserverStatus {
                 kind: "ebpf",
                 reason: format!(
-                    "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables",
-                    attached.cgroup.display()
+                    "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
+                     a full reading every {} s as a safety net",
+                    attached.cgroup.display(),
+                    EBPF_SAFETY_RESYNC.as_secs()
                 ),
             };
             // SAFETY: the descriptor is the ring buffer's map fd, owned by `attached`, which the
             // AsyncFd owns in turn: it stays open and the same for the AsyncFd's whole life.
             let events = unsafe { AsyncFd::register_with_interest(attached, Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("watching the eBPF ring buffer: {e}"))?;
-            tokio::spawn(read_ebpf_events(engine, events, shutdown));
+            tokio::spawn(read_ebpf_events(engine.clone(), events, shutdown.clone()));
+            // A safety net for what no hook reports (a socket that starts listening after a
+            // point check dropped it while it was only bound): a full reading now and then.
+            tokio::spawn(scan_socket_tables(engine, EBPF_SAFETY_RESYNC, shutdown));
             return Ok(status);
         }
         Some(Err(e)) if opts.observer == ObserverChoice::Ebpf => {
@@ -367,7 +375,8 @@ async fn scan_socket_tables(
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(every);
+    // The first reading was taken at start: the first tick is one interval away.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
