@@ -250,6 +250,8 @@ pub async fn run(command: Command, target: &Target, as_json: bool) -> Result<()>
         }
         Command::Watch => {
             let mut stream = call(client.watch(pb::WatchRequest {}).await)?;
+            // The daemon has subscribed us once the call returns: from here no event is missed.
+            eprintln!("watching {target} — Ctrl-C to stop");
             while let Some(event) = stream.next().await {
                 let event =
                     event.map_err(|s| anyhow!("the event stream ended: {}", s.message()))?;

@@ -123,3 +123,43 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_streams_binds_as_lines() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut watch = styxy_tests::Spawned::start(
+        Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("watch"),
+    )?;
+    // Once it says it is watching, it is subscribed: no event can be missed.
+    watch.line_where(15, |l| l.starts_with("watching "))?;
+    let port = daemon.base + 9;
+    let server = http_server(port)?;
+    let line = watch.line_where(15, |l| l.contains(&format!("bound {port}/tcp")))?;
+    assert!(line.contains(&format!("pid {}", server.pid())), "{line}");
+    drop(server);
+    watch.line_where(15, |l| l.contains(&format!("released {port}/tcp")))?;
+    Ok(())
+}
+
+#[test]
+fn env_prints_lines_a_shell_can_eval() -> anyhow::Result<()> {
+    let script = format!(
+        "eval \"$('{}' env --instance agent-7)\"; echo \"$LD_PRELOAD|$STYXY_INSTANCE\"",
+        styxy_tests::styxy_bin().display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env("LD_PRELOAD", "/opt/other/libother.so")
+        .output()?;
+    let printed = text(&out);
+    let (preload, instance) = printed.trim().split_once('|').expect("two values");
+    assert!(
+        preload.ends_with("libstyxy_preload.so:/opt/other/libother.so"),
+        "the shim first, the rest kept: {preload}"
+    );
+    assert_eq!(instance, "agent-7");
+    Ok(())
+}
