@@ -5,7 +5,8 @@
 //!   the caller is answered. Writes from concurrent callers are grouped into one fsync (group commit), so
 //!   durability costs one fsync per batch, not per lease. When the journal grows it is folded into a new
 //!   snapshot. A torn last line (power loss mid-write) is ignored on replay.
-//! - `audit.jsonl`: every reassigned bind, one JSON line each.
+//! - `audit.jsonl`: every reassigned bind, one JSON line each; past [`AUDIT_ROTATE_BYTES`] it is
+//!   renamed to `audit.jsonl.1` (replacing the one before) and a new one is started.
 //!
 //! After `kill -9` and restart, every answered change is there, and none twice (changes are keyed by id).
 
@@ -24,6 +25,9 @@ use crate::broker::{AuditRecord, Instance, Lease, StateChange};
 const SNAPSHOT: &str = "state.json";
 const JOURNAL: &str = "journal.jsonl";
 const AUDIT: &str = "audit.jsonl";
+const AUDIT_ROTATED: &str = "audit.jsonl.1";
+/// Size at which the audit log is rotated: with one rotated generation, at most twice this on disk.
+pub const AUDIT_ROTATE_BYTES: u64 = 8 << 20;
 /// Journal lines after which the writer folds the journal into a fresh snapshot.
 const COMPACT_AFTER: usize = 10_000;
 
@@ -97,6 +101,15 @@ impl Store {
     /// Opens (creating) the state dir, reads the snapshot and replays the journal, folds them into a fresh
     /// snapshot and starts the writer thread. Returns the state as it was, and the recent audit entries.
     pub fn open(dir: &Path, audit_keep: usize) -> Result<(Store, Snapshot, Vec<AuditRecord>)> {
+        Store::open_with(dir, audit_keep, AUDIT_ROTATE_BYTES)
+    }
+
+    /// [`Store::open`] with the audit log rotated at `audit_rotate_bytes`.
+    pub fn open_with(
+        dir: &Path,
+        audit_keep: usize,
+        audit_rotate_bytes: u64,
+    ) -> Result<(Store, Snapshot, Vec<AuditRecord>)> {
         fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
         let mut state = State::default();
         let snapshot_path = dir.join(SNAPSHOT);
@@ -121,14 +134,12 @@ impl Store {
         }
         write_snapshot(dir, &state.snapshot())?;
         let journal = File::create(dir.join(JOURNAL)).context("truncating the journal")?;
-        let mut audit = read_json_lines::<AuditRecord>(&dir.join(AUDIT))?;
+        let mut audit = read_json_lines::<AuditRecord>(&dir.join(AUDIT_ROTATED))?;
+        audit.extend(read_json_lines::<AuditRecord>(&dir.join(AUDIT))?);
         let drop_count = audit.len().saturating_sub(audit_keep);
         audit.drain(..drop_count);
-        let audit_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(AUDIT))
-            .context("opening the audit log")?;
+        let audit_file = open_audit(dir)?;
+        let audit_bytes = audit_file.metadata().map_or(0, |m| m.len());
 
         let (durable, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -143,6 +154,8 @@ impl Store {
             journal,
             journal_lines: 0,
             audit: audit_file,
+            audit_bytes,
+            audit_rotate_bytes,
             state,
         };
         std::thread::Builder::new()
@@ -220,7 +233,17 @@ struct Writer {
     journal: File,
     journal_lines: usize,
     audit: File,
+    audit_bytes: u64,
+    audit_rotate_bytes: u64,
     state: State,
+}
+
+fn open_audit(dir: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(AUDIT))
+        .context("opening the audit log")
 }
 
 impl Writer {
@@ -280,6 +303,13 @@ impl Writer {
                 .write_all(&batch.audit)
                 .context("appending to the audit log")?;
             self.audit.sync_data().context("fsync of the audit log")?;
+            self.audit_bytes += batch.audit.len() as u64;
+            if self.audit_bytes >= self.audit_rotate_bytes {
+                fs::rename(self.dir.join(AUDIT), self.dir.join(AUDIT_ROTATED))
+                    .context("rotating the audit log")?;
+                self.audit = open_audit(&self.dir)?;
+                self.audit_bytes = 0;
+            }
         }
         if batch.closing || self.journal_lines >= COMPACT_AFTER {
             write_snapshot(&self.dir, &self.state.snapshot())?;
@@ -418,6 +448,30 @@ mod tests {
         store2.close().await.unwrap();
         let (_, snap, _) = Store::open(&dir, 100).unwrap();
         assert_eq!(snap.leases.len(), 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_rotates_and_the_newest_entries_come_back() {
+        let dir = std::env::temp_dir().join(format!("styxy-store-rot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        // Records are about 180 bytes: a rotation every third one, checked after each write.
+        let (store, _, _) = Store::open_with(&dir, 100, 400).unwrap();
+        for port in 3000..3010 {
+            let ticket = store.enqueue(&[], &[audit(port)]);
+            store.durable(ticket).await.unwrap();
+        }
+        store.close().await.unwrap();
+        let current = fs::metadata(dir.join(AUDIT)).unwrap().len();
+        let rotated = fs::metadata(dir.join(AUDIT_ROTATED)).unwrap().len();
+        assert!(
+            current < 400 && rotated < 600,
+            "bounded: {current} + {rotated}"
+        );
+        let (_, _, back) = Store::open_with(&dir, 100, 400).unwrap();
+        let ports: Vec<u16> = back.iter().map(|r| r.requested_port).collect();
+        assert_eq!(ports.last(), Some(&3009), "{ports:?}");
+        assert!(ports.windows(2).all(|w| w[0] < w[1]), "in order: {ports:?}");
         let _ = fs::remove_dir_all(&dir);
     }
 
