@@ -28,9 +28,14 @@ impl std::fmt::Display for Target {
 
 /// A channel to the daemon, with a message that says how to fix it when the daemon is not there.
 pub async fn channel(target: &Target) -> Result<Channel> {
-    let hint = || {
-        format!(
-            "cannot reach the Styxy daemon at {target}. Is it running? Start it with `styxy daemon` \
+    let hint = |e: tonic::transport::Error| {
+        // The innermost cause says it all ("No such file or directory"); the layers above repeat it.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        anyhow::anyhow!(
+            "cannot reach the Styxy daemon at {target} ({cause}). Is it running? Start it with `styxy daemon` \
              (or `sudo systemctl start styxy`), or point to it with --socket PATH / STYXY_SOCKET"
         )
     };
@@ -47,14 +52,14 @@ pub async fn channel(target: &Target) -> Result<Channel> {
                     }
                 }))
                 .await
-                .with_context(hint)
+                .map_err(hint)
         }
         Target::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
             .with_context(|| format!("{addr} is not a valid address (expected HOST:PORT)"))?
             .connect_timeout(Duration::from_secs(2))
             .connect()
             .await
-            .with_context(hint),
+            .map_err(hint),
     }
 }
 
