@@ -1,6 +1,7 @@
 //! `libstyxy_preload.so`: an `LD_PRELOAD` shim around `bind()`.
 //!
-//! For an AF_INET/AF_INET6 TCP or UDP bind of a non-zero port, it asks the Styxy daemon whether the
+//! For an AF_INET/AF_INET6 TCP or UDP bind of a non-zero port (not set up to share it: SO_REUSEPORT,
+//! or SO_REUSEADDR on UDP), it asks the Styxy daemon whether the
 //! port is free for this process (`ResolveBind`, tight deadline). KEEP → bind as asked; REASSIGN →
 //! bind the port the daemon picked and print one `✓ STYXY:` line. Everything else, and every bind
 //! while the daemon is unreachable, goes straight to the real `bind()` (fail-open).
@@ -197,8 +198,8 @@ impl Bind {
         let Some(protocol) = socket_protocol(self.fd) else {
             return self.as_asked();
         };
-        if has_reuseport(self.fd) {
-            // Intended sharing (a worker pool): never moved.
+        if shares_its_port(self.fd, protocol) {
+            // Intended sharing (a worker pool, an mDNS/SSDP listener): never moved.
             return self.as_asked();
         }
         let mut query = BindQuery {
@@ -331,8 +332,13 @@ fn socket_protocol(fd: c_int) -> Option<u8> {
     }
 }
 
-fn has_reuseport(fd: c_int) -> bool {
-    getsockopt_int(fd, libc::SO_REUSEPORT).is_some_and(|v| v != 0)
+/// Whether the socket is set up to share its port on purpose: SO_REUSEPORT (any protocol), or
+/// SO_REUSEADDR on UDP, which is how multicast listeners (mDNS on 5353, SSDP on 1900) let several
+/// processes bind one port. (SO_REUSEADDR on TCP only allows binding over TIME_WAIT; almost
+/// every TCP server sets it, so it says nothing about sharing.)
+fn shares_its_port(fd: c_int, protocol: u8) -> bool {
+    let set = |option| getsockopt_int(fd, option).is_some_and(|v| v != 0);
+    set(libc::SO_REUSEPORT) || (protocol == PROTO_UDP && set(libc::SO_REUSEADDR))
 }
 
 fn getsockopt_int(fd: c_int, option: c_int) -> Option<c_int> {

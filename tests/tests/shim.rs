@@ -200,6 +200,31 @@ async fn reuseport_sockets_are_never_moved() -> Result<()> {
     Ok(())
 }
 
+/// Two processes listening on one UDP port with SO_REUSEADDR, as mDNS and SSDP listeners do.
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_listeners_sharing_a_port_with_reuseaddr_are_never_moved() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let port = daemon.base + 135;
+    let script = format!(
+        "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {port}))\n\
+         print('bound', {port}, s.getsockname()[1], flush=True)\nsys.stdin.read()\n"
+    );
+    let mut listeners = Vec::new();
+    for _ in 0..2 {
+        let mut listener = Spawned::start(
+            daemon
+                .shimmed("python3", &["-c", &script])
+                .env_remove("STYXY_NOTIFY"),
+        )?;
+        let line = listener.line_where(20, |l| l.starts_with("bound ") || l.contains("Error"))?;
+        assert_eq!(bound(&line), Some((port, port)), "{line}");
+        listeners.push(listener);
+    }
+    assert!(!listeners[1].seen.iter().any(|l| l.starts_with(NOTICE)));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Result<()> {
     let daemon = Daemon::start().await?;
