@@ -59,7 +59,7 @@ pub unsafe extern "C" fn styxy_client_resolve_bind(
     .unwrap_or(RESOLVE_INTERNAL)
 }
 
-/// A [`BindQuery`] copied out of the caller's memory, so the worker never touches it.
+/// A [`BindQuery`] copied out of the caller's memory: the request owns its strings.
 struct OwnedQuery {
     request: pb::ResolveBindRequest,
     timeout: Duration,
