@@ -2,7 +2,7 @@
 //!
 //! - `setup`: install what a fresh machine lacks (scripts/setup.sh);
 //! - `build-ebpf`: build the kernel programs (styxy-ebpf) into `target/styxy-ebpf.o`;
-//! - `run`: build in release mode and run the daemon in the foreground;
+//! - `run`: set up, build in release mode (eBPF included when it can) and run the daemon in the foreground;
 //! - `test`: build every binary the end-to-end tests start, then run the whole test suite;
 //! - `bench`: build in release mode and run the side-by-side benchmarks.
 
@@ -54,6 +54,11 @@ fn main() -> Result<()> {
         Task::Setup => setup(&root),
         Task::BuildEbpf { release } => build_ebpf(&root, release),
         Task::Run { args } => {
+            // The daemon runs without what setup brings (it falls back to the socket tables),
+            // so a failed setup is a warning here, not the end.
+            if let Err(e) = setup(&root) {
+                eprintln!("xtask: setup: {e:#}\nxtask: continuing");
+            }
             if let Err(e) = build_ebpf(&root, true) {
                 eprintln!("xtask: {e:#}\nxtask: continuing without eBPF: the daemon will read the socket tables");
             }
