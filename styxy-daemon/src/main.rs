@@ -19,7 +19,7 @@ use styxy::{cli, paths};
     about = "A port broker for machines where many dev servers and agents run"
 )]
 struct Args {
-    /// The daemon's Unix socket [default: /run/styxy/styxy.sock as root, else $XDG_RUNTIME_DIR/styxy/styxy.sock]
+    /// The daemon's Unix socket [default: /run/styxy/styxy.sock as root, else $XDG_RUNTIME_DIR/styxy/styxy.sock; clients fall back to /run/styxy/styxy.sock when only the system daemon runs]
     #[arg(long, global = true, env = "STYXY_SOCKET")]
     socket: Option<PathBuf>,
     /// Talk to the daemon over TCP (read-only calls) instead of the Unix socket, e.g. 127.0.0.1:9876
@@ -196,7 +196,7 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Hook(HookCommand::SessionStart) => {
-            let target = Target::Unix(args.socket.unwrap_or_else(paths::default_socket));
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
             println!("{}", styxy::hook::session_start(&target).await);
             Ok(())
         }
@@ -221,7 +221,7 @@ async fn run(args: Args) -> Result<()> {
         Command::Client(command) => {
             let target = match args.tcp {
                 Some(addr) => Target::Tcp(addr),
-                None => Target::Unix(args.socket.unwrap_or_else(paths::default_socket)),
+                None => Target::Unix(args.socket.unwrap_or_else(paths::find_socket)),
             };
             cli::run(command, &target, args.json).await
         }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-pub use styxy_common::paths::default_socket;
+pub use styxy_common::paths::{default_socket, find_socket};
 
 /// TCP address the daemon listens on by default (loopback only).
 pub const DEFAULT_TCP: &str = "127.0.0.1:9876";

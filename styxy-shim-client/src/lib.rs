@@ -94,7 +94,7 @@ impl OwnedQuery {
         let socket = string(query.socket_path)
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(styxy_common::paths::default_socket);
+            .unwrap_or_else(styxy_common::paths::find_socket);
         let instance_id = string(query.instance_id).filter(|s| !s.is_empty());
         Some(OwnedQuery {
             request: pb::ResolveBindRequest {
