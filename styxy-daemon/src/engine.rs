@@ -214,22 +214,25 @@ impl Engine {
 
     /// Whether the kernel shows anything bound on `port` right now (any protocol).
     fn kernel_shows_bound(&self, port: u16) -> bool {
-        self.kernel_shows_bound_except(port, None)
+        self.kernel_shows_bound_except(port, None, None)
     }
 
-    /// Whether the kernel shows `port` bound right now by anyone but `except` (a process that may
-    /// bind its own port again, e.g. IPv6 next to IPv4); folds what it saw into the port table.
-    fn kernel_shows_bound_except(&self, port: u16, except: Option<ProcessId>) -> bool {
-        match self.kernel.read(Some(port), None) {
+    /// Whether the kernel shows `port` bound right now (for `protocol`, or any) by anyone but
+    /// `except` (a process that may bind its own port again, e.g. IPv6 next to IPv4); folds what
+    /// it saw into the port table.
+    fn kernel_shows_bound_except(
+        &self,
+        port: u16,
+        protocol: Option<Protocol>,
+        except: Option<ProcessId>,
+    ) -> bool {
+        match self.kernel.read(Some(port), protocol) {
             Ok(reading) if reading.is_empty() => false,
             Ok(reading) => {
                 let by_other = reading
                     .iter()
                     .any(|s| except.is_none() || s.owner.as_ref().map(|o| o.id) != except);
-                let scope = Scope::Port {
-                    port,
-                    protocol: None,
-                };
+                let scope = Scope::Port { port, protocol };
                 self.commit_effects(|b| b.reconcile(scope, reading, now_ms()));
                 by_other
             }
@@ -365,7 +368,8 @@ impl Engine {
             let decision = decision?;
             match decision {
                 BindDecision::Reassign { port, .. }
-                    if self.kernel_shows_bound_except(port, Some(req.asker.id)) =>
+                    // Only the asker's protocol matters: TCP and UDP ports are separate.
+                    if self.kernel_shows_bound_except(port, Some(req.protocol), Some(req.asker.id)) =>
                 {
                     let claim = lock(&self.broker).observe(port, None).lease;
                     if let Some(claim) = claim.filter(|l| l.process == Some(req.asker.id)) {
