@@ -16,7 +16,11 @@ pub enum Command {
     /// Daemon version, observer in use and why, counters.
     Status,
     /// Every bound port and lease.
-    Ports,
+    Ports {
+        /// Only the ports of this agent session (its STYXY_INSTANCE), e.g. `--instance "$STYXY_INSTANCE"`.
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// Who holds a port.
     Observe {
         port: u16,
@@ -112,8 +116,12 @@ pub async fn run(command: Command, target: &Target, as_json: bool) -> Result<()>
                 );
             }
         }
-        Command::Ports => {
-            let r = call(client.list_ports(pb::ListPortsRequest {}).await)?;
+        Command::Ports { instance } => {
+            let mut r = call(client.list_ports(pb::ListPortsRequest {}).await)?;
+            if let Some(instance) = &instance {
+                r.holders.retain(|h| &h.instance_id == instance);
+                r.leases.retain(|l| &l.instance_id == instance);
+            }
             if as_json {
                 return print_json(json!({
                     "holders": r.holders.iter().map(holder_json).collect::<Vec<_>>(),
@@ -325,7 +333,7 @@ fn holder_json(h: &pb::Holder) -> Value {
     json!({
         "port": h.port, "protocol": protocol_name(h.protocol), "pid": h.pid, "comm": h.comm,
         "cmdline": h.cmdline, "service_type": h.service_type, "uid": h.uid, "addresses": h.addresses,
-        "since_ms": h.since_ms,
+        "since_ms": h.since_ms, "instance_id": h.instance_id,
     })
 }
 
@@ -435,8 +443,8 @@ fn print_holders(holders: &[pb::Holder]) {
         return;
     }
     println!(
-        "{:<6} {:<5} {:<8} {:<16} {:<14} ADDRESS",
-        "PORT", "PROTO", "PID", "COMM", "TYPE"
+        "{:<6} {:<5} {:<8} {:<16} {:<14} {:<16} ADDRESS",
+        "PORT", "PROTO", "PID", "COMM", "TYPE", "INSTANCE"
     );
     for h in holders {
         let pid = if h.pid == 0 {
@@ -445,12 +453,17 @@ fn print_holders(holders: &[pb::Holder]) {
             h.pid.to_string()
         };
         println!(
-            "{:<6} {:<5} {:<8} {:<16} {:<14} {}",
+            "{:<6} {:<5} {:<8} {:<16} {:<14} {:<16} {}",
             h.port,
             protocol_name(h.protocol),
             pid,
             if h.comm.is_empty() { "?" } else { &h.comm },
             h.service_type,
+            if h.instance_id.is_empty() {
+                "-"
+            } else {
+                &h.instance_id
+            },
             h.addresses.join(",")
         );
     }

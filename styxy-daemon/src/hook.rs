@@ -62,7 +62,7 @@ pub async fn session_start(target: &Target) -> String {
             "Styxy is on for this session (instance {instance}): a dev server that asks for a port \
              another process holds starts on a free port in the same range instead, and prints a line \
              `✓ STYXY: Auto-assigned port NEW (OLD in use by …)` — use the NEW port. \
-             `styxy ports` lists who holds which port."
+             `styxy ports --instance {instance}` lists this session's servers; `styxy ports`, everyone's."
         )),
         Ok(false) => lines.push(format!("Styxy is already on for this session (instance {instance}).")),
         Err(e) => lines.push(format!(

@@ -312,3 +312,48 @@ async fn styxy_disable_and_port_zero_pass_straight_through() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ports_name_the_agent_session_that_claimed_them() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 190;
+    let _holder = http_server(asked)?;
+    let mut command = Command::new(styxy_tests::styxy_bin());
+    command
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args([
+            "run",
+            "--instance",
+            "agent-7",
+            "--",
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+        ])
+        .args([asked.to_string().as_str(), "--bind", "127.0.0.1"]);
+    let mut server = Spawned::start(&mut command)?;
+    let notice = server.line_where(20, |l| l.starts_with(NOTICE))?;
+    let moved = notice_port(&notice).context("port")?;
+    let pid = server.child.id();
+    let mine = styxy_tests::eventually(10, "the moved server in `styxy ports`", || async {
+        let out = daemon.cli(&["--json", "ports", "--instance", "agent-7"]);
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let holders = listed["holders"].as_array()?.clone();
+        (!holders.is_empty()).then_some(holders)
+    })
+    .await?;
+    assert_eq!(mine.len(), 1, "only this session's server: {mine:?}");
+    assert_eq!(mine[0]["port"], u32::from(moved));
+    assert_eq!(mine[0]["pid"], pid);
+    assert_eq!(mine[0]["instance_id"], "agent-7");
+    // The holder of the asked port belongs to no session; the table says so.
+    let table = String::from_utf8(daemon.cli(&["ports"]).stdout)?;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&moved.to_string()))
+        .context("a row for the moved port")?;
+    assert!(row.contains("agent-7"), "{table}");
+    Ok(())
+}

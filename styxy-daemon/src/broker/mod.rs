@@ -59,6 +59,8 @@ pub enum BrokerError {
 pub struct Held {
     pub socket: BoundSocket,
     pub service_type: String,
+    /// The agent session (`STYXY_INSTANCE`) whose shim claimed this port for the holder, if any.
+    pub instance_id: Option<String>,
 }
 
 /// Who holds a port, as told to a process whose bind was moved.
@@ -337,6 +339,7 @@ impl Broker {
                 {
                     if held.socket.owner.is_none() && socket.owner.is_some() {
                         held.service_type = infer_type(&self.ranges, &mut self.inferred, &socket);
+                        held.instance_id = claimed_for_instance(&self.leases, &socket);
                         held.socket.owner = socket.owner;
                     }
                 }
@@ -354,6 +357,7 @@ impl Broker {
         self.settle_leases_on_bind(&socket, effects);
         let held = Held {
             service_type: infer_type(&self.ranges, &mut self.inferred, &socket),
+            instance_id: self.claimed_for_instance(&socket),
             socket: BoundSocket {
                 since_ms: if socket.since_ms == 0 {
                     now_ms
@@ -370,6 +374,10 @@ impl Broker {
             .or_default()
             .insert(cookie);
         self.retake(port);
+    }
+
+    fn claimed_for_instance(&self, socket: &BoundSocket) -> Option<String> {
+        claimed_for_instance(&self.leases, socket)
     }
 
     /// A lease turns into "bound" when its holder binds its port: an Allocate lease ends (the socket now
@@ -757,6 +765,15 @@ impl Broker {
             instance_id: req.instance_id.clone(),
         }));
     }
+}
+
+/// The instance of the lease on the socket's port held for the socket's own process, if any.
+fn claimed_for_instance(leases: &BTreeMap<u16, Lease>, socket: &BoundSocket) -> Option<String> {
+    let owner = socket.owner.as_ref()?.id;
+    leases
+        .get(&socket.port)
+        .filter(|l| l.process == Some(owner))
+        .and_then(|l| l.instance_id.clone())
 }
 
 fn infer_type(

@@ -718,3 +718,22 @@ fn restore_keeps_leases_and_never_reuses_an_id() {
     assert_ne!(next.id, c.id);
     assert_eq!(next.port, 3002);
 }
+
+#[test]
+fn a_socket_bound_on_a_claimed_port_carries_the_claims_instance() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    let mut asked = bind_req(20, 6006);
+    asked.instance_id = Some("agent-7".into());
+    let (decision, _) = b.resolve_bind(&asked, &Procs::default(), 2).unwrap();
+    let BindDecision::Reassign { port, .. } = decision else {
+        panic!("expected a move, got {decision:?}");
+    };
+    // The asker binds the port it was given: its socket belongs to the session.
+    let mine = socket(2, port, Some(proc_info(20, "node", "node server.js")));
+    b.apply(PortEvent::Bound(mine), 3);
+    let view = b.observe(port, None);
+    assert_eq!(view.holders[0].instance_id.as_deref(), Some("agent-7"));
+    // Another process on a port nobody claimed belongs to no session.
+    assert_eq!(b.observe(6006, None).holders[0].instance_id, None);
+}
