@@ -357,3 +357,54 @@ async fn ports_name_the_agent_session_that_claimed_them() -> Result<()> {
     assert!(row.contains("agent-7"), "{table}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_bind_leaves_errno_as_the_host_had_it() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 195;
+    let _holder = port_holder(&[held])?;
+    let mut moved = Spawned::start(&mut probe(&daemon, &["errno", &held.to_string(), "--exit"]))?;
+    let line = moved.line_where(20, |l| l.starts_with("rc "))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[1], "0", "the bind succeeded: {line}");
+    assert_eq!(
+        words[3],
+        libc::EAGAIN.to_string(),
+        "errno untouched: {line}"
+    );
+    assert_ne!(words[5], held.to_string(), "and it was moved: {line}");
+    Ok(())
+}
+
+/// A daemon that accepts connections and never answers: binds still finish, as asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_daemon_never_hangs_a_bind() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("styxy-hung-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("hung.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+    // Accept and hold every connection, reading nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let base = styxy_tests::port_block();
+    let held = base + 1;
+    let _holder = port_holder(&[held])?;
+    let env = [("STYXY_SOCKET", socket.to_str().context("utf-8 path")?)];
+    let started = std::time::Instant::now();
+    // A free port binds as asked; a held one fails as it would without the shim.
+    assert!(python_bind(base + 2, Some(&env))?.starts_with("bound "));
+    assert!(python_bind(held, Some(&env))?.starts_with("failed 98"));
+    // Generous: the point is that nothing waits forever (deadline 50 ms, second chance 1 s).
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -81,7 +81,7 @@ fn main() {
     let exit_now = args.iter().any(|a| a == "--exit");
     let args: Vec<String> = args.into_iter().filter(|a| a != "--exit").collect();
     let Some((mode, rest)) = args.split_first() else {
-        eprintln!("usage: bind-probe fork|threads|tokio|reuseport|loaded PORT… [--exit]");
+        eprintln!("usage: bind-probe fork|threads|tokio|reuseport|errno|loaded PORT… [--exit]");
         std::process::exit(2);
     };
     let mut keep = Vec::new();
@@ -157,6 +157,33 @@ fn main() {
                 let l = listen_reuseport(port);
                 report(port, bound_port(&l));
                 keep.push(l);
+            }
+        }
+        // errno as the host left it survives a bind that succeeds (moved or not).
+        "errno" => {
+            let port = ports(rest)[0];
+            // SAFETY: plain socket calls on a descriptor this block owns; errno is this thread's.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let mut sin: libc::sockaddr_in = std::mem::zeroed();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = port.to_be();
+                sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+                *libc::__errno_location() = libc::EAGAIN;
+                let rc = libc::bind(
+                    fd,
+                    (&raw const sin).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                let errno_after = *libc::__errno_location();
+                let mut bound: libc::sockaddr_in = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                libc::getsockname(fd, (&raw mut bound).cast(), &mut len);
+                println!(
+                    "rc {rc} errno {errno_after} port {}",
+                    u16::from_be(bound.sin_port)
+                );
+                libc::close(fd);
             }
         }
         // Whether the gRPC client library got loaded: after a port-0 bind it must not be.
