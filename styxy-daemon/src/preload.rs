@@ -68,6 +68,15 @@ pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) 
     if let Some(socket) = socket {
         child.env(styxy_common::paths::SOCKET_ENV, socket);
     }
+    // The shim fails open in silence; say here, once, when it will have no daemon to ask.
+    let daemon = socket.map_or_else(crate::paths::find_socket, Path::to_path_buf);
+    if let Err(e) = std::os::unix::net::UnixStream::connect(&daemon) {
+        eprintln!(
+            "styxy: warning: no daemon answers at {} ({e}); the command runs, but its ports will not be \
+             moved. Start one with `sudo systemctl start styxy` or `styxy daemon`.",
+            daemon.display()
+        );
+    }
     let error = child.exec();
     bail!(
         "cannot run {}: {error}{}",

@@ -163,3 +163,27 @@ fn env_prints_lines_a_shell_can_eval() -> anyhow::Result<()> {
     assert_eq!(instance, "agent-7");
     Ok(())
 }
+
+#[test]
+fn run_without_a_daemon_warns_and_still_runs_the_command() -> anyhow::Result<()> {
+    let out = Command::new(styxy_bin())
+        .args([
+            "--socket",
+            "/nonexistent/styxy.sock",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ])
+        .output()?;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no daemon answers at /nonexistent/styxy.sock")
+            && stderr.contains("will not be moved"),
+        "{stderr}"
+    );
+    Ok(())
+}
