@@ -114,7 +114,21 @@ pub struct BoundRecord {
     pub addr: [u8; 16],
 }
 
+/// Slots of the kernel side's `PORTS` map: how many sockets the programs saw bound per
+/// (protocol, port), kept in step synchronously by post_bind and sock_release.
+pub const PORT_SLOTS: u32 = 2 * 65_536;
+
+/// The `PORTS` slot of a port: TCP first, then UDP.
+pub const fn port_slot(protocol: u8, port: u16) -> u32 {
+    if protocol == IPPROTO_UDP {
+        65_536 + port as u32
+    } else {
+        port as u32
+    }
+}
+
 /// Names of the kernel side's maps, shared so both sides agree.
+pub const PORTS_MAP: &str = "PORTS";
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const DROPPED_MAP: &str = "DROPPED";
 pub const BOUND_MAP: &str = "BOUND";

@@ -278,11 +278,24 @@ fn start_observer(
             let reading = tokio::task::block_in_place(|| engine.resync_reading())
                 .context("reading the kernel's socket tables")?;
             let seeded = attached.seed_bound(&reading);
+            // The kernel's per-port counts stand for the socket tables only when the programs
+            // see every bind, i.e. at the root of the cgroup tree.
+            let whole_machine = ebpf::cgroup2_root()
+                .ok()
+                .and_then(|root| std::fs::canonicalize(root).ok())
+                .is_some_and(|root| std::fs::canonicalize(&attached.cgroup).ok() == Some(root));
+            let point_checks = match attached.take_port_counts() {
+                Some(counts) if whole_machine => {
+                    engine.use_port_counts(Box::new(counts));
+                    "point checks read the kernel's per-port counts"
+                }
+                _ => "point checks read the socket tables (a cgroup below the root sees only its own binds)",
+            };
             let status = ObserverStatus {
                 kind: "ebpf",
                 reason: format!(
                     "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
-                     a full reading every {} s as a safety net",
+                     {point_checks}; a full reading every {} s as a safety net",
                     attached.cgroup.display(),
                     EBPF_SAFETY_RESYNC.as_secs()
                 ),

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
@@ -18,7 +18,7 @@ use crate::broker::{
     Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
 };
 use crate::observe::procs::ProcFs;
-use crate::observe::KernelTables;
+use crate::observe::{KernelTables, PortCounts};
 use crate::store::{Store, Ticket};
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.
@@ -73,6 +73,8 @@ pub struct Engine {
     dropped_events: AtomicU64,
     observed_events: AtomicU64,
     observer_delays: Mutex<DelayWindow>,
+    /// The kernel's per-port counts, when an eBPF observer keeps them for the whole machine.
+    port_counts: OnceLock<Box<dyn PortCounts>>,
 }
 
 /// A snapshot of counters for `Status`.
@@ -145,6 +147,7 @@ impl Engine {
             dropped_events: AtomicU64::new(0),
             observed_events: AtomicU64::new(0),
             observer_delays: Mutex::new(DelayWindow::default()),
+            port_counts: OnceLock::new(),
         }
     }
 
@@ -199,8 +202,25 @@ impl Engine {
     }
 
     /// Brings the table up to date for one port (or a range) from the kernel's socket tables.
+    /// Point checks answer "nothing bound" from the kernel's per-port counts from now on.
+    pub fn use_port_counts(&self, counts: Box<dyn PortCounts>) {
+        let _ = self.port_counts.set(counts);
+    }
+
+    /// True when the kernel's per-port counts say nothing is bound on `port` right now.
+    fn kernel_counts_none(&self, port: u16, protocol: Option<Protocol>) -> bool {
+        self.port_counts
+            .get()
+            .and_then(|counts| counts.bound(port, protocol))
+            == Some(0)
+    }
+
     fn refresh(&self, scope: Scope) {
         let reading = match scope {
+            // Nothing bound: the reading a dump would give, without the dump.
+            Scope::Port { port, protocol } if self.kernel_counts_none(port, protocol) => {
+                Ok(Vec::new())
+            }
             Scope::Port { port, protocol } => self.kernel.read(Some(port), protocol),
             _ => self.kernel.read(None, None),
         };
@@ -226,6 +246,9 @@ impl Engine {
         protocol: Option<Protocol>,
         except: Option<ProcessId>,
     ) -> bool {
+        if self.kernel_counts_none(port, protocol) {
+            return false;
+        }
         match self.kernel.read(Some(port), protocol) {
             Ok(reading) if reading.is_empty() => false,
             Ok(reading) => {

@@ -13,6 +13,10 @@
 //! managed cgroups, and the record has a `rewritten_port` field for that.
 #![no_std]
 #![no_main]
+// BPF has a 64-bit atomic add, but core's atomics offer no read-modify-write on this target:
+// the intrinsic emits the instruction directly. (Built with Debian's rustc and RUSTC_BOOTSTRAP.)
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
 use aya_ebpf::helpers::{
@@ -20,10 +24,11 @@ use aya_ebpf::helpers::{
     bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
 };
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
-use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use styxy_common::event::{
-    BindEvent, BoundRecord, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED,
+    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
+    KIND_RELEASED, PORT_SLOTS,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
@@ -40,6 +45,26 @@ static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Port asked for, by socket cookie, from bind4/6 until post_bind4/6 picks it up.
 #[map]
 static REQUESTED: LruHashMap<u64, u16> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sockets bound per (protocol, port) slot (see `port_slot`), counted up by post_bind and down by
+/// sock_release for the sockets post_bind saw. Updated before `bind()` returns, so the daemon can
+/// answer "is this port bound right now" with one lookup instead of a socket-table dump.
+#[map]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, 0);
+
+/// Atomically adds `delta` (wrapping) to a `PORTS` slot.
+#[inline(always)]
+fn count_port(protocol: u8, port: u16, delta: u64) {
+    if let Some(slot) = PORTS.get_ptr_mut(port_slot(protocol, port)) {
+        // SAFETY: the pointer is the map's value slot, valid and aligned for a u64; other CPUs
+        // touch it only through atomic operations too.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, delta,
+            );
+        }
+    }
+}
 
 /// What post_bind saw, by socket cookie, so sock_release can report the port.
 #[map]
@@ -143,6 +168,7 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
         addr,
     };
     let _ = BOUND.insert(&cookie, &bound, 0);
+    count_port(protocol, port, 1);
     emit(KIND_BOUND, cookie, &bound, requested);
 }
 
@@ -154,6 +180,7 @@ fn on_release(sock: *mut bpf_sock) {
         return; // never seen bound by us (a client socket, or bound before we attached)
     };
     let _ = BOUND.remove(&cookie);
+    count_port(bound.protocol, bound.port, u64::MAX); // - 1, wrapping
     emit(KIND_RELEASED, cookie, &bound, 0);
 }
 

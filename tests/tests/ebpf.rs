@@ -276,3 +276,95 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+fn resolve(pid: u32, port: u16, protocol: pb::Protocol) -> pb::ResolveBindRequest {
+    pb::ResolveBindRequest {
+        pid,
+        port: u32::from(port),
+        protocol: protocol as i32,
+        family: pb::Family::Inet as i32,
+        reuseport: false,
+        instance_id: None,
+    }
+}
+
+/// At the root of the cgroup tree the daemon answers point checks from the kernel's per-port
+/// counts: sockets bound before it started (seeded) and after (counted by post_bind) are seen as
+/// held, and as free again the moment they close.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let before_block = styxy_tests::port_block();
+    let before = before_block + 7;
+    let early = port_holder(&[before])?;
+    let object = setup.object.to_str().context("utf-8 path")?;
+    let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", object]).await?;
+    let status = daemon.status().await?;
+    assert!(
+        status.observer == "ebpf" && status.observer_reason.contains("per-port counts"),
+        "{}",
+        status.observer_reason
+    );
+    let mut client = daemon.client().await?;
+    let action = |r: pb::ResolveBindResponse| pb::BindAction::try_from(r.action).ok();
+
+    let after_tcp = daemon.base + 150;
+    let after_udp = daemon.base + 151;
+    let udp_script = format!(
+        "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('127.0.0.1', {after_udp}))\nprint('ready', flush=True)\nsys.stdin.read()\n"
+    );
+    let late_tcp = port_holder(&[after_tcp])?;
+    let mut late_udp = Spawned::start(Command::new("python3").args(["-c", &udp_script]))?;
+    late_udp.line_where(15, |l| l == "ready")?;
+
+    // The UDP socket does not hold the TCP port of the same number. (Asked first: once this
+    // process has been moved off a port, asking for it again goes where the first answer went.)
+    let me = std::process::id();
+    let tcp_twin = client
+        .resolve_bind(resolve(me, after_udp, pb::Protocol::Tcp))
+        .await?
+        .into_inner();
+    assert_eq!(action(tcp_twin), Some(pb::BindAction::Keep));
+    for (port, protocol) in [
+        (before, pb::Protocol::Tcp),
+        (after_tcp, pb::Protocol::Tcp),
+        (after_udp, pb::Protocol::Udp),
+    ] {
+        let answer = client
+            .resolve_bind(resolve(me, port, protocol))
+            .await?
+            .into_inner();
+        assert_eq!(
+            action(answer),
+            Some(pb::BindAction::Reassign),
+            "{port}/{protocol:?} is held"
+        );
+    }
+
+    drop((early, late_tcp, late_udp)); // killed: the kernel releases every socket
+                                       // Another asker: this process, moved off those ports, would be sent where it went before.
+    let other = Spawned::start(Command::new("sleep").arg("60"))?;
+    let other_pid = other.child.id();
+    for (port, protocol) in [
+        (before, pb::Protocol::Tcp),
+        (after_tcp, pb::Protocol::Tcp),
+        (after_udp, pb::Protocol::Udp),
+    ] {
+        let answer = styxy_tests::eventually(10, "the port free again", || {
+            let mut client = client.clone();
+            async move {
+                let r = client
+                    .resolve_bind(resolve(other_pid, port, protocol))
+                    .await
+                    .ok()?
+                    .into_inner();
+                (pb::BindAction::try_from(r.action).ok() == Some(pb::BindAction::Keep)).then_some(r)
+            }
+        })
+        .await?;
+        assert_eq!(answer.port, u32::from(port));
+    }
+    Ok(())
+}

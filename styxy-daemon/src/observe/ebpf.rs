@@ -9,16 +9,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use aya::Ebpf;
 use styxy_common::event::{
-    BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, DROPPED_MAP, EVENTS_MAP, IPPROTO_TCP,
-    IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, DROPPED_MAP, EVENTS_MAP,
+    IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK,
+    PROGRAMS_SOCK_ADDR,
 };
 
 use crate::broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
-use crate::observe::procs;
+use crate::observe::{procs, PortCounts};
 
 /// File name of the eBPF object.
 pub const OBJECT_NAME: &str = "styxy-ebpf.o";
@@ -76,8 +77,42 @@ pub struct Attached {
     pub events: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
     bound: BpfHashMap<MapData, u64, BoundValue>,
+    /// Until handed to the engine with [`Attached::take_port_counts`].
+    ports: Option<KernelPortCounts>,
     pub cgroup: PathBuf,
     dropped_seen: u64,
+}
+
+/// The kernel's `PORTS` counts plus the sockets that were bound before the programs attached.
+///
+/// The kernel counts what post_bind saw and subtracts what sock_release reports, including the
+/// release of a socket the daemon seeded, so for such a port the kernel's count goes below zero
+/// (wrapping) and `seeded` brings it back: the wrapping sum is the number of sockets bound now.
+/// Any error in it leans to "bound" (a socket counted twice), never to "free": the engine then
+/// reads the socket tables, as without counts.
+pub struct KernelPortCounts {
+    map: Array<MapData, u64>,
+    seeded: Vec<u64>,
+}
+
+impl KernelPortCounts {
+    fn slot(&self, protocol: u8, port: u16) -> Option<u64> {
+        let slot = port_slot(protocol, port);
+        let kernel = self.map.get(&slot, 0).ok()?;
+        Some(kernel.wrapping_add(self.seeded[slot as usize]))
+    }
+}
+
+impl PortCounts for KernelPortCounts {
+    fn bound(&self, port: u16, protocol: Option<Protocol>) -> Option<u64> {
+        let tcp = || self.slot(IPPROTO_TCP, port);
+        let udp = || self.slot(IPPROTO_UDP, port);
+        match protocol {
+            Some(Protocol::Tcp) => tcp(),
+            Some(Protocol::Udp) => udp(),
+            None => Some(tcp()?.wrapping_add(udp()?)),
+        }
+    }
 }
 
 impl std::os::fd::AsRawFd for Attached {
@@ -130,11 +165,16 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
     let dropped =
         PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
     let bound = BpfHashMap::try_from(ebpf.take_map(BOUND_MAP).context("BOUND map missing")?)?;
+    let ports = KernelPortCounts {
+        map: Array::try_from(ebpf.take_map(PORTS_MAP).context("PORTS map missing")?)?,
+        seeded: vec![0; PORT_SLOTS as usize],
+    };
     Ok(Attached {
         _ebpf: ebpf,
         events,
         dropped,
         bound,
+        ports: Some(ports),
         cgroup: cgroup.to_path_buf(),
         dropped_seen: 0,
     })
@@ -168,15 +208,27 @@ impl Attached {
                 _pad: 0,
                 addr: address_bytes(socket.address),
             };
+            // Seen by post_bind already (bound after the programs attached): counted there.
+            if self.bound.get(&socket.cookie, 0).is_ok() {
+                continue;
+            }
             if self
                 .bound
                 .insert(socket.cookie, BoundValue(record), 0)
                 .is_ok()
             {
                 seeded += 1;
+                if let Some(ports) = &mut self.ports {
+                    ports.seeded[port_slot(record.protocol, record.port) as usize] += 1;
+                }
             }
         }
         seeded
+    }
+
+    /// The per-port counts, for the engine's point checks (once).
+    pub fn take_port_counts(&mut self) -> Option<KernelPortCounts> {
+        self.ports.take()
     }
 
     /// Records lost since the last call (the ring buffer was full).

@@ -15,6 +15,15 @@ use std::io;
 use std::sync::Mutex;
 
 use crate::broker::{BoundSocket, Protocol};
+
+/// Per-port socket counts kept by the kernel as binds happen (the eBPF observer's `PORTS` map),
+/// when they cover the whole machine: they answer "is anything bound on this port right now"
+/// without a socket-table dump.
+pub trait PortCounts: Send + Sync {
+    /// Sockets bound on `port` for `protocol` (TCP and UDP together when `None`); `None` when the
+    /// counts cannot be read.
+    fn bound(&self, port: u16, protocol: Option<Protocol>) -> Option<u64>;
+}
 use procs::SocketOwners;
 use sockets::{KernelSocket, SockDiag};
 

@@ -56,7 +56,7 @@ async fn main() -> Result<()> {
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
     let mut results = Vec::new();
     for clients in [1, 32] {
-        let daemon = Daemon::start().await?;
+        let daemon = production_daemon().await?;
         results.push(styxy_allocate(&daemon, clients).await?);
         results.push(styxy_suggest(&daemon, clients).await?);
         results.push(portserver_allocate(clients)?);
@@ -75,7 +75,7 @@ async fn main() -> Result<()> {
         );
     }
     // Where the time goes: the floor (a call that does no work) and the shim's one call, direct.
-    let daemon = Daemon::start().await?;
+    let daemon = production_daemon().await?;
     let floor = styxy_run(
         &daemon,
         1,
@@ -186,6 +186,24 @@ mod ebpf {
     }
 }
 
+/// A daemon as it runs for real: the eBPF observer on the whole machine when this machine allows
+/// it (root, cgroup v2, the object built), else the socket tables. Says which.
+async fn production_daemon() -> Result<Daemon> {
+    let daemon = match styxy_tests::ebpf_ready() {
+        Some(setup) => {
+            let object = setup.object.to_string_lossy().into_owned();
+            Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?
+        }
+        None => Daemon::start().await?,
+    };
+    let status = daemon.status().await?;
+    println!(
+        "(daemon observer: {} — {})",
+        status.observer, status.observer_reason
+    );
+    Ok(daemon)
+}
+
 /// The preload shim: the cost of `bind()` with and without it, and of merely loading it.
 mod shim {
     use std::ffi::OsString;
@@ -194,7 +212,7 @@ mod shim {
     use std::time::Instant;
 
     use anyhow::{bail, Context, Result};
-    use styxy_tests::{helper_bin, port_holder, shim_library, Daemon};
+    use styxy_tests::{helper_bin, port_holder, shim_library};
 
     const BINDS: usize = 2000;
     const STARTS: usize = 400;
@@ -273,7 +291,7 @@ mod shim {
 
     pub async fn run() -> Result<()> {
         println!("Preload shim — {BINDS} timed bind() calls per case (after warm-up), {STARTS} process starts\n");
-        let daemon = Daemon::start().await?;
+        let daemon = super::production_daemon().await?;
         let socket: OsString = daemon.socket.clone().into();
         let up = [("STYXY_SOCKET", socket)];
         let missing: PathBuf = std::env::temp_dir().join("styxy-bench-no-daemon.sock");
