@@ -286,8 +286,13 @@ fn start_observer(
                 .is_some_and(|root| std::fs::canonicalize(&attached.cgroup).ok() == Some(root));
             let point_checks = match attached.take_port_counts() {
                 Some(counts) if whole_machine => {
+                    let how = if counts.is_mapped() {
+                        "point checks read the kernel's per-port counts, mapped into memory"
+                    } else {
+                        "point checks read the kernel's per-port counts"
+                    };
                     engine.use_port_counts(Box::new(counts));
-                    "point checks read the kernel's per-port counts"
+                    how
                 }
                 _ => "point checks read the socket tables (a cgroup below the root sees only its own binds)",
             };

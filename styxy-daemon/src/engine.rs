@@ -215,6 +215,20 @@ impl Engine {
             == Some(0)
     }
 
+    /// True when the kernel's per-port counts exist and agree with the table on every port of
+    /// `start..=end` (bound exactly where the table has a socket): a full reading would change
+    /// nothing there. False without counts.
+    fn table_matches_kernel_counts(&self, start: u16, end: u16) -> bool {
+        let Some(counts) = self.port_counts.get() else {
+            return false;
+        };
+        let broker = lock(&self.broker);
+        (start..=end).all(|port| match counts.bound(port, None) {
+            Some(n) => (n > 0) == broker.has_socket_on(port),
+            None => false,
+        })
+    }
+
     fn refresh(&self, scope: Scope) {
         let reading = match scope {
             // Nothing bound: the reading a dump would give, without the dump.
@@ -318,10 +332,12 @@ impl Engine {
             .ranges()
             .get_or_fallback(service_type)
             .clone();
-        self.refresh(Scope::Range {
-            start: range.start,
-            end: range.end,
-        });
+        if !self.table_matches_kernel_counts(range.start, range.end) {
+            self.refresh(Scope::Range {
+                start: range.start,
+                end: range.end,
+            });
+        }
         lock(&self.broker).suggest(service_type, count)
     }
 

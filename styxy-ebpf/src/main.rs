@@ -50,7 +50,10 @@ static REQUESTED: LruHashMap<u64, u16> = LruHashMap::with_max_entries(16384, 0);
 /// sock_release for the sockets post_bind saw. Updated before `bind()` returns, so the daemon can
 /// answer "is this port bound right now" with one lookup instead of a socket-table dump.
 #[map]
-static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, 0);
+static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, BPF_F_MMAPABLE);
+
+/// The daemon maps `PORTS` into its memory and reads the counts without a syscall.
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE as u32;
 
 /// Atomically adds `delta` (wrapping) to a `PORTS` slot.
 #[inline(always)]

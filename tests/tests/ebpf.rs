@@ -319,6 +319,22 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
     let mut late_udp = Spawned::start(Command::new("python3").args(["-c", &udp_script]))?;
     late_udp.line_where(15, |l| l == "ready")?;
 
+    // Suggest, answered from the counts, leaves the held ports out.
+    let suggested = client
+        .suggest(pb::SuggestRequest {
+            service_type: "api".into(),
+            count: 100,
+        })
+        .await?
+        .into_inner()
+        .ports;
+    assert!(!suggested.is_empty());
+    for held in [after_tcp, after_udp] {
+        assert!(
+            !suggested.contains(&u32::from(held)),
+            "{held} suggested: {suggested:?}"
+        );
+    }
     // The UDP socket does not hold the TCP port of the same number. (Asked first: once this
     // process has been moved off a port, asking for it again goes where the first answer went.)
     let me = std::process::id();

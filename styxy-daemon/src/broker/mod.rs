@@ -279,6 +279,11 @@ impl Broker {
             .filter_map(|cookie| self.sockets.get(cookie))
     }
 
+    /// Whether the table has any socket bound on `port` (either protocol).
+    pub fn has_socket_on(&self, port: u16) -> bool {
+        self.sockets_on(port, None).next().is_some()
+    }
+
     /// Everything known about `port` (all protocols when `protocol` is `None`).
     pub fn observe(&self, port: u16, protocol: Option<Protocol>) -> PortView {
         PortView {

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -92,14 +93,89 @@ pub struct Attached {
 /// reads the socket tables, as without counts.
 pub struct KernelPortCounts {
     map: Array<MapData, u64>,
+    /// The map in this process's memory, when the kernel allows it: a read is a load, no syscall.
+    mapped: Option<MappedCounts>,
     seeded: Vec<u64>,
 }
 
 impl KernelPortCounts {
+    fn new(map: aya::maps::Map) -> Result<KernelPortCounts> {
+        let mapped = match &map {
+            aya::maps::Map::Array(data) => MappedCounts::new(data.fd().as_fd()),
+            _ => None,
+        };
+        Ok(KernelPortCounts {
+            map: Array::try_from(map)?,
+            mapped,
+            seeded: vec![0; PORT_SLOTS as usize],
+        })
+    }
+
+    /// Whether reads are plain loads from a mapping (else one syscall each).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+
     fn slot(&self, protocol: u8, port: u16) -> Option<u64> {
         let slot = port_slot(protocol, port);
-        let kernel = self.map.get(&slot, 0).ok()?;
+        let kernel = match &self.mapped {
+            Some(mapped) => mapped.get(slot),
+            None => self.map.get(&slot, 0).ok()?,
+        };
         Some(kernel.wrapping_add(self.seeded[slot as usize]))
+    }
+}
+
+/// A read-only shared mapping of the `PORTS` array (created `BPF_F_MMAPABLE`).
+struct MappedCounts {
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory the kernel updates with atomic adds; this side only loads
+// from it through AtomicU64, from any thread.
+unsafe impl Send for MappedCounts {}
+// SAFETY: as above.
+unsafe impl Sync for MappedCounts {}
+
+impl MappedCounts {
+    const BYTES: usize = PORT_SLOTS as usize * std::mem::size_of::<u64>();
+
+    fn new(fd: std::os::fd::BorrowedFd<'_>) -> Option<MappedCounts> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a BPF array map's fd read-only and shared, at offset 0, for exactly its
+        // size; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::BYTES,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(MappedCounts {
+            base: std::ptr::NonNull::new(ptr.cast())?,
+            len: PORT_SLOTS as usize,
+        })
+    }
+
+    fn get(&self, slot: u32) -> u64 {
+        let slot = (slot as usize).min(self.len - 1);
+        // SAFETY: slot < len and the mapping holds len u64 values, 8-byte aligned (page-aligned base).
+        unsafe { self.base.as_ptr().add(slot).as_ref() }
+            .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for MappedCounts {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), Self::BYTES) };
     }
 }
 
@@ -165,10 +241,7 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
     let dropped =
         PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
     let bound = BpfHashMap::try_from(ebpf.take_map(BOUND_MAP).context("BOUND map missing")?)?;
-    let ports = KernelPortCounts {
-        map: Array::try_from(ebpf.take_map(PORTS_MAP).context("PORTS map missing")?)?,
-        seeded: vec![0; PORT_SLOTS as usize],
-    };
+    let ports = KernelPortCounts::new(ebpf.take_map(PORTS_MAP).context("PORTS map missing")?)?;
     Ok(Attached {
         _ebpf: ebpf,
         events,
