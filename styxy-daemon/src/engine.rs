@@ -201,7 +201,6 @@ impl Engine {
         self.commit(|b| ((), decide(b))).1
     }
 
-    /// Brings the table up to date for one port (or a range) from the kernel's socket tables.
     /// Point checks answer "nothing bound" from the kernel's per-port counts from now on.
     pub fn use_port_counts(&self, counts: Box<dyn PortCounts>) {
         let _ = self.port_counts.set(counts);
@@ -229,6 +228,8 @@ impl Engine {
         })
     }
 
+    /// Brings the table up to date for one port (or a range) from the kernel: its per-port counts
+    /// when they say nothing is bound, else its socket tables.
     fn refresh(&self, scope: Scope) {
         let reading = match scope {
             // Nothing bound: the reading a dump would give, without the dump.
