@@ -128,6 +128,10 @@ pub const fn port_slot(protocol: u8, port: u16) -> u32 {
 }
 
 /// Names of the kernel side's maps, shared so both sides agree.
+/// `CONFIG[0]`: the daemon's network namespace cookie; binds in other namespaces (containers) do
+/// not touch the host's ports and are ignored. 0: no filter.
+pub const CONFIG_MAP: &str = "CONFIG";
+pub const CONFIG_NETNS_COOKIE: u32 = 0;
 pub const PORTS_MAP: &str = "PORTS";
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const DROPPED_MAP: &str = "DROPPED";

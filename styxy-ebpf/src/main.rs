@@ -21,14 +21,14 @@
 use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
 };
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use styxy_common::event::{
-    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
-    KIND_RELEASED, PORT_SLOTS,
+    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, CONFIG_NETNS_COOKIE, IPPROTO_TCP,
+    IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORT_SLOTS,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
@@ -41,6 +41,18 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// Records that did not fit in `EVENTS`, per CPU (index 0).
 #[map]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Settings the daemon writes after loading (see `styxy_common::event::CONFIG_MAP`).
+#[map]
+static CONFIG: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether the socket is in the daemon's network namespace (always true before it says which).
+#[inline(always)]
+fn in_daemons_netns(ctx: *mut core::ffi::c_void) -> bool {
+    let wanted = CONFIG.get(CONFIG_NETNS_COOKIE).copied().unwrap_or(0);
+    // SAFETY: the helper accepts sock and sock_addr contexts.
+    wanted == 0 || unsafe { bpf_get_netns_cookie(ctx) } == wanted
+}
 
 /// Port asked for, by socket cookie, from bind4/6 until post_bind4/6 picks it up.
 #[map]
@@ -115,7 +127,7 @@ fn transport(protocol: u32) -> Option<u8> {
 fn remember_requested_port(sock_addr: *mut bpf_sock_addr) {
     // SAFETY: the kernel hands a valid context; these fields are readable in bind4/6.
     let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
-    if transport(protocol).is_none() {
+    if transport(protocol).is_none() || !in_daemons_netns(sock_addr.cast()) {
         return;
     }
     // user_port holds the port in network byte order in its low 16 bits.
@@ -135,6 +147,9 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
     let Some(protocol) = transport(protocol) else {
         return;
     };
+    if !in_daemons_netns(sock.cast()) {
+        return; // another network namespace: its ports are not the host's
+    }
     // The verifier wants every context read at a constant offset from the context pointer:
     // one volatile load per word keeps the compiler from turning these into a pointer walk.
     let mut addr = [0u8; 16];

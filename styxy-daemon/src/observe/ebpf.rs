@@ -14,9 +14,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use aya::Ebpf;
 use styxy_common::event::{
-    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, DROPPED_MAP, EVENTS_MAP,
-    IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK,
-    PROGRAMS_SOCK_ADDR,
+    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, CONFIG_MAP,
+    CONFIG_NETNS_COOKIE, DROPPED_MAP, EVENTS_MAP, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
+    KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
 };
 
 use crate::broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
@@ -242,6 +242,14 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
         PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
     let bound = BpfHashMap::try_from(ebpf.take_map(BOUND_MAP).context("BOUND map missing")?)?;
     let ports = KernelPortCounts::new(ebpf.take_map(PORTS_MAP).context("PORTS map missing")?)?;
+    // Only binds in this network namespace: a container's ports are not the host's.
+    if let Some(cookie) = own_netns_cookie() {
+        let mut config: Array<MapData, u64> =
+            Array::try_from(ebpf.take_map(CONFIG_MAP).context("CONFIG map missing")?)?;
+        config
+            .set(CONFIG_NETNS_COOKIE, cookie, 0)
+            .context("writing the network namespace to the eBPF programs")?;
+    }
     Ok(Attached {
         _ebpf: ebpf,
         events,
@@ -251,6 +259,29 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
         cgroup: cgroup.to_path_buf(),
         dropped_seen: 0,
     })
+}
+
+/// This process's network namespace cookie (`SO_NETNS_COOKIE`, Linux 5.14+); `None` on older
+/// kernels, where the programs then report binds from every namespace.
+fn own_netns_cookie() -> Option<u64> {
+    // SAFETY: a throwaway socket (never bound) queried for one u64 option, then closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        (rc == 0 && cookie != 0).then_some(cookie)
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it (harmless on newer ones).
