@@ -274,16 +274,12 @@ fn start_observer(
         ObserverChoice::Auto | ObserverChoice::Ebpf => Some(attach_ebpf(opts)),
     };
     let ebpf_error = match ebpf {
-        Some(Ok(mut attached)) => {
+        Some(Ok((mut attached, whole_machine))) => {
             let reading = tokio::task::block_in_place(|| engine.resync_reading())
                 .context("reading the kernel's socket tables")?;
             let seeded = attached.seed_bound(&reading);
             // The kernel's per-port counts stand for the socket tables only when the programs
             // see every bind, i.e. at the root of the cgroup tree.
-            let whole_machine = ebpf::cgroup2_root()
-                .ok()
-                .and_then(|root| std::fs::canonicalize(root).ok())
-                .is_some_and(|root| std::fs::canonicalize(&attached.cgroup).ok() == Some(root));
             let point_checks = match attached.take_port_counts() {
                 Some(counts) if whole_machine => {
                     let how = if counts.is_mapped() {
@@ -334,13 +330,24 @@ fn start_observer(
     })
 }
 
-fn attach_ebpf(opts: &DaemonOptions) -> Result<ebpf::Attached> {
+/// The attached programs, and whether they sit at the root of the cgroup tree (and so see every
+/// bind on the machine).
+fn attach_ebpf(opts: &DaemonOptions) -> Result<(ebpf::Attached, bool)> {
     let object = ebpf::find_object(opts.ebpf_object.as_deref())?;
-    let cgroup = match &opts.cgroup {
-        Some(path) => path.clone(),
-        None => ebpf::cgroup2_root()?,
+    let root = ebpf::cgroup2_root();
+    let cgroup = match (&opts.cgroup, &root) {
+        (Some(path), _) => path.clone(),
+        (None, Ok(root)) => root.clone(),
+        (None, Err(e)) => bail!("{e:#}"),
     };
-    ebpf::attach(&object, &cgroup)
+    let at_root = match (
+        root.map(std::fs::canonicalize),
+        std::fs::canonicalize(&cgroup),
+    ) {
+        (Ok(Ok(root)), Ok(cgroup)) => root == cgroup,
+        _ => false,
+    };
+    Ok((ebpf::attach(&object, &cgroup)?, at_root))
 }
 
 /// The eBPF observer's reader: wakes when the ring buffer has records (no polling), feeds them to
