@@ -221,11 +221,17 @@ impl Engine {
         let Some(counts) = self.port_counts.get() else {
             return false;
         };
+        // Read the counts first: without the mapping each is a syscall, not for under the lock.
+        let Some(bound) = (start..=end)
+            .map(|port| counts.bound(port, None).map(|n| n > 0))
+            .collect::<Option<Vec<bool>>>()
+        else {
+            return false;
+        };
         let broker = lock(&self.broker);
-        (start..=end).all(|port| match counts.bound(port, None) {
-            Some(n) => (n > 0) == broker.has_socket_on(port),
-            None => false,
-        })
+        (start..=end)
+            .zip(bound)
+            .all(|(port, bound)| bound == broker.has_socket_on(port))
     }
 
     /// Brings the table up to date for one port (or a range) from the kernel: its per-port counts
