@@ -623,3 +623,15 @@ impl Drop for ChildCgroup {
         }
     }
 }
+
+/// A `ResolveBind` request for an IPv4 bind of `port` by `pid`, as the shim sends it.
+pub fn resolve_bind_request(pid: u32, port: u16, protocol: pb::Protocol) -> pb::ResolveBindRequest {
+    pb::ResolveBindRequest {
+        pid,
+        port: u32::from(port),
+        protocol: protocol as i32,
+        family: pb::Family::Inet as i32,
+        reuseport: false,
+        instance_id: None,
+    }
+}

@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use styxy_tests::v1 as pb;
-use styxy_tests::{eventually, http_server, is_root, next_event, Daemon};
+use styxy_tests::{eventually, http_server, is_root, next_event, resolve_bind_request, Daemon};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -415,14 +415,7 @@ async fn resolve_bind_moves_a_held_port_within_its_range_and_audits_it() -> anyh
     let held = daemon.base + 5;
     let server = http_server(held)?;
     let mut client = daemon.client().await?;
-    let ask = |port: u16| pb::ResolveBindRequest {
-        pid: std::process::id(),
-        port: u32::from(port),
-        protocol: pb::Protocol::Tcp as i32,
-        family: pb::Family::Inet as i32,
-        reuseport: false,
-        instance_id: None,
-    };
+    let ask = |port: u16| resolve_bind_request(std::process::id(), port, pb::Protocol::Tcp);
     let moved = client.resolve_bind(ask(held)).await?.into_inner();
     assert_eq!(moved.action, pb::BindAction::Reassign as i32);
     assert_eq!(moved.port, u32::from(held + 1));

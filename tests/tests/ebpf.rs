@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use styxy_tests::v1 as pb;
-use styxy_tests::{ebpf_ready, next_event, port_holder, ChildCgroup, Daemon, EbpfSetup, Spawned};
+use styxy_tests::{
+    ebpf_ready, next_event, port_holder, resolve_bind_request, ChildCgroup, Daemon, EbpfSetup,
+    Spawned,
+};
 
 async fn ebpf_daemon(setup: &EbpfSetup, cgroup: &ChildCgroup) -> Result<Daemon> {
     let object = setup.object.to_str().context("utf-8 path")?;
@@ -288,17 +291,6 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
     Ok(())
 }
 
-fn resolve(pid: u32, port: u16, protocol: pb::Protocol) -> pb::ResolveBindRequest {
-    pb::ResolveBindRequest {
-        pid,
-        port: u32::from(port),
-        protocol: protocol as i32,
-        family: pb::Family::Inet as i32,
-        reuseport: false,
-        instance_id: None,
-    }
-}
-
 /// At the root of the cgroup tree the daemon answers point checks from the kernel's per-port
 /// counts: sockets bound before it started (seeded) and after (counted by post_bind) are seen as
 /// held, and as free again the moment they close.
@@ -350,7 +342,7 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
     // process has been moved off a port, asking for it again goes where the first answer went.)
     let me = std::process::id();
     let tcp_twin = client
-        .resolve_bind(resolve(me, after_udp, pb::Protocol::Tcp))
+        .resolve_bind(resolve_bind_request(me, after_udp, pb::Protocol::Tcp))
         .await?
         .into_inner();
     assert_eq!(action(tcp_twin), Some(pb::BindAction::Keep));
@@ -360,7 +352,7 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
         (after_udp, pb::Protocol::Udp),
     ] {
         let answer = client
-            .resolve_bind(resolve(me, port, protocol))
+            .resolve_bind(resolve_bind_request(me, port, protocol))
             .await?
             .into_inner();
         assert_eq!(
@@ -383,7 +375,7 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
             let mut client = client.clone();
             async move {
                 let r = client
-                    .resolve_bind(resolve(other_pid, port, protocol))
+                    .resolve_bind(resolve_bind_request(other_pid, port, protocol))
                     .await
                     .ok()?
                     .into_inner();

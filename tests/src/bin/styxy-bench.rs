@@ -92,14 +92,11 @@ async fn main() -> Result<()> {
         1,
         "ResolveBind (free port), 1 client".into(),
         move |mut c| async move {
-            c.resolve_bind(pb::ResolveBindRequest {
-                pid: std::process::id(),
-                port: u32::from(free),
-                protocol: pb::Protocol::Tcp as i32,
-                family: pb::Family::Inet as i32,
-                reuseport: false,
-                instance_id: None,
-            })
+            c.resolve_bind(styxy_tests::resolve_bind_request(
+                std::process::id(),
+                free,
+                pb::Protocol::Tcp,
+            ))
             .await?;
             Ok(())
         },
