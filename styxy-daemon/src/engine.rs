@@ -234,14 +234,28 @@ impl Engine {
             .all(|(port, bound)| bound == broker.has_socket_on(port))
     }
 
+    /// True when the kernel's per-port counts say as many sockets are bound on `port` as the
+    /// table holds there: the observer has applied every bind and release of that port, so the
+    /// table is what a reading would give. (Were a bind and a release both still in flight, the
+    /// counts would agree with a stale holder: the port is bound either way, only the name shown
+    /// could lag, by the observer's delay.) False without counts.
+    fn table_current_for(&self, port: u16, protocol: Option<Protocol>) -> bool {
+        let Some(kernel) = self.port_counts.get().and_then(|c| c.bound(port, protocol)) else {
+            return false;
+        };
+        usize::try_from(kernel)
+            .is_ok_and(|k| k == lock(&self.broker).socket_count_on(port, protocol))
+    }
+
     /// Brings the table up to date for one port (or a range) from the kernel: its per-port counts
-    /// when they say nothing is bound, else its socket tables.
+    /// when they say nothing is bound or agree with the table, else its socket tables.
     fn refresh(&self, scope: Scope) {
         let reading = match scope {
             // Nothing bound: the reading a dump would give, without the dump.
             Scope::Port { port, protocol } if self.kernel_counts_none(port, protocol) => {
                 Ok(Vec::new())
             }
+            Scope::Port { port, protocol } if self.table_current_for(port, protocol) => return,
             Scope::Port { port, protocol } => self.kernel.read(Some(port), protocol),
             _ => self.kernel.read(None, None),
         };
@@ -269,6 +283,9 @@ impl Engine {
     ) -> bool {
         if self.kernel_counts_none(port, protocol) {
             return false;
+        }
+        if self.table_current_for(port, protocol) {
+            return lock(&self.broker).has_socket_of_other(port, protocol, except);
         }
         match self.kernel.read(Some(port), protocol) {
             Ok(reading) if reading.is_empty() => false,

@@ -284,6 +284,23 @@ impl Broker {
         self.sockets_on(port, None).next().is_some()
     }
 
+    /// How many sockets the table has on `port` (for `protocol`, or both).
+    pub fn socket_count_on(&self, port: u16, protocol: Option<Protocol>) -> usize {
+        self.sockets_on(port, protocol).count()
+    }
+
+    /// Whether a socket on `port` (for `protocol`, or both) belongs to anyone but `except` (a
+    /// socket whose owner is unknown counts as someone else's).
+    pub fn has_socket_of_other(
+        &self,
+        port: u16,
+        protocol: Option<Protocol>,
+        except: Option<ProcessId>,
+    ) -> bool {
+        self.sockets_on(port, protocol)
+            .any(|h| except.is_none() || h.socket.owner.as_ref().map(|o| o.id) != except)
+    }
+
     /// Everything known about `port` (all protocols when `protocol` is `None`).
     pub fn observe(&self, port: u16, protocol: Option<Protocol>) -> PortView {
         PortView {
