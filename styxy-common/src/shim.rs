@@ -2,7 +2,8 @@
 //! `libstyxy_shim_client.so` (the gRPC client, `dlopen`ed on the first bind that needs the daemon).
 //!
 //! Keeping the two apart is what keeps the shim cheap for processes that never bind: the client
-//! library carries tokio, hyper and tonic, and only processes that bind a named port load it.
+//! library carries the HTTP/2 and protobuf code (~400 KB), and only processes that bind a named
+//! port load it.
 
 use core::ffi::c_char;
 

@@ -7,8 +7,8 @@
 //! while the daemon is unreachable, goes straight to the real `bind()` (fail-open).
 //!
 //! This library is loaded into every process of an agent's session, so it stays tiny: libc only.
-//! The gRPC client (tokio, tonic) is `libstyxy_shim_client.so`, `dlopen()`ed by the first bind that
-//! needs the daemon. Rules kept here: no panic crosses the FFI boundary, `errno` is what the real
+//! The gRPC client (its own small HTTP/2 framing, prost, an HPACK decoder) is
+//! `libstyxy_shim_client.so`, `dlopen()`ed by the first bind that needs the daemon. Rules kept here: no panic crosses the FFI boundary, `errno` is what the real
 //! `bind()` left, re-entry is guarded, and all state is atomics so a `fork()` cannot leave a lock held.
 
 use std::cell::Cell;
@@ -214,6 +214,16 @@ impl Bind {
         };
         match failure {
             Some(Failure::Down) => return self.as_asked(),
+            // This process moved this port before (its IPv4 socket, say): its other sockets for
+            // the port must follow it, not stay where they were asked, so wait for the answer.
+            Some(Failure::Slow) if moved_before(query.port) => {
+                query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
+                if let Reply::Answer(answer) = ask(&query) {
+                    return self
+                        .follow(&query, answer)
+                        .unwrap_or_else(|| self.as_asked());
+                }
+            }
             Some(Failure::Slow) => {}
             None => match ask(&query) {
                 Reply::Answer(answer) => {
@@ -259,7 +269,9 @@ impl Bind {
             // SAFETY: addr/len were validated by parse_target and are readable.
             let rc = unsafe { bind_moved(self.real, self.fd, self.addr, self.len, port) };
             if rc == 0 {
-                notify(self.target.port, &answer);
+                if record_move(self.target.port, port) {
+                    notify(self.target.port, &answer);
+                }
                 return Some(Outcome {
                     rc,
                     errno: self.entry_errno,
@@ -479,9 +491,9 @@ static NOTICED_PID: AtomicU32 = AtomicU32::new(0);
 /// `(requested << 16) | new` of each move already announced by this process.
 static NOTICED: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 
-/// True the first time this process moves `requested` to `new` (IPv4 and IPv6 binds of one server
-/// make a single line).
-fn first_notice(requested: u16, new: u16) -> bool {
+/// Records that this process moved `requested` to `new`; true the first time (IPv4 and IPv6 binds
+/// of one server make a single line).
+fn record_move(requested: u16, new: u16) -> bool {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     if NOTICED_PID.swap(pid, Ordering::AcqRel) != pid {
@@ -500,15 +512,23 @@ fn first_notice(requested: u16, new: u16) -> bool {
     true
 }
 
+/// Whether this process has moved `requested` before (to any port).
+fn moved_before(requested: u16) -> bool {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    NOTICED_PID.load(Ordering::Acquire) == pid
+        && NOTICED.iter().any(|slot| {
+            let key = slot.load(Ordering::Acquire);
+            key != 0 && (key >> 16) as u16 == requested
+        })
+}
+
 fn notify(requested: u16, answer: &BindAnswer) {
     let fd = match env_str(c"STYXY_NOTIFY") {
         Some(b"off") | Some(b"none") | Some(b"0") => return,
         Some(b"stdout") => libc::STDOUT_FILENO,
         _ => libc::STDERR_FILENO,
     };
-    if !first_notice(requested, answer.port) {
-        return;
-    }
     let line = notice_line(requested, answer);
     let mut rest = line.as_bytes();
     while !rest.is_empty() {
@@ -604,10 +624,13 @@ mod tests {
     }
 
     #[test]
-    fn a_move_is_announced_once_per_process() {
-        assert!(first_notice(7001, 7002));
-        assert!(!first_notice(7001, 7002));
-        assert!(first_notice(7001, 7003));
+    fn a_move_is_announced_once_per_process_and_remembered() {
+        assert!(!moved_before(7001));
+        assert!(record_move(7001, 7002));
+        assert!(!record_move(7001, 7002));
+        assert!(record_move(7001, 7003));
+        assert!(moved_before(7001));
+        assert!(!moved_before(7002));
     }
 
     #[test]

@@ -1,28 +1,37 @@
 //! `libstyxy_shim_client.so`: the gRPC client behind the preload shim.
 //!
 //! The shim `dlopen()`s this library on the first bind that needs the daemon and calls
-//! [`styxy_client_resolve_bind`]. The call runs on the calling thread, in a single-threaded tokio
-//! runtime of this library's own, with one connection to the daemon per process: no hand-off to
-//! another thread (each costs a wake-up and a context switch, which dominated the cost of a call).
-//! This library carries its own copy of tokio, loaded `RTLD_LOCAL`, so a host that is itself a
-//! tokio program never sees this runtime, and its threads may call in from inside theirs. Several
-//! threads may call at once: tokio lets one drive the runtime while the others wait for their
-//! answers. The runtime is per process: after `fork()` the child starts its own.
+//! [`styxy_client_resolve_bind`]. The call runs on the calling thread: a blocking HTTP/2 client of
+//! this crate's own ([`http2`]) sends the `ResolveBind` request in one write and waits with
+//! `poll()` against the query's deadline. No runtime and no threads: nothing a host program could
+//! notice, a tokio host included. Connections are kept per process in a small pool, so threads
+//! that bind at once each get one; after `fork()` the child starts with an empty pool of its own.
+
+pub mod http2;
 
 use std::ffi::{c_int, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use prost::Message;
 use styxy_common::shim::{
     BindAnswer, BindQuery, ABI_VERSION, ACTION_KEEP, ACTION_REASSIGN, FAMILY_INET, FAMILY_INET6,
     PROTO_TCP, PROTO_UDP, RESOLVE_BAD_QUERY, RESOLVE_INTERNAL, RESOLVE_OK, RESOLVE_REFUSED,
     RESOLVE_TIMEOUT, RESOLVE_UNREACHABLE,
 };
 use styxy_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+
+use crate::http2::{CallError, Connection};
+
+/// The gRPC method the shim calls.
+const RESOLVE_BIND_METHOD: &str = "/styxy.v1.PortBroker/ResolveBind";
+/// Idle connections kept per process: enough for the threads of a host that bind at once.
+const POOL_SIZE: usize = 4;
+/// gRPC status codes the shim tells apart (the others are refusals).
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+const GRPC_UNAVAILABLE: u32 = 14;
 
 /// The ABI version this library implements; the shim refuses a library with another.
 #[no_mangle]
@@ -122,11 +131,11 @@ enum Reply {
 }
 
 fn resolve(query: OwnedQuery, answer: &mut BindAnswer) -> c_int {
+    let deadline = Instant::now() + query.timeout;
     let Some(client) = client() else {
         return RESOLVE_INTERNAL;
     };
-    let channel = client.channel(&query.socket);
-    match client.runtime.block_on(ask(channel, query)) {
+    match client.ask(&query, deadline) {
         Reply::Answer(response) => fill_answer(&response, answer),
         Reply::Refused => RESOLVE_REFUSED,
         Reply::Unreachable => RESOLVE_UNREACHABLE,
@@ -157,26 +166,64 @@ fn fill_answer(response: &pb::ResolveBindResponse, answer: &mut BindAnswer) -> c
     RESOLVE_OK
 }
 
-/// The runtime and the connection of one process.
+/// The connections of one process.
 struct Client {
     pid: u32,
-    runtime: tokio::runtime::Runtime,
-    channel: Mutex<Option<(PathBuf, Channel)>>,
+    /// The request header block of `ResolveBind`, the same for every call.
+    header_block: Vec<u8>,
+    idle: Mutex<Vec<Connection>>,
 }
 
 impl Client {
-    /// The channel to `socket`, created on first use (it connects lazily, and again after a failure).
-    fn channel(&self, socket: &Path) -> Channel {
-        let mut slot = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        match &*slot {
-            Some((path, channel)) if path == socket => channel.clone(),
-            _ => {
-                // Creating a channel spawns its connection task: inside the runtime.
-                let _inside = self.runtime.enter();
-                let channel = unix_channel(socket.to_path_buf());
-                *slot = Some((socket.to_path_buf(), channel.clone()));
-                channel
+    /// One `ResolveBind` call. A connection taken from the pool may have been closed by a daemon
+    /// that restarted since: then the call is made once more on a fresh connection.
+    fn ask(&self, query: &OwnedQuery, deadline: Instant) -> Reply {
+        let message = query.request.encode_to_vec();
+        let mut pooled = self.take_idle(&query.socket);
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => match Connection::open(&query.socket, deadline) {
+                    Ok(conn) => conn,
+                    Err(CallError::Timeout) => return Reply::Slow,
+                    Err(_) => return Reply::Unreachable,
+                },
+            };
+            match conn.unary(&self.header_block, &message, deadline) {
+                Ok(reply) => {
+                    self.put_idle(conn);
+                    return match reply.grpc_status {
+                        0 => match pb::ResolveBindResponse::decode(reply.message.as_slice()) {
+                            Ok(response) => Reply::Answer(response),
+                            Err(_) => Reply::Refused,
+                        },
+                        GRPC_UNAVAILABLE => Reply::Unreachable,
+                        GRPC_DEADLINE_EXCEEDED => Reply::Slow,
+                        _ => Reply::Refused,
+                    };
+                }
+                Err(CallError::Closed(_)) if reused => continue,
+                Err(CallError::Timeout) => return Reply::Slow,
+                // A daemon that breaks the protocol is treated as absent: bind as asked.
+                Err(_) => return Reply::Unreachable,
             }
+        }
+    }
+
+    fn take_idle(&self, socket: &Path) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| c.path() == socket);
+        idle.pop()
+    }
+
+    fn put_idle(&self, conn: Connection) {
+        if !conn.reusable() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL_SIZE {
+            idle.push(conn);
         }
     }
 }
@@ -195,18 +242,15 @@ fn client() -> Option<&'static Client> {
             return Some(existing);
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()?;
     let fresh = Box::into_raw(Box::new(Client {
         pid,
-        runtime,
-        channel: Mutex::new(None),
+        header_block: http2::request_header_block(RESOLVE_BIND_METHOD),
+        idle: Mutex::new(Vec::new()),
     }));
     match CLIENT.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
         // The replaced client, if any, was the parent's before a fork: it is left as it is
-        // (leaked), never dropped, since its runtime's state is not this process's to tear down.
+        // (leaked), never dropped, since its lock may be held by a thread that does not exist
+        // here. Its connections are the parent's; this process never uses them.
         // SAFETY: fresh was just leaked from a Box and is never freed.
         Ok(_) => Some(unsafe { &*fresh }),
         Err(winner) => {
@@ -216,32 +260,6 @@ fn client() -> Option<&'static Client> {
             // SAFETY: winner is a leaked client (never freed).
             unsafe { winner.as_ref() }.filter(|c| c.pid == pid)
         }
-    }
-}
-
-/// A channel that dials the daemon's Unix socket when first used, and again after a failure.
-fn unix_channel(path: PathBuf) -> Channel {
-    // The URI is required by the API but unused: the connector dials the socket.
-    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
-        move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        },
-    ))
-}
-
-async fn ask(channel: Channel, query: OwnedQuery) -> Reply {
-    let mut client = pb::port_broker_client::PortBrokerClient::new(channel);
-    match tokio::time::timeout(query.timeout, client.resolve_bind(query.request)).await {
-        Ok(Ok(response)) => Reply::Answer(response.into_inner()),
-        Ok(Err(status)) => match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => Reply::Unreachable,
-            tonic::Code::DeadlineExceeded => Reply::Slow,
-            _ => Reply::Refused,
-        },
-        Err(_elapsed) => Reply::Slow,
     }
 }
 

@@ -359,6 +359,14 @@ impl Spawned {
         })
     }
 
+    /// Writes `line` and a newline to the child's stdin.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().context("stdin is not piped")?;
+        writeln!(stdin, "{line}").context("writing to the child's stdin")?;
+        stdin.flush().context("flushing the child's stdin")
+    }
+
     /// The first new line that `wanted` accepts, within `secs` seconds; the error shows every line seen.
     pub fn line_where(&mut self, secs: u64, wanted: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(secs);

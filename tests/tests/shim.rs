@@ -378,6 +378,32 @@ async fn a_successful_bind_leaves_errno_as_the_host_had_it() -> Result<()> {
 
 /// A daemon that accepts connections and never answers: binds still finish, as asked.
 #[tokio::test(flavor = "multi_thread")]
+async fn a_process_keeps_being_moved_after_the_daemon_restarts() -> Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let held = [daemon.base + 170, daemon.base + 171];
+    let _holder = port_holder(&held)?;
+    let range = daemon.base + 100..=daemon.base + 199;
+    let mut probe = Spawned::start(&mut probe(&daemon, &["stdin"]))?;
+
+    probe.send_line(&held[0].to_string())?;
+    let line = probe.line_where(30, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+    let (_, first) = bound(&line).with_context(|| format!("first bind failed: {line}"))?;
+    assert!(first != held[0] && range.contains(&first), "{line}");
+
+    // The shim's pooled connection now leads to a daemon that is gone; the next bind must find
+    // the new one, not fail open.
+    daemon.kill9_and_restart().await?;
+    probe.send_line(&held[1].to_string())?;
+    let line = probe.line_where(30, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+    let (_, second) = bound(&line).with_context(|| format!("second bind failed: {line}"))?;
+    assert!(
+        second != held[1] && range.contains(&second) && second != first,
+        "moved by the restarted daemon: {line}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_hung_daemon_never_hangs_a_bind() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("styxy-hung-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,7 +1,9 @@
 //! A small program the shim tests run under `LD_PRELOAD`: it binds in the ways real servers do
 //! (after `fork()`, from many threads at once, inside a tokio runtime, with SO_REUSEPORT) and prints
 //! one line per bind, `bound REQUESTED ACTUAL` or `failed REQUESTED ERRNO`, then waits for stdin to
-//! close (so the sockets stay bound while the test looks) unless told `--exit`.
+//! close (so the sockets stay bound while the test looks) unless told `--exit`. Mode `stdin` binds
+//! one port per line read from stdin, so a test can change the world between two binds of one
+//! process.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -81,7 +83,9 @@ fn main() {
     let exit_now = args.iter().any(|a| a == "--exit");
     let args: Vec<String> = args.into_iter().filter(|a| a != "--exit").collect();
     let Some((mode, rest)) = args.split_first() else {
-        eprintln!("usage: bind-probe fork|threads|tokio|reuseport|errno|loaded PORT… [--exit]");
+        eprintln!(
+            "usage: bind-probe fork|threads|tokio|reuseport|errno|loaded|stdin PORT… [--exit]"
+        );
         std::process::exit(2);
     };
     let mut keep = Vec::new();
@@ -197,6 +201,17 @@ fn main() {
                 maps.contains("libstyxy_preload.so"),
                 maps.contains("libstyxy_shim_client.so")
             );
+        }
+        // One bind per port read from stdin, until it closes.
+        "stdin" => {
+            for line in std::io::stdin().lines() {
+                let Ok(port) = line.unwrap_or_default().trim().parse::<u16>() else {
+                    break;
+                };
+                let listener = listen("127.0.0.1", port);
+                report(port, bound_port(&listener));
+                keep.push(listener);
+            }
         }
         other => {
             eprintln!("unknown mode {other}");
