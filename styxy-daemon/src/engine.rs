@@ -100,6 +100,8 @@ pub struct DelayWindow {
     samples: Vec<u32>,
     next: usize,
     total: u64,
+    /// The last summary, valid while `total` has not moved: an idle observer costs Status nothing.
+    summarised: Option<(u32, u32, u64)>,
 }
 
 impl DelayWindow {
@@ -117,15 +119,23 @@ impl DelayWindow {
         }
     }
 
-    /// (p50, p99, samples recorded in all).
-    pub fn summary(&self) -> (u32, u32, u64) {
+    /// (p50, p99, samples recorded in all). Linear time (selection, not a sort), and only when
+    /// samples came in since the last call.
+    pub fn summary(&mut self) -> (u32, u32, u64) {
         if self.samples.is_empty() {
             return (0, 0, 0);
         }
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        let at = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
-        (at(0.50), at(0.99), self.total)
+        if let Some(cached) = self.summarised.filter(|c| c.2 == self.total) {
+            return cached;
+        }
+        let mut scratch = self.samples.clone();
+        let mut at = |p: f64| {
+            let index = ((scratch.len() - 1) as f64 * p).round() as usize;
+            *scratch.select_nth_unstable(index).1
+        };
+        let summary = (at(0.50), at(0.99), self.total);
+        self.summarised = Some(summary);
+        summary
     }
 }
 
@@ -464,6 +474,8 @@ impl Engine {
     }
 
     pub fn status(&self) -> StatusReport {
+        // Before the broker lock: a summary after new samples takes a pass over the window.
+        let observer_delay = lock(&self.observer_delays).summary();
         let broker = lock(&self.broker);
         StatusReport {
             observer: lock(&self.observer).clone(),
@@ -476,7 +488,7 @@ impl Engine {
             reassignments: broker.reassignments(),
             state_dir: self.store.dir().to_path_buf(),
             endpoints: lock(&self.endpoints).clone(),
-            observer_delay: lock(&self.observer_delays).summary(),
+            observer_delay,
         }
     }
 }
