@@ -165,8 +165,9 @@ impl Connection {
         !self.spent && self.next_stream < MAX_STREAM_ID
     }
 
-    /// Call `method` (e.g. `/styxy.v1.PortBroker/ResolveBind`) with the encoded `message`. On any
-    /// error the connection is spent.
+    /// One unary call: `header_block` from [`request_header_block`] names the method, `message`
+    /// is the encoded request. An error answer from the daemon is an `Ok` with its `grpc_status`;
+    /// an `Err` means no answer, and the connection is spent.
     pub fn unary(
         &mut self,
         header_block: &[u8],
@@ -198,7 +199,7 @@ impl Connection {
         // Flow control: wait for the peer to open its window if our request does not fit.
         while self.send_window < body_len as i64 || self.stream_initial_window < body_len as i64 {
             let frame = self.read_frame(deadline)?;
-            self.handle_connection_frame(&frame, stream)?;
+            self.handle_connection_frame(&frame, stream, deadline)?;
         }
         let mut out = std::mem::take(&mut self.owed);
         push_frame(&mut out, HEADERS, END_HEADERS, stream, header_block);
@@ -288,13 +289,18 @@ impl Connection {
                 RST_STREAM if frame.stream == stream => {
                     return Err(CallError::Closed("stream reset by the daemon".into()));
                 }
-                _ => self.handle_connection_frame(&frame, stream)?,
+                _ => self.handle_connection_frame(&frame, stream, deadline)?,
             }
         }
     }
 
     /// Frames that are about the connection rather than our stream.
-    fn handle_connection_frame(&mut self, frame: &Frame, stream: u32) -> Result<(), CallError> {
+    fn handle_connection_frame(
+        &mut self,
+        frame: &Frame,
+        stream: u32,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
         match frame.kind {
             SETTINGS if frame.flags & ACK == 0 => {
                 if frame.stream != 0 || !frame.payload.len().is_multiple_of(6) {
@@ -314,7 +320,7 @@ impl Connection {
                 // Acknowledged at once: the peer may be waiting for it.
                 let mut ack = Vec::with_capacity(FRAME_HEADER_LEN);
                 push_frame(&mut ack, SETTINGS, ACK, 0, &[]);
-                self.send_now(&ack)
+                self.send_now(&ack, deadline)
             }
             PING if frame.flags & ACK == 0 => {
                 if frame.payload.len() != 8 {
@@ -322,7 +328,7 @@ impl Connection {
                 }
                 let mut pong = Vec::with_capacity(FRAME_HEADER_LEN + 8);
                 push_frame(&mut pong, PING, ACK, 0, &frame.payload);
-                self.send_now(&pong)
+                self.send_now(&pong, deadline)
             }
             WINDOW_UPDATE => {
                 let increment = frame
@@ -398,12 +404,9 @@ impl Connection {
     }
 
     /// Send what we owe together with `frames`.
-    fn send_now(&mut self, frames: &[u8]) -> Result<(), CallError> {
+    fn send_now(&mut self, frames: &[u8], deadline: Instant) -> Result<(), CallError> {
         let mut out = std::mem::take(&mut self.owed);
         out.extend_from_slice(frames);
-        // Control frames are tiny; the socket buffer takes them without waiting in practice, and
-        // a full buffer is bounded by a short wait rather than the call's deadline.
-        let deadline = Instant::now() + std::time::Duration::from_millis(100);
         self.send_all(&out, deadline)
     }
 

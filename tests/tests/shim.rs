@@ -434,3 +434,74 @@ async fn a_hung_daemon_never_hangs_a_bind() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The shim's own HTTP/2 client against the real daemon: an answer in several DATA frames, an
+/// error status (trailers only), an unknown method, and the connection staying usable throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shim_client_speaks_grpc_with_the_real_daemon() -> Result<()> {
+    use prost::Message;
+    use styxy_shim_client::http2::{request_header_block, Connection};
+    use styxy_tests::v1 as pb;
+
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    for n in 0..240 {
+        client
+            .allocate(pb::AllocateRequest {
+                service_type: "bulk".into(),
+                // Long ids make a large answer.
+                instance_id: Some(format!("agent-session-{n:03}-{}", "x".repeat(48))),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let socket = daemon.socket.clone();
+    let free = daemon.base + 180;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let deadline = || std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut conn = Connection::open(&socket, deadline())?;
+
+        let list = request_header_block("/styxy.v1.PortBroker/ListPorts");
+        let reply = conn.unary(&list, &pb::ListPortsRequest {}.encode_to_vec(), deadline())?;
+        ensure!(reply.grpc_status == 0, "ListPorts: {}", reply.grpc_status);
+        ensure!(
+            reply.message.len() > 16_384,
+            "the answer should need more than one DATA frame: {} bytes",
+            reply.message.len()
+        );
+        let listed = pb::ListPortsResponse::decode(reply.message.as_slice())?;
+        ensure!(listed.leases.len() == 240, "{} leases", listed.leases.len());
+
+        let resolve = request_header_block("/styxy.v1.PortBroker/ResolveBind");
+        let mut bad =
+            styxy_tests::resolve_bind_request(std::process::id(), free, pb::Protocol::Tcp);
+        bad.port = 70_000;
+        let reply = conn.unary(&resolve, &bad.encode_to_vec(), deadline())?;
+        ensure!(
+            reply.grpc_status == 3,
+            "InvalidArgument expected: {}",
+            reply.grpc_status
+        );
+
+        let unknown = request_header_block("/styxy.v1.PortBroker/NoSuchMethod");
+        let reply = conn.unary(&unknown, &[], deadline())?;
+        ensure!(
+            reply.grpc_status == 12,
+            "Unimplemented expected: {}",
+            reply.grpc_status
+        );
+
+        let good = styxy_tests::resolve_bind_request(std::process::id(), free, pb::Protocol::Tcp);
+        let reply = conn.unary(&resolve, &good.encode_to_vec(), deadline())?;
+        ensure!(reply.grpc_status == 0, "ResolveBind: {}", reply.grpc_status);
+        let answer = pb::ResolveBindResponse::decode(reply.message.as_slice())?;
+        ensure!(
+            answer.action == pb::BindAction::Keep as i32 && answer.port == u32::from(free),
+            "{answer:?}"
+        );
+        ensure!(conn.reusable(), "the connection survives error answers");
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}
