@@ -98,6 +98,12 @@ struct Shared {
     durable: watch::Sender<u64>,
 }
 
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A handle to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -191,11 +197,7 @@ impl Store {
     /// Queues changes and audit records, in call order. Call it under the same lock that made the changes,
     /// so the journal's order is the broker's order.
     pub fn enqueue(&self, changes: &[StateChange], audit: &[AuditRecord]) -> Ticket {
-        let mut pending = self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.shared.pending();
         if changes.is_empty() && audit.is_empty() {
             // Nothing to write: durable once what is already queued is (no writer wake-up).
             return Ticket(pending.seq);
@@ -221,11 +223,7 @@ impl Store {
     pub async fn durable(&self, ticket: Ticket) -> Result<()> {
         let mut rx = self.shared.durable.subscribe();
         if *rx.borrow() < ticket.0 {
-            let mut pending = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.shared.pending();
             pending.urgent = true;
             self.shared.wake.notify_one();
         }
@@ -238,11 +236,7 @@ impl Store {
     /// Flushes what is queued, writes a final snapshot and stops the writer.
     pub async fn close(&self) -> Result<()> {
         let ticket = {
-            let mut pending = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.shared.pending();
             pending.closing = true;
             pending.seq += 1;
             self.shared.wake.notify_one();
@@ -275,11 +269,7 @@ impl Writer {
     fn run(mut self) {
         loop {
             let batch = {
-                let mut pending = self
-                    .shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut pending = self.shared.pending();
                 while pending.is_empty()
                     && !pending.closing
                     && pending.seq == *self.shared.durable.borrow()
@@ -446,6 +436,45 @@ mod tests {
             holder_comm: None,
             instance_id: None,
         }
+    }
+
+    #[tokio::test]
+    async fn changes_nobody_waits_for_still_reach_the_disk() {
+        let dir = std::env::temp_dir().join(format!("styxy-store-linger-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (store, _, _) = Store::open(&dir, 100).unwrap();
+        // One waited-for write first, so the writer is idle, asleep, when the others come.
+        let t = store.enqueue(
+            &[StateChange::PutLease {
+                lease: lease("lease-0", 2999),
+            }],
+            &[],
+        );
+        store.durable(t).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Two in a row: the second finds the writer awake (lingering) and does not wake it.
+        for (id, port) in [("claim-1", 3000), ("claim-2", 3001)] {
+            store.enqueue(
+                &[StateChange::PutLease {
+                    lease: lease(id, port),
+                }],
+                &[audit(port)],
+            );
+        }
+        let written = |file: &str, wanted: &str| {
+            fs::read_to_string(dir.join(file)).is_ok_and(|text| text.contains(wanted))
+        };
+        // Generous: the point is that they arrive without anyone asking, not how fast.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(written(JOURNAL, "claim-2") && written(AUDIT, "3002")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lingering changes were never written"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(written(JOURNAL, "claim-1"));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

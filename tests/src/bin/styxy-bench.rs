@@ -453,21 +453,41 @@ fn lean_allocate(socket: &std::path::Path, clients: usize) -> Result<Measured> {
         ..Default::default()
     }
     .encode_to_vec();
+    let socket = socket.to_path_buf();
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    blocking_clients(
+        format!("styxy Allocate, lean client, {clients} client(s)"),
+        clients,
+        move || Ok(Connection::open(&socket, deadline())?),
+        move |conn| {
+            let reply = conn.unary(&header, &message, deadline())?;
+            if reply.grpc_status != 0 {
+                bail!("Allocate failed with gRPC status {}", reply.grpc_status);
+            }
+            pb::AllocateResponse::decode(reply.message.as_slice())?;
+            Ok(())
+        },
+    )
+}
+
+/// `clients` threads, each with the state `connect` makes, running `op` [`OPS`]` / clients` times;
+/// every run of `op` is timed.
+fn blocking_clients<S>(
+    label: String,
+    clients: usize,
+    connect: impl Fn() -> Result<S> + Clone + Send + 'static,
+    op: impl Fn(&mut S) -> Result<()> + Clone + Send + 'static,
+) -> Result<Measured> {
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let (socket, header, message) = (socket.to_path_buf(), header.clone(), message.clone());
+            let (connect, op) = (connect.clone(), op.clone());
             std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let deadline = || Instant::now() + Duration::from_secs(10);
-                let mut conn = Connection::open(&socket, deadline())?;
+                let mut state = connect()?;
                 let mut lat = Vec::with_capacity(OPS / clients);
                 for _ in 0..OPS / clients {
                     let t = Instant::now();
-                    let reply = conn.unary(&header, &message, deadline())?;
-                    if reply.grpc_status != 0 {
-                        bail!("Allocate failed with gRPC status {}", reply.grpc_status);
-                    }
-                    pb::AllocateResponse::decode(reply.message.as_slice())?;
+                    op(&mut state)?;
                     lat.push(t.elapsed());
                 }
                 Ok(lat)
@@ -482,7 +502,7 @@ fn lean_allocate(socket: &std::path::Path, clients: usize) -> Result<Measured> {
         );
     }
     Ok(Measured {
-        label: format!("styxy Allocate, lean client, {clients} client(s)"),
+        label,
         ops: latencies.len(),
         elapsed: start.elapsed(),
         latencies,
@@ -515,42 +535,23 @@ fn portserver_allocate(clients: usize) -> Result<Measured> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let pid = std::process::id();
-    let start = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let mut lat = Vec::with_capacity(OPS / clients);
-                for _ in 0..OPS / clients {
-                    let t = Instant::now();
-                    let mut s = UnixStream::connect_addr(&addr)?;
-                    s.write_all(format!("{pid}\n").as_bytes())?;
-                    s.shutdown(std::net::Shutdown::Write)?;
-                    let mut reply = String::new();
-                    s.read_to_string(&mut reply)?;
-                    reply
-                        .trim()
-                        .parse::<u16>()
-                        .with_context(|| format!("portserver replied {reply:?}"))?;
-                    lat.push(t.elapsed());
-                }
-                Ok(lat)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for t in threads {
-        latencies.extend(
-            t.join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-        );
-    }
-    Ok(Measured {
-        label: format!("portserver.py allocate, {clients} client(s)"),
-        ops: latencies.len(),
-        elapsed: start.elapsed(),
-        latencies,
-    })
+    blocking_clients(
+        format!("portserver.py allocate, {clients} client(s)"),
+        clients,
+        || Ok(()),
+        move |_| {
+            let mut s = UnixStream::connect_addr(&addr)?;
+            s.write_all(format!("{pid}\n").as_bytes())?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            reply
+                .trim()
+                .parse::<u16>()
+                .with_context(|| format!("portserver replied {reply:?}"))?;
+            Ok(())
+        },
+    )
 }
 
 struct KillOnDrop(Child);
