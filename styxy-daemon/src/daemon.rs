@@ -52,6 +52,7 @@ pub struct DaemonOptions {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(opts: DaemonOptions) -> Result<()> {
+    raise_open_file_limit();
     // 1. Service ranges: built-in defaults, changed by the config file if there is one.
     let ranges = load_ranges(opts.config.as_deref())?;
 
@@ -209,6 +210,33 @@ fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("setting permissions of {}", path.display()))?;
     Ok(listener)
+}
+
+/// Every process that asked the daemon keeps its connection open (the shim reuses it), and the
+/// process cache holds a pidfd per recent asker: on a busy machine that is more than the usual
+/// soft limit of 1,024 descriptors. Raise the soft limit to the hard one (best effort).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one plain struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(
+                    "could not raise the open-file limit from {}: {}",
+                    limit.rlim_cur,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
 
 /// Serves the Unix socket from one single-threaded runtime per core, each accepting on its own

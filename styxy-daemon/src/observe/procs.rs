@@ -18,8 +18,9 @@ use crate::broker::{ProcessId, ProcessInfo, ProcessView};
 
 /// How long a cached command line is trusted (an `exec()` changes it; the pid and start time stay).
 const INFO_TTL: Duration = Duration::from_secs(1);
-/// Processes kept in the cache; past this, the exited ones are dropped, then all.
-const CACHE_CAPACITY: usize = 4096;
+/// Processes kept in the cache (each holds a descriptor); past this, the exited ones are dropped,
+/// then all.
+const CACHE_CAPACITY: usize = 512;
 
 struct Cached {
     pidfd: OwnedFd,
