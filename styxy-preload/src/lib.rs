@@ -484,25 +484,25 @@ fn recent_failure() -> Option<Failure> {
     })
 }
 
-// ---- the notice ----
+// ---- this process's moves, and the notice ----
 
-/// Pid that owns the entries of `NOTICED` (a forked child starts a fresh list).
-static NOTICED_PID: AtomicU32 = AtomicU32::new(0);
-/// `(requested << 16) | new` of each move already announced by this process.
-static NOTICED: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
+/// Pid that owns the entries of `MOVES` (a forked child starts a fresh list).
+static MOVES_PID: AtomicU32 = AtomicU32::new(0);
+/// `(requested << 16) | new` of each move this process made (whether announced or not).
+static MOVES: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 
 /// Records that this process moved `requested` to `new`; true the first time (IPv4 and IPv6 binds
 /// of one server make a single line).
 fn record_move(requested: u16, new: u16) -> bool {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    if NOTICED_PID.swap(pid, Ordering::AcqRel) != pid {
-        for slot in &NOTICED {
+    if MOVES_PID.swap(pid, Ordering::AcqRel) != pid {
+        for slot in &MOVES {
             slot.store(0, Ordering::Relaxed);
         }
     }
     let key = (u32::from(requested) << 16) | u32::from(new);
-    for slot in &NOTICED {
+    for slot in &MOVES {
         match slot.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return true,
             Err(existing) if existing == key => return false,
@@ -516,8 +516,8 @@ fn record_move(requested: u16, new: u16) -> bool {
 fn moved_before(requested: u16) -> bool {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
-    NOTICED_PID.load(Ordering::Acquire) == pid
-        && NOTICED.iter().any(|slot| {
+    MOVES_PID.load(Ordering::Acquire) == pid
+        && MOVES.iter().any(|slot| {
             let key = slot.load(Ordering::Acquire);
             key != 0 && (key >> 16) as u16 == requested
         })
