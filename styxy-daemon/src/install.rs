@@ -93,7 +93,7 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
     let client = shim.with_file_name(styxy_common::shim::CLIENT_LIBRARY);
     if !client.is_file() {
         bail!(
-            "{} is missing next to {} (build it with `cargo build --release --workspace`)",
+            "{} is missing next to {} (build it with `cargo xtask build`)",
             client.display(),
             shim.display()
         );

@@ -27,7 +27,7 @@ pub fn find_library() -> Result<PathBuf> {
         .map(|p| format!("  {}", p.display()))
         .collect();
     bail!(
-        "{PRELOAD_LIBRARY} not found; looked in:\n{}\nBuild it with `cargo build --release` (or `cargo xtask build`), \
+        "{PRELOAD_LIBRARY} not found; looked in:\n{}\nBuild it with `cargo xtask build` (or `cargo xtask build-preload`), \
          install it with `styxy install`, or point {PRELOAD_ENV} at it",
         looked.join("\n")
     )

@@ -6,16 +6,18 @@
 //! bind the port the daemon picked and print one `✓ STYXY:` line. Everything else, and every bind
 //! while the daemon is unreachable, goes straight to the real `bind()` (fail-open).
 //!
-//! This library is loaded into every process of an agent's session, so it stays tiny: libc only.
-//! The gRPC client (its own small HTTP/2 framing, prost, an HPACK decoder) is
-//! `libstyxy_shim_client.so`, `dlopen()`ed by the first bind that needs the daemon. Rules kept here: no panic crosses the FFI boundary, `errno` is what the real
-//! `bind()` left, re-entry is guarded, and all state is atomics so a `fork()` cannot leave a lock held.
+//! This library is loaded into every process of an agent's session, so it stays tiny: `no_std`,
+//! no allocation, libc alone (not even libgcc_s: it is built with panic = "abort"). The gRPC client
+//! (its own small HTTP/2 framing, prost, an HPACK decoder) is `libstyxy_shim_client.so`,
+//! `dlopen()`ed by the first bind that needs the daemon, and catches its own panics.
+//!
+//! Rules kept here: no panic, ever — a release build that contains a reachable panic does not link
+//! (see [`on_panic`]); `errno` is what the real `bind()` left; re-entry is guarded; and all shared
+//! state is atomics so a `fork()` cannot leave a lock held.
+#![cfg_attr(not(test), no_std)]
 
-use std::cell::Cell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::ffi::{c_char, c_int, c_void, CStr};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use libc::{sockaddr, socklen_t};
 use styxy_common::shim::{
@@ -23,6 +25,30 @@ use styxy_common::shim::{
     ACTION_REASSIGN, CLIENT_LIBRARY, FAMILY_INET, FAMILY_INET6, PROTO_TCP, PROTO_UDP,
     RESOLVE_BIND_SYMBOL, RESOLVE_OK, RESOLVE_TIMEOUT,
 };
+
+/// The panic handler of a library that must never panic.
+///
+/// In a release build it calls a function that exists nowhere, and the library is linked with
+/// `-z defs` (build.rs): if the optimiser cannot prove every panic unreachable, the build fails to
+/// link, naming this symbol. A debug build keeps its panic paths (overflow and bounds checks), so
+/// there a panic aborts.
+#[cfg(not(test))]
+#[panic_handler]
+fn on_panic(_: &core::panic::PanicInfo) -> ! {
+    #[cfg(not(debug_assertions))]
+    {
+        extern "C" {
+            fn styxy_preload_release_build_has_a_reachable_panic() -> !;
+        }
+        // SAFETY: never linked; see above.
+        unsafe { styxy_preload_release_build_has_a_reachable_panic() }
+    }
+    #[cfg(debug_assertions)]
+    // SAFETY: abort has no preconditions.
+    unsafe {
+        libc::abort()
+    }
+}
 
 type BindFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 
@@ -48,15 +74,10 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
         return -1;
     };
     // SAFETY: forwarded from our caller's contract.
-    match std::panic::catch_unwind(|| unsafe { shim_bind(real, fd, addr, len) }) {
-        Ok(rc) => rc,
-        // Nothing in shim_bind can panic after a real bind succeeded, so binding as asked is right.
-        // SAFETY: forwarded from our caller's contract.
-        Err(_) => unsafe { real(fd, addr, len) },
-    }
+    unsafe { shim_bind(real, fd, addr, len) }
 }
 
-static REAL_BIND: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static REAL_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
 fn real_bind() -> Option<BindFn> {
     let mut ptr = REAL_BIND.load(Ordering::Acquire);
@@ -69,29 +90,57 @@ fn real_bind() -> Option<BindFn> {
         REAL_BIND.store(ptr, Ordering::Release);
     }
     // SAFETY: the next `bind` in the lookup order has the bind(2) signature.
-    Some(unsafe { std::mem::transmute::<*mut c_void, BindFn>(ptr) })
+    Some(unsafe { core::mem::transmute::<*mut c_void, BindFn>(ptr) })
 }
 
-thread_local! {
-    /// Set while this thread is inside the shim, so a bind made on the way (by anything we call)
-    /// goes straight through instead of recursing.
-    static IN_SHIM: Cell<bool> = const { Cell::new(false) };
+/// Marks the threads that are inside the shim, so a bind made on the way (by anything we call)
+/// goes straight through instead of recursing. A pthread key (no std thread-locals here); stored
+/// as key + 1, 0 until created.
+static IN_SHIM_KEY: AtomicUsize = AtomicUsize::new(0);
+
+fn in_shim_key() -> Option<libc::pthread_key_t> {
+    let stored = IN_SHIM_KEY.load(Ordering::Acquire);
+    if stored != 0 {
+        return libc::pthread_key_t::try_from(stored - 1).ok();
+    }
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: key is valid for writes; no destructor.
+    if unsafe { libc::pthread_key_create(&mut key, None) } != 0 {
+        return None;
+    }
+    let ours = key as usize + 1;
+    match IN_SHIM_KEY.compare_exchange(0, ours, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(key),
+        Err(theirs) => {
+            // Another thread created one first: use theirs.
+            // SAFETY: key was created above and never handed out.
+            unsafe { libc::pthread_key_delete(key) };
+            libc::pthread_key_t::try_from(theirs - 1).ok()
+        }
+    }
 }
 
-struct ReentryGuard;
+struct ReentryGuard(libc::pthread_key_t);
 
 impl ReentryGuard {
+    /// `None` when this thread is already inside the shim (or no key could be had).
     fn enter() -> Option<ReentryGuard> {
-        IN_SHIM
-            .try_with(|flag| (!flag.replace(true)).then_some(ReentryGuard))
-            .ok()
-            .flatten()
+        let key = in_shim_key()?;
+        // SAFETY: key is a live key of this process.
+        if !unsafe { libc::pthread_getspecific(key) }.is_null() {
+            return None;
+        }
+        // Any non-null value marks the thread; this one points at the key's own static.
+        let mark = (&raw const IN_SHIM_KEY).cast::<c_void>();
+        // SAFETY: as above; the value is never dereferenced.
+        (unsafe { libc::pthread_setspecific(key, mark) } == 0).then_some(ReentryGuard(key))
     }
 }
 
 impl Drop for ReentryGuard {
     fn drop(&mut self) {
-        let _ = IN_SHIM.try_with(|flag| flag.set(false));
+        // SAFETY: the key is live; clearing this thread's value.
+        unsafe { libc::pthread_setspecific(self.0, core::ptr::null()) };
     }
 }
 
@@ -106,18 +155,18 @@ struct BindTarget {
 /// # Safety
 /// `addr` is null or points to `len` readable bytes.
 unsafe fn parse_target(addr: *const sockaddr, len: socklen_t) -> Option<BindTarget> {
-    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+    if addr.is_null() || (len as usize) < core::mem::size_of::<libc::sa_family_t>() {
         return None;
     }
     // SAFETY: at least the family field is readable (checked above); read_unaligned needs no alignment.
-    let family = unsafe { std::ptr::addr_of!((*addr).sa_family).read_unaligned() };
+    let family = unsafe { core::ptr::addr_of!((*addr).sa_family).read_unaligned() };
     let (family, port) = match c_int::from(family) {
-        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+        libc::AF_INET if len as usize >= core::mem::size_of::<libc::sockaddr_in>() => {
             // SAFETY: len covers a whole sockaddr_in.
             let sin = unsafe { addr.cast::<libc::sockaddr_in>().read_unaligned() };
             (FAMILY_INET, u16::from_be(sin.sin_port))
         }
-        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+        libc::AF_INET6 if len as usize >= core::mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: len covers a whole sockaddr_in6.
             let sin6 = unsafe { addr.cast::<libc::sockaddr_in6>().read_unaligned() };
             (FAMILY_INET6, u16::from_be(sin6.sin6_port))
@@ -311,29 +360,27 @@ unsafe fn bind_moved(
     port: u16,
 ) -> c_int {
     // SAFETY: sockaddr_storage is plain data; all zeroes is valid.
-    let mut copy: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let n = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    let mut copy: libc::sockaddr_storage = unsafe { core::mem::zeroed() };
+    let n = (len as usize).min(core::mem::size_of::<libc::sockaddr_storage>());
     // SAFETY: n bytes are readable from addr and writable in copy; the regions do not overlap.
     unsafe {
-        std::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&raw mut copy).cast::<u8>(), n);
+        core::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&raw mut copy).cast::<u8>(), n);
     }
-    // sin_port and sin6_port are both the two bytes right after the family.
-    let port_offset = std::mem::offset_of!(libc::sockaddr_in, sin_port);
-    debug_assert_eq!(
-        port_offset,
-        std::mem::offset_of!(libc::sockaddr_in6, sin6_port)
-    );
-    // SAFETY: n ≥ sizeof(sockaddr_in) > port_offset + 2, within copy.
+    // SAFETY: n ≥ sizeof(sockaddr_in) > PORT_OFFSET + 2, within copy.
     unsafe {
         (&raw mut copy)
             .cast::<u8>()
-            .add(port_offset)
+            .add(PORT_OFFSET)
             .cast::<[u8; 2]>()
             .write_unaligned(port.to_be_bytes());
     }
     // SAFETY: copy holds len valid bytes of an address of the same family.
     unsafe { real(fd, (&raw const copy).cast::<sockaddr>(), len) }
 }
+
+/// Where the port is in both sockaddr_in and sockaddr_in6: the two bytes right after the family.
+const PORT_OFFSET: usize = core::mem::offset_of!(libc::sockaddr_in, sin_port);
+const _: () = assert!(PORT_OFFSET == core::mem::offset_of!(libc::sockaddr_in6, sin6_port));
 
 /// TCP or UDP from the socket's type; `None` for raw, SCTP-style or unknown sockets.
 fn socket_protocol(fd: c_int) -> Option<u8> {
@@ -355,7 +402,7 @@ fn shares_its_port(fd: c_int, protocol: u8) -> bool {
 
 fn getsockopt_int(fd: c_int, option: c_int) -> Option<c_int> {
     let mut value: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    let mut len = core::mem::size_of::<c_int>() as socklen_t;
     // SAFETY: value and len are valid for writes of the sizes given.
     let rc = unsafe {
         libc::getsockopt(
@@ -371,14 +418,14 @@ fn getsockopt_int(fd: c_int, option: c_int) -> Option<c_int> {
 
 // ---- the client library, loaded on first need ----
 
-static RESOLVE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static RESOLVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CLIENT_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
 fn client() -> Option<ResolveBindFn> {
     let ptr = RESOLVE.load(Ordering::Acquire);
     if !ptr.is_null() {
         // SAFETY: only ever set to the client library's resolve function, checked below.
-        return Some(unsafe { std::mem::transmute::<*mut c_void, ResolveBindFn>(ptr) });
+        return Some(unsafe { core::mem::transmute::<*mut c_void, ResolveBindFn>(ptr) });
     }
     if CLIENT_UNAVAILABLE.load(Ordering::Relaxed) {
         return None;
@@ -393,11 +440,11 @@ fn client() -> Option<ResolveBindFn> {
 fn load_client() -> Option<ResolveBindFn> {
     let path = client_library_path()?;
     // dlopen is thread-safe and returns the same handle to concurrent callers. The library is
-    // never closed (RTLD_NODELETE): its runtime thread may still be running.
-    // SAFETY: path is NUL-terminated.
+    // never closed (RTLD_NODELETE): the function pointer kept below must stay valid.
+    // SAFETY: path is NUL-terminated (client_library_path checks).
     let handle = unsafe {
         libc::dlopen(
-            path.as_ptr(),
+            path.as_bytes().as_ptr().cast::<c_char>(),
             libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE,
         )
     };
@@ -415,35 +462,88 @@ fn load_client() -> Option<ResolveBindFn> {
         return None;
     }
     // SAFETY: the symbol is the client library's version function (checked by name).
-    let version = unsafe { std::mem::transmute::<*mut c_void, AbiVersionFn>(version) };
+    let version = unsafe { core::mem::transmute::<*mut c_void, AbiVersionFn>(version) };
     // SAFETY: it takes no arguments and has no preconditions.
     if unsafe { version() } != ABI_VERSION {
         return None;
     }
     RESOLVE.store(resolve, Ordering::Release);
     // SAFETY: the symbol is the resolve function of a library with our ABI version.
-    Some(unsafe { std::mem::transmute::<*mut c_void, ResolveBindFn>(resolve) })
+    Some(unsafe { core::mem::transmute::<*mut c_void, ResolveBindFn>(resolve) })
 }
 
-/// `$STYXY_CLIENT_LIB`, else `libstyxy_shim_client.so` in the directory this library was loaded from.
-fn client_library_path() -> Option<CString> {
-    let overridden = getenv(c"STYXY_CLIENT_LIB");
-    if !overridden.is_null() {
-        // SAFETY: getenv returns a NUL-terminated string.
-        return Some(unsafe { CStr::from_ptr(overridden) }.to_owned());
+/// Room for a path, its NUL included (PATH_MAX).
+const PATH_ROOM: usize = libc::PATH_MAX as usize;
+
+/// `$STYXY_CLIENT_LIB`, else `libstyxy_shim_client.so` in the directory this library was loaded
+/// from; NUL-terminated. `None` when the path does not fit in PATH_MAX.
+fn client_library_path() -> Option<StackBuf<PATH_ROOM>> {
+    let mut path = StackBuf::new();
+    if let Some(overridden) = env_str(c"STYXY_CLIENT_LIB") {
+        return (path.push(overridden) && path.push(b"\0")).then_some(path);
     }
     // SAFETY: Dl_info is plain data; dladdr fills it for an address inside a loaded object.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     // SAFETY: any address is accepted; `bind` is inside this library.
     let found = unsafe { libc::dladdr(bind as *const c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
     // SAFETY: dladdr sets dli_fname to a NUL-terminated path.
-    let ours = unsafe { CStr::from_ptr(info.dli_fname) };
-    let ours = Path::new(std::ffi::OsStr::from_bytes(ours.to_bytes()));
-    let client = ours.parent()?.join(CLIENT_LIBRARY);
-    CString::new(client.as_os_str().as_bytes()).ok()
+    let ours = unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes();
+    // Loaded by a bare name (no slash): let dlopen search for the client the same way.
+    let directory = match ours.iter().rposition(|&b| b == b'/') {
+        Some(slash) => ours.get(..=slash).unwrap_or_default(),
+        None => &[],
+    };
+    let fits = path.push(directory) && path.push(CLIENT_LIBRARY.as_bytes()) && path.push(b"\0");
+    fits.then_some(path)
+}
+
+/// Bytes gathered on the stack, up to `N`: the shim allocates nothing.
+struct StackBuf<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    const fn new() -> Self {
+        StackBuf {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+
+    /// Appends what fits of `more`; false when it did not fit whole.
+    fn push(&mut self, more: &[u8]) -> bool {
+        let room = self.bytes.get_mut(self.len..).unwrap_or_default();
+        let n = more.len().min(room.len());
+        if let (Some(to), Some(from)) = (room.get_mut(..n), more.get(..n)) {
+            to.copy_from_slice(from);
+            self.len += n;
+        }
+        n == more.len()
+    }
+
+    /// Appends `value` in decimal.
+    fn push_decimal(&mut self, mut value: u32) -> bool {
+        let mut digits = [0u8; 10];
+        let mut used = 0;
+        for slot in digits.iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+            used += 1;
+            if value == 0 {
+                break;
+            }
+        }
+        let first = digits.len().saturating_sub(used);
+        self.push(digits.get(first..).unwrap_or_default())
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
 }
 
 // ---- fail-open memory ----
@@ -460,7 +560,7 @@ static LAST_FAILURE: AtomicU64 = AtomicU64::new(0);
 
 fn monotonic_ms() -> u64 {
     // SAFETY: timespec is plain data; clock_gettime writes it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
     // SAFETY: CLOCK_MONOTONIC is always available; ts is valid for writes.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
@@ -535,7 +635,7 @@ fn notify(requested: u16, answer: &BindAnswer) {
         // SAFETY: rest is a valid readable buffer of rest.len() bytes.
         let n = unsafe { libc::write(fd, rest.as_ptr().cast::<c_void>(), rest.len()) };
         if n > 0 {
-            rest = &rest[n as usize..];
+            rest = rest.get(n.unsigned_abs()..).unwrap_or_default();
         } else if n < 0 && errno() == libc::EINTR {
             continue;
         } else {
@@ -544,22 +644,40 @@ fn notify(requested: u16, answer: &BindAnswer) {
     }
 }
 
-fn notice_line(requested: u16, answer: &BindAnswer) -> String {
-    let name = String::from_utf8_lossy(answer.holder_name_bytes());
-    let name = if name.is_empty() {
-        "another process".into()
-    } else {
-        name
-    };
-    let new = answer.port;
-    if answer.holder_pid != 0 {
-        format!(
-            "✓ STYXY: Auto-assigned port {new} ({requested} in use by {name}, pid {})\n",
-            answer.holder_pid
-        )
-    } else {
-        format!("✓ STYXY: Auto-assigned port {new} ({requested} in use by {name})\n")
+/// Room for the notice: its words, three numbers and a holder name of at most 63 bytes.
+const NOTICE_ROOM: usize = 192;
+
+/// `✓ STYXY: Auto-assigned port NEW (ASKED in use by HOLDER, pid PID)` and a newline.
+fn notice_line(requested: u16, answer: &BindAnswer) -> StackBuf<NOTICE_ROOM> {
+    let mut line = StackBuf::new();
+    line.push("✓ STYXY: Auto-assigned port ".as_bytes());
+    line.push_decimal(answer.port.into());
+    line.push(b" (");
+    line.push_decimal(requested.into());
+    line.push(b" in use by ");
+    let mut name = answer
+        .holder_name
+        .iter()
+        .take_while(|&&b| b != 0)
+        .peekable();
+    if name.peek().is_none() {
+        line.push(b"another process");
     }
+    for &byte in name {
+        // The name comes from another process's command line: no control characters on a terminal.
+        let shown = if byte < 0x20 || byte == 0x7f {
+            b'?'
+        } else {
+            byte
+        };
+        line.push(&[shown]);
+    }
+    if answer.holder_pid != 0 {
+        line.push(b", pid ");
+        line.push_decimal(answer.holder_pid);
+    }
+    line.push(b")\n");
+    line
 }
 
 // ---- small helpers over libc ----
@@ -592,10 +710,23 @@ fn env_flag(name: &CStr) -> bool {
 
 fn timeout_ms() -> u32 {
     env_str(c"STYXY_TIMEOUT_MS")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<u32>().ok())
+        .and_then(parse_decimal)
         .map(|v| v.clamp(1, 10_000))
         .unwrap_or(DEFAULT_TIMEOUT_MS)
+}
+
+/// A decimal number, surrounding whitespace allowed; `None` for anything else or an overflow.
+fn parse_decimal(text: &[u8]) -> Option<u32> {
+    let digits = text.trim_ascii();
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |value, &digit| {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value.checked_mul(10)?.checked_add(u32::from(digit - b'0'))
+    })
 }
 
 #[cfg(test)]
@@ -611,16 +742,69 @@ mod tests {
         a
     }
 
+    fn notice(requested: u16, answer: &BindAnswer) -> String {
+        String::from_utf8(notice_line(requested, answer).as_bytes().to_vec()).expect("UTF-8")
+    }
+
     #[test]
     fn notice_names_both_ports_and_the_holder() {
         assert_eq!(
-            notice_line(6006, &answer(6007, 4121, "storybook")),
+            notice(6006, &answer(6007, 4121, "storybook")),
             "✓ STYXY: Auto-assigned port 6007 (6006 in use by storybook, pid 4121)\n"
         );
         assert_eq!(
-            notice_line(8000, &answer(8001, 0, "")),
+            notice(8000, &answer(8001, 0, "")),
             "✓ STYXY: Auto-assigned port 8001 (8000 in use by another process)\n"
         );
+        assert_eq!(
+            notice(1, &answer(65535, u32::MAX, "a\x1b[2Jb")),
+            "✓ STYXY: Auto-assigned port 65535 (1 in use by a?[2Jb, pid 4294967295)\n"
+        );
+    }
+
+    #[test]
+    fn the_longest_notice_fits() {
+        let name = "é".repeat(40);
+        let line = notice(65535, &answer(65535, u32::MAX, &name));
+        assert!(line.ends_with(", pid 4294967295)\n"), "{line}");
+    }
+
+    #[test]
+    fn stack_buffers_keep_what_fits() {
+        let mut buf = StackBuf::<4>::new();
+        assert!(buf.push(b"ab"));
+        assert!(!buf.push(b"cde"));
+        assert_eq!(buf.as_bytes(), b"abcd");
+        assert!(!buf.push(b"f"));
+        assert!(buf.push(b""));
+        let mut digits = StackBuf::<10>::new();
+        assert!(digits.push_decimal(0));
+        assert_eq!(digits.as_bytes(), b"0");
+        let mut digits = StackBuf::<10>::new();
+        assert!(digits.push_decimal(u32::MAX));
+        assert_eq!(digits.as_bytes(), b"4294967295");
+    }
+
+    #[test]
+    fn timeouts_are_plain_decimal_numbers() {
+        assert_eq!(parse_decimal(b"50"), Some(50));
+        assert_eq!(parse_decimal(b" 7\n"), Some(7));
+        assert_eq!(parse_decimal(b"4294967295"), Some(u32::MAX));
+        assert_eq!(parse_decimal(b"4294967296"), None);
+        assert_eq!(parse_decimal(b""), None);
+        assert_eq!(parse_decimal(b"-5"), None);
+        assert_eq!(parse_decimal(b"5ms"), None);
+    }
+
+    #[test]
+    fn only_this_thread_is_marked_inside_the_shim() {
+        let guard = ReentryGuard::enter().expect("first entry");
+        assert!(ReentryGuard::enter().is_none(), "re-entry must be refused");
+        std::thread::spawn(|| assert!(ReentryGuard::enter().is_some(), "other threads enter"))
+            .join()
+            .expect("thread");
+        drop(guard);
+        assert!(ReentryGuard::enter().is_some(), "entry again once left");
     }
 
     #[test]
@@ -636,10 +820,10 @@ mod tests {
     #[test]
     fn only_inet_addresses_with_a_port_are_handled() {
         // SAFETY: zeroed sockaddr_in is valid.
-        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut sin: libc::sockaddr_in = unsafe { core::mem::zeroed() };
         sin.sin_family = libc::AF_INET as libc::sa_family_t;
         sin.sin_port = 8000u16.to_be();
-        let len = std::mem::size_of::<libc::sockaddr_in>() as socklen_t;
+        let len = core::mem::size_of::<libc::sockaddr_in>() as socklen_t;
         let ptr = (&raw const sin).cast::<sockaddr>();
         // SAFETY: ptr points to len readable bytes.
         let target = unsafe { parse_target(ptr, len) }.expect("AF_INET with a port");
@@ -651,6 +835,6 @@ mod tests {
         // SAFETY: as above.
         assert!(unsafe { parse_target(ptr, len) }.is_none());
         // SAFETY: null is rejected without reading.
-        assert!(unsafe { parse_target(std::ptr::null(), len) }.is_none());
+        assert!(unsafe { parse_target(core::ptr::null(), len) }.is_none());
     }
 }

@@ -1,6 +1,6 @@
 //! Helpers for the end-to-end tests: start the real `styxy` daemon on a private socket, state dir and port
 //! block; start real servers; find real clients (grpcurl). The binaries come from `target/<profile>/`, built
-//! by `cargo xtask test` (or `cargo build --workspace`) before the tests run.
+//! by `cargo xtask test` (or `cargo build --workspace && cargo xtask build-preload`) before the tests run.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -313,7 +313,8 @@ pub fn shim_library() -> PathBuf {
     let path = bin_dir().join("libstyxy_preload.so");
     assert!(
         path.exists() && bin_dir().join("libstyxy_shim_client.so").exists(),
-        "{} (or libstyxy_shim_client.so next to it) is missing: build with `cargo build --workspace` \
+        "{} (or libstyxy_shim_client.so next to it) is missing: build with `cargo build --workspace && \
+         cargo xtask build-preload` \
          (`cargo xtask test` does this)",
         path.display()
     );

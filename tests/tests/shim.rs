@@ -289,6 +289,39 @@ async fn the_grpc_client_loads_only_when_a_bind_needs_it() -> Result<()> {
     Ok(())
 }
 
+/// What every process of an agent session pays for the shim: a process that never binds (`cat`,
+/// which itself needs only libc) maps the shim and nothing else of ours — no client library, no
+/// libgcc_s or other runtime the shim would drag in.
+#[test]
+fn a_process_that_never_binds_loads_the_shim_and_nothing_more() -> Result<()> {
+    let native = mapped_libraries(Command::new("cat").arg("/proc/self/maps"))?;
+    let shimmed = mapped_libraries(
+        Command::new("cat")
+            .arg("/proc/self/maps")
+            .env("LD_PRELOAD", shim_library()),
+    )?;
+    let added: Vec<&String> = shimmed.difference(&native).collect();
+    assert_eq!(
+        added,
+        ["libstyxy_preload.so"],
+        "loading the shim must add only itself (native: {native:?})"
+    );
+    Ok(())
+}
+
+/// File names of the shared objects a command maps, from the `/proc/self/maps` it prints.
+fn mapped_libraries(command: &mut Command) -> Result<BTreeSet<String>> {
+    let out = command.output().context("running cat")?;
+    ensure!(out.status.success(), "cat failed: {out:?}");
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter_map(|path| path.rsplit('/').next())
+        .filter(|name| name.contains(".so"))
+        .map(str::to_string)
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn styxy_disable_and_port_zero_pass_straight_through() -> Result<()> {
     let daemon = Daemon::start().await?;

@@ -2,6 +2,9 @@
 //!
 //! - `setup`: install what a fresh machine lacks (scripts/setup.sh);
 //! - `build-ebpf`: build the kernel programs (styxy-ebpf) into `target/styxy-ebpf.o`;
+//! - `build-preload`: build the bind() shim (styxy-preload, `no_std`, panic = "abort") and put
+//!   `libstyxy_preload.so` next to the other binaries in `target/debug` and `target/release`;
+//! - `build`: everything, release mode (eBPF included when it can): what `styxy install` installs;
 //! - `run`: set up, build in release mode (eBPF included when it can) and run the daemon in the foreground;
 //! - `test`: build every binary the end-to-end tests start, then run the whole test suite;
 //! - `bench`: build in release mode and run the side-by-side benchmarks.
@@ -29,6 +32,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Build the bind() shim, libstyxy_preload.so, into target/debug and target/release.
+    BuildPreload,
+    /// Build everything in release mode (eBPF included when it can): what `styxy install` installs.
+    Build,
     /// Build (release) and run the daemon in the foreground; extra arguments go to `styxy daemon`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -53,25 +60,15 @@ fn main() -> Result<()> {
     match Args::parse().command {
         Task::Setup => setup(&root),
         Task::BuildEbpf { release } => build_ebpf(&root, release),
+        Task::BuildPreload => build_preload(&root, &["debug", "release"]),
+        Task::Build => build_release(&root),
         Task::Run { args } => {
             // The daemon runs without what setup brings (it falls back to the socket tables),
             // so a failed setup is a warning here, not the end.
             if let Err(e) = setup(&root) {
                 eprintln!("xtask: setup: {e:#}\nxtask: continuing");
             }
-            if let Err(e) = build_ebpf(&root, true) {
-                eprintln!("xtask: {e:#}\nxtask: continuing without eBPF: the daemon will read the socket tables");
-            }
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "styxy-daemon",
-                "-p",
-                "styxy-preload",
-                "-p",
-                "styxy-shim-client",
-            ])?;
+            build_release(&root)?;
             let styxy = root.join("target/release/styxy");
             run(Command::new(&styxy).arg("daemon").args(&args))
         }
@@ -84,6 +81,9 @@ fn main() -> Result<()> {
                 Err(e) => eprintln!("xtask: {e:#}\nxtask: the eBPF tests will say SKIP"),
             }
             cargo(&["build", "--workspace"])?;
+            build_preload(&root, &["debug"])?;
+            // The shim's own unit tests (it is not a workspace member).
+            run(preload_cargo(&root).arg("test"))?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args)
@@ -91,6 +91,7 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             setup(&root)?;
             cargo(&["build", "--release", "--workspace"])?;
+            build_preload(&root, &["release"])?;
             run(Command::new(root.join("target/release/styxy-bench")).args(&args))
         }
     }
@@ -172,6 +173,56 @@ fn build_ebpf(root: &Path, release: bool) -> Result<()> {
     std::fs::copy(&built, &object)
         .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
     println!("xtask: eBPF object at {}", object.display());
+    Ok(())
+}
+
+/// Release build of everything `styxy install` installs; without the eBPF toolchain the daemon
+/// reads the socket tables, so a failed eBPF build is a warning.
+fn build_release(root: &Path) -> Result<()> {
+    if let Err(e) = build_ebpf(root, true) {
+        eprintln!(
+            "xtask: {e:#}\nxtask: continuing without eBPF: the daemon will read the socket tables"
+        );
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "styxy-daemon",
+        "-p",
+        "styxy-shim-client",
+    ])?;
+    build_preload(root, &["release"])
+}
+
+/// Cargo for the shim's own workspace (styxy-preload), building into target/preload.
+fn preload_cargo(root: &Path) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(root.join("styxy-preload"))
+        .env("CARGO_TARGET_DIR", root.join("target/preload"));
+    command
+}
+
+/// Builds libstyxy_preload.so (always optimised: a release build is what proves it has no
+/// reachable panic) and puts it in `target/<profile>/` for each profile given, next to
+/// `styxy` and `libstyxy_shim_client.so`, where the tests, `styxy run` and `styxy install` find it.
+fn build_preload(root: &Path, profiles: &[&str]) -> Result<()> {
+    run(preload_cargo(root).args(["build", "--release"]))?;
+    let built = root.join("target/preload/release/libstyxy_preload.so");
+    for profile in profiles {
+        let dir = root.join("target").join(profile);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Copy, then rename over: processes running with the old library keep their mapping of it
+        // (writing into a mapped library in place would crash them).
+        let staged = dir.join(".libstyxy_preload.so.new");
+        let placed = dir.join("libstyxy_preload.so");
+        std::fs::copy(&built, &staged)
+            .with_context(|| format!("copying {} to {}", built.display(), staged.display()))?;
+        std::fs::rename(&staged, &placed)
+            .with_context(|| format!("moving {} to {}", staged.display(), placed.display()))?;
+    }
     Ok(())
 }
 
