@@ -471,19 +471,22 @@ fn lean_allocate(socket: &std::path::Path, clients: usize) -> Result<Measured> {
 }
 
 /// `clients` threads, each with the state `connect` makes, running `op` [`OPS`]` / clients` times;
-/// every run of `op` is timed.
+/// every run of `op` is timed. The clock starts once every client has connected, as it does for
+/// the tonic clients: what is measured is the calls, not the connection set-up.
 fn blocking_clients<S>(
     label: String,
     clients: usize,
     connect: impl Fn() -> Result<S> + Clone + Send + 'static,
     op: impl Fn(&mut S) -> Result<()> + Clone + Send + 'static,
 ) -> Result<Measured> {
-    let start = Instant::now();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let (connect, op) = (connect.clone(), op.clone());
+            let (connect, op, ready) = (connect.clone(), op.clone(), ready.clone());
             std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let mut state = connect()?;
+                let state = connect();
+                ready.wait();
+                let mut state = state?;
                 let mut lat = Vec::with_capacity(OPS / clients);
                 for _ in 0..OPS / clients {
                     let t = Instant::now();
@@ -494,6 +497,8 @@ fn blocking_clients<S>(
             })
         })
         .collect();
+    ready.wait();
+    let start = Instant::now();
     let mut latencies = Vec::new();
     for t in threads {
         latencies.extend(
