@@ -84,6 +84,9 @@ struct Pending {
     closing: bool,
     /// Someone waits for what is pending: write it now.
     urgent: bool,
+    /// The writer sleeps on `wake` (for work, or lingering). Waking it costs a futex call each
+    /// time, so callers do it only then: a writer that is writing looks again when done.
+    writer_waiting: bool,
 }
 
 impl Pending {
@@ -202,8 +205,8 @@ impl Store {
             // Nothing to write: durable once what is already queued is (no writer wake-up).
             return Ticket(pending.seq);
         }
-        // A writer with something pending is awake already (writing or lingering).
-        let writer_asleep = pending.is_empty();
+        // A writer with something pending lingers on purpose; one that is writing looks again when done.
+        let writer_asleep = pending.writer_waiting && pending.is_empty();
         for change in changes {
             append_json_line(&mut pending.journal, change);
         }
@@ -225,7 +228,9 @@ impl Store {
         if *rx.borrow() < ticket.0 {
             let mut pending = self.shared.pending();
             pending.urgent = true;
-            self.shared.wake.notify_one();
+            if pending.writer_waiting {
+                self.shared.wake.notify_one();
+            }
         }
         rx.wait_for(|done| *done >= ticket.0)
             .await
@@ -274,11 +279,13 @@ impl Writer {
                     && !pending.closing
                     && pending.seq == *self.shared.durable.borrow()
                 {
+                    pending.writer_waiting = true;
                     pending = self
                         .shared
                         .wake
                         .wait(pending)
                         .unwrap_or_else(|e| e.into_inner());
+                    pending.writer_waiting = false;
                 }
                 let linger_until = std::time::Instant::now() + LINGER;
                 while !pending.urgent && !pending.closing {
@@ -286,12 +293,14 @@ impl Writer {
                     if left.is_zero() {
                         break;
                     }
+                    pending.writer_waiting = true;
                     pending = self
                         .shared
                         .wake
                         .wait_timeout(pending, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
+                    pending.writer_waiting = false;
                 }
                 pending.urgent = false;
                 Batch {
