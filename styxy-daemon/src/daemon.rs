@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::broker::{Broker, LeaseSettings, ServiceRanges};
@@ -268,13 +269,12 @@ fn serve_unix_per_core(
                     runtime.block_on(async move {
                         let listener = UnixListener::from_std(listener)
                             .context("registering the Unix listener")?;
+                        let connections = UnixListenerStream::new(listener)
+                            .map(|accepted| accepted.map(OneWriteUnixStream));
                         router
-                            .serve_with_incoming_shutdown(
-                                UnixListenerStream::new(listener),
-                                async move {
-                                    let _ = stop.wait_for(|stop| *stop).await;
-                                },
-                            )
+                            .serve_with_incoming_shutdown(connections, async move {
+                                let _ = stop.wait_for(|stop| *stop).await;
+                            })
                             .await
                             .context("Unix-socket server")
                     })
@@ -285,6 +285,61 @@ fn serve_unix_per_core(
         finished.push(result);
     }
     Ok(finished)
+}
+
+/// A Unix-socket connection that tells h2 it has no vectored writes.
+///
+/// With vectored writes h2 sends a DATA payload over 256 bytes as a buffer of its own and must
+/// flush it before it can queue the next frame, so a unary answer of that size left in two writes:
+/// HEADERS + DATA, then the trailers (strace: 280 + 10 bytes for a moved bind). The client, which
+/// needs the trailers for the status, then woke twice. Without them h2 copies payloads of up to
+/// 1 KiB into its buffer, and every such answer leaves in one write with its trailers.
+struct OneWriteUnixStream(tokio::net::UnixStream);
+
+impl tokio::io::AsyncRead for OneWriteUnixStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for OneWriteUnixStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
+impl tonic::transport::server::Connected for OneWriteUnixStream {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
 }
 
 /// How often the eBPF observer's port table is checked against a full socket-table reading.
