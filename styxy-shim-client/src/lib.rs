@@ -211,8 +211,12 @@ impl Client {
         }
     }
 
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn take_idle(&self, socket: &Path) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle();
         idle.retain(|c| c.path() == socket);
         idle.pop()
     }
@@ -221,7 +225,7 @@ impl Client {
         if !conn.reusable() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle();
         if idle.len() < POOL_SIZE {
             idle.push(conn);
         }

@@ -197,8 +197,7 @@ fn build_release(root: &Path) -> Result<()> {
 
 /// Cargo for the shim's own workspace (styxy-preload), building into target/preload.
 fn preload_cargo(root: &Path) -> Command {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
+    let mut command = cargo_command();
     command
         .current_dir(root.join("styxy-preload"))
         .env("CARGO_TARGET_DIR", root.join("target/preload"));
@@ -231,8 +230,12 @@ fn setup(root: &Path) -> Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args))
+    run(cargo_command().args(args))
+}
+
+/// The cargo that runs this xtask (`$CARGO`), else the one on PATH.
+fn cargo_command() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
 fn run(command: &mut Command) -> Result<()> {

@@ -379,7 +379,7 @@ impl Broker {
         self.settle_leases_on_bind(&socket, effects);
         let held = Held {
             service_type: infer_type(&self.ranges, &mut self.inferred, &socket),
-            instance_id: self.claimed_for_instance(&socket),
+            instance_id: claimed_for_instance(&self.leases, &socket),
             socket: BoundSocket {
                 since_ms: if socket.since_ms == 0 {
                     now_ms
@@ -396,10 +396,6 @@ impl Broker {
             .or_default()
             .insert(cookie);
         self.retake(port);
-    }
-
-    fn claimed_for_instance(&self, socket: &BoundSocket) -> Option<String> {
-        claimed_for_instance(&self.leases, socket)
     }
 
     /// A lease turns into "bound" when its holder binds its port: an Allocate lease ends (the socket now

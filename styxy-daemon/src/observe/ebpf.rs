@@ -129,7 +129,6 @@ impl KernelPortCounts {
 /// A read-only shared mapping of the `PORTS` array (created `BPF_F_MMAPABLE`).
 struct MappedCounts {
     base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
-    len: usize,
 }
 
 // SAFETY: the mapping is shared memory the kernel updates with atomic adds; this side only loads
@@ -160,13 +159,13 @@ impl MappedCounts {
         }
         Some(MappedCounts {
             base: std::ptr::NonNull::new(ptr.cast())?,
-            len: PORT_SLOTS as usize,
         })
     }
 
     fn get(&self, slot: u32) -> u64 {
-        let slot = (slot as usize).min(self.len - 1);
-        // SAFETY: slot < len and the mapping holds len u64 values, 8-byte aligned (page-aligned base).
+        let slot = (slot as usize).min(PORT_SLOTS as usize - 1);
+        // SAFETY: slot < PORT_SLOTS and the mapping holds PORT_SLOTS u64 values, 8-byte aligned
+        // (page-aligned base).
         unsafe { self.base.as_ptr().add(slot).as_ref() }
             .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed))
     }
