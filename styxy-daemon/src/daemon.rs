@@ -123,7 +123,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         .add_service(reflection_v1alpha);
 
     let mut servers = tokio::task::JoinSet::new();
-    for (n, finished) in serve_unix_per_core(&router, uds, &shutdown)?
+    for (n, finished) in serve_unix_per_core(&router, engine.store(), uds, &shutdown)?
         .into_iter()
         .enumerate()
     {
@@ -244,9 +244,12 @@ fn raise_open_file_limit() {
 /// copy of the listening socket, so a connection's requests live on one thread from read to answer
 /// instead of hopping between work-stealing workers. Measured with `cargo xtask bench` on a 2-core
 /// machine: Allocate with 32 clients went from about 5,300/s to 6,800–9,200/s; single-client
-/// latency did not change. Returns one receiver per thread for its result.
+/// latency did not change. Each thread relays the store's durable mark to its own waiters (one
+/// wake-up from the store writer per thread, not one per waiting call). Returns one receiver per
+/// thread for its result.
 fn serve_unix_per_core(
     router: &tonic::transport::server::Router,
+    store: &Store,
     uds: UnixListener,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::sync::oneshot::Receiver<Result<()>>>> {
@@ -256,6 +259,7 @@ fn serve_unix_per_core(
     for n in 0..threads {
         let listener = listener.try_clone().context("sharing the Unix listener")?;
         let router = router.clone();
+        let store = store.clone();
         let mut stop = shutdown.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -267,6 +271,7 @@ fn serve_unix_per_core(
                         .build()
                         .context("starting a server runtime")?;
                     runtime.block_on(async move {
+                        tokio::spawn(store.relay_durable_here());
                         let listener = UnixListener::from_std(listener)
                             .context("registering the Unix listener")?;
                         let connections = UnixListenerStream::new(listener)

@@ -12,6 +12,7 @@
 //!
 //! After `kill -9` and restart, every answered change is there, and none twice (changes are keyed by id).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -105,6 +106,12 @@ impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+thread_local! {
+    /// On a thread that runs its own single-threaded runtime: the durable mark of one store as
+    /// relayed on this thread (see [`Store::relay_durable_here`]), keyed by the store's address.
+    static RELAYED_DURABLE: RefCell<Option<(usize, watch::Receiver<u64>)>> = const { RefCell::new(None) };
 }
 
 /// A handle to the writer thread. Cheap to clone.
@@ -224,8 +231,10 @@ impl Store {
 
     /// Waits until everything queued up to `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<()> {
-        let mut rx = self.shared.durable.subscribe();
-        if *rx.borrow() < ticket.0 {
+        let mut rx = self
+            .relayed_receiver()
+            .unwrap_or_else(|| self.shared.durable.subscribe());
+        if *self.shared.durable.borrow() < ticket.0 {
             let mut pending = self.shared.pending();
             pending.urgent = true;
             if pending.writer_waiting {
@@ -236,6 +245,40 @@ impl Store {
             .await
             .map(|_| ())
             .context("the store writer stopped")
+    }
+
+    /// Makes the durable mark reach this thread's waiters through one task: run the returned future
+    /// on this thread's single-threaded runtime, which must outlive every `durable` call made here.
+    ///
+    /// Without it the writer wakes every waiting task itself, and each wake-up of a task from
+    /// outside its runtime writes that runtime's eventfd: about two syscalls per Allocate under
+    /// load. With it the writer wakes one relay task per thread, which wakes the waiters from
+    /// inside the runtime (no syscall).
+    pub fn relay_durable_here(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut global = self.shared.durable.subscribe();
+        let (local, receiver) = watch::channel(*global.borrow_and_update());
+        RELAYED_DURABLE.with(|relayed| *relayed.borrow_mut() = Some((self.key(), receiver)));
+        async move {
+            while global.changed().await.is_ok() {
+                let mark = *global.borrow_and_update();
+                local.send_replace(mark);
+            }
+        }
+    }
+
+    /// This thread's relayed durable mark for this store, if [`Store::relay_durable_here`] set one up.
+    fn relayed_receiver(&self) -> Option<watch::Receiver<u64>> {
+        RELAYED_DURABLE.with(|relayed| {
+            relayed
+                .borrow()
+                .as_ref()
+                .filter(|(key, receiver)| *key == self.key() && receiver.has_changed().is_ok())
+                .map(|(_, receiver)| receiver.clone())
+        })
+    }
+
+    fn key(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
     }
 
     /// Flushes what is queued, writes a final snapshot and stops the writer.
@@ -552,6 +595,59 @@ mod tests {
         let ports: Vec<u16> = back.iter().map(|r| r.requested_port).collect();
         assert_eq!(ports.last(), Some(&3009), "{ports:?}");
         assert!(ports.windows(2).all(|w| w[0] < w[1]), "in order: {ports:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn waits_end_through_a_threads_relay_and_without_it_once_it_is_gone() {
+        let dir = std::env::temp_dir().join(format!("styxy-store-relay-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (store, _, _) = Store::open(&dir, 100).unwrap();
+        let put = |store: &Store, id: String, port: u16| {
+            store.enqueue(
+                &[StateChange::PutLease {
+                    lease: lease(&id, port),
+                }],
+                &[],
+            )
+        };
+        let single_threaded = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let patience = std::time::Duration::from_secs(10);
+        single_threaded().block_on(async {
+            tokio::spawn(store.relay_durable_here());
+            assert!(store.relayed_receiver().is_some());
+            // Many waiters at once, as under load: each must be woken by the relay.
+            let waiters: Vec<_> = (0..20u16)
+                .map(|n| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let ticket = put(&store, format!("lease-{n}"), 3000 + n);
+                        store.durable(ticket).await
+                    })
+                })
+                .collect();
+            for waiter in waiters {
+                let waited = tokio::time::timeout(patience, waiter).await;
+                assert!(
+                    matches!(waited, Ok(Ok(Ok(())))),
+                    "a wait through the relay did not end: {waited:?}"
+                );
+            }
+        });
+        // That runtime, and its relay, are gone: waits on this thread go straight to the writer.
+        assert!(store.relayed_receiver().is_none());
+        single_threaded().block_on(async {
+            let ticket = put(&store, "lease-after".into(), 3100);
+            let waited = tokio::time::timeout(patience, store.durable(ticket)).await;
+            assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
+        });
+        let journal = fs::read_to_string(dir.join(JOURNAL)).unwrap();
+        assert!(journal.contains("lease-19") && journal.contains("lease-after"));
         let _ = fs::remove_dir_all(&dir);
     }
 
