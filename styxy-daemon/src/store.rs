@@ -1,8 +1,10 @@
 //! Persistence of leases and instances, and the audit log, in the state dir.
 //!
 //! - `state.json`: a snapshot of every lease and instance, replaced atomically (temp file, fsync, rename).
-//! - `journal.jsonl`: the changes made since that snapshot, one JSON line each, appended and fsynced before
-//!   the caller is answered. Writes from concurrent callers are grouped into one fsync (group commit), so
+//! - `journal.jsonl`: the changes made since that snapshot, one JSON line each, written and fsynced before
+//!   the caller is answered. The file is filled with zeros ahead of the writes ([`JOURNAL_CHUNK`] at a
+//!   time), so a write overwrites zeros in place and its fsync has only data to flush, not the file's
+//!   new size too; the journal ends at its first zero byte. Writes from concurrent callers are grouped into one fsync (group commit), so
 //!   durability costs one fsync per batch, not per lease. When the journal grows it is folded into a new
 //!   snapshot. A torn last line (power loss mid-write) is ignored on replay. Changes nobody waits for
 //!   (the shim's short claims, table reconciliations) linger up to [`LINGER`] so that a run of binds
@@ -15,7 +17,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -33,6 +35,8 @@ const AUDIT_ROTATED: &str = "audit.jsonl.1";
 pub const AUDIT_ROTATE_BYTES: u64 = 8 << 20;
 /// How long the writer gathers changes that nobody is waiting for before writing them.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+/// How far ahead of its end the journal is filled with zeros.
+const JOURNAL_CHUNK: u64 = 1 << 20;
 /// Journal lines after which the writer folds the journal into a fresh snapshot.
 const COMPACT_AFTER: usize = 10_000;
 
@@ -161,7 +165,7 @@ impl Store {
             state.apply(change);
         }
         write_snapshot(dir, &state.snapshot())?;
-        let journal = File::create(dir.join(JOURNAL)).context("truncating the journal")?;
+        let journal = Journal::create(dir)?;
         let mut audit = read_json_lines::<AuditRecord>(&dir.join(AUDIT_ROTATED))?;
         audit.extend(read_json_lines::<AuditRecord>(&dir.join(AUDIT))?);
         let drop_count = audit.len().saturating_sub(audit_keep);
@@ -180,7 +184,6 @@ impl Store {
             shared: shared.clone(),
             dir: dir.to_path_buf(),
             journal,
-            journal_lines: 0,
             audit: audit_file,
             audit_bytes,
             audit_rotate_bytes,
@@ -297,8 +300,7 @@ impl Store {
 struct Writer {
     shared: Arc<Shared>,
     dir: PathBuf,
-    journal: File,
-    journal_lines: usize,
+    journal: Journal,
     audit: File,
     audit_bytes: u64,
     audit_rotate_bytes: u64,
@@ -369,11 +371,7 @@ impl Writer {
     /// Writes one batch. Safe to repeat after a failure: changes are keyed by id.
     fn write(&mut self, batch: &Batch) -> Result<()> {
         if !batch.journal.is_empty() {
-            self.journal
-                .write_all(&batch.journal)
-                .context("appending to the journal")?;
-            self.journal.sync_data().context("fsync of the journal")?;
-            self.journal_lines += batch.changes.len();
+            self.journal.append(&batch.journal, batch.changes.len())?;
         }
         for change in &batch.changes {
             self.state.apply(change.clone());
@@ -391,12 +389,71 @@ impl Writer {
                 self.audit_bytes = 0;
             }
         }
-        if batch.closing || self.journal_lines >= COMPACT_AFTER {
+        if batch.closing || self.journal.lines >= COMPACT_AFTER {
             write_snapshot(&self.dir, &self.state.snapshot())?;
-            self.journal =
-                File::create(self.dir.join(JOURNAL)).context("truncating the journal")?;
-            self.journal_lines = 0;
+            self.journal = Journal::create(&self.dir)?;
         }
+        Ok(())
+    }
+}
+
+/// The journal file: where its data ends, and how far it is filled with zeros.
+struct Journal {
+    file: File,
+    end: u64,
+    zeroed: u64,
+    lines: usize,
+}
+
+impl Journal {
+    /// Starts an empty journal (truncating the one there), its first chunk zeroed and on disk.
+    fn create(dir: &Path) -> Result<Journal> {
+        let file = File::create(dir.join(JOURNAL)).context("truncating the journal")?;
+        let mut journal = Journal {
+            file,
+            end: 0,
+            zeroed: 0,
+            lines: 0,
+        };
+        journal.zero(0, JOURNAL_CHUNK)?;
+        journal
+            .file
+            .sync_all()
+            .context("fsync of the new journal")?;
+        Ok(journal)
+    }
+
+    /// Writes `bytes` (whole lines) at the end and fsyncs them. Safe to repeat after a failure:
+    /// the end moves only once the data is on disk.
+    fn append(&mut self, bytes: &[u8], lines: usize) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.end + bytes.len() as u64;
+        self.file
+            .write_all_at(bytes, self.end)
+            .context("writing to the journal")?;
+        // Zeros ahead again (this fsync then carries the new size too, once per chunk).
+        if end > self.zeroed {
+            self.zero(end, end.next_multiple_of(JOURNAL_CHUNK))?;
+        }
+        self.file.sync_data().context("fsync of the journal")?;
+        self.end = end;
+        self.lines += lines;
+        Ok(())
+    }
+
+    /// Fills `from..limit` of the file with zeros.
+    fn zero(&mut self, from: u64, limit: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = from;
+        while at < limit {
+            let len = (limit - at).min(ZEROS.len() as u64) as usize;
+            self.file
+                .write_all_at(&ZEROS[..len], at)
+                .context("filling the journal with zeros")?;
+            at += len as u64;
+        }
+        self.zeroed = limit;
         Ok(())
     }
 }
@@ -417,18 +474,19 @@ fn append_json_line<T: Serialize>(buf: &mut Vec<u8>, value: &T) {
 }
 
 /// Reads a JSON-lines file; a missing file is empty, and an unparsable line (a torn write) is skipped.
+/// The data ends at the first zero byte (the journal is filled with zeros ahead of its writes).
 fn read_json_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let file = match File::open(path) {
-        Ok(f) => f,
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
+    let data = bytes.split(|b| *b == 0).next().unwrap_or_default();
     let mut out = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        match serde_json::from_str(&line) {
+    for line in data.split(|b| *b == b'\n') {
+        match serde_json::from_slice(line) {
             Ok(v) => out.push(v),
-            Err(e) if !line.trim().is_empty() => {
+            Err(e) if !line.trim_ascii().is_empty() => {
                 tracing::warn!("skipping an unreadable line of {}: {e}", path.display())
             }
             Err(_) => {}
@@ -558,12 +616,18 @@ mod tests {
             &[],
         );
         store.durable(t).await.unwrap();
-        // As after kill -9: no close, a torn line at the end of the journal.
-        let mut journal = OpenOptions::new()
-            .append(true)
+        // As after kill -9: no close, a torn line at the end of the journal (where its zeros begin).
+        let journal = OpenOptions::new()
+            .write(true)
             .open(dir.join(JOURNAL))
             .unwrap();
-        journal.write_all(b"{\"op\":\"put_le").unwrap();
+        let end = fs::read(dir.join(JOURNAL))
+            .unwrap()
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&journal, b"{\"op\":\"put_le", end as u64)
+            .unwrap();
 
         let (store2, snap, audit_back) = Store::open(&dir, 100).unwrap();
         assert_eq!(snap.leases, vec![lease("lease-2", 3001)]);
@@ -595,6 +659,30 @@ mod tests {
         let ports: Vec<u16> = back.iter().map(|r| r.requested_port).collect();
         assert_eq!(ports.last(), Some(&3009), "{ports:?}");
         assert!(ports.windows(2).all(|w| w[0] < w[1]), "in order: {ports:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_journal_longer_than_its_zeroed_chunks_comes_back_whole() {
+        let dir = std::env::temp_dir().join(format!("styxy-store-long-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (store, _, _) = Store::open(&dir, 100).unwrap();
+        // Batches of growing size, one larger than a chunk: over 3 MiB of journal in all.
+        let mut next = 0u32;
+        for batch in [1, 7, 300, 9000, 2] {
+            let changes: Vec<StateChange> = (next..next + batch)
+                .map(|n| StateChange::PutLease {
+                    lease: lease(&format!("lease-{n:0>200}"), 3000),
+                })
+                .collect();
+            next += batch;
+            store.durable(store.enqueue(&changes, &[])).await.unwrap();
+        }
+        let on_disk = fs::metadata(dir.join(JOURNAL)).unwrap().len();
+        assert!(on_disk > 3 * JOURNAL_CHUNK, "{on_disk}");
+        // As after kill -9: no close.
+        let (_, snap, _) = Store::open(&dir, 100).unwrap();
+        assert_eq!(snap.leases.len(), next as usize);
         let _ = fs::remove_dir_all(&dir);
     }
 
