@@ -61,6 +61,24 @@ pub struct Held {
     pub service_type: String,
     /// The agent session (`STYXY_INSTANCE`) whose shim claimed this port for the holder, if any.
     pub instance_id: Option<String>,
+    /// When the bind hooks (eBPF) reported this socket bound; `None` when only a reading showed it.
+    pub reported_bound_ms: Option<u64>,
+}
+
+/// How long a TCP socket the bind hooks reported stays in the table while readings do not show
+/// it: the socket tables list a TCP socket only once it listens or connects, so between a
+/// server's `bind()` and its `listen()` a reading cannot see it. Its release is reported by the
+/// hooks too; this only bounds how long a lost release record can leave it behind.
+pub const UNLISTED_TCP_GRACE_MS: u64 = 2_000;
+
+impl Held {
+    /// Whether a reading that does not show this socket may simply be too early to see it.
+    fn may_be_unlisted(&self, now_ms: u64) -> bool {
+        self.socket.protocol == Protocol::Tcp
+            && self
+                .reported_bound_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) < UNLISTED_TCP_GRACE_MS)
+    }
 }
 
 /// Who holds a port, as told to a process whose bind was moved.
@@ -328,7 +346,9 @@ impl Broker {
     pub fn apply(&mut self, event: PortEvent, now_ms: u64) -> Effects {
         let mut effects = Effects::default();
         match event {
-            PortEvent::Bound(socket) => self.insert_socket(socket, now_ms, &mut effects),
+            PortEvent::Bound(socket) => {
+                self.insert_socket(socket, now_ms, Some(now_ms), &mut effects)
+            }
             PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
         }
         effects
@@ -346,7 +366,11 @@ impl Broker {
         let gone: Vec<u64> = self
             .sockets
             .iter()
-            .filter(|(cookie, held)| scope.covers(&held.socket) && !fresh.contains_key(cookie))
+            .filter(|(cookie, held)| {
+                scope.covers(&held.socket)
+                    && !fresh.contains_key(cookie)
+                    && !held.may_be_unlisted(now_ms)
+            })
             .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in gone {
@@ -365,13 +389,19 @@ impl Broker {
                         held.socket.owner = socket.owner;
                     }
                 }
-                _ => self.insert_socket(socket, now_ms, &mut effects),
+                _ => self.insert_socket(socket, now_ms, None, &mut effects),
             }
         }
         effects
     }
 
-    fn insert_socket(&mut self, socket: BoundSocket, now_ms: u64, effects: &mut Effects) {
+    fn insert_socket(
+        &mut self,
+        socket: BoundSocket,
+        now_ms: u64,
+        reported_bound_ms: Option<u64>,
+        effects: &mut Effects,
+    ) {
         if self.sockets.contains_key(&socket.cookie) {
             self.remove_socket_quietly(socket.cookie);
         }
@@ -380,6 +410,7 @@ impl Broker {
         let held = Held {
             service_type: infer_type(&self.ranges, &mut self.inferred, &socket),
             instance_id: claimed_for_instance(&self.leases, &socket),
+            reported_bound_ms,
             socket: BoundSocket {
                 since_ms: if socket.since_ms == 0 {
                     now_ms

@@ -575,14 +575,16 @@ fn reconcile_touches_only_its_scope_and_keeps_history() {
     let mut b = broker();
     b.apply(PortEvent::Bound(socket(1, 3000, None)), 10);
     b.apply(PortEvent::Bound(socket(2, 3001, None)), 10);
-    // A point reading of port 3000 that no longer has socket 1 but a new socket 3.
+    // A point reading of port 3000 that no longer has socket 1 but a new socket 3 (late enough
+    // that 1 is not merely between bind() and listen()).
+    let later = 10 + UNLISTED_TCP_GRACE_MS;
     let effects = b.reconcile(
         Scope::Port {
             port: 3000,
             protocol: Some(Protocol::Tcp),
         },
         vec![socket(3, 3000, None), socket(4, 3005, None)],
-        20,
+        later,
     );
     assert_eq!(effects.notices.len(), 2, "{effects:?}");
     assert!(
@@ -598,15 +600,41 @@ fn reconcile_touches_only_its_scope_and_keeps_history() {
     b.reconcile(
         Scope::All,
         vec![socket(3, 3000, Some(owner)), socket(2, 3001, None)],
-        30,
+        later + 10,
     );
     let held = &b.observe(3000, None).holders[0];
-    assert_eq!(held.socket.since_ms, 20, "first seen time kept");
+    assert_eq!(held.socket.since_ms, later, "first seen time kept");
     assert_eq!(
         held.socket.owner.as_ref().unwrap().id.pid,
         5,
         "owner learnt later"
     );
+}
+
+#[test]
+fn a_tcp_socket_just_reported_bound_outlives_readings_that_cannot_show_it_yet() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(1, 3000, None)), 1000);
+    let udp = BoundSocket {
+        protocol: Protocol::Udp,
+        ..socket(2, 3001, None)
+    };
+    b.apply(PortEvent::Bound(udp.clone()), 1000);
+    b.reconcile(Scope::All, vec![udp, socket(3, 3002, None)], 1000);
+    // Between bind() and listen() the socket tables do not list a TCP socket: the reported one
+    // stays. A UDP socket is listed once bound, and one that only a reading showed gets no grace.
+    let effects = b.reconcile(Scope::All, vec![], 1500);
+    assert_eq!(b.observe(3000, None).holders.len(), 1, "{effects:?}");
+    assert!(b.observe(3001, None).holders.is_empty());
+    assert!(b.observe(3002, None).holders.is_empty());
+    assert_eq!(effects.notices.len(), 2, "{effects:?}");
+    // Past the grace, a reading without it ends it.
+    let effects = b.reconcile(Scope::All, vec![], 1000 + UNLISTED_TCP_GRACE_MS);
+    assert!(b.observe(3000, None).holders.is_empty(), "{effects:?}");
+    // Its release, reported by the hooks, ends it at once.
+    b.apply(PortEvent::Bound(socket(4, 3004, None)), 5000);
+    b.apply(PortEvent::Released { cookie: 4 }, 5001);
+    assert!(b.observe(3004, None).holders.is_empty());
 }
 
 #[test]
