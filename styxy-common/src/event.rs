@@ -134,6 +134,12 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const CONFIG_NETNS_COOKIE: u32 = 0;
 pub const PORTS_MAP: &str = "PORTS";
 pub const EVENTS_MAP: &str = "EVENTS";
+/// Size of the `EVENTS` ring buffer (a power of two, as the kernel requires): ~43,000 records.
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
+/// Records a full `EVENTS` ring holds at least: each takes the kernel's 8-byte header plus the
+/// record, rounded up to 8 bytes.
+pub const EVENTS_RING_RECORDS: usize =
+    EVENTS_RING_BYTES as usize / (8 + BindEvent::SIZE.next_multiple_of(8));
 pub const DROPPED_MAP: &str = "DROPPED";
 pub const BOUND_MAP: &str = "BOUND";
 

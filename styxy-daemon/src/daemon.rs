@@ -474,10 +474,11 @@ async fn read_ebpf_events(
             tracing::warn!(
                 "{lost} eBPF record(s) lost (ring buffer full): resyncing from the socket tables"
             );
-            engine.count_dropped(lost);
             if let Err(e) = engine.resync() {
                 tracing::warn!("resync after lost records: {e}");
             }
+            // Counted once the table is repaired: whoever sees the loss in Status sees the fix.
+            engine.count_dropped(lost);
         }
     }
 }

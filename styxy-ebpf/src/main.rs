@@ -27,16 +27,16 @@ use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use styxy_common::event::{
-    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, CONFIG_NETNS_COOKIE, IPPROTO_TCP,
-    IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORT_SLOTS,
+    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, CONFIG_NETNS_COOKIE, EVENTS_RING_BYTES,
+    IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORT_SLOTS,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
 const ALLOW: i32 = 1;
 
-/// Bind and release records for the daemon: 4 MiB holds ~47,000 records.
+/// Bind and release records for the daemon.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// Records that did not fit in `EVENTS`, per CPU (index 0).
 #[map]

@@ -362,8 +362,9 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
         );
     }
 
-    drop((early, late_tcp, late_udp)); // killed: the kernel releases every socket
-                                       // Another asker: this process, moved off those ports, would be sent where it went before.
+    // Killed: the kernel releases every socket. Then another asker: this process, moved off
+    // those ports, would be sent where it went before.
+    drop((early, late_tcp, late_udp));
     let other = Spawned::start(Command::new("sleep").arg("60"))?;
     let other_pid = other.child.id();
     for (port, protocol) in [
@@ -385,5 +386,80 @@ async fn at_the_root_point_checks_use_the_kernels_port_counts() -> Result<()> {
         .await?;
         assert_eq!(answer.port, u32::from(port));
     }
+    Ok(())
+}
+
+/// A stalled daemon (SIGSTOP) lets the ring buffer fill up: the records that did not fit are
+/// counted, and once the daemon runs again it reports them and reads the socket tables, so a
+/// socket whose record was lost is still known with its holder.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let held = daemon.base + 48;
+    // 50,000 binds and releases: 100,000 records for a ring that holds ~43,000. The socket that
+    // stays comes last, so its record is among the lost.
+    let churn = format!(
+        "import socket, sys\n\
+         for _ in range(50000):\n    \
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
+             s.bind(('127.0.0.1', 0))\n    \
+             s.close()\n\
+         s = socket.socket()\n\
+         s.bind(('127.0.0.1', {held}))\n\
+         s.listen(4)\n\
+         print('ready', flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    // A first bind and release, read before the stall, so the daemon is in its steady state.
+    let warm_up =
+        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', 0))\n";
+    let status = cgroup.command("python3", &["-c", warm_up]).status()?;
+    ensure!(status.success(), "warm-up bind: {status}");
+    styxy_tests::eventually(10, "the warm-up records read", || async {
+        let status = daemon.status().await.ok()?;
+        (status.observed_events >= 2).then_some(())
+    })
+    .await?;
+    daemon.signal(libc::SIGSTOP)?;
+    let mut holder = Spawned::start(&mut cgroup.command("python3", &["-c", &churn]));
+    let ready = match holder.as_mut() {
+        Ok(holder) => holder.line_where(60, |l| l == "ready").map(drop),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    daemon.signal(libc::SIGCONT)?;
+    ready?;
+    let holder = holder?; // kept: dropping it kills the process
+    let holder_pid = holder.child.id();
+
+    let mut client = daemon.client().await?;
+    let dropped = styxy_tests::eventually(20, "lost records reported", || {
+        let daemon = &daemon;
+        async move {
+            let status = daemon.status().await.ok()?;
+            (status.dropped_events > 0).then_some(status.dropped_events)
+        }
+    })
+    .await?;
+    // 100,002 records, of which a ring's worth (~43,000) fit.
+    assert!(
+        (40_000..=100_002).contains(&dropped),
+        "{dropped} records reported lost"
+    );
+    let log = daemon.log();
+    assert!(log.contains("resyncing from the socket tables"), "{log}");
+    let ports = client
+        .list_ports(pb::ListPortsRequest::default())
+        .await?
+        .into_inner();
+    let entry = ports
+        .holders
+        .iter()
+        .find(|h| h.port == u32::from(held))
+        .with_context(|| format!("{held} missing from {ports:?}\n{}", daemon.log()))?;
+    assert_eq!(entry.pid, holder_pid, "{entry:?}");
     Ok(())
 }

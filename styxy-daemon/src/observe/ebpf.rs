@@ -15,8 +15,8 @@ use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use aya::Ebpf;
 use styxy_common::event::{
     port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, CONFIG_MAP,
-    CONFIG_NETNS_COOKIE, DROPPED_MAP, EVENTS_MAP, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
-    KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+    CONFIG_NETNS_COOKIE, DROPPED_MAP, EVENTS_MAP, EVENTS_RING_RECORDS, IPPROTO_TCP, IPPROTO_UDP,
+    KIND_BOUND, KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
 };
 
 use crate::broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
@@ -71,6 +71,11 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .context("no cgroup v2 mount found (mount one with `mount -t cgroup2 none /sys/fs/cgroup`)")
 }
 
+/// Records drained between two readings of the lost-record counter: half a full ring.
+const DROP_CHECK_RECORDS: usize = EVENTS_RING_RECORDS / 2;
+/// The longest time between two readings of the lost-record counter while records arrive.
+const DROP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The loaded, attached programs and the maps the daemon reads.
 pub struct Attached {
     /// Owns the programs and their links: dropping it detaches everything.
@@ -82,6 +87,9 @@ pub struct Attached {
     ports: Option<KernelPortCounts>,
     pub cgroup: PathBuf,
     dropped_seen: u64,
+    /// Records drained since `DROPPED` was last read, and when that was.
+    drained_since_drop_check: usize,
+    last_drop_check: std::time::Instant,
 }
 
 /// The kernel's `PORTS` counts plus the sockets that were bound before the programs attached.
@@ -257,6 +265,9 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
         ports: Some(ports),
         cgroup: cgroup.to_path_buf(),
         dropped_seen: 0,
+        // So the first drain reads the counter.
+        drained_since_drop_check: DROP_CHECK_RECORDS,
+        last_drop_check: std::time::Instant::now(),
     })
 }
 
@@ -335,7 +346,20 @@ impl Attached {
     }
 
     /// Records lost since the last call (the ring buffer was full).
+    ///
+    /// Reading the kernel's counter is a syscall, so it is read only when it can have moved since
+    /// the last reading: a record is lost only when the ring is full, and every record in the ring
+    /// at that moment is drained afterwards, so a loss shows by the time [`DROP_CHECK_RECORDS`]
+    /// (half a full ring) have been drained since the last reading. Also read after
+    /// [`DROP_CHECK_INTERVAL`], for the instant between a failed reservation and its count.
     pub fn newly_dropped(&mut self) -> u64 {
+        if self.drained_since_drop_check < DROP_CHECK_RECORDS
+            && self.last_drop_check.elapsed() < DROP_CHECK_INTERVAL
+        {
+            return 0;
+        }
+        self.drained_since_drop_check = 0;
+        self.last_drop_check = std::time::Instant::now();
         let total: u64 = self
             .dropped
             .get(&0, 0)
@@ -352,6 +376,7 @@ impl Attached {
         let mut events = Vec::new();
         let mut seen_at = Vec::new();
         while let Some(item) = self.events.next() {
+            self.drained_since_drop_check += 1;
             let Some(record) = BindEvent::from_bytes(&item) else {
                 continue;
             };
@@ -372,8 +397,6 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
-
-impl Attached {}
 
 fn address_bytes(address: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
