@@ -130,6 +130,11 @@ impl Daemon {
         connect(&Target::Tcp(self.tcp.clone())).await
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` to the daemon process (e.g. `SIGSTOP` to stall it, `SIGCONT` to let it go on).
     pub fn signal(&self, signal: libc::c_int) -> Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;

@@ -463,3 +463,40 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
     assert_eq!(entry.pid, holder_pid, "{entry:?}");
     Ok(())
 }
+
+/// The ring buffer's reader runs on a thread of its own in the `SCHED_BATCH` class, so the
+/// wake-up a record causes never preempts the program that is binding.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ring_buffer_reader_is_a_batch_thread() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", daemon.pid()));
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(&tasks)? {
+        let task = task?.path();
+        let name = std::fs::read_to_string(task.join("comm"))?;
+        let tid: libc::pid_t = task
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .context("task id")?;
+        // SAFETY: sched_getscheduler only reads the policy of the given thread.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        policies.push((name.trim().to_string(), policy));
+    }
+    let reader: Vec<_> = policies.iter().filter(|(n, _)| n == "styxy-ebpf").collect();
+    ensure!(reader.len() == 1, "one reader thread: {policies:?}");
+    assert_eq!(reader[0].1, libc::SCHED_BATCH, "{policies:?}");
+    // The threads that answer calls keep the normal class.
+    assert!(
+        policies
+            .iter()
+            .filter(|(n, _)| n.starts_with("styxy-uds"))
+            .all(|(_, p)| *p == libc::SCHED_OTHER),
+        "{policies:?}"
+    );
+    Ok(())
+}
