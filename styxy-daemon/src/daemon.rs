@@ -390,8 +390,9 @@ fn start_observer(
                 ),
             };
             spawn_ebpf_reader(engine.clone(), attached, shutdown.clone())?;
-            // A safety net for what no hook reports (a socket that starts listening after a
-            // point check dropped it while it was only bound): a full reading now and then.
+            // A safety net for what no hook reports (a TCP socket that starts listening over
+            // `UNLISTED_TCP_GRACE_MS` after its bind, dropped by a reading meanwhile; a lost
+            // record the counter has not shown yet): a full reading now and then.
             tokio::spawn(scan_socket_tables(engine, EBPF_SAFETY_RESYNC, shutdown));
             return Ok(status);
         }
