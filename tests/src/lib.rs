@@ -137,7 +137,7 @@ impl Daemon {
 
     /// Sends `signal` to the daemon process (e.g. `SIGSTOP` to stall it, `SIGCONT` to let it go on).
     pub fn signal(&self, signal: libc::c_int) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        let pid = libc::pid_t::try_from(self.pid()).context("pid out of range")?;
         // SAFETY: kill has no memory preconditions; the pid is our own child's.
         if unsafe { libc::kill(pid, signal) } != 0 {
             return Err(std::io::Error::last_os_error()).context("signalling the daemon");

@@ -425,14 +425,11 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
     })
     .await?;
     daemon.signal(libc::SIGSTOP)?;
-    let mut holder = Spawned::start(&mut cgroup.command("python3", &["-c", &churn]));
-    let ready = match holder.as_mut() {
-        Ok(holder) => holder.line_where(60, |l| l == "ready").map(drop),
-        Err(e) => Err(anyhow::anyhow!("{e:#}")),
-    };
+    let started = Spawned::start(&mut cgroup.command("python3", &["-c", &churn]))
+        .and_then(|mut holder| holder.line_where(60, |l| l == "ready").map(|_| holder));
+    // Let the daemon go on before any error ends the test.
     daemon.signal(libc::SIGCONT)?;
-    ready?;
-    let holder = holder?; // kept: dropping it kills the process
+    let holder = started?; // kept: dropping it kills the process
     let holder_pid = holder.child.id();
 
     let mut client = daemon.client().await?;
