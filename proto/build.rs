@@ -1,5 +1,7 @@
 //! Compiles `styxy/v1/styxy.proto` with protox (pure Rust: no protoc on the build machine), generates the
-//! tonic client and server, and writes the encoded file descriptor set that gRPC reflection serves.
+//! tonic client and server and the messages' canonical proto3 JSON mapping (pbjson: what `styxy --json`
+//! prints, the same shapes as grpcurl), and writes the encoded file descriptor set that gRPC reflection
+//! serves.
 use anyhow::Context;
 use prost::Message;
 
@@ -8,11 +10,14 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["."]).context("compiling styxy.proto")?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR is not set")?);
-    std::fs::write(
-        out_dir.join("styxy_descriptor.bin"),
-        descriptors.encode_to_vec(),
-    )
-    .context("writing the file descriptor set")?;
+    let encoded = descriptors.encode_to_vec();
+    std::fs::write(out_dir.join("styxy_descriptor.bin"), &encoded)
+        .context("writing the file descriptor set")?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)
+        .context("reading the file descriptor set for pbjson")?
+        .build(&[".styxy.v1"])
+        .context("generating the proto3 JSON mapping")?;
     tonic_prost_build::configure()
         .compile_fds(descriptors)
         .context("generating Rust code from styxy.proto")?;

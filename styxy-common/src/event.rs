@@ -10,12 +10,7 @@ pub const KIND_BOUND: u8 = 2;
 /// `cgroup/sock_release`: a bound socket is going away.
 pub const KIND_RELEASED: u8 = 3;
 
-/// Address families, as the kernel numbers them.
-pub const AF_INET: u8 = 2;
-pub const AF_INET6: u8 = 10;
-/// IP protocol numbers.
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+pub use crate::net::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Length of the kernel's task comm.
 pub const COMM_LEN: usize = 16;
@@ -113,6 +108,10 @@ pub struct BoundRecord {
     /// As in [`BindEvent::addr`].
     pub addr: [u8; 16],
 }
+
+// SAFETY: BoundRecord is repr(C) plain data with explicit padding; any bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BoundRecord {}
 
 /// Slots of the kernel side's `PORTS` map: how many sockets the programs saw bound per
 /// (protocol, port), kept in step synchronously by post_bind and sock_release.

@@ -1,10 +1,14 @@
-//! Types that cross Styxy's internal boundaries, kept `no_std` so the eBPF programs can use them:
-//! the kernel → daemon bind event record ([`event`]) and the C ABI between the preload shim and the
-//! lazily loaded gRPC client library ([`shim`]). With the `std` feature, also the default paths
-//! that the daemon, the CLI and the shim must agree on ([`paths`]).
-#![cfg_attr(not(feature = "std"), no_std)]
+//! The vocabulary every Styxy component shares, kept `no_std` so the eBPF programs and the shim can
+//! use it: protocols and families ([`net`]), environment variable names ([`env`]), the kernel →
+//! daemon bind event record ([`event`]) and the C ABI between the preload shim and the lazily
+//! loaded client library ([`shim`]). With the `std` feature, also the default paths that the
+//! daemon, the CLI and the shim must agree on ([`paths`]); with `user`, the aya `Pod` impls the
+//! daemon needs to read the kernel programs' maps; with `serde`, serde impls for [`net`]'s enums.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 
+pub mod env;
 pub mod event;
+pub mod net;
 #[cfg(feature = "std")]
 pub mod paths;
 pub mod shim;

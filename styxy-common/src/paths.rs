@@ -1,23 +1,35 @@
-//! Default locations that every Styxy component must agree on (daemon, CLI, shim client).
+//! Default locations that every Styxy component must agree on (daemon, CLI, shim client), and where
+//! an installed or built Styxy file is looked for.
 
 use std::path::{Path, PathBuf};
 
-/// Environment variable naming the daemon's Unix socket.
-pub const SOCKET_ENV: &str = "STYXY_SOCKET";
+use crate::env;
 
-fn is_root() -> bool {
+/// The system daemon's socket (the systemd unit's, and the default as root).
+pub const SYSTEM_SOCKET: &str = "/run/styxy/styxy.sock";
+/// TCP address the daemon listens on by default (loopback only).
+pub const DEFAULT_TCP: &str = "127.0.0.1:9876";
+/// File name of the bind() shim.
+pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
+/// File name of the eBPF object.
+pub const EBPF_OBJECT: &str = "styxy-ebpf.o";
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A directory named by an environment variable, when it is set and not empty.
 fn env_dir(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
 
-/// The system daemon's socket (the systemd unit's, and the default as root).
-pub const SYSTEM_SOCKET: &str = "/run/styxy/styxy.sock";
+fn home() -> PathBuf {
+    env_dir("HOME").unwrap_or_else(|| PathBuf::from("/tmp"))
+}
 
 /// Where a daemon listens by default: [`SYSTEM_SOCKET`] as root, `$XDG_RUNTIME_DIR/styxy/styxy.sock`
 /// otherwise (`/tmp/styxy-UID/styxy/styxy.sock` when `XDG_RUNTIME_DIR` is unset).
@@ -46,16 +58,59 @@ fn pick_socket(own: PathBuf, system: &Path) -> PathBuf {
     own
 }
 
+/// `/var/lib/styxy` as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.
+pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/styxy");
+    }
+    env_dir("XDG_STATE_HOME")
+        .unwrap_or_else(|| home().join(".local/state"))
+        .join("styxy")
+}
+
+/// `/etc/styxy/config.toml` as root, `$XDG_CONFIG_HOME/styxy/config.toml` otherwise; used when it exists.
+pub fn default_config() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/etc/styxy/config.toml");
+    }
+    env_dir("XDG_CONFIG_HOME")
+        .unwrap_or_else(|| home().join(".config"))
+        .join("styxy/config.toml")
+}
+
+/// Where an installed or built Styxy file (`name`) may be, in order: `$env_var` when set, next to
+/// the running binary (a cargo build), the cargo target directory above it, `<prefix>/lib/styxy/`
+/// for a binary in `<prefix>/bin/`, then `/usr/local` and `/usr`.
+pub fn artifact_candidates(env_var: env::Var, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Some(path) = env_dir(env_var.name) {
+        found.push(path);
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        found.push(dir.join(name));
+        if let Some(parent) = dir.parent() {
+            found.push(parent.join(name));
+            found.push(parent.join("lib/styxy").join(name));
+        }
+    }
+    for prefix in ["/usr/local", "/usr"] {
+        found.push(PathBuf::from(prefix).join("lib/styxy").join(name));
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn clients_find_the_system_daemon_when_the_user_runs_none() {
-        let dir = std::env::temp_dir().join(format!("styxy-paths-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let own = dir.join("own.sock");
-        let system = dir.join("system.sock");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let own = dir.path().join("own.sock");
+        let system = dir.path().join("system.sock");
         assert_eq!(
             pick_socket(own.clone(), &system),
             own,
@@ -73,6 +128,5 @@ mod tests {
             own,
             "the user's own daemon first"
         );
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -8,7 +8,7 @@
 use core::ffi::c_char;
 
 /// Bumped on every incompatible change of [`BindQuery`], [`BindAnswer`] or the entry points.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Exported by the client library: returns [`ABI_VERSION`].
 pub const ABI_VERSION_SYMBOL: &core::ffi::CStr = c"styxy_client_abi_version";
@@ -21,22 +21,15 @@ pub const CLIENT_LIBRARY: &str = "libstyxy_shim_client.so";
 pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
 pub type ResolveBindFn = unsafe extern "C" fn(*const BindQuery, *mut BindAnswer) -> i32;
 
-/// Transport protocol of the socket being bound, as IP protocol numbers.
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-/// Address family of the socket being bound.
-pub const FAMILY_INET: u8 = 4;
-pub const FAMILY_INET6: u8 = 6;
-
 /// One bind the shim asks about.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BindQuery {
     pub pid: u32,
     pub port: u16,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`IPPROTO_TCP`](crate::net::IPPROTO_TCP) or [`IPPROTO_UDP`](crate::net::IPPROTO_UDP).
     pub protocol: u8,
-    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    /// [`AF_INET`](crate::net::AF_INET) or [`AF_INET6`](crate::net::AF_INET6), as the kernel numbers them.
     pub family: u8,
     /// The whole call, connect included, must finish within this.
     pub timeout_ms: u32,

@@ -13,13 +13,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
-use crate::broker::{
-    AllocateRequest, AuditRecord, BindDecision, BindRequest, BoundSocket, Broker, BrokerError,
-    Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
-};
 use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
 use crate::store::{Store, Ticket};
+use styxy_broker::{
+    AllocateRequest, AuditRecord, BindDecision, BindRequest, BoundSocket, Broker, BrokerError,
+    Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
+};
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.
 pub const AUDIT_KEEP: usize = 10_000;
@@ -385,7 +385,7 @@ impl Engine {
         lock(&self.broker).ranges().move_range(port).service_type
     }
 
-    pub fn list(&self) -> (Vec<crate::broker::Held>, Vec<Lease>) {
+    pub fn list(&self) -> (Vec<styxy_broker::Held>, Vec<Lease>) {
         let broker = lock(&self.broker);
         (broker.holders(), broker.leases().cloned().collect())
     }

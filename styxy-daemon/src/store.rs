@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::broker::{AuditRecord, Instance, Lease, StateChange};
+use styxy_broker::{AuditRecord, Instance, Lease, StateChange};
 
 const SNAPSHOT: &str = "state.json";
 const JOURNAL: &str = "journal.jsonl";
@@ -516,7 +516,7 @@ fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{ProcessId, Protocol};
+    use styxy_broker::{ProcessId, Protocol};
 
     fn lease(id: &str, port: u16) -> Lease {
         Lease {

@@ -20,10 +20,11 @@ use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use libc::{sockaddr, socklen_t};
+use styxy_common::env;
+use styxy_common::net::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 use styxy_common::shim::{
     AbiVersionFn, BindAnswer, BindQuery, ResolveBindFn, ABI_VERSION, ABI_VERSION_SYMBOL,
-    ACTION_REASSIGN, CLIENT_LIBRARY, FAMILY_INET, FAMILY_INET6, PROTO_TCP, PROTO_UDP,
-    RESOLVE_BIND_SYMBOL, RESOLVE_OK, RESOLVE_TIMEOUT,
+    ACTION_REASSIGN, CLIENT_LIBRARY, RESOLVE_BIND_SYMBOL, RESOLVE_OK, RESOLVE_TIMEOUT,
 };
 
 /// The panic handler of a library that must never panic.
@@ -164,12 +165,12 @@ unsafe fn parse_target(addr: *const sockaddr, len: socklen_t) -> Option<BindTarg
         libc::AF_INET if len as usize >= core::mem::size_of::<libc::sockaddr_in>() => {
             // SAFETY: len covers a whole sockaddr_in.
             let sin = unsafe { addr.cast::<libc::sockaddr_in>().read_unaligned() };
-            (FAMILY_INET, u16::from_be(sin.sin_port))
+            (AF_INET, u16::from_be(sin.sin_port))
         }
         libc::AF_INET6 if len as usize >= core::mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: len covers a whole sockaddr_in6.
             let sin6 = unsafe { addr.cast::<libc::sockaddr_in6>().read_unaligned() };
-            (FAMILY_INET6, u16::from_be(sin6.sin6_port))
+            (AF_INET6, u16::from_be(sin6.sin6_port))
         }
         _ => return None,
     };
@@ -241,7 +242,7 @@ impl Bind {
     fn managed(&self) -> Outcome {
         // Cheapest checks first: a daemon known to be down costs two loads and a clock read.
         let failure = recent_failure();
-        if failure == Some(Failure::Down) || env_flag(c"STYXY_DISABLE") {
+        if failure == Some(Failure::Down) || env_flag(env::DISABLE.c_name) {
             return self.as_asked();
         }
         let Some(protocol) = socket_protocol(self.fd) else {
@@ -258,8 +259,8 @@ impl Bind {
             protocol,
             family: self.target.family,
             timeout_ms: timeout_ms(),
-            socket_path: getenv(c"STYXY_SOCKET"),
-            instance_id: getenv(c"STYXY_INSTANCE"),
+            socket_path: getenv(env::SOCKET.c_name),
+            instance_id: getenv(env::INSTANCE.c_name),
         };
         match failure {
             Some(Failure::Down) => return self.as_asked(),
@@ -385,8 +386,8 @@ const _: () = assert!(PORT_OFFSET == core::mem::offset_of!(libc::sockaddr_in6, s
 /// TCP or UDP from the socket's type; `None` for raw, SCTP-style or unknown sockets.
 fn socket_protocol(fd: c_int) -> Option<u8> {
     match getsockopt_int(fd, libc::SO_TYPE)? {
-        libc::SOCK_STREAM => Some(PROTO_TCP),
-        libc::SOCK_DGRAM => Some(PROTO_UDP),
+        libc::SOCK_STREAM => Some(IPPROTO_TCP),
+        libc::SOCK_DGRAM => Some(IPPROTO_UDP),
         _ => None,
     }
 }
@@ -397,7 +398,7 @@ fn socket_protocol(fd: c_int) -> Option<u8> {
 /// every TCP server sets it, so it says nothing about sharing.)
 fn shares_its_port(fd: c_int, protocol: u8) -> bool {
     let set = |option| getsockopt_int(fd, option).is_some_and(|v| v != 0);
-    set(libc::SO_REUSEPORT) || (protocol == PROTO_UDP && set(libc::SO_REUSEADDR))
+    set(libc::SO_REUSEPORT) || (protocol == IPPROTO_UDP && set(libc::SO_REUSEADDR))
 }
 
 fn getsockopt_int(fd: c_int, option: c_int) -> Option<c_int> {
@@ -479,7 +480,7 @@ const PATH_ROOM: usize = libc::PATH_MAX as usize;
 /// from; NUL-terminated. `None` when the path does not fit in PATH_MAX.
 fn client_library_path() -> Option<StackBuf<PATH_ROOM>> {
     let mut path = StackBuf::new();
-    if let Some(overridden) = env_str(c"STYXY_CLIENT_LIB") {
+    if let Some(overridden) = env_str(env::CLIENT_LIB.c_name) {
         return (path.push(overridden) && path.push(b"\0")).then_some(path);
     }
     // SAFETY: Dl_info is plain data; dladdr fills it for an address inside a loaded object.
@@ -624,7 +625,7 @@ fn moved_before(requested: u16) -> bool {
 }
 
 fn notify(requested: u16, answer: &BindAnswer) {
-    let fd = match env_str(c"STYXY_NOTIFY") {
+    let fd = match env_str(env::NOTIFY.c_name) {
         Some(b"off") | Some(b"none") | Some(b"0") => return,
         Some(b"stdout") => libc::STDOUT_FILENO,
         _ => libc::STDERR_FILENO,
@@ -709,7 +710,7 @@ fn env_flag(name: &CStr) -> bool {
 }
 
 fn timeout_ms() -> u32 {
-    env_str(c"STYXY_TIMEOUT_MS")
+    env_str(env::TIMEOUT_MS.c_name)
         .and_then(parse_decimal)
         .map(|v| v.clamp(1, 10_000))
         .unwrap_or(DEFAULT_TIMEOUT_MS)
@@ -827,7 +828,7 @@ mod tests {
         let ptr = (&raw const sin).cast::<sockaddr>();
         // SAFETY: ptr points to len readable bytes.
         let target = unsafe { parse_target(ptr, len) }.expect("AF_INET with a port");
-        assert_eq!((target.family, target.port), (FAMILY_INET, 8000));
+        assert_eq!((target.family, target.port), (AF_INET, 8000));
         // SAFETY: as above; a shorter length is rejected before reading past it.
         assert!(unsafe { parse_target(ptr, len - 1) }.is_none());
         let any_port = libc::sockaddr_in { sin_port: 0, ..sin };

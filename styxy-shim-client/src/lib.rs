@@ -16,10 +16,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use styxy_common::net::{Family, Protocol};
 use styxy_common::shim::{
-    BindAnswer, BindQuery, ABI_VERSION, ACTION_KEEP, ACTION_REASSIGN, FAMILY_INET, FAMILY_INET6,
-    PROTO_TCP, PROTO_UDP, RESOLVE_BAD_QUERY, RESOLVE_INTERNAL, RESOLVE_OK, RESOLVE_REFUSED,
-    RESOLVE_TIMEOUT, RESOLVE_UNREACHABLE,
+    BindAnswer, BindQuery, ABI_VERSION, ACTION_KEEP, ACTION_REASSIGN, RESOLVE_BAD_QUERY,
+    RESOLVE_INTERNAL, RESOLVE_OK, RESOLVE_REFUSED, RESOLVE_TIMEOUT, RESOLVE_UNREACHABLE,
 };
 use styxy_proto::v1 as pb;
 
@@ -79,16 +79,8 @@ impl OwnedQuery {
     /// # Safety
     /// The query's string pointers are null or NUL-terminated.
     unsafe fn from_abi(query: &BindQuery) -> Option<OwnedQuery> {
-        let protocol = match query.protocol {
-            PROTO_TCP => pb::Protocol::Tcp,
-            PROTO_UDP => pb::Protocol::Udp,
-            _ => return None,
-        };
-        let family = match query.family {
-            FAMILY_INET => pb::Family::Inet,
-            FAMILY_INET6 => pb::Family::Inet6,
-            _ => return None,
-        };
+        let protocol = pb::Protocol::from(Protocol::from_ipproto(query.protocol)?);
+        let family = pb::Family::from(Family::from_af(query.family)?);
         if query.port == 0 || query.pid == 0 {
             return None;
         }
@@ -275,8 +267,8 @@ mod tests {
         BindQuery {
             pid: std::process::id(),
             port: 8000,
-            protocol: PROTO_TCP,
-            family: FAMILY_INET,
+            protocol: Protocol::Tcp.ipproto(),
+            family: Family::Inet.af(),
             timeout_ms: 50,
             socket_path: socket.as_ptr(),
             instance_id: std::ptr::null(),

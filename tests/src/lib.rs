@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use styxy::client::{connect, Target};
+use styxy_cli::client::{connect, Target};
 use styxy_proto::v1 as pb;
 use styxy_proto::v1::port_broker_client::PortBrokerClient;
 use tonic::transport::Channel;
@@ -34,7 +34,7 @@ pub fn styxy_bin() -> PathBuf {
     let path = std::env::var_os("STYXY_BIN").map_or_else(|| bin_dir().join("styxy"), PathBuf::from);
     assert!(
         path.exists(),
-        "{} is missing: build it first with `cargo build -p styxy-daemon` (`cargo xtask test` does this)",
+        "{} is missing: build it first with `cargo build -p styxy-cli` (`cargo xtask test` does this)",
         path.display()
     );
     path

@@ -278,7 +278,7 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
         65534,
     ))?;
     nobody.line_where(20, |l| l.contains("listening on"))?;
-    let mut client = styxy::client::connect(&styxy::client::Target::Unix(socket)).await?;
+    let mut client = styxy_cli::client::connect(&styxy_cli::client::Target::Unix(socket)).await?;
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
     assert_eq!(status.observer, "sockets-table");
     assert!(

@@ -165,3 +165,76 @@ async fn every_grpcurl_example_in_the_readme_runs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `styxy --json` prints the daemon's answer in its canonical proto3 JSON mapping: exactly what
+/// grpcurl prints for the same call (field names, 64-bit numbers as strings, enums by name).
+#[tokio::test(flavor = "multi_thread")]
+async fn styxy_json_and_grpcurl_print_the_same_answer() -> anyhow::Result<()> {
+    if grpcurl().is_none() {
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let tcp = daemon.tcp.as_str();
+    let port = daemon.base + 5;
+    let _server = http_server(port)?;
+    let parse = |text: &str| -> serde_json::Value {
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    let styxy = |args: &[&str]| {
+        let out = daemon.cli(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse(&String::from_utf8_lossy(&out.stdout))
+    };
+
+    let body = format!("{{\"port\": {port}, \"protocol\": \"PROTOCOL_TCP\"}}");
+    let (ok, observed, err) = run(&[
+        "-plaintext",
+        "-d",
+        &body,
+        tcp,
+        "styxy.v1.PortBroker/Observe",
+    ]);
+    assert!(ok, "{err}");
+    let observed = parse(&observed);
+    assert_eq!(
+        styxy(&["--json", "observe", &port.to_string(), "--protocol", "tcp"]),
+        observed
+    );
+    assert_eq!(
+        observed["holders"][0]["protocol"], "PROTOCOL_TCP",
+        "{observed}"
+    );
+    assert!(
+        observed["holders"][0]["sinceMs"].is_string(),
+        "uint64 as a string: {observed}"
+    );
+
+    let (ok, suggested, err) = run(&[
+        "-plaintext",
+        "-d",
+        r#"{"service_type": "storybook", "count": 3}"#,
+        tcp,
+        "styxy.v1.PortBroker/Suggest",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        styxy(&["--json", "suggest", "storybook", "-n", "3"]),
+        parse(&suggested)
+    );
+
+    let (ok, listed, err) = run(&["-plaintext", tcp, "styxy.v1.PortBroker/ListPorts"]);
+    assert!(ok, "{err}");
+    let mine = |mut v: serde_json::Value| {
+        // Other tests' servers come and go between the two calls: compare this test's port only.
+        if let Some(holders) = v.get_mut("holders").and_then(|h| h.as_array_mut()) {
+            holders.retain(|h| h["port"] == port);
+        }
+        v["holders"].clone()
+    };
+    assert_eq!(mine(styxy(&["--json", "ports"])), mine(parse(&listed)));
+    Ok(())
+}

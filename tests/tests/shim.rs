@@ -380,7 +380,7 @@ async fn ports_name_the_agent_session_that_claimed_them() -> Result<()> {
     assert_eq!(mine.len(), 1, "only this session's server: {mine:?}");
     assert_eq!(mine[0]["port"], u32::from(moved));
     assert_eq!(mine[0]["pid"], pid);
-    assert_eq!(mine[0]["instance_id"], "agent-7");
+    assert_eq!(mine[0]["instanceId"], "agent-7");
     // The holder of the asked port belongs to no session; the table says so.
     let table = String::from_utf8(daemon.cli(&["ports"]).stdout)?;
     let row = table

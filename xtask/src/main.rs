@@ -188,7 +188,7 @@ fn build_release(root: &Path) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "styxy-daemon",
+        "styxy-cli",
         "-p",
         "styxy-shim-client",
     ])?;

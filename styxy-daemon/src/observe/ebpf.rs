@@ -13,24 +13,21 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use aya::Ebpf;
+use styxy_common::env;
 use styxy_common::event::{
-    port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, BOUND_MAP, CONFIG_MAP,
-    CONFIG_NETNS_COOKIE, DROPPED_MAP, EVENTS_MAP, EVENTS_RING_RECORDS, IPPROTO_TCP, IPPROTO_UDP,
-    KIND_BOUND, KIND_RELEASED, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+    port_slot, BindEvent, BoundRecord, BOUND_MAP, CONFIG_MAP, CONFIG_NETNS_COOKIE, DROPPED_MAP,
+    EVENTS_MAP, EVENTS_RING_RECORDS, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED,
+    PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
 };
+use styxy_common::paths::{artifact_candidates, EBPF_OBJECT};
 
-use crate::broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
 use crate::observe::{procs, PortCounts};
+use styxy_broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
 
-/// File name of the eBPF object.
-pub const OBJECT_NAME: &str = "styxy-ebpf.o";
-/// Overrides where the object is looked for.
-pub const OBJECT_ENV: &str = "STYXY_EBPF_OBJECT";
-
-/// Where the object may be: see [`crate::paths::artifact_candidates`] (`$STYXY_EBPF_OBJECT`
-/// first; `cargo xtask build-ebpf` puts it in `target/`, above the binaries).
-pub fn object_candidates() -> Vec<PathBuf> {
-    crate::paths::artifact_candidates(OBJECT_ENV, OBJECT_NAME)
+/// Where the object may be: see [`artifact_candidates`] (`$STYXY_EBPF_OBJECT` first;
+/// `cargo xtask build-ebpf` puts it in `target/`, above the binaries).
+fn object_candidates() -> Vec<PathBuf> {
+    artifact_candidates(env::EBPF_OBJECT, EBPF_OBJECT)
 }
 
 /// The object to load, or why there is none.
@@ -48,7 +45,7 @@ pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
         .cloned()
         .with_context(|| {
             format!(
-                "no eBPF object ({OBJECT_NAME}) in {}; build it with `cargo xtask build-ebpf`",
+                "no eBPF object ({EBPF_OBJECT}) in {}; build it with `cargo xtask build-ebpf`",
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
@@ -82,7 +79,7 @@ pub struct Attached {
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
-    bound: BpfHashMap<MapData, u64, BoundValue>,
+    bound: BpfHashMap<MapData, u64, BoundRecord>,
     /// Until handed to the engine with [`Attached::take_port_counts`].
     ports: Option<KernelPortCounts>,
     pub cgroup: PathBuf,
@@ -205,14 +202,6 @@ impl std::os::fd::AsRawFd for Attached {
     }
 }
 
-/// [`BoundRecord`] as a map value.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct BoundValue(BoundRecord);
-
-// SAFETY: BoundRecord is repr(C) plain data with explicit padding; any bit pattern is valid.
-unsafe impl aya::Pod for BoundValue {}
-
 /// Loads `object` and attaches every program to the cgroup directory `cgroup`.
 ///
 /// The attach mode is `Single` because these are links (kernel ≥ 5.7): link_create takes no
@@ -311,14 +300,8 @@ impl Attached {
         for socket in sockets.iter().filter(|s| s.cookie != 0) {
             let record = BoundRecord {
                 port: socket.port,
-                family: match socket.family {
-                    Family::Inet => AF_INET,
-                    Family::Inet6 => AF_INET6,
-                },
-                protocol: match socket.protocol {
-                    Protocol::Tcp => IPPROTO_TCP,
-                    Protocol::Udp => IPPROTO_UDP,
-                },
+                family: socket.family.af(),
+                protocol: socket.protocol.ipproto(),
                 _pad: 0,
                 addr: address_bytes(socket.address),
             };
@@ -326,11 +309,7 @@ impl Attached {
             if self.bound.get(&socket.cookie, 0).is_ok() {
                 continue;
             }
-            if self
-                .bound
-                .insert(socket.cookie, BoundValue(record), 0)
-                .is_ok()
-            {
+            if self.bound.insert(socket.cookie, record, 0).is_ok() {
                 seeded += 1;
                 if let Some(ports) = &mut self.ports {
                     ports.seeded[port_slot(record.protocol, record.port) as usize] += 1;
@@ -455,19 +434,15 @@ pub fn port_event(event: &BindEvent, owners: &mut OwnerCache) -> Option<PortEven
             cookie: event.cookie,
         }),
         KIND_BOUND => {
-            let protocol = match event.protocol {
-                IPPROTO_TCP => Protocol::Tcp,
-                IPPROTO_UDP => Protocol::Udp,
-                _ => return None,
-            };
-            let (family, address) = match event.family {
-                AF_INET => {
+            let protocol = Protocol::from_ipproto(event.protocol)?;
+            let family = Family::from_af(event.family)?;
+            let address = match family {
+                Family::Inet => {
                     let mut v4 = [0u8; 4];
                     v4.copy_from_slice(&event.addr[..4]);
-                    (Family::Inet, IpAddr::V4(Ipv4Addr::from(v4)))
+                    IpAddr::V4(Ipv4Addr::from(v4))
                 }
-                AF_INET6 => (Family::Inet6, IpAddr::V6(Ipv6Addr::from(event.addr))),
-                _ => return None,
+                Family::Inet6 => IpAddr::V6(Ipv6Addr::from(event.addr)),
             };
             Some(PortEvent::Bound(BoundSocket {
                 cookie: event.cookie,
@@ -492,8 +467,8 @@ mod tests {
     fn kernel_records_become_broker_events() {
         let mut record = BindEvent::zeroed();
         record.kind = KIND_BOUND;
-        record.family = AF_INET6;
-        record.protocol = IPPROTO_UDP;
+        record.family = Family::Inet6.af();
+        record.protocol = Protocol::Udp.ipproto();
         record.port = 5353;
         record.cookie = 42;
         record.tgid = u32::MAX; // no such process: no owner

@@ -3,8 +3,9 @@
 //!
 //! - [`KernelTables`] reads the kernel's socket tables (netlink sock_diag) and finds each socket's process;
 //!   the RPC layer uses it for point checks before it calls a port free, and the scanner for full readings.
-//! - [`run_scanner`] is the sockets-table observer: a full reading at a fixed interval, reconciled into the
-//!   broker, which turns differences into bind and release notices.
+//! - [`ebpf`] loads the kernel programs and turns their ring-buffer records into `PortEvent`s;
+//! - the sockets-table observer (in `daemon::observers`) takes a full reading at a fixed interval and
+//!   reconciles it into the broker, which turns differences into bind and release notices.
 
 pub mod ebpf;
 pub mod procs;
@@ -14,7 +15,7 @@ use std::collections::HashSet;
 use std::io;
 use std::sync::Mutex;
 
-use crate::broker::{BoundSocket, Protocol};
+use styxy_broker::{BoundSocket, Protocol};
 
 /// Per-port socket counts kept by the kernel as binds happen (the eBPF observer's `PORTS` map),
 /// when they cover the whole machine: they answer "is anything bound on this port right now"

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use procfs::process::{FDTarget, Process};
 
-use crate::broker::{ProcessId, ProcessInfo, ProcessView};
+use styxy_broker::{ProcessId, ProcessInfo, ProcessView};
 
 /// How long a cached command line is trusted (an `exec()` changes it; the pid and start time stay).
 const INFO_TTL: Duration = Duration::from_secs(1);

@@ -10,13 +10,12 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
-use crate::broker::{Family, Protocol};
+use styxy_broker::{Family, Protocol};
 
 /// One socket as `sock_diag` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,10 +72,10 @@ impl SockDiag {
         port: Option<u16>,
         out: &mut Vec<KernelSocket>,
     ) -> io::Result<()> {
-        let (ip_proto, states) = match protocol {
-            Protocol::Tcp => (IPPROTO_TCP, StateFlags::LISTEN),
+        let states = match protocol {
+            Protocol::Tcp => StateFlags::LISTEN,
             // An unconnected UDP socket is in TCP_CLOSE: a server waiting for datagrams, not a client.
-            Protocol::Udp => (IPPROTO_UDP, StateFlags::CLOSE),
+            Protocol::Udp => StateFlags::CLOSE,
         };
         let mut socket_id = match family {
             Family::Inet => SocketId::new_v4(),
@@ -88,11 +87,8 @@ impl SockDiag {
         let mut request = NetlinkMessage::new(
             header,
             SockDiagMessage::InetRequest(InetRequest {
-                family: match family {
-                    Family::Inet => AF_INET,
-                    Family::Inet6 => AF_INET6,
-                },
-                protocol: ip_proto,
+                family: family.af(),
+                protocol: protocol.ipproto(),
                 extensions: ExtensionFlags::empty(),
                 states,
                 socket_id,

@@ -4,10 +4,10 @@
 
 use tonic::Status;
 
-use crate::broker::ranges::is_valid_type_name;
-use crate::broker::BrokerError;
-use crate::broker::{AuditRecord, Family, Held, Lease, Notice, Protocol};
 use crate::engine::EngineError;
+use styxy_broker::ranges::is_valid_type_name;
+use styxy_broker::BrokerError;
+use styxy_broker::{AuditRecord, Held, Lease, Notice, Protocol};
 use styxy_proto::v1 as pb;
 
 pub const MAX_SUGGEST: u32 = 1000;
@@ -85,9 +85,7 @@ pub fn count(value: u32, max: u32, default: u32, field: &str) -> Result<usize, S
 
 pub fn protocol_opt(value: i32) -> Result<Option<Protocol>, Status> {
     match pb::Protocol::try_from(value) {
-        Ok(pb::Protocol::Unspecified) => Ok(None),
-        Ok(pb::Protocol::Tcp) => Ok(Some(Protocol::Tcp)),
-        Ok(pb::Protocol::Udp) => Ok(Some(Protocol::Udp)),
+        Ok(known) => Ok(known.known()),
         Err(_) => Err(Status::invalid_argument(format!(
             "protocol {value} is unknown: use PROTOCOL_TCP (1) or PROTOCOL_UDP (2)"
         ))),
@@ -108,20 +106,6 @@ pub fn family_valid(value: i32) -> Result<(), Status> {
     })
 }
 
-pub fn proto_protocol(p: Protocol) -> pb::Protocol {
-    match p {
-        Protocol::Tcp => pb::Protocol::Tcp,
-        Protocol::Udp => pb::Protocol::Udp,
-    }
-}
-
-fn proto_family(f: Family) -> pb::Family {
-    match f {
-        Family::Inet => pb::Family::Inet,
-        Family::Inet6 => pb::Family::Inet6,
-    }
-}
-
 pub fn holder(held: &Held) -> pb::Holder {
     let s = &held.socket;
     pb::Holder {
@@ -134,7 +118,7 @@ pub fn holder(held: &Held) -> pb::Holder {
             .unwrap_or_default(),
         service_type: held.service_type.clone(),
         uid: s.uid,
-        protocol: proto_protocol(s.protocol) as i32,
+        protocol: pb::Protocol::from(s.protocol) as i32,
         addresses: vec![s.address.to_string()],
         since_ms: s.since_ms,
         port: u32::from(s.port),
@@ -163,7 +147,7 @@ pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
         comm: r.comm.clone(),
         requested_port: u32::from(r.requested_port),
         assigned_port: u32::from(r.assigned_port),
-        protocol: proto_protocol(r.protocol) as i32,
+        protocol: pb::Protocol::from(r.protocol) as i32,
         service_type: r.service_type.clone(),
         holder_pid: r.holder_pid.unwrap_or(0),
         holder_comm: r.holder_comm.clone().unwrap_or_default(),
@@ -177,14 +161,14 @@ fn socket_event(kind: pb::EventKind, held: &Held) -> pb::PortEvent {
     pb::PortEvent {
         kind: kind as i32,
         port: u32::from(s.port),
-        protocol: proto_protocol(s.protocol) as i32,
+        protocol: pb::Protocol::from(s.protocol) as i32,
         pid: s.owner.as_ref().map_or(0, |o| o.id.pid),
         comm: s.owner.as_ref().map(|o| o.comm.clone()).unwrap_or_default(),
         service_type: held.service_type.clone(),
         requested_port: 0,
         at_ms: s.since_ms,
         lease_id: String::new(),
-        family: proto_family(s.family) as i32,
+        family: pb::Family::from(s.family) as i32,
         address: s.address.to_string(),
     }
 }
@@ -212,7 +196,7 @@ pub fn event(notice: &Notice, now_ms: u64) -> pb::PortEvent {
         Notice::Reassigned(r) => pb::PortEvent {
             kind: pb::EventKind::Reassigned as i32,
             port: u32::from(r.assigned_port),
-            protocol: proto_protocol(r.protocol) as i32,
+            protocol: pb::Protocol::from(r.protocol) as i32,
             pid: r.pid,
             comm: r.comm.clone(),
             service_type: r.service_type.clone(),

@@ -11,8 +11,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::observe::ebpf;
 use crate::preload;
+use styxy_common::paths::{EBPF_OBJECT, PRELOAD_LIBRARY};
 
 /// The unit template; `@BINDIR@` becomes `<prefix>/bin`.
 pub const UNIT_TEMPLATE: &str = include_str!("../../packaging/styxy.service");
@@ -105,7 +105,7 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
             mode: 0o755,
         },
         Item {
-            target: layout.lib_dir().join(preload::PRELOAD_LIBRARY),
+            target: layout.lib_dir().join(PRELOAD_LIBRARY),
             contents: read(&shim)?,
             mode: 0o755,
         },
@@ -121,9 +121,9 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
         },
     ];
     let mut report = Vec::new();
-    match ebpf::find_object(None) {
+    match styxy_daemon::find_ebpf_object(None) {
         Ok(object) => items.push(Item {
-            target: layout.lib_dir().join(ebpf::OBJECT_NAME),
+            target: layout.lib_dir().join(EBPF_OBJECT),
             contents: read(&object)?,
             mode: 0o644,
         }),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::client::Target;
 use crate::preload;
+use styxy_common::env;
 
 /// Marks the lines this hook writes, so a second run adds nothing.
 const ENV_MARKER: &str = "# styxy: bind() shim for this session (styxy hook session-start)";
@@ -38,7 +39,8 @@ pub fn env_file_lines(library: &Path, instance: &str) -> String {
     format!(
         "{ENV_MARKER}\n\
          case \":${{LD_PRELOAD:-}}:\" in *:{lib}:*) ;; *) export LD_PRELOAD={lib}\"${{LD_PRELOAD:+:$LD_PRELOAD}}\" ;; esac\n\
-         export STYXY_INSTANCE={}\n",
+         export {}={}\n",
+        env::INSTANCE.name,
         preload::shell_quote(instance)
     )
 }

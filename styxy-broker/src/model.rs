@@ -6,32 +6,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-/// Transport protocol of a bound socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-/// Address family of a bound socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Inet,
-    Inet6,
-}
+pub use styxy_common::net::{Family, Protocol};
 
 /// A process, identified by pid *and* start time (clock ticks since boot, from `/proc/<pid>/stat`), because
 /// pids are reused.
@@ -102,8 +77,8 @@ pub enum PortEvent {
 /// What happened, for `Watch` subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    Bound(crate::broker::Held),
-    Released(crate::broker::Held),
+    Bound(crate::Held),
+    Released(crate::Held),
     Reassigned(AuditRecord),
     Leased(Lease),
     LeaseEnded(Lease),

@@ -5,15 +5,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use styxy_common::env;
+use styxy_common::paths::{artifact_candidates, find_socket, PRELOAD_LIBRARY};
 
-/// File name of the shim.
-pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
-/// Overrides where the shim is looked for.
-pub const PRELOAD_ENV: &str = "STYXY_PRELOAD_LIB";
-
-/// Where the shim may be: see [`crate::paths::artifact_candidates`] (`$STYXY_PRELOAD_LIB` first).
-pub fn candidates() -> Vec<PathBuf> {
-    crate::paths::artifact_candidates(PRELOAD_ENV, PRELOAD_LIBRARY)
+/// Where the shim may be: see [`artifact_candidates`] (`$STYXY_PRELOAD_LIB` first).
+fn candidates() -> Vec<PathBuf> {
+    artifact_candidates(env::PRELOAD_LIB, PRELOAD_LIBRARY)
 }
 
 /// The shim's absolute path, or an error that lists where it was looked for and how to fix it.
@@ -28,8 +25,9 @@ pub fn find_library() -> Result<PathBuf> {
         .collect();
     bail!(
         "{PRELOAD_LIBRARY} not found; looked in:\n{}\nBuild it with `cargo xtask build` (or `cargo xtask build-preload`), \
-         install it with `styxy install`, or point {PRELOAD_ENV} at it",
-        looked.join("\n")
+         install it with `styxy install`, or point {} at it",
+        looked.join("\n"),
+        env::PRELOAD_LIB.name
     )
 }
 
@@ -63,13 +61,13 @@ pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) 
         .args(args)
         .env("LD_PRELOAD", preload_value(&library, existing.as_deref()));
     if let Some(instance) = instance {
-        child.env("STYXY_INSTANCE", instance);
+        child.env(env::INSTANCE.name, instance);
     }
     if let Some(socket) = socket {
-        child.env(styxy_common::paths::SOCKET_ENV, socket);
+        child.env(env::SOCKET.name, socket);
     }
     // The shim fails open in silence; say here, once, when it will have no daemon to ask.
-    let daemon = socket.map_or_else(crate::paths::find_socket, Path::to_path_buf);
+    let daemon = socket.map_or_else(find_socket, Path::to_path_buf);
     if let Err(e) = std::os::unix::net::UnixStream::connect(&daemon) {
         eprintln!(
             "styxy: warning: no daemon answers at {} ({e}); the command runs, but its ports will not be \
@@ -101,12 +99,12 @@ pub fn env_lines(library: &Path, instance: Option<&str>, socket: Option<&Path>) 
         shell_quote(&library.to_string_lossy())
     );
     if let Some(instance) = instance {
-        out += &format!("export STYXY_INSTANCE={}\n", shell_quote(instance));
+        out += &format!("export {}={}\n", env::INSTANCE.name, shell_quote(instance));
     }
     if let Some(socket) = socket {
         out += &format!(
             "export {}={}\n",
-            styxy_common::paths::SOCKET_ENV,
+            env::SOCKET.name,
             shell_quote(&socket.to_string_lossy())
         );
     }

@@ -1,0 +1,83 @@
+//! `styxy daemon`: the daemon's command line, turned into `styxy_daemon::Options`; it runs until
+//! SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use styxy_common::paths;
+use styxy_daemon::{ObserverChoice, Options};
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Loopback TCP address to serve on, or `none`.
+    #[arg(long, default_value = paths::DEFAULT_TCP)]
+    listen: String,
+    /// Where leases, instances and the audit log are kept [default: /var/lib/styxy as root, else $XDG_STATE_HOME/styxy]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Service ranges in TOML [default: /etc/styxy/config.toml as root, else $XDG_CONFIG_HOME/styxy/config.toml, if present]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where bind events come from.
+    #[arg(long, value_enum, default_value = "auto")]
+    observer: ObserverChoice,
+    /// How often the sockets-table observer reads the kernel's socket tables.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    scan_interval_ms: u64,
+    /// Let TCP callers (who cannot be identified) make calls that change state, as the daemon's user.
+    #[arg(long)]
+    tcp_allow_writes: bool,
+    /// cgroup v2 directory the eBPF observer attaches to [default: the cgroup v2 root, i.e. the whole machine]
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The eBPF object [default: $STYXY_EBPF_OBJECT, next to this binary, or <prefix>/lib/styxy/styxy-ebpf.o]
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
+    crate::logging::init_daemon_logging();
+    let listen = match args.listen.as_str() {
+        "none" => None,
+        addr => Some(addr.parse::<SocketAddr>().with_context(|| {
+            format!("--listen {addr:?} is not an address like 127.0.0.1:9876 (or `none`)")
+        })?),
+    };
+    if let Some(addr) = listen.filter(|a| !a.ip().is_loopback()) {
+        tracing::warn!(%addr, "--listen is not a loopback address: the API is reachable from the network");
+    }
+    let default_config = paths::default_config();
+    let config = args
+        .config
+        .or_else(|| default_config.exists().then_some(default_config));
+    // The handlers are installed now, before the daemon tells systemd it is ready: a stop right
+    // after the start is clean too.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handling SIGTERM")?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("handling SIGINT")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    styxy_daemon::run(
+        Options {
+            socket: socket.unwrap_or_else(paths::default_socket),
+            listen,
+            state_dir: args.state_dir.unwrap_or_else(paths::default_state_dir),
+            config,
+            observer: args.observer,
+            scan_interval: Duration::from_millis(args.scan_interval_ms),
+            tcp_allow_writes: args.tcp_allow_writes,
+            cgroup: args.cgroup,
+            ebpf_object: args.ebpf_object,
+        },
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,55 @@
+//! The `styxy` client commands, one module each: each asks the daemon one question and prints the
+//! answer as a table for people or, with `--json`, as the answer's proto3 JSON (see `output`).
+
+mod allocate;
+mod audit;
+pub(crate) mod daemon;
+mod observe;
+mod ports;
+mod release;
+mod status;
+mod suggest;
+mod watch;
+
+use anyhow::Result;
+
+use crate::client::{connect, Target};
+
+/// A client command, parsed.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Daemon version, observer in use and why, counters.
+    Status,
+    /// Every bound port and lease.
+    Ports(ports::Args),
+    /// Who holds a port.
+    Observe(observe::Args),
+    /// Free ports for a service type (dev, api, storybook, …), lowest first.
+    Suggest(suggest::Args),
+    /// Lease a free port for a service type.
+    Allocate(allocate::Args),
+    /// End a lease, by port or lease id.
+    Release(release::Args),
+    /// Stream bind, release, reassign and lease events.
+    Watch,
+    /// Reassigned binds, newest last.
+    Audit(audit::Args),
+}
+
+/// Runs a client command against the daemon at `target`.
+pub(crate) async fn run(command: Command, target: &Target, as_json: bool) -> Result<()> {
+    let mut client = connect(target).await?;
+    match command {
+        Command::Status => status::run(&mut client, as_json).await,
+        Command::Ports(args) => ports::run(&mut client, args, as_json).await,
+        Command::Observe(args) => observe::run(&mut client, args, as_json).await,
+        Command::Suggest(args) => suggest::run(&mut client, args, as_json).await,
+        Command::Allocate(args) => allocate::run(&mut client, args, as_json).await,
+        Command::Release(args) => release::run(&mut client, args, as_json).await,
+        Command::Watch => watch::run(&mut client, target, as_json).await,
+        Command::Audit(args) => audit::run(&mut client, args, as_json).await,
+    }
+}
+
+/// The client every command is handed.
+type Client = styxy_proto::v1::port_broker_client::PortBrokerClient<tonic::transport::Channel>;

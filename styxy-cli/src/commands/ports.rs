@@ -1,0 +1,73 @@
+//! `styxy ports`: every bound port and lease, or one agent session's (`--instance`).
+
+use anyhow::Result;
+use styxy_proto::v1 as pb;
+
+use super::Client;
+use crate::output::{call, expiry, pid_cell, print_json, print_table, protocol_name, table};
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Only the ports of this agent session (its STYXY_INSTANCE), e.g. `--instance "$STYXY_INSTANCE"`.
+    #[arg(long)]
+    instance: Option<String>,
+}
+
+pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Result<()> {
+    let mut r = call(client.list_ports(pb::ListPortsRequest {}).await)?;
+    if let Some(instance) = &args.instance {
+        r.holders.retain(|h| &h.instance_id == instance);
+        r.leases.retain(|l| &l.instance_id == instance);
+    }
+    if as_json {
+        return print_json(&r);
+    }
+    print_holders(&r.holders);
+    if !r.leases.is_empty() {
+        println!();
+        print_leases(&r.leases);
+    }
+    Ok(())
+}
+
+fn print_holders(holders: &[pb::Holder]) {
+    if holders.is_empty() {
+        println!("no bound ports seen");
+        return;
+    }
+    let mut t = table(&[
+        "PORT", "PROTO", "PID", "COMM", "TYPE", "INSTANCE", "ADDRESS",
+    ]);
+    for h in holders {
+        t.add_row([
+            h.port.to_string(),
+            protocol_name(h.protocol).to_string(),
+            pid_cell(h.pid),
+            if h.comm.is_empty() { "?" } else { &h.comm }.to_string(),
+            h.service_type.clone(),
+            if h.instance_id.is_empty() {
+                "-"
+            } else {
+                &h.instance_id
+            }
+            .to_string(),
+            h.addresses.join(","),
+        ]);
+    }
+    print_table(&t);
+}
+
+fn print_leases(leases: &[pb::Lease]) {
+    let mut t = table(&["PORT", "LEASE", "KIND", "TYPE", "PID", "EXPIRES"]);
+    for l in leases {
+        t.add_row([
+            l.port.to_string(),
+            l.lease_id.clone(),
+            if l.claim { "claim" } else { "lease" }.to_string(),
+            l.service_type.clone(),
+            pid_cell(l.pid),
+            expiry(l.expires_at_ms),
+        ]);
+    }
+    print_table(&t);
+}

@@ -1,0 +1,41 @@
+//! `styxy status`: the daemon's version, which observer it uses and why, and its counters.
+
+use anyhow::Result;
+use styxy_proto::v1 as pb;
+
+use super::Client;
+use crate::output::{call, human_duration, print_json};
+
+pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
+    let s = call(client.status(pb::StatusRequest {}).await)?;
+    if as_json {
+        return print_json(&s);
+    }
+    println!(
+        "Styxy {} — up {}",
+        s.version,
+        human_duration(s.uptime_seconds)
+    );
+    println!("observer:   {} ({})", s.observer, s.observer_reason);
+    println!("socket:     {}", s.socket_path);
+    let tcp = if s.tcp_listen.is_empty() {
+        "off"
+    } else {
+        &s.tcp_listen
+    };
+    println!("tcp:        {tcp}");
+    println!("state dir:  {}", s.state_dir);
+    println!(
+        "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped)",
+        s.bound_ports, s.leases, s.instances, s.reassignments, s.observed_events, s.dropped_events
+    );
+    if s.observer_delay_samples > 0 {
+        println!(
+            "bind → broker: p50 {} µs · p99 {} µs (last {} events)",
+            s.observer_delay_p50_us,
+            s.observer_delay_p99_us,
+            s.observer_delay_samples.min(65_536)
+        );
+    }
+    Ok(())
+}

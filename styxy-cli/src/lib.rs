@@ -1,0 +1,178 @@
+//! The `styxy` command: the client of the daemon (one module per command under `commands`),
+//! `styxy run` and `styxy env` (`preload`), `styxy install` (`install`), the Claude Code hooks
+//! (`hook`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
+//! whole binary; [`client`] is how every part (and the tests) reach the daemon.
+
+pub mod client;
+mod commands;
+mod hook;
+mod install;
+mod logging;
+mod output;
+mod preload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use client::Target;
+use styxy_common::paths;
+
+#[derive(Parser)]
+#[command(
+    name = "styxy",
+    version,
+    about = "A port broker for machines where many dev servers and agents run"
+)]
+struct Args {
+    /// The daemon's Unix socket [default: /run/styxy/styxy.sock as root, else $XDG_RUNTIME_DIR/styxy/styxy.sock; clients fall back to /run/styxy/styxy.sock when only the system daemon runs]
+    #[arg(long, global = true, env = "STYXY_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Talk to the daemon over TCP (read-only calls) instead of the Unix socket, e.g. 127.0.0.1:9876
+    #[arg(long, global = true, env = "STYXY_TCP")]
+    tcp: Option<String>,
+    /// Print JSON instead of tables: the answer's canonical proto3 JSON, as grpcurl prints it.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker daemon.
+    Daemon(commands::daemon::Args),
+    /// Run a command with the bind() shim preloaded: its servers move off ports others hold.
+    Run {
+        /// Group the command's ports with an agent session (sets STYXY_INSTANCE).
+        #[arg(long)]
+        instance: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Install the binary, the shim, the eBPF object and the systemd unit.
+    Install(InstallArgs),
+    /// Remove what `styxy install` put in place (same --prefix and --root).
+    Uninstall(InstallArgs),
+    /// The Claude Code SessionStart hook.
+    #[command(subcommand)]
+    Hook(HookCommand),
+    /// Print the shell lines that turn the shim on: eval "$(styxy env)".
+    Env {
+        /// Also set STYXY_INSTANCE.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    #[command(flatten)]
+    Client(commands::Command),
+}
+
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// Installation prefix: <prefix>/bin/styxy, <prefix>/lib/styxy/.
+    #[arg(long, default_value = install::DEFAULT_PREFIX)]
+    prefix: PathBuf,
+    /// Stage everything under this directory instead of / (for packaging and tests).
+    #[arg(long)]
+    root: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum HookCommand {
+    /// Run as the SessionStart hook: reads the hook JSON on stdin, writes to $CLAUDE_ENV_FILE.
+    SessionStart,
+    /// Add the hook to a Claude Code settings.json (default: ~/.claude/settings.json).
+    Install {
+        #[arg(long)]
+        settings: Option<PathBuf>,
+    },
+    /// Remove the hook (only it) from a Claude Code settings.json.
+    Uninstall {
+        #[arg(long)]
+        settings: Option<PathBuf>,
+    },
+}
+
+/// The `styxy` binary: parses the command line, runs the command, and turns an error into one
+/// message on stderr and exit status 1.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("styxy: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("styxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Daemon(d) => commands::daemon::run(d, args.socket).await,
+        Command::Run { instance, command } => {
+            preload::run(&command, instance.as_deref(), args.socket.as_deref())
+        }
+        Command::Install(a) => {
+            let layout = install::Layout::new(a.root, Some(a.prefix))?;
+            for line in install::install(&layout)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Uninstall(a) => {
+            let layout = install::Layout::new(a.root, Some(a.prefix))?;
+            for line in install::uninstall(&layout)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Hook(HookCommand::SessionStart) => {
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            println!("{}", hook::session_start(&target).await);
+            Ok(())
+        }
+        Command::Hook(HookCommand::Install { settings }) => {
+            let settings = settings.map_or_else(hook::default_settings, Ok)?;
+            println!("{}", hook::install(&settings)?);
+            Ok(())
+        }
+        Command::Hook(HookCommand::Uninstall { settings }) => {
+            let settings = settings.map_or_else(hook::default_settings, Ok)?;
+            println!("{}", hook::uninstall(&settings)?);
+            Ok(())
+        }
+        Command::Env { instance } => {
+            let library = preload::find_library()?;
+            print!(
+                "{}",
+                preload::env_lines(&library, instance.as_deref(), args.socket.as_deref())
+            );
+            Ok(())
+        }
+        Command::Client(command) => {
+            let target = match args.tcp {
+                Some(addr) => Target::Tcp(addr),
+                None => Target::Unix(args.socket.unwrap_or_else(paths::find_socket)),
+            };
+            commands::run(command, &target, args.json).await
+        }
+    }
+}

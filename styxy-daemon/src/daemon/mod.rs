@@ -1,0 +1,160 @@
+//! `styxy daemon`: loads the config and the saved state, starts an observer, serves gRPC on a Unix
+//! socket and loopback TCP, and stops when its shutdown future completes — joining every task it
+//! started before the store writes its last change. Read [`run`] top to bottom for the story.
+//!
+//! - `serve`: the gRPC router and its listeners (one runtime per core on the Unix socket);
+//! - `observers`: which observer runs (eBPF or the socket tables), and its reader tasks;
+//! - `systemd`: `sd_notify` for `Type=notify`; `limits`: the open-file limit.
+
+mod limits;
+mod observers;
+mod serve;
+mod systemd;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::engine::{Endpoints, Engine, AUDIT_KEEP};
+use crate::store::Store;
+use styxy_broker::{Broker, LeaseSettings, ServiceRanges};
+
+/// Which observer to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObserverChoice {
+    /// eBPF when it can be used, else the socket tables (and say why).
+    Auto,
+    /// eBPF, or fail.
+    Ebpf,
+    /// The kernel's socket tables, read at an interval.
+    Sockets,
+}
+
+/// Everything `styxy daemon` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The Unix socket to serve on.
+    pub socket: PathBuf,
+    /// Loopback TCP address to serve on; `None`: no TCP listener.
+    pub listen: Option<SocketAddr>,
+    /// Where leases, instances and the audit log are kept.
+    pub state_dir: PathBuf,
+    /// Service ranges in TOML; `None`: the built-in ranges.
+    pub config: Option<PathBuf>,
+    /// Where bind events come from.
+    pub observer: ObserverChoice,
+    /// How often the sockets-table observer reads the kernel's socket tables.
+    pub scan_interval: Duration,
+    /// Lets TCP callers (who cannot be identified) change state, as the daemon's user.
+    pub tcp_allow_writes: bool,
+    /// cgroup v2 directory the eBPF observer attaches to (default: the cgroup v2 root).
+    pub cgroup: Option<PathBuf>,
+    /// The eBPF object (default: looked up next to the binary and in the install prefix).
+    pub ebpf_object: Option<PathBuf>,
+}
+
+/// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; a test, whatever
+/// it likes), or until a server fails.
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()> {
+    limits::raise_open_file_limit();
+    // 1. Service ranges: built-in defaults, changed by the config file if there is one.
+    let ranges = load_ranges(opts.config.as_deref())?;
+
+    // 2. Saved leases and instances; those whose process has died go at the first sweep.
+    let (store, snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
+    tracing::info!(
+        state_dir = %opts.state_dir.display(),
+        leases = snapshot.leases.len(),
+        instances = snapshot.instances.len(),
+        "state restored"
+    );
+    let broker = Broker::restore(
+        ranges,
+        LeaseSettings::default(),
+        snapshot.leases,
+        snapshot.instances,
+    );
+    let engine = Arc::new(Engine::new(broker, store.clone(), audit));
+    engine.expire().await?;
+
+    // 3. An observer to keep the port table current, and what is bound already (read after an
+    //    eBPF observer attaches, so that no bind in between is missed). Every task started from
+    //    here on is in `tasks`, and joined before the store closes.
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let observer = observers::start(&opts, engine.clone(), &stop, &mut tasks)?;
+    tracing::info!(kind = observer.kind, reason = %observer.reason, "observer started");
+    engine.set_observer(observer);
+    tasks.spawn(sweep_leases(engine.clone(), stop.clone()));
+
+    // 4. The gRPC service on the Unix socket and on loopback TCP, with health and reflection.
+    let listeners = serve::Listeners::bind(&opts).await?;
+    engine.set_endpoints(Endpoints {
+        socket_path: Some(opts.socket.clone()),
+        tcp_listen: listeners.tcp_address(),
+    });
+    let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving on {}; observer {}",
+        opts.socket.display(),
+        engine.status().observer.kind
+    ));
+
+    // 5. Until asked to stop, or a server failing.
+    let failure = tokio::select! {
+        () = shutdown => None,
+        Some(result) = servers.join_next() => Some(result),
+    };
+    tracing::info!("shutting down");
+    systemd::notify("STOPPING=1");
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(cause = %e, "a background task failed");
+        }
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    store.close().await?;
+    match failure {
+        Some(Ok(Err(e))) => Err(e).context("the gRPC server failed"),
+        Some(Err(e)) => Err(e).context("the gRPC server task failed"),
+        _ => Ok(()),
+    }
+}
+
+fn load_ranges(config: Option<&Path>) -> Result<ServiceRanges> {
+    let Some(path) = config else {
+        return Ok(ServiceRanges::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let ranges =
+        ServiceRanges::from_toml(&text).with_context(|| format!("in config {}", path.display()))?;
+    tracing::info!(
+        config = %path.display(),
+        service_types = ranges.types().len(),
+        "config loaded"
+    );
+    Ok(ranges)
+}
+
+/// Ends lapsed leases and those of exited processes, once a second.
+async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = engine.expire().await {
+            tracing::warn!(cause = %format!("{e:#}"), "sweeping leases");
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Which observer feeds the broker, and the tasks that run it: the eBPF ring-buffer reader (on a
+//! thread of its own) with a periodic safety-net reading, or the sockets-table reader alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{ObserverChoice, Options};
+use crate::engine::{Engine, ObserverStatus};
+use crate::observe::ebpf;
+
+/// How often the eBPF observer's port table is checked against a full socket-table reading.
+const EBPF_SAFETY_RESYNC: Duration = Duration::from_secs(60);
+
+/// Starts the chosen observer (its tasks go into `tasks`), takes the first reading of the socket
+/// tables, and says which observer runs and why.
+pub(super) fn start(
+    opts: &Options,
+    engine: Arc<Engine>,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<ObserverStatus> {
+    let ebpf = match opts.observer {
+        ObserverChoice::Sockets => None,
+        ObserverChoice::Auto | ObserverChoice::Ebpf => Some(attach_ebpf(opts)),
+    };
+    let ebpf_error = match ebpf {
+        Some(Ok((mut attached, whole_machine))) => {
+            let reading = tokio::task::block_in_place(|| engine.resync_reading())
+                .context("reading the kernel's socket tables")?;
+            let seeded = attached.seed_bound(&reading);
+            // The kernel's per-port counts stand for the socket tables only when the programs
+            // see every bind, i.e. at the root of the cgroup tree.
+            let point_checks = match attached.take_port_counts() {
+                Some(counts) if whole_machine => {
+                    let how = if counts.is_mapped() {
+                        "point checks read the kernel's per-port counts, mapped into memory"
+                    } else {
+                        "point checks read the kernel's per-port counts"
+                    };
+                    engine.use_port_counts(Box::new(counts));
+                    how
+                }
+                _ => "point checks read the socket tables (a cgroup below the root sees only its own binds)",
+            };
+            let status = ObserverStatus {
+                kind: "ebpf",
+                reason: format!(
+                    "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
+                     {point_checks}; a full reading every {} s as a safety net",
+                    attached.cgroup.display(),
+                    EBPF_SAFETY_RESYNC.as_secs()
+                ),
+            };
+            let reader = spawn_ebpf_reader(engine.clone(), attached, stop.clone())?;
+            tasks.spawn_blocking(move || {
+                if reader.join().is_err() {
+                    tracing::error!("the eBPF ring buffer reader panicked");
+                }
+            });
+            // A safety net for what no hook reports (a TCP socket that starts listening over
+            // `UNLISTED_TCP_GRACE_MS` after its bind, dropped by a reading meanwhile; a lost
+            // record the counter has not shown yet): a full reading now and then.
+            tasks.spawn(scan_socket_tables(engine, EBPF_SAFETY_RESYNC, stop.clone()));
+            return Ok(status);
+        }
+        Some(Err(e)) if opts.observer == ObserverChoice::Ebpf => {
+            return Err(e.context("--observer ebpf"));
+        }
+        Some(Err(e)) => Some(format!("eBPF unavailable: {e:#}")),
+        None => None,
+    };
+    tokio::task::block_in_place(|| engine.resync())
+        .context("reading the kernel's socket tables")?;
+    tasks.spawn(scan_socket_tables(engine, opts.scan_interval, stop.clone()));
+    let reason = ebpf_error.unwrap_or_else(|| "chosen with --observer sockets".to_string());
+    Ok(ObserverStatus {
+        kind: "sockets-table",
+        reason: format!(
+            "{reason}; reading socket tables every {} ms",
+            opts.scan_interval.as_millis()
+        ),
+    })
+}
+
+/// The attached programs, and whether they sit at the root of the cgroup tree (and so see every
+/// bind on the machine).
+fn attach_ebpf(opts: &Options) -> Result<(ebpf::Attached, bool)> {
+    let object = ebpf::find_object(opts.ebpf_object.as_deref())?;
+    let root = ebpf::cgroup2_root();
+    let cgroup = match (&opts.cgroup, &root) {
+        (Some(path), _) => path.clone(),
+        (None, Ok(root)) => root.clone(),
+        (None, Err(e)) => bail!("{e:#}"),
+    };
+    let at_root = match (
+        root.map(std::fs::canonicalize),
+        std::fs::canonicalize(&cgroup),
+    ) {
+        (Ok(Ok(root)), Ok(cgroup)) => root == cgroup,
+        _ => false,
+    };
+    Ok((ebpf::attach(&object, &cgroup)?, at_root))
+}
+
+/// Runs the eBPF reader on a thread of its own, scheduled `SCHED_BATCH`, and returns once it
+/// watches the ring buffer; the thread ends when `stop` turns true.
+///
+/// Why a batch thread: when the reader has caught up, each record wakes it, from inside the
+/// `bind()` of whatever program binds; a normal thread then preempted that program on its own
+/// CPU, several times the cost of a bind whenever the reader was idle (`cargo xtask bench shim`,
+/// case (a), shows it). A batch thread never preempts on wake-up: it runs on an idle CPU, or at
+/// the next tick. Unlike a high nice value or `SCHED_IDLE` it keeps its full share of the CPU, so
+/// a busy machine cannot starve it.
+fn spawn_ebpf_reader(
+    engine: Arc<Engine>,
+    attached: ebpf::Attached,
+    stop: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let (watching, started) = std::sync::mpsc::channel::<Result<()>>();
+    let reader = std::thread::Builder::new()
+        .name("styxy-ebpf".into())
+        .spawn(move || {
+            schedule_this_thread_as_batch();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = watching.send(Err(anyhow::anyhow!("starting its runtime: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                // SAFETY: the descriptor is the ring buffer's map fd, owned by `attached`, which
+                // the AsyncFd owns in turn: it stays open and the same for the AsyncFd's life.
+                match unsafe { AsyncFd::register_with_interest(attached, Interest::READABLE) } {
+                    Ok(events) => {
+                        let _ = watching.send(Ok(()));
+                        read_ebpf_events(engine, events, stop).await;
+                    }
+                    Err(e) => {
+                        let _ = watching.send(Err(anyhow::anyhow!("watching it: {e}")));
+                    }
+                }
+            });
+        })
+        .context("starting the eBPF ring buffer reader")?;
+    tokio::task::block_in_place(|| started.recv())
+        .context("the eBPF ring buffer reader ended at start")?
+        .context("the eBPF ring buffer reader")?;
+    Ok(reader)
+}
+
+/// Puts the calling thread in the `SCHED_BATCH` class (see [`spawn_ebpf_reader`]); where that
+/// is refused it stays as it was, which costs latency, not correctness.
+fn schedule_this_thread_as_batch() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for SCHED_BATCH.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        tracing::debug!(
+            cause = %std::io::Error::last_os_error(),
+            "SCHED_BATCH for the eBPF reader refused"
+        );
+    }
+}
+
+/// The eBPF observer's reader: wakes when the ring buffer has records (no polling), feeds them to
+/// the broker, and resyncs from the socket tables when the kernel side had to drop some.
+async fn read_ebpf_events(
+    engine: Arc<Engine>,
+    mut events: AsyncFd<ebpf::Attached>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut owners = ebpf::OwnerCache::default();
+    loop {
+        let mut guard = tokio::select! {
+            ready = events.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(cause = %e, "eBPF ring buffer unreadable; no more bind events");
+                    return;
+                }
+            },
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        let attached = guard.get_inner_mut();
+        let (batch, seen_at) = attached.drain(&mut owners);
+        let lost = attached.newly_dropped();
+        guard.clear_ready();
+        if !batch.is_empty() {
+            engine.apply_events(batch);
+        }
+        let applied_at = ebpf::monotonic_ns();
+        engine.record_observer_delays(
+            seen_at
+                .iter()
+                .map(|t| (applied_at.saturating_sub(*t) / 1000).min(u64::from(u32::MAX)) as u32),
+        );
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                "eBPF records lost (ring buffer full): resyncing from the socket tables"
+            );
+            if let Err(e) = engine.resync() {
+                tracing::warn!(cause = %e, "resync after lost records");
+            }
+            // Counted once the table is repaired: whoever sees the loss in Status sees the fix.
+            engine.count_dropped(lost);
+        }
+    }
+}
+
+/// The sockets-table observer: a full sock_diag reading at each interval, reconciled into the broker.
+async fn scan_socket_tables(engine: Arc<Engine>, every: Duration, mut stop: watch::Receiver<bool>) {
+    // The first reading was taken at start: the first tick is one interval away.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.resync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(cause = %e, "reading the socket tables"),
+            Err(e) => tracing::error!(cause = %e, "socket-table reader failed"),
+        }
+    }
+}
