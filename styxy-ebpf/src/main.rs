@@ -65,7 +65,7 @@ static REQUESTED: LruHashMap<u64, u16> = LruHashMap::with_max_entries(16384, 0);
 static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, BPF_F_MMAPABLE);
 
 /// The daemon maps `PORTS` into its memory and reads the counts without a syscall.
-const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE as u32;
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
 
 /// Atomically adds `delta` (wrapping) to a `PORTS` slot.
 #[inline(always)]
@@ -137,7 +137,7 @@ fn remember_requested_port(sock_addr: *mut bpf_sock_addr) {
     }
     // SAFETY: the helper accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
-    let _ = REQUESTED.insert(&cookie, &port, 0);
+    let _ = REQUESTED.insert(cookie, port, 0);
 }
 
 #[inline(always)]
@@ -175,8 +175,8 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
     // SAFETY: the helper accepts a sock context.
     let cookie = unsafe { bpf_get_socket_cookie(sock.cast()) };
     // SAFETY: the value is a plain u16 copied out before the entry is removed.
-    let requested = unsafe { REQUESTED.get(&cookie) }.copied().unwrap_or(0);
-    let _ = REQUESTED.remove(&cookie);
+    let requested = unsafe { REQUESTED.get(cookie) }.copied().unwrap_or(0);
+    let _ = REQUESTED.remove(cookie);
     let port = port as u16; // host byte order
     let bound = BoundRecord {
         port,
@@ -185,7 +185,7 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
         _pad: 0,
         addr,
     };
-    let _ = BOUND.insert(&cookie, &bound, 0);
+    let _ = BOUND.insert(cookie, bound, 0);
     count_port(protocol, port, 1);
     emit(KIND_BOUND, cookie, &bound, requested);
 }
@@ -194,10 +194,10 @@ fn on_release(sock: *mut bpf_sock) {
     // SAFETY: the helper accepts a sock context.
     let cookie = unsafe { bpf_get_socket_cookie(sock.cast()) };
     // SAFETY: the value is plain data copied out before the entry is removed.
-    let Some(bound) = (unsafe { BOUND.get(&cookie) }).copied() else {
+    let Some(bound) = (unsafe { BOUND.get(cookie) }).copied() else {
         return; // never seen bound by us (a client socket, or bound before we attached)
     };
-    let _ = BOUND.remove(&cookie);
+    let _ = BOUND.remove(cookie);
     count_port(bound.protocol, bound.port, u64::MAX); // - 1, wrapping
     emit(KIND_RELEASED, cookie, &bound, 0);
 }
