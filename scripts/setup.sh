@@ -32,8 +32,9 @@ fi
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are
 # no_std Rust for bpfel-unknown-none, built with -Z build-std=core, which needs the Rust library
 # source: Debian's rustc-web ships it (rust-web-src); rustup here cannot download rust-src. bpf-linker
-# is built against Debian's LLVM 22. `cargo xtask build-ebpf` uses exactly these.
-ebpf_packages=(rustc-web cargo-web rust-web-src llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev bpftool)
+# is built against Debian's LLVM 22. `cargo xtask build-ebpf` uses exactly these; `cargo xtask lint`
+# runs Debian's clippy (rust-web-clippy) on the eBPF crate.
+ebpf_packages=(rustc-web cargo-web rust-web-src rust-web-clippy llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev bpftool)
 if [ "${STYXY_SKIP_EBPF_SETUP:-0}" = 1 ]; then
   log "skipping the eBPF toolchain (STYXY_SKIP_EBPF_SETUP=1)"
 elif [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

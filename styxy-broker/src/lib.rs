@@ -5,6 +5,7 @@
 //! its port or moves, who holds a port. It reads no files, opens no sockets and reads no clock: the caller
 //! passes `now` and a [`ProcessView`], and gets back [`Effects`] to persist and publish. This file answers
 //! "who decides that 6006 is taken?".
+#![warn(missing_docs)]
 
 pub mod model;
 mod portset;
@@ -41,23 +42,37 @@ impl Default for LeaseSettings {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BrokerError {
     #[error("no free port left in {service_type} range {start}-{end}")]
+    /// Every port of the range is bound, leased or claimed.
     NoFreePort {
+        /// The service type whose range is full.
         service_type: String,
+        /// First port of the range.
         start: u16,
+        /// Last port of the range.
         end: u16,
     },
     #[error("no lease {0}")]
+    /// No lease has this id.
     NoSuchLease(String),
     #[error("no lease on port {0}")]
+    /// The port has no lease.
     NoLeaseOnPort(u16),
     #[error("lease {lease_id} belongs to uid {owner_uid}; only that user or root may release it")]
-    NotOwner { lease_id: String, owner_uid: u32 },
+    /// The lease is another user's.
+    NotOwner {
+        /// The lease asked for.
+        lease_id: String,
+        /// Its owner.
+        owner_uid: u32,
+    },
 }
 
 /// A socket in the table with the service type inferred from its owner's command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
+    /// The socket as the observer saw it.
     pub socket: BoundSocket,
+    /// Inferred from the owner's command line (or the port's range when the owner is unknown).
     pub service_type: String,
     /// The agent session (`STYXY_INSTANCE`) whose shim claimed this port for the holder, if any.
     pub instance_id: Option<String>,
@@ -84,18 +99,25 @@ impl Held {
 /// Who holds a port, as told to a process whose bind was moved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HolderView {
+    /// A socket bound in the kernel.
     Socket(Held),
+    /// A lease or a claim, not bound yet.
     Lease(Lease),
 }
 
 /// What `ResolveBind` tells the shim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BindDecision {
+    /// Bind the port asked for.
     Keep {
+        /// The port asked for.
         port: u16,
     },
+    /// Bind `port` instead: the one asked for is held.
     Reassign {
+        /// The free port picked in the asked port's range.
         port: u16,
+        /// Who holds the asked port, when known.
         holder: Option<HolderView>,
     },
 }
@@ -103,53 +125,80 @@ pub enum BindDecision {
 /// A `bind()` about to happen, as the shim reported it and the daemon identified the asker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindRequest {
+    /// The process that is about to bind.
     pub asker: ProcessInfo,
+    /// Its user, as the transport identified it.
     pub uid: u32,
+    /// The port it asked for.
     pub port: u16,
+    /// TCP or UDP: the two protocols' ports are separate.
     pub protocol: Protocol,
+    /// The socket has `SO_REUSEPORT` (or a UDP `SO_REUSEADDR`): intended sharing, never moved.
     pub reuseport: bool,
+    /// The agent session (`STYXY_INSTANCE`) of the asking process.
     pub instance_id: Option<String>,
 }
 
 /// An `Allocate` call, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocateRequest {
+    /// Whose range to pick from (`dev` for an unknown type).
     pub service_type: String,
+    /// Taken when it is free.
     pub preferred_port: Option<u16>,
+    /// The process the lease lives with; `None`: it lives by its TTL.
     pub process: Option<ProcessId>,
+    /// The caller's user, who owns the lease.
     pub uid: u32,
+    /// The agent session the lease belongs to.
     pub instance_id: Option<String>,
+    /// Lifetime; `None`: the default TTL, or the process's life when there is one.
     pub ttl_ms: Option<u64>,
 }
 
 /// Free ports of one service type's range.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suggestion {
+    /// The range's service type (`dev` when the type asked for is unknown).
     pub service_type: String,
+    /// Free ports, lowest first.
     pub ports: Vec<u16>,
+    /// First port of the range.
     pub start: u16,
+    /// Last port of the range.
     pub end: u16,
 }
 
 /// Everything known about one port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortView {
+    /// The port asked about.
     pub port: u16,
+    /// Sockets bound on it.
     pub holders: Vec<Held>,
+    /// Its lease or claim, if any.
     pub lease: Option<Lease>,
+    /// The service type whose range holds the port, if any.
     pub range_type: Option<String>,
 }
 
 /// Which part of the port table a fresh socket-table reading covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
+    /// Every port.
     All,
+    /// One port.
     Port {
+        /// The port.
         port: u16,
+        /// One protocol, or both when `None`.
         protocol: Option<Protocol>,
     },
+    /// A range of ports, ends included.
     Range {
+        /// First port.
         start: u16,
+        /// Last port.
         end: u16,
     },
 }
@@ -190,6 +239,7 @@ pub struct Broker {
 const INFERRED_MAX: usize = 4096;
 
 impl Broker {
+    /// An empty broker: no sockets, no leases, no instances.
     pub fn new(ranges: ServiceRanges, settings: LeaseSettings) -> Self {
         Broker {
             ranges,
@@ -227,18 +277,22 @@ impl Broker {
         broker
     }
 
+    /// The service ranges in force.
     pub fn ranges(&self) -> &ServiceRanges {
         &self.ranges
     }
 
+    /// How many leases and claims are live.
     pub fn lease_count(&self) -> usize {
         self.leases.len()
     }
 
+    /// How many instances are registered.
     pub fn instance_count(&self) -> usize {
         self.instances.len()
     }
 
+    /// How many distinct ports have a socket bound (either protocol).
     pub fn bound_port_count(&self) -> usize {
         self.by_port
             .keys()
@@ -247,15 +301,18 @@ impl Broker {
             .len()
     }
 
+    /// How many binds were moved since start.
     pub fn reassignments(&self) -> u64 {
         self.reassignments
     }
 
+    /// Every live lease and claim, by port.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
     }
 
-    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+    #[cfg(test)]
+    pub(crate) fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.instances.values()
     }
 
@@ -269,7 +326,7 @@ impl Broker {
     }
 
     /// Whether anything holds `port`: a socket of any protocol, or a lease.
-    pub fn is_taken(&self, port: u16) -> bool {
+    fn is_taken(&self, port: u16) -> bool {
         self.taken.contains(port)
     }
 

@@ -12,15 +12,20 @@ pub use styxy_common::net::{Family, Protocol};
 /// pids are reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ProcessId {
+    /// The process id.
     pub pid: u32,
+    /// Clock ticks since boot when the process started (field 22 of `/proc/<pid>/stat`).
     pub start_time: u64,
 }
 
 /// What is known of a process that holds a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
+    /// Who it is.
     pub id: ProcessId,
+    /// The kernel's short name for it (`comm`).
     pub comm: String,
+    /// Its command line, arguments joined by spaces.
     pub cmdline: String,
 }
 
@@ -29,26 +34,38 @@ pub struct ProcessInfo {
 pub struct BoundSocket {
     /// The kernel's socket cookie: the same value in sock_diag answers and in eBPF programs.
     pub cookie: u64,
+    /// TCP or UDP.
     pub protocol: Protocol,
+    /// IPv4 or IPv6.
     pub family: Family,
+    /// The local address it is bound to.
     pub address: IpAddr,
+    /// The local port.
     pub port: u16,
+    /// The socket's owner uid.
     pub uid: u32,
     /// `None` when the owning process could not be found (e.g. another user's process, not root).
     pub owner: Option<ProcessInfo>,
+    /// When the daemon first saw it bound (Unix ms).
     pub since_ms: u64,
 }
 
 /// A port reserved for someone: by `Allocate`, or a claim taken by `ResolveBind` for the asking process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
+    /// `lease-N`: what `Release` takes.
     pub id: String,
+    /// The port reserved.
     pub port: u16,
+    /// The service type whose range the port was picked from.
     pub service_type: String,
+    /// The user who took it: only that user or root may release it.
     pub owner_uid: u32,
     /// The process the lease lives with; `None` for a lease that lives by its TTL alone.
     pub process: Option<ProcessId>,
+    /// The agent session it belongs to.
     pub instance_id: Option<String>,
+    /// When it was taken (Unix ms).
     pub created_ms: u64,
     /// `None`: lives as long as its process.
     pub expires_ms: Option<u64>,
@@ -62,41 +79,65 @@ pub struct Lease {
 /// A named group of processes (an agent session, or `ldpreload-<pid>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
+    /// The id (`claude-<session>`, `ldpreload-<pid>`, …).
     pub id: String,
+    /// The process the instance lives with.
     pub process: ProcessId,
+    /// When it was registered (Unix ms).
     pub registered_ms: u64,
 }
 
 /// What an observer reports. Both eBPF and the socket-table scanner produce these.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PortEvent {
+    /// A socket was bound.
     Bound(BoundSocket),
-    Released { cookie: u64 },
+    /// A socket was released.
+    Released {
+        /// The released socket's cookie.
+        cookie: u64,
+    },
 }
 
 /// What happened, for `Watch` subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
+    /// A socket was bound.
     Bound(crate::Held),
+    /// A socket was released.
     Released(crate::Held),
+    /// A bind was moved.
     Reassigned(AuditRecord),
+    /// A lease or claim was taken.
     Leased(Lease),
+    /// A lease or claim ended.
     LeaseEnded(Lease),
 }
 
 /// One reassigned bind, as written to the audit log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// When (Unix ms).
     pub at_ms: u64,
+    /// The process whose bind was moved.
     pub pid: u32,
+    /// Its `comm`.
     pub comm: String,
+    /// Its user.
     pub uid: u32,
+    /// The port it asked for.
     pub requested_port: u16,
+    /// The port it got.
     pub assigned_port: u16,
+    /// TCP or UDP.
     pub protocol: Protocol,
+    /// The service type of the range it moved within.
     pub service_type: String,
+    /// The process holding the asked port, when known.
     pub holder_pid: Option<u32>,
+    /// That process's `comm`, when known.
     pub holder_comm: Option<String>,
+    /// The agent session of the moved process.
     pub instance_id: Option<String>,
 }
 
@@ -104,24 +145,44 @@ pub struct AuditRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum StateChange {
-    PutLease { lease: Lease },
-    RemoveLease { id: String },
-    PutInstance { instance: Instance },
-    RemoveInstance { id: String },
+    /// A lease or claim was taken or changed.
+    PutLease {
+        /// The lease as it now is.
+        lease: Lease,
+    },
+    /// A lease or claim ended.
+    RemoveLease {
+        /// Its id.
+        id: String,
+    },
+    /// An instance was registered.
+    PutInstance {
+        /// The instance.
+        instance: Instance,
+    },
+    /// An instance ended.
+    RemoveInstance {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// Everything a mutating broker call did, for the I/O layer to persist, publish and audit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
+    /// What to persist, in order.
     pub changes: Vec<StateChange>,
+    /// What to tell `Watch` subscribers and the audit log.
     pub notices: Vec<Notice>,
 }
 
 impl Effects {
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.notices.is_empty()
     }
 
+    /// Appends `other`'s changes and notices after this one's.
     pub fn extend(&mut self, other: Effects) {
         self.changes.extend(other.changes);
         self.notices.extend(other.notices);
@@ -145,11 +206,14 @@ impl Effects {
 /// Who is calling, as the transport identified them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
+    /// The caller's user.
     pub uid: u32,
+    /// The caller's process, when the transport tells it.
     pub pid: Option<u32>,
 }
 
 impl Caller {
+    /// Whether the caller is root (uid 0), who may act for anyone.
     pub fn is_root(&self) -> bool {
         self.uid == 0
     }
@@ -158,6 +222,7 @@ impl Caller {
 /// The I/O-free view of processes the broker needs: whether a process still runs, and its ancestors.
 /// The daemon reads `/proc`; tests pass a table.
 pub trait ProcessView {
+    /// Whether the process is still running (same pid, same start time).
     fn is_alive(&self, id: ProcessId) -> bool;
     /// The process's ancestors, parent first, as far as they can be read.
     fn ancestors(&self, pid: u32) -> Vec<ProcessId>;

@@ -16,13 +16,18 @@ pub const ADHOC_WINDOW: u16 = 100;
 /// One service type: a name, an inclusive port range and the words that identify it in a command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceType {
+    /// The type's name (`storybook`, `api`, …).
     pub name: String,
+    /// First port of its range.
     pub start: u16,
+    /// Last port of its range.
     pub end: u16,
+    /// Words of a command line that mark a server of this type.
     pub patterns: Vec<String>,
 }
 
 impl ServiceType {
+    /// Whether `port` is in this type's range.
     pub fn contains(&self, port: u16) -> bool {
         (self.start..=self.end).contains(&port)
     }
@@ -31,8 +36,11 @@ impl ServiceType {
 /// An inclusive port range a search walks, with the service type it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRange {
+    /// The service type the range belongs to (the fallback's name outside every range).
     pub service_type: String,
+    /// First port.
     pub start: u16,
+    /// Last port.
     pub end: u16,
 }
 
@@ -40,14 +48,25 @@ pub struct PortRange {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("config is not valid TOML: {0}")]
+    /// The file is not valid TOML, or has unknown keys.
     Toml(String),
     #[error("service type name {0:?} is invalid: use 1-64 of a-z, 0-9, '_', '.', '-'")]
+    /// A service type name outside `[a-z0-9_.-]{1,64}`.
     BadName(String),
     #[error("service type {name:?}: range [{start}, {end}] is invalid: ports are 1-65535 and start <= end")]
-    BadRange { name: String, start: u32, end: u32 },
+    /// A range that is empty, reversed, or outside 1-65535.
+    BadRange {
+        /// The service type.
+        name: String,
+        /// Its first port, as written.
+        start: u32,
+        /// Its last port, as written.
+        end: u32,
+    },
     #[error(
         "service type {0:?} has no range and is not a built-in type: add `range = [START, END]`"
     )]
+    /// A service type with no `range` and no built-in range to keep.
     MissingRange(String),
 }
 
@@ -295,6 +314,7 @@ impl ServiceRanges {
         Ok(ranges)
     }
 
+    /// Every service type, in matching order.
     pub fn types(&self) -> &[ServiceType] {
         &self.types
     }

@@ -85,8 +85,8 @@ impl OwnedQuery {
             return None;
         }
         let string = |ptr: *const std::ffi::c_char| {
-            // SAFETY: null or NUL-terminated per the contract.
             (!ptr.is_null()).then(|| {
+                // SAFETY: not null, so NUL-terminated per the contract.
                 unsafe { CStr::from_ptr(ptr) }
                     .to_string_lossy()
                     .into_owned()
@@ -293,10 +293,8 @@ mod tests {
         q.protocol = 99;
         let mut answer = BindAnswer::empty();
         // SAFETY: valid pointers for the call.
-        assert_eq!(
-            unsafe { styxy_client_resolve_bind(&q, &mut answer) },
-            RESOLVE_BAD_QUERY
-        );
+        let rc = unsafe { styxy_client_resolve_bind(&q, &mut answer) };
+        assert_eq!(rc, RESOLVE_BAD_QUERY);
         // SAFETY: null pointers are checked first.
         let rc = unsafe { styxy_client_resolve_bind(std::ptr::null(), &mut answer) };
         assert_eq!(rc, RESOLVE_BAD_QUERY);

@@ -6,6 +6,8 @@
 //!   `libstyxy_preload.so` next to the other binaries in `target/debug` and `target/release`;
 //! - `build`: everything, release mode (eBPF included when it can): what `styxy install` installs;
 //! - `run`: set up, build in release mode (eBPF included when it can) and run the daemon in the foreground;
+//! - `lint`: `cargo fmt --check` and `cargo clippy -D warnings` on all three workspaces (the main
+//!   one, the shim's and the eBPF programs', the last with Debian's clippy);
 //! - `test`: build every binary the end-to-end tests start, then run the whole test suite;
 //! - `bench`: build in release mode and run the side-by-side benchmarks.
 
@@ -41,6 +43,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Formatting and clippy (-D warnings) on the workspace, the shim and the eBPF programs.
+    Lint,
     /// Build everything the tests start, then run the whole test suite.
     Test {
         /// Extra arguments for `cargo test`.
@@ -72,6 +76,7 @@ fn main() -> Result<()> {
             let styxy = root.join("target/release/styxy");
             run(Command::new(&styxy).arg("daemon").args(&args))
         }
+        Task::Lint => lint(&root),
         Task::Test { args } => {
             setup(&root)?;
             match build_ebpf(&root, true) {
@@ -108,6 +113,8 @@ fn workspace_root() -> PathBuf {
 const EBPF_RUSTC: &str = "/usr/bin/rustc";
 const EBPF_CARGO: &str = "/usr/bin/cargo";
 const EBPF_LIBRARY_SOURCE: &str = "/usr/lib/rustlib/src/rust/library/core";
+/// Debian's clippy for that compiler (rust-web-clippy).
+const EBPF_CLIPPY: &str = "/usr/bin/cargo-clippy";
 
 /// What the eBPF build needs and this machine lacks, with how to get it.
 fn missing_ebpf_tools() -> Vec<String> {
@@ -145,21 +152,8 @@ fn build_ebpf(root: &Path, release: bool) -> Result<()> {
         );
     }
     let target_dir = root.join("target/ebpf");
-    let mut build = Command::new(EBPF_CARGO);
-    build
-        .current_dir(root.join("styxy-ebpf"))
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("RUSTC", EBPF_RUSTC)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .args([
-            "build",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ]);
+    let mut build = ebpf_cargo(root, "target/ebpf");
+    build.arg("build");
     if release {
         build.arg("--release");
     }
@@ -174,6 +168,35 @@ fn build_ebpf(root: &Path, release: bool) -> Result<()> {
         .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
     println!("xtask: eBPF object at {}", object.display());
     Ok(())
+}
+
+/// Debian's cargo in `styxy-ebpf`, building for the BPF target with `-Z build-std=core`, into
+/// `target_dir` (relative to the root); the caller adds the subcommand (`build`, `clippy`).
+fn ebpf_cargo(root: &Path, target_dir: &str) -> Command {
+    let mut command = Command::new(EBPF_CARGO);
+    command
+        .current_dir(root.join("styxy-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTC", EBPF_RUSTC)
+        .env("CARGO_TARGET_DIR", root.join(target_dir))
+        // `--target bpfel-unknown-none -Z build-std=core`, as configuration, so that any
+        // subcommand takes them.
+        .env("CARGO_BUILD_TARGET", "bpfel-unknown-none")
+        .env("CARGO_UNSTABLE_BUILD_STD", "core")
+        // Debian's cargo finds Debian's clippy-driver next to it, not rustup's shims.
+        .env("PATH", ebpf_path())
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    command
+}
+
+/// PATH with /usr/bin first, so Debian's cargo runs Debian's clippy-driver.
+fn ebpf_path() -> std::ffi::OsString {
+    let mut dirs = vec![PathBuf::from("/usr/bin")];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(dirs).unwrap_or_else(|_| "/usr/bin".into())
 }
 
 /// Release build of everything `styxy install` installs; without the eBPF toolchain the daemon
@@ -223,6 +246,45 @@ fn build_preload(root: &Path, profiles: &[&str]) -> Result<()> {
             .with_context(|| format!("moving {} to {}", staged.display(), placed.display()))?;
     }
     Ok(())
+}
+
+/// `cargo fmt --check` and `cargo clippy --all-targets -D warnings` on the main workspace, the
+/// shim's (`styxy-preload`) and the eBPF programs' (`styxy-ebpf`, with Debian's clippy, which
+/// knows the BPF target). Without the eBPF toolchain the eBPF crate's clippy is skipped with the
+/// reason, except in CI, where it must run.
+fn lint(root: &Path) -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    for manifest in ["styxy-preload/Cargo.toml", "styxy-ebpf/Cargo.toml"] {
+        cargo(&["fmt", "--manifest-path", manifest, "--", "--check"])?;
+    }
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    run(preload_cargo(root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    let mut missing = missing_ebpf_tools();
+    if !Path::new(EBPF_CLIPPY).exists() {
+        missing.push(format!("{EBPF_CLIPPY} (apt-get install rust-web-clippy)"));
+    }
+    if !missing.is_empty() {
+        let why = format!("eBPF clippy needs:\n  - {}", missing.join("\n  - "));
+        if std::env::var_os("CI").is_some() {
+            bail!("{why}");
+        }
+        eprintln!("xtask: SKIP {why}\nInstall them with `cargo xtask setup` (as root)");
+        return Ok(());
+    }
+    run(ebpf_cargo(root, "target/ebpf-clippy").args([
+        "clippy",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 fn setup(root: &Path) -> Result<()> {
