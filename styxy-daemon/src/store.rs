@@ -554,8 +554,8 @@ mod tests {
 
     #[tokio::test]
     async fn changes_nobody_waits_for_still_reach_the_disk() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-linger-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         let (store, _, _) = Store::open(&dir, 100).unwrap();
         // One waited-for write first, so the writer is idle, asleep, when the others come.
         let t = store.enqueue(
@@ -588,13 +588,12 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(written(JOURNAL, "claim-1"));
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn changes_survive_reopen_and_a_torn_line_is_skipped() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         let (store, snap, _) = Store::open(&dir, 100).unwrap();
         assert!(snap.leases.is_empty());
         store.enqueue(
@@ -635,13 +634,12 @@ mod tests {
         store2.close().await.unwrap();
         let (_, snap, _) = Store::open(&dir, 100).unwrap();
         assert_eq!(snap.leases.len(), 1);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn the_audit_log_rotates_and_the_newest_entries_come_back() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-rot-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         // Records are about 180 bytes: a rotation every third one, checked after each write.
         let (store, _, _) = Store::open_with(&dir, 100, 400).unwrap();
         for port in 3000..3010 {
@@ -659,13 +657,12 @@ mod tests {
         let ports: Vec<u16> = back.iter().map(|r| r.requested_port).collect();
         assert_eq!(ports.last(), Some(&3009), "{ports:?}");
         assert!(ports.windows(2).all(|w| w[0] < w[1]), "in order: {ports:?}");
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_journal_longer_than_its_zeroed_chunks_comes_back_whole() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-long-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         let (store, _, _) = Store::open(&dir, 100).unwrap();
         // Batches of growing size, one larger than a chunk: over 3 MiB of journal in all.
         let mut next = 0u32;
@@ -683,13 +680,12 @@ mod tests {
         // As after kill -9: no close.
         let (_, snap, _) = Store::open(&dir, 100).unwrap();
         assert_eq!(snap.leases.len(), next as usize);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn waits_end_through_a_threads_relay_and_without_it_once_it_is_gone() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-relay-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         let (store, _, _) = Store::open(&dir, 100).unwrap();
         let put = |store: &Store, id: String, port: u16| {
             store.enqueue(
@@ -736,16 +732,14 @@ mod tests {
         });
         let journal = fs::read_to_string(dir.join(JOURNAL)).unwrap();
         assert!(journal.contains("lease-19") && journal.contains("lease-after"));
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_corrupt_snapshot_is_an_error_that_names_the_file() {
-        let dir = std::env::temp_dir().join(format!("styxy-store-bad-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
         fs::write(dir.join(SNAPSHOT), "not json").unwrap();
         let err = Store::open(&dir, 10).err().expect("must refuse");
         assert!(format!("{err:#}").contains("state.json"), "{err:#}");
-        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -68,6 +68,8 @@ pub fn is_root() -> bool {
 /// the next block, which this daemon also owns).
 pub struct Daemon {
     child: Child,
+    /// Removes `dir` when the daemon drops, a failed test included (its log is printed then).
+    _temp: tempfile::TempDir,
     extra_args: Vec<String>,
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -86,9 +88,10 @@ impl Daemon {
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         let base = port_block();
         let _second_block = port_block();
-        let dir = std::env::temp_dir().join(format!("styxy-test-{}-{base}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("styxy-test-{base}-"))
+            .tempdir()?;
+        let dir = temp.path().to_path_buf();
         // Let other users reach the socket (tests that act as another uid).
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         std::fs::write(
@@ -109,6 +112,7 @@ impl Daemon {
         let (child, tcp) = launch(&dir, &socket, &state_dir, &extra_args).await?;
         Ok(Daemon {
             child,
+            _temp: temp,
             extra_args,
             dir,
             socket,
@@ -178,8 +182,13 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        // The directory goes with `_temp`; what the daemon said goes to the failed test's output.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.dir.display(),
+                self.log()
+            );
         }
     }
 }

@@ -485,3 +485,43 @@ async fn only_the_owner_or_root_may_release_a_lease() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The log is plain text when stderr is not a terminal — no colour codes in files or the journal —
+/// also when the daemon inherited a `JOURNAL_STREAM` that does not name its stderr (a program
+/// started from a systemd service with its output redirected).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_is_plain_text_when_stderr_is_not_a_terminal() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let log = daemon.log();
+    assert!(log.contains("listening on"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file: {log:?}");
+
+    let dir = tempfile::tempdir()?;
+    let log_path = dir.path().join("daemon.log");
+    let mut child = Command::new(styxy_tests::styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(dir.path().join("styxy.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--listen", "none", "--observer", "sockets"])
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let log = styxy_tests::eventually(10, "the daemon's first lines", || async {
+        let text = std::fs::read_to_string(&log_path).ok()?;
+        text.contains("listening on").then_some(text)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log?;
+    assert!(!log.contains('\u{1b}'), "colour codes: {log:?}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("INFO") && l.contains("listening on")),
+        "plain lines with their level: {log}"
+    );
+    Ok(())
+}

@@ -261,8 +261,8 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
     let Some(setup) = ebpf_ready() else {
         return Ok(());
     };
-    let dir = std::env::temp_dir().join(format!("styxy-nobody-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir_guard = tempfile::tempdir()?;
+    let dir = dir_guard.path().to_path_buf();
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
     let socket = dir.join("styxy.sock");
@@ -287,7 +287,6 @@ async fn auto_falls_back_to_the_socket_tables_and_says_why() -> Result<()> {
         status.observer_reason
     );
     drop(nobody);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -10,11 +10,13 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use styxy_tests::{http_server, notice_port, styxy_bin, Daemon, Spawned};
 
-fn temp_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("styxy-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A fresh directory, removed when the returned guard drops (a failed test included).
+fn temp_dir(name: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("styxy-{name}-"))
+        .tempdir()?;
+    let dir = guard.path().to_path_buf();
+    Ok((guard, dir))
 }
 
 fn styxy(args: &[&str]) -> Command {
@@ -57,7 +59,7 @@ fn snapshot(dir: &Path) -> Result<BTreeMap<PathBuf, Option<Vec<u8>>>> {
 
 #[test]
 fn install_then_uninstall_leaves_the_root_as_it_was() -> Result<()> {
-    let root = temp_dir("install-root")?;
+    let (_root_guard, root) = temp_dir("install-root")?;
     std::fs::create_dir_all(root.join("usr/local/bin"))?;
     std::fs::write(root.join("usr/local/bin/someone-else"), "keep me")?;
     let before = snapshot(&root)?;
@@ -96,7 +98,6 @@ fn install_then_uninstall_leaves_the_root_as_it_was() -> Result<()> {
     let said = run_ok(&mut styxy(&["uninstall", "--root", root_arg]))?;
     assert!(said.contains("removed"), "{said}");
     assert_eq!(snapshot(&root)?, before, "uninstall restores the tree");
-    std::fs::remove_dir_all(&root)?;
     Ok(())
 }
 
@@ -114,7 +115,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
         eprintln!("SKIP: systemd-analyze not found (apt-get install systemd)");
         return Ok(());
     }
-    let root = temp_dir("unit-root")?;
+    let (_root_guard, root) = temp_dir("unit-root")?;
     run_ok(&mut styxy(&[
         "install",
         "--root",
@@ -152,13 +153,12 @@ fn the_systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
         .output()?;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("notifyy"), "a bad unit is reported: {said}");
-    std::fs::remove_dir_all(&root)?;
     Ok(())
 }
 
 #[test]
 fn the_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() -> Result<()> {
-    let dir = temp_dir("notify")?;
+    let (_dir_guard, dir) = temp_dir("notify")?;
     let notify = dir.join("notify.sock");
     let listener = UnixDatagram::bind(&notify)?;
     listener.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -187,7 +187,6 @@ fn the_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() -> Result<()> {
     let n = listener.recv(&mut message).context("no STOPPING message")?;
     assert!(String::from_utf8_lossy(&message[..n]).contains("STOPPING=1"));
     assert!(daemon.wait()?.success(), "a clean exit on SIGTERM");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -217,7 +216,7 @@ fn session_start(env_file: &Path, socket: &Path) -> Result<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_session_start_hook_turns_the_shim_on_once_and_moves_servers() -> Result<()> {
     let daemon = Daemon::start().await?;
-    let dir = temp_dir("hook")?;
+    let (_dir_guard, dir) = temp_dir("hook")?;
     let env_file = dir.join("claude-env.sh");
     std::fs::write(&env_file, "export EARLIER=1\n")?;
 
@@ -276,13 +275,12 @@ async fn the_session_start_hook_turns_the_shim_on_once_and_moves_servers() -> Re
             .any(|e| e.assigned_port == u32::from(moved) && e.instance_id == "claude-3f9c-test"),
         "{audit:?}"
     );
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[test]
 fn the_hook_never_fails_the_session() -> Result<()> {
-    let dir = temp_dir("hook-down")?;
+    let (_dir_guard, dir) = temp_dir("hook-down")?;
     let env_file = dir.join("env.sh");
     let said = session_start(&env_file, &dir.join("no-daemon.sock"))?;
     assert!(
@@ -301,13 +299,12 @@ fn the_hook_never_fails_the_session() -> Result<()> {
     let out = child.wait_with_output()?;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("CLAUDE_ENV_FILE is not set"));
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[test]
 fn hook_install_keeps_the_rest_of_settings_json_and_uninstall_restores_it() -> Result<()> {
-    let dir = temp_dir("settings")?;
+    let (_dir_guard, dir) = temp_dir("settings")?;
     let settings = dir.join("settings.json");
     let original = r#"{
   "model": "opus",
@@ -354,6 +351,5 @@ fn hook_install_keeps_the_rest_of_settings_json_and_uninstall_restores_it() -> R
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
     assert_eq!(std::fs::read_to_string(&settings)?, "{ not json");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

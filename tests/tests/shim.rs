@@ -162,9 +162,9 @@ async fn with_the_daemon_down_the_shim_changes_nothing() -> Result<()> {
     let base = styxy_tests::port_block();
     let held = base + 1;
     let _holder = http_server(held)?;
-    let missing = std::env::temp_dir().join(format!("styxy-no-daemon-{}.sock", std::process::id()));
-    let stale = std::env::temp_dir().join(format!("styxy-stale-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&stale);
+    let sockets = tempfile::tempdir()?;
+    let missing = sockets.path().join("no-daemon.sock");
+    let stale = sockets.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale)?); // a socket file nobody listens on
     for socket in [&missing, &stale] {
         let env = [("STYXY_SOCKET", socket.to_str().context("utf-8 path")?)];
@@ -438,8 +438,8 @@ async fn a_process_keeps_being_moved_after_the_daemon_restarts() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_daemon_never_hangs_a_bind() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("styxy-hung-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir_guard = tempfile::tempdir()?;
+    let dir = dir_guard.path().to_path_buf();
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("hung.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket)?;
@@ -464,7 +464,6 @@ async fn a_hung_daemon_never_hangs_a_bind() -> Result<()> {
         "{:?}",
         started.elapsed()
     );
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
