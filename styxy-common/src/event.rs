@@ -1,10 +1,8 @@
 //! The record the eBPF programs push through the ring buffer, one per bind or release.
 //!
-//! Fixed layout (`#[repr(C)]`, explicit padding, 88 bytes) so both sides read it the same way.
+//! Fixed layout (`#[repr(C)]`, explicit padding, 64 bytes) so both sides read it the same way.
 //! The daemon checks [`BindEvent::SIZE`] against what the ring buffer hands it.
 
-/// `cgroup/bind4|6`: a bind was asked for (the requested address and port, before the kernel acts).
-pub const KIND_BIND_REQUEST: u8 = 1;
 /// `cgroup/post_bind4|6`: the socket is bound (the port actually bound, ephemeral included).
 pub const KIND_BOUND: u8 = 2;
 /// `cgroup/sock_release`: a bound socket is going away.
@@ -23,12 +21,8 @@ pub struct BindEvent {
     pub timestamp_ns: u64,
     /// `bpf_get_socket_cookie()`: identifies the socket for its whole life.
     pub cookie: u64,
-    /// The cgroup (v2) id of the task.
-    pub cgroup_id: u64,
     /// Process id (kernel tgid).
     pub tgid: u32,
-    /// Thread id (kernel pid).
-    pub tid: u32,
     pub uid: u32,
     /// One of `KIND_*`.
     pub kind: u8,
@@ -41,14 +35,10 @@ pub struct BindEvent {
     pub port: u16,
     /// The port the program asked for, host byte order (0 when not known).
     pub requested_port: u16,
-    pub _pad1: u32,
     /// Local address: IPv4 in the first 4 bytes, or IPv6 (network byte order).
     pub addr: [u8; 16],
     /// The task's comm, NUL-padded.
     pub comm: [u8; COMM_LEN],
-    /// Room for the kernel-side rewrite step (the port the kernel moved the bind to); 0 for now.
-    pub rewritten_port: u16,
-    pub _pad2: [u8; 6],
 }
 
 impl BindEvent {
@@ -59,9 +49,7 @@ impl BindEvent {
         BindEvent {
             timestamp_ns: 0,
             cookie: 0,
-            cgroup_id: 0,
             tgid: 0,
-            tid: 0,
             uid: 0,
             kind: 0,
             family: 0,
@@ -69,11 +57,8 @@ impl BindEvent {
             _pad0: 0,
             port: 0,
             requested_port: 0,
-            _pad1: 0,
             addr: [0; 16],
             comm: [0; COMM_LEN],
-            rewritten_port: 0,
-            _pad2: [0; 6],
         }
     }
 
@@ -133,7 +118,7 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const CONFIG_NETNS_COOKIE: u32 = 0;
 pub const PORTS_MAP: &str = "PORTS";
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Size of the `EVENTS` ring buffer (a power of two, as the kernel requires): ~43,000 records.
+/// Size of the `EVENTS` ring buffer (a power of two, as the kernel requires): ~58,000 records.
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;
 /// Records a full `EVENTS` ring holds at least: each takes the kernel's 8-byte header plus the
 /// record, rounded up to 8 bytes.
@@ -147,7 +132,7 @@ pub const PROGRAMS_SOCK_ADDR: [&str; 2] = ["styxy_bind4", "styxy_bind6"];
 pub const PROGRAMS_SOCK: [&str; 3] = ["styxy_post_bind4", "styxy_post_bind6", "styxy_sock_release"];
 
 // The layout is part of the ABI with the kernel programs: fail the build if it drifts.
-const _: () = assert!(BindEvent::SIZE == 88);
+const _: () = assert!(BindEvent::SIZE == 64);
 
 #[cfg(test)]
 mod tests {

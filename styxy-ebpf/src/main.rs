@@ -20,7 +20,7 @@
 
 use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
 };
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
@@ -213,13 +213,9 @@ fn emit(kind: u8, cookie: u64, bound: &BoundRecord, requested: u16) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut event = BindEvent::zeroed();
     // SAFETY: helpers with no preconditions in these program types.
-    unsafe {
-        event.timestamp_ns = bpf_ktime_get_ns();
-        event.cgroup_id = bpf_get_current_cgroup_id();
-    }
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     event.cookie = cookie;
     event.tgid = (pid_tgid >> 32) as u32;
-    event.tid = pid_tgid as u32;
     event.uid = bpf_get_current_uid_gid() as u32;
     event.kind = kind;
     event.family = bound.family;
