@@ -7,6 +7,15 @@
 //! connection state HTTP/2 requires: stream ids, flow-control windows, the HPACK decoder's table
 //! (decoding is `loona-hpack`'s), and the acknowledgements of SETTINGS and PING.
 //!
+//! Why it stays once the shim's calls become rare (a bind asks the daemon only when the published
+//! table says its port is taken, or the kernel said EADDRINUSE): the call it makes is still made
+//! from inside some program's `bind()`, and tonic cannot make it without an async runtime in that
+//! program — a thread of ours, started in a host that may fork, set signal masks or count its
+//! threads, which the shim's rules forbid (a per-call runtime would cost a thread spawn per call,
+//! slower still). Rarity changes neither that nor the cost of the calls that remain: a moved bind
+//! waits for exactly one of them. `cargo xtask bench broker` measures both clients side by side
+//! (Allocate through tonic and through this client; figures in the README's performance section).
+//!
 //! It speaks only what a gRPC unary call over h2c needs. Anything unexpected is an error that
 //! drops the connection; the caller opens a new one. The socket is non-blocking and every wait is
 //! bounded by the caller's deadline, so a daemon that hangs costs the deadline, never more.
