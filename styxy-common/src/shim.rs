@@ -2,8 +2,8 @@
 //! `libstyxy_shim_client.so` (the gRPC client, `dlopen`ed on the first bind that needs the daemon).
 //!
 //! Keeping the two apart is what keeps the shim cheap for processes that never bind: the client
-//! library carries the HTTP/2 and protobuf code (~400 KB), and only processes that bind a named
-//! port load it.
+//! library carries the HTTP/2 and protobuf code (most of the shim's code by size), and only
+//! processes that bind a named port load it.
 
 use core::ffi::c_char;
 
@@ -99,7 +99,7 @@ pub const RESOLVE_UNREACHABLE: i32 = 1;
 pub const RESOLVE_REFUSED: i32 = 2;
 /// The query itself was malformed (null pointers, bad values).
 pub const RESOLVE_BAD_QUERY: i32 = 3;
-/// The client library failed inside (a caught panic, a runtime that would not start).
+/// The client library failed inside (a caught panic).
 pub const RESOLVE_INTERNAL: i32 = 4;
 /// The daemon was reached but did not answer within the deadline (busy machine or hung daemon).
 pub const RESOLVE_TIMEOUT: i32 = 5;

@@ -4,6 +4,19 @@ use std::process::Command;
 
 use styxy_tests::{grpcurl, http_server, Daemon};
 
+/// Calls `method` over plaintext TCP at `tcp` with grpcurl (`body` as `-d` when given) and returns
+/// its answer, parsed; a failed call or an answer that is not JSON fails the test.
+fn grpcurl_json(tcp: &str, method: &str, body: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["-plaintext"];
+    if let Some(body) = body {
+        args.extend(["-d", body]);
+    }
+    args.extend([tcp, method]);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "grpcurl {method}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
 /// Runs grpcurl; returns (success, stdout, stderr).
 fn run(args: &[&str]) -> (bool, String, String) {
     let bin = grpcurl().expect("grpcurl");
@@ -42,28 +55,16 @@ async fn grpcurl_lists_describes_and_calls_over_tcp_and_the_unix_socket() -> any
     let port = daemon.base + 2;
     let server = http_server(port)?;
     let body = format!("{{\"port\": {port}}}");
-    let (ok, seen, err) = run(&[
-        "-plaintext",
-        "-d",
-        &body,
-        tcp,
-        "styxy.v1.PortBroker/Observe",
-    ]);
-    assert!(ok, "{err}");
-    let seen: serde_json::Value = serde_json::from_str(&seen)?;
+    let seen = grpcurl_json(tcp, "styxy.v1.PortBroker/Observe", Some(&body));
     assert_eq!(seen["bound"], true);
     assert_eq!(seen["holders"][0]["pid"], server.pid());
     assert_eq!(seen["holders"][0]["serviceType"], "api");
 
-    let (ok, suggested, err) = run(&[
-        "-plaintext",
-        "-d",
-        r#"{"service_type": "storybook", "count": 2}"#,
+    let suggested = grpcurl_json(
         tcp,
         "styxy.v1.PortBroker/Suggest",
-    ]);
-    assert!(ok, "{err}");
-    let suggested: serde_json::Value = serde_json::from_str(&suggested)?;
+        Some(r#"{"service_type": "storybook", "count": 2}"#),
+    );
     assert_eq!(
         suggested["ports"],
         serde_json::json!([daemon.base, daemon.base + 1])
@@ -177,29 +178,19 @@ async fn styxy_json_and_grpcurl_print_the_same_answer() -> anyhow::Result<()> {
     let tcp = daemon.tcp.as_str();
     let port = daemon.base + 5;
     let _server = http_server(port)?;
-    let parse = |text: &str| -> serde_json::Value {
-        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    };
-    let styxy = |args: &[&str]| {
+    let styxy = |args: &[&str]| -> serde_json::Value {
         let out = daemon.cli(args);
+        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        parse(&String::from_utf8_lossy(&out.stdout))
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
     };
 
     let body = format!("{{\"port\": {port}, \"protocol\": \"PROTOCOL_TCP\"}}");
-    let (ok, observed, err) = run(&[
-        "-plaintext",
-        "-d",
-        &body,
-        tcp,
-        "styxy.v1.PortBroker/Observe",
-    ]);
-    assert!(ok, "{err}");
-    let observed = parse(&observed);
+    let observed = grpcurl_json(tcp, "styxy.v1.PortBroker/Observe", Some(&body));
     assert_eq!(
         styxy(&["--json", "observe", &port.to_string(), "--protocol", "tcp"]),
         observed
@@ -213,21 +204,17 @@ async fn styxy_json_and_grpcurl_print_the_same_answer() -> anyhow::Result<()> {
         "uint64 as a string: {observed}"
     );
 
-    let (ok, suggested, err) = run(&[
-        "-plaintext",
-        "-d",
-        r#"{"service_type": "storybook", "count": 3}"#,
+    let suggested = grpcurl_json(
         tcp,
         "styxy.v1.PortBroker/Suggest",
-    ]);
-    assert!(ok, "{err}");
+        Some(r#"{"service_type": "storybook", "count": 3}"#),
+    );
     assert_eq!(
         styxy(&["--json", "suggest", "storybook", "-n", "3"]),
-        parse(&suggested)
+        suggested
     );
 
-    let (ok, listed, err) = run(&["-plaintext", tcp, "styxy.v1.PortBroker/ListPorts"]);
-    assert!(ok, "{err}");
+    let listed = grpcurl_json(tcp, "styxy.v1.PortBroker/ListPorts", None);
     let mine = |mut v: serde_json::Value| {
         // Other tests' servers come and go between the two calls: compare this test's port only.
         if let Some(holders) = v.get_mut("holders").and_then(|h| h.as_array_mut()) {
@@ -235,6 +222,6 @@ async fn styxy_json_and_grpcurl_print_the_same_answer() -> anyhow::Result<()> {
         }
         v["holders"].clone()
     };
-    assert_eq!(mine(styxy(&["--json", "ports"])), mine(parse(&listed)));
+    assert_eq!(mine(styxy(&["--json", "ports"])), mine(listed));
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! Processes the daemon has just read are kept in a small cache, each with a pidfd: a pidfd refers to one
 //! process, not to a pid, and turns readable when that process exits, so "is this still the process I
-//! read?" costs one `poll()` instead of reading `/proc/<pid>/stat` (~10 µs here) — every `ResolveBind`
+//! read?" costs one `poll()` instead of reading and parsing `/proc/<pid>/stat` — every `ResolveBind`
 //! asks it of the asker, twice. The command line may change on `exec()`, so it is re-read after
 //! [`INFO_TTL`]; the identity (pid + start time) never changes while the pidfd says alive.
 

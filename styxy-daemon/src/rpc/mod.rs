@@ -64,9 +64,9 @@ impl BrokerService {
 }
 
 /// Runs the short blocking work of a request (a filtered sock_diag query, a few `/proc` reads) in
-/// place. Measured: handing it to `block_in_place` cost more (a worker hand-off, ~80 µs per call on
-/// this machine) than the work itself; a rare long `/proc` scan only delays this worker's other
-/// tasks, which the other workers steal.
+/// place: handing it to `block_in_place` or a blocking pool cost more (a thread hand-off per call,
+/// seen in `cargo xtask bench broker`) than the work itself. A rare long `/proc` scan delays only
+/// the other connections of the server thread it runs on.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
