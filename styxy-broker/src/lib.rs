@@ -12,6 +12,7 @@ mod portset;
 pub mod ranges;
 #[cfg(test)]
 mod tests;
+mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -19,6 +20,7 @@ use portset::PortSet;
 
 pub use model::*;
 pub use ranges::{PortRange, ServiceRanges, ServiceType};
+pub use view::ViewEntry;
 
 /// Lease lifetimes the daemon applies when a caller does not give one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -529,6 +531,7 @@ impl Broker {
 
     fn remove_socket(&mut self, cookie: u64, effects: &mut Effects) {
         if let Some(held) = self.remove_socket_quietly(cookie) {
+            self.end_view_entry_of(&held, effects);
             effects.notices.push(Notice::Released(held));
         }
     }
@@ -594,6 +597,7 @@ impl Broker {
             expires_ms: ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
             claim: false,
             requested_port: None,
+            protocol: None,
         };
         let mut effects = Effects::default();
         effects.lease_put(&lease);
@@ -837,6 +841,7 @@ impl Broker {
             expires_ms: Some(now_ms.saturating_add(self.settings.claim_ttl_ms)),
             claim: true,
             requested_port: requested,
+            protocol: Some(req.protocol),
         }
     }
 

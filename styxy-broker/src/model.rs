@@ -74,6 +74,10 @@ pub struct Lease {
     /// For a claim made by a move: the port the process asked for, so a second bind of that port by the same
     /// process (IPv4 then IPv6) moves to the same new port.
     pub requested_port: Option<u16>,
+    /// For a claim: the protocol of the bind it was taken for (`None` for an `Allocate` lease, and
+    /// for claims saved before protocols were recorded).
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
 }
 
 /// A named group of processes (an agent session, or `ldpreload-<pid>`).

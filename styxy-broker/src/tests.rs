@@ -765,3 +765,131 @@ fn a_socket_bound_on_a_claimed_port_carries_the_claims_instance() {
     // Another process on a port nobody claimed belongs to no session.
     assert_eq!(b.observe(6006, None).holders[0].instance_id, None);
 }
+
+// ---- session views -------------------------------------------------------------------------------------
+
+fn session_bind(p: u32, port: u16, protocol: Protocol, instance: &str) -> BindRequest {
+    BindRequest {
+        protocol,
+        instance_id: Some(instance.into()),
+        ..bind_req(p, port)
+    }
+}
+
+fn bound_by(cookie: u64, port: u16, p: u32, protocol: Protocol) -> PortEvent {
+    PortEvent::Bound(BoundSocket {
+        protocol,
+        ..socket(
+            cookie,
+            port,
+            Some(proc_info(p, "python3", "python3 -m http.server")),
+        )
+    })
+}
+
+#[test]
+fn a_moved_bind_of_a_session_enters_its_view_until_the_moved_socket_is_released() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    let (moved, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert!(matches!(moved, BindDecision::Reassign { port: 8001, .. }));
+    let entry = ViewEntry {
+        instance_id: "B".into(),
+        protocol: Protocol::Tcp,
+        asked: 8000,
+        bound: 8001,
+        pid: 40,
+    };
+    assert_eq!(b.views(), vec![entry.clone()], "from the move on");
+    assert_eq!(b.view_of("B"), vec![entry.clone()]);
+    assert!(b.view_of("A").is_empty(), "other sessions see nothing");
+
+    // Bound over IPv4 and IPv6: releasing one keeps the entry, releasing both ends it.
+    b.apply(bound_by(2, 8001, 40, Protocol::Tcp), 3);
+    b.apply(
+        PortEvent::Bound(BoundSocket {
+            family: Family::Inet6,
+            ..socket(3, 8001, Some(proc_info(40, "python3", "python3")))
+        }),
+        3,
+    );
+    b.apply(PortEvent::Released { cookie: 2 }, 4);
+    assert_eq!(b.views(), vec![entry], "one socket of the server remains");
+    let effects = b.apply(PortEvent::Released { cookie: 3 }, 5);
+    assert!(b.views().is_empty(), "the moved server is gone");
+    assert!(
+        effects
+            .changes
+            .iter()
+            .any(|c| matches!(c, StateChange::RemoveLease { .. })),
+        "the claim's end is persisted: {effects:?}"
+    );
+    assert!(b.leases().next().is_none());
+}
+
+#[test]
+fn a_view_entry_ends_with_its_process_and_needs_an_instance_and_a_move() {
+    let mut b = broker();
+    let mut procs = Procs {
+        alive: [pid(40), pid(41), pid(42)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    // No instance: moved, but no session to see it.
+    b.resolve_bind(&bind_req(41, 8000), &procs, 2).unwrap();
+    // A kept bind of a session is no view entry either.
+    b.resolve_bind(&session_bind(42, 8050, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert!(b.views().is_empty(), "{:?}", b.views());
+
+    b.apply(bound_by(5, 8000, 30, Protocol::Udp), 3);
+    b.resolve_bind(&session_bind(40, 8000, Protocol::Udp, "B"), &procs, 3)
+        .unwrap();
+    assert_eq!(b.views().len(), 1);
+    assert_eq!(
+        b.views()[0].protocol,
+        Protocol::Udp,
+        "only the moved protocol"
+    );
+    procs.alive.remove(&pid(40));
+    b.expire(4, &procs);
+    assert!(b.views().is_empty(), "the moved process died");
+}
+
+#[test]
+fn when_a_session_moved_two_servers_off_one_port_the_newest_is_in_its_view() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40), pid(41)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    b.resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    b.resolve_bind(&session_bind(41, 8000, Protocol::Tcp, "B"), &procs, 3)
+        .unwrap();
+    let views = b.views();
+    assert_eq!(views.len(), 1, "{views:?}");
+    assert_eq!((views[0].pid, views[0].bound), (41, 8002));
+}
+
+#[test]
+fn claims_saved_without_a_protocol_still_load() {
+    let old = r#"{"id":"lease-1","port":8001,"service_type":"api","owner_uid":0,"process":{"pid":4,"start_time":9},
+                  "instance_id":"B","created_ms":1,"expires_ms":null,"claim":true,"requested_port":8000}"#;
+    let lease: Lease = serde_json::from_str(old).expect("an old claim parses");
+    assert_eq!(lease.protocol, None);
+    let b = Broker::restore(
+        ServiceRanges::default(),
+        LeaseSettings::default(),
+        [lease],
+        [],
+    );
+    assert!(b.views().is_empty(), "no protocol, no redirect");
+}

@@ -77,6 +77,13 @@ pub struct Engine {
     port_counts: OnceLock<Box<dyn PortCounts>>,
 }
 
+/// Everything `ListPorts` answers.
+pub struct PortList {
+    pub holders: Vec<styxy_broker::Held>,
+    pub leases: Vec<Lease>,
+    pub views: Vec<styxy_broker::ViewEntry>,
+}
+
 /// A snapshot of counters for `Status`.
 #[derive(Clone, Debug)]
 pub struct StatusReport {
@@ -385,9 +392,14 @@ impl Engine {
         lock(&self.broker).ranges().move_range(port).service_type
     }
 
-    pub fn list(&self) -> (Vec<styxy_broker::Held>, Vec<Lease>) {
+    /// Every socket, lease and session view entry, as one consistent reading.
+    pub fn list(&self) -> PortList {
         let broker = lock(&self.broker);
-        (broker.holders(), broker.leases().cloned().collect())
+        PortList {
+            holders: broker.holders(),
+            leases: broker.leases().cloned().collect(),
+            views: broker.views(),
+        }
     }
 
     pub async fn allocate(&self, req: AllocateRequest) -> Result<Lease, EngineError> {

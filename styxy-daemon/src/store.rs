@@ -533,6 +533,7 @@ mod tests {
             expires_ms: None,
             claim: false,
             requested_port: None,
+            protocol: None,
         }
     }
 

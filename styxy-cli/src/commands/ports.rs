@@ -1,4 +1,6 @@
-//! `styxy ports`: every bound port and lease, or one agent session's (`--instance`).
+//! `styxy ports`: every bound port, lease and session view entry, or one agent session's
+//! (`--instance`). A view entry reads `8000 → 8001`: inside that session, the asked port reaches
+//! the server that was moved to the bound one.
 
 use anyhow::Result;
 use styxy_proto::v1 as pb;
@@ -18,6 +20,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if let Some(instance) = &args.instance {
         r.holders.retain(|h| &h.instance_id == instance);
         r.leases.retain(|l| &l.instance_id == instance);
+        r.views.retain(|v| &v.instance_id == instance);
     }
     if as_json {
         return print_json(&r);
@@ -27,7 +30,24 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         println!();
         print_leases(&r.leases);
     }
+    if !r.views.is_empty() {
+        println!();
+        print_views(&r.views);
+    }
     Ok(())
+}
+
+fn print_views(views: &[pb::ViewEntry]) {
+    let mut t = table(&["INSTANCE", "PROTO", "VIEW", "PID"]);
+    for v in views {
+        t.add_row([
+            v.instance_id.clone(),
+            protocol_name(v.protocol).to_string(),
+            format!("{} → {}", v.asked_port, v.bound_port),
+            pid_cell(v.pid),
+        ]);
+    }
+    print_table(&t);
 }
 
 fn print_holders(holders: &[pb::Holder]) {

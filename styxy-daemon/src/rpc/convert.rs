@@ -7,7 +7,7 @@ use tonic::Status;
 use crate::engine::EngineError;
 use styxy_broker::ranges::is_valid_type_name;
 use styxy_broker::BrokerError;
-use styxy_broker::{AuditRecord, Held, Lease, Notice, Protocol};
+use styxy_broker::{AuditRecord, Held, Lease, Notice, Protocol, ViewEntry};
 use styxy_proto::v1 as pb;
 
 pub const MAX_SUGGEST: u32 = 1000;
@@ -140,6 +140,16 @@ pub fn lease(l: &Lease) -> pb::Lease {
     }
 }
 
+pub fn view_entry(v: &ViewEntry) -> pb::ViewEntry {
+    pb::ViewEntry {
+        instance_id: v.instance_id.clone(),
+        protocol: pb::Protocol::from(v.protocol) as i32,
+        asked_port: u32::from(v.asked),
+        bound_port: u32::from(v.bound),
+        pid: v.pid,
+    }
+}
+
 pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
     pb::AuditEntry {
         at_ms: r.at_ms,
@@ -170,6 +180,7 @@ fn socket_event(kind: pb::EventKind, held: &Held) -> pb::PortEvent {
         lease_id: String::new(),
         family: pb::Family::from(s.family) as i32,
         address: s.address.to_string(),
+        instance_id: held.instance_id.clone().unwrap_or_default(),
     }
 }
 
@@ -177,10 +188,13 @@ fn lease_event(kind: pb::EventKind, l: &Lease, at_ms: u64) -> pb::PortEvent {
     pb::PortEvent {
         kind: kind as i32,
         port: u32::from(l.port),
+        protocol: l.protocol.map_or(0, |p| pb::Protocol::from(p) as i32),
         pid: l.process.map_or(0, |p| p.pid),
         service_type: l.service_type.clone(),
+        requested_port: l.requested_port.map_or(0, u32::from),
         at_ms,
         lease_id: l.id.clone(),
+        instance_id: l.instance_id.clone().unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -202,6 +216,7 @@ pub fn event(notice: &Notice, now_ms: u64) -> pb::PortEvent {
             service_type: r.service_type.clone(),
             requested_port: u32::from(r.requested_port),
             at_ms: r.at_ms,
+            instance_id: r.instance_id.clone().unwrap_or_default(),
             ..Default::default()
         },
         Notice::Leased(l) => lease_event(pb::EventKind::Leased, l, l.created_ms),

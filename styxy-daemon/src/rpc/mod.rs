@@ -177,10 +177,11 @@ impl PortBroker for BrokerService {
         &self,
         _: Request<pb::ListPortsRequest>,
     ) -> Result<Response<pb::ListPortsResponse>, Status> {
-        let (holders, leases) = self.engine.list();
+        let list = self.engine.list();
         Ok(Response::new(pb::ListPortsResponse {
-            holders: holders.iter().map(convert::holder).collect(),
-            leases: leases.iter().map(convert::lease).collect(),
+            holders: list.holders.iter().map(convert::holder).collect(),
+            leases: list.leases.iter().map(convert::lease).collect(),
+            views: list.views.iter().map(convert::view_entry).collect(),
         }))
     }
 

@@ -1,0 +1,94 @@
+//! Session views: what each agent session (instance) sees of the ports its processes were moved
+//! off. A moved bind is right for its server and wrong for everyone who calls it — the session's
+//! frontend, tests and `.env` still say the port it asked for — so, inside the session, loopback
+//! traffic to the asked port goes to the bound one; outside it nothing changes.
+//!
+//! The view is derived, never stored on its own: an entry is a move's claim (taken by
+//! `ResolveBind` for a process of an instance, with the port it asked for) that still stands. It
+//! appears with the move, and ends when the moved socket is released or its process dies (the
+//! claim's end). The enforcers (the shim, later the kernel programs) read it from what the daemon
+//! publishes; here it is plain data.
+
+use std::collections::BTreeMap;
+
+use crate::{Broker, Effects, Held, Protocol};
+
+/// One moved port of a session: inside it, `(protocol, asked)` on loopback means `bound`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ViewEntry {
+    /// The session (`STYXY_INSTANCE`) whose process was moved.
+    pub instance_id: String,
+    /// TCP or UDP: only traffic of this protocol is redirected.
+    pub protocol: Protocol,
+    /// The port the process asked for (and the session's clients still use).
+    pub asked: u16,
+    /// The port it was moved to and bound.
+    pub bound: u16,
+    /// The moved process.
+    pub pid: u32,
+}
+
+impl Broker {
+    /// Every session's view, ordered by (instance, protocol, asked port). When one session moved
+    /// two servers off the same port, the newest move is the one its clients reach.
+    pub fn views(&self) -> Vec<ViewEntry> {
+        let mut newest: BTreeMap<(&str, Protocol, u16), (u64, &str, ViewEntry)> = BTreeMap::new();
+        for lease in self.leases() {
+            let (Some(instance), Some(asked), Some(protocol), Some(process)) = (
+                lease.instance_id.as_deref(),
+                lease.requested_port,
+                lease.protocol,
+                lease.process,
+            ) else {
+                continue;
+            };
+            if !lease.claim {
+                continue;
+            }
+            let entry = ViewEntry {
+                instance_id: instance.to_string(),
+                protocol,
+                asked,
+                bound: lease.port,
+                pid: process.pid,
+            };
+            let rank = (lease.created_ms, lease.id.as_str());
+            let key = (instance, protocol, asked);
+            if newest.get(&key).is_none_or(|(at, id, _)| (*at, *id) < rank) {
+                newest.insert(key, (rank.0, rank.1, entry));
+            }
+        }
+        newest.into_values().map(|(_, _, entry)| entry).collect()
+    }
+
+    /// One session's view.
+    pub fn view_of(&self, instance_id: &str) -> Vec<ViewEntry> {
+        let mut all = self.views();
+        all.retain(|e| e.instance_id == instance_id);
+        all
+    }
+
+    /// Ends the view entry of a moved socket that was just released: the move's claim goes once
+    /// its process holds no other socket on the port (IPv4 and IPv6 of one server share it). A
+    /// claim whose process never bound yet lapses by its TTL instead.
+    pub(crate) fn end_view_entry_of(&mut self, released: &Held, effects: &mut Effects) {
+        let Some(owner) = released.socket.owner.as_ref().map(|o| o.id) else {
+            return;
+        };
+        let port = released.socket.port;
+        let ends = self.leases.get(&port).is_some_and(|l| {
+            l.claim
+                && l.requested_port.is_some()
+                && l.process == Some(owner)
+                && l.expires_ms.is_none()
+        });
+        let still_bound = self
+            .sockets_on(port, None)
+            .any(|h| h.socket.owner.as_ref().map(|o| o.id) == Some(owner));
+        if ends && !still_bound {
+            if let Some(lease) = self.take_lease(port) {
+                effects.lease_removed(lease);
+            }
+        }
+    }
+}
