@@ -17,11 +17,13 @@ fi
 command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after pip install"; exit 1; }
 log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker"
 
-# Tools the end-to-end tests run: systemd-analyze (unit check) and node (a real server).
+# Tools the end-to-end tests run: systemd-analyze (unit check), node (a real server and client) and
+# curl (a real client).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   tools=()
   command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
   command -v node >/dev/null 2>&1 || tools+=(nodejs)
+  command -v curl >/dev/null 2>&1 || tools+=(curl)
   if [ ${#tools[@]} -gt 0 ]; then
     log "apt-get install ${tools[*]}"
     apt-get update -qq

@@ -328,7 +328,7 @@ impl Broker {
     }
 
     /// Whether anything holds `port`: a socket of any protocol, or a lease.
-    fn is_taken(&self, port: u16) -> bool {
+    pub fn is_taken(&self, port: u16) -> bool {
         self.taken.contains(port)
     }
 
@@ -878,13 +878,15 @@ impl Broker {
     }
 }
 
-/// The instance of the lease on the socket's port held for the socket's own process, if any.
+/// The agent session of a socket: the instance of the claim its process took for the port, else
+/// the one in its process's environment (a bind the shim made without asking), if any.
 fn claimed_for_instance(leases: &BTreeMap<u16, Lease>, socket: &BoundSocket) -> Option<String> {
-    let owner = socket.owner.as_ref()?.id;
+    let owner = socket.owner.as_ref()?;
     leases
         .get(&socket.port)
-        .filter(|l| l.process == Some(owner))
+        .filter(|l| l.process == Some(owner.id))
         .and_then(|l| l.instance_id.clone())
+        .or_else(|| owner.instance_id.clone())
 }
 
 fn infer_type(

@@ -27,6 +27,8 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Its command line, arguments joined by spaces.
     pub cmdline: String,
+    /// The agent session it was started in (`STYXY_INSTANCE` in its environment), if any.
+    pub instance_id: Option<String>,
 }
 
 /// A socket bound in the kernel, as an observer saw it.

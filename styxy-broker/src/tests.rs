@@ -39,6 +39,7 @@ fn proc_info(p: u32, comm: &str, cmdline: &str) -> ProcessInfo {
         id: pid(p),
         comm: comm.into(),
         cmdline: cmdline.into(),
+        instance_id: None,
     }
 }
 
@@ -892,4 +893,18 @@ fn claims_saved_without_a_protocol_still_load() {
         [],
     );
     assert!(b.views().is_empty(), "no protocol, no redirect");
+}
+
+#[test]
+fn a_socket_bound_without_asking_carries_the_session_of_its_process() {
+    let mut b = broker();
+    let owner = ProcessInfo {
+        instance_id: Some("session-b".into()),
+        ..proc_info(40, "python3", "python3 -m http.server")
+    };
+    b.apply(PortEvent::Bound(socket(1, 8050, Some(owner))), 1);
+    assert_eq!(
+        b.observe(8050, None).holders[0].instance_id.as_deref(),
+        Some("session-b")
+    );
 }

@@ -42,6 +42,10 @@ var!(
     DISABLE = "STYXY_DISABLE"
 );
 var!(
+    /// `off`: the shim redirects no connection through the session's view.
+    VIEW = "STYXY_VIEW"
+);
+var!(
     /// Where the shim writes its notice: `stderr` (default), `stdout` or `off`.
     NOTIFY = "STYXY_NOTIFY"
 );

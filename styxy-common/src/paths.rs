@@ -1,8 +1,10 @@
 //! Default locations that every Styxy component must agree on (daemon, CLI, shim client), and where
 //! an installed or built Styxy file is looked for.
 
+#[cfg(feature = "std")]
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "std")]
 use crate::env;
 
 /// The system daemon's socket (the systemd unit's, and the default as root).
@@ -15,24 +17,28 @@ pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
 pub const EBPF_OBJECT: &str = "styxy-ebpf.o";
 
 /// Whether this process runs as root (effective uid 0).
+#[cfg(feature = "std")]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// A directory named by an environment variable, when it is set and not empty.
+#[cfg(feature = "std")]
 fn env_dir(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
 
+#[cfg(feature = "std")]
 fn home() -> PathBuf {
     env_dir("HOME").unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
 /// Where a daemon listens by default: [`SYSTEM_SOCKET`] as root, `$XDG_RUNTIME_DIR/styxy/styxy.sock`
 /// otherwise (`/tmp/styxy-UID/styxy/styxy.sock` when `XDG_RUNTIME_DIR` is unset).
+#[cfg(feature = "std")]
 pub fn default_socket() -> PathBuf {
     if is_root() {
         return PathBuf::from(SYSTEM_SOCKET);
@@ -47,10 +53,12 @@ pub fn default_socket() -> PathBuf {
 /// Where a client (the CLI, the shim) looks for the daemon when not told: the user's own daemon
 /// ([`default_socket`]) if its socket exists, else the system daemon's if that exists, else the
 /// user's path (which then names what is missing in the error).
+#[cfg(feature = "std")]
 pub fn find_socket() -> PathBuf {
     pick_socket(default_socket(), Path::new(SYSTEM_SOCKET))
 }
 
+#[cfg(feature = "std")]
 fn pick_socket(own: PathBuf, system: &Path) -> PathBuf {
     if !own.exists() && system.exists() {
         return system.to_path_buf();
@@ -59,6 +67,7 @@ fn pick_socket(own: PathBuf, system: &Path) -> PathBuf {
 }
 
 /// `/var/lib/styxy` as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.
+#[cfg(feature = "std")]
 pub fn default_state_dir() -> PathBuf {
     if is_root() {
         return PathBuf::from("/var/lib/styxy");
@@ -69,6 +78,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// `/etc/styxy/config.toml` as root, `$XDG_CONFIG_HOME/styxy/config.toml` otherwise; used when it exists.
+#[cfg(feature = "std")]
 pub fn default_config() -> PathBuf {
     if is_root() {
         return PathBuf::from("/etc/styxy/config.toml");
@@ -81,6 +91,7 @@ pub fn default_config() -> PathBuf {
 /// Where an installed or built Styxy file (`name`) may be, in order: `$env_var` when set, next to
 /// the running binary (a cargo build), the cargo target directory above it, `<prefix>/lib/styxy/`
 /// for a binary in `<prefix>/bin/`, then `/usr/local` and `/usr`.
+#[cfg(feature = "std")]
 pub fn artifact_candidates(env_var: env::Var, name: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     if let Some(path) = env_dir(env_var.name) {
@@ -102,7 +113,7 @@ pub fn artifact_candidates(env_var: env::Var, name: &str) -> Vec<PathBuf> {
     found
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
 

@@ -80,14 +80,17 @@ impl BindAnswer {
         &self.holder_name[..end]
     }
 
-    /// Store `name`, cut to fit (on a UTF-8 boundary) and NUL-terminated.
+    /// Store `name`, cut to fit (on a UTF-8 boundary) and NUL-terminated. Panic-free (no
+    /// slicing): this crate is linked into the shim, which must contain no reachable panic.
     pub fn set_holder_name(&mut self, name: &str) {
         let mut end = name.len().min(HOLDER_NAME_LEN - 1);
         while !name.is_char_boundary(end) {
             end -= 1;
         }
         self.holder_name = [0; HOLDER_NAME_LEN];
-        self.holder_name[..end].copy_from_slice(&name.as_bytes()[..end]);
+        for (slot, byte) in self.holder_name.iter_mut().zip(name.bytes().take(end)) {
+            *slot = byte;
+        }
     }
 }
 

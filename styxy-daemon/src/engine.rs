@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
 use crate::store::{Store, Ticket};
+use crate::table::PublishedTable;
 use styxy_broker::{
     AllocateRequest, AuditRecord, BindDecision, BindRequest, BoundSocket, Broker, BrokerError,
     Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
@@ -75,6 +76,10 @@ pub struct Engine {
     observer_delays: Mutex<DelayWindow>,
     /// The kernel's per-port counts, when an eBPF observer keeps them for the whole machine.
     port_counts: OnceLock<Box<dyn PortCounts>>,
+    /// The session table the shims map, once published.
+    table: OnceLock<PublishedTable>,
+    /// `ResolveBind` calls answered: what the shim's fast path saves shows here.
+    resolve_bind_calls: AtomicU64,
 }
 
 /// Everything `ListPorts` answers.
@@ -94,6 +99,7 @@ pub struct StatusReport {
     pub instances: usize,
     pub dropped_events: u64,
     pub observed_events: u64,
+    pub resolve_bind_calls: u64,
     pub reassignments: u64,
     pub state_dir: PathBuf,
     pub endpoints: Endpoints,
@@ -165,6 +171,8 @@ impl Engine {
             observed_events: AtomicU64::new(0),
             observer_delays: Mutex::new(DelayWindow::default()),
             port_counts: OnceLock::new(),
+            table: OnceLock::new(),
+            resolve_bind_calls: AtomicU64::new(0),
         }
     }
 
@@ -189,6 +197,10 @@ impl Engine {
         let (value, effects, ticket) = {
             let mut broker = lock(&self.broker);
             let (value, effects) = decide(&mut broker);
+            // Published before the answer leaves: a shim that binds next sees the claim.
+            if let Some(table) = self.table.get() {
+                table.publish(&broker, &effects);
+            }
             let audit: Vec<AuditRecord> = effects
                 .notices
                 .iter()
@@ -216,6 +228,20 @@ impl Engine {
 
     fn commit_effects(&self, decide: impl FnOnce(&mut Broker) -> Effects) -> Ticket {
         self.commit(|b| ((), decide(b))).1
+    }
+
+    /// Publishes the session table from now on, starting with everything the broker knows.
+    pub fn publish_table(&self, table: PublishedTable) {
+        let broker = lock(&self.broker);
+        table.publish_all(&broker);
+        let _ = self.table.set(table);
+    }
+
+    /// Marks the session table stopped and removes it (on the way out).
+    pub fn close_table(&self) {
+        if let Some(table) = self.table.get() {
+            table.close();
+        }
     }
 
     /// Point checks answer "nothing bound" from the kernel's per-port counts from now on.
@@ -444,6 +470,7 @@ impl Engine {
     /// The shim's question. Not made to wait for the disk: a claim is short-lived and tied to a process that
     /// is about to bind; were the daemon to die first, the observer sees the bind after restart anyway.
     pub fn resolve_bind(&self, req: &BindRequest) -> Result<BindDecision, BrokerError> {
+        self.resolve_bind_calls.fetch_add(1, Ordering::Relaxed);
         self.refresh(Scope::Port {
             port: req.port,
             protocol: Some(req.protocol),
@@ -497,6 +524,7 @@ impl Engine {
             instances: broker.instance_count(),
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
             observed_events: self.observed_events.load(Ordering::Relaxed),
+            resolve_bind_calls: self.resolve_bind_calls.load(Ordering::Relaxed),
             reassignments: broker.reassignments(),
             state_dir: self.store.dir().to_path_buf(),
             endpoints: lock(&self.endpoints).clone(),

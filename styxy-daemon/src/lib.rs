@@ -4,13 +4,15 @@
 //! - `daemon` wires everything together and runs until its shutdown future completes ([`run`]);
 //! - `observe` watches the kernel's sockets (eBPF, or the socket tables) and reads `/proc`;
 //! - `engine` does the I/O around each broker decision; `rpc` serves `styxy.v1`;
-//! - `store` persists leases, instances and the audit log.
+//! - `store` persists leases, instances and the audit log;
+//! - `table` publishes the session table the shim maps (taken ports, session views).
 
 mod daemon;
 mod engine;
 mod observe;
 mod rpc;
 mod store;
+mod table;
 
 pub use daemon::{run, ObserverChoice, Options};
 pub use observe::ebpf::find_object as find_ebpf_object;

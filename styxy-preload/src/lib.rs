@@ -1,10 +1,15 @@
-//! `libstyxy_preload.so`: an `LD_PRELOAD` shim around `bind()`.
+//! `libstyxy_preload.so`: an `LD_PRELOAD` shim around `bind()`, and the session's view.
 //!
 //! For an AF_INET/AF_INET6 TCP or UDP bind of a non-zero port (not set up to share it: SO_REUSEPORT,
-//! or SO_REUSEADDR on UDP), it asks the Styxy daemon whether the
-//! port is free for this process (`ResolveBind`, tight deadline). KEEP → bind as asked; REASSIGN →
-//! bind the port the daemon picked and print one `✓ STYXY:` line. Everything else, and every bind
-//! while the daemon is unreachable, goes straight to the real `bind()` (fail-open).
+//! or SO_REUSEADDR on UDP), it looks the port up in the session table the daemon publishes
+//! ([`table`]): a port nobody holds is bound straight away, with no call to the daemon. For a port
+//! the table shows taken, or one the kernel refused with EADDRINUSE, it asks the daemon
+//! (`ResolveBind`, tight deadline). KEEP → bind as asked; REASSIGN → bind the port the daemon
+//! picked and print one `✓ STYXY:` line. Everything else, and every bind while the daemon is
+//! unreachable, goes straight to the real `bind()` (fail-open).
+//!
+//! [`redirect`] applies the session's view to loopback traffic: inside the session, a port it was
+//! moved off reaches the moved server.
 //!
 //! This library is loaded into every process of an agent's session, so it stays tiny: `no_std`,
 //! no allocation, libc alone (not even libgcc_s: it is built with panic = "abort"). The gRPC client
@@ -15,6 +20,9 @@
 //! (see [`on_panic`]); `errno` is what the real `bind()` left; re-entry is guarded; and all shared
 //! state is atomics so a `fork()` cannot leave a lock held.
 #![cfg_attr(not(test), no_std)]
+
+mod redirect;
+mod table;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -252,17 +260,14 @@ impl Bind {
             // Intended sharing (a worker pool, an mDNS/SSDP listener): never moved.
             return self.as_asked();
         }
-        let mut query = BindQuery {
-            // SAFETY: getpid has no preconditions.
-            pid: unsafe { libc::getpid() } as u32,
-            port: self.target.port,
-            protocol,
-            family: self.target.family,
-            timeout_ms: timeout_ms(),
-            socket_path: getenv(env::SOCKET.c_name),
-            instance_id: getenv(env::INSTANCE.c_name),
-        };
+        // The session table shows the port free: bind it, and ask only if the kernel says it is
+        // taken after all (a bind the table could not see yet). A port this process moved
+        // before must follow that move, so it is always asked about.
+        let table_says_free = table::current().is_some_and(|t| !t.is_taken(self.target.port))
+            && !moved_before(self.target.port);
+        let mut query = self.query(protocol);
         match failure {
+            _ if table_says_free => {}
             Some(Failure::Down) => return self.as_asked(),
             // This process moved this port before (its IPv4 socket, say): its other sockets for
             // the port must follow it, not stay where they were asked, so wait for the answer.
@@ -288,8 +293,9 @@ impl Bind {
                 Reply::Slow => remember_failure(Failure::Slow),
             },
         }
-        // The daemon is there but slow (a loaded machine): bind as asked, and only when that fails
-        // because the port is taken, wait longer for an answer. A late move beats a failed start.
+        // The port is free as far as the table knows, or the daemon is there but slow (a loaded
+        // machine): bind as asked, and only when that fails because the port is taken, ask (or
+        // wait longer for an answer). A late move beats a failed start.
         let first = self.as_asked();
         if first.rc == 0 || first.errno != libc::EADDRINUSE {
             return first;
@@ -297,7 +303,28 @@ impl Bind {
         query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
         match ask(&query) {
             Reply::Answer(answer) => self.follow(&query, answer).unwrap_or(first),
-            Reply::Down | Reply::Slow => first,
+            Reply::Down => {
+                remember_failure(Failure::Down);
+                first
+            }
+            Reply::Slow => {
+                remember_failure(Failure::Slow);
+                first
+            }
+        }
+    }
+
+    /// The question for the daemon about this bind.
+    fn query(&self, protocol: u8) -> BindQuery {
+        BindQuery {
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() } as u32,
+            port: self.target.port,
+            protocol,
+            family: self.target.family,
+            timeout_ms: timeout_ms(),
+            socket_path: getenv(env::SOCKET.c_name),
+            instance_id: getenv(env::INSTANCE.c_name),
         }
     }
 
@@ -380,11 +407,11 @@ unsafe fn bind_moved(
 }
 
 /// Where the port is in both sockaddr_in and sockaddr_in6: the two bytes right after the family.
-const PORT_OFFSET: usize = core::mem::offset_of!(libc::sockaddr_in, sin_port);
+pub(crate) const PORT_OFFSET: usize = core::mem::offset_of!(libc::sockaddr_in, sin_port);
 const _: () = assert!(PORT_OFFSET == core::mem::offset_of!(libc::sockaddr_in6, sin6_port));
 
 /// TCP or UDP from the socket's type; `None` for raw, SCTP-style or unknown sockets.
-fn socket_protocol(fd: c_int) -> Option<u8> {
+pub(crate) fn socket_protocol(fd: c_int) -> Option<u8> {
     match getsockopt_int(fd, libc::SO_TYPE)? {
         libc::SOCK_STREAM => Some(IPPROTO_TCP),
         libc::SOCK_DGRAM => Some(IPPROTO_UDP),
@@ -559,7 +586,7 @@ enum Failure {
 /// `(monotonic ms + 1) << 1 | slow` of the last failure to get an answer (0: none).
 static LAST_FAILURE: AtomicU64 = AtomicU64::new(0);
 
-fn monotonic_ms() -> u64 {
+pub(crate) fn monotonic_ms() -> u64 {
     // SAFETY: timespec is plain data; clock_gettime writes it.
     let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
     // SAFETY: CLOCK_MONOTONIC is always available; ts is valid for writes.
@@ -683,12 +710,12 @@ fn notice_line(requested: u16, answer: &BindAnswer) -> StackBuf<NOTICE_ROOM> {
 
 // ---- small helpers over libc ----
 
-fn errno() -> c_int {
+pub(crate) fn errno() -> c_int {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() }
 }
 
-fn set_errno(value: c_int) {
+pub(crate) fn set_errno(value: c_int) {
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = value }
 }
@@ -699,7 +726,7 @@ fn getenv(name: &CStr) -> *const c_char {
     unsafe { libc::getenv(name.as_ptr()) }
 }
 
-fn env_str(name: &CStr) -> Option<&'static [u8]> {
+pub(crate) fn env_str(name: &CStr) -> Option<&'static [u8]> {
     let value = getenv(name);
     // SAFETY: getenv returns null or a NUL-terminated string that lives as long as the environment.
     (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_bytes())

@@ -98,3 +98,342 @@ async fn a_moved_server_is_in_its_sessions_view_until_it_stops() -> Result<()> {
     );
     Ok(())
 }
+
+/// `python3 -m http.server PORT --directory DIR` serving a `whoami.txt` that says `name`.
+fn marked_server(
+    daemon: &Daemon,
+    instance: Option<&str>,
+    port: u16,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<Spawned> {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("whoami.txt"), name)?;
+    let mut command = Command::new(styxy_bin());
+    command.arg("--socket").arg(&daemon.socket).arg("run");
+    if let Some(instance) = instance {
+        command.args(["--instance", instance]);
+    }
+    command
+        .args([
+            "--",
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&root);
+    Spawned::start(&mut command)
+}
+
+/// Runs `program args…` under `styxy run` (in `instance`, when given) and returns its stdout.
+fn in_session(
+    daemon: &Daemon,
+    instance: Option<&str>,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<String> {
+    let mut command = Command::new(styxy_bin());
+    command.arg("--socket").arg(&daemon.socket).arg("run");
+    if let Some(instance) = instance {
+        command.args(["--instance", instance]);
+    }
+    command
+        .args(["--", program])
+        .args(args)
+        .envs(env.iter().copied());
+    let out = command.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn curl(daemon: &Daemon, instance: Option<&str>, host: &str, port: u16) -> Result<String> {
+    in_session(
+        daemon,
+        instance,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{host}:{port}/whoami.txt"),
+        ],
+        &[],
+    )
+}
+
+/// A second session's server on a port the first holds moves; inside the second session the asked
+/// port reaches it (curl over 127.0.0.1 and localhost, node's fetch), everywhere else the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_session_the_asked_port_reaches_the_sessions_own_moved_server() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 120;
+    let mut a = marked_server(&daemon, Some("session-a"), asked, "A", dir.path())?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = marked_server(&daemon, Some("session-b"), asked, "B", dir.path())?;
+    let moved = notice_port(&b.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
+    styxy_tests::wait_for_listener(moved)?;
+    assert_eq!(
+        curl(&daemon, None, "127.0.0.1", moved)?,
+        "B",
+        "the real port, from anywhere"
+    );
+
+    eventually(10, "session-b's view in the table", || async {
+        (curl(&daemon, Some("session-b"), "127.0.0.1", asked).ok()? == "B").then_some(())
+    })
+    .await?;
+    assert_eq!(
+        curl(&daemon, Some("session-b"), "localhost", asked)?,
+        "B",
+        "localhost (::1 first, then 127.0.0.1)"
+    );
+    let fetch = format!(
+        "fetch('http://localhost:{asked}/whoami.txt').then(r => r.text()).then(t => console.log(t))"
+    );
+    assert_eq!(
+        in_session(&daemon, Some("session-b"), "node", &["-e", &fetch], &[])?,
+        "B",
+        "node's fetch"
+    );
+    assert_eq!(
+        curl(&daemon, Some("session-a"), "127.0.0.1", asked)?,
+        "A",
+        "the other session"
+    );
+    assert_eq!(curl(&daemon, None, "127.0.0.1", asked)?, "A", "no session");
+    assert_eq!(
+        in_session(
+            &daemon,
+            Some("session-b"),
+            "curl",
+            &["-sS", &format!("http://127.0.0.1:{asked}/whoami.txt")],
+            &[("STYXY_VIEW", "off")]
+        )?,
+        "A",
+        "STYXY_VIEW=off"
+    );
+
+    // Once B's server stops, its session reaches A's again.
+    drop(b);
+    eventually(10, "session-b's view ended", || async {
+        (curl(&daemon, Some("session-b"), "127.0.0.1", asked).ok()? == "A").then_some(())
+    })
+    .await?;
+    a.child.kill()?;
+    Ok(())
+}
+
+/// A UDP echo server, moved in session B; prints its port once bound.
+const UDP_ECHO: &str = "import socket, sys\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+print('bound', s.getsockname()[1], flush=True)\n\
+while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n";
+
+/// A UDP client: connect+send, then sendto/recvfrom; prints what came back and from which port,
+/// and the connected socket's peer port.
+const UDP_CLIENT: &str = "import socket, sys\n\
+port = int(sys.argv[1])\n\
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+c.settimeout(5)\n\
+c.connect(('127.0.0.1', port))\n\
+c.send(b'connected')\n\
+print(c.recv(2048).decode(), c.getpeername()[1])\n\
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+u.settimeout(5)\n\
+u.sendto(b'unconnected', ('127.0.0.1', port))\n\
+data, peer = u.recvfrom(2048)\n\
+print(data.decode(), peer[1])\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_udp_client_in_the_session_reaches_its_moved_echo_server_and_sees_the_asked_port(
+) -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let asked = daemon.base + 130;
+    let holder = std::net::UdpSocket::bind(("127.0.0.1", asked))?;
+    let mut echo = Spawned::start(
+        Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "session-b",
+                "--",
+                "python3",
+                "-u",
+                "-c",
+                UDP_ECHO,
+                &asked.to_string(),
+            ]),
+    )?;
+    let line = echo.line_where(20, |l| l.starts_with("bound "))?;
+    let moved: u16 = line.trim_start_matches("bound ").trim().parse()?;
+    assert_ne!(moved, asked, "moved off the held port");
+    let replies = eventually(10, "the echo through the view", || async {
+        let out = in_session(
+            &daemon,
+            Some("session-b"),
+            "python3",
+            &["-c", UDP_CLIENT, &asked.to_string()],
+            &[],
+        )
+        .ok()?;
+        Some(out)
+    })
+    .await?;
+    let lines: Vec<&str> = replies.lines().collect();
+    assert_eq!(
+        lines,
+        vec![format!("connected {asked}"), format!("unconnected {asked}")],
+        "both sends reached the moved server, which looks like the asked port"
+    );
+    drop(holder);
+    Ok(())
+}
+
+/// A connected socket's peer reads as the asked port; a free explicit port is bound without a
+/// call to the daemon and still listed under its session.
+#[tokio::test(flavor = "multi_thread")]
+async fn getpeername_says_the_asked_port_and_a_free_bind_asks_no_one() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 140;
+    let _a = marked_server(&daemon, None, asked, "A", dir.path())?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = marked_server(&daemon, Some("session-b"), asked, "B", dir.path())?;
+    let moved = notice_port(&b.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
+    styxy_tests::wait_for_listener(moved)?;
+    let peer = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {asked}))\nprint(s.getpeername()[1])\n"
+    );
+    let seen = eventually(10, "the redirected connection", || async {
+        let port = in_session(&daemon, Some("session-b"), "python3", &["-c", &peer], &[]).ok()?;
+        (port == asked.to_string()).then_some(port)
+    })
+    .await?;
+    assert_eq!(seen, asked.to_string());
+
+    let calls_before = daemon.status().await?.resolve_bind_calls;
+    let free = daemon.base + 150;
+    let mut c = marked_server(&daemon, Some("session-c"), free, "C", dir.path())?;
+    styxy_tests::wait_for_listener(free)?;
+    let listed = eventually(10, "the free bind under its session", || async {
+        let out = daemon.cli(&["--json", "ports", "--instance", "session-c"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let holders = v["holders"].as_array()?.clone();
+        (!holders.is_empty()).then_some(holders)
+    })
+    .await?;
+    assert_eq!(listed[0]["port"], u32::from(free));
+    assert_eq!(listed[0]["pid"], c.child.id());
+    assert_eq!(
+        daemon.status().await?.resolve_bind_calls,
+        calls_before,
+        "the table showed the port free: no ResolveBind"
+    );
+    c.child.kill()?;
+    Ok(())
+}
+
+/// A lease is in the table: the fast path moves off another's lease like off any held port.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leased_port_is_never_bound_by_the_fast_path() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let leased = daemon.base + 160;
+    // Leased for another process (a lease tied to no process is its user's own to bind).
+    let mut owner = Command::new("sleep").arg("600").spawn()?;
+    let owner_pid = owner.id().to_string();
+    let port = leased.to_string();
+    let out = daemon.cli(&["allocate", "api", "--port", &port, "--pid", &owner_pid]);
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut server = marked_server(&daemon, Some("session-d"), leased, "D", dir.path())?;
+    let notice = server.line_where(20, |l| l.starts_with(NOTICE));
+    owner.kill()?;
+    owner.wait()?;
+    let moved = notice_port(&notice?).context("moved port")?;
+    assert_ne!(moved, leased);
+    Ok(())
+}
+
+/// Two sessions starting a server on one free port at once: distinct ports, and each session's
+/// clients reach their own server at the asked port.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sessions_racing_for_one_free_port_each_reach_their_own() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 170;
+    let mut x = marked_server(&daemon, Some("session-x"), asked, "X", dir.path())?;
+    let mut y = marked_server(&daemon, Some("session-y"), asked, "Y", dir.path())?;
+    let port_of = |s: &mut Spawned| -> Result<u16> {
+        let line = s.line_where(20, |l| {
+            l.starts_with("Serving HTTP") || l.starts_with(NOTICE)
+        })?;
+        Ok(if line.starts_with(NOTICE) {
+            notice_port(&line).context("port")?
+        } else {
+            asked
+        })
+    };
+    let (px, py) = (port_of(&mut x)?, port_of(&mut y)?);
+    assert_ne!(px, py, "distinct ports");
+    assert!(
+        px == asked || py == asked,
+        "one of them kept the asked port: {px} {py}"
+    );
+    for (instance, name) in [("session-x", "X"), ("session-y", "Y")] {
+        eventually(10, "each session reaches its own", || async {
+            (curl(&daemon, Some(instance), "127.0.0.1", asked).ok()? == name).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The daemon killed with `kill -9`: binds and connects go on as without the shim.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_daemon_killed_binds_and_connects_are_native() -> Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 180;
+    let _a = marked_server(&daemon, None, asked, "A", dir.path())?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = marked_server(&daemon, Some("session-b"), asked, "B", dir.path())?;
+    notice_port(&b.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
+    eventually(10, "the view in force", || async {
+        (curl(&daemon, Some("session-b"), "127.0.0.1", asked).ok()? == "B").then_some(())
+    })
+    .await?;
+    daemon.kill9()?;
+    assert_eq!(
+        curl(&daemon, Some("session-b"), "127.0.0.1", asked)?,
+        "A",
+        "no daemon, no redirect"
+    );
+    let free = daemon.base + 181;
+    let mut c = marked_server(&daemon, Some("session-b"), free, "C", dir.path())?;
+    styxy_tests::wait_for_listener(free)?;
+    let mut held = marked_server(&daemon, Some("session-b"), asked, "E", dir.path())?;
+    held.line_where(20, |l| l.contains("Address already in use"))
+        .context("a held port fails natively")?;
+    c.child.kill()?;
+    Ok(())
+}

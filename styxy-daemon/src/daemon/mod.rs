@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::engine::{Endpoints, Engine, AUDIT_KEEP};
 use crate::store::Store;
+use crate::table::PublishedTable;
 use styxy_broker::{Broker, LeaseSettings, ServiceRanges};
 
 /// Which observer to use.
@@ -95,6 +96,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
 
     // 4. The gRPC service on the Unix socket and on loopback TCP, with health and reflection.
     let listeners = serve::Listeners::bind(&opts).await?;
+    // 5. The session table the shims map (taken ports, session views), next to the socket: made
+    //    once the socket is ours, so a second daemon never replaces a running one's table.
+    engine.publish_table(PublishedTable::create(&opts.socket)?);
     engine.set_endpoints(Endpoints {
         socket_path: Some(opts.socket.clone()),
         tcp_listen: listeners.tcp_address(),
@@ -106,7 +110,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         engine.status().observer.kind
     ));
 
-    // 5. Until asked to stop, or a server failing.
+    // 6. Until asked to stop, or a server failing.
     let failure = tokio::select! {
         () = shutdown => None,
         Some(result) = servers.join_next() => Some(result),
@@ -121,6 +125,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
     }
     let _ = std::fs::remove_file(&opts.socket);
+    engine.close_table();
     store.close().await?;
     match failure {
         Some(Ok(Err(e))) => Err(e).context("the gRPC server failed"),

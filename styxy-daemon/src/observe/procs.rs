@@ -120,7 +120,20 @@ fn read_process_info(pid: u32) -> Option<ProcessInfo> {
         },
         comm: stat.comm,
         cmdline,
+        instance_id: session_of(&process),
     })
+}
+
+/// `STYXY_INSTANCE` in the process's environment (as it was at exec): the agent session its
+/// binds belong to when the shim did not ask the daemon. `None` when unset, unreadable (another
+/// user's process while not root) or not a valid id.
+fn session_of(process: &Process) -> Option<String> {
+    let environ = process.environ().ok()?;
+    let id = environ
+        .get(std::ffi::OsStr::new(styxy_common::env::INSTANCE.name))?
+        .to_str()?;
+    (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| id.to_string())
 }
 
 /// The uid a process runs as.

@@ -222,7 +222,7 @@ mod shim {
     use std::time::Instant;
 
     use anyhow::{bail, Context, Result};
-    use styxy_tests::{helper_bin, port_holder, shim_library};
+    use styxy_tests::{helper_bin, port_holder, shim_library, Daemon};
 
     const BINDS: usize = 2000;
     /// Alternated native/shim runs per case.
@@ -255,6 +255,17 @@ mod shim {
     /// of `BINDS / ROUNDS` binds each, so drift on a shared machine (another job, the daemon's
     /// observer catching up) hits both sides alike.
     fn compare_binds(port: u16, shim_env: &[(&str, OsString)]) -> Result<Compared> {
+        compare("bind-timer", port, port, shim_env)
+    }
+
+    /// `HELPER PORT COUNT` (bind-timer or connect-timer): natively on `native_port`, under the
+    /// shim with `shim_env` on `shim_port`, in alternated runs.
+    fn compare(
+        helper: &str,
+        native_port: u16,
+        shim_port: u16,
+        shim_env: &[(&str, OsString)],
+    ) -> Result<Compared> {
         let mut compared = Compared {
             native: Samples(Vec::with_capacity(BINDS)),
             native_failed: 0,
@@ -262,19 +273,23 @@ mod shim {
             shim_failed: 0,
         };
         for _ in 0..ROUNDS {
-            let (failed, samples) = time_binds(port, None)?;
+            let (failed, samples) = time_calls(helper, native_port, None)?;
             compared.native_failed += failed;
             compared.native.0.extend(samples.0);
-            let (failed, samples) = time_binds(port, Some(shim_env))?;
+            let (failed, samples) = time_calls(helper, shim_port, Some(shim_env))?;
             compared.shim_failed += failed;
             compared.shimmed.0.extend(samples.0);
         }
         Ok(compared)
     }
 
-    /// One run of `bind-timer PORT BINDS/ROUNDS`, with the shim and `env` when given.
-    fn time_binds(port: u16, shim_env: Option<&[(&str, OsString)]>) -> Result<(usize, Samples)> {
-        let mut command = Command::new(helper_bin("bind-timer"));
+    /// One run of `HELPER PORT BINDS/ROUNDS`, with the shim and `env` when given.
+    fn time_calls(
+        helper: &str,
+        port: u16,
+        shim_env: Option<&[(&str, OsString)]>,
+    ) -> Result<(usize, Samples)> {
+        let mut command = Command::new(helper_bin(helper));
         command.args([port.to_string(), (BINDS / ROUNDS).to_string()]);
         command.env_remove("LD_PRELOAD").env("STYXY_NOTIFY", "off");
         if let Some(env) = shim_env {
@@ -285,7 +300,7 @@ mod shim {
         let text = String::from_utf8_lossy(&out.stdout);
         let mut words = text.split_whitespace();
         if words.next() != Some("ok") {
-            bail!("bind-timer failed: {out:?}");
+            bail!("{helper} failed: {out:?}");
         }
         let failed = words.next().context("failed count")?.parse()?;
         let samples = words.map(str::parse).collect::<Result<Vec<u64>, _>>()?;
@@ -317,6 +332,55 @@ mod shim {
             }
         }
         Ok((Samples(native), Samples(shimmed)))
+    }
+
+    /// A TCP server that accepts and closes connections, in `python3`, under `styxy run` in
+    /// `session` when given (then it may be moved off `port`: `port` says where it listens).
+    struct AcceptLoop {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl Drop for AcceptLoop {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    const ACCEPT_LOOP: &str = "import socket, sys\n\
+        s = socket.socket()\n\
+        s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+        s.listen(4096)\n\
+        print(s.getsockname()[1], flush=True)\n\
+        while True:\n    c, _ = s.accept()\n    c.close()\n";
+
+    fn accept_loop(session: Option<&str>, port: u16, daemon: &Daemon) -> Result<AcceptLoop> {
+        use std::io::BufRead;
+        let mut command = match session {
+            Some(session) => {
+                let mut c = Command::new(styxy_tests::styxy_bin());
+                c.arg("--socket").arg(&daemon.socket).args([
+                    "run",
+                    "--instance",
+                    session,
+                    "--",
+                    "python3",
+                ]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = command
+            .args(["-u", "-c", ACCEPT_LOOP, &port.to_string()])
+            .env("STYXY_NOTIFY", "off")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the accept loop")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let port = line.trim().parse().context("the accept loop's port")?;
+        Ok(AcceptLoop { child, port })
     }
 
     fn row(label: &str, native: &Samples, shimmed: &Samples, note: &str) {
@@ -355,7 +419,7 @@ mod shim {
             "(b) free port, daemon up",
             &free_up.native,
             &free_up.shimmed,
-            "target p50 ≤ 100 µs, p99 ≤ 500 µs",
+            "target p50 ≤ 1.5× (the session table: no daemon call)",
         );
         if free_up.shim_failed > 0 {
             println!("    {} binds failed under the shim", free_up.shim_failed);
@@ -372,6 +436,40 @@ mod shim {
             "    native: {} of {BINDS} failed with EADDRINUSE; shim: {} failed",
             moved.native_failed, moved.shim_failed
         );
+
+        // (f) Loopback connect(): to a port no view redirects, and to one a session's view does
+        // (asked → its moved server; natively, the same server at its real port).
+        let listener = accept_loop(None, free + 1, &daemon)?;
+        let unviewed = compare("connect-timer", free + 1, free + 1, &up)?;
+        row(
+            "(f) loopback connect, no view entry",
+            &unviewed.native,
+            &unviewed.shimmed,
+            "target p50 ≤ 1.2×",
+        );
+        let asked = listener.port;
+        let moved_server = accept_loop(Some("bench-session"), asked, &daemon)?;
+        let in_session = [
+            ("STYXY_SOCKET", daemon.socket.clone().into_os_string()),
+            ("STYXY_INSTANCE", OsString::from("bench-session")),
+        ];
+        // Wait until the view is published: a connect in the session then reaches the moved server.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let viewed = compare("connect-timer", moved_server.port, asked, &in_session)?;
+        row(
+            "(f) loopback connect, redirected",
+            &viewed.native,
+            &viewed.shimmed,
+            "target p50 ≤ 1.2×",
+        );
+        if viewed.shim_failed + viewed.native_failed > 0 {
+            println!(
+                "    failed connects: native {}, shim {}",
+                viewed.native_failed, viewed.shim_failed
+            );
+        }
+        drop(moved_server);
+        drop(listener);
 
         // Down for real: no daemon, so no observer either (its eBPF programs leave with it).
         drop(holder);

@@ -1,0 +1,479 @@
+//! The session table: what the daemon publishes for the shim in a file the shim maps read-only,
+//! so that neither a loopback `connect()` nor the bind of a free port costs a call to the daemon.
+//!
+//! It holds, as 64-bit words (every access is an atomic load or store, so a reader never sees a
+//! torn word):
+//! - a header: magic, version, a sequence counter (odd while the daemon writes), the daemon's pid
+//!   and whether it still serves;
+//! - `TAKEN`: one bit per port, set while anything holds it (a socket of either protocol, a
+//!   lease, a claim) — a bind of a port whose bit is clear goes straight to the kernel;
+//! - `VIEWED` and `TARGETED`: per protocol and port, whether some session's view redirects that
+//!   asked port, or to that bound port — a `connect()` or a `recvfrom()` whose port's bit is
+//!   clear needs nothing more;
+//! - the view entries: protocol, asked port, bound port and the session's id, packed from the
+//!   start, `ENTRY_COUNT` of them.
+//!
+//! The daemon changes it under a seqlock (the counter odd, the words, the counter even again); a
+//! reader that saw the counter move, or odd, reads again. Entries are looked up only when a bit
+//! says one may apply, so the common case is one atomic load.
+
+use core::sync::atomic::{fence, AtomicU64, Ordering};
+
+use crate::net::Protocol;
+
+/// `STYXYTAB`, little-endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"STYXYTAB");
+/// Bumped on every incompatible change of the layout.
+pub const VERSION: u64 = 1;
+/// The table's file is the daemon's socket path with this appended (`styxy.sock.table`).
+pub const FILE_SUFFIX: &str = ".table";
+
+/// The longest session id an entry holds (the daemon accepts no longer one).
+pub const MAX_INSTANCE_ID: usize = 128;
+/// How many view entries the table holds; more are left out (and logged by the daemon).
+pub const MAX_ENTRIES: usize = 1024;
+
+const WORD_MAGIC: usize = 0;
+const WORD_VERSION: usize = 1;
+const WORD_SEQ: usize = 2;
+const WORD_DAEMON_PID: usize = 3;
+const WORD_SERVING: usize = 4;
+const WORD_ENTRY_COUNT: usize = 5;
+const HEADER_WORDS: usize = 8;
+const PORT_BITS_WORDS: usize = 65_536 / 64;
+const TAKEN: usize = HEADER_WORDS;
+const VIEWED: usize = TAKEN + PORT_BITS_WORDS;
+const TARGETED: usize = VIEWED + 2 * PORT_BITS_WORDS;
+const ENTRIES: usize = TARGETED + 2 * PORT_BITS_WORDS;
+const ENTRY_WORDS: usize = 1 + MAX_INSTANCE_ID / 8;
+/// The table's length in words.
+pub const WORDS: usize = ENTRIES + MAX_ENTRIES * ENTRY_WORDS;
+/// The table's length in bytes (the file's size; it never changes while mapped).
+pub const BYTES: usize = WORDS * 8;
+
+/// How many times a reader tries to get a consistent reading before it gives up (and the shim
+/// leaves the call alone).
+const READ_ATTEMPTS: usize = 64;
+
+/// One view entry, as the daemon writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// The session whose view this is.
+    pub instance_id: &'a [u8],
+    /// Only traffic of this protocol is redirected.
+    pub protocol: Protocol,
+    /// The port the session's clients use.
+    pub asked: u16,
+    /// The port the moved server is bound to.
+    pub bound: u16,
+}
+
+/// A table in memory: the daemon's writable mapping or the shim's read-only one. Every index
+/// into it is a constant or bounded by a port number, so none can fail (the shim links no panic).
+#[derive(Clone, Copy)]
+pub struct Table<'a> {
+    words: &'a [AtomicU64; WORDS],
+}
+
+type Words = [AtomicU64; WORDS];
+
+fn bit(words: &Words, base: usize, index: usize) -> bool {
+    words
+        .get(base + index / 64)
+        .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (index % 64)) != 0)
+}
+
+fn protocol_index(protocol: Protocol, port: u16) -> usize {
+    match protocol {
+        Protocol::Tcp => usize::from(port),
+        Protocol::Udp => 65_536 + usize::from(port),
+    }
+}
+
+impl<'a> Table<'a> {
+    /// A table over `words`; `None` when it is too short. The header is not checked: see
+    /// [`Table::is_current`].
+    pub fn new(words: &'a [AtomicU64]) -> Option<Table<'a>> {
+        let words = words.get(..WORDS)?.try_into().ok()?;
+        Some(Table { words })
+    }
+
+    /// The first word: where the table is in memory.
+    pub fn base(&self) -> *const AtomicU64 {
+        self.words.as_ptr()
+    }
+
+    /// Whether the header says this is a table of this layout.
+    pub fn is_current(&self) -> bool {
+        self.words[WORD_MAGIC].load(Ordering::Acquire) == MAGIC
+            && self.words[WORD_VERSION].load(Ordering::Relaxed) == VERSION
+    }
+
+    /// The pid of the daemon that writes it.
+    pub fn daemon_pid(&self) -> u32 {
+        self.words[WORD_DAEMON_PID].load(Ordering::Relaxed) as u32
+    }
+
+    /// False once the daemon stopped (a daemon killed outright cannot say so: check its pid).
+    pub fn serving(&self) -> bool {
+        self.words[WORD_SERVING].load(Ordering::Acquire) == 1
+    }
+
+    /// Whether anything holds `port` (either protocol, a lease, a claim).
+    pub fn is_taken(&self, port: u16) -> bool {
+        bit(self.words, TAKEN, usize::from(port))
+    }
+
+    /// Whether some session's view redirects `(protocol, port)`.
+    pub fn is_viewed(&self, protocol: Protocol, port: u16) -> bool {
+        bit(self.words, VIEWED, protocol_index(protocol, port))
+    }
+
+    /// Whether some session's view redirects to `(protocol, port)`.
+    pub fn is_targeted(&self, protocol: Protocol, port: u16) -> bool {
+        bit(self.words, TARGETED, protocol_index(protocol, port))
+    }
+
+    /// The bound port that session `instance_id` reaches at `asked`; `None` when its view has
+    /// none, or no consistent reading could be had.
+    pub fn redirect(&self, instance_id: &[u8], protocol: Protocol, asked: u16) -> Option<u16> {
+        self.find(instance_id, protocol, |e| {
+            (e.asked == asked).then_some(e.bound)
+        })
+    }
+
+    /// The asked port that session `instance_id` knows `bound` by; `None` when its view has none.
+    pub fn asked_for(&self, instance_id: &[u8], protocol: Protocol, bound: u16) -> Option<u16> {
+        self.find(instance_id, protocol, |e| {
+            (e.bound == bound).then_some(e.asked)
+        })
+    }
+
+    /// Scans the entries of one session and protocol under the seqlock.
+    fn find(
+        &self,
+        instance_id: &[u8],
+        protocol: Protocol,
+        pick: impl Fn(&RawEntry) -> Option<u16>,
+    ) -> Option<u16> {
+        for _ in 0..READ_ATTEMPTS {
+            let before = self.words[WORD_SEQ].load(Ordering::Acquire);
+            if before % 2 == 1 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let count =
+                (self.words[WORD_ENTRY_COUNT].load(Ordering::Relaxed) as usize).min(MAX_ENTRIES);
+            let mut found = None;
+            for index in 0..count {
+                let raw = RawEntry::read(self.words, index);
+                if raw.protocol == Some(protocol) && raw.instance_is(self.words, index, instance_id)
+                {
+                    if let Some(port) = pick(&raw) {
+                        found = Some(port);
+                        break;
+                    }
+                }
+            }
+            fence(Ordering::Acquire);
+            if self.words[WORD_SEQ].load(Ordering::Relaxed) == before {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// Writes a fresh table's header: empty, serving, written by `daemon_pid`.
+    pub fn init(&self, daemon_pid: u32) {
+        for word in self.words {
+            word.store(0, Ordering::Relaxed);
+        }
+        self.words[WORD_VERSION].store(VERSION, Ordering::Relaxed);
+        self.words[WORD_DAEMON_PID].store(u64::from(daemon_pid), Ordering::Relaxed);
+        self.words[WORD_SERVING].store(1, Ordering::Relaxed);
+        self.words[WORD_MAGIC].store(MAGIC, Ordering::Release);
+    }
+
+    /// Says the daemon stopped serving (a reader then leaves every call alone).
+    pub fn set_stopped(&self) {
+        self.words[WORD_SERVING].store(0, Ordering::Release);
+    }
+
+    /// Runs `write` between the two steps of the seqlock. One writer at a time (the daemon calls
+    /// it under its broker lock).
+    pub fn write(&self, write: impl FnOnce(&Writer<'a>)) {
+        let seq = self.words[WORD_SEQ].load(Ordering::Relaxed);
+        self.words[WORD_SEQ].store(seq.wrapping_add(1) | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        write(&Writer { table: *self });
+        self.words[WORD_SEQ].store((seq | 1).wrapping_add(1), Ordering::Release);
+    }
+}
+
+/// What the daemon may change, inside [`Table::write`].
+pub struct Writer<'a> {
+    table: Table<'a>,
+}
+
+fn set_bit(words: &Words, base: usize, index: usize, on: bool) {
+    let mask = 1 << (index % 64);
+    let Some(word) = words.get(base + index / 64) else {
+        return;
+    };
+    if on {
+        word.fetch_or(mask, Ordering::Relaxed);
+    } else {
+        word.fetch_and(!mask, Ordering::Relaxed);
+    }
+}
+
+impl Writer<'_> {
+    /// Marks `port` taken or free.
+    pub fn set_taken(&self, port: u16, taken: bool) {
+        set_bit(self.table.words, TAKEN, usize::from(port), taken);
+    }
+
+    /// Replaces every view entry (and the `VIEWED` and `TARGETED` bits) with `entries`; returns
+    /// how many did not fit ([`MAX_ENTRIES`]) or had too long an id, and were left out.
+    pub fn set_views<'e>(&self, entries: impl IntoIterator<Item = Entry<'e>>) -> usize {
+        let words = self.table.words;
+        let count = words[WORD_ENTRY_COUNT].load(Ordering::Relaxed) as usize;
+        for index in 0..count.min(MAX_ENTRIES) {
+            let raw = RawEntry::read(words, index);
+            if let Some(protocol) = raw.protocol {
+                set_bit(words, VIEWED, protocol_index(protocol, raw.asked), false);
+                set_bit(words, TARGETED, protocol_index(protocol, raw.bound), false);
+            }
+        }
+        let mut written = 0;
+        let mut left_out = 0;
+        for entry in entries {
+            if written == MAX_ENTRIES || entry.instance_id.len() > MAX_INSTANCE_ID {
+                left_out += 1;
+                continue;
+            }
+            RawEntry::write(words, written, &entry);
+            set_bit(
+                words,
+                VIEWED,
+                protocol_index(entry.protocol, entry.asked),
+                true,
+            );
+            set_bit(
+                words,
+                TARGETED,
+                protocol_index(entry.protocol, entry.bound),
+                true,
+            );
+            written += 1;
+        }
+        words[WORD_ENTRY_COUNT].store(written as u64, Ordering::Relaxed);
+        left_out
+    }
+}
+
+/// Bytes `8n..8n+8` of `bytes` as one little-endian word, zero-padded. No slicing: nothing in
+/// this module may panic, not even in code only the daemon runs, or the shim would not link.
+fn pack(bytes: &[u8], n: usize) -> u64 {
+    bytes
+        .iter()
+        .skip(n * 8)
+        .take(8)
+        .enumerate()
+        .fold(0, |word, (k, byte)| word | u64::from(*byte) << (8 * k))
+}
+
+/// An entry's first word, decoded: protocol (0 TCP, 1 UDP, else none), asked and bound ports,
+/// and the id's length; its id follows in [`MAX_INSTANCE_ID`] bytes.
+struct RawEntry {
+    protocol: Option<Protocol>,
+    asked: u16,
+    bound: u16,
+    id_len: usize,
+}
+
+impl RawEntry {
+    fn at(index: usize) -> usize {
+        ENTRIES + index * ENTRY_WORDS
+    }
+
+    fn read(words: &Words, index: usize) -> RawEntry {
+        let head = words
+            .get(Self::at(index))
+            .map_or(0, |w| w.load(Ordering::Relaxed));
+        RawEntry {
+            protocol: match head & 0xff {
+                1 => Some(Protocol::Tcp),
+                2 => Some(Protocol::Udp),
+                _ => None,
+            },
+            asked: (head >> 8) as u16,
+            bound: (head >> 24) as u16,
+            id_len: ((head >> 40) & 0xff) as usize,
+        }
+    }
+
+    fn write(words: &Words, index: usize, entry: &Entry<'_>) {
+        let protocol = match entry.protocol {
+            Protocol::Tcp => 1u64,
+            Protocol::Udp => 2,
+        };
+        let head = protocol
+            | u64::from(entry.asked) << 8
+            | u64::from(entry.bound) << 24
+            | (entry.instance_id.len() as u64) << 40;
+        let at = Self::at(index);
+        let Some((first, id_words)) = words
+            .get(at..at + ENTRY_WORDS)
+            .and_then(<[AtomicU64]>::split_first)
+        else {
+            return;
+        };
+        first.store(head, Ordering::Relaxed);
+        for (n, word) in id_words.iter().enumerate() {
+            word.store(pack(entry.instance_id, n), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the entry's id is `id`, compared word by word.
+    fn instance_is(&self, words: &Words, index: usize, id: &[u8]) -> bool {
+        if self.id_len != id.len() || id.len() > MAX_INSTANCE_ID {
+            return false;
+        }
+        let at = Self::at(index) + 1;
+        (0..id.len().div_ceil(8)).all(|n| {
+            words
+                .get(at + n)
+                .is_some_and(|w| w.load(Ordering::Relaxed) == pack(id, n))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    fn words() -> Vec<AtomicU64> {
+        (0..WORDS).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    #[test]
+    fn a_table_reads_back_what_was_written() {
+        let memory = words();
+        let table = Table::new(&memory).expect("long enough");
+        assert!(!table.is_current(), "all zero is no table");
+        table.init(4121);
+        assert!(table.is_current() && table.serving());
+        assert_eq!(table.daemon_pid(), 4121);
+        table.write(|w| {
+            w.set_taken(8000, true);
+            w.set_taken(8001, true);
+            let left_out = w.set_views([
+                Entry {
+                    instance_id: b"session-b",
+                    protocol: Protocol::Tcp,
+                    asked: 8000,
+                    bound: 8001,
+                },
+                Entry {
+                    instance_id: b"session-c",
+                    protocol: Protocol::Udp,
+                    asked: 8000,
+                    bound: 8002,
+                },
+            ]);
+            assert_eq!(left_out, 0);
+        });
+        assert!(table.is_taken(8000) && table.is_taken(8001) && !table.is_taken(8002));
+        assert!(table.is_viewed(Protocol::Tcp, 8000) && table.is_viewed(Protocol::Udp, 8000));
+        assert!(!table.is_viewed(Protocol::Tcp, 8001));
+        assert!(table.is_targeted(Protocol::Tcp, 8001) && !table.is_targeted(Protocol::Udp, 8001));
+        assert_eq!(
+            table.redirect(b"session-b", Protocol::Tcp, 8000),
+            Some(8001)
+        );
+        assert_eq!(
+            table.redirect(b"session-b", Protocol::Udp, 8000),
+            None,
+            "per protocol"
+        );
+        assert_eq!(
+            table.redirect(b"session-c", Protocol::Udp, 8000),
+            Some(8002)
+        );
+        assert_eq!(
+            table.redirect(b"session", Protocol::Tcp, 8000),
+            None,
+            "whole ids only"
+        );
+        assert_eq!(table.redirect(b"session-bb", Protocol::Tcp, 8000), None);
+        assert_eq!(
+            table.asked_for(b"session-b", Protocol::Tcp, 8001),
+            Some(8000)
+        );
+
+        // Replaced, not added to: old bits go.
+        table.write(|w| {
+            w.set_taken(8001, false);
+            w.set_views([]);
+        });
+        assert!(!table.is_taken(8001) && table.is_taken(8000));
+        assert!(!table.is_viewed(Protocol::Tcp, 8000) && !table.is_targeted(Protocol::Tcp, 8001));
+        assert_eq!(table.redirect(b"session-b", Protocol::Tcp, 8000), None);
+        table.set_stopped();
+        assert!(!table.serving());
+    }
+
+    #[test]
+    fn ids_too_long_and_entries_past_the_end_are_left_out() {
+        let memory = words();
+        let table = Table::new(&memory).expect("long enough");
+        table.init(1);
+        let long = [b'x'; MAX_INSTANCE_ID + 1];
+        let full = [b'y'; MAX_INSTANCE_ID];
+        let entries = (0..MAX_ENTRIES as u16 + 1).map(|n| Entry {
+            instance_id: if n == 0 { &long[..] } else { &full[..] },
+            protocol: Protocol::Tcp,
+            asked: n,
+            bound: n + 1,
+        });
+        let mut left_out = 0;
+        table.write(|w| left_out = w.set_views(entries));
+        assert_eq!(left_out, 1, "the long id; the rest fit exactly");
+        assert_eq!(table.redirect(&full, Protocol::Tcp, 1), Some(2));
+        assert_eq!(
+            table.redirect(&full, Protocol::Tcp, MAX_ENTRIES as u16),
+            Some(MAX_ENTRIES as u16 + 1)
+        );
+        assert!(Table::new(&memory[..WORDS - 1]).is_none());
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_half_written_view() {
+        let memory = words();
+        let table = Table::new(&memory).expect("long enough");
+        table.init(1);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for round in 0..20_000u16 {
+                    // Each round moves session-b's 8000 to a new port, together with its id.
+                    let bound = 9000 + round % 500;
+                    table.write(|w| {
+                        w.set_views([Entry {
+                            instance_id: b"session-b",
+                            protocol: Protocol::Tcp,
+                            asked: 8000,
+                            bound,
+                        }]);
+                    });
+                }
+            });
+            for _ in 0..20_000 {
+                if let Some(bound) = table.redirect(b"session-b", Protocol::Tcp, 8000) {
+                    assert!((9000..9500).contains(&bound), "torn read: {bound}");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,51 @@
+//! Times `connect()` for the shim benchmark: `connect-timer PORT COUNT` opens a TCP socket,
+//! connects it to 127.0.0.1:PORT and closes it, COUNT times, timing only the `connect()` call,
+//! after a few untimed warm-up connects. Prints `ok FAILED NS…` (failed connects, then every
+//! latency in nanoseconds) on one line, as bind-timer does.
+
+use std::time::Instant;
+
+/// Untimed connects before the timed ones (the first maps the session table).
+const WARMUP: usize = 20;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(port), Some(count)) = (
+        args.first().and_then(|a| a.parse::<u16>().ok()),
+        args.get(1).and_then(|a| a.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: connect-timer PORT COUNT");
+        std::process::exit(2);
+    };
+    // SAFETY: sockaddr_in is plain data.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = port.to_be();
+    sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let mut latencies = Vec::with_capacity(count);
+    let mut failed = 0;
+    for round in 0..WARMUP + count {
+        // SAFETY: plain socket syscalls on a descriptor this loop owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                eprintln!("socket: {}", std::io::Error::last_os_error());
+                std::process::exit(1);
+            }
+            let started = Instant::now();
+            let rc = libc::connect(
+                fd,
+                (&raw const sin).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let took = started.elapsed().as_nanos() as u64;
+            if round >= WARMUP {
+                latencies.push(took);
+                failed += usize::from(rc != 0);
+            }
+            libc::close(fd);
+        }
+    }
+    let list: Vec<String> = latencies.iter().map(u64::to_string).collect();
+    println!("ok {failed} {}", list.join(" "));
+}
