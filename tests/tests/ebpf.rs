@@ -497,3 +497,65 @@ async fn the_ring_buffer_reader_is_a_batch_thread() -> Result<()> {
     );
     Ok(())
 }
+
+/// The session view with the eBPF observer: the moved server and its session's client, in the
+/// observed cgroup, meet at the asked port; a client outside the session reaches the first server.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_views_work_with_the_ebpf_observer() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let asked = daemon.base + 125;
+    let dir = tempfile::tempdir()?;
+    let socket = daemon.socket.to_str().context("utf-8 path")?.to_string();
+    let serve = |name: &str, instance: Option<&str>| -> Result<Spawned> {
+        let root = dir.path().join(name);
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(root.join("whoami.txt"), name)?;
+        let root = root.to_str().context("utf-8 path")?.to_string();
+        let port = asked.to_string();
+        let mut args = vec!["--socket", &socket, "run"];
+        if let Some(instance) = instance {
+            args.extend(["--instance", instance]);
+        }
+        args.extend([
+            "--",
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            &root,
+        ]);
+        let styxy = styxy_tests::styxy_bin();
+        Spawned::start(&mut cgroup.command(styxy.to_str().context("utf-8 path")?, &args))
+    };
+    let curl = |instance: Option<&str>| -> Result<String> {
+        let styxy = styxy_tests::styxy_bin();
+        let url = format!("http://127.0.0.1:{asked}/whoami.txt");
+        let mut args = vec!["--socket", &socket, "run"];
+        if let Some(instance) = instance {
+            args.extend(["--instance", instance]);
+        }
+        args.extend(["--", "curl", "-sS", "--max-time", "10", &url]);
+        let out = cgroup
+            .command(styxy.to_str().context("utf-8 path")?, &args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let _a = serve("A", None)?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = serve("B", Some("session-b"))?;
+    b.line_where(20, |l| l.starts_with("✓ STYXY: Auto-assigned port"))?;
+    styxy_tests::eventually(10, "session-b reaching its own server", || async {
+        (curl(Some("session-b")).ok()? == "B").then_some(())
+    })
+    .await?;
+    assert_eq!(curl(None)?, "A", "outside the session");
+    Ok(())
+}

@@ -26,8 +26,14 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
     println!("tcp:        {tcp}");
     println!("state dir:  {}", s.state_dir);
     println!(
-        "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped)",
-        s.bound_ports, s.leases, s.instances, s.reassignments, s.observed_events, s.dropped_events
+        "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped) · ResolveBind calls {}",
+        s.bound_ports,
+        s.leases,
+        s.instances,
+        s.reassignments,
+        s.observed_events,
+        s.dropped_events,
+        s.resolve_bind_calls
     );
     if s.observer_delay_samples > 0 {
         println!(
