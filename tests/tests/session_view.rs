@@ -437,3 +437,107 @@ async fn with_the_daemon_killed_binds_and_connects_are_native() -> Result<()> {
     c.child.kill()?;
     Ok(())
 }
+
+/// Everything as an ordinary user (uid 65534): the user's own daemon, its table, the servers and
+/// the session's client. Needs root to switch user; says SKIP otherwise (and fails in CI).
+#[tokio::test(flavor = "multi_thread")]
+async fn session_views_work_for_an_ordinary_user() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !styxy_tests::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: switching to another user needs root");
+        return Ok(());
+    }
+    const NOBODY: u32 = 65534;
+    // Debian's python: pyenv's shims live under /root, which other users cannot enter.
+    let python = "/usr/bin/python3";
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    let socket = dir.path().join("styxy.sock");
+    let as_nobody = |program: &std::path::Path| {
+        let mut command = Command::new(program);
+        command
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .env("HOME", dir.path())
+            .env_remove("XDG_RUNTIME_DIR");
+        command
+    };
+    let mut daemon = Spawned::start(
+        as_nobody(&styxy_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args([
+                "--listen",
+                "none",
+                "--observer",
+                "sockets",
+                "--scan-interval-ms",
+                "100",
+            ]),
+    )?;
+    daemon.line_where(20, |l| l.contains("listening on the Unix socket"))?;
+    let asked = styxy_tests::port_block() + 10;
+    let serve = |name: &str, instance: Option<&str>| -> Result<Spawned> {
+        let root = dir.path().join(name);
+        std::fs::create_dir_all(&root)?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(root.join("whoami.txt"), name)?;
+        let mut command = as_nobody(&styxy_bin());
+        command.arg("--socket").arg(&socket).arg("run");
+        if let Some(instance) = instance {
+            command.args(["--instance", instance]);
+        }
+        command
+            .args([
+                "--",
+                python,
+                "-u",
+                "-m",
+                "http.server",
+                &asked.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&root);
+        Spawned::start(&mut command)
+    };
+    let curl = |instance: &str| -> Result<String> {
+        let out = as_nobody(&styxy_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "run",
+                "--instance",
+                instance,
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+            ])
+            .arg(format!("http://127.0.0.1:{asked}/whoami.txt"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let _a = serve("A", None)?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = serve("B", Some("session-b"))?;
+    b.line_where(20, |l| l.starts_with(NOTICE))?;
+    eventually(
+        10,
+        "the ordinary user's session reaching its own server",
+        || async { (curl("session-b").ok()? == "B").then_some(()) },
+    )
+    .await?;
+    assert_eq!(curl("session-a")?, "A");
+    Ok(())
+}
