@@ -248,6 +248,22 @@ impl Bind {
     }
 
     fn managed(&self) -> Outcome {
+        // The session table shows the port free (or held by this process's own claim): bind it,
+        // and look closer only if the kernel says it is taken after all (a bind the table could
+        // not see yet). Every other check waits until then: for a free port each of them would
+        // end in binding as asked anyway. A port this process moved before must follow that
+        // move, so it is always asked about.
+        let port = self.target.port;
+        if table::current().is_some_and(|t| {
+            let (moved, kept) = history(port);
+            !moved && (kept || !t.is_taken(port))
+        }) {
+            let first = self.as_asked();
+            if first.rc == 0 || first.errno != libc::EADDRINUSE {
+                return first;
+            }
+            return self.ask_after_refusal(first);
+        }
         // Cheapest checks first: a daemon known to be down costs two loads and a clock read.
         let failure = recent_failure();
         if failure == Some(Failure::Down) || env_flag(env::DISABLE.c_name) {
@@ -260,14 +276,8 @@ impl Bind {
             // Intended sharing (a worker pool, an mDNS/SSDP listener): never moved.
             return self.as_asked();
         }
-        // The session table shows the port free: bind it, and ask only if the kernel says it is
-        // taken after all (a bind the table could not see yet). A port this process moved
-        // before must follow that move, so it is always asked about.
-        let table_says_free = table::current().is_some_and(|t| !t.is_taken(self.target.port))
-            && !moved_before(self.target.port);
         let mut query = self.query(protocol);
         match failure {
-            _ if table_says_free => {}
             Some(Failure::Down) => return self.as_asked(),
             // This process moved this port before (its IPv4 socket, say): its other sockets for
             // the port must follow it, not stay where they were asked, so wait for the answer.
@@ -293,13 +303,29 @@ impl Bind {
                 Reply::Slow => remember_failure(Failure::Slow),
             },
         }
-        // The port is free as far as the table knows, or the daemon is there but slow (a loaded
-        // machine): bind as asked, and only when that fails because the port is taken, ask (or
-        // wait longer for an answer). A late move beats a failed start.
+        // The daemon is there but slow (a loaded machine): bind as asked, and only when that
+        // fails because the port is taken, wait longer for an answer. A late move beats a
+        // failed start.
         let first = self.as_asked();
         if first.rc == 0 || first.errno != libc::EADDRINUSE {
             return first;
         }
+        self.ask_after_refusal(first)
+    }
+
+    /// The kernel refused the bind as asked with EADDRINUSE (`first`): unless this bind is not
+    /// ours to move, ask the daemon, with a longer deadline (the bind fails otherwise).
+    fn ask_after_refusal(&self, first: Outcome) -> Outcome {
+        if recent_failure() == Some(Failure::Down) || env_flag(env::DISABLE.c_name) {
+            return first;
+        }
+        let Some(protocol) = socket_protocol(self.fd) else {
+            return first;
+        };
+        if shares_its_port(self.fd, protocol) {
+            return first;
+        }
+        let mut query = self.query(protocol);
         query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
         match ask(&query) {
             Reply::Answer(answer) => self.follow(&query, answer).unwrap_or(first),
@@ -340,6 +366,8 @@ impl Bind {
             }
             let port = answer.port;
             if answer.action != ACTION_REASSIGN || port == 0 || port == self.target.port {
+                // Kept: the daemon's claim on the port is this process's own from now on.
+                record_move(self.target.port, self.target.port);
                 return None;
             }
             set_errno(self.entry_errno);
@@ -586,7 +614,7 @@ enum Failure {
 /// `(monotonic ms + 1) << 1 | slow` of the last failure to get an answer (0: none).
 static LAST_FAILURE: AtomicU64 = AtomicU64::new(0);
 
-pub(crate) fn monotonic_ms() -> u64 {
+fn monotonic_ms() -> u64 {
     // SAFETY: timespec is plain data; clock_gettime writes it.
     let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
     // SAFETY: CLOCK_MONOTONIC is always available; ts is valid for writes.
@@ -616,7 +644,8 @@ fn recent_failure() -> Option<Failure> {
 
 /// Pid that owns the entries of `MOVES` (a forked child starts a fresh list).
 static MOVES_PID: AtomicU32 = AtomicU32::new(0);
-/// `(requested << 16) | new` of each move this process made (whether announced or not).
+/// `(requested << 16) | new` of each move this process made (whether announced or not), and
+/// `(port << 16) | port` of each port the daemon let it keep.
 static MOVES: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 
 /// Records that this process moved `requested` to `new`; true the first time (IPv4 and IPv6 binds
@@ -640,15 +669,32 @@ fn record_move(requested: u16, new: u16) -> bool {
     true
 }
 
-/// Whether this process has moved `requested` before (to any port).
+/// Whether this process has moved `requested` before (to another port).
 fn moved_before(requested: u16) -> bool {
+    history(requested).0
+}
+
+/// Whether this process moved `port` before (to another port), and whether the daemon let it
+/// keep `port` before (a move "to itself" in `MOVES`): one look, one getpid at most.
+fn history(port: u16) -> (bool, bool) {
+    let owner = MOVES_PID.load(Ordering::Acquire);
+    if owner == 0 {
+        // Nothing recorded in any process yet: spare the getpid call (every bind asks this).
+        return (false, false);
+    }
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u32;
-    MOVES_PID.load(Ordering::Acquire) == pid
-        && MOVES.iter().any(|slot| {
-            let key = slot.load(Ordering::Acquire);
-            key != 0 && (key >> 16) as u16 == requested
-        })
+    if owner != unsafe { libc::getpid() } as u32 {
+        return (false, false);
+    }
+    MOVES.iter().fold((false, false), |(moved, kept), slot| {
+        let key = slot.load(Ordering::Acquire);
+        let (asked, bound) = ((key >> 16) as u16, key as u16);
+        let mine = key != 0 && asked == port;
+        (
+            moved || (mine && bound != port),
+            kept || (mine && bound == port),
+        )
+    })
 }
 
 fn notify(requested: u16, answer: &BindAnswer) {

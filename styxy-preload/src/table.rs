@@ -17,7 +17,7 @@ use styxy_common::env;
 use styxy_common::paths::SYSTEM_SOCKET;
 use styxy_common::table::{Table, BYTES, FILE_SUFFIX as TABLE_SUFFIX, WORDS};
 
-use crate::{env_str, errno, monotonic_ms, set_errno};
+use crate::{env_str, errno, set_errno};
 
 static MAPPED: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
 /// Monotonic ms before which no new attempt to map (or check the daemon) is made.
@@ -32,9 +32,19 @@ pub(crate) fn current() -> Option<Table<'static>> {
     found
 }
 
+/// Milliseconds of the coarse monotonic clock: a vDSO read of the last tick, plenty for a
+/// once-a-second check and cheaper than the precise clock on every bind and connect.
+fn coarse_ms() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
+    // SAFETY: CLOCK_MONOTONIC_COARSE exists on every Linux this runs on; ts is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
 fn lookup() -> Option<Table<'static>> {
     let mapped = as_table(MAPPED.load(Ordering::Acquire));
-    let now = monotonic_ms();
+    let now = coarse_ms();
     let due = now >= NEXT_CHECK_MS.load(Ordering::Relaxed);
     match mapped {
         Some(table) if table.is_current() && table.serving() && (!due || daemon_alive(&table)) => {
