@@ -541,3 +541,57 @@ async fn session_views_work_for_an_ordinary_user() -> Result<()> {
     assert_eq!(curl("session-a")?, "A");
     Ok(())
 }
+
+/// A destination that is not loopback is never redirected: the session reaches the first server
+/// at the machine's own non-loopback address. SKIP when the machine has no such address.
+#[tokio::test(flavor = "multi_thread")]
+async fn non_loopback_destinations_are_never_redirected() -> Result<()> {
+    // The address this machine would use to reach the outside, if it has one (nothing is sent).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let local = probe
+        .connect("192.0.2.200:9")
+        .or_else(|_| probe.connect("10.255.255.1:9"))
+        .and_then(|()| probe.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    let Some(local) = local else {
+        eprintln!("SKIP: this machine has no non-loopback address");
+        return Ok(());
+    };
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 190;
+    let root = dir.path().join("A");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("whoami.txt"), "A")?;
+    let mut a = Command::new("python3");
+    a.args([
+        "-m",
+        "http.server",
+        &asked.to_string(),
+        "--bind",
+        "0.0.0.0",
+        "--directory",
+    ])
+    .arg(&root)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut a = a.spawn()?;
+    styxy_tests::wait_for_listener(asked)?;
+    let mut b = marked_server(&daemon, Some("session-b"), asked, "B", dir.path())?;
+    notice_port(&b.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
+    eventually(10, "the view in force on loopback", || async {
+        (curl(&daemon, Some("session-b"), "127.0.0.1", asked).ok()? == "B").then_some(())
+    })
+    .await?;
+    let host = local.to_string();
+    assert_eq!(
+        curl(&daemon, Some("session-b"), &host, asked)?,
+        "A",
+        "{host} is not loopback"
+    );
+    a.kill()?;
+    a.wait()?;
+    Ok(())
+}
