@@ -279,6 +279,12 @@ impl Broker {
         broker
     }
 
+    /// Issues lease ids after `lease-{issued}` from now on (ids of released leases, which the
+    /// leases no longer show, are never issued again).
+    pub fn issue_lease_ids_after(&mut self, issued: u64) {
+        self.next_lease_seq = self.next_lease_seq.max(issued.saturating_add(1));
+    }
+
     /// The service ranges in force.
     pub fn ranges(&self) -> &ServiceRanges {
         &self.ranges

@@ -746,6 +746,12 @@ fn restore_keeps_leases_and_never_reuses_an_id() {
     assert_ne!(next.id, a.id);
     assert_ne!(next.id, c.id);
     assert_eq!(next.port, 3002);
+    restored.issue_lease_ids_after(40);
+    let (after, _) = restored.allocate(alloc("dev"), 3).unwrap();
+    assert_eq!(after.id, "lease-41", "after every id ever issued");
+    restored.issue_lease_ids_after(5);
+    let (later, _) = restored.allocate(alloc("dev"), 3).unwrap();
+    assert_eq!(later.id, "lease-42", "never backwards");
 }
 
 #[test]

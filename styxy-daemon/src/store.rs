@@ -45,6 +45,10 @@ const COMPACT_AFTER: usize = 10_000;
 pub struct Snapshot {
     pub leases: Vec<Lease>,
     pub instances: Vec<Instance>,
+    /// The highest `N` of any `lease-N` ever issued, released ones included: a restarted daemon
+    /// issues ids after it, so an id a script kept never names someone else's lease.
+    #[serde(default)]
+    pub lease_ids_issued: u64,
 }
 
 /// Leases and instances by id, the way the journal's changes address them.
@@ -52,12 +56,21 @@ pub struct Snapshot {
 struct State {
     leases: BTreeMap<String, Lease>,
     instances: BTreeMap<String, Instance>,
+    lease_ids_issued: u64,
+}
+
+/// `N` of a `lease-N` id (0 for any other id).
+fn lease_number(id: &str) -> u64 {
+    id.strip_prefix("lease-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 impl State {
     fn apply(&mut self, change: StateChange) {
         match change {
             StateChange::PutLease { lease } => {
+                self.lease_ids_issued = self.lease_ids_issued.max(lease_number(&lease.id));
                 self.leases.insert(lease.id.clone(), lease);
             }
             StateChange::RemoveLease { id } => {
@@ -76,6 +89,7 @@ impl State {
         Snapshot {
             leases: self.leases.values().cloned().collect(),
             instances: self.instances.values().cloned().collect(),
+            lease_ids_issued: self.lease_ids_issued,
         }
     }
 }
@@ -154,6 +168,11 @@ impl Store {
                     snapshot_path.display()
                 )
             })?;
+            state.lease_ids_issued = snap
+                .leases
+                .iter()
+                .map(|l| lease_number(&l.id))
+                .fold(snap.lease_ids_issued, u64::max);
             state.leases = snap.leases.into_iter().map(|l| (l.id.clone(), l)).collect();
             state.instances = snap
                 .instances
@@ -733,6 +752,43 @@ mod tests {
         });
         let journal = fs::read_to_string(dir.join(JOURNAL)).unwrap();
         assert!(journal.contains("lease-19") && journal.contains("lease-after"));
+    }
+
+    #[test]
+    fn released_lease_ids_are_remembered_across_restarts_and_compactions() {
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (store, snapshot, _) = Store::open(&dir, 10).unwrap();
+            assert_eq!(snapshot.lease_ids_issued, 0);
+            let ticket = store.enqueue(
+                &[
+                    StateChange::PutLease {
+                        lease: lease("lease-7", 3000),
+                    },
+                    StateChange::RemoveLease {
+                        id: "lease-7".into(),
+                    },
+                ],
+                &[],
+            );
+            store.durable(ticket).await.unwrap();
+            store.close().await.unwrap();
+        });
+        // Opened twice: the first folds the journal into the snapshot, the second reads that.
+        for _ in 0..2 {
+            let (store, snapshot, _) = Store::open(&dir, 10).unwrap();
+            assert!(snapshot.leases.is_empty());
+            assert_eq!(
+                snapshot.lease_ids_issued, 7,
+                "lease-7 is gone, its id is not free"
+            );
+            runtime.block_on(store.close()).unwrap();
+        }
     }
 
     #[test]

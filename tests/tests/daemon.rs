@@ -525,3 +525,35 @@ async fn the_log_is_plain_text_when_stderr_is_not_a_terminal() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A released lease's id is never issued again, not even after `kill -9` and a restart: a
+/// script that releases by id cannot end someone else's lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_ids_are_never_reused_across_restarts() -> anyhow::Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let allocate = || pb::AllocateRequest {
+        service_type: "api".into(),
+        ttl_seconds: Some(600),
+        ..Default::default()
+    };
+    let mut client = daemon.client().await?;
+    let first = client.allocate(allocate()).await?.into_inner();
+    client
+        .release(pb::ReleaseRequest {
+            target: Some(pb::release_request::Target::LeaseId(first.lease_id.clone())),
+        })
+        .await?;
+    drop(client);
+    daemon.kill9_and_restart().await?;
+    let mut client = daemon.client().await?;
+    let second = client.allocate(allocate()).await?.into_inner();
+    assert_ne!(second.lease_id, first.lease_id, "a released id came back");
+    daemon.kill9_and_restart().await?;
+    let mut client = daemon.client().await?;
+    let third = client.allocate(allocate()).await?.into_inner();
+    assert!(
+        ![&first.lease_id, &second.lease_id].contains(&&third.lease_id),
+        "{third:?}"
+    );
+    Ok(())
+}

@@ -75,12 +75,13 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         instances = snapshot.instances.len(),
         "state restored"
     );
-    let broker = Broker::restore(
+    let mut broker = Broker::restore(
         ranges,
         LeaseSettings::default(),
         snapshot.leases,
         snapshot.instances,
     );
+    broker.issue_lease_ids_after(snapshot.lease_ids_issued);
     let engine = Arc::new(Engine::new(broker, store.clone(), audit));
     engine.expire().await?;
 
