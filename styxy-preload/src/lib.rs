@@ -67,8 +67,9 @@ const DEFAULT_TIMEOUT_MS: u32 = 50;
 const FAIL_OPEN_MEMORY_MS: u64 = 1000;
 /// How many more times to ask when the port the daemon gave was taken before we could bind it.
 const MOVE_RETRIES: usize = 3;
-/// When the daemon was too slow and the port asked for turns out taken, the bind would fail:
-/// worth waiting this long for a second answer.
+/// When the port asked for turns out taken after all, the bind would fail: worth waiting this
+/// long for an answer — unless the daemon timed out lately (a stopped or stalled daemon then costs
+/// each bind the normal deadline at most, not this).
 const SECOND_CHANCE_TIMEOUT_MS: u32 = 1000;
 
 /// The interposed `bind()`.
@@ -276,13 +277,13 @@ impl Bind {
             // Intended sharing (a worker pool, an mDNS/SSDP listener): never moved.
             return self.as_asked();
         }
-        let mut query = self.query(protocol);
+        let query = self.query(protocol);
         match failure {
             Some(Failure::Down) => return self.as_asked(),
             // This process moved this port before (its IPv4 socket, say): its other sockets for
-            // the port must follow it, not stay where they were asked, so wait for the answer.
+            // the port must follow it, not stay where they were asked, so ask (within the normal
+            // deadline: the daemon timed out lately).
             Some(Failure::Slow) if moved_before(query.port) => {
-                query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
                 if let Reply::Answer(answer) = ask(&query) {
                     return self
                         .follow(&query, answer)
@@ -326,7 +327,9 @@ impl Bind {
             return first;
         }
         let mut query = self.query(protocol);
-        query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
+        if recent_failure() != Some(Failure::Slow) {
+            query.timeout_ms = SECOND_CHANCE_TIMEOUT_MS.max(query.timeout_ms);
+        }
         match ask(&query) {
             Reply::Answer(answer) => self.follow(&query, answer).unwrap_or(first),
             Reply::Down => {
@@ -703,19 +706,92 @@ fn notify(requested: u16, answer: &BindAnswer) {
         Some(b"stdout") => libc::STDOUT_FILENO,
         _ => libc::STDERR_FILENO,
     };
-    let line = notice_line(requested, answer);
-    let mut rest = line.as_bytes();
-    while !rest.is_empty() {
-        // SAFETY: rest is a valid readable buffer of rest.len() bytes.
-        let n = unsafe { libc::write(fd, rest.as_ptr().cast::<c_void>(), rest.len()) };
-        if n > 0 {
-            rest = rest.get(n.unsigned_abs()..).unwrap_or_default();
-        } else if n < 0 && errno() == libc::EINTR {
-            continue;
-        } else {
-            break;
-        }
+    if !may_take_the_notice(fd) {
+        return;
     }
+    let line = notice_line(requested, answer);
+    without_sigpipe(|| {
+        let mut rest = line.as_bytes();
+        while !rest.is_empty() {
+            // SAFETY: rest is a valid readable buffer of rest.len() bytes.
+            let n = unsafe { libc::write(fd, rest.as_ptr().cast::<c_void>(), rest.len()) };
+            if n > 0 {
+                rest = rest.get(n.unsigned_abs()..).unwrap_or_default();
+            } else if n < 0 && errno() == libc::EINTR {
+                continue;
+            } else {
+                break;
+            }
+        }
+    });
+}
+
+/// Whether the notice may go to `fd`: a terminal, a pipe or a file that can take it right now.
+/// Never a socket — a host that closed 0–2 may have its own connection there, or it may be the
+/// shim's own connection to the daemon — nor anything else, nor a full pipe or a stopped
+/// terminal (the write would block the host), nor a pipe nobody reads.
+fn may_take_the_notice(fd: c_int) -> bool {
+    // SAFETY: stat is plain data; fstat writes it (or fails on a closed fd).
+    let mut stat: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: stat is valid for writes.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return false;
+    }
+    let kind = stat.st_mode & libc::S_IFMT;
+    if kind == libc::S_IFREG {
+        return true;
+    }
+    if kind != libc::S_IFCHR && kind != libc::S_IFIFO {
+        return false;
+    }
+    let mut ready = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut ready, 1, 0) };
+    n == 1
+        && ready.revents & libc::POLLOUT != 0
+        && ready.revents & (libc::POLLERR | libc::POLLHUP) == 0
+}
+
+/// Runs `write` with SIGPIPE blocked on this thread, and takes back a SIGPIPE that `write`
+/// raised (a reader gone between the check and the write), so the host never sees one of ours;
+/// a SIGPIPE that was pending before is left for the host.
+fn without_sigpipe(write: impl FnOnce()) {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut pipe: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    let mut saved: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    let mut pending: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: valid sigset_t pointers; these calls only read and write them and this thread's mask.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        libc::sigemptyset(&mut pending);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut saved) == 0
+    };
+    if !blocked {
+        // Cannot block it: leave the notice out rather than risk the host's life.
+        return;
+    }
+    // SAFETY: pending is a valid sigset_t.
+    let was_pending = unsafe {
+        libc::sigpending(&mut pending) == 0 && libc::sigismember(&pending, libc::SIGPIPE) == 1
+    };
+    write();
+    if !was_pending {
+        let none = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: takes a pending SIGPIPE of this thread or process, if any, without waiting.
+        unsafe { libc::sigtimedwait(&pipe, core::ptr::null_mut(), &none) };
+    }
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, core::ptr::null_mut()) };
 }
 
 /// Room for the notice: its words, three numbers and a holder name of at most 63 bytes.

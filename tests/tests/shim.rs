@@ -537,3 +537,122 @@ async fn the_shim_client_speaks_grpc_with_the_real_daemon() -> Result<()> {
     .await??;
     Ok(())
 }
+
+/// Closes 0–2, puts its own TCP sockets there (fd 2 unconnected, or connected to PEER), then
+/// binds HELD (moved by the shim) and writes the port it got to OUT.
+const CLOSED_STDIO: &str = "import os, socket, sys\n\
+held, out, peer = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])\n\
+os.close(0); os.close(1); os.close(2)\n\
+mine = [socket.socket() for _ in range(3)]\n\
+assert [s.fileno() for s in mine] == [0, 1, 2]\n\
+if peer:\n    mine[2].connect(('127.0.0.1', peer))\n\
+s = socket.socket()\n\
+s.bind(('127.0.0.1', held))\n\
+open(out, 'w').write(str(s.getsockname()[1]))\n";
+
+/// The same in Perl, which (unlike Python, Rust and node) leaves SIGPIPE's default action, death,
+/// in place: fd 2 an unconnected TCP socket.
+const CLOSED_STDIO_PERL: &str = "use POSIX; use Socket;\n\
+my ($held, $out) = @ARGV;\n\
+POSIX::close($_) for 0 .. 2;\n\
+my @mine = map { socket(my $s, PF_INET, SOCK_STREAM, 0) or die; $s } 1 .. 3;\n\
+socket(my $s, PF_INET, SOCK_STREAM, 0) or die;\n\
+bind($s, pack_sockaddr_in($held, inet_aton('127.0.0.1'))) or die;\n\
+my ($port) = unpack_sockaddr_in(getsockname($s));\n\
+open(my $o, '>', $out) or die; print $o $port; close $o;\n";
+
+/// A host that closed 0–2 and has its own socket at fd 2: the notice is not written there, and
+/// no SIGPIPE kills it (it did: a host that kept SIGPIPE's default died when fd 2 was an
+/// unconnected TCP socket).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_notice_never_goes_to_a_socket_the_host_has_at_fd_2() -> Result<()> {
+    use std::io::Read;
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 120;
+    let _holder = http_server(held)?;
+    let dir = tempfile::tempdir()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let peer = listener.local_addr()?.port();
+    for (case, peer) in [("unconnected", 0), ("connected", peer)] {
+        let out = dir.path().join(case);
+        let status = daemon
+            .shimmed("python3", &["-c", CLOSED_STDIO, &held.to_string()])
+            .arg(&out)
+            .arg(peer.to_string())
+            .env_remove("STYXY_NOTIFY")
+            .stdin(std::process::Stdio::null())
+            .status()?;
+        ensure!(status.success(), "{case}: the host died: {status:?}");
+        let port: u16 = std::fs::read_to_string(&out)?.trim().parse()?;
+        ensure!(port != held, "{case}: the bind was moved (to {port})");
+    }
+    let out = dir.path().join("perl");
+    let status = daemon
+        .shimmed("perl", &["-e", CLOSED_STDIO_PERL, &held.to_string()])
+        .arg(&out)
+        .env_remove("STYXY_NOTIFY")
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    ensure!(status.success(), "perl: the host died: {status:?}");
+    let port: u16 = std::fs::read_to_string(&out)?.trim().parse()?;
+    ensure!(port != held, "perl: the bind was moved (to {port})");
+    let (mut accepted, _) = listener.accept()?;
+    accepted.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    let mut received = Vec::new();
+    let _ = accepted.read_to_end(&mut received);
+    ensure!(
+        received.is_empty(),
+        "the notice went into the host's connection: {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    Ok(())
+}
+
+/// Binds PORT on COUNT fresh sockets and prints, per bind, its errno (0 when bound) and how long
+/// it took in milliseconds.
+const TIMED_BINDS: &str = "import socket, sys, time\n\
+port, count = int(sys.argv[1]), int(sys.argv[2])\n\
+for _ in range(count):\n    s = socket.socket()\n    t = time.monotonic()\n    \
+try:\n        s.bind(('127.0.0.1', port)); e = 0\n    except OSError as err:\n        e = err.errno\n    \
+print(e, int((time.monotonic() - t) * 1000), flush=True)\n    s.close()\n";
+
+/// A stopped daemon (SIGSTOP) costs the first conflicting bind its deadlines, and every later one
+/// the normal deadline at most — not the one-second second chance each time. Bounds are generous
+/// (10× the normal deadline): the point is the second that is no longer spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_daemon_costs_later_binds_the_normal_deadline_at_most() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 125;
+    let _holder = http_server(held)?;
+    daemon.signal(libc::SIGSTOP)?;
+    let out = daemon
+        .shimmed("python3", &["-c", TIMED_BINDS, &held.to_string(), "5"])
+        .env("STYXY_TIMEOUT_MS", "50")
+        .output();
+    daemon.signal(libc::SIGCONT)?;
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let binds: Vec<(i32, u64)> = text
+        .lines()
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect::<Option<_>>()
+        .context("errno and ms per line")?;
+    ensure!(
+        binds.len() == 5,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (errno, _) in &binds {
+        ensure!(
+            *errno == libc::EADDRINUSE,
+            "fails as without the shim: {binds:?}"
+        );
+    }
+    for (_, ms) in &binds[1..] {
+        ensure!(*ms < 500, "a later bind waited {ms} ms: {binds:?}");
+    }
+    Ok(())
+}
