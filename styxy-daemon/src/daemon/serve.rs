@@ -58,6 +58,11 @@ pub(super) async fn start(
     stop: &watch::Receiver<bool>,
 ) -> Result<JoinSet<Result<()>>> {
     let router = router(&engine, opts).await?;
+    // Said before the first connection can be served, so the log never lags what clients see.
+    tracing::info!(socket = %opts.socket.display(), "listening on the Unix socket");
+    if let Some(tcp) = &listeners.tcp {
+        tracing::info!(address = %tcp.local_addr()?, "listening on TCP");
+    }
     let mut servers = JoinSet::new();
     for (n, finished) in serve_unix_per_core(&router, engine.store(), listeners.unix, stop)?
         .into_iter()
@@ -70,7 +75,6 @@ pub(super) async fn start(
         });
     }
     if let Some(tcp) = listeners.tcp {
-        tracing::info!(address = %tcp.local_addr()?, "listening on TCP");
         let mut stop = stop.clone();
         servers.spawn(async move {
             router
@@ -81,7 +85,6 @@ pub(super) async fn start(
                 .context("TCP server")
         });
     }
-    tracing::info!(socket = %opts.socket.display(), "listening on the Unix socket");
     Ok(servers)
 }
 
