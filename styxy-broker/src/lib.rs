@@ -53,6 +53,9 @@ pub enum BrokerError {
         /// Last port of the range.
         end: u16,
     },
+    /// A service type nobody configured.
+    #[error(transparent)]
+    UnknownServiceType(#[from] ranges::UnknownServiceType),
     #[error("no lease {0}")]
     /// No lease has this id.
     NoSuchLease(String),
@@ -394,15 +397,16 @@ impl Broker {
         }
     }
 
-    /// Up to `count` free ports of `service_type`'s range (`dev` for an unknown type), lowest first.
-    pub fn suggest(&self, service_type: &str, count: usize) -> Suggestion {
-        let t = self.ranges.get_or_fallback(service_type);
-        Suggestion {
+    /// Up to `count` free ports of `service_type`'s range, lowest first; an unknown type is an
+    /// error that lists the known ones.
+    pub fn suggest(&self, service_type: &str, count: usize) -> Result<Suggestion, BrokerError> {
+        let t = self.ranges.get(service_type)?;
+        Ok(Suggestion {
             service_type: t.name.clone(),
             ports: self.taken.free_in(t.start, t.end).take(count).collect(),
             start: t.start,
             end: t.end,
-        }
+        })
     }
 
     // ---- observer input ----------------------------------------------------------------------------
@@ -579,7 +583,7 @@ impl Broker {
         req: AllocateRequest,
         now_ms: u64,
     ) -> Result<(Lease, Effects), BrokerError> {
-        let range = self.ranges.get_or_fallback(&req.service_type).clone();
+        let range = self.ranges.get(&req.service_type)?.clone();
         let port = self
             .pick_for_allocate(&range, req.preferred_port)
             .ok_or_else(|| BrokerError::NoFreePort {

@@ -44,6 +44,40 @@ pub struct PortRange {
     pub end: u16,
 }
 
+/// A service type nobody configured, asked for by name (`Allocate`, `Suggest`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown service type {name:?}{}; known types: {}",
+    nearest.as_ref().map(|n| format!(" (did you mean {n:?}?)")).unwrap_or_default(),
+    known.join(", ")
+)]
+pub struct UnknownServiceType {
+    /// The name asked for.
+    pub name: String,
+    /// The known name nearest to it, when one is a typo away (at most two edits).
+    pub nearest: Option<String>,
+    /// Every known name, sorted.
+    pub known: Vec<String>,
+}
+
+/// Levenshtein distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -317,6 +351,27 @@ impl ServiceRanges {
     /// Every service type, in matching order.
     pub fn types(&self) -> &[ServiceType] {
         &self.types
+    }
+
+    /// The named type; an unknown name is an error that lists the known ones (and the nearest,
+    /// for a typo such as `storybok`).
+    pub fn get(&self, name: &str) -> Result<&ServiceType, UnknownServiceType> {
+        self.types.iter().find(|t| t.name == name).ok_or_else(|| {
+            let nearest = self
+                .types
+                .iter()
+                .map(|t| (edit_distance(name, &t.name), &t.name))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, n)| n.clone());
+            let mut known: Vec<String> = self.types.iter().map(|t| t.name.clone()).collect();
+            known.sort();
+            UnknownServiceType {
+                name: name.to_string(),
+                nearest,
+                known,
+            }
+        })
     }
 
     /// The named type, or `dev` for a type nobody configured.

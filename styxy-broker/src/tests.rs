@@ -108,7 +108,7 @@ fn suggest_is_lowest_free_first_excluding_bound_and_leased() {
         1,
     )
     .unwrap();
-    let s = b.suggest("dev", 3);
+    let s = b.suggest("dev", 3).unwrap();
     assert_eq!(s.ports, vec![3002, 3003, 3004]);
     assert_eq!(
         (s.service_type.as_str(), s.start, s.end),
@@ -117,7 +117,7 @@ fn suggest_is_lowest_free_first_excluding_bound_and_leased() {
 }
 
 #[test]
-fn suggest_for_unknown_type_uses_dev_and_a_udp_socket_also_takes_the_port() {
+fn a_udp_socket_also_takes_the_port() {
     let mut b = broker();
     b.apply(
         PortEvent::Bound(BoundSocket {
@@ -126,11 +126,30 @@ fn suggest_for_unknown_type_uses_dev_and_a_udp_socket_also_takes_the_port() {
         }),
         1,
     );
-    let s = b.suggest("whatever", 1);
+    let s = b.suggest("dev", 1).unwrap();
     assert_eq!(
         (s.service_type.as_str(), s.ports.as_slice()),
         ("dev", &[3001][..])
     );
+}
+
+#[test]
+fn an_unknown_service_type_is_an_error_naming_the_known_ones_and_the_nearest() {
+    let mut b = broker();
+    let err = b.suggest("storybok", 1).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("unknown service type \"storybok\""), "{text}");
+    assert!(text.contains("did you mean \"storybook\"?"), "{text}");
+    assert!(
+        text.contains("api, auth, build"),
+        "sorted, all of them: {text}"
+    );
+    let err = b.allocate(alloc("whatever"), 1).unwrap_err();
+    assert!(
+        matches!(&err, BrokerError::UnknownServiceType(u) if u.nearest.is_none() && u.name == "whatever"),
+        "{err:?}"
+    );
+    assert_eq!(b.lease_count(), 0, "nothing was leased");
 }
 
 #[test]

@@ -394,11 +394,8 @@ impl Engine {
 
     // ---- requests ----------------------------------------------------------------------------------
 
-    pub fn suggest(&self, service_type: &str, count: usize) -> Suggestion {
-        let range = lock(&self.broker)
-            .ranges()
-            .get_or_fallback(service_type)
-            .clone();
+    pub fn suggest(&self, service_type: &str, count: usize) -> Result<Suggestion, BrokerError> {
+        let range = lock(&self.broker).ranges().get(service_type)?.clone();
         if !self.table_matches_kernel_counts(range.start, range.end) {
             self.refresh(Scope::Range {
                 start: range.start,

@@ -114,6 +114,13 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
     let out = daemon.cli(&["suggest", "Not Valid"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("a-z, 0-9"));
+    let out = daemon.cli(&["suggest", "storybok"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did you mean \"storybook\"?") && stderr.contains("known types:"),
+        "{stderr}"
+    );
     let out = daemon.cli(&["release", "lease-404"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no lease lease-404"));
     let out = daemon.cli(&["observe", "99999"]);

@@ -50,17 +50,34 @@ async fn suggest_skips_the_held_port() -> anyhow::Result<()> {
     let b = u32::from(daemon.base);
     assert_eq!(s.ports, vec![b + 1, b + 2, b + 3]);
     assert_eq!((s.range_start, s.range_end), (b, b + 23));
-    let unknown = client
-        .suggest(pb::SuggestRequest {
-            service_type: "no-such-type".into(),
-            count: 1,
-        })
-        .await?
-        .into_inner();
-    assert_eq!(
-        (unknown.service_type.as_str(), unknown.range_start),
-        ("dev", 3000)
-    );
+    // A typo is an error that names the known types, not a silent `dev` port.
+    for call in ["suggest", "allocate"] {
+        let refused = if call == "suggest" {
+            client
+                .suggest(pb::SuggestRequest {
+                    service_type: "storybok".into(),
+                    count: 1,
+                })
+                .await
+                .map(drop)
+        } else {
+            client
+                .allocate(pb::AllocateRequest {
+                    service_type: "storybok".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+        };
+        let status = refused.expect_err("an unknown type is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{call}: {status:?}");
+        assert!(
+            status.message().contains("did you mean \"storybook\"?")
+                && status.message().contains("known types: ai, api"),
+            "{call}: {}",
+            status.message()
+        );
+    }
     Ok(())
 }
 

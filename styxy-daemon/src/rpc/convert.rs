@@ -229,6 +229,7 @@ pub fn engine_error(e: EngineError) -> Status {
     match e {
         EngineError::Broker(e) => match e {
             BrokerError::NoFreePort { .. } => Status::resource_exhausted(e.to_string()),
+            BrokerError::UnknownServiceType(_) => Status::invalid_argument(e.to_string()),
             BrokerError::NoSuchLease(_) | BrokerError::NoLeaseOnPort(_) => {
                 Status::not_found(e.to_string())
             }

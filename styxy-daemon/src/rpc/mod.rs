@@ -82,7 +82,8 @@ impl PortBroker for BrokerService {
         let req = request.into_inner();
         let service_type = convert::service_type(&req.service_type)?;
         let count = convert::count(req.count, convert::MAX_SUGGEST, 1, "count")?;
-        let s = blocking(|| self.engine.suggest(&service_type, count));
+        let s = blocking(|| self.engine.suggest(&service_type, count))
+            .map_err(|e| convert::engine_error(e.into()))?;
         Ok(Response::new(pb::SuggestResponse {
             service_type: s.service_type,
             ports: s.ports.into_iter().map(u32::from).collect(),
