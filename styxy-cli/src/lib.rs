@@ -36,6 +36,10 @@ struct Args {
     /// Print JSON instead of tables: the answer's canonical proto3 JSON, as grpcurl prints it.
     #[arg(long, global = true)]
     json: bool,
+    /// How long a client command waits for the daemon before it gives up with an error.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = parse_timeout)]
+    timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,6 +103,16 @@ enum HookCommand {
         #[arg(long)]
         settings: Option<PathBuf>,
     },
+}
+
+/// `--timeout`: a number of seconds from 0.1 to one day.
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.1..=86_400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 86400"
+        )),
+    }
 }
 
 /// The `styxy` binary: parses the command line, runs the command, and turns an error into one
@@ -172,7 +186,13 @@ async fn run(args: Args) -> Result<()> {
                 Some(addr) => Target::Tcp(addr),
                 None => Target::Unix(args.socket.unwrap_or_else(paths::find_socket)),
             };
-            commands::run(command, &target, args.json).await
+            commands::run(
+                command,
+                &target,
+                args.json,
+                std::time::Duration::from_secs_f64(args.timeout),
+            )
+            .await
         }
     }
 }

@@ -195,3 +195,37 @@ fn run_without_a_daemon_warns_and_still_runs_the_command() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Every client call has a deadline: a stopped daemon costs `--timeout` and an error that says
+/// what to do, never a hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_daemon_costs_the_deadline_and_a_clear_error() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    daemon.signal(libc::SIGSTOP)?;
+    let started = std::time::Instant::now();
+    let outs: Vec<Output> = [
+        vec!["--timeout", "1", "status"],
+        vec!["--timeout", "1", "allocate", "api"],
+        vec!["--timeout", "1", "watch"],
+    ]
+    .iter()
+    .map(|args| daemon.cli(args))
+    .collect();
+    let took = started.elapsed();
+    daemon.signal(libc::SIGCONT)?;
+    for out in &outs {
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("did not")
+                && stderr.contains("within 1 s")
+                && stderr.contains("--timeout"),
+            "{stderr}"
+        );
+    }
+    // Generous: three calls of a one-second deadline, not a hang.
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    let bad = daemon.cli(&["--timeout", "0", "status"]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses a zero deadline");
+    Ok(())
+}

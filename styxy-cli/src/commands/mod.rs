@@ -11,7 +11,9 @@ mod status;
 mod suggest;
 mod watch;
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
 
 use crate::client::{connect, Target};
 
@@ -36,19 +38,45 @@ pub(crate) enum Command {
     Audit(audit::Args),
 }
 
-/// Runs a client command against the daemon at `target`.
-pub(crate) async fn run(command: Command, target: &Target, as_json: bool) -> Result<()> {
-    let mut client = connect(target).await?;
-    match command {
-        Command::Status => status::run(&mut client, as_json).await,
-        Command::Ports(args) => ports::run(&mut client, args, as_json).await,
-        Command::Observe(args) => observe::run(&mut client, args, as_json).await,
-        Command::Suggest(args) => suggest::run(&mut client, args, as_json).await,
-        Command::Allocate(args) => allocate::run(&mut client, args, as_json).await,
-        Command::Release(args) => release::run(&mut client, args, as_json).await,
-        Command::Watch => watch::run(&mut client, target, as_json).await,
-        Command::Audit(args) => audit::run(&mut client, args, as_json).await,
+/// Runs a client command against the daemon at `target`. Every call has `deadline`: a stopped
+/// daemon, or one whose disk is full, costs that and an error, never a hang (`styxy watch` waits
+/// that long to be subscribed, then streams for as long as it runs).
+pub(crate) async fn run(
+    command: Command,
+    target: &Target,
+    as_json: bool,
+    deadline: Duration,
+) -> Result<()> {
+    let late = || {
+        anyhow!(
+            "the Styxy daemon at {target} did not answer within {} s (stopped, overloaded, or unable to \
+             write its state: see its log); try again, or give it longer with --timeout SECONDS",
+            deadline.as_secs_f64()
+        )
+    };
+    let mut client = tokio::time::timeout(deadline, connect(target))
+        .await
+        .map_err(|_| late())??;
+    // `styxy watch` streams for as long as it runs: its first call has the deadline instead.
+    let streams = matches!(command, Command::Watch);
+    let call = async {
+        match command {
+            Command::Status => status::run(&mut client, as_json).await,
+            Command::Ports(args) => ports::run(&mut client, args, as_json).await,
+            Command::Observe(args) => observe::run(&mut client, args, as_json).await,
+            Command::Suggest(args) => suggest::run(&mut client, args, as_json).await,
+            Command::Allocate(args) => allocate::run(&mut client, args, as_json).await,
+            Command::Release(args) => release::run(&mut client, args, as_json).await,
+            Command::Watch => watch::run(&mut client, target, as_json, deadline).await,
+            Command::Audit(args) => audit::run(&mut client, args, as_json).await,
+        }
+    };
+    if streams {
+        return call.await;
     }
+    tokio::time::timeout(deadline, call)
+        .await
+        .map_err(|_| late())?
 }
 
 /// The client every command is handed.

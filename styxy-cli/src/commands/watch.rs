@@ -8,8 +8,22 @@ use super::Client;
 use crate::client::Target;
 use crate::output::{call, clock, protocol_name};
 
-pub(super) async fn run(client: &mut Client, target: &Target, as_json: bool) -> Result<()> {
-    let mut stream = call(client.watch(pb::WatchRequest {}).await)?;
+pub(super) async fn run(
+    client: &mut Client,
+    target: &Target,
+    as_json: bool,
+    deadline: std::time::Duration,
+) -> Result<()> {
+    let subscribed = tokio::time::timeout(deadline, client.watch(pb::WatchRequest {}))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the Styxy daemon at {target} did not subscribe this watch within {} s; try again, \
+                 or give it longer with --timeout SECONDS",
+                deadline.as_secs_f64()
+            )
+        })?;
+    let mut stream = call(subscribed)?;
     // The daemon has subscribed us once the call returns: from here no event is missed.
     eprintln!("watching {target} — Ctrl-C to stop");
     while let Some(event) = stream.next().await {
