@@ -574,3 +574,59 @@ async fn lease_ids_are_never_reused_across_restarts() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A user may tie a lease only to its own processes, and lease no port below 1024: the range
+/// cannot be held for the life of pid 1, nor port 80 taken from root's server (root may do both).
+#[tokio::test(flavor = "multi_thread")]
+async fn another_user_cannot_lease_for_someone_elses_process_or_a_privileged_port(
+) -> anyhow::Result<()> {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: needs root to act as another user");
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let as_nobody = |args: &[&str]| {
+        Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .uid(65534)
+            .output()
+    };
+    let refused = as_nobody(&["allocate", "api", "--pid", "1"])?;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("pid 1 belongs to uid 0"), "{stderr}");
+    let refused = as_nobody(&["allocate", "api", "--port", "80", "--ttl", "60"])?;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("below 1024"), "{stderr}");
+    let ports = daemon.cli(&["--json", "ports"]);
+    let listed: serde_json::Value = serde_json::from_slice(&ports.stdout)?;
+    assert!(
+        listed.get("leases").is_none(),
+        "nothing was leased: {listed}"
+    );
+
+    // Its own process, and an ordinary port: fine. Root: anything.
+    let mut own = Command::new("sleep").arg("60").uid(65534).spawn()?;
+    let ok = as_nobody(&["allocate", "api", "--pid", &own.id().to_string()])?;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ok = daemon.cli(&["allocate", "api", "--pid", "1"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    own.kill()?;
+    own.wait()?;
+    Ok(())
+}

@@ -103,10 +103,19 @@ impl PortBroker for BrokerService {
             .preferred_port
             .map(|p| convert::port(p, "preferred_port"))
             .transpose()?;
+        if let Some(port) = preferred_port.filter(|p| *p < 1024 && !caller.is_root()) {
+            return Err(Status::permission_denied(format!(
+                "port {port} is below 1024: only root may lease a privileged port (uid {} asked)",
+                caller.uid
+            )));
+        }
         let process = match req.pid {
             None => None,
             Some(pid) => {
                 let pid = convert::pid(pid)?;
+                // A lease tied to a process lives as long as it: only its own user (or root)
+                // may tie one to it, or anyone could hold a range for the life of pid 1.
+                may_act_for(caller, pid)?;
                 Some(procs::process_id(pid).ok_or_else(|| {
                     Status::invalid_argument(format!("pid {pid} is not a running process"))
                 })?)
