@@ -383,15 +383,12 @@ async fn two_sessions_racing_for_one_free_port_each_reach_their_own() -> Result<
     let asked = daemon.base + 170;
     let mut x = marked_server(&daemon, Some("session-x"), asked, "X", dir.path())?;
     let mut y = marked_server(&daemon, Some("session-y"), asked, "Y", dir.path())?;
+    // The port each serves on, from http.server's own line (its notice, on stderr, may come
+    // before or after it).
     let port_of = |s: &mut Spawned| -> Result<u16> {
-        let line = s.line_where(20, |l| {
-            l.starts_with("Serving HTTP") || l.starts_with(NOTICE)
-        })?;
-        Ok(if line.starts_with(NOTICE) {
-            notice_port(&line).context("port")?
-        } else {
-            asked
-        })
+        let line = s.line_where(20, |l| l.starts_with("Serving HTTP on 127.0.0.1 port "))?;
+        let rest = line.trim_start_matches("Serving HTTP on 127.0.0.1 port ");
+        Ok(rest.split_whitespace().next().context("a port")?.parse()?)
     };
     let (px, py) = (port_of(&mut x)?, port_of(&mut y)?);
     assert_ne!(px, py, "distinct ports");
