@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -156,12 +157,11 @@ impl Store {
         audit_keep: usize,
         audit_rotate_bytes: u64,
     ) -> Result<(Store, Snapshot, Vec<AuditRecord>)> {
-        fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
+        prepare_state_dir(dir)?;
         let mut state = State::default();
         let snapshot_path = dir.join(SNAPSHOT);
-        if snapshot_path.exists() {
-            let text = fs::read_to_string(&snapshot_path)
-                .with_context(|| format!("reading {}", snapshot_path.display()))?;
+        if let Some(bytes) = read_state_file(&snapshot_path)? {
+            let text = String::from_utf8_lossy(&bytes);
             let snap: Snapshot = serde_json::from_str(&text).with_context(|| {
                 format!(
                     "{} is not a Styxy state snapshot; move it away to start with no leases",
@@ -327,11 +327,81 @@ struct Writer {
 }
 
 fn open_audit(dir: &Path) -> Result<File> {
-    OpenOptions::new()
+    state_file_options()
         .create(true)
         .append(true)
         .open(dir.join(AUDIT))
-        .context("opening the audit log")
+        .with_context(|| refused_file(&dir.join(AUDIT)))
+}
+
+/// How every state file is opened: readable by the daemon's user alone when created (0600), and
+/// never through a symbolic link (`O_NOFOLLOW`): a link planted in the state dir makes the open
+/// fail instead of making the daemon write (as root, perhaps) to wherever it points.
+fn state_file_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    options
+}
+
+/// What to say when a state file cannot be opened (a planted link among the causes).
+fn refused_file(path: &Path) -> String {
+    format!(
+        "opening {} (a state file must be a plain file of the daemon's own; if it is a symbolic \
+         link or someone else's, remove it)",
+        path.display()
+    )
+}
+
+/// Reads a whole state file without following a link; `None` when there is none.
+fn read_state_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    let mut file = match state_file_options().read(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| refused_file(path)),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(bytes))
+}
+
+/// Makes the state dir the daemon's own: created 0700 when missing; refused when it belongs to
+/// another user or others may write to it (they could plant files or links there); made 0700
+/// when it is the daemon's own but readable by others (every holder's command line is in it).
+fn prepare_state_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))?;
+    let meta = fs::metadata(dir).with_context(|| format!("reading state dir {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        anyhow::bail!(
+            "state dir {} belongs to uid {}, not to the daemon's uid {me}: give the daemon a dir of its \
+             own (--state-dir DIR), or `chown {me} {}`",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "state dir {} may be written by others (mode {:o}): they could plant files in it; \
+             `chmod 700 {}`, or give the daemon another dir with --state-dir DIR",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making state dir {} private (0700)", dir.display()))?;
+    }
+    Ok(())
 }
 
 impl Writer {
@@ -427,7 +497,13 @@ struct Journal {
 impl Journal {
     /// Starts an empty journal (truncating the one there), its first chunk zeroed and on disk.
     fn create(dir: &Path) -> Result<Journal> {
-        let file = File::create(dir.join(JOURNAL)).context("truncating the journal")?;
+        let path = dir.join(JOURNAL);
+        let file = state_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| refused_file(&path))?;
         let mut journal = Journal {
             file,
             end: 0,
@@ -495,10 +571,8 @@ fn append_json_line<T: Serialize>(buf: &mut Vec<u8>, value: &T) {
 /// Reads a JSON-lines file; a missing file is empty, and an unparsable line (a torn write) is skipped.
 /// The data ends at the first zero byte (the journal is filled with zeros ahead of its writes).
 fn read_json_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let Some(bytes) = read_state_file(path)? else {
+        return Ok(Vec::new());
     };
     let data = bytes.split(|b| *b == 0).next().unwrap_or_default();
     let mut out = Vec::new();
@@ -521,7 +595,18 @@ fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<()> {
     // and a snapshot of 10,000 leases took a second of the writer's time (every waiter stalled).
     let mut text = serde_json::to_vec_pretty(snapshot).context("serializing the state snapshot")?;
     text.push(b'\n');
-    let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // A fresh file (O_EXCL): whatever was left under this name, a link included, is removed
+    // first (removing a link never touches its target).
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+    }
+    let mut file = state_file_options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| refused_file(&tmp))?;
     file.write_all(&text)
         .with_context(|| format!("writing {}", tmp.display()))?;
     file.sync_all().context("fsync of the state snapshot")?;

@@ -630,3 +630,108 @@ async fn another_user_cannot_lease_for_someone_elses_process_or_a_privileged_por
     own.wait()?;
     Ok(())
 }
+
+/// Starts `styxy daemon` on `state_dir` (no TCP, socket tables) and returns its output once it
+/// exits, or `None` when it came up (then it is stopped).
+fn daemon_on_state_dir(
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Option<std::process::Output>> {
+    let run_dir = tempfile::tempdir()?;
+    let mut child = Command::new(styxy_tests::styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(run_dir.path().join("styxy.sock"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--listen", "none", "--observer", "sockets"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(child.wait_with_output()?));
+        }
+        if run_dir.path().join("styxy.sock").exists() {
+            // Up: stop it cleanly, so it writes what it writes on the way out too.
+            // SAFETY: kill has no memory preconditions; the pid is our own child's.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            child.wait()?;
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the daemon neither started nor exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The state dir is the daemon's own: created 0700 with 0600 files; no link planted in it is
+/// ever followed (the daemon refuses to start, and the link's target is untouched); a dir that
+/// belongs to another user or that others may write to is refused, with the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_state_dir_is_private_and_no_planted_link_is_followed() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let base = tempfile::tempdir()?;
+    let fresh = base.path().join("fresh");
+    assert!(
+        daemon_on_state_dir(&fresh)?.is_none(),
+        "starts on a fresh dir"
+    );
+    assert_eq!(std::fs::metadata(&fresh)?.mode() & 0o777, 0o700);
+    for file in ["journal.jsonl", "state.json", "audit.jsonl"] {
+        let mode = std::fs::metadata(fresh.join(file))?.mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+
+    let precious = base.path().join("precious");
+    for planted in [
+        "journal.jsonl",
+        "audit.jsonl",
+        "state.json",
+        "state.json.tmp",
+    ] {
+        std::fs::write(&precious, "precious\n")?;
+        let dir = base.path().join(format!("planted-{planted}"));
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::symlink(&precious, dir.join(planted))?;
+        let outcome = daemon_on_state_dir(&dir)?;
+        assert_eq!(
+            std::fs::read_to_string(&precious)?,
+            "precious\n",
+            "{planted}: the link's target was written"
+        );
+        match planted {
+            // A leftover temporary is removed (the link, never its target) and made anew.
+            "state.json.tmp" => assert!(outcome.is_none(), "{planted}: starts"),
+            _ => {
+                let out = outcome.expect("refuses to start");
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    stderr.contains(planted) && stderr.contains("symbolic link"),
+                    "{planted}: {stderr}"
+                );
+            }
+        }
+    }
+
+    let open = base.path().join("world-writable");
+    std::fs::create_dir(&open)?;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777))?;
+    let out = daemon_on_state_dir(&open)?.expect("refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 700"),
+        "{out:?}"
+    );
+    if is_root() {
+        let foreign = base.path().join("foreign");
+        std::fs::create_dir(&foreign)?;
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534))?;
+        let out = daemon_on_state_dir(&foreign)?.expect("refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
+    }
+    Ok(())
+}
