@@ -735,3 +735,36 @@ async fn the_state_dir_is_private_and_no_planted_link_is_followed() -> anyhow::R
     }
     Ok(())
 }
+
+/// Bad input gets a short answer: a request over 16 KiB is refused before it is decoded, and an
+/// invalid value is quoted by a short prefix (a 4 MB service type once came back as a 34 MB
+/// message). Over loopback TCP, which any local process may use.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_input_is_refused_with_a_short_message() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.tcp_client().await?;
+    let huge = client
+        .suggest(pb::SuggestRequest {
+            service_type: "x".repeat(4 << 20),
+            count: 1,
+        })
+        .await
+        .expect_err("a 4 MB request is refused");
+    assert!(huge.message().len() < 300, "{} bytes", huge.message().len());
+    let bad = client
+        .suggest(pb::SuggestRequest {
+            service_type: "Y".repeat(10_000),
+            count: 1,
+        })
+        .await
+        .expect_err("an invalid type is refused");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().len() < 300 && bad.message().contains("(10000 bytes)"),
+        "{}",
+        bad.message()
+    );
+    // The daemon is fine afterwards.
+    client.status(pb::StatusRequest {}).await?;
+    Ok(())
+}

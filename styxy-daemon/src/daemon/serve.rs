@@ -88,6 +88,11 @@ pub(super) async fn start(
     Ok(servers)
 }
 
+/// The largest `styxy.v1` request accepted: the largest valid one (an Allocate with a 128-byte
+/// session id) is well under 1 KiB; tonic's default of 4 MiB let any local process make the
+/// daemon decode and answer megabytes per call.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
 /// The `styxy.v1` service with gRPC health and server reflection (v1 and v1alpha).
 async fn router(engine: &Arc<Engine>, opts: &Options) -> Result<Router> {
     let service = BrokerService::new(
@@ -111,7 +116,7 @@ async fn router(engine: &Arc<Engine>, opts: &Options) -> Result<Router> {
         .build_v1alpha()
         .context("building the reflection service")?;
     Ok(Server::builder()
-        .add_service(PortBrokerServer::new(service))
+        .add_service(PortBrokerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))

@@ -27,12 +27,28 @@ pub fn port(value: u32, field: &str) -> Result<u16, Status> {
         })
 }
 
+/// How much of a refused input an error message quotes.
+const QUOTED_PREFIX: usize = 40;
+
+/// `value` for an error message: quoted, at most [`QUOTED_PREFIX`] characters of it, and its
+/// length when it was cut — a 4 MB input never comes back as a 4 MB (or 34 MB, escaped) message.
+pub fn quoted(value: &str) -> String {
+    let mut chars = value.chars();
+    let prefix: String = chars.by_ref().take(QUOTED_PREFIX).collect();
+    if chars.next().is_none() {
+        format!("{prefix:?}")
+    } else {
+        format!("{prefix:?}… ({} bytes)", value.len())
+    }
+}
+
 pub fn service_type(value: &str) -> Result<String, Status> {
     if is_valid_type_name(value) {
         Ok(value.to_string())
     } else {
         Err(Status::invalid_argument(format!(
-            "service_type {value:?} is invalid: use 1-64 characters of a-z, 0-9, '_', '.', '-' (e.g. \"api\")"
+            "service_type {} is invalid: use 1-64 characters of a-z, 0-9, '_', '.', '-' (e.g. \"api\")",
+            quoted(value)
         )))
     }
 }
@@ -48,7 +64,8 @@ pub fn instance_id(value: Option<String>) -> Result<Option<String>, Status> {
             Ok(Some(id))
         }
         Some(id) => Err(Status::invalid_argument(format!(
-            "instance_id {id:?} is invalid: use 1-{MAX_INSTANCE_ID} printable ASCII characters, no spaces"
+            "instance_id {} is invalid: use 1-{MAX_INSTANCE_ID} printable ASCII characters, no spaces",
+            quoted(&id)
         ))),
     }
 }
@@ -243,6 +260,24 @@ pub fn engine_error(e: EngineError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_input_is_quoted_by_a_short_prefix() {
+        assert_eq!(quoted("storybok"), "\"storybok\"");
+        let huge = "x".repeat(4 << 20);
+        let said = quoted(&huge);
+        assert!(
+            said.len() < 80 && said.ends_with("(4194304 bytes)"),
+            "{said}"
+        );
+        let status = service_type(&huge).unwrap_err();
+        assert!(status.message().len() < 200, "{}", status.message().len());
+        let wide = "é".repeat(100);
+        assert!(
+            quoted(&wide).starts_with("\"éé"),
+            "cut on characters, not bytes"
+        );
+    }
 
     #[test]
     fn bad_inputs_get_messages_that_say_what_is_accepted() {
