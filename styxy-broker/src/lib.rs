@@ -9,6 +9,8 @@
 
 pub mod model;
 mod portset;
+#[cfg(test)]
+mod proptests;
 pub mod ranges;
 #[cfg(test)]
 mod tests;
@@ -752,23 +754,26 @@ impl Broker {
             return Ok((BindDecision::Reassign { port, holder }, effects));
         }
 
-        // A lease whose process has exited holds nothing, whatever the last sweep saw.
-        if let Some(lease) = self.leases.get(&req.port) {
-            if lease.process.is_some_and(|p| !processes.is_alive(p)) {
-                if let Some(lease) = self.take_lease(req.port) {
-                    effects.lease_removed(lease);
-                }
-            }
-        }
-
+        // A lease whose process has exited holds nothing, whatever the last sweep saw. It is
+        // dropped only on the way to an answer: an error must leave the broker as it found it,
+        // or the change would be lost with the error while the journal still held the lease.
+        let dead_lease = self
+            .leases
+            .get(&req.port)
+            .is_some_and(|l| l.process.is_some_and(|p| !processes.is_alive(p)));
         let holder = self.holder_of(req.port, req.protocol, me).or_else(|| {
             self.leases
                 .get(&req.port)
-                .filter(|l| !self.lease_belongs_to(l, req, processes))
+                .filter(|l| !dead_lease && !self.lease_belongs_to(l, req, processes))
                 .cloned()
                 .map(HolderView::Lease)
         });
         let Some(holder) = holder else {
+            if dead_lease {
+                if let Some(lease) = self.take_lease(req.port) {
+                    effects.lease_removed(lease);
+                }
+            }
             if !self.leases.contains_key(&req.port) {
                 let claim = self.new_claim(req, req.port, None, now_ms);
                 effects.lease_put(&claim);
@@ -785,6 +790,11 @@ impl Broker {
                 start: range.start,
                 end: range.end,
             })?;
+        if dead_lease {
+            if let Some(lease) = self.take_lease(req.port) {
+                effects.lease_removed(lease);
+            }
+        }
         let claim = self.new_claim(req, port, Some(req.port), now_ms);
         effects.lease_put(&claim);
         self.insert_lease(claim);
