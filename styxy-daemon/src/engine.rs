@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
+use crate::metrics::Metrics;
 use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
 use crate::store::{Store, Ticket};
@@ -80,6 +81,7 @@ pub struct Engine {
     table: OnceLock<PublishedTable>,
     /// `ResolveBind` calls answered: what the shim's fast path saves shows here.
     resolve_bind_calls: AtomicU64,
+    metrics: Metrics,
 }
 
 /// Everything `ListPorts` answers.
@@ -173,6 +175,7 @@ impl Engine {
             port_counts: OnceLock::new(),
             table: OnceLock::new(),
             resolve_bind_calls: AtomicU64::new(0),
+            metrics: Metrics::default(),
         }
     }
 
@@ -213,6 +216,15 @@ impl Engine {
             (value, effects, ticket)
         };
         for notice in effects.notices {
+            match &notice {
+                Notice::Bound(_) => {
+                    self.metrics.binds_seen.inc();
+                }
+                Notice::Reassigned(_) => {
+                    self.metrics.moves.inc();
+                }
+                _ => {}
+            }
             if let Notice::Reassigned(record) = &notice {
                 let mut audit = lock(&self.audit);
                 if audit.len() >= AUDIT_KEEP {
@@ -228,6 +240,17 @@ impl Engine {
 
     fn commit_effects(&self, decide: impl FnOnce(&mut Broker) -> Effects) -> Ticket {
         self.commit(|b| ((), decide(b))).1
+    }
+
+    /// The daemon's metrics, to count into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// What a metrics scrape gets, read now.
+    pub fn render_metrics(&self) -> String {
+        let observer = lock(&self.observer).kind;
+        self.metrics.render(&lock(&self.broker), observer)
     }
 
     /// Publishes the session table from now on, starting with everything the broker knows.
@@ -372,6 +395,7 @@ impl Engine {
     pub fn resync_reading(&self) -> std::io::Result<Vec<BoundSocket>> {
         let reading = self.kernel.read(None, None)?;
         self.commit_effects(|b| b.reconcile(Scope::All, reading.clone(), now_ms()));
+        self.metrics.resyncs.inc();
         Ok(reading)
     }
 
@@ -382,6 +406,7 @@ impl Engine {
 
     pub fn count_dropped(&self, n: u64) {
         self.dropped_events.fetch_add(n, Ordering::Relaxed);
+        self.metrics.lost_records.inc_by(n);
     }
 
     /// Ends lapsed and orphaned leases and instances.

@@ -5,10 +5,12 @@
 //! - `observe` watches the kernel's sockets (eBPF, or the socket tables) and reads `/proc`;
 //! - `engine` does the I/O around each broker decision; `rpc` serves `styxy.v1`;
 //! - `store` persists leases, instances and the audit log;
-//! - `table` publishes the session table the shim maps (taken ports, session views).
+//! - `table` publishes the session table the shim maps (taken ports, session views);
+//! - `metrics` counts what operators watch (served with `--metrics ADDR`).
 
 mod daemon;
 mod engine;
+mod metrics;
 mod observe;
 mod rpc;
 mod store;

@@ -768,3 +768,114 @@ async fn oversized_input_is_refused_with_a_short_message() -> anyhow::Result<()>
     client.status(pb::StatusRequest {}).await?;
     Ok(())
 }
+
+/// Reads OpenMetrics text on stdin with Python's prometheus_client parser (what a Prometheus
+/// ecosystem tool would use) and prints every sample as `name{labels} value`, labels sorted.
+const PARSE_OPENMETRICS: &str = "import sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+for family in text_string_to_metric_families(sys.stdin.read()):\n    \
+for s in family.samples:\n        \
+labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n        \
+print(f'{s.name}{{{labels}}} {s.value}')\n";
+
+/// `--metrics ADDR` serves what operators watch, in a format a real parser reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_and_parse_as_openmetrics() -> anyhow::Result<()> {
+    let base = styxy_tests::port_block();
+    let addr = format!("127.0.0.1:{}", base + 1);
+    let daemon = Daemon::start_with(&["--metrics", &addr]).await?;
+    let mut client = daemon.client().await?;
+    client
+        .suggest(pb::SuggestRequest {
+            service_type: "api".into(),
+            count: 1,
+        })
+        .await?;
+    let _ = client
+        .suggest(pb::SuggestRequest {
+            service_type: "Not Valid".into(),
+            count: 1,
+        })
+        .await
+        .expect_err("invalid");
+    client
+        .allocate(pb::AllocateRequest {
+            service_type: "api".into(),
+            ttl_seconds: Some(60),
+            ..Default::default()
+        })
+        .await?;
+    let held = daemon.base + 150;
+    let server = http_server(held)?;
+    client
+        .resolve_bind(styxy_tests::resolve_bind_request(
+            std::process::id(),
+            held,
+            pb::Protocol::Tcp,
+        ))
+        .await?;
+    drop(server);
+
+    let scrape = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{addr}/metrics")])
+        .output()?;
+    assert!(scrape.status.success(), "{scrape:?}");
+    let mut parser = Command::new("python3")
+        .args(["-c", PARSE_OPENMETRICS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(parser.stdin.as_mut().expect("stdin"), &scrape.stdout)?;
+    let parsed = parser.wait_with_output()?;
+    assert!(
+        parsed.status.success(),
+        "not OpenMetrics: {}\n{}",
+        String::from_utf8_lossy(&parsed.stderr),
+        String::from_utf8_lossy(&scrape.stdout)
+    );
+    let samples: std::collections::HashMap<String, f64> = String::from_utf8(parsed.stdout)?
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect();
+    let value = |name: &str| samples.get(name).copied();
+    assert_eq!(
+        value("styxy_rpcs_total{code=OK,method=Suggest}"),
+        Some(1.0),
+        "{samples:?}"
+    );
+    assert_eq!(
+        value("styxy_rpcs_total{code=INVALID_ARGUMENT,method=Suggest}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("styxy_rpcs_total{code=OK,method=Allocate}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("styxy_rpcs_total{code=OK,method=ResolveBind}"),
+        Some(1.0)
+    );
+    assert_eq!(value("styxy_resolve_bind_seconds_count{}"), Some(1.0));
+    assert_eq!(
+        value("styxy_leases{kind=lease,service_type=api}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("styxy_moves_total{}"),
+        Some(1.0),
+        "the ResolveBind was moved off {held}"
+    );
+    assert!(value("styxy_binds_seen_total{}").is_some_and(|n| n >= 1.0));
+    assert!(value("styxy_resyncs_total{}").is_some_and(|n| n >= 1.0));
+    assert_eq!(value("styxy_lost_records_total{}"), Some(0.0));
+    assert_eq!(value("styxy_observer{observer=sockets-table}"), Some(1.0));
+
+    let refused = Daemon::start_with(&["--metrics", "0.0.0.0:9"]).await;
+    let error = format!("{:#}", refused.err().expect("not loopback: refused"));
+    assert!(error.contains("loopback"), "{error}");
+    Ok(())
+}

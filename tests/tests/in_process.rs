@@ -49,6 +49,7 @@ async fn the_daemon_runs_in_process_and_stops_when_its_shutdown_completes() -> a
         tcp_allow_writes: false,
         cgroup: None,
         ebpf_object: None,
+        metrics: None,
     };
 
     let (task, stop) = start(&options);

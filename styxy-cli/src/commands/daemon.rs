@@ -35,6 +35,9 @@ pub(crate) struct Args {
     /// The eBPF object [default: $STYXY_EBPF_OBJECT, next to this binary, or <prefix>/lib/styxy/styxy-ebpf.o]
     #[arg(long)]
     ebpf_object: Option<PathBuf>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, loopback only, e.g. 127.0.0.1:9877 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -76,6 +79,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             tcp_allow_writes: args.tcp_allow_writes,
             cgroup: args.cgroup,
             ebpf_object: args.ebpf_object,
+            metrics: args.metrics,
         },
         shutdown,
     )

@@ -58,6 +58,8 @@ pub struct Options {
     pub cgroup: Option<PathBuf>,
     /// The eBPF object (default: looked up next to the binary and in the install prefix).
     pub ebpf_object: Option<PathBuf>,
+    /// Loopback address to serve `/metrics` on (OpenMetrics text); `None`: no metrics endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; a test, whatever
@@ -105,6 +107,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         tcp_listen: listeners.tcp_address(),
     });
     let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
+    if let Some(addr) = opts.metrics {
+        servers.spawn(serve::metrics(addr, engine.clone(), stop.clone()).await?);
+    }
     systemd::notify(&format!(
         "READY=1\nSTATUS=serving on {}; observer {}",
         opts.socket.display(),

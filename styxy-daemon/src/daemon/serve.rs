@@ -88,6 +88,72 @@ pub(super) async fn start(
     Ok(servers)
 }
 
+/// Serves `GET /metrics` (OpenMetrics text, what Prometheus scrapes) on `addr`, which must be
+/// loopback: the figures name service types and sessions, nothing for the network. Returns the
+/// server to run until `stop`.
+pub(super) async fn metrics(
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = Result<()>>> {
+    if !addr.ip().is_loopback() {
+        bail!(
+            "--metrics {addr} is not a loopback address: the metrics endpoint serves loopback only"
+        );
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for metrics (use --metrics ADDR)"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving metrics at /metrics");
+    Ok(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted.context("accepting a metrics scrape")?,
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            };
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let answer = hyper::service::service_fn(move |request| {
+                    let engine = engine.clone();
+                    async move { Ok::<_, std::convert::Infallible>(metrics_answer(&request, &engine)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), answer);
+                if let Err(e) = connection.await {
+                    tracing::debug!(cause = %e, "a metrics scrape ended early");
+                }
+            });
+        }
+    })
+}
+
+/// The answer to one request of the metrics endpoint.
+fn metrics_answer(
+    request: &hyper::Request<hyper::body::Incoming>,
+    engine: &Engine,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            hyper::StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            engine.render_metrics(),
+        ),
+        _ => (
+            hyper::StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "Styxy serves GET /metrics here\n".to_string(),
+        ),
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
 /// The largest `styxy.v1` request accepted: the largest valid one (an Allocate with a 128-byte
 /// session id) is well under 1 KiB; tonic's default of 4 MiB let any local process make the
 /// daemon decode and answer megabytes per call.

@@ -63,6 +63,17 @@ impl BrokerService {
     }
 }
 
+impl BrokerService {
+    /// Counts `answer` (its status code) for the metrics, and hands it on.
+    fn counted<T>(&self, method: &'static str, answer: Result<T, Status>) -> Result<T, Status> {
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.engine.metrics().count_rpc(method, code);
+        answer
+    }
+}
+
 /// Runs the short blocking work of a request (a filtered sock_diag query, a few `/proc` reads) in
 /// place: handing it to `block_in_place` or a blocking pool cost more (a thread hand-off per call,
 /// seen in `cargo xtask bench broker`) than the work itself. A rare long `/proc` scan delays only
@@ -73,9 +84,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PortEvent, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl PortBroker for BrokerService {
-    async fn suggest(
+/// The calls themselves; [`PortBroker`] below counts each answer for the metrics.
+impl BrokerService {
+    async fn suggest_call(
         &self,
         request: Request<pb::SuggestRequest>,
     ) -> Result<Response<pb::SuggestResponse>, Status> {
@@ -92,7 +103,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn allocate(
+    async fn allocate_call(
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
@@ -141,7 +152,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn release(
+    async fn release_call(
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
@@ -166,7 +177,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn observe(
+    async fn observe_call(
         &self,
         request: Request<pb::ObserveRequest>,
     ) -> Result<Response<pb::ObserveResponse>, Status> {
@@ -183,7 +194,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn list_ports(
+    async fn list_ports_call(
         &self,
         _: Request<pb::ListPortsRequest>,
     ) -> Result<Response<pb::ListPortsResponse>, Status> {
@@ -195,12 +206,10 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    type WatchStream = EventStream;
-
-    async fn watch(
+    async fn watch_call(
         &self,
         _: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<Response<EventStream>, Status> {
         let stream = BroadcastStream::new(self.engine.subscribe()).filter_map(|item| match item {
             Ok(notice) => Some(Ok(convert::event(&notice, now_ms()))),
             Err(lagged) => {
@@ -211,7 +220,7 @@ impl PortBroker for BrokerService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn register_instance(
+    async fn register_instance_call(
         &self,
         request: Request<pb::RegisterInstanceRequest>,
     ) -> Result<Response<pb::RegisterInstanceResponse>, Status> {
@@ -233,7 +242,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn resolve_bind(
+    async fn resolve_bind_call(
         &self,
         request: Request<pb::ResolveBindRequest>,
     ) -> Result<Response<pb::ResolveBindResponse>, Status> {
@@ -286,7 +295,7 @@ impl PortBroker for BrokerService {
         Ok(Response::new(response))
     }
 
-    async fn status(
+    async fn status_call(
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
@@ -316,7 +325,7 @@ impl PortBroker for BrokerService {
         }))
     }
 
-    async fn list_audit(
+    async fn list_audit_call(
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
@@ -326,6 +335,96 @@ impl PortBroker for BrokerService {
         Ok(Response::new(pb::ListAuditResponse {
             entries: entries.iter().map(convert::audit_entry).collect(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl PortBroker for BrokerService {
+    type WatchStream = EventStream;
+
+    async fn suggest(
+        &self,
+        request: Request<pb::SuggestRequest>,
+    ) -> Result<Response<pb::SuggestResponse>, Status> {
+        let answer = self.suggest_call(request).await;
+        self.counted("Suggest", answer)
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let answer = self.allocate_call(request).await;
+        self.counted("Allocate", answer)
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let answer = self.release_call(request).await;
+        self.counted("Release", answer)
+    }
+
+    async fn observe(
+        &self,
+        request: Request<pb::ObserveRequest>,
+    ) -> Result<Response<pb::ObserveResponse>, Status> {
+        let answer = self.observe_call(request).await;
+        self.counted("Observe", answer)
+    }
+
+    async fn list_ports(
+        &self,
+        request: Request<pb::ListPortsRequest>,
+    ) -> Result<Response<pb::ListPortsResponse>, Status> {
+        let answer = self.list_ports_call(request).await;
+        self.counted("ListPorts", answer)
+    }
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let answer = self.watch_call(request).await;
+        self.counted("Watch", answer)
+    }
+
+    async fn register_instance(
+        &self,
+        request: Request<pb::RegisterInstanceRequest>,
+    ) -> Result<Response<pb::RegisterInstanceResponse>, Status> {
+        let answer = self.register_instance_call(request).await;
+        self.counted("RegisterInstance", answer)
+    }
+
+    async fn resolve_bind(
+        &self,
+        request: Request<pb::ResolveBindRequest>,
+    ) -> Result<Response<pb::ResolveBindResponse>, Status> {
+        let started = std::time::Instant::now();
+        let answer = self.resolve_bind_call(request).await;
+        self.engine
+            .metrics()
+            .resolve_bind_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.counted("ResolveBind", answer)
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let answer = self.status_call(request).await;
+        self.counted("Status", answer)
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let answer = self.list_audit_call(request).await;
+        self.counted("ListAudit", answer)
     }
 }
 
