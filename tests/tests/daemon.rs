@@ -879,3 +879,85 @@ async fn metrics_are_served_and_parse_as_openmetrics() -> anyhow::Result<()> {
     assert!(error.contains("loopback"), "{error}");
     Ok(())
 }
+
+/// Out of file descriptors, the daemon cannot read `/proc`: that is no proof a process died. A
+/// lease tied to a live process survives a flood of idle connections that exhausts the daemon's
+/// descriptors (it was ended and journaled, with nothing logged), and Status counts the checks
+/// that could not be made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("styxy.sock");
+    // A low hard limit: the daemon raises its soft limit to the hard one, and no further.
+    let mut daemon = Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(styxy_tests::styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--listen",
+            "none",
+            "--observer",
+            "sockets",
+            "--scan-interval-ms",
+            "200",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let cli = |args: &[&str]| {
+        Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+    };
+    styxy_tests::eventually(10, "the daemon up", || async {
+        cli(&["status"]).ok()?.status.success().then_some(())
+    })
+    .await?;
+    let mut owner = Command::new("sleep").arg("120").spawn()?;
+    let leased = cli(&[
+        "--json",
+        "allocate",
+        "api",
+        "--pid",
+        &owner.id().to_string(),
+    ])?;
+    assert!(leased.status.success(), "{leased:?}");
+    let lease: serde_json::Value = serde_json::from_slice(&leased.stdout)?;
+    // Idle connections until the daemon has no descriptor left, held over a few lease sweeps.
+    let flood: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    drop(flood);
+    let seen = styxy_tests::eventually(15, "the daemon answering again", || async {
+        let out = cli(&["--json", "status"]).ok()?;
+        out.status.success().then_some(out)
+    })
+    .await?;
+    let status: serde_json::Value = serde_json::from_slice(&seen.stdout)?;
+    let ports = cli(&["--json", "ports"])?;
+    let listed: serde_json::Value = serde_json::from_slice(&ports.stdout)?;
+    let leases = listed["leases"].as_array().cloned().unwrap_or_default();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    owner.kill()?;
+    owner.wait()?;
+    assert!(
+        leases.iter().any(|l| l["leaseId"] == lease["leaseId"]),
+        "the lease of a live process was ended: {listed}"
+    );
+    assert!(
+        status["processesUnchecked"]
+            .as_str()
+            .and_then(|n| n.parse::<u64>().ok())
+            > Some(0),
+        "Status counts the checks it could not make: {status}"
+    );
+    Ok(())
+}

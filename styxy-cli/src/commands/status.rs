@@ -35,6 +35,12 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         s.dropped_events,
         s.resolve_bind_calls
     );
+    if s.processes_unchecked > 0 {
+        println!(
+            "warning: {} process check(s) could not read /proc (out of file descriptors?); those processes kept what they hold",
+            s.processes_unchecked
+        );
+    }
     if s.observer_delay_samples > 0 {
         println!(
             "bind → broker: p50 {} µs · p99 {} µs (last {} events)",

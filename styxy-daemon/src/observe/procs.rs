@@ -148,9 +148,43 @@ pub struct ProcFs;
 /// How far up the process tree [`ProcessView::ancestors`] looks.
 const MAX_ANCESTRY: usize = 64;
 
+/// Times a process's liveness could not be checked (see [`ProcFs::is_alive`]).
+pub static UNCHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl ProcessView for ProcFs {
+    /// A process is dead only when the kernel says so: no such pid (`kill(pid, 0)` fails with
+    /// ESRCH, or `/proc/<pid>` is gone), or another start time under the pid (reused). When `/proc`
+    /// cannot be read — out of descriptors (EMFILE), memory, or permission — it is alive: taking
+    /// every process for dead then once ended every lease tied to one, with nothing logged.
     fn is_alive(&self, id: ProcessId) -> bool {
-        process_id(id.pid) == Some(id)
+        if let Some((info, _)) = cached(id.pid) {
+            return info.id == id;
+        }
+        let Ok(pid) = libc::pid_t::try_from(id.pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks for the process; it has no memory preconditions.
+        if unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        {
+            return false;
+        }
+        match Process::new(pid).and_then(|p| p.stat()) {
+            Ok(stat) => stat.starttime == id.start_time,
+            Err(procfs::ProcError::NotFound(_)) => false,
+            Err(e) => {
+                let unchecked = UNCHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if unchecked.is_multiple_of(1000) {
+                    tracing::warn!(
+                        pid,
+                        cause = %e,
+                        unchecked = unchecked + 1,
+                        "could not read a process to check it is alive; keeping what it holds"
+                    );
+                }
+                true
+            }
+        }
     }
 
     fn ancestors(&self, pid: u32) -> Vec<ProcessId> {
