@@ -82,6 +82,8 @@ pub struct Engine {
     /// `ResolveBind` calls answered: what the shim's fast path saves shows here.
     resolve_bind_calls: AtomicU64,
     metrics: Metrics,
+    /// Damage found in the state dir at start, for `Status`.
+    state_damage: Mutex<Vec<String>>,
 }
 
 /// Everything `ListPorts` answers.
@@ -176,6 +178,7 @@ impl Engine {
             table: OnceLock::new(),
             resolve_bind_calls: AtomicU64::new(0),
             metrics: Metrics::default(),
+            state_damage: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,6 +243,16 @@ impl Engine {
 
     fn commit_effects(&self, decide: impl FnOnce(&mut Broker) -> Effects) -> Ticket {
         self.commit(|b| ((), decide(b))).1
+    }
+
+    /// What damage the store found in the state dir at start (and dropped), for `Status`.
+    pub fn set_state_damage(&self, damage: Vec<String>) {
+        *lock(&self.state_damage) = damage;
+    }
+
+    /// The damage found at start.
+    pub fn state_damage(&self) -> Vec<String> {
+        lock(&self.state_damage).clone()
     }
 
     /// The daemon's metrics, to count into.

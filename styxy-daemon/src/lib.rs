@@ -10,6 +10,7 @@
 
 mod daemon;
 mod engine;
+mod journal;
 mod metrics;
 mod observe;
 mod rpc;

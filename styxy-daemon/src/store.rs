@@ -1,12 +1,15 @@
 //! Persistence of leases and instances, and the audit log, in the state dir.
 //!
 //! - `state.json`: a snapshot of every lease and instance, replaced atomically (temp file, fsync, rename).
-//! - `journal.jsonl`: the changes made since that snapshot, one JSON line each, written and fsynced before
+//! - `journal.jsonl`: the changes made since that snapshot, one checksummed line each (see
+//!   `crate::journal`: damage is found and reported, never read past or guessed), written and fsynced before
 //!   the caller is answered. The file is filled with zeros ahead of the writes ([`JOURNAL_CHUNK`] at a
 //!   time), so a write overwrites zeros in place and its fsync has only data to flush, not the file's
 //!   new size too; the journal ends at its first zero byte. Writes from concurrent callers are grouped into one fsync (group commit), so
 //!   durability costs one fsync per batch, not per lease. When the journal grows it is folded into a new
-//!   snapshot. A torn last line (power loss mid-write) is ignored on replay. Changes nobody waits for
+//!   snapshot. A torn last line (power loss mid-write) is dropped on replay. A damaged journal or snapshot
+//!   is moved aside (`….damaged-<ms>`), what it held up to the damage is kept, and what was dropped is
+//!   said in the log and in `Status`; the daemon starts. Changes nobody waits for
 //!   (the shim's short claims, table reconciliations) linger up to [`LINGER`] so that a run of binds
 //!   costs one write and one fsync, not one each; anyone waiting for durability cuts that short.
 //! - `audit.jsonl`: every reassigned bind, one JSON line each; past [`AUDIT_ROTATE_BYTES`] it is
@@ -26,6 +29,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::journal;
 use styxy_broker::{AuditRecord, Instance, Lease, StateChange};
 
 const SNAPSHOT: &str = "state.json";
@@ -50,6 +54,9 @@ pub struct Snapshot {
     /// issues ids after it, so an id a script kept never names someone else's lease.
     #[serde(default)]
     pub lease_ids_issued: u64,
+    /// What damage was found reading the state dir, and what was dropped for it (not saved).
+    #[serde(skip)]
+    pub damage: Vec<String>,
 }
 
 /// Leases and instances by id, the way the journal's changes address them.
@@ -86,11 +93,36 @@ impl State {
         }
     }
 
+    /// Checks what was loaded against the broker's invariant: one lease per port. Of leases that
+    /// share a port, the first issued stays; the others are dropped, each reported.
+    fn drop_double_bookings(&mut self) -> Vec<String> {
+        let mut by_port: BTreeMap<u16, Vec<(u64, String)>> = BTreeMap::new();
+        for lease in self.leases.values() {
+            by_port
+                .entry(lease.port)
+                .or_default()
+                .push((lease_number(&lease.id), lease.id.clone()));
+        }
+        let mut reports = Vec::new();
+        for (port, mut ids) in by_port.into_iter().filter(|(_, ids)| ids.len() > 1) {
+            ids.sort();
+            let kept = ids.remove(0).1;
+            for (_, id) in ids {
+                self.leases.remove(&id);
+                reports.push(format!(
+                    "{id} held port {port}, which {kept} holds too: dropped (a port has one lease)"
+                ));
+            }
+        }
+        reports
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             leases: self.leases.values().cloned().collect(),
             instances: self.instances.values().cloned().collect(),
             lease_ids_issued: self.lease_ids_issued,
+            damage: Vec::new(),
         }
     }
 }
@@ -159,29 +191,61 @@ impl Store {
     ) -> Result<(Store, Snapshot, Vec<AuditRecord>)> {
         prepare_state_dir(dir)?;
         let mut state = State::default();
+        let mut damage = Vec::new();
         let snapshot_path = dir.join(SNAPSHOT);
         if let Some(bytes) = read_state_file(&snapshot_path)? {
-            let text = String::from_utf8_lossy(&bytes);
-            let snap: Snapshot = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a Styxy state snapshot; move it away to start with no leases",
-                    snapshot_path.display()
-                )
-            })?;
-            state.lease_ids_issued = snap
-                .leases
-                .iter()
-                .map(|l| lease_number(&l.id))
-                .fold(snap.lease_ids_issued, u64::max);
-            state.leases = snap.leases.into_iter().map(|l| (l.id.clone(), l)).collect();
-            state.instances = snap
-                .instances
-                .into_iter()
-                .map(|i| (i.id.clone(), i))
-                .collect();
+            match serde_json::from_slice::<Snapshot>(&bytes) {
+                Ok(snap) => {
+                    state.lease_ids_issued = snap
+                        .leases
+                        .iter()
+                        .map(|l| lease_number(&l.id))
+                        .fold(snap.lease_ids_issued, u64::max);
+                    state.leases = snap.leases.into_iter().map(|l| (l.id.clone(), l)).collect();
+                    state.instances = snap
+                        .instances
+                        .into_iter()
+                        .map(|i| (i.id.clone(), i))
+                        .collect();
+                }
+                Err(e) => {
+                    let kept = set_aside(&snapshot_path)?;
+                    damage.push(format!(
+                        "{} is not a state snapshot ({e}): moved to {}; leases and instances it held are \
+                         not restored (the journal's changes since are)",
+                        snapshot_path.display(),
+                        kept.display()
+                    ));
+                }
+            }
         }
-        for change in read_json_lines::<StateChange>(&dir.join(JOURNAL))? {
+        let journal_path = dir.join(JOURNAL);
+        let replayed = journal::replay(&read_state_file(&journal_path)?.unwrap_or_default());
+        for change in replayed.changes {
             state.apply(change);
+        }
+        if replayed.torn_tail {
+            tracing::info!(
+                "the journal's last record was cut short by a crash (never acknowledged): dropped"
+            );
+        }
+        if let Some(found) = replayed.damage {
+            let kept = set_aside(&journal_path)?;
+            damage.push(format!(
+                "{} is damaged at record {} (byte {}: {}): kept the {} record(s) before it, dropped {}; \
+                 the damaged file is kept as {}",
+                journal_path.display(),
+                found.record,
+                found.offset,
+                found.reason,
+                found.kept,
+                found.dropped,
+                kept.display()
+            ));
+        }
+        damage.extend(state.drop_double_bookings());
+        for report in &damage {
+            tracing::error!("{report}");
         }
         write_snapshot(dir, &state.snapshot())?;
         let journal = Journal::create(dir)?;
@@ -198,7 +262,8 @@ impl Store {
             wake: Condvar::new(),
             durable,
         });
-        let snapshot = state.snapshot();
+        let mut snapshot = state.snapshot();
+        snapshot.damage = damage;
         let writer = Writer {
             shared: shared.clone(),
             dir: dir.to_path_buf(),
@@ -237,7 +302,7 @@ impl Store {
         // A writer with something pending lingers on purpose; one that is writing looks again when done.
         let writer_asleep = pending.writer_waiting && pending.is_empty();
         for change in changes {
-            append_json_line(&mut pending.journal, change);
+            journal::append_record(&mut pending.journal, change);
         }
         for record in audit {
             append_json_line(&mut pending.audit, record);
@@ -352,6 +417,20 @@ fn refused_file(path: &Path) -> String {
          link or someone else's, remove it)",
         path.display()
     )
+}
+
+/// Moves a damaged state file aside (`NAME.damaged-<unix ms>`), kept for whoever wants to look;
+/// returns where it went.
+fn set_aside(path: &Path) -> Result<PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".damaged-{ms}"));
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside)
+        .with_context(|| format!("moving the damaged {} aside", path.display()))?;
+    Ok(aside)
 }
 
 /// Reads a whole state file without following a link; `None` when there is none.
@@ -774,7 +853,8 @@ mod tests {
         for batch in [1, 7, 300, 9000, 2] {
             let changes: Vec<StateChange> = (next..next + batch)
                 .map(|n| StateChange::PutLease {
-                    lease: lease(&format!("lease-{n:0>200}"), 3000),
+                    // One port each: a port has one lease (the load checks it).
+                    lease: lease(&format!("lease-{n:0>200}"), 3000 + n as u16),
                 })
                 .collect();
             next += batch;
@@ -877,11 +957,85 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_snapshot_is_an_error_that_names_the_file() {
+    fn a_corrupt_snapshot_is_moved_aside_reported_and_the_daemon_starts() {
         let dir_guard = tempfile::tempdir().unwrap();
         let dir = dir_guard.path().to_path_buf();
         fs::write(dir.join(SNAPSHOT), "not json").unwrap();
-        let err = Store::open(&dir, 10).err().expect("must refuse");
-        assert!(format!("{err:#}").contains("state.json"), "{err:#}");
+        let (_, snap, _) = Store::open(&dir, 10).expect("starts");
+        assert!(snap.leases.is_empty());
+        assert_eq!(snap.damage.len(), 1, "{:?}", snap.damage);
+        assert!(
+            snap.damage[0].contains("state.json is not a state snapshot"),
+            "{:?}",
+            snap.damage
+        );
+        let aside: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("state.json.damaged-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the damaged snapshot is kept aside");
+        assert_eq!(fs::read_to_string(dir.join(&aside[0])).unwrap(), "not json");
+    }
+
+    #[test]
+    fn a_damaged_journal_keeps_what_came_before_and_says_what_was_dropped() {
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
+        let mut bytes = Vec::new();
+        for n in 0..5u16 {
+            crate::journal::append_record(
+                &mut bytes,
+                &StateChange::PutLease {
+                    lease: lease(&format!("lease-{n}"), 3000 + n),
+                },
+            );
+        }
+        // One flipped byte in the third record.
+        let third = bytes
+            .split(|b| *b == b'\n')
+            .take(2)
+            .map(|l| l.len() + 1)
+            .sum::<usize>();
+        bytes[third + 30] ^= 0x20;
+        fs::write(dir.join(JOURNAL), &bytes).unwrap();
+        let (_, snap, _) = Store::open(&dir, 10).expect("starts");
+        let ids: Vec<&str> = snap.leases.iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(ids, ["lease-0", "lease-1"]);
+        assert_eq!(snap.damage.len(), 1);
+        assert!(
+            snap.damage[0].contains("damaged at record 3")
+                && snap.damage[0].contains("kept the 2 record(s) before it, dropped 3"),
+            "{:?}",
+            snap.damage
+        );
+        // The fresh journal replaced it; the damaged one is kept aside.
+        assert!(fs::read_dir(&dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("journal.jsonl.damaged-")));
+    }
+
+    #[test]
+    fn two_leases_on_one_port_are_cut_to_the_first_and_reported() {
+        let dir_guard = tempfile::tempdir().unwrap();
+        let dir = dir_guard.path().to_path_buf();
+        let snapshot = Snapshot {
+            leases: vec![
+                lease("lease-4", 3000),
+                lease("lease-2", 3000),
+                lease("lease-3", 3001),
+            ],
+            instances: vec![],
+            lease_ids_issued: 4,
+            damage: vec![],
+        };
+        fs::write(dir.join(SNAPSHOT), serde_json::to_vec(&snapshot).unwrap()).unwrap();
+        let (_, snap, _) = Store::open(&dir, 10).unwrap();
+        let ids: Vec<&str> = snap.leases.iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(ids, ["lease-2", "lease-3"], "the first issued stays");
+        assert_eq!(snap.damage.len(), 1);
+        assert!(snap.damage[0].contains("lease-4 held port 3000, which lease-2 holds too"));
     }
 }

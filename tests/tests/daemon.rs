@@ -961,3 +961,60 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// A damaged journal is found, not read past: the daemon starts with what came before the
+/// damage, keeps the damaged file aside, and says what it dropped in Status and `styxy status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_journal_is_reported_with_what_was_dropped() -> anyhow::Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let lease = client
+            .allocate(pb::AllocateRequest {
+                service_type: "api".into(),
+                ttl_seconds: Some(600),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ids.push(lease.lease_id);
+    }
+    drop(client);
+    daemon.kill9()?;
+    let journal = daemon.dir.join("state/journal.jsonl");
+    let mut bytes = std::fs::read(&journal)?;
+    let second = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .expect("a first record")
+        + 1;
+    bytes[second + 12] ^= 0x04;
+    std::fs::write(&journal, &bytes)?;
+    daemon.kill9_and_restart().await?;
+
+    let status = daemon.status().await?;
+    assert_eq!(status.state_damage.len(), 1, "{status:?}");
+    assert!(
+        status.state_damage[0].contains("damaged at record 2")
+            && status.state_damage[0].contains("dropped 2"),
+        "{:?}",
+        status.state_damage
+    );
+    let listed = daemon.cli(&["--json", "ports"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout)?;
+    let held: Vec<&str> = listed["leases"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|x| x["leaseId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(held, vec![ids[0].as_str()], "what came before the damage");
+    let human = String::from_utf8(daemon.cli(&["status"]).stdout)?;
+    assert!(human.contains("damaged state found at start"), "{human}");
+    assert!(std::fs::read_dir(daemon.dir.join("state"))?
+        .filter_map(|e| e.ok())
+        .any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("journal.jsonl.damaged-")));
+    Ok(())
+}

@@ -35,6 +35,9 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         s.dropped_events,
         s.resolve_bind_calls
     );
+    for damage in &s.state_damage {
+        println!("damaged state found at start: {damage}");
+    }
     if s.processes_unchecked > 0 {
         println!(
             "warning: {} process check(s) could not read /proc (out of file descriptors?); those processes kept what they hold",

@@ -70,7 +70,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let ranges = load_ranges(opts.config.as_deref())?;
 
     // 2. Saved leases and instances; those whose process has died go at the first sweep.
-    let (store, snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
+    let (store, mut snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
+    let damage = std::mem::take(&mut snapshot.damage);
     tracing::info!(
         state_dir = %opts.state_dir.display(),
         leases = snapshot.leases.len(),
@@ -85,6 +86,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     );
     broker.issue_lease_ids_after(snapshot.lease_ids_issued);
     let engine = Arc::new(Engine::new(broker, store.clone(), audit));
+    engine.set_state_damage(damage);
     engine.expire().await?;
 
     // 3. An observer to keep the port table current, and what is bound already (read after an
