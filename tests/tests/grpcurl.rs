@@ -225,3 +225,38 @@ async fn styxy_json_and_grpcurl_print_the_same_answer() -> anyhow::Result<()> {
     assert_eq!(mine(styxy(&["--json", "ports"])), mine(listed));
     Ok(())
 }
+
+/// Python's grpcio on the Unix socket, as the README shows it: with `grpc.default_authority`
+/// (without it, grpcio sends the socket's path as the HTTP/2 authority, which is refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_calls_the_daemon_over_the_unix_socket() -> anyhow::Result<()> {
+    let has_grpcio = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_grpcio {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcio is required in CI: pip install grpcio"
+        );
+        eprintln!("SKIP: Python grpcio is not installed (pip install grpcio)");
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let script = "import grpc, sys\n\
+channel = grpc.insecure_channel('unix:' + sys.argv[1], options=[('grpc.default_authority', 'localhost')])\n\
+status = channel.unary_unary('/styxy.v1.PortBroker/Status', request_serializer=lambda b: b, response_deserializer=lambda b: b)\n\
+answer = status(b'', timeout=10)\n\
+print('sockets-table' in answer.decode('utf-8', 'replace'))\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&daemon.socket)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "True");
+    Ok(())
+}
