@@ -21,16 +21,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use portset::PortSet;
 
 pub use model::*;
-pub use ranges::{PortRange, ServiceRanges, ServiceType};
+pub use ranges::{PortRange, ServiceRanges, ServiceType, UserLimits};
 pub use view::ViewEntry;
 
-/// Lease lifetimes the daemon applies when a caller does not give one.
+/// Lease lifetimes the daemon applies when a caller does not give one, and how much one user
+/// may lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseSettings {
     /// TTL of an `Allocate` lease that is tied to no process.
     pub default_ttl_ms: u64,
     /// How long a `ResolveBind` claim waits for its process to bind before it lapses.
     pub claim_ttl_ms: u64,
+    /// Each user's share of the leases.
+    pub user_limits: UserLimits,
 }
 
 impl Default for LeaseSettings {
@@ -38,6 +41,7 @@ impl Default for LeaseSettings {
         LeaseSettings {
             default_ttl_ms: 3_600_000,
             claim_ttl_ms: 30_000,
+            user_limits: UserLimits::default(),
         }
     }
 }
@@ -58,6 +62,18 @@ pub enum BrokerError {
     /// A service type nobody configured.
     #[error(transparent)]
     UnknownServiceType(#[from] ranges::UnknownServiceType),
+    /// The user holds its share already; root and the shim's claims are not limited.
+    #[error("uid {uid} holds {held} lease(s) {what}, its limit: release one (`styxy ports`, `styxy release ID`), or raise [limits] {setting} in the daemon's config")]
+    UserLimit {
+        /// The caller.
+        uid: u32,
+        /// How many it holds.
+        held: usize,
+        /// Which limit: over all ranges, or in one range.
+        what: String,
+        /// The config setting that raises it.
+        setting: &'static str,
+    },
     #[error("no lease {0}")]
     /// No lease has this id.
     NoSuchLease(String),
@@ -572,6 +588,43 @@ impl Broker {
         id
     }
 
+    /// Refuses a user (not root) who holds its share already: `leases_per_user` in all, or
+    /// `range_share_percent` of `range`. Claims (the shim's) do not count.
+    fn check_user_limits(&self, uid: u32, range: &ServiceType) -> Result<(), BrokerError> {
+        if uid == 0 {
+            return Ok(());
+        }
+        let limits = self.settings.user_limits;
+        let mine: Vec<u16> = self
+            .leases
+            .values()
+            .filter(|l| !l.claim && l.owner_uid == uid)
+            .map(|l| l.port)
+            .collect();
+        if mine.len() >= limits.leases_per_user {
+            return Err(BrokerError::UserLimit {
+                uid,
+                held: mine.len(),
+                what: "in all".into(),
+                setting: "leases_per_user",
+            });
+        }
+        let in_range = mine.iter().filter(|p| range.contains(**p)).count();
+        let cap = limits.range_cap(usize::from(range.end - range.start) + 1);
+        if in_range >= cap {
+            return Err(BrokerError::UserLimit {
+                uid,
+                held: in_range,
+                what: format!(
+                    "in the {} range ({}-{}: {}% of it)",
+                    range.name, range.start, range.end, limits.range_share_percent
+                ),
+                setting: "range_share_percent",
+            });
+        }
+        Ok(())
+    }
+
     /// Lowest free port of a service type's range, preferring `preferred` when it is free.
     fn pick_for_allocate(&self, range: &ServiceType, preferred: Option<u16>) -> Option<u16> {
         preferred
@@ -586,6 +639,7 @@ impl Broker {
         now_ms: u64,
     ) -> Result<(Lease, Effects), BrokerError> {
         let range = self.ranges.get(&req.service_type)?.clone();
+        self.check_user_limits(req.uid, &range)?;
         let port = self
             .pick_for_allocate(&range, req.preferred_port)
             .ok_or_else(|| BrokerError::NoFreePort {

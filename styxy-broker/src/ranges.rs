@@ -261,6 +261,65 @@ const BUILT_IN: &[(&str, u16, u16, &[&str])] = &[
 struct ConfigFile {
     #[serde(default)]
     services: BTreeMap<String, ServiceEntry>,
+    #[serde(default)]
+    limits: LimitsEntry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsEntry {
+    leases_per_user: Option<usize>,
+    range_share_percent: Option<u8>,
+}
+
+/// How much one user may lease (root and the shim's claims are not limited): the rest of every
+/// range stays for others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserLimits {
+    /// Live `Allocate` leases per user, over all ranges.
+    pub leases_per_user: usize,
+    /// The share of one service range one user may lease, in percent (at least one port).
+    pub range_share_percent: u8,
+}
+
+impl Default for UserLimits {
+    fn default() -> Self {
+        UserLimits {
+            leases_per_user: 64,
+            range_share_percent: 50,
+        }
+    }
+}
+
+impl UserLimits {
+    /// The `[limits]` of a config file (`leases_per_user`, `range_share_percent`); defaults for
+    /// what it does not set.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        let defaults = UserLimits::default();
+        let share = file
+            .limits
+            .range_share_percent
+            .unwrap_or(defaults.range_share_percent);
+        if !(1..=100).contains(&share) {
+            return Err(ConfigError::Toml(format!(
+                "[limits] range_share_percent must be from 1 to 100, got {share}"
+            )));
+        }
+        Ok(UserLimits {
+            leases_per_user: file
+                .limits
+                .leases_per_user
+                .unwrap_or(defaults.leases_per_user),
+            range_share_percent: share,
+        })
+    }
+
+    /// How many ports of a range of `len` ports one user may lease.
+    pub fn range_cap(&self, len: usize) -> usize {
+        (len * usize::from(self.range_share_percent) / 100).max(1)
+    }
 }
 
 #[derive(Deserialize)]

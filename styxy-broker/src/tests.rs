@@ -156,8 +156,13 @@ fn an_unknown_service_type_is_an_error_naming_the_known_ones_and_the_nearest() {
 fn allocations_are_distinct_until_the_range_is_exhausted() {
     let mut b = broker();
     let mut seen = HashSet::new();
+    // As root: a user may lease only its share of a range.
+    let root = || AllocateRequest {
+        uid: 0,
+        ..alloc("storybook")
+    };
     for _ in 0..24 {
-        let (lease, effects) = b.allocate(alloc("storybook"), 5).unwrap();
+        let (lease, effects) = b.allocate(root(), 5).unwrap();
         assert!((6006..=6029).contains(&lease.port));
         assert!(
             seen.insert(lease.port),
@@ -167,7 +172,7 @@ fn allocations_are_distinct_until_the_range_is_exhausted() {
         assert!(matches!(effects.changes[0], StateChange::PutLease { .. }));
     }
     assert_eq!(
-        b.allocate(alloc("storybook"), 5).unwrap_err(),
+        b.allocate(root(), 5).unwrap_err(),
         BrokerError::NoFreePort {
             service_type: "storybook".into(),
             start: 6006,
@@ -931,5 +936,101 @@ fn a_socket_bound_without_asking_carries_the_session_of_its_process() {
     assert_eq!(
         b.observe(8050, None).holders[0].instance_id.as_deref(),
         Some("session-b")
+    );
+}
+
+#[test]
+fn a_user_may_lease_its_share_and_no_more_while_root_and_claims_go_on() {
+    let mut b = Broker::new(
+        ServiceRanges::default(),
+        LeaseSettings {
+            user_limits: UserLimits {
+                leases_per_user: 30,
+                range_share_percent: 50,
+            },
+            ..LeaseSettings::default()
+        },
+    );
+    let user = |uid| AllocateRequest {
+        uid,
+        ..alloc("storybook")
+    };
+    // storybook is 6006-6029: 24 ports, 12 for one user.
+    for _ in 0..12 {
+        b.allocate(user(1000), 1).unwrap();
+    }
+    let refused = b.allocate(user(1000), 1).unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            BrokerError::UserLimit {
+                uid: 1000,
+                held: 12,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        refused.to_string().contains("range_share_percent"),
+        "{refused}"
+    );
+    b.allocate(user(1001), 1)
+        .expect("another user has its own share");
+    b.allocate(user(0), 1).expect("root is not limited");
+    let procs = Procs {
+        alive: [pid(50)].into(),
+        ..Procs::default()
+    };
+    let claim = BindRequest {
+        uid: 1000,
+        ..bind_req(50, 6029)
+    };
+    b.resolve_bind(&claim, &procs, 2)
+        .expect("the shim's claims are not limited");
+    // Over all ranges.
+    for _ in 0..18 {
+        b.allocate(
+            AllocateRequest {
+                uid: 1000,
+                ..alloc("api")
+            },
+            1,
+        )
+        .unwrap();
+    }
+    let refused = b
+        .allocate(
+            AllocateRequest {
+                uid: 1000,
+                ..alloc("dev")
+            },
+            1,
+        )
+        .unwrap_err();
+    assert!(refused.to_string().contains("leases_per_user"), "{refused}");
+}
+
+#[test]
+fn limits_come_from_the_config_or_default() {
+    assert_eq!(UserLimits::from_toml("").unwrap(), UserLimits::default());
+    let set =
+        UserLimits::from_toml("[limits]\nleases_per_user = 5\nrange_share_percent = 10\n").unwrap();
+    assert_eq!((set.leases_per_user, set.range_share_percent), (5, 10));
+    assert!(UserLimits::from_toml("[limits]\nrange_share_percent = 0\n").is_err());
+    assert!(UserLimits::from_toml("[limits]\nnope = 1\n").is_err());
+    assert!(
+        ServiceRanges::from_toml("[limits]\nleases_per_user = 5\n").is_ok(),
+        "ranges ignore [limits]"
+    );
+    assert_eq!(set.range_cap(24), 2);
+    assert_eq!(
+        UserLimits {
+            range_share_percent: 1,
+            ..set
+        }
+        .range_cap(24),
+        1,
+        "at least one"
     );
 }

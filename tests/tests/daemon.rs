@@ -1018,3 +1018,56 @@ async fn a_damaged_journal_is_reported_with_what_was_dropped() -> anyhow::Result
             .starts_with("journal.jsonl.damaged-")));
     Ok(())
 }
+
+/// One user cannot lease a whole range: past its share (half of it by default) Allocate answers
+/// ResourceExhausted with the limit and how to raise it, while root and the user's own shimmed
+/// binds (claims) go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_cannot_lease_more_than_its_share_of_a_range() -> anyhow::Result<()> {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: needs root to act as another user");
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let as_nobody = |args: &[&str]| {
+        Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .uid(65534)
+            .output()
+    };
+    // The test daemon's storybook range has 24 ports: 12 for one user.
+    for n in 0..12 {
+        let out = as_nobody(&["allocate", "storybook", "--ttl", "600"])?;
+        assert!(
+            out.status.success(),
+            "lease {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let refused = as_nobody(&["allocate", "storybook", "--ttl", "600"])?;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("uid 65534 holds 12 lease(s) in the storybook range")
+            && stderr.contains("range_share_percent"),
+        "{stderr}"
+    );
+    let root = daemon.cli(&["allocate", "storybook", "--ttl", "600"]);
+    assert!(root.status.success(), "root is not limited: {root:?}");
+    let held = daemon.base + 20;
+    let _holder = http_server(held)?;
+    let mut shimmed = daemon.shimmed_http_server(held);
+    let moved = styxy_tests::Spawned::start(shimmed.uid(65534))?
+        .line_where(20, |l| l.starts_with("✓ STYXY: Auto-assigned port"));
+    assert!(
+        moved.is_ok(),
+        "the user's shimmed bind still moves: {moved:?}"
+    );
+    Ok(())
+}

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use crate::engine::{Endpoints, Engine, AUDIT_KEEP};
 use crate::store::Store;
 use crate::table::PublishedTable;
-use styxy_broker::{Broker, LeaseSettings, ServiceRanges};
+use styxy_broker::{Broker, LeaseSettings, ServiceRanges, UserLimits};
 
 /// Which observer to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,8 +66,8 @@ pub struct Options {
 /// it likes), or until a server fails.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()> {
     limits::raise_open_file_limit();
-    // 1. Service ranges: built-in defaults, changed by the config file if there is one.
-    let ranges = load_ranges(opts.config.as_deref())?;
+    // 1. Service ranges and lease limits: built-in defaults, changed by the config file if any.
+    let (ranges, user_limits) = load_config(opts.config.as_deref())?;
 
     // 2. Saved leases and instances; those whose process has died go at the first sweep.
     let (store, mut snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
@@ -80,7 +80,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     );
     let mut broker = Broker::restore(
         ranges,
-        LeaseSettings::default(),
+        LeaseSettings {
+            user_limits,
+            ..LeaseSettings::default()
+        },
         snapshot.leases,
         snapshot.instances,
     );
@@ -142,20 +145,25 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
 }
 
-fn load_ranges(config: Option<&Path>) -> Result<ServiceRanges> {
+/// The service ranges and the users' lease limits: built-in defaults, changed by the config file.
+fn load_config(config: Option<&Path>) -> Result<(ServiceRanges, UserLimits)> {
     let Some(path) = config else {
-        return Ok(ServiceRanges::default());
+        return Ok((ServiceRanges::default(), UserLimits::default()));
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     let ranges =
         ServiceRanges::from_toml(&text).with_context(|| format!("in config {}", path.display()))?;
+    let limits =
+        UserLimits::from_toml(&text).with_context(|| format!("in config {}", path.display()))?;
     tracing::info!(
         config = %path.display(),
         service_types = ranges.types().len(),
+        leases_per_user = limits.leases_per_user,
+        range_share_percent = limits.range_share_percent,
         "config loaded"
     );
-    Ok(ranges)
+    Ok((ranges, limits))
 }
 
 /// Ends lapsed leases and those of exited processes, once a second.

@@ -245,7 +245,9 @@ pub fn event(notice: &Notice, now_ms: u64) -> pb::PortEvent {
 pub fn engine_error(e: EngineError) -> Status {
     match e {
         EngineError::Broker(e) => match e {
-            BrokerError::NoFreePort { .. } => Status::resource_exhausted(e.to_string()),
+            BrokerError::NoFreePort { .. } | BrokerError::UserLimit { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
             BrokerError::UnknownServiceType(_) => Status::invalid_argument(e.to_string()),
             BrokerError::NoSuchLease(_) | BrokerError::NoLeaseOnPort(_) => {
                 Status::not_found(e.to_string())
