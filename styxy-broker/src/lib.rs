@@ -74,6 +74,14 @@ pub enum BrokerError {
         /// The config setting that raises it.
         setting: &'static str,
     },
+    /// The instance id belongs to another user.
+    #[error("instance {id} belongs to uid {owner_uid}; another user may not take, extend or end it (pick another id)")]
+    InstanceTaken {
+        /// The id asked for.
+        id: String,
+        /// Its owner.
+        owner_uid: u32,
+    },
     #[error("no lease {0}")]
     /// No lease has this id.
     NoSuchLease(String),
@@ -763,20 +771,32 @@ impl Broker {
         &mut self,
         id: Option<String>,
         process: ProcessId,
+        uid: u32,
         now_ms: u64,
-    ) -> (String, Effects) {
+    ) -> Result<(String, Effects), BrokerError> {
         let id = id.unwrap_or_else(|| format!("ldpreload-{}", process.pid));
+        if let Some(taken) = self
+            .instances
+            .get(&id)
+            .filter(|i| i.owner_uid != uid && uid != 0)
+        {
+            return Err(BrokerError::InstanceTaken {
+                id,
+                owner_uid: taken.owner_uid,
+            });
+        }
         let instance = Instance {
             id: id.clone(),
             process,
             registered_ms: now_ms,
+            owner_uid: uid,
         };
         let mut effects = Effects::default();
         effects.changes.push(StateChange::PutInstance {
             instance: instance.clone(),
         });
         self.instances.insert(id.clone(), instance);
-        (id, effects)
+        Ok((id, effects))
     }
 
     // ---- the shim's question -----------------------------------------------------------------------

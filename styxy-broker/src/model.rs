@@ -91,6 +91,9 @@ pub struct Instance {
     pub process: ProcessId,
     /// When it was registered (Unix ms).
     pub registered_ms: u64,
+    /// The uid that registered it first: only that user (or root) may register it again.
+    #[serde(default)]
+    pub owner_uid: u32,
 }
 
 /// What an observer reports. Both eBPF and the socket-table scanner produce these.

@@ -725,8 +725,9 @@ fn expire_ends_lapsed_and_orphaned_leases_but_keeps_bound_claims() {
         PortEvent::Bound(socket(1, 6006, Some(proc_info(1, "node", "node")))),
         1,
     );
-    b.register_instance(None, pid(1), 0);
-    b.register_instance(Some("gone".into()), pid(3), 0);
+    b.register_instance(None, pid(1), 1000, 0).unwrap();
+    b.register_instance(Some("gone".into()), pid(3), 1000, 0)
+        .unwrap();
     let effects = b.expire(1_000_000, &procs);
     let removed: Vec<_> = effects
         .changes
@@ -836,6 +837,7 @@ fn a_moved_bind_of_a_session_enters_its_view_until_the_moved_socket_is_released(
         asked: 8000,
         bound: 8001,
         pid: 40,
+        uid: 1000,
     };
     assert_eq!(b.views(), vec![entry.clone()], "from the move on");
     assert_eq!(b.view_of("B"), vec![entry.clone()]);
@@ -1032,5 +1034,49 @@ fn limits_come_from_the_config_or_default() {
         .range_cap(24),
         1,
         "at least one"
+    );
+}
+
+#[test]
+fn an_instance_id_belongs_to_its_first_user() {
+    let mut b = broker();
+    b.register_instance(Some("claude-abc".into()), pid(1), 0, 1)
+        .unwrap();
+    let taken = b
+        .register_instance(Some("claude-abc".into()), pid(2), 1000, 2)
+        .unwrap_err();
+    assert!(
+        matches!(&taken, BrokerError::InstanceTaken { owner_uid: 0, .. }),
+        "{taken:?}"
+    );
+    b.register_instance(Some("claude-abc".into()), pid(3), 0, 3)
+        .expect("its owner may register it again");
+    b.register_instance(Some("mine".into()), pid(2), 1000, 4)
+        .unwrap();
+    b.register_instance(Some("mine".into()), pid(1), 0, 5)
+        .expect("root may");
+}
+
+#[test]
+fn views_are_per_user_so_another_user_cannot_join_a_session() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40), pid(41)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    b.resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    let intruder = BindRequest {
+        uid: 2000,
+        ..session_bind(41, 8000, Protocol::Tcp, "B")
+    };
+    b.resolve_bind(&intruder, &procs, 3).unwrap();
+    let views = b.view_of("B");
+    assert_eq!(views.len(), 2, "one entry per user: {views:?}");
+    let owners: Vec<(u32, u16)> = views.iter().map(|v| (v.uid, v.bound)).collect();
+    assert!(
+        owners.contains(&(1000, 8001)) && owners.contains(&(2000, 8002)),
+        "{owners:?}"
     );
 }

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use crate::{Broker, Effects, Held, Protocol};
 
-/// One moved port of a session: inside it, `(protocol, asked)` on loopback means `bound`.
+/// One moved port of a session: inside it (for the processes of the same user), `(protocol,
+/// asked)` on loopback means `bound`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ViewEntry {
     /// The session (`STYXY_INSTANCE`) whose process was moved.
@@ -26,13 +27,19 @@ pub struct ViewEntry {
     pub bound: u16,
     /// The moved process.
     pub pid: u32,
+    /// Its user. A view applies to that user's processes only: another user who names the same
+    /// session cannot redirect this user's traffic to a server of theirs.
+    pub uid: u32,
 }
+
+/// What one view entry is for: a user's session, a protocol and an asked port.
+type ViewKey<'a> = (&'a str, u32, Protocol, u16);
 
 impl Broker {
     /// Every session's view, ordered by (instance, protocol, asked port). When one session moved
     /// two servers off the same port, the newest move is the one its clients reach.
     pub fn views(&self) -> Vec<ViewEntry> {
-        let mut newest: BTreeMap<(&str, Protocol, u16), (u64, &str, ViewEntry)> = BTreeMap::new();
+        let mut newest: BTreeMap<ViewKey<'_>, (u64, &str, ViewEntry)> = BTreeMap::new();
         for lease in self.leases() {
             let (Some(instance), Some(asked), Some(protocol), Some(process)) = (
                 lease.instance_id.as_deref(),
@@ -51,9 +58,10 @@ impl Broker {
                 asked,
                 bound: lease.port,
                 pid: process.pid,
+                uid: lease.owner_uid,
             };
             let rank = (lease.created_ms, lease.id.as_str());
-            let key = (instance, protocol, asked);
+            let key = (instance, lease.owner_uid, protocol, asked);
             if newest.get(&key).is_none_or(|(at, id, _)| (*at, *id) < rank) {
                 newest.insert(key, (rank.0, rank.1, entry));
             }

@@ -10,8 +10,8 @@
 //! - `VIEWED` and `TARGETED`: per protocol and port, whether some session's view redirects that
 //!   asked port, or to that bound port — a `connect()` or a `recvfrom()` whose port's bit is
 //!   clear needs nothing more;
-//! - the view entries: protocol, asked port, bound port and the session's id, packed from the
-//!   start, `ENTRY_COUNT` of them.
+//! - the view entries: protocol, asked port, bound port, the user and the session's id, packed
+//!   from the start, `ENTRY_COUNT` of them. An entry applies to that user's processes only.
 //!
 //! The daemon changes it under a seqlock (the counter odd, the words, the counter even again); a
 //! reader that saw the counter move, or odd, reads again. Entries are looked up only when a bit
@@ -24,7 +24,7 @@ use crate::net::Protocol;
 /// `STYXYTAB`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"STYXYTAB");
 /// Bumped on every incompatible change of the layout.
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 /// The table's file is the daemon's socket path with this appended (`styxy.sock.table`).
 pub const FILE_SUFFIX: &str = ".table";
 
@@ -45,7 +45,7 @@ const TAKEN: usize = HEADER_WORDS;
 const VIEWED: usize = TAKEN + PORT_BITS_WORDS;
 const TARGETED: usize = VIEWED + 2 * PORT_BITS_WORDS;
 const ENTRIES: usize = TARGETED + 2 * PORT_BITS_WORDS;
-const ENTRY_WORDS: usize = 1 + MAX_INSTANCE_ID / 8;
+const ENTRY_WORDS: usize = 2 + MAX_INSTANCE_ID / 8;
 /// The table's length in words.
 pub const WORDS: usize = ENTRIES + MAX_ENTRIES * ENTRY_WORDS;
 /// The table's length in bytes (the file's size; it never changes while mapped).
@@ -60,6 +60,8 @@ const READ_ATTEMPTS: usize = 64;
 pub struct Entry<'a> {
     /// The session whose view this is.
     pub instance_id: &'a [u8],
+    /// The user whose processes it applies to (the moved server's).
+    pub uid: u32,
     /// Only traffic of this protocol is redirected.
     pub protocol: Protocol,
     /// The port the session's clients use.
@@ -134,25 +136,39 @@ impl<'a> Table<'a> {
         bit(self.words, TARGETED, protocol_index(protocol, port))
     }
 
-    /// The bound port that session `instance_id` reaches at `asked`; `None` when its view has
-    /// none, or no consistent reading could be had.
-    pub fn redirect(&self, instance_id: &[u8], protocol: Protocol, asked: u16) -> Option<u16> {
-        self.find(instance_id, protocol, |e| {
+    /// The bound port that user `uid`'s session `instance_id` reaches at `asked`; `None` when its
+    /// view has none, or no consistent reading could be had.
+    pub fn redirect(
+        &self,
+        instance_id: &[u8],
+        uid: u32,
+        protocol: Protocol,
+        asked: u16,
+    ) -> Option<u16> {
+        self.find(instance_id, uid, protocol, |e| {
             (e.asked == asked).then_some(e.bound)
         })
     }
 
-    /// The asked port that session `instance_id` knows `bound` by; `None` when its view has none.
-    pub fn asked_for(&self, instance_id: &[u8], protocol: Protocol, bound: u16) -> Option<u16> {
-        self.find(instance_id, protocol, |e| {
+    /// The asked port that user `uid`'s session `instance_id` knows `bound` by; `None` when its
+    /// view has none.
+    pub fn asked_for(
+        &self,
+        instance_id: &[u8],
+        uid: u32,
+        protocol: Protocol,
+        bound: u16,
+    ) -> Option<u16> {
+        self.find(instance_id, uid, protocol, |e| {
             (e.bound == bound).then_some(e.asked)
         })
     }
 
-    /// Scans the entries of one session and protocol under the seqlock.
+    /// Scans the entries of one user's session and one protocol under the seqlock.
     fn find(
         &self,
         instance_id: &[u8],
+        uid: u32,
         protocol: Protocol,
         pick: impl Fn(&RawEntry) -> Option<u16>,
     ) -> Option<u16> {
@@ -167,7 +183,9 @@ impl<'a> Table<'a> {
             let mut found = None;
             for index in 0..count {
                 let raw = RawEntry::read(self.words, index);
-                if raw.protocol == Some(protocol) && raw.instance_is(self.words, index, instance_id)
+                if raw.protocol == Some(protocol)
+                    && raw.uid == uid
+                    && raw.instance_is(self.words, index, instance_id)
                 {
                     if let Some(port) = pick(&raw) {
                         found = Some(port);
@@ -290,6 +308,7 @@ struct RawEntry {
     asked: u16,
     bound: u16,
     id_len: usize,
+    uid: u32,
 }
 
 impl RawEntry {
@@ -301,6 +320,9 @@ impl RawEntry {
         let head = words
             .get(Self::at(index))
             .map_or(0, |w| w.load(Ordering::Relaxed));
+        let uid = words
+            .get(Self::at(index) + 1)
+            .map_or(u64::from(u32::MAX), |w| w.load(Ordering::Relaxed));
         RawEntry {
             protocol: match head & 0xff {
                 1 => Some(Protocol::Tcp),
@@ -310,6 +332,7 @@ impl RawEntry {
             asked: (head >> 8) as u16,
             bound: (head >> 24) as u16,
             id_len: ((head >> 40) & 0xff) as usize,
+            uid: uid as u32,
         }
     }
 
@@ -323,13 +346,17 @@ impl RawEntry {
             | u64::from(entry.bound) << 24
             | (entry.instance_id.len() as u64) << 40;
         let at = Self::at(index);
-        let Some((first, id_words)) = words
+        let Some((first, rest)) = words
             .get(at..at + ENTRY_WORDS)
             .and_then(<[AtomicU64]>::split_first)
         else {
             return;
         };
+        let Some((uid, id_words)) = rest.split_first() else {
+            return;
+        };
         first.store(head, Ordering::Relaxed);
+        uid.store(u64::from(entry.uid), Ordering::Relaxed);
         for (n, word) in id_words.iter().enumerate() {
             word.store(pack(entry.instance_id, n), Ordering::Relaxed);
         }
@@ -340,7 +367,7 @@ impl RawEntry {
         if self.id_len != id.len() || id.len() > MAX_INSTANCE_ID {
             return false;
         }
-        let at = Self::at(index) + 1;
+        let at = Self::at(index) + 2;
         (0..id.len().div_ceil(8)).all(|n| {
             words
                 .get(at + n)
@@ -372,12 +399,14 @@ mod tests {
             let left_out = w.set_views([
                 Entry {
                     instance_id: b"session-b",
+                    uid: 1000,
                     protocol: Protocol::Tcp,
                     asked: 8000,
                     bound: 8001,
                 },
                 Entry {
                     instance_id: b"session-c",
+                    uid: 1000,
                     protocol: Protocol::Udp,
                     asked: 8000,
                     bound: 8002,
@@ -390,26 +419,34 @@ mod tests {
         assert!(!table.is_viewed(Protocol::Tcp, 8001));
         assert!(table.is_targeted(Protocol::Tcp, 8001) && !table.is_targeted(Protocol::Udp, 8001));
         assert_eq!(
-            table.redirect(b"session-b", Protocol::Tcp, 8000),
+            table.redirect(b"session-b", 1000, Protocol::Tcp, 8000),
             Some(8001)
         );
         assert_eq!(
-            table.redirect(b"session-b", Protocol::Udp, 8000),
+            table.redirect(b"session-b", 1000, Protocol::Udp, 8000),
             None,
             "per protocol"
         );
         assert_eq!(
-            table.redirect(b"session-c", Protocol::Udp, 8000),
+            table.redirect(b"session-b", 1001, Protocol::Tcp, 8000),
+            None,
+            "per user"
+        );
+        assert_eq!(
+            table.redirect(b"session-c", 1000, Protocol::Udp, 8000),
             Some(8002)
         );
         assert_eq!(
-            table.redirect(b"session", Protocol::Tcp, 8000),
+            table.redirect(b"session", 1000, Protocol::Tcp, 8000),
             None,
             "whole ids only"
         );
-        assert_eq!(table.redirect(b"session-bb", Protocol::Tcp, 8000), None);
         assert_eq!(
-            table.asked_for(b"session-b", Protocol::Tcp, 8001),
+            table.redirect(b"session-bb", 1000, Protocol::Tcp, 8000),
+            None
+        );
+        assert_eq!(
+            table.asked_for(b"session-b", 1000, Protocol::Tcp, 8001),
             Some(8000)
         );
 
@@ -420,7 +457,10 @@ mod tests {
         });
         assert!(!table.is_taken(8001) && table.is_taken(8000));
         assert!(!table.is_viewed(Protocol::Tcp, 8000) && !table.is_targeted(Protocol::Tcp, 8001));
-        assert_eq!(table.redirect(b"session-b", Protocol::Tcp, 8000), None);
+        assert_eq!(
+            table.redirect(b"session-b", 1000, Protocol::Tcp, 8000),
+            None
+        );
         table.set_stopped();
         assert!(!table.serving());
     }
@@ -434,6 +474,7 @@ mod tests {
         let full = [b'y'; MAX_INSTANCE_ID];
         let entries = (0..MAX_ENTRIES as u16 + 1).map(|n| Entry {
             instance_id: if n == 0 { &long[..] } else { &full[..] },
+            uid: 7,
             protocol: Protocol::Tcp,
             asked: n,
             bound: n + 1,
@@ -441,9 +482,9 @@ mod tests {
         let mut left_out = 0;
         table.write(|w| left_out = w.set_views(entries));
         assert_eq!(left_out, 1, "the long id; the rest fit exactly");
-        assert_eq!(table.redirect(&full, Protocol::Tcp, 1), Some(2));
+        assert_eq!(table.redirect(&full, 7, Protocol::Tcp, 1), Some(2));
         assert_eq!(
-            table.redirect(&full, Protocol::Tcp, MAX_ENTRIES as u16),
+            table.redirect(&full, 7, Protocol::Tcp, MAX_ENTRIES as u16),
             Some(MAX_ENTRIES as u16 + 1)
         );
         assert!(Table::new(&memory[..WORDS - 1]).is_none());
@@ -462,6 +503,7 @@ mod tests {
                     table.write(|w| {
                         w.set_views([Entry {
                             instance_id: b"session-b",
+                            uid: 1000,
                             protocol: Protocol::Tcp,
                             asked: 8000,
                             bound,
@@ -470,7 +512,7 @@ mod tests {
                 }
             });
             for _ in 0..20_000 {
-                if let Some(bound) = table.redirect(b"session-b", Protocol::Tcp, 8000) {
+                if let Some(bound) = table.redirect(b"session-b", 1000, Protocol::Tcp, 8000) {
                     assert!((9000..9500).contains(&bound), "torn read: {bound}");
                 }
             }

@@ -496,8 +496,10 @@ impl Engine {
         &self,
         id: Option<String>,
         process: ProcessId,
+        uid: u32,
     ) -> Result<String, EngineError> {
-        let (id, ticket) = self.commit(|b| b.register_instance(id, process, now_ms()));
+        let (id, ticket) = self.commit(|b| lift(b.register_instance(id, process, uid, now_ms())));
+        let id = id?;
         self.wait_durable(ticket).await?;
         Ok(id)
     }

@@ -117,6 +117,7 @@ fn set_views(writer: &styxy_common::table::Writer<'_>, broker: &Broker) {
     let views = broker.views();
     let left_out = writer.set_views(views.iter().map(|v| Entry {
         instance_id: v.instance_id.as_bytes(),
+        uid: v.uid,
         protocol: v.protocol,
         asked: v.asked,
         bound: v.bound,

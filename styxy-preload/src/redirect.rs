@@ -99,6 +99,12 @@ unsafe fn inet_port(addr: *const sockaddr, len: socklen_t) -> Option<(u16, bool)
     }
 }
 
+/// This process's user: a view applies only to the processes of the user whose server moved.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// The session's id, unless the view is off or the process has no session.
 fn session() -> Option<&'static [u8]> {
     if env_str(env::VIEW.c_name) == Some(b"off") {
@@ -136,7 +142,7 @@ unsafe fn rewrite(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<Re
         return None;
     }
     let (table, protocol, session) = candidate(fd, asked, Table::is_viewed)?;
-    let bound = table.redirect(session, protocol, asked)?;
+    let bound = table.redirect(session, own_uid(), protocol, asked)?;
     // SAFETY: sockaddr_storage is plain data; all zeroes is valid.
     let mut address: libc::sockaddr_storage = unsafe { core::mem::zeroed() };
     let n = (len as usize).min(core::mem::size_of::<libc::sockaddr_storage>());
@@ -185,7 +191,7 @@ unsafe fn translate_back(fd: c_int, addr: *mut sockaddr, len: *const socklen_t) 
     let Some((table, protocol, session)) = candidate(fd, bound, Table::is_targeted) else {
         return;
     };
-    if let Some(asked) = table.asked_for(session, protocol, bound) {
+    if let Some(asked) = table.asked_for(session, own_uid(), protocol, bound) {
         set_port(addr, asked);
     }
 }

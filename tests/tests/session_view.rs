@@ -592,3 +592,79 @@ async fn non_loopback_destinations_are_never_redirected() -> Result<()> {
     a.wait()?;
     Ok(())
 }
+
+/// Another user naming the same session cannot redirect its traffic: views are per user. uid
+/// 65534 starts a server "in" root's session-b on a held port (moved); root's session-b still
+/// reaches the first server at the asked port, and the other user's own session reaches its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_user_naming_the_same_session_cannot_redirect_its_traffic() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !styxy_tests::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: acting as another user needs root");
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let asked = daemon.base + 195;
+    let _a = marked_server(&daemon, None, asked, "A", dir.path())?;
+    styxy_tests::wait_for_listener(asked)?;
+    let root = dir.path().join("X");
+    std::fs::create_dir_all(&root)?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(root.join("whoami.txt"), "X")?;
+    let mut intruder = Command::new(styxy_bin());
+    intruder
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args([
+            "run",
+            "--instance",
+            "session-b",
+            "--",
+            "/usr/bin/python3",
+            "-u",
+            "-m",
+            "http.server",
+        ])
+        .args([&asked.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .arg(&root)
+        .uid(65534)
+        .gid(65534);
+    let mut x = Spawned::start(&mut intruder)?;
+    let moved = notice_port(&x.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
+    styxy_tests::wait_for_listener(moved)?;
+    // The other user's own session reaches its server through its view...
+    let curl_as_nobody = || -> Result<String> {
+        let out = Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "session-b",
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+            ])
+            .arg(format!("http://127.0.0.1:{asked}/whoami.txt"))
+            .uid(65534)
+            .gid(65534)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    eventually(10, "the other user's own view", || async {
+        (curl_as_nobody().ok()? == "X").then_some(())
+    })
+    .await?;
+    // ...but root's session-b is untouched by it.
+    assert_eq!(curl(&daemon, Some("session-b"), "127.0.0.1", asked)?, "A");
+    Ok(())
+}

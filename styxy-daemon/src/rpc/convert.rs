@@ -164,6 +164,7 @@ pub fn view_entry(v: &ViewEntry) -> pb::ViewEntry {
         asked_port: u32::from(v.asked),
         bound_port: u32::from(v.bound),
         pid: v.pid,
+        uid: v.uid,
     }
 }
 
@@ -252,7 +253,9 @@ pub fn engine_error(e: EngineError) -> Status {
             BrokerError::NoSuchLease(_) | BrokerError::NoLeaseOnPort(_) => {
                 Status::not_found(e.to_string())
             }
-            BrokerError::NotOwner { .. } => Status::permission_denied(e.to_string()),
+            BrokerError::NotOwner { .. } | BrokerError::InstanceTaken { .. } => {
+                Status::permission_denied(e.to_string())
+            }
         },
         EngineError::Store(_) => Status::internal(e.to_string()),
         EngineError::Contended(_) => Status::unavailable(e.to_string()),

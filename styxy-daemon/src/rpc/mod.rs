@@ -231,10 +231,10 @@ impl BrokerService {
         let process = procs::process_id(pid).ok_or_else(|| {
             Status::invalid_argument(format!("pid {pid} is not a running process"))
         })?;
-        may_act_for(caller, pid)?;
+        let uid = may_act_for(caller, pid)?;
         let id = self
             .engine
-            .register_instance(instance_id, process)
+            .register_instance(instance_id, process, uid)
             .await
             .map_err(convert::engine_error)?;
         Ok(Response::new(pb::RegisterInstanceResponse {
