@@ -1,6 +1,6 @@
 //! What the daemon exposes to operators, in the OpenMetrics text format (Prometheus scrapes it):
 //! binds seen, moves, leases and claims by service type, RPCs by method and status code,
-//! `ResolveBind` latency, lost eBPF records, resyncs, and the observer in use. Counters are kept
+//! `ResolveBind` latency, lost eBPF records, resyncs, refused connections, and the observer in use. Counters are kept
 //! as things happen; the lease and observer gauges are read when scraped.
 
 use std::sync::Mutex;
@@ -47,6 +47,8 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// eBPF records the kernel could not hand over (ring buffer full).
     pub lost_records: Counter,
+    /// Connections refused at once: their user, or everyone, held as many as the daemon takes.
+    pub refused_connections: Counter,
     leases: Family<LeaseLabels, Gauge>,
     observer: Family<ObserverLabels, Gauge>,
 }
@@ -62,6 +64,7 @@ impl Default for Metrics {
             moves: Counter::default(),
             resyncs: Counter::default(),
             lost_records: Counter::default(),
+            refused_connections: Counter::default(),
             leases: Family::default(),
             observer: Family::default(),
         };

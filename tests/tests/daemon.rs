@@ -888,9 +888,11 @@ async fn metrics_are_served_and_parse_as_openmetrics() -> anyhow::Result<()> {
 async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("styxy.sock");
-    // A low hard limit: the daemon raises its soft limit to the hard one, and no further.
+    // A low hard limit (the daemon raises its soft limit to the hard one, and no further): its
+    // own ~24 descriptors and the 16 connections it always admits go past 34, so /proc reads
+    // fail with EMFILE. (That they did is checked below: processes_unchecked.)
     let mut daemon = Command::new("prlimit")
-        .arg("--nofile=64:64")
+        .arg("--nofile=34:34")
         .arg(styxy_tests::styxy_bin())
         .arg("daemon")
         .arg("--socket")
@@ -1069,5 +1071,52 @@ async fn a_user_cannot_lease_more_than_its_share_of_a_range() -> anyhow::Result<
         moved.is_ok(),
         "the user's shimmed bind still moves: {moved:?}"
     );
+    Ok(())
+}
+
+/// Opens N connections to SOCKET, then counts those the daemon closed at once (EOF) and those it
+/// kept (its HTTP/2 settings arrive, or nothing yet).
+const HOLD_CONNECTIONS: &str = "import socket, sys\n\
+path, n = sys.argv[1], int(sys.argv[2])\n\
+held = []\n\
+for _ in range(n):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect(path)\n    held.append(s)\n\
+closed = kept = 0\n\
+for s in held:\n    s.settimeout(0.2)\n    \
+try:\n        gone = s.recv(1) == b''\n    except socket.timeout:\n        gone = False\n    except OSError:\n        gone = True\n    \
+closed += gone\n    kept += not gone\n\
+print(kept, closed, flush=True)\n\
+sys.stdin.read()\n";
+
+/// One user cannot take every connection: past 256 of its own the daemon closes new ones at
+/// once (counted in Status and the metrics), while root's calls go on being served.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_cannot_hold_every_connection() -> anyhow::Result<()> {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: needs root to act as another user");
+        return Ok(());
+    }
+    let daemon = Daemon::start().await?;
+    let mut flood = styxy_tests::Spawned::start(
+        Command::new("/usr/bin/python3")
+            .args(["-c", HOLD_CONNECTIONS])
+            .arg(&daemon.socket)
+            .arg("300")
+            .uid(65534)
+            .gid(65534),
+    )?;
+    let line = flood.line_where(30, |l| l.split_whitespace().count() == 2)?;
+    let counts: Vec<usize> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(counts, vec![256, 44], "kept, closed at once");
+    // Root is served meanwhile, and Status says what was refused.
+    let status = daemon.status().await?;
+    assert!(status.refused_connections >= 44, "{status:?}");
+    drop(flood);
     Ok(())
 }

@@ -35,6 +35,12 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         s.dropped_events,
         s.resolve_bind_calls
     );
+    if s.refused_connections > 0 {
+        println!(
+            "refused connections: {} (a user, or everyone, held as many as the daemon takes)",
+            s.refused_connections
+        );
+    }
     for damage in &s.state_damage {
         println!("damaged state found at start: {damage}");
     }

@@ -4,8 +4,10 @@
 //!
 //! - `serve`: the gRPC router and its listeners (one runtime per core on the Unix socket);
 //! - `observers`: which observer runs (eBPF or the socket tables), and its reader tasks;
+//! - `admission`: how many connections each user, and everyone, may hold;
 //! - `systemd`: `sd_notify` for `Type=notify`; `limits`: the open-file limit.
 
+mod admission;
 mod limits;
 mod observers;
 mod serve;

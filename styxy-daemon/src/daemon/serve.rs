@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
+use super::admission::{Admission, Slot};
 use super::Options;
 use crate::engine::Engine;
 use crate::rpc::BrokerService;
@@ -64,9 +65,11 @@ pub(super) async fn start(
         tracing::info!(address = %tcp.local_addr()?, "listening on TCP");
     }
     let mut servers = JoinSet::new();
-    for (n, finished) in serve_unix_per_core(&router, engine.store(), listeners.unix, stop)?
-        .into_iter()
-        .enumerate()
+    let admission = Admission::new(engine.metrics().refused_connections.clone());
+    for (n, finished) in
+        serve_unix_per_core(&router, engine.store(), &admission, listeners.unix, stop)?
+            .into_iter()
+            .enumerate()
     {
         servers.spawn(async move {
             finished
@@ -220,6 +223,7 @@ fn bind_unix_socket(path: &Path) -> Result<UnixListener> {
 fn serve_unix_per_core(
     router: &Router,
     store: &Store,
+    admission: &Arc<Admission>,
     uds: UnixListener,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::sync::oneshot::Receiver<Result<()>>>> {
@@ -230,6 +234,7 @@ fn serve_unix_per_core(
         let listener = listener.try_clone().context("sharing the Unix listener")?;
         let router = router.clone();
         let store = store.clone();
+        let admission = admission.clone();
         let mut stop = stop.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -244,8 +249,16 @@ fn serve_unix_per_core(
                         tokio::spawn(store.relay_durable_here());
                         let listener = UnixListener::from_std(listener)
                             .context("registering the Unix listener")?;
-                        let connections = UnixListenerStream::new(listener)
-                            .map(|accepted| accepted.map(OneWriteUnixStream));
+                        // Over a cap, a connection is dropped (closed) as it is accepted.
+                        let connections =
+                            UnixListenerStream::new(listener).filter_map(move |accepted| {
+                                match accepted {
+                                    Ok(stream) => admission
+                                        .admit(&stream)
+                                        .map(|slot| Ok(OneWriteUnixStream(stream, slot))),
+                                    Err(e) => Some(Err(e)),
+                                }
+                            });
                         router
                             .serve_with_incoming_shutdown(connections, async move {
                                 let _ = stop.wait_for(|stop| *stop).await;
@@ -269,7 +282,9 @@ fn serve_unix_per_core(
 /// HEADERS + DATA, then the trailers (a moved bind's answer, seen with strace). The client, which
 /// needs the trailers for the status, then woke twice. Without them h2 copies payloads of up to
 /// 1 KiB into its buffer, and every such answer leaves in one write with its trailers.
-struct OneWriteUnixStream(tokio::net::UnixStream);
+///
+/// It also holds the connection's [`Slot`]: closing the connection gives the place back.
+struct OneWriteUnixStream(tokio::net::UnixStream, #[allow(dead_code)] Slot);
 
 impl tokio::io::AsyncRead for OneWriteUnixStream {
     fn poll_read(

@@ -321,6 +321,7 @@ impl BrokerService {
             resolve_bind_calls: s.resolve_bind_calls,
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
             state_damage: self.engine.state_damage(),
+            refused_connections: self.engine.metrics().refused_connections.get(),
             observer_delay_p50_us: s.observer_delay.0,
             observer_delay_p99_us: s.observer_delay.1,
             observer_delay_samples: s.observer_delay.2,
