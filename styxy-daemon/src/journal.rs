@@ -220,6 +220,34 @@ mod tests {
         assert_eq!(ids(&replay(&bytes)), ["old", "i0"]);
     }
 
+    proptest::proptest! {
+        /// Fuzzing the journal reader (a long run: `PROPTEST_CASES=100000 cargo test -p
+        /// styxy-daemon fuzz_`): any bytes, and good journals with bytes changed, never panic,
+        /// and what is reported adds up.
+        #[test]
+        fn fuzz_any_bytes_read_back_consistently(
+            records in 0usize..8,
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut bytes = journal(records);
+            for (at, value) in flips {
+                if !bytes.is_empty() {
+                    let at = at % bytes.len();
+                    bytes[at] = value;
+                }
+            }
+            bytes.extend(tail);
+            let replay = replay(&bytes);
+            if let Some(damage) = &replay.damage {
+                proptest::prop_assert_eq!(damage.kept, replay.changes.len());
+                proptest::prop_assert!(damage.record >= 1 && damage.offset <= bytes.len());
+                proptest::prop_assert!(damage.dropped >= 1);
+            }
+            proptest::prop_assert!(replay.changes.len() <= records + 8);
+        }
+    }
+
     #[test]
     fn garbage_and_empty_input_never_panic() {
         for bytes in [

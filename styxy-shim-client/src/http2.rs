@@ -752,3 +752,89 @@ mod tests {
         assert!(grpc_message(&[0, 0]).is_err());
     }
 }
+
+/// Fuzzing the frame reader, as a property test (it runs on this toolchain, in CI, like any
+/// test): a "daemon" answers with a random sequence of well-framed and broken HTTP/2 frames, and
+/// the call must end — `Ok` or `Err` — before its deadline, never panic and never hang. A short
+/// run in `cargo test`; a long one: `PROPTEST_CASES=100000 cargo test -p styxy-shim-client fuzz_`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// One frame of a reply: type, flags, stream, payload; or raw bytes (a broken frame).
+    #[derive(Clone, Debug)]
+    enum Piece {
+        Frame {
+            kind: u8,
+            flags: u8,
+            stream: u32,
+            payload: Vec<u8>,
+        },
+        Raw(Vec<u8>),
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            6 => (0u8..=10, any::<u8>(), prop_oneof![Just(0u32), Just(1), Just(3), any::<u32>()],
+                  proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(kind, flags, stream, payload)| Piece::Frame { kind, flags, stream, payload }),
+            1 => proptest::collection::vec(any::<u8>(), 0..32).prop_map(Piece::Raw),
+        ]
+    }
+
+    fn encode(pieces: &[Piece]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Frame {
+                    kind,
+                    flags,
+                    stream,
+                    payload,
+                } => push_frame(&mut out, *kind, *flags, *stream & 0x7fff_ffff, payload),
+                Piece::Raw(bytes) => out.extend_from_slice(bytes),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        // 64 cases unless PROPTEST_CASES says otherwise: a case that holds its connection open
+        // waits out the deadline, so each costs up to ~80 ms.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn fuzz_replies_end_before_the_deadline_without_a_panic(
+            pieces in proptest::collection::vec(piece(), 0..12),
+            close in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let path = dir.path().join("fuzz.sock");
+            let listener = std::os::unix::net::UnixListener::bind(&path)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let reply = encode(&pieces);
+            let server = std::thread::spawn(move || {
+                if let Ok((mut peer, _)) = listener.accept() {
+                    let _ = peer.write_all(&reply);
+                    if !close {
+                        // Hold the connection open: the client must give up at its deadline.
+                        std::thread::sleep(Duration::from_millis(80));
+                    }
+                }
+            });
+            let started = Instant::now();
+            let deadline = started + Duration::from_millis(50);
+            if let Ok(mut connection) = Connection::open(&path, deadline) {
+                let _ = connection.unary(&request_header_block("/styxy.v1.PortBroker/Status"), &[], deadline);
+            }
+            prop_assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+            let _ = server.join();
+        }
+    }
+}

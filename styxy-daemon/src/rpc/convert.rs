@@ -266,6 +266,31 @@ pub fn engine_error(e: EngineError) -> Status {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Fuzzing request validation (a long run: `PROPTEST_CASES=100000 cargo test -p
+        /// styxy-daemon fuzz_`): any input is accepted or refused with InvalidArgument and a
+        /// short message, never a panic.
+        #[test]
+        fn fuzz_validation_refuses_cleanly(text in ".{0,300}", number in proptest::prelude::any::<u32>(), big in proptest::prelude::any::<u64>(), code in proptest::prelude::any::<i32>()) {
+            let checks: Vec<Result<(), Status>> = vec![
+                service_type(&text).map(drop),
+                instance_id(Some(text.clone())).map(drop),
+                port(number, "port").map(drop),
+                pid(number).map(drop),
+                ttl_ms(Some(big)).map(drop),
+                count(number, MAX_SUGGEST, 1, "count").map(drop),
+                protocol_opt(code).map(drop),
+                family_valid(code),
+            ];
+            for check in checks {
+                if let Err(status) = check {
+                    proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    proptest::prop_assert!(status.message().len() < 300, "{}", status.message());
+                }
+            }
+        }
+    }
+
     #[test]
     fn refused_input_is_quoted_by_a_short_prefix() {
         assert_eq!(quoted("storybok"), "\"storybok\"");
