@@ -66,6 +66,11 @@ pub fn replay(bytes: &[u8]) -> Replay {
             break;
         }
         let line = chunk.strip_suffix(b"\n").unwrap_or(chunk);
+        if line.is_empty() {
+            // A blank line holds no record (none is ever written): nothing to keep or drop.
+            offset += chunk.len();
+            continue;
+        }
         match record(line) {
             Ok(change) => replay.changes.push(change),
             Err(reason) => {

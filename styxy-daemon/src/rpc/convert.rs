@@ -35,10 +35,21 @@ const QUOTED_PREFIX: usize = 40;
 pub fn quoted(value: &str) -> String {
     let mut chars = value.chars();
     let prefix: String = chars.by_ref().take(QUOTED_PREFIX).collect();
-    if chars.next().is_none() {
-        format!("{prefix:?}")
+    let mut escaped = format!("{prefix:?}");
+    let mut cut = chars.next().is_some();
+    // Escapes (`\u{3347a}`) can make 40 characters long: the quote is bounded in bytes too.
+    if escaped.len() > 2 * QUOTED_PREFIX {
+        let mut end = 2 * QUOTED_PREFIX;
+        while !escaped.is_char_boundary(end) {
+            end -= 1;
+        }
+        escaped.truncate(end);
+        cut = true;
+    }
+    if cut {
+        format!("{escaped}… ({} bytes)", value.len())
     } else {
-        format!("{prefix:?}… ({} bytes)", value.len())
+        escaped
     }
 }
 
