@@ -1120,3 +1120,84 @@ async fn one_user_cannot_hold_every_connection() -> anyhow::Result<()> {
     drop(flood);
     Ok(())
 }
+
+/// `kill -9` at random moments under an Allocate load, several rounds: every Allocate that was
+/// answered is there after the restarts (an answer waits for its fsync).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answered_allocate_survives_kill_9_at_random_moments() -> anyhow::Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u32)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let socket = daemon.socket.clone();
+        let answered = answered.clone();
+        let stop = stop.clone();
+        load.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let target = styxy_cli::client::Target::Unix(socket.clone());
+                let Ok(mut client) = styxy_cli::client::connect(&target).await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                while let Ok(Ok(lease)) = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    client.allocate(pb::AllocateRequest {
+                        service_type: "bench".into(),
+                        ttl_seconds: Some(3600),
+                        ..Default::default()
+                    }),
+                )
+                .await
+                {
+                    let lease = lease.into_inner();
+                    answered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((lease.lease_id, lease.port));
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    // Random-ish moments: a different pause before each kill.
+    let seed = u64::from(std::process::id());
+    for round in 0..4u64 {
+        let pause = 150 + (seed.wrapping_mul(31).wrapping_add(round * 97) % 350);
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        daemon.kill9_and_restart().await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+    let answered = answered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        answered.len() > 50,
+        "the load ran: {} answers",
+        answered.len()
+    );
+    let mut client = daemon.client().await?;
+    let listed = client
+        .list_ports(pb::ListPortsRequest {})
+        .await?
+        .into_inner();
+    let held: std::collections::HashMap<&str, u32> = listed
+        .leases
+        .iter()
+        .map(|l| (l.lease_id.as_str(), l.port))
+        .collect();
+    let lost: Vec<&(String, u32)> = answered
+        .iter()
+        .filter(|(id, port)| held.get(id.as_str()) != Some(port))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered leases lost: {:?}",
+        lost.len(),
+        answered.len(),
+        lost.iter().take(5).collect::<Vec<_>>()
+    );
+    Ok(())
+}
