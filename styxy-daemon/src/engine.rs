@@ -472,7 +472,12 @@ impl Engine {
                 self.commit_effects(|b| b.withdraw_lease(&lease.id));
                 continue;
             }
-            self.wait_durable(ticket).await?;
+            if let Err(e) = self.wait_durable(ticket).await {
+                // Not on disk (a full disk, say): the caller is told so, and the lease it was not
+                // given is taken back (both are written once the disk takes them).
+                self.commit_effects(|b| b.withdraw_lease(&lease.id));
+                return Err(e);
+            }
             return Ok(lease);
         }
         Err(EngineError::Contended(req.service_type))

@@ -151,6 +151,8 @@ struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     durable: watch::Sender<u64>,
+    /// Why the writer cannot write right now (a full disk, say); `None` while it can.
+    failing: watch::Sender<Option<String>>,
 }
 
 impl Shared {
@@ -257,10 +259,12 @@ impl Store {
         let audit_bytes = audit_file.metadata().map_or(0, |m| m.len());
 
         let (durable, _) = watch::channel(0);
+        let (failing, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
             durable,
+            failing,
         });
         let mut snapshot = state.snapshot();
         snapshot.damage = damage;
@@ -328,10 +332,25 @@ impl Store {
                 self.shared.wake.notify_one();
             }
         }
-        rx.wait_for(|done| *done >= ticket.0)
-            .await
-            .map(|_| ())
-            .context("the store writer stopped")
+        let mut failing = self.shared.failing.subscribe();
+        tokio::select! {
+            // Durable first: a change on disk is never reported as failed.
+            biased;
+            done = rx.wait_for(|done| *done >= ticket.0) => {
+                done.map(|_| ()).context("the store writer stopped")
+            }
+            failure = failing.wait_for(Option::is_some) => {
+                let cause = failure
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .unwrap_or_else(|| "the store writer stopped".into());
+                anyhow::bail!(
+                    "the state dir {} cannot be written ({cause}): this change is not on disk; \
+                     the daemon keeps trying (free some space)",
+                    self.dir.display()
+                )
+            }
+        }
     }
 
     /// Makes the durable mark reach this thread's waiters through one task: run the returned future
@@ -377,7 +396,10 @@ impl Store {
             self.shared.wake.notify_one();
             Ticket(pending.seq)
         };
-        self.durable(ticket).await
+        // Never hangs: a state dir that cannot be written is an error now, not a wait.
+        self.durable(ticket)
+            .await
+            .context("the last state could not be saved on the way out")
     }
 }
 
@@ -524,10 +546,22 @@ impl Writer {
                     closing: pending.closing,
                 }
             };
-            // Callers are never told "durable" for a write that failed: retry until the disk takes it.
+            // Callers are never told "durable" for a write that failed: retry until the disk takes
+            // it. Meanwhile those who wait are told at once that it cannot be written.
             while let Err(e) = self.write(&batch) {
-                tracing::error!("writing state to {}: {e:#}; retrying", self.dir.display());
+                let cause = format!("{e:#}");
+                if self.shared.failing.borrow().as_deref() != Some(cause.as_str()) {
+                    tracing::error!(
+                        "writing state to {}: {cause}; retrying every 500 ms",
+                        self.dir.display()
+                    );
+                    self.shared.failing.send_replace(Some(cause));
+                }
                 std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            if self.shared.failing.borrow().is_some() {
+                tracing::info!("writing state to {} again", self.dir.display());
+                self.shared.failing.send_replace(None);
             }
             self.shared.durable.send_replace(batch.seq);
             if batch.closing {

@@ -1201,3 +1201,139 @@ async fn every_answered_allocate_survives_kill_9_at_random_moments() -> anyhow::
     );
     Ok(())
 }
+
+/// A full disk: Allocate (which waits for its change to be on disk) fails promptly with
+/// Unavailable and the cause, read calls go on, every answered lease is kept, the daemon writes
+/// again by itself once there is room, and SIGTERM still stops it. State on a 3 MiB tmpfs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Result<()> {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("SKIP: mounting a tmpfs needs root");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mount = dir.path().join("small");
+    std::fs::create_dir(&mount)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
+        .arg(&mount)
+        .status()?;
+    anyhow::ensure!(mounted.success(), "mount tmpfs: {mounted}");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let base = styxy_tests::port_block();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!("[services.bench]\nrange = [{base}, {}]\n", base + 5999),
+    )?;
+    let socket = dir.path().join("styxy.sock");
+    let mut daemon = Command::new(styxy_tests::styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(mount.join("state"))
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .args(["--listen", "none", "--observer", "sockets"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let target = styxy_cli::client::Target::Unix(socket.clone());
+    let mut client = styxy_tests::eventually(10, "the daemon up", || async {
+        styxy_cli::client::connect(&target).await.ok()
+    })
+    .await?;
+    // Fill the rest of the disk.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(mount.join("filler"))?;
+        let block = vec![7u8; 64 * 1024];
+        while filler.write_all(&block).is_ok() {}
+        let _ = filler.sync_all();
+    }
+    let allocate = || pb::AllocateRequest {
+        service_type: "bench".into(),
+        ttl_seconds: Some(3600),
+        ..Default::default()
+    };
+    // The journal's zeroed chunk takes records until it is used up; then the disk is full.
+    let mut answered = Vec::new();
+    let refusal = loop {
+        anyhow::ensure!(answered.len() < 6000, "no write ever failed");
+        let started = std::time::Instant::now();
+        let call = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.allocate(allocate()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("an Allocate hung on a full disk"))?;
+        match call {
+            Ok(lease) => answered.push(lease.into_inner().lease_id),
+            Err(status) => break (status, started.elapsed()),
+        }
+    };
+    let (status, took) = refusal;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("cannot be written")
+            && status.message().contains("No space left"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "refused after {took:?}"
+    );
+    // Read calls go on.
+    client.status(pb::StatusRequest {}).await?;
+    client.list_ports(pb::ListPortsRequest {}).await?;
+
+    // Room again: the daemon writes again by itself.
+    std::fs::remove_file(mount.join("filler"))?;
+    styxy_tests::eventually(15, "an Allocate accepted again", || {
+        let mut client = client.clone();
+        async move { client.allocate(allocate()).await.ok() }
+    })
+    .await?;
+    let listed = client
+        .list_ports(pb::ListPortsRequest {})
+        .await?
+        .into_inner();
+    let held: std::collections::HashSet<&str> =
+        listed.leases.iter().map(|l| l.lease_id.as_str()).collect();
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|id| !held.contains(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "{} answered leases lost", lost.len());
+
+    // SIGTERM still stops it.
+    // SAFETY: kill has no memory preconditions; the pid is our own child's.
+    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stopped = loop {
+        if let Some(status) = daemon.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = daemon.kill();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        stopped.is_some(),
+        "SIGTERM did not stop the daemon within 10 s"
+    );
+    Ok(())
+}

@@ -268,7 +268,7 @@ pub fn engine_error(e: EngineError) -> Status {
                 Status::permission_denied(e.to_string())
             }
         },
-        EngineError::Store(_) => Status::internal(e.to_string()),
+        EngineError::Store(_) => Status::unavailable(e.to_string()),
         EngineError::Contended(_) => Status::unavailable(e.to_string()),
     }
 }
