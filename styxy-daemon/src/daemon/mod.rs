@@ -168,7 +168,7 @@ fn load_config(config: Option<&Path>) -> Result<(ServiceRanges, UserLimits)> {
     Ok((ranges, limits))
 }
 
-/// Ends lapsed leases and those of exited processes, once a second.
+/// Ends lapsed leases and those of exited processes, and forgets exited processes, once a second.
 async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -179,5 +179,6 @@ async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = engine.expire().await {
             tracing::warn!(cause = %format!("{e:#}"), "sweeping leases");
         }
+        crate::observe::procs::forget_exited();
     }
 }

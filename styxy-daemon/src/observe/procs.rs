@@ -42,6 +42,12 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Drops the cached processes that have exited, closing their pidfds: called once a second, so
+/// the descriptors of short-lived processes do not pile up until the cache is full.
+pub fn forget_exited() {
+    cache().retain(|_, c| pidfd_alive(&c.pidfd));
+}
+
 /// Whether the process a pidfd refers to is still running (it turns readable on exit).
 fn pidfd_alive(pidfd: &OwnedFd) -> bool {
     let mut pfd = libc::pollfd {

@@ -46,11 +46,12 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    // `styxy-bench [broker|shim]`: one part only; both by default.
+    // `styxy-bench [broker|shim|ebpf|footprint]`: one part only; all by default.
     let only = std::env::args().nth(1);
     match only.as_deref() {
         Some("shim") => return shim::run().await,
         Some("ebpf") => return ebpf::run().await,
+        Some("footprint") => return footprint::run().await,
         _ => {}
     }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
@@ -124,7 +125,129 @@ async fn main() -> Result<()> {
     println!();
     shim::run().await?;
     println!();
-    ebpf::run().await
+    ebpf::run().await?;
+    println!();
+    footprint::run().await
+}
+
+/// The daemon's footprint: resident memory and open descriptors idle, and after 10,000
+/// short-lived servers; and how soon the port of a process that exited leaves the table, with
+/// each observer.
+mod footprint {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use styxy_tests::v1 as pb;
+    use styxy_tests::{helper_bin, Daemon};
+
+    const SERVERS: usize = 10_000;
+
+    /// (resident MB, open descriptors) of a process.
+    fn usage(pid: u32) -> Result<(f64, usize)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")?;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+        Ok((kb / 1024.0, fds))
+    }
+
+    /// How long until Observe no longer shows the port of a server that was just killed.
+    async fn gone_after_exit(daemon: &Daemon, port: u16) -> Result<Duration> {
+        let mut server = Command::new("python3")
+            .args(["-c", "import socket, sys, time\ns = socket.socket()\ns.bind(('127.0.0.1', int(sys.argv[1])))\ns.listen(1)\nprint('up', flush=True)\ntime.sleep(60)\n"])
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.stdout.take().context("stdout")?),
+            &mut line,
+        )?;
+        let mut client = daemon.client().await?;
+        // Seen bound first (the table has it), then killed.
+        let seen_by = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < seen_by {
+            let list = client
+                .list_ports(pb::ListPortsRequest {})
+                .await?
+                .into_inner();
+            if list.holders.iter().any(|h| h.port == u32::from(port)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.kill()?;
+        server.wait()?;
+        let killed = Instant::now();
+        loop {
+            let list = client
+                .list_ports(pb::ListPortsRequest {})
+                .await?
+                .into_inner();
+            if !list.holders.iter().any(|h| h.port == u32::from(port)) {
+                return Ok(killed.elapsed());
+            }
+            anyhow::ensure!(
+                killed.elapsed() < Duration::from_secs(120),
+                "still listed after 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn run() -> Result<()> {
+        println!("Footprint — the daemon idle, and after {SERVERS} short-lived servers\n");
+        let daemon = super::production_daemon().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (idle_mb, idle_fds) = usage(daemon.pid())?;
+        println!("idle: resident {idle_mb:.1} MB, {idle_fds} open descriptors   target ≤ 20 MB");
+        let started = Instant::now();
+        let mut running = Vec::new();
+        for _ in 0..SERVERS {
+            running.push(
+                Command::new(helper_bin("bind-load"))
+                    .args(["0", "1"])
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            );
+            if running.len() >= 32 {
+                for mut child in running.drain(..) {
+                    child.wait()?;
+                }
+            }
+        }
+        for mut child in running {
+            child.wait()?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (after_mb, after_fds) = usage(daemon.pid())?;
+        println!(
+            "after {SERVERS} servers ({:.1} s): resident {after_mb:.1} MB ({:+.1}), {after_fds} descriptors ({:+})   target: no growth",
+            started.elapsed().as_secs_f64(),
+            after_mb - idle_mb,
+            after_fds as i64 - idle_fds as i64
+        );
+        let with_ebpf = gone_after_exit(&daemon, daemon.base + 40).await?;
+        let status = daemon.status().await?;
+        println!(
+            "port of an exited server gone from the table after {:.0} ms ({} observer)   target ≤ 1 s",
+            with_ebpf.as_secs_f64() * 1000.0,
+            status.observer
+        );
+        drop(daemon);
+        // The test daemons read the socket tables every 100 ms (the daemon's default is 1 s).
+        let sockets = Daemon::start_with(&["--observer", "sockets"]).await?;
+        let with_sockets = gone_after_exit(&sockets, sockets.base + 40).await?;
+        println!(
+            "port of an exited server gone from the table after {:.0} ms (sockets-table observer, read every 100 ms)   target ≤ 1 s",
+            with_sockets.as_secs_f64() * 1000.0
+        );
+        Ok(())
+    }
 }
 
 /// The eBPF observer: how many binds per second it keeps up with, and the delay from the kernel
