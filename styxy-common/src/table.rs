@@ -24,7 +24,7 @@ use crate::net::Protocol;
 /// `STYXYTAB`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"STYXYTAB");
 /// Bumped on every incompatible change of the layout.
-pub const VERSION: u64 = 2;
+pub const VERSION: u64 = 3;
 /// The table's file is the daemon's socket path with this appended (`styxy.sock.table`).
 pub const FILE_SUFFIX: &str = ".table";
 
@@ -33,13 +33,16 @@ pub const MAX_INSTANCE_ID: usize = 128;
 /// How many view entries the table holds; more are left out (and logged by the daemon).
 pub const MAX_ENTRIES: usize = 1024;
 
+// The header's read-mostly words share one cache line; the words the daemon writes on every
+// change (the sequence and the entry count) have a line of their own, so that a shim reading the
+// header on every bind does not take a cache miss each time the daemon publishes.
 const WORD_MAGIC: usize = 0;
 const WORD_VERSION: usize = 1;
-const WORD_SEQ: usize = 2;
 const WORD_DAEMON_PID: usize = 3;
 const WORD_SERVING: usize = 4;
-const WORD_ENTRY_COUNT: usize = 5;
-const HEADER_WORDS: usize = 8;
+const WORD_SEQ: usize = 8;
+const WORD_ENTRY_COUNT: usize = 9;
+const HEADER_WORDS: usize = 16;
 const PORT_BITS_WORDS: usize = 65_536 / 64;
 const TAKEN: usize = HEADER_WORDS;
 const VIEWED: usize = TAKEN + PORT_BITS_WORDS;
@@ -217,6 +220,11 @@ impl<'a> Table<'a> {
         self.words[WORD_SERVING].store(0, Ordering::Release);
     }
 
+    /// Whether `port`'s taken bit already says `taken` (nothing to write for it).
+    pub fn taken_is(&self, port: u16, taken: bool) -> bool {
+        self.is_taken(port) == taken
+    }
+
     /// Runs `write` between the two steps of the seqlock. One writer at a time (the daemon calls
     /// it under its broker lock).
     pub fn write(&self, write: impl FnOnce(&Writer<'a>)) {
@@ -238,6 +246,10 @@ fn set_bit(words: &Words, base: usize, index: usize, on: bool) {
     let Some(word) = words.get(base + index / 64) else {
         return;
     };
+    // Written only when it changes: a write takes the cache line from every reader.
+    if (word.load(Ordering::Relaxed) & mask != 0) == on {
+        return;
+    }
     if on {
         word.fetch_or(mask, Ordering::Relaxed);
     } else {

@@ -93,10 +93,17 @@ impl PublishedTable {
                 Notice::Reassigned(_) => {}
             }
         }
-        if ports.is_empty() {
+        let table = self.table();
+        // Nothing to change (a bind of a port a claim already marked): no write at all, so the
+        // shims' cached copy of the table stays valid.
+        if !views_changed
+            && ports
+                .iter()
+                .all(|p| table.taken_is(*p, broker.is_taken(*p)))
+        {
             return;
         }
-        self.table().write(|w| {
+        table.write(|w| {
             for port in ports {
                 w.set_taken(port, broker.is_taken(port));
             }

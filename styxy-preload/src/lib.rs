@@ -346,8 +346,7 @@ impl Bind {
     /// The question for the daemon about this bind.
     fn query(&self, protocol: u8) -> BindQuery {
         BindQuery {
-            // SAFETY: getpid has no preconditions.
-            pid: unsafe { libc::getpid() } as u32,
+            pid: own_pid(),
             port: self.target.port,
             protocol,
             family: self.target.family,
@@ -651,11 +650,34 @@ static MOVES_PID: AtomicU32 = AtomicU32::new(0);
 /// `(port << 16) | port` of each port the daemon let it keep.
 static MOVES: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 
+/// This process's pid, cached: every bind asks (a `getpid` system call costs a bind on this kind
+/// of VM a measurable part of its time). A `fork()` child forgets it through a `pthread_atfork`
+/// handler; a child made by a raw `clone` without one keeps its parent's until it `exec`s, which
+/// only makes it look at its parent's move records (a bind then asks the daemon, as any other).
+fn own_pid() -> u32 {
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static FORK_HANDLER: AtomicBool = AtomicBool::new(false);
+    extern "C" fn forget_in_child() {
+        PID.store(0, Ordering::Relaxed);
+    }
+    let cached = PID.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    if !FORK_HANDLER.swap(true, Ordering::AcqRel) {
+        // SAFETY: registers a handler that only stores to an atomic; no other preconditions.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_in_child)) };
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    PID.store(pid, Ordering::Relaxed);
+    pid
+}
+
 /// Records that this process moved `requested` to `new`; true the first time (IPv4 and IPv6 binds
 /// of one server make a single line).
 fn record_move(requested: u16, new: u16) -> bool {
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u32;
+    let pid = own_pid();
     if MOVES_PID.swap(pid, Ordering::AcqRel) != pid {
         for slot in &MOVES {
             slot.store(0, Ordering::Relaxed);
@@ -678,15 +700,11 @@ fn moved_before(requested: u16) -> bool {
 }
 
 /// Whether this process moved `port` before (to another port), and whether the daemon let it
-/// keep `port` before (a move "to itself" in `MOVES`): one look, one getpid at most.
+/// keep `port` before (a move "to itself" in `MOVES`): one look, no system call.
 fn history(port: u16) -> (bool, bool) {
     let owner = MOVES_PID.load(Ordering::Acquire);
-    if owner == 0 {
-        // Nothing recorded in any process yet: spare the getpid call (every bind asks this).
-        return (false, false);
-    }
-    // SAFETY: getpid has no preconditions.
-    if owner != unsafe { libc::getpid() } as u32 {
+    if owner == 0 || owner != own_pid() {
+        // Nothing recorded, or recorded by the parent this process was forked from.
         return (false, false);
     }
     MOVES.iter().fold((false, false), |(moved, kept), slot| {
