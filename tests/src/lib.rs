@@ -63,6 +63,23 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The uid the tests act as when they need another user than root (`nobody`).
+pub const OTHER_USER: u32 = 65534;
+
+/// Whether a test may act as [`OTHER_USER`] (it needs root); says SKIP when not, and fails in CI,
+/// which runs the tests as root.
+pub fn can_act_as_another_user() -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs the tests as root"
+    );
+    eprintln!("SKIP: acting as another user needs root");
+    false
+}
+
 /// A running daemon with its own socket, state dir and service ranges:
 /// `storybook` = base..base+23, `api` = base+100..base+199, `bulk` = base+300.. (250 ports, spilling into
 /// the next block, which this daemon also owns).
@@ -165,6 +182,18 @@ impl Daemon {
         self.child = child;
         self.tcp = tcp;
         Ok(())
+    }
+
+    /// Runs the `styxy` CLI against this daemon as [`OTHER_USER`].
+    pub fn cli_as_other_user(&self, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .uid(OTHER_USER)
+            .output()
+            .expect("running the styxy CLI as another user")
     }
 
     /// Runs the `styxy` CLI against this daemon.

@@ -469,10 +469,7 @@ async fn resolve_bind_moves_a_held_port_within_its_range_and_audits_it() -> anyh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_the_owner_or_root_may_release_a_lease() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!(
-            "SKIP only_the_owner_or_root_may_release_a_lease: needs root to act as another user"
-        );
+    if !styxy_tests::can_act_as_another_user() {
         return Ok(());
     }
     let daemon = Daemon::start().await?;
@@ -484,12 +481,7 @@ async fn only_the_owner_or_root_may_release_a_lease() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let as_nobody = Command::new(styxy_tests::styxy_bin())
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(["release", &lease.lease_id])
-        .uid(65534)
-        .output()?;
+    let as_nobody = daemon.cli_as_other_user(&["release", &lease.lease_id]);
     assert!(!as_nobody.status.success());
     let stderr = String::from_utf8_lossy(&as_nobody.stderr);
     assert!(stderr.contains("belongs to uid 0"), "{stderr}");
@@ -580,28 +572,15 @@ async fn lease_ids_are_never_reused_across_restarts() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn another_user_cannot_lease_for_someone_elses_process_or_a_privileged_port(
 ) -> anyhow::Result<()> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the tests as root"
-        );
-        eprintln!("SKIP: needs root to act as another user");
+    if !styxy_tests::can_act_as_another_user() {
         return Ok(());
     }
     let daemon = Daemon::start().await?;
-    let as_nobody = |args: &[&str]| {
-        Command::new(styxy_tests::styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args(args)
-            .uid(65534)
-            .output()
-    };
-    let refused = as_nobody(&["allocate", "api", "--pid", "1"])?;
+    let refused = daemon.cli_as_other_user(&["allocate", "api", "--pid", "1"]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("pid 1 belongs to uid 0"), "{stderr}");
-    let refused = as_nobody(&["allocate", "api", "--port", "80", "--ttl", "60"])?;
+    let refused = daemon.cli_as_other_user(&["allocate", "api", "--port", "80", "--ttl", "60"]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("below 1024"), "{stderr}");
@@ -614,7 +593,7 @@ async fn another_user_cannot_lease_for_someone_elses_process_or_a_privileged_por
 
     // Its own process, and an ordinary port: fine. Root: anything.
     let mut own = Command::new("sleep").arg("60").uid(65534).spawn()?;
-    let ok = as_nobody(&["allocate", "api", "--pid", &own.id().to_string()])?;
+    let ok = daemon.cli_as_other_user(&["allocate", "api", "--pid", &own.id().to_string()]);
     assert!(
         ok.status.success(),
         "{}",
@@ -1026,33 +1005,20 @@ async fn a_damaged_journal_is_reported_with_what_was_dropped() -> anyhow::Result
 /// binds (claims) go on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_cannot_lease_more_than_its_share_of_a_range() -> anyhow::Result<()> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the tests as root"
-        );
-        eprintln!("SKIP: needs root to act as another user");
+    if !styxy_tests::can_act_as_another_user() {
         return Ok(());
     }
     let daemon = Daemon::start().await?;
-    let as_nobody = |args: &[&str]| {
-        Command::new(styxy_tests::styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args(args)
-            .uid(65534)
-            .output()
-    };
     // The test daemon's storybook range has 24 ports: 12 for one user.
     for n in 0..12 {
-        let out = as_nobody(&["allocate", "storybook", "--ttl", "600"])?;
+        let out = daemon.cli_as_other_user(&["allocate", "storybook", "--ttl", "600"]);
         assert!(
             out.status.success(),
             "lease {n}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let refused = as_nobody(&["allocate", "storybook", "--ttl", "600"])?;
+    let refused = daemon.cli_as_other_user(&["allocate", "storybook", "--ttl", "600"]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -1091,12 +1057,7 @@ sys.stdin.read()\n";
 /// once (counted in Status and the metrics), while root's calls go on being served.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_user_cannot_hold_every_connection() -> anyhow::Result<()> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the tests as root"
-        );
-        eprintln!("SKIP: needs root to act as another user");
+    if !styxy_tests::can_act_as_another_user() {
         return Ok(());
     }
     let daemon = Daemon::start().await?;
@@ -1207,12 +1168,7 @@ async fn every_answered_allocate_survives_kill_9_at_random_moments() -> anyhow::
 /// again by itself once there is room, and SIGTERM still stops it. State on a 3 MiB tmpfs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Result<()> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs the tests as root"
-        );
-        eprintln!("SKIP: mounting a tmpfs needs root");
+    if !styxy_tests::can_act_as_another_user() {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;

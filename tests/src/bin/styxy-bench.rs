@@ -374,17 +374,17 @@ mod shim {
         shim_failed: usize,
     }
 
-    /// `bind-timer PORT` natively and under the shim with `shim_env`, in `ROUNDS` alternated runs
+    /// `call-timer bind PORT` natively and under the shim with `shim_env`, in `ROUNDS` alternated runs
     /// of `BINDS / ROUNDS` binds each, so drift on a shared machine (another job, the daemon's
     /// observer catching up) hits both sides alike.
     fn compare_binds(port: u16, shim_env: &[(&str, OsString)]) -> Result<Compared> {
-        compare("bind-timer", port, port, shim_env)
+        compare("bind", port, port, shim_env)
     }
 
-    /// `HELPER PORT COUNT` (bind-timer or connect-timer): natively on `native_port`, under the
+    /// `call-timer CALL PORT COUNT` (CALL: bind or connect): natively on `native_port`, under the
     /// shim with `shim_env` on `shim_port`, in alternated runs.
     fn compare(
-        helper: &str,
+        call: &str,
         native_port: u16,
         shim_port: u16,
         shim_env: &[(&str, OsString)],
@@ -396,10 +396,10 @@ mod shim {
             shim_failed: 0,
         };
         for _ in 0..ROUNDS {
-            let (failed, samples) = time_calls(helper, native_port, None)?;
+            let (failed, samples) = time_calls(call, native_port, None)?;
             compared.native_failed += failed;
             compared.native.0.extend(samples.0);
-            let (failed, samples) = time_calls(helper, shim_port, Some(shim_env))?;
+            let (failed, samples) = time_calls(call, shim_port, Some(shim_env))?;
             compared.shim_failed += failed;
             compared.shimmed.0.extend(samples.0);
         }
@@ -408,22 +408,23 @@ mod shim {
 
     /// One run of `HELPER PORT BINDS/ROUNDS`, with the shim and `env` when given.
     fn time_calls(
-        helper: &str,
+        call: &str,
         port: u16,
         shim_env: Option<&[(&str, OsString)]>,
     ) -> Result<(usize, Samples)> {
-        let mut command = Command::new(helper_bin(helper));
+        let mut command = Command::new(helper_bin("call-timer"));
+        command.arg(call);
         command.args([port.to_string(), (BINDS / ROUNDS).to_string()]);
         command.env_remove("LD_PRELOAD").env("STYXY_NOTIFY", "off");
         if let Some(env) = shim_env {
             command.env("LD_PRELOAD", shim_library());
             command.envs(env.iter().map(|(k, v)| (k, v)));
         }
-        let out = command.output().context("running bind-timer")?;
+        let out = command.output().context("running call-timer")?;
         let text = String::from_utf8_lossy(&out.stdout);
         let mut words = text.split_whitespace();
         if words.next() != Some("ok") {
-            bail!("{helper} failed: {out:?}");
+            bail!("call-timer {call} failed: {out:?}");
         }
         let failed = words.next().context("failed count")?.parse()?;
         let samples = words.map(str::parse).collect::<Result<Vec<u64>, _>>()?;
@@ -563,7 +564,7 @@ mod shim {
         // (f) Loopback connect(): to a port no view redirects, and to one a session's view does
         // (asked → its moved server; natively, the same server at its real port).
         let listener = accept_loop(None, free + 1, &daemon)?;
-        let unviewed = compare("connect-timer", free + 1, free + 1, &up)?;
+        let unviewed = compare("connect", free + 1, free + 1, &up)?;
         row(
             "(f) loopback connect, no view entry",
             &unviewed.native,
@@ -578,7 +579,7 @@ mod shim {
         ];
         // Wait until the view is published: a connect in the session then reaches the moved server.
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let viewed = compare("connect-timer", moved_server.port, asked, &in_session)?;
+        let viewed = compare("connect", moved_server.port, asked, &in_session)?;
         row(
             "(f) loopback connect, redirected",
             &viewed.native,

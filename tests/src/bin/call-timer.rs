@@ -1,19 +1,24 @@
-//! Times `bind()` for the shim benchmark: `bind-timer PORT COUNT` creates a TCP socket, binds
-//! 127.0.0.1:PORT (0 for an ephemeral port) and closes it, COUNT times, timing only the `bind()`
-//! call, after a few untimed warm-up binds. Prints `ok FAILED NS…` (failed binds, then every latency in nanoseconds) on one line.
+//! Times one socket call for the shim benchmark: `call-timer bind|connect PORT COUNT` opens a TCP
+//! socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and closes it, COUNT
+//! times, timing only the `bind()` or `connect()` call, after a few untimed warm-up calls (the
+//! first load the client library or map the session table). Prints `ok FAILED NS…` (failed calls,
+//! then every latency in nanoseconds) on one line.
 
 use std::time::Instant;
 
-/// Untimed binds before the timed ones.
+/// Untimed calls before the timed ones.
 const WARMUP: usize = 20;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(port), Some(count)) = (
-        args.first().and_then(|a| a.parse::<u16>().ok()),
-        args.get(1).and_then(|a| a.parse::<usize>().ok()),
+    let (Some(call), Some(port), Some(count)) = (
+        args.first()
+            .map(String::as_str)
+            .filter(|c| ["bind", "connect"].contains(c)),
+        args.get(1).and_then(|a| a.parse::<u16>().ok()),
+        args.get(2).and_then(|a| a.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: bind-timer PORT COUNT");
+        eprintln!("usage: call-timer bind|connect PORT COUNT");
         std::process::exit(2);
     };
     // SAFETY: sockaddr_in is plain data.
@@ -21,10 +26,9 @@ fn main() {
     sin.sin_family = libc::AF_INET as libc::sa_family_t;
     sin.sin_port = port.to_be();
     sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     let mut latencies = Vec::with_capacity(count);
     let mut failed = 0;
-    // The first binds load the client library and connect (or learn the daemon is down): warm up,
-    // so the figures are the steady state of a process that binds.
     for round in 0..WARMUP + count {
         // SAFETY: plain socket syscalls on a descriptor this loop owns and closes.
         unsafe {
@@ -34,11 +38,11 @@ fn main() {
                 std::process::exit(1);
             }
             let started = Instant::now();
-            let rc = libc::bind(
-                fd,
-                (&raw const sin).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
+            let rc = if call == "bind" {
+                libc::bind(fd, (&raw const sin).cast(), len)
+            } else {
+                libc::connect(fd, (&raw const sin).cast(), len)
+            };
             let took = started.elapsed().as_nanos() as u64;
             if round >= WARMUP {
                 latencies.push(took);
