@@ -63,6 +63,17 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A child process that is killed when this is dropped: a test that fails half-way never leaves
+/// the daemon it started running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The uid the tests act as when they need another user than root (`nobody`).
 pub const OTHER_USER: u32 = 65534;
 

@@ -870,25 +870,27 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
     // A low hard limit (the daemon raises its soft limit to the hard one, and no further): its
     // own ~24 descriptors and the 16 connections it always admits go past 34, so /proc reads
     // fail with EMFILE. (That they did is checked below: processes_unchecked.)
-    let mut daemon = Command::new("prlimit")
-        .arg("--nofile=34:34")
-        .arg(styxy_tests::styxy_bin())
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args([
-            "--listen",
-            "none",
-            "--observer",
-            "sockets",
-            "--scan-interval-ms",
-            "200",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let daemon = styxy_tests::KillOnDrop(
+        Command::new("prlimit")
+            .arg("--nofile=34:34")
+            .arg(styxy_tests::styxy_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args([
+                "--listen",
+                "none",
+                "--observer",
+                "sockets",
+                "--scan-interval-ms",
+                "200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     let cli = |args: &[&str]| {
         Command::new(styxy_tests::styxy_bin())
             .arg("--socket")
@@ -925,8 +927,7 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
     let ports = cli(&["--json", "ports"])?;
     let listed: serde_json::Value = serde_json::from_slice(&ports.stdout)?;
     let leases = listed["leases"].as_array().cloned().unwrap_or_default();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     owner.kill()?;
     owner.wait()?;
     assert!(
@@ -1192,18 +1193,20 @@ async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Resu
         format!("[services.bench]\nrange = [{base}, {}]\n", base + 5999),
     )?;
     let socket = dir.path().join("styxy.sock");
-    let mut daemon = Command::new(styxy_tests::styxy_bin())
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(mount.join("state"))
-        .arg("--config")
-        .arg(dir.path().join("config.toml"))
-        .args(["--listen", "none", "--observer", "sockets"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut daemon = styxy_tests::KillOnDrop(
+        Command::new(styxy_tests::styxy_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(mount.join("state"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .args(["--listen", "none", "--observer", "sockets"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     let target = styxy_cli::client::Target::Unix(socket.clone());
     let mut client = styxy_tests::eventually(10, "the daemon up", || async {
         styxy_cli::client::connect(&target).await.ok()
@@ -1275,14 +1278,13 @@ async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Resu
 
     // SIGTERM still stops it.
     // SAFETY: kill has no memory preconditions; the pid is our own child's.
-    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe { libc::kill(daemon.0.id() as libc::pid_t, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let stopped = loop {
-        if let Some(status) = daemon.try_wait()? {
+        if let Some(status) = daemon.0.try_wait()? {
             break Some(status);
         }
         if std::time::Instant::now() > deadline {
-            let _ = daemon.kill();
             break None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
