@@ -7,6 +7,7 @@
 //! "who decides that 6006 is taken?".
 #![warn(missing_docs)]
 
+mod kernel_move;
 pub mod model;
 mod portset;
 #[cfg(test)]
@@ -343,6 +344,11 @@ impl Broker {
         self.reassignments
     }
 
+    /// The lease or claim on `port`, if any.
+    pub fn lease_on(&self, port: u16) -> Option<&Lease> {
+        self.leases.get(&port)
+    }
+
     /// Every live lease and claim, by port.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
@@ -445,6 +451,11 @@ impl Broker {
                 self.insert_socket(socket, now_ms, Some(now_ms), &mut effects)
             }
             PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
+            PortEvent::MovedByKernel {
+                socket,
+                asked,
+                instance_id,
+            } => self.apply_kernel_move(socket, asked, instance_id, now_ms, &mut effects),
         }
         effects
     }

@@ -106,6 +106,16 @@ pub enum PortEvent {
         /// The released socket's cookie.
         cookie: u64,
     },
+    /// A socket was bound on another port than its process asked for: the kernel's bind program
+    /// moved it (a process of a kernel session asking for a taken port).
+    MovedByKernel {
+        /// The socket, on the port it got.
+        socket: BoundSocket,
+        /// The port its process asked for.
+        asked: u16,
+        /// The kernel session (instance) of the process.
+        instance_id: String,
+    },
 }
 
 /// What happened, for `Watch` subscribers.

@@ -1080,3 +1080,85 @@ fn views_are_per_user_so_another_user_cannot_join_a_session() {
         "{owners:?}"
     );
 }
+
+// ---- binds the kernel moved ------------------------------------------------------------------------------
+
+fn kernel_moved(cookie: u64, asked: u16, bound: u16, p: u32, family: Family) -> PortEvent {
+    PortEvent::MovedByKernel {
+        socket: BoundSocket {
+            family,
+            ..socket(
+                cookie,
+                bound,
+                Some(proc_info(p, "server", "./static-server")),
+            )
+        },
+        asked,
+        instance_id: "K".into(),
+    }
+}
+
+#[test]
+fn a_kernel_move_is_recorded_as_the_shim_records_one_claim_audit_view_once_per_server() {
+    let mut b = broker();
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    let effects = b.apply(kernel_moved(2, 8000, 8001, 40, Family::Inet), 2);
+    let audits: Vec<&AuditRecord> = effects
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Reassigned(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audits.len(), 1, "{effects:?}");
+    assert_eq!(
+        (
+            audits[0].requested_port,
+            audits[0].assigned_port,
+            audits[0].holder_pid
+        ),
+        (8000, 8001, Some(30))
+    );
+    assert_eq!(audits[0].instance_id.as_deref(), Some("K"));
+    assert!(effects
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::Bound(_))));
+    let claim = b.lease_on(8001).expect("the move's claim");
+    assert!(
+        claim.claim && claim.expires_ms.is_none(),
+        "settled by the bind: {claim:?}"
+    );
+    assert_eq!(b.view_of("K").len(), 1);
+    assert_eq!(b.view_of("K")[0].asked, 8000);
+
+    // Its IPv6 bind of the same port, moved to the same place: no second claim or audit entry.
+    let again = b.apply(kernel_moved(3, 8000, 8001, 40, Family::Inet6), 3);
+    assert!(!again
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::Reassigned(_))));
+    assert_eq!(b.lease_count(), 1);
+
+    // Gone with its sockets, like any move.
+    b.apply(PortEvent::Released { cookie: 2 }, 4);
+    b.apply(PortEvent::Released { cookie: 3 }, 5);
+    assert!(b.views().is_empty() && b.lease_on(8001).is_none());
+}
+
+#[test]
+fn a_kernel_move_of_a_process_already_gone_records_only_the_socket() {
+    let mut b = broker();
+    let event = PortEvent::MovedByKernel {
+        socket: socket(9, 8001, None),
+        asked: 8000,
+        instance_id: "K".into(),
+    };
+    let effects = b.apply(event, 1);
+    assert!(b.lease_count() == 0 && b.views().is_empty());
+    assert!(effects
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::Bound(_))));
+}

@@ -142,7 +142,7 @@ async fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Daemon(d) => commands::daemon::run(d, args.socket).await,
         Command::Run { instance, command } => {
-            preload::run(&command, instance.as_deref(), args.socket.as_deref())
+            preload::run(&command, instance.as_deref(), args.socket.as_deref()).await
         }
         Command::Install(a) => {
             let layout = install::Layout::new(a.root, Some(a.prefix))?;

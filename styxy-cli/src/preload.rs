@@ -49,8 +49,18 @@ pub fn preload_value(library: &Path, existing: Option<&str>) -> String {
     entries.join(":")
 }
 
-/// `styxy run`: replace this process with `command`, the shim preloaded.
-pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) -> Result<()> {
+/// `styxy run`: replace this process with `command`, the shim preloaded, in a session.
+///
+/// The session is registered first, with this process (which the command replaces, keeping its
+/// pid): when the daemon runs with eBPF, the kernel then moves and redirects for the command and
+/// everything it starts, static binaries included; the shim does it for dynamically linked
+/// programs either way. The session is `--instance`, else the one this shell is in
+/// (`STYXY_INSTANCE`), else a new one named by the daemon.
+pub async fn run(
+    command: &[OsString],
+    instance: Option<&str>,
+    socket: Option<&Path>,
+) -> Result<()> {
     let Some((program, args)) = command.split_first() else {
         bail!("nothing to run: give a command, e.g. `styxy run -- npm run storybook`");
     };
@@ -60,20 +70,44 @@ pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) 
     child
         .args(args)
         .env("LD_PRELOAD", preload_value(&library, existing.as_deref()));
-    if let Some(instance) = instance {
-        child.env(env::INSTANCE.name, instance);
-    }
+    let instance = instance.map(str::to_owned).or_else(|| {
+        std::env::var(env::INSTANCE.name)
+            .ok()
+            .filter(|v| !v.is_empty())
+    });
     if let Some(socket) = socket {
         child.env(env::SOCKET.name, socket);
     }
-    // The shim fails open in silence; say here, once, when it will have no daemon to ask.
     let daemon = socket.map_or_else(find_socket, Path::to_path_buf);
-    if let Err(e) = std::os::unix::net::UnixStream::connect(&daemon) {
-        eprintln!(
-            "styxy: warning: no daemon answers at {} ({e}); the command runs, but its ports will not be \
-             moved. Start one with `sudo systemctl start styxy` or `styxy daemon`.",
-            daemon.display()
-        );
+    let quiet = std::env::var(env::NOTIFY.name).is_ok_and(|v| v == "off");
+    match join_session(&daemon, instance.clone()).await {
+        Ok(Err(refused)) => {
+            if let Some(instance) = &instance {
+                child.env(env::INSTANCE.name, instance);
+            }
+            eprintln!("styxy: warning: the daemon did not register this session: {refused}");
+        }
+        Ok(Ok(joined)) => {
+            child.env(env::INSTANCE.name, &joined.instance_id);
+            if !joined.kernel_session && !quiet {
+                eprintln!(
+                    "styxy: note: only dynamically linked programs will be moved off taken ports in this \
+                     session (static binaries such as Go servers will not): {}",
+                    joined.kernel_session_detail
+                );
+            }
+        }
+        Err(e) => {
+            if let Some(instance) = &instance {
+                child.env(env::INSTANCE.name, instance);
+            }
+            // The shim fails open in silence; say here, once, when it will have no daemon to ask.
+            eprintln!(
+                "styxy: warning: no daemon answers at {} ({e:#}); the command runs, but its ports will not be \
+                 moved. Start one with `sudo systemctl start styxy` or `styxy daemon`.",
+                daemon.display()
+            );
+        }
     }
     let error = child.exec();
     bail!(
@@ -85,6 +119,34 @@ pub fn run(command: &[OsString], instance: Option<&str>, socket: Option<&Path>) 
             ""
         }
     )
+}
+
+/// Registers this process in the session `instance` (a new one when `None`): the daemon's
+/// answer (or why it refused), or why no daemon answered.
+async fn join_session(
+    daemon: &Path,
+    instance: Option<String>,
+) -> Result<Result<styxy_proto::v1::RegisterInstanceResponse, String>> {
+    let target = crate::client::Target::Unix(daemon.to_path_buf());
+    let call = async {
+        let mut client = crate::client::connect(&target).await?;
+        let answer = client
+            .register_instance(styxy_proto::v1::RegisterInstanceRequest {
+                instance_id: instance,
+                pid: std::process::id(),
+            })
+            .await;
+        Ok(match answer {
+            Ok(answer) => Ok(answer.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(anyhow::anyhow!("{}", status.message()))
+            }
+            Err(status) => Err(status.message().to_string()),
+        })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), call)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 2 s")))
 }
 
 /// Quote for a POSIX shell.

@@ -1,12 +1,18 @@
 //! The record the eBPF programs push through the ring buffer, one per bind or release.
 //!
-//! Fixed layout (`#[repr(C)]`, explicit padding, 64 bytes) so both sides read it the same way.
+//! Fixed layout (`#[repr(C)]`, explicit padding, 72 bytes) so both sides read it the same way.
 //! The daemon checks [`BindEvent::SIZE`] against what the ring buffer hands it.
 
 /// `cgroup/post_bind4|6`: the socket is bound (the port actually bound, ephemeral included).
 pub const KIND_BOUND: u8 = 2;
 /// `cgroup/sock_release`: a bound socket is going away.
 pub const KIND_RELEASED: u8 = 3;
+/// No event: a record whose only purpose is to wake a reader that went to sleep just as a
+/// record was submitted without a wake-up (see `session::READER_MAP`).
+pub const KIND_WAKE: u8 = 4;
+
+/// [`BindEvent::flags`]: the bind program moved this bind off `requested_port` (a kernel session).
+pub const FLAG_REWRITTEN: u8 = 1;
 
 pub use crate::net::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -30,7 +36,8 @@ pub struct BindEvent {
     pub family: u8,
     /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`] (0 when the kernel did not say).
     pub protocol: u8,
-    pub _pad0: u8,
+    /// `FLAG_*`.
+    pub flags: u8,
     /// The port of the event, host byte order: bound port for [`KIND_BOUND`] and [`KIND_RELEASED`].
     pub port: u16,
     /// The port the program asked for, host byte order (0 when not known).
@@ -39,6 +46,9 @@ pub struct BindEvent {
     pub addr: [u8; 16],
     /// The task's comm, NUL-padded.
     pub comm: [u8; COMM_LEN],
+    /// The kernel session of the binding process (0: none).
+    pub session: u32,
+    pub _pad: u32,
 }
 
 impl BindEvent {
@@ -54,11 +64,13 @@ impl BindEvent {
             kind: 0,
             family: 0,
             protocol: 0,
-            _pad0: 0,
+            flags: 0,
             port: 0,
             requested_port: 0,
             addr: [0; 16],
             comm: [0; COMM_LEN],
+            session: 0,
+            _pad: 0,
         }
     }
 
@@ -129,10 +141,12 @@ pub const BOUND_MAP: &str = "BOUND";
 
 /// Program names (the functions' names in the object) and what they attach to.
 pub const PROGRAMS_SOCK_ADDR: [&str; 2] = ["styxy_bind4", "styxy_bind6"];
+/// The map the bind programs keep the asked port in, by socket cookie, until post_bind.
+pub const REQUESTED_MAP: &str = "REQUESTED";
 pub const PROGRAMS_SOCK: [&str; 3] = ["styxy_post_bind4", "styxy_post_bind6", "styxy_sock_release"];
 
 // The layout is part of the ABI with the kernel programs: fail the build if it drifts.
-const _: () = assert!(BindEvent::SIZE == 64);
+const _: () = assert!(BindEvent::SIZE == 72);
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
+use crate::kernel_sessions::KernelSessions;
 use crate::metrics::Metrics;
 use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
@@ -84,6 +85,10 @@ pub struct Engine {
     metrics: Metrics,
     /// Damage found in the state dir at start, for `Status`.
     state_damage: Mutex<Vec<String>>,
+    /// The kernel's session maps, when the eBPF programs enforce sessions.
+    kernel_sessions: OnceLock<KernelSessions>,
+    /// Why they do not, otherwise.
+    kernel_sessions_missing: Mutex<String>,
 }
 
 /// Everything `ListPorts` answers.
@@ -109,6 +114,8 @@ pub struct StatusReport {
     pub endpoints: Endpoints,
     /// (p50, p99, samples) of the eBPF observer's kernel → broker delay, in µs.
     pub observer_delay: (u32, u32, u64),
+    /// Sessions with a live process in the kernel, and what that means or why there are none.
+    pub kernel_sessions: (usize, String),
 }
 
 /// The last [`DelayWindow::CAPACITY`] observer delays, in µs.
@@ -179,6 +186,8 @@ impl Engine {
             resolve_bind_calls: AtomicU64::new(0),
             metrics: Metrics::default(),
             state_damage: Mutex::new(Vec::new()),
+            kernel_sessions: OnceLock::new(),
+            kernel_sessions_missing: Mutex::new("no eBPF observer".into()),
         }
     }
 
@@ -206,6 +215,9 @@ impl Engine {
             // Published before the answer leaves: a shim that binds next sees the claim.
             if let Some(table) = self.table.get() {
                 table.publish(&broker, &effects);
+            }
+            if let Some(kernel) = self.kernel_sessions.get() {
+                kernel.publish(&broker, &effects);
             }
             let audit: Vec<AuditRecord> = effects
                 .notices
@@ -277,6 +289,36 @@ impl Engine {
     pub fn close_table(&self) {
         if let Some(table) = self.table.get() {
             table.close();
+        }
+    }
+
+    /// The eBPF programs enforce kernel sessions from now on, starting with everything the broker knows.
+    pub fn use_kernel_sessions(&self, sessions: KernelSessions) {
+        let broker = lock(&self.broker);
+        sessions.publish_all(&broker);
+        let _ = self.kernel_sessions.set(sessions);
+    }
+
+    /// Says why the kernel manages no sessions (for `Status` and `styxy run`).
+    pub fn set_kernel_sessions_missing(&self, why: String) {
+        *lock(&self.kernel_sessions_missing) = why;
+    }
+
+    /// The instance of kernel session `number`.
+    pub fn kernel_instance_of(&self, number: u32) -> Option<String> {
+        self.kernel_sessions.get()?.instance_of(number)
+    }
+
+    /// (sessions with a live process in the kernel, and what that means or why there are none).
+    fn kernel_session_status(&self) -> (usize, String) {
+        match self.kernel_sessions.get() {
+            Some(sessions) => (
+                sessions.live_sessions(),
+                "the eBPF programs move and redirect the binds and loopback traffic of `styxy run` \
+                 and agent sessions, static binaries included"
+                    .to_string(),
+            ),
+            None => (0, lock(&self.kernel_sessions_missing).clone()),
         }
     }
 
@@ -502,11 +544,21 @@ impl Engine {
         id: Option<String>,
         process: ProcessId,
         uid: u32,
-    ) -> Result<String, EngineError> {
+    ) -> Result<(String, Result<(), String>), EngineError> {
         let (id, ticket) = self.commit(|b| lift(b.register_instance(id, process, uid, now_ms())));
         let id = id?;
         self.wait_durable(ticket).await?;
-        Ok(id)
+        let placed = match self.kernel_sessions.get() {
+            Some(sessions) => {
+                let broker = lock(&self.broker);
+                sessions
+                    .place(&id, uid, process.pid, &broker)
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:#}"))
+            }
+            None => Err(lock(&self.kernel_sessions_missing).clone()),
+        };
+        Ok((id, placed))
     }
 
     /// The shim's question. Not made to wait for the disk: a claim is short-lived and tied to a process that
@@ -557,8 +609,10 @@ impl Engine {
     pub fn status(&self) -> StatusReport {
         // Before the broker lock: a summary after new samples takes a pass over the window.
         let observer_delay = lock(&self.observer_delays).summary();
+        let kernel_sessions = self.kernel_session_status();
         let broker = lock(&self.broker);
         StatusReport {
+            kernel_sessions,
             observer: lock(&self.observer).clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             bound_ports: broker.bound_port_count(),

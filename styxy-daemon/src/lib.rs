@@ -6,16 +6,18 @@
 //! - `engine` does the I/O around each broker decision; `rpc` serves `styxy.v1`;
 //! - `store` persists leases, instances and the audit log;
 //! - `table` publishes the session table the shim maps (taken ports, session views);
+//! - `kernel_sessions` keeps the eBPF programs' session maps in step (kernel-enforced views);
 //! - `metrics` counts what operators watch (served with `--metrics ADDR`).
 
 mod daemon;
 mod engine;
 mod journal;
+mod kernel_sessions;
 mod metrics;
 mod observe;
 mod rpc;
 mod store;
 mod table;
 
-pub use daemon::{run, ObserverChoice, Options};
+pub use daemon::{run, KernelLogLevel, ObserverChoice, Options};
 pub use observe::ebpf::find_object as find_ebpf_object;

@@ -1,38 +1,65 @@
-//! Styxy's kernel side: observers on a cgroup v2 directory that report every bind and release.
+//! Styxy's kernel side: programs on a cgroup v2 directory that report every bind and release, and
+//! that move and redirect the binds and loopback traffic of kernel sessions.
 //!
+//! Observing (every process):
 //! - `cgroup/bind4|6` (sock_addr) sees the port a program asks for, before the kernel acts, and
-//!   remembers it by socket cookie.
-//! - `cgroup/post_bind4|6` (sock) sees the port actually bound (the ephemeral one for port 0) and
-//!   pushes a [`BindEvent`] of kind `KIND_BOUND` into the `EVENTS` ring buffer.
-//! - `cgroup/sock_release` (sock) pushes `KIND_RELEASED` for sockets a post_bind program saw (the
-//!   kernel does not let this hook read the port, so it comes from the `BOUND` map).
+//!   remembers it by socket cookie (`REQUESTED`).
+//! - `cgroup/post_bind4|6` (sock) sees the port actually bound and pushes a [`BindEvent`] of kind
+//!   `KIND_BOUND` into the `EVENTS` ring buffer; it counts the port in `PORTS`.
+//! - `cgroup/sock_release` (sock) pushes `KIND_RELEASED` for sockets post_bind saw.
 //!
-//! Every program returns 1 (allow): they observe and never deny a bind. A record that does not fit
-//! in the ring buffer is counted in `DROPPED`; the daemon then resyncs from the socket tables.
-//! Room is kept for the later in-kernel rewrite step: a bind program may write `user_port` for
-//! managed cgroups, and the record has a `rewritten_port` field for that.
+//! Enforcing (processes of a kernel session only, see `styxy_common::session`):
+//! - bind4|6 moves an explicit-port bind whose port is taken to a spare port of the same range;
+//! - connect4|6 and sendmsg4|6 send loopback traffic for a moved port of the session's view to
+//!   the bound port; getpeername4|6 and recvmsg4|6 show the asked port back for those sockets;
+//! - the `sched_process_fork` and `sched_process_exit` tracepoints keep `SESSIONS` in step with
+//!   the sessions' descendants.
+//!
+//! Every program allows the operation: they never deny a bind or a connect. A record that does
+//! not fit in the ring buffer is counted in `DROPPED`; the daemon then resyncs from the socket
+//! tables. Records are submitted without waking the daemon's reader while it is draining (the
+//! `READER` word), so a burst of binds costs it one wake-up, not one per record.
 #![no_std]
 #![no_main]
-// BPF has a 64-bit atomic add, but core's atomics offer no read-modify-write on this target:
-// the intrinsic emits the instruction directly. (Built with Debian's rustc and RUSTC_BOOTSTRAP.)
+// BPF has atomic add, exchange and fetch-add, but core's atomics offer no read-modify-write on
+// this target: the intrinsics emit the instructions directly. (Built with Debian's rustc and
+// RUSTC_BOOTSTRAP, for BPF ISA v3.)
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
+use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
-    bpf_get_socket_cookie, bpf_ktime_get_ns,
+    bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
 };
-use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{SockAddrContext, SockContext};
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::{SockAddrContext, SockContext, TracePointContext};
+use aya_ebpf::Global;
+use aya_log_ebpf::{debug, info, warn};
 use styxy_common::event::{
     port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, CONFIG_NETNS_COOKIE, EVENTS_RING_BYTES,
-    IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, PORT_SLOTS,
+    FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, KIND_WAKE, PORT_SLOTS,
+};
+use styxy_common::session::{
+    MoveKey, PortInfo, Requested, ReverseKey, ViewKey, MOVES_MAX, READER_SLEEPING, REVERSE_MAX,
+    SESSIONS_MAX, SPARES_LEN, SPARE_SLOTS, VIEWS_MAX,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
 const ALLOW: i32 = 1;
+const SOL_SOCKET: i32 = 1;
+const SO_REUSEPORT: i32 = 15;
+/// The kernel's `BPF_F_MMAPABLE`: the daemon maps these arrays into its memory.
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
+
+/// Set by the daemon at load time (see `styxy_common::session::GLOBAL_*`).
+#[no_mangle]
+static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static ENFORCE: Global<u32> = Global::new(0);
 
 /// Bind and release records for the daemon.
 #[map]
@@ -46,6 +73,53 @@ static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CONFIG: Array<u64> = Array::with_max_entries(1, 0);
 
+/// `READER[0]`: whether the daemon's reader sleeps (see `styxy_common::session`).
+#[map]
+static READER: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// What bind4/6 saw, by socket cookie, until post_bind4/6 picks it up.
+#[map]
+static REQUESTED: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sockets bound per (protocol, port) slot (see `port_slot`), counted up by post_bind and down by
+/// sock_release; the daemon adds the sockets bound before it attached. Updated before `bind()`
+/// returns, so "is this port bound right now" is one lookup, here and in the daemon.
+#[map]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, BPF_F_MMAPABLE);
+
+/// The process that bound each slot last: a process binding a port it holds itself (IPv4 next
+/// to IPv6) is not in conflict with itself.
+#[map]
+static LAST_BINDER: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
+
+/// What post_bind saw, by socket cookie, so sock_release can report the port.
+#[map]
+static BOUND: LruHashMap<u64, BoundRecord> = LruHashMap::with_max_entries(65536, 0);
+
+/// Task id → session number, for every process and thread of a kernel session.
+#[map]
+static SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(SESSIONS_MAX, 0);
+
+/// Per port: who holds a lease or claim on it, and its service range (daemon-written).
+#[map]
+static PORT_INFO: Array<u64> = Array::with_max_entries(65_536, BPF_F_MMAPABLE);
+
+/// Free ports per range, taken by the bind programs and refilled by the daemon.
+#[map]
+static SPARES: Array<u32> = Array::with_max_entries(SPARES_LEN, BPF_F_MMAPABLE);
+
+/// A process's earlier moves, so its other binds of the same port go to the same new port.
+#[map]
+static MOVES: LruHashMap<MoveKey, u32> = LruHashMap::with_max_entries(MOVES_MAX, 0);
+
+/// The sessions' views: (session, protocol, asked port) → bound port.
+#[map]
+static VIEWS: HashMap<ViewKey, u32> = HashMap::with_max_entries(VIEWS_MAX, 0);
+
+/// (socket, real port) → asked port, for the sockets connect/sendmsg redirected.
+#[map]
+static REVERSE: LruHashMap<ReverseKey, u32> = LruHashMap::with_max_entries(REVERSE_MAX, 0);
+
 /// Whether the socket is in the daemon's network namespace (always true before it says which).
 #[inline(always)]
 fn in_daemons_netns(ctx: *mut core::ffi::c_void) -> bool {
@@ -54,25 +128,12 @@ fn in_daemons_netns(ctx: *mut core::ffi::c_void) -> bool {
     wanted == 0 || unsafe { bpf_get_netns_cookie(ctx) } == wanted
 }
 
-/// Port asked for, by socket cookie, from bind4/6 until post_bind4/6 picks it up.
-#[map]
-static REQUESTED: LruHashMap<u64, u16> = LruHashMap::with_max_entries(16384, 0);
-
-/// Sockets bound per (protocol, port) slot (see `port_slot`), counted up by post_bind and down by
-/// sock_release for the sockets post_bind saw. Updated before `bind()` returns, so the daemon can
-/// answer "is this port bound right now" with one lookup instead of a socket-table dump.
-#[map]
-static PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, BPF_F_MMAPABLE);
-
-/// The daemon maps `PORTS` into its memory and reads the counts without a syscall.
-const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
-
 /// Atomically adds `delta` (wrapping) to a `PORTS` slot.
 #[inline(always)]
 fn count_port(protocol: u8, port: u16, delta: u64) {
     if let Some(slot) = PORTS.get_ptr_mut(port_slot(protocol, port)) {
         // SAFETY: the pointer is the map's value slot, valid and aligned for a u64; other CPUs
-        // touch it only through atomic operations too.
+        // and the daemon touch it only through atomic operations too.
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 slot, delta,
@@ -81,20 +142,235 @@ fn count_port(protocol: u8, port: u16, delta: u64) {
     }
 }
 
-/// What post_bind saw, by socket cookie, so sock_release can report the port.
-#[map]
-static BOUND: LruHashMap<u64, BoundRecord> = LruHashMap::with_max_entries(65536, 0);
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// The session of the calling process, if it is in one.
+#[inline(always)]
+fn current_session(tgid: u32) -> Option<u32> {
+    // SAFETY: a plain u32 copied out of the map value.
+    unsafe { SESSIONS.get(tgid) }.copied()
+}
+
+fn transport(protocol: u32) -> Option<u8> {
+    match protocol {
+        p if p == u32::from(IPPROTO_TCP) => Some(IPPROTO_TCP),
+        p if p == u32::from(IPPROTO_UDP) => Some(IPPROTO_UDP),
+        _ => None,
+    }
+}
+
+// ---- sessions follow fork and exit ---------------------------------------------------------
+
+#[tracepoint]
+pub fn styxy_sched_process_fork(ctx: TracePointContext) -> u32 {
+    let Some(session) = current_session(current_tgid()) else {
+        return 0;
+    };
+    // SAFETY: the offset comes from the tracepoint's own format; the helper checks the read.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(FORK_CHILD_PID_OFFSET.load() as usize) }) else {
+        return 0;
+    };
+    if SESSIONS.insert(child, session, 0).is_err() {
+        warn!(
+            &ctx,
+            "session {}: SESSIONS is full, task {} is not in it", session, child
+        );
+    }
+    0
+}
+
+#[tracepoint]
+pub fn styxy_sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tid != tgid {
+        let _ = SESSIONS.remove(tid);
+    }
+    // SAFETY: the offset comes from the tracepoint's own format; the helper checks the read.
+    let group_dead = unsafe { ctx.read_at::<u8>(EXIT_GROUP_DEAD_OFFSET.load() as usize) };
+    if group_dead.unwrap_or(1) != 0 {
+        let _ = SESSIONS.remove(tgid);
+    }
+    0
+}
+
+// ---- bind -----------------------------------------------------------------------------------
 
 #[cgroup_sock_addr(bind4)]
 pub fn styxy_bind4(ctx: SockAddrContext) -> i32 {
-    remember_requested_port(ctx.sock_addr);
+    on_bind(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn styxy_bind6(ctx: SockAddrContext) -> i32 {
-    remember_requested_port(ctx.sock_addr);
+    on_bind(&ctx);
     ALLOW
+}
+
+/// Whether `port` is taken for a process `tgid` of `session`: a socket of another process is
+/// bound on it, or a lease or claim of anyone but this session holds it.
+#[inline(always)]
+fn taken(protocol: u8, port: u16, tgid: u32, session: u32) -> bool {
+    let slot = port_slot(protocol, port);
+    let bound = PORTS.get(slot).copied().unwrap_or(0);
+    if bound != 0 && !(bound == 1 && LAST_BINDER.get(slot).copied() == Some(tgid)) {
+        return true;
+    }
+    let reserved_by = PortInfo(PORT_INFO.get(u32::from(port)).copied().unwrap_or(0)).reserved_by();
+    reserved_by != 0 && reserved_by != session
+}
+
+/// Whether the socket has SO_REUSEPORT set (intended sharing: never moved).
+#[inline(always)]
+fn reuseport(sock_addr: *mut bpf_sock_addr) -> bool {
+    let mut value: i32 = 0;
+    // SAFETY: the helper writes at most `size_of::<i32>()` bytes into `value`.
+    let rc = unsafe {
+        bpf_getsockopt(
+            sock_addr.cast(),
+            SOL_SOCKET,
+            SO_REUSEPORT,
+            (&raw mut value).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    };
+    rc != 0 || value != 0 // unknown counts as shared: never move what may be a pool
+}
+
+/// Takes a spare port of range `range` that is free for the caller: the first one after `asked`
+/// (wrapping around to the lowest), as the broker picks for the shim.
+#[inline(always)]
+fn take_spare(range: u32, protocol: u8, asked: u16, tgid: u32, session: u32) -> Option<u16> {
+    let base = range * SPARE_SLOTS;
+    // The preferred slot, by a plain look at every slot ((port after asked first, else lowest)).
+    let mut best = (u32::MAX, SPARE_SLOTS);
+    for i in 0..SPARE_SLOTS {
+        let port = SPARES.get(base + i).copied().unwrap_or(0);
+        if port == 0 {
+            continue;
+        }
+        // Ports after `asked` rank before those at or below it; within each, lower first.
+        let rank = if port > u32::from(asked) {
+            port
+        } else {
+            port + 65_536
+        };
+        if rank < best.0 {
+            best = (rank, i);
+        }
+    }
+    if best.1 < SPARE_SLOTS {
+        if let Some(port) = take_slot(base + best.1, protocol, asked, tgid, session) {
+            return Some(port);
+        }
+    }
+    // Another CPU took it meanwhile: any other spare.
+    for i in 0..SPARE_SLOTS {
+        if let Some(port) = take_slot(base + i, protocol, asked, tgid, session) {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Takes the port in spare slot `index` (leaving 0) when it is usable for the caller.
+#[inline(always)]
+fn take_slot(index: u32, protocol: u8, asked: u16, tgid: u32, session: u32) -> Option<u16> {
+    let slot = SPARES.get_ptr_mut(index)?;
+    // SAFETY: the pointer is a map value slot, valid and aligned for a u32; every other writer
+    // (other CPUs, the daemon through its mapping) uses atomic operations too.
+    let port = unsafe {
+        core::intrinsics::atomic_xchg::<u32, { core::intrinsics::AtomicOrdering::SeqCst }>(slot, 0)
+    } as u16;
+    (port != 0 && port != asked && !taken(protocol, port, tgid, session)).then_some(port)
+}
+
+#[inline(always)]
+fn on_bind(ctx: &SockAddrContext) {
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; these fields are readable in bind4/6.
+    let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
+    let Some(protocol) = transport(protocol) else {
+        return;
+    };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let asked = u16::from_be(user_port as u16);
+    if asked == 0 || !in_daemons_netns(sock_addr.cast()) {
+        return;
+    }
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
+    let mut requested = Requested {
+        asked,
+        flags: 0,
+        _pad: 0,
+        session: 0,
+    };
+    let tgid = current_tgid();
+    if ENFORCE.load() != 0 {
+        if let Some(session) = current_session(tgid) {
+            requested.session = session;
+            if let Some(port) = move_for_session(ctx, protocol, asked, tgid, session) {
+                // SAFETY: user_port is writable in bind4/6; network byte order.
+                unsafe { (*sock_addr).user_port = u32::from(port.to_be()) };
+                requested.flags = FLAG_REWRITTEN;
+            }
+        } else {
+            debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
+        }
+    }
+    let _ = REQUESTED.insert(cookie, requested, 0);
+}
+
+/// Where a bind of `asked` by a process of `session` goes instead, if it moves.
+#[inline(always)]
+fn move_for_session(
+    ctx: &SockAddrContext,
+    protocol: u8,
+    asked: u16,
+    tgid: u32,
+    session: u32,
+) -> Option<u16> {
+    let key = MoveKey {
+        tgid,
+        asked,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: a plain u32 copied out of the map value.
+    if let Some(earlier) = unsafe { MOVES.get(key) }.copied() {
+        return Some(earlier as u16); // its other family's bind went there
+    }
+    if !taken(protocol, asked, tgid, session) || reuseport(ctx.sock_addr) {
+        return None;
+    }
+    let info = PortInfo(PORT_INFO.get(u32::from(asked)).copied().unwrap_or(0));
+    let Some(range) = info.range() else {
+        warn!(
+            ctx,
+            "session {}: port {} is taken and in no service range: not moved", session, asked
+        );
+        return None;
+    };
+    let Some(port) = take_spare(range, protocol, asked, tgid, session) else {
+        warn!(
+            ctx,
+            "session {}: no spare port left in the range of {}: not moved", session, asked
+        );
+        return None;
+    };
+    if MOVES.insert(key, u32::from(port), 0).is_err() {
+        warn!(ctx, "session {}: MOVES is full", session);
+    }
+    info!(
+        ctx,
+        "session {}: bind of port {} by {} moved to {}", session, asked, tgid, port
+    );
+    Some(port)
 }
 
 #[cgroup_sock(post_bind4)]
@@ -113,31 +389,6 @@ pub fn styxy_post_bind6(ctx: SockContext) -> i32 {
 pub fn styxy_sock_release(ctx: SockContext) -> i32 {
     on_release(ctx.sock);
     ALLOW
-}
-
-fn transport(protocol: u32) -> Option<u8> {
-    match protocol {
-        p if p == u32::from(IPPROTO_TCP) => Some(IPPROTO_TCP),
-        p if p == u32::from(IPPROTO_UDP) => Some(IPPROTO_UDP),
-        _ => None,
-    }
-}
-
-#[inline(always)]
-fn remember_requested_port(sock_addr: *mut bpf_sock_addr) {
-    // SAFETY: the kernel hands a valid context; these fields are readable in bind4/6.
-    let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
-    if transport(protocol).is_none() || !in_daemons_netns(sock_addr.cast()) {
-        return;
-    }
-    // user_port holds the port in network byte order in its low 16 bits.
-    let port = u16::from_be(user_port as u16);
-    if port == 0 {
-        return;
-    }
-    // SAFETY: the helper accepts a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
-    let _ = REQUESTED.insert(cookie, port, 0);
 }
 
 #[inline(always)]
@@ -174,9 +425,11 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
     }
     // SAFETY: the helper accepts a sock context.
     let cookie = unsafe { bpf_get_socket_cookie(sock.cast()) };
-    // SAFETY: the value is a plain u16 copied out before the entry is removed.
-    let requested = unsafe { REQUESTED.get(cookie) }.copied().unwrap_or(0);
-    let _ = REQUESTED.remove(cookie);
+    // SAFETY: plain data copied out before the entry is removed.
+    let requested = unsafe { REQUESTED.get(cookie) }.copied();
+    if requested.is_some() {
+        let _ = REQUESTED.remove(cookie);
+    }
     let port = port as u16; // host byte order
     let bound = BoundRecord {
         port,
@@ -187,6 +440,11 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
     };
     let _ = BOUND.insert(cookie, bound, 0);
     count_port(protocol, port, 1);
+    let tgid = current_tgid();
+    if let Some(last) = LAST_BINDER.get_ptr_mut(port_slot(protocol, port)) {
+        // SAFETY: a map value slot, valid and aligned for a u32.
+        unsafe { *last = tgid };
+    }
     emit(KIND_BOUND, cookie, &bound, requested);
 }
 
@@ -199,10 +457,26 @@ fn on_release(sock: *mut bpf_sock) {
     };
     let _ = BOUND.remove(cookie);
     count_port(bound.protocol, bound.port, u64::MAX); // - 1, wrapping
-    emit(KIND_RELEASED, cookie, &bound, 0);
+    emit(KIND_RELEASED, cookie, &bound, None);
 }
 
-fn emit(kind: u8, cookie: u64, bound: &BoundRecord, requested: u16) {
+/// Whether the daemon's reader sleeps, read with a full barrier (an atomic fetch-add of 0): a
+/// record submitted before this read is seen by a reader that set the flag before its last look.
+#[inline(always)]
+fn reader_sleeps_now() -> bool {
+    let Some(flag) = READER.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a map value slot, valid and aligned for a u32; the daemon writes it atomically.
+    let state = unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            flag, 0,
+        )
+    };
+    state == READER_SLEEPING
+}
+
+fn emit(kind: u8, cookie: u64, bound: &BoundRecord, requested: Option<Requested>) {
     let Some(mut entry) = EVENTS.reserve::<BindEvent>(0) else {
         if let Some(count) = DROPPED.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot: no other program touches it concurrently.
@@ -221,13 +495,191 @@ fn emit(kind: u8, cookie: u64, bound: &BoundRecord, requested: u16) {
     event.family = bound.family;
     event.protocol = bound.protocol;
     event.port = bound.port;
-    event.requested_port = requested;
+    if let Some(requested) = requested {
+        event.requested_port = requested.asked;
+        event.flags = requested.flags;
+        event.session = requested.session;
+    }
     event.addr = bound.addr;
     if let Ok(comm) = bpf_get_current_comm() {
         event.comm = comm;
     }
     entry.write(event);
-    entry.submit(0);
+    // A sleeping reader is woken (when the ring was empty, as usual); a draining one is not.
+    let sleeping = READER.get(0).copied().unwrap_or(READER_SLEEPING) == READER_SLEEPING;
+    if sleeping {
+        entry.submit(0);
+        return;
+    }
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    // The reader may have gone to sleep since: if so, a wake-up record, so this one is not left
+    // waiting for the next bind.
+    if reader_sleeps_now() {
+        let mut wake = BindEvent::zeroed();
+        wake.kind = KIND_WAKE;
+        let _ = EVENTS.output::<BindEvent>(&wake, u64::from(BPF_RB_FORCE_WAKEUP));
+    }
+}
+
+// ---- the session view -------------------------------------------------------------------------
+
+/// Whether an IPv4 address (network byte order, as in the context) is loopback (127.0.0.0/8).
+#[inline(always)]
+fn loopback4(ip: u32) -> bool {
+    u32::from_be(ip) >> 24 == 127
+}
+
+/// Whether an IPv6 address (four network-order words) is `::1` or IPv4-mapped loopback.
+#[inline(always)]
+fn loopback6(words: [u32; 4]) -> bool {
+    words[0] == 0
+        && words[1] == 0
+        && ((words[2] == 0 && u32::from_be(words[3]) == 1)
+            || (u32::from_be(words[2]) == 0xffff && loopback4(words[3])))
+}
+
+#[inline(always)]
+fn dest_is_loopback(sock_addr: *mut bpf_sock_addr, v6: bool) -> bool {
+    if v6 {
+        // SAFETY: user_ip6 is readable in the v6 hooks, word by word at constant offsets.
+        let words = unsafe {
+            [
+                core::ptr::read_volatile(&raw const (*sock_addr).user_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sock_addr).user_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sock_addr).user_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sock_addr).user_ip6[3]),
+            ]
+        };
+        loopback6(words)
+    } else {
+        // SAFETY: user_ip4 is readable in the v4 hooks.
+        loopback4(unsafe { core::ptr::read_volatile(&raw const (*sock_addr).user_ip4) })
+    }
+}
+
+/// connect4|6 and sendmsg4|6: loopback traffic of a session to an asked port of its view goes to
+/// the bound port, and the socket remembers it for the way back.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, v6: bool) {
+    if ENFORCE.load() == 0 {
+        return;
+    }
+    let Some(session) = current_session(current_tgid()) else {
+        return;
+    };
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; these fields are readable in these hooks.
+    let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
+    let Some(protocol) = transport(protocol) else {
+        return;
+    };
+    let asked = u16::from_be(user_port as u16);
+    if asked == 0 || !dest_is_loopback(sock_addr, v6) {
+        return;
+    }
+    let key = ViewKey {
+        session,
+        asked,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: a plain u32 copied out of the map value.
+    let Some(bound) = (unsafe { VIEWS.get(key) }).copied() else {
+        return;
+    };
+    let bound = bound as u16;
+    // SAFETY: user_port is writable in connect4|6 and sendmsg4|6; network byte order.
+    unsafe { (*sock_addr).user_port = u32::from(bound.to_be()) };
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
+    let reverse = ReverseKey {
+        cookie,
+        bound,
+        protocol,
+        _pad: [0; 5],
+    };
+    if REVERSE.insert(reverse, u32::from(asked), 0).is_err() {
+        warn!(ctx, "session {}: REVERSE is full", session);
+    }
+    debug!(
+        ctx,
+        "session {}: traffic to port {} sent to {}", session, asked, bound
+    );
+}
+
+/// getpeername4|6 and recvmsg4|6: a redirected socket sees the asked port as its peer's.
+#[inline(always)]
+fn translate_back(ctx: &SockAddrContext) {
+    if ENFORCE.load() == 0 {
+        return;
+    }
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; these fields are readable in these hooks.
+    let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
+    let Some(protocol) = transport(protocol) else {
+        return;
+    };
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
+    let key = ReverseKey {
+        cookie,
+        bound: u16::from_be(user_port as u16),
+        protocol,
+        _pad: [0; 5],
+    };
+    // SAFETY: a plain u32 copied out of the map value.
+    if let Some(asked) = unsafe { REVERSE.get(key) }.copied() {
+        // SAFETY: user_port is writable in getpeername4|6 and recvmsg4|6; network byte order.
+        unsafe { (*sock_addr).user_port = u32::from((asked as u16).to_be()) };
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn styxy_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn styxy_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn styxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn styxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn styxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    translate_back(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn styxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    translate_back(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn styxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    translate_back(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn styxy_getpeername6(ctx: SockAddrContext) -> i32 {
+    translate_back(&ctx);
+    ALLOW
 }
 
 #[cfg(not(test))]

@@ -50,6 +50,7 @@ async fn the_daemon_runs_in_process_and_stops_when_its_shutdown_completes() -> a
         cgroup: None,
         ebpf_object: None,
         metrics: None,
+        ebpf_log: styxy_daemon::KernelLogLevel::Warn,
     };
 
     let (task, stop) = start(&options);

@@ -183,6 +183,12 @@ fn ebpf_cargo(root: &Path, target_dir: &str) -> Command {
         // subcommand takes them.
         .env("CARGO_BUILD_TARGET", "bpfel-unknown-none")
         .env("CARGO_UNSTABLE_BUILD_STD", "core")
+        // BPF ISA v3 (Linux 5.12+): the atomic exchange and fetch-add the kernel-session programs
+        // use to take a spare port and to read the reader's state with a full barrier.
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C target-cpu=v3",
+        )
         // Debian's cargo finds Debian's clippy-driver next to it, not rustup's shims.
         .env("PATH", ebpf_path())
         .env_remove("RUSTC_WRAPPER")

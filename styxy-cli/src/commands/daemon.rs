@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use styxy_common::paths;
-use styxy_daemon::{ObserverChoice, Options};
+use styxy_daemon::{KernelLogLevel, ObserverChoice, Options};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -38,6 +38,9 @@ pub(crate) struct Args {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, loopback only, e.g. 127.0.0.1:9877 [default: off]
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
+    #[arg(long, value_enum, default_value = "warn")]
+    ebpf_log: KernelLogLevel,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -80,6 +83,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             cgroup: args.cgroup,
             ebpf_object: args.ebpf_object,
             metrics: args.metrics,
+            ebpf_log: args.ebpf_log,
         },
         shutdown,
     )

@@ -28,6 +28,8 @@ use crate::store::Store;
 use crate::table::PublishedTable;
 use styxy_broker::{Broker, LeaseSettings, ServiceRanges, UserLimits};
 
+pub use crate::observe::kernel_log::KernelLogLevel;
+
 /// Which observer to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ObserverChoice {
@@ -62,6 +64,8 @@ pub struct Options {
     pub ebpf_object: Option<PathBuf>,
     /// Loopback address to serve `/metrics` on (OpenMetrics text); `None`: no metrics endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Which of the kernel programs' own log lines go into the daemon's log.
+    pub ebpf_log: KernelLogLevel,
 }
 
 /// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; a test, whatever

@@ -12,7 +12,9 @@ use tokio::task::JoinSet;
 
 use super::{ObserverChoice, Options};
 use crate::engine::{Engine, ObserverStatus};
+use crate::kernel_sessions::KernelSessions;
 use crate::observe::ebpf;
+use styxy_common::session;
 
 /// How often the eBPF observer's port table is checked against a full socket-table reading.
 const EBPF_SAFETY_RESYNC: Duration = Duration::from_secs(60);
@@ -34,17 +36,23 @@ pub(super) fn start(
             let reading = tokio::task::block_in_place(|| engine.resync_reading())
                 .context("reading the kernel's socket tables")?;
             let seeded = attached.seed_bound(&reading);
+            let sessions = match attached.take_sessions() {
+                Ok(maps) => {
+                    engine.use_kernel_sessions(KernelSessions::new(maps));
+                    "kernel sessions enforced (static binaries included)".to_string()
+                }
+                Err(why) => {
+                    let why = format!("kernel sessions off: {why}");
+                    engine.set_kernel_sessions_missing(why.clone());
+                    why
+                }
+            };
             // The kernel's per-port counts stand for the socket tables only when the programs
             // see every bind, i.e. at the root of the cgroup tree.
             let point_checks = match attached.take_port_counts() {
                 Some(counts) if whole_machine => {
-                    let how = if counts.is_mapped() {
-                        "point checks read the kernel's per-port counts, mapped into memory"
-                    } else {
-                        "point checks read the kernel's per-port counts"
-                    };
                     engine.use_port_counts(Box::new(counts));
-                    how
+                    "point checks read the kernel's per-port counts, mapped into memory"
                 }
                 _ => "point checks read the socket tables (a cgroup below the root sees only its own binds)",
             };
@@ -52,7 +60,7 @@ pub(super) fn start(
                 kind: "ebpf",
                 reason: format!(
                     "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
-                     {point_checks}; a full reading every {} s as a safety net",
+                     {point_checks}; {sessions}; a full reading every {} s as a safety net",
                     attached.cgroup.display(),
                     EBPF_SAFETY_RESYNC.as_secs()
                 ),
@@ -77,8 +85,11 @@ pub(super) fn start(
     };
     tokio::task::block_in_place(|| engine.resync())
         .context("reading the kernel's socket tables")?;
-    tasks.spawn(scan_socket_tables(engine, opts.scan_interval, stop.clone()));
     let reason = ebpf_error.unwrap_or_else(|| "chosen with --observer sockets".to_string());
+    engine.set_kernel_sessions_missing(format!(
+        "the daemon runs without eBPF ({reason}): only the bind() shim moves ports, and static binaries are not moved"
+    ));
+    tasks.spawn(scan_socket_tables(engine, opts.scan_interval, stop.clone()));
     Ok(ObserverStatus {
         kind: "sockets-table",
         reason: format!(
@@ -105,7 +116,13 @@ fn attach_ebpf(opts: &Options) -> Result<(ebpf::Attached, bool)> {
         (Ok(Ok(root)), Ok(cgroup)) => root == cgroup,
         _ => false,
     };
-    Ok((ebpf::attach(&object, &cgroup)?, at_root))
+    let attached = ebpf::attach(&ebpf::AttachOptions {
+        object: &object,
+        cgroup: &cgroup,
+        whole_machine: at_root,
+        log_level: opts.ebpf_log,
+    })?;
+    Ok((attached, at_root))
 }
 
 /// Runs the eBPF reader on a thread of its own, scheduled `SCHED_BATCH`, and returns once it
@@ -171,50 +188,126 @@ fn schedule_this_thread_as_batch() {
     }
 }
 
-/// The eBPF observer's reader: wakes when the ring buffer has records (no polling), feeds them to
-/// the broker, and resyncs from the socket tables when the kernel side had to drop some.
+/// How long the reader keeps draining after its last record before it waits for a wake-up. While
+/// it drains, the programs submit records without waking it, so a burst of binds costs one
+/// wake-up instead of one per record (each wake-up is paid inside some program's `bind()`); a
+/// lone bind still wakes it at once.
+const LINGER: Duration = Duration::from_micros(250);
+/// Drains with nothing new before the reader goes to sleep (so ~1 ms of lingering).
+const LINGER_ROUNDS: u32 = 4;
+
+/// The eBPF observer's reader: feeds the ring buffer's records to the broker, and resyncs from
+/// the socket tables when the kernel side had to drop some. Also forwards the programs' log.
 async fn read_ebpf_events(
     engine: Arc<Engine>,
     mut events: AsyncFd<ebpf::Attached>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut owners = ebpf::OwnerCache::default();
+    let log = events.get_mut().log.take();
+    let mut log = log.and_then(|logger| {
+        // SAFETY: the descriptor is the log ring buffer's map fd, owned by the logger, which the
+        // AsyncFd owns in turn: it stays open and the same for the AsyncFd's life.
+        let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+        registered
+            .inspect_err(|e| tracing::warn!(cause = %e, "the kernel programs' log cannot be read"))
+            .ok()
+    });
+    let instance_of = {
+        let engine = engine.clone();
+        move |number: u32| engine.kernel_instance_of(number)
+    };
+    let mut idle_rounds = 0;
     loop {
-        let mut guard = tokio::select! {
-            ready = events.readable_mut() => match ready {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!(cause = %e, "eBPF ring buffer unreadable; no more bind events");
-                    return;
-                }
-            },
-            _ = stop.wait_for(|stop| *stop) => return,
-        };
-        let attached = guard.get_inner_mut();
-        let (batch, seen_at) = attached.drain(&mut owners);
-        let lost = attached.newly_dropped();
-        guard.clear_ready();
-        if !batch.is_empty() {
-            engine.apply_events(batch);
+        let attached = events.get_mut();
+        let drained = drain_once(&engine, attached, &mut owners, &instance_of);
+        if drained {
+            idle_rounds = 0;
+        } else {
+            idle_rounds += 1;
         }
-        let applied_at = ebpf::monotonic_ns();
-        engine.record_observer_delays(
-            seen_at
-                .iter()
-                .map(|t| (applied_at.saturating_sub(*t) / 1000).min(u64::from(u32::MAX)) as u32),
-        );
-        if lost > 0 {
-            tracing::warn!(
-                lost,
-                "eBPF records lost (ring buffer full): resyncing from the socket tables"
-            );
-            if let Err(e) = engine.resync() {
-                tracing::warn!(cause = %e, "resync after lost records");
+        if idle_rounds <= LINGER_ROUNDS {
+            // Awake: the programs do not wake us; look again shortly.
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
             }
-            // Counted once the table is repaired: whoever sees the loss in Status sees the fix.
-            engine.count_dropped(lost);
+            continue;
+        }
+        // Going to sleep: say so, then look once more (a record submitted before the programs
+        // saw the new state is found here; one after it wakes us).
+        attached.set_reader_state(session::READER_SLEEPING);
+        if drain_once(&engine, attached, &mut owners, &instance_of) {
+            attached.set_reader_state(session::READER_AWAKE);
+            idle_rounds = 0;
+            continue;
+        }
+        let woken = loop {
+            let log_ready = async {
+                match log.as_mut() {
+                    Some(fd) => fd.readable_mut().await.map(|mut g| {
+                        g.get_inner_mut().flush();
+                        g.clear_ready();
+                    }),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ready = events.readable_mut() => break ready.map(|mut guard| guard.clear_ready()),
+                logged = log_ready => {
+                    if let Err(e) = logged {
+                        tracing::warn!(cause = %e, "the kernel programs' log is unreadable");
+                        log = None;
+                    }
+                }
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        };
+        if let Err(e) = woken {
+            tracing::error!(cause = %e, "eBPF ring buffer unreadable; no more bind events");
+            return;
+        }
+        events.get_mut().set_reader_state(session::READER_AWAKE);
+        idle_rounds = 0;
+        if let Some(fd) = log.as_mut() {
+            fd.get_mut().flush();
         }
     }
+}
+
+/// Drains the ring once into the broker; true when there were records.
+fn drain_once(
+    engine: &Engine,
+    attached: &mut ebpf::Attached,
+    owners: &mut ebpf::OwnerCache,
+    instance_of: &dyn Fn(u32) -> Option<String>,
+) -> bool {
+    let (batch, seen_at) = attached.drain(owners, instance_of);
+    let lost = attached.newly_dropped();
+    if seen_at.is_empty() && lost == 0 {
+        return false;
+    }
+    if !batch.is_empty() {
+        engine.apply_events(batch);
+    }
+    let applied_at = ebpf::monotonic_ns();
+    engine.record_observer_delays(
+        seen_at
+            .iter()
+            .map(|t| (applied_at.saturating_sub(*t) / 1000).min(u64::from(u32::MAX)) as u32),
+    );
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            "eBPF records lost (ring buffer full): resyncing from the socket tables"
+        );
+        if let Err(e) = engine.resync() {
+            tracing::warn!(cause = %e, "resync after lost records");
+        }
+        // Counted once the table is repaired: whoever sees the loss in Status sees the fix.
+        engine.count_dropped(lost);
+    }
+    true
 }
 
 /// The sockets-table observer: a full sock_diag reading at each interval, reconciled into the broker.

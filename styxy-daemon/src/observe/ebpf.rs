@@ -8,19 +8,25 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr};
-use aya::Ebpf;
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use aya_log::EbpfLogger;
 use styxy_common::env;
 use styxy_common::event::{
     port_slot, BindEvent, BoundRecord, BOUND_MAP, CONFIG_MAP, CONFIG_NETNS_COOKIE, DROPPED_MAP,
-    EVENTS_MAP, EVENTS_RING_RECORDS, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED,
-    PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+    EVENTS_MAP, EVENTS_RING_RECORDS, FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
+    KIND_RELEASED, KIND_WAKE, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
 };
 use styxy_common::paths::{artifact_candidates, EBPF_OBJECT};
+use styxy_common::session;
 
+use crate::kernel_sessions::KernelSessionMaps;
+use crate::observe::kernel_log::{KernelLogLevel, ToTracing};
+use crate::observe::mapped::MappedArray;
 use crate::observe::{procs, PortCounts};
 use styxy_broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
 
@@ -80,8 +86,14 @@ pub struct Attached {
     pub events: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
     bound: BpfHashMap<MapData, u64, BoundRecord>,
+    /// The reader's state word (see `styxy_common::session::READER_MAP`).
+    reader: MappedArray<AtomicU32>,
     /// Until handed to the engine with [`Attached::take_port_counts`].
     ports: Option<KernelPortCounts>,
+    /// Until handed to the engine with [`Attached::take_sessions`]; else why there are none.
+    sessions: Result<KernelSessionMaps, String>,
+    /// The kernel programs' log records, unless `--ebpf-log off`.
+    pub log: Option<EbpfLogger<ToTracing>>,
     pub cgroup: PathBuf,
     dropped_seen: u64,
     /// Records drained since `DROPPED` was last read, and when that was.
@@ -89,97 +101,20 @@ pub struct Attached {
     last_drop_check: std::time::Instant,
 }
 
-/// The kernel's `PORTS` counts plus the sockets that were bound before the programs attached.
-///
-/// The kernel counts what post_bind saw and subtracts what sock_release reports, including the
-/// release of a socket the daemon seeded, so for such a port the kernel's count goes below zero
-/// (wrapping) and `seeded` brings it back: the wrapping sum is the number of sockets bound now.
-/// Any error in it leans to "bound" (a socket counted twice), never to "free": the engine then
-/// reads the socket tables, as without counts.
+/// The kernel's `PORTS` counts, mapped into memory: a read is a load, no syscall. The daemon adds
+/// the sockets bound before the programs attached (whose release the kernel then counts down),
+/// so the counts are every socket bound now, for the programs as for the daemon. Any error in
+/// them leans to "bound" (a socket counted twice), never to "free": the engine then reads the
+/// socket tables, as without counts.
 pub struct KernelPortCounts {
-    map: Array<MapData, u64>,
-    /// The map in this process's memory, when the kernel allows it: a read is a load, no syscall.
-    mapped: Option<MappedCounts>,
-    seeded: Vec<u64>,
+    mapped: MappedArray<AtomicU64>,
 }
 
 impl KernelPortCounts {
-    fn new(map: aya::maps::Map) -> Result<KernelPortCounts> {
-        let mapped = match &map {
-            aya::maps::Map::Array(data) => MappedCounts::new(data.fd().as_fd()),
-            _ => None,
-        };
-        Ok(KernelPortCounts {
-            map: Array::try_from(map)?,
-            mapped,
-            seeded: vec![0; PORT_SLOTS as usize],
-        })
-    }
-
-    /// Whether reads are plain loads from a mapping (else one syscall each).
-    pub fn is_mapped(&self) -> bool {
-        self.mapped.is_some()
-    }
-
-    fn slot(&self, protocol: u8, port: u16) -> Option<u64> {
-        let slot = port_slot(protocol, port);
-        let kernel = match &self.mapped {
-            Some(mapped) => mapped.get(slot),
-            None => self.map.get(&slot, 0).ok()?,
-        };
-        Some(kernel.wrapping_add(self.seeded[slot as usize]))
-    }
-}
-
-/// A read-only shared mapping of the `PORTS` array (created `BPF_F_MMAPABLE`).
-struct MappedCounts {
-    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
-}
-
-// SAFETY: the mapping is shared memory the kernel updates with atomic adds; this side only loads
-// from it through AtomicU64, from any thread.
-unsafe impl Send for MappedCounts {}
-// SAFETY: as above.
-unsafe impl Sync for MappedCounts {}
-
-impl MappedCounts {
-    const BYTES: usize = PORT_SLOTS as usize * std::mem::size_of::<u64>();
-
-    fn new(fd: std::os::fd::BorrowedFd<'_>) -> Option<MappedCounts> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: mapping a BPF array map's fd read-only and shared, at offset 0, for exactly its
-        // size; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                Self::BYTES,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        Some(MappedCounts {
-            base: std::ptr::NonNull::new(ptr.cast())?,
-        })
-    }
-
-    fn get(&self, slot: u32) -> u64 {
-        let slot = (slot as usize).min(PORT_SLOTS as usize - 1);
-        // SAFETY: slot < PORT_SLOTS and the mapping holds PORT_SLOTS u64 values, 8-byte aligned
-        // (page-aligned base).
-        unsafe { self.base.as_ptr().add(slot).as_ref() }
-            .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed))
-    }
-}
-
-impl Drop for MappedCounts {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), Self::BYTES) };
+    fn slot(&self, protocol: u8, port: u16) -> u64 {
+        self.mapped
+            .slot(port_slot(protocol, port) as usize)
+            .load(Ordering::Relaxed)
     }
 }
 
@@ -187,11 +122,11 @@ impl PortCounts for KernelPortCounts {
     fn bound(&self, port: u16, protocol: Option<Protocol>) -> Option<u64> {
         let tcp = || self.slot(IPPROTO_TCP, port);
         let udp = || self.slot(IPPROTO_UDP, port);
-        match protocol {
+        Some(match protocol {
             Some(Protocol::Tcp) => tcp(),
             Some(Protocol::Udp) => udp(),
-            None => Some(tcp()?.wrapping_add(udp()?)),
-        }
+            None => tcp().wrapping_add(udp()),
+        })
     }
 }
 
@@ -202,11 +137,117 @@ impl std::os::fd::AsRawFd for Attached {
     }
 }
 
-/// Loads `object` and attaches every program to the cgroup directory `cgroup`.
+/// Takes map `name` out of `ebpf`, as type `M`.
+fn take<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    M::try_from(map).with_context(|| format!("map {name}"))
+}
+
+/// Maps array `name` of `len` values into memory.
+fn take_mapped<A: crate::observe::mapped::Slot>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    len: u32,
+    writable: bool,
+) -> Result<MappedArray<A>> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    let aya::maps::Map::Array(data) = &map else {
+        bail!("map {name} is not an array");
+    };
+    let mapped = MappedArray::new(data.fd().as_fd(), len as usize, writable)
+        .with_context(|| format!("mapping {name} into memory (needs Linux 5.5+)"))?;
+    // The mapping keeps the map alive; the descriptor may close.
+    drop(map);
+    Ok(mapped)
+}
+
+/// Offsets the tracepoint programs need, from the tracepoints' own formats in tracefs (they
+/// moved between kernel versions: 6.x records comms as `__data_loc`).
+struct TracepointOffsets {
+    fork_child_pid: u32,
+    exit_group_dead: u32,
+}
+
+fn tracepoint_offsets() -> Result<TracepointOffsets> {
+    let tracefs = tracefs()?;
+    let offset = |event: &str, field: &str| -> Result<u32> {
+        let path = tracefs.join("events/sched").join(event).join("format");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        field_offset(&text, field)
+            .with_context(|| format!("no field {field} in {}", path.display()))
+    };
+    Ok(TracepointOffsets {
+        fork_child_pid: offset("sched_process_fork", "child_pid")?,
+        exit_group_dead: offset("sched_process_exit", "group_dead")?,
+    })
+}
+
+/// Where tracefs is; mounted at `/sys/kernel/tracing` when it is not mounted anywhere yet (as
+/// systemd does at boot; some minimal systems do not).
+fn tracefs() -> Result<PathBuf> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings; a failure is reported.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    tracing::info!("mounted tracefs at /sys/kernel/tracing (for the session tracepoints)");
+    Ok(PathBuf::from("/sys/kernel/tracing"))
+}
+
+/// The `offset:` of `field` in a tracefs `format` file.
+fn field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let declaration = parts.next()?.strip_prefix("field:")?;
+        let name = declaration.split_whitespace().last()?;
+        if name.split('[').next()? != field {
+            return None;
+        }
+        parts.find_map(|p| p.strip_prefix("offset:")?.parse().ok())
+    })
+}
+
+/// How the programs are loaded.
+pub struct AttachOptions<'a> {
+    pub object: &'a Path,
+    pub cgroup: &'a Path,
+    /// The cgroup is the root: the programs see every bind, so they may move and redirect.
+    pub whole_machine: bool,
+    pub log_level: KernelLogLevel,
+}
+
+/// Loads the object and attaches every program: the bind observers and the session programs to
+/// the cgroup directory, the fork and exit tracepoints to the kernel.
 ///
 /// The attach mode is `Single` because these are links (kernel ≥ 5.7): link_create takes no
 /// flags, and cgroup links always coexist with other programs, as `AllowMultiple` would.
-pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
+pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
+    let (object, cgroup) = (options.object, options.cgroup);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the eBPF observer needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)");
@@ -214,7 +255,26 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
     raise_memlock_limit();
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
-    let mut ebpf = Ebpf::load_file(object)
+    // Sessions need the whole machine (a port held anywhere must count) and the tracepoints.
+    let offsets = if options.whole_machine {
+        tracepoint_offsets().map_err(|e| format!("{e:#}"))
+    } else {
+        Err(format!(
+            "the programs are attached to {}, below the cgroup root, and see only its binds",
+            cgroup.display()
+        ))
+    };
+    let (fork_offset, exit_offset, enforce) = match &offsets {
+        Ok(o) => (o.fork_child_pid, o.exit_group_dead, 1u32),
+        Err(_) => (0, 0, 0),
+    };
+    let log_level = options.log_level.aya_level();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(session::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+        .override_global(session::GLOBAL_EXIT_GROUP_DEAD_OFFSET, &exit_offset, true)
+        .override_global(session::GLOBAL_ENFORCE, &enforce, true)
+        .override_global("AYA_LOG_LEVEL", &log_level, true)
+        .load_file(object)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
     // The two program types share no trait for load/attach: the same steps, once per type.
     macro_rules! load_and_attach {
@@ -233,15 +293,61 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
     }
     load_and_attach!(CgroupSockAddr, PROGRAMS_SOCK_ADDR);
     load_and_attach!(CgroupSock, PROGRAMS_SOCK);
-    let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("EVENTS map missing")?)?;
-    let dropped =
-        PerCpuArray::try_from(ebpf.take_map(DROPPED_MAP).context("DROPPED map missing")?)?;
-    let bound = BpfHashMap::try_from(ebpf.take_map(BOUND_MAP).context("BOUND map missing")?)?;
-    let ports = KernelPortCounts::new(ebpf.take_map(PORTS_MAP).context("PORTS map missing")?)?;
+    // PORTS twice from one descriptor: writable for the counts (the daemon adds what was bound
+    // before), read-only for the session maps' spare-port choice.
+    let (ports, ports_for_sessions) = {
+        let map = ebpf.take_map(PORTS_MAP).context("map PORTS missing")?;
+        let aya::maps::Map::Array(data) = &map else {
+            bail!("map PORTS is not an array");
+        };
+        let fd = data.fd().as_fd();
+        let writable = MappedArray::new(fd, PORT_SLOTS as usize, true)
+            .context("mapping PORTS into memory (needs Linux 5.5+)")?;
+        let read_only = MappedArray::new(fd, PORT_SLOTS as usize, false)
+            .context("mapping PORTS into memory (needs Linux 5.5+)")?;
+        (KernelPortCounts { mapped: writable }, read_only)
+    };
+    let sessions = match offsets {
+        Ok(_) => {
+            load_and_attach!(CgroupSockAddr, session::PROGRAMS_VIEW);
+            for (name, event) in [
+                (session::PROGRAM_FORK, "sched_process_fork"),
+                (session::PROGRAM_EXIT, "sched_process_exit"),
+            ] {
+                let program: &mut TracePoint = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from {}", object.display()))?
+                    .try_into()?;
+                program.load().with_context(|| format!("loading {name}"))?;
+                program
+                    .attach("sched", event)
+                    .with_context(|| format!("attaching {name} to sched/{event}"))?;
+            }
+            Ok(KernelSessionMaps {
+                sessions: take(&mut ebpf, session::SESSIONS_MAP)?,
+                views: take(&mut ebpf, session::VIEWS_MAP)?,
+                port_info: take_mapped(&mut ebpf, session::PORT_INFO_MAP, 65_536, true)?,
+                spares: take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
+                ports: ports_for_sessions,
+            })
+        }
+        Err(reason) => Err(reason),
+    };
+    let log = if options.log_level == KernelLogLevel::Off {
+        None
+    } else {
+        Some(
+            EbpfLogger::init_with_logger(&mut ebpf, ToTracing)
+                .context("reading the kernel programs' log")?,
+        )
+    };
+    let events = take(&mut ebpf, EVENTS_MAP)?;
+    let dropped = take(&mut ebpf, DROPPED_MAP)?;
+    let bound = take(&mut ebpf, BOUND_MAP)?;
+    let reader = take_mapped(&mut ebpf, session::READER_MAP, 1, true)?;
     // Only binds in this network namespace: a container's ports are not the host's.
     if let Some(cookie) = own_netns_cookie() {
-        let mut config: Array<MapData, u64> =
-            Array::try_from(ebpf.take_map(CONFIG_MAP).context("CONFIG map missing")?)?;
+        let mut config: Array<MapData, u64> = take(&mut ebpf, CONFIG_MAP)?;
         config
             .set(CONFIG_NETNS_COOKIE, cookie, 0)
             .context("writing the network namespace to the eBPF programs")?;
@@ -251,7 +357,10 @@ pub fn attach(object: &Path, cgroup: &Path) -> Result<Attached> {
         events,
         dropped,
         bound,
+        reader,
         ports: Some(ports),
+        sessions,
+        log,
         cgroup: cgroup.to_path_buf(),
         dropped_seen: 0,
         // So the first drain reads the counter.
@@ -311,8 +420,11 @@ impl Attached {
             }
             if self.bound.insert(socket.cookie, record, 0).is_ok() {
                 seeded += 1;
-                if let Some(ports) = &mut self.ports {
-                    ports.seeded[port_slot(record.protocol, record.port) as usize] += 1;
+                if let Some(ports) = &self.ports {
+                    ports
+                        .mapped
+                        .slot(port_slot(record.protocol, record.port) as usize)
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -322,6 +434,20 @@ impl Attached {
     /// The per-port counts, for the engine's point checks (once).
     pub fn take_port_counts(&mut self) -> Option<KernelPortCounts> {
         self.ports.take()
+    }
+
+    /// The session maps, for the engine (once); else why the kernel manages no sessions.
+    pub fn take_sessions(&mut self) -> Result<KernelSessionMaps, String> {
+        std::mem::replace(&mut self.sessions, Err("handed over already".into()))
+    }
+
+    /// Tells the programs whether the reader is about to wait for a wake-up
+    /// (`READER_SLEEPING`) or is draining (`READER_AWAKE`: records come without one). The
+    /// store is followed by a full fence, so a reader that says "sleeping" and then looks at the
+    /// ring sees every record whose program read "awake" (see `reader_sleeps_now` there).
+    pub fn set_reader_state(&self, state: u32) {
+        self.reader.slot(0).store(state, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Records lost since the last call (the ring buffer was full).
@@ -351,7 +477,11 @@ impl Attached {
 
     /// Every record waiting in the ring buffer, as broker events, with the kernel time
     /// (`CLOCK_MONOTONIC` ns) of each record.
-    pub fn drain(&mut self, owners: &mut OwnerCache) -> (Vec<PortEvent>, Vec<u64>) {
+    pub fn drain(
+        &mut self,
+        owners: &mut OwnerCache,
+        instance_of: &dyn Fn(u32) -> Option<String>,
+    ) -> (Vec<PortEvent>, Vec<u64>) {
         let mut events = Vec::new();
         let mut seen_at = Vec::new();
         while let Some(item) = self.events.next() {
@@ -359,8 +489,11 @@ impl Attached {
             let Some(record) = BindEvent::from_bytes(&item) else {
                 continue;
             };
+            if record.kind == KIND_WAKE {
+                continue;
+            }
             seen_at.push(record.timestamp_ns);
-            if let Some(event) = port_event(&record, owners) {
+            if let Some(event) = port_event(&record, owners, instance_of) {
                 events.push(event);
             }
         }
@@ -428,7 +561,11 @@ impl OwnerCache {
 }
 
 /// A kernel record as a broker event; `None` for what the broker does not track.
-pub fn port_event(event: &BindEvent, owners: &mut OwnerCache) -> Option<PortEvent> {
+pub fn port_event(
+    event: &BindEvent,
+    owners: &mut OwnerCache,
+    instance_of: &dyn Fn(u32) -> Option<String>,
+) -> Option<PortEvent> {
     match event.kind {
         KIND_RELEASED => Some(PortEvent::Released {
             cookie: event.cookie,
@@ -444,7 +581,7 @@ pub fn port_event(event: &BindEvent, owners: &mut OwnerCache) -> Option<PortEven
                 }
                 Family::Inet6 => IpAddr::V6(Ipv6Addr::from(event.addr)),
             };
-            Some(PortEvent::Bound(BoundSocket {
+            let socket = BoundSocket {
                 cookie: event.cookie,
                 protocol,
                 family,
@@ -453,7 +590,16 @@ pub fn port_event(event: &BindEvent, owners: &mut OwnerCache) -> Option<PortEven
                 uid: event.uid,
                 owner: owners.owner(event),
                 since_ms: crate::engine::now_ms(),
-            }))
+            };
+            let moved = event.flags & FLAG_REWRITTEN != 0 && event.requested_port != event.port;
+            match instance_of(event.session).filter(|_| moved) {
+                Some(instance_id) => Some(PortEvent::MovedByKernel {
+                    socket,
+                    asked: event.requested_port,
+                    instance_id,
+                }),
+                None => Some(PortEvent::Bound(socket)),
+            }
         }
         _ => None,
     }
@@ -474,7 +620,8 @@ mod tests {
         record.tgid = u32::MAX; // no such process: no owner
         record.addr[15] = 1; // ::1
         let mut owners = OwnerCache::default();
-        let Some(PortEvent::Bound(socket)) = port_event(&record, &mut owners) else {
+        let none = |_: u32| None;
+        let Some(PortEvent::Bound(socket)) = port_event(&record, &mut owners, &none) else {
             panic!("a bound record gives a Bound event");
         };
         assert_eq!(
@@ -486,11 +633,62 @@ mod tests {
 
         record.kind = KIND_RELEASED;
         assert_eq!(
-            port_event(&record, &mut owners),
+            port_event(&record, &mut owners, &none),
             Some(PortEvent::Released { cookie: 42 })
         );
         record.kind = KIND_BOUND;
         record.protocol = 132; // SCTP: not tracked
-        assert_eq!(port_event(&record, &mut owners), None);
+        assert_eq!(port_event(&record, &mut owners, &none), None);
+    }
+
+    #[test]
+    fn a_kernel_move_becomes_a_moved_by_kernel_event_of_its_session() {
+        let mut record = BindEvent::zeroed();
+        record.kind = KIND_BOUND;
+        record.family = Family::Inet.af();
+        record.protocol = Protocol::Tcp.ipproto();
+        record.tgid = u32::MAX;
+        record.port = 8001;
+        record.requested_port = 8000;
+        record.flags = FLAG_REWRITTEN;
+        record.session = 3;
+        let mut owners = OwnerCache::default();
+        let sessions = |n: u32| (n == 3).then(|| "run-7".to_string());
+        let Some(PortEvent::MovedByKernel {
+            socket,
+            asked,
+            instance_id,
+        }) = port_event(&record, &mut owners, &sessions)
+        else {
+            panic!("a rewritten bind of a known session is a kernel move");
+        };
+        assert_eq!(
+            (socket.port, asked, instance_id.as_str()),
+            (8001, 8000, "run-7")
+        );
+        // A session the daemon does not know (or no rewrite): a plain bind.
+        record.session = 4;
+        assert!(matches!(
+            port_event(&record, &mut owners, &sessions),
+            Some(PortEvent::Bound(_))
+        ));
+    }
+
+    #[test]
+    fn tracepoint_field_offsets_come_from_the_format_text() {
+        // Linux 6.x: comms as __data_loc, so child_pid is at 20, not at 44 as before.
+        let fork = "name: sched_process_fork\nID: 366\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
+            \tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
+            \tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\
+            \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(field_offset(fork, "child_pid"), Some(20));
+        assert_eq!(field_offset(fork, "parent_comm"), Some(8));
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+            \tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(field_offset(old, "child_comm"), Some(28));
+        assert_eq!(field_offset(old, "child_pid"), Some(44));
+        assert_eq!(field_offset(old, "group_dead"), None);
     }
 }

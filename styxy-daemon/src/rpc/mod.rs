@@ -232,13 +232,15 @@ impl BrokerService {
             Status::invalid_argument(format!("pid {pid} is not a running process"))
         })?;
         let uid = may_act_for(caller, pid)?;
-        let id = self
+        let (id, placed) = self
             .engine
             .register_instance(instance_id, process, uid)
             .await
             .map_err(convert::engine_error)?;
         Ok(Response::new(pb::RegisterInstanceResponse {
             instance_id: id,
+            kernel_session: placed.is_ok(),
+            kernel_session_detail: placed.err().unwrap_or_default(),
         }))
     }
 
@@ -322,6 +324,8 @@ impl BrokerService {
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
             state_damage: self.engine.state_damage(),
             refused_connections: self.engine.metrics().refused_connections.get(),
+            kernel_sessions: u32::try_from(s.kernel_sessions.0).unwrap_or(u32::MAX),
+            kernel_sessions_detail: s.kernel_sessions.1,
             observer_delay_p50_us: s.observer_delay.0,
             observer_delay_p99_us: s.observer_delay.1,
             observer_delay_samples: s.observer_delay.2,

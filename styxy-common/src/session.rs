@@ -1,0 +1,165 @@
+//! Kernel sessions: the maps through which the daemon tells the eBPF programs which processes
+//! belong to which session, which ports are spoken for, which spare ports a moved bind may take,
+//! and what each session's view redirects. Both sides read these layouts from here.
+//!
+//! - `SESSIONS` (hash, `u32` task id → `u32` session number): filled by the daemon for the process
+//!   a session starts with, inherited at `fork`/`clone` by the `sched_process_fork` tracepoint and
+//!   dropped at exit by `sched_process_exit`.
+//! - `PORT_INFO` (mmapable array, one [`PortInfo`] word per port): written by the daemon.
+//! - `SPARES` (mmapable array of `u32`): [`SPARE_SLOTS`] free ports per service range, which the
+//!   bind programs take with an atomic exchange and the daemon refills.
+//! - `MOVES` (LRU hash, [`MoveKey`] → bound port): a process's earlier kernel move, so its IPv4
+//!   and IPv6 binds of one port end on one port.
+//! - `VIEWS` (hash, [`ViewKey`] → bound port): the daemon's session views.
+//! - `REVERSE` (LRU hash, [`ReverseKey`] → asked port): what connect and sendmsg redirected, per
+//!   socket, so getpeername and recvmsg show the asked port back.
+//! - `READER` (mmapable array, one `u32`): [`READER_SLEEPING`] while the daemon's ring-buffer
+//!   reader waits for a wake-up; otherwise records are submitted without one.
+
+/// Map names, shared so both sides agree.
+pub const SESSIONS_MAP: &str = "SESSIONS";
+pub const PORT_INFO_MAP: &str = "PORT_INFO";
+pub const SPARES_MAP: &str = "SPARES";
+pub const MOVES_MAP: &str = "MOVES";
+pub const VIEWS_MAP: &str = "VIEWS";
+pub const REVERSE_MAP: &str = "REVERSE";
+pub const READER_MAP: &str = "READER";
+
+/// Entries of `SESSIONS`: processes and threads of every managed session together.
+pub const SESSIONS_MAX: u32 = 65_536;
+/// Entries of `VIEWS`.
+pub const VIEWS_MAX: u32 = 16_384;
+/// Entries of `MOVES` and `REVERSE` (least recently used ones are dropped first).
+pub const MOVES_MAX: u32 = 16_384;
+pub const REVERSE_MAX: u32 = 65_536;
+
+/// Service ranges the kernel path knows (the first ones of the daemon's configuration).
+pub const RANGES_MAX: u32 = 64;
+/// Spare ports kept ready per range.
+pub const SPARE_SLOTS: u32 = 8;
+/// Entries of `SPARES`.
+pub const SPARES_LEN: u32 = RANGES_MAX * SPARE_SLOTS;
+
+/// `READER[0]` while the reader sleeps in the kernel; `READER_AWAKE` while it drains.
+pub const READER_SLEEPING: u32 = 1;
+pub const READER_AWAKE: u32 = 0;
+
+/// Names of the tracepoint programs and what they attach to (`sched/<name>`).
+pub const PROGRAM_FORK: &str = "styxy_sched_process_fork";
+pub const PROGRAM_EXIT: &str = "styxy_sched_process_exit";
+/// Programs of the session view (sock_addr, like the bind programs).
+pub const PROGRAMS_VIEW: [&str; 8] = [
+    "styxy_connect4",
+    "styxy_connect6",
+    "styxy_sendmsg4",
+    "styxy_sendmsg6",
+    "styxy_recvmsg4",
+    "styxy_recvmsg6",
+    "styxy_getpeername4",
+    "styxy_getpeername6",
+];
+
+/// Globals the daemon sets when it loads the object (constants for the verifier).
+/// Offset of `child_pid` in the `sched_process_fork` record (from its tracefs format).
+pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+/// Offset of `group_dead` in the `sched_process_exit` record.
+pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
+/// 1 when the programs may rewrite binds and redirect traffic (attached at the cgroup root).
+pub const GLOBAL_ENFORCE: &str = "ENFORCE";
+
+/// `PORT_INFO[port]`: who holds a lease or claim on the port (low 32 bits) and the port's
+/// service range (bits 32..40, index + 1; 0 for none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo(pub u64);
+
+/// A lease or claim of no kernel session (a script's allocation, another user's shim claim).
+pub const RESERVED_BY_OTHER: u32 = u32::MAX;
+
+impl PortInfo {
+    pub const fn new(reserved_by: u32, range: Option<u32>) -> Self {
+        let range = match range {
+            Some(index) if index < RANGES_MAX => index as u64 + 1,
+            _ => 0,
+        };
+        PortInfo(reserved_by as u64 | (range << 32))
+    }
+    /// 0: no lease; [`RESERVED_BY_OTHER`]; else the session number holding it.
+    pub const fn reserved_by(self) -> u32 {
+        self.0 as u32
+    }
+    /// The index of the port's service range.
+    pub const fn range(self) -> Option<u32> {
+        match (self.0 >> 32) as u8 {
+            0 => None,
+            n => Some(n as u32 - 1),
+        }
+    }
+}
+
+/// Key of `MOVES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveKey {
+    pub tgid: u32,
+    pub asked: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Key of `VIEWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ViewKey {
+    pub session: u32,
+    pub asked: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Key of `REVERSE`: a socket and the real port it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseKey {
+    pub cookie: u64,
+    pub bound: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of the `REQUESTED` map (socket cookie → what bind4/6 saw), for post_bind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requested {
+    /// The port the program asked for.
+    pub asked: u16,
+    /// `FLAG_*` of the event record.
+    pub flags: u8,
+    pub _pad: u8,
+    /// The session of the binding process (0: none).
+    pub session: u32,
+}
+
+// SAFETY: plain repr(C) data with explicit padding; any bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ViewKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for MoveKey {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_info_packs_holder_and_range() {
+        let info = PortInfo::new(7, Some(3));
+        assert_eq!((info.reserved_by(), info.range()), (7, Some(3)));
+        let none = PortInfo::new(0, None);
+        assert_eq!((none.reserved_by(), none.range()), (0, None));
+        let other = PortInfo::new(RESERVED_BY_OTHER, Some(RANGES_MAX - 1));
+        assert_eq!(other.reserved_by(), RESERVED_BY_OTHER);
+        assert_eq!(other.range(), Some(RANGES_MAX - 1));
+        // A range index the kernel has no spares for is no range.
+        assert_eq!(PortInfo::new(1, Some(RANGES_MAX)).range(), None);
+    }
+}

@@ -1,0 +1,275 @@
+//! Kernel sessions: the daemon's side of the session view the eBPF programs enforce, for every
+//! program of a session, static binaries included (layouts in `styxy_common::session`).
+//!
+//! A session is an instance (`styxy run`, an agent's SessionStart hook) whose first process the
+//! daemon placed in the kernel's `SESSIONS` map; its descendants join at fork. Here the daemon
+//! numbers the sessions, places processes, and keeps what the programs read in step with the
+//! broker, under the broker lock and before a decision's answer leaves (like the shim's table):
+//! who holds a lease on each port, the spare ports a moved bind may take, and each session's view.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use styxy_broker::{Broker, Effects, Notice};
+use styxy_common::event::{port_slot, IPPROTO_TCP, IPPROTO_UDP};
+use styxy_common::session::{PortInfo, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS};
+
+use crate::observe::mapped::MappedArray;
+
+/// The maps the daemon writes, taken from the loaded object.
+pub struct KernelSessionMaps {
+    pub sessions: BpfHashMap<MapData, u32, u32>,
+    pub views: BpfHashMap<MapData, ViewKey, u32>,
+    pub port_info: MappedArray<AtomicU64>,
+    pub spares: MappedArray<AtomicU32>,
+    /// The kernel's per-port socket counts (read only here).
+    pub ports: MappedArray<AtomicU64>,
+}
+
+/// Which sessions exist and what the kernel's view map holds.
+#[derive(Default)]
+struct Registry {
+    /// Instance id → (session number, the uid that placed it).
+    numbers: HashMap<String, (u32, u32)>,
+    instances: HashMap<u32, String>,
+    /// The view entries written to `VIEWS`.
+    views: HashMap<ViewKey, u32>,
+}
+
+/// The daemon's handle on the kernel sessions.
+pub struct KernelSessions {
+    sessions: Mutex<BpfHashMap<MapData, u32, u32>>,
+    views: Mutex<BpfHashMap<MapData, ViewKey, u32>>,
+    port_info: MappedArray<AtomicU64>,
+    spares: MappedArray<AtomicU32>,
+    ports: MappedArray<AtomicU64>,
+    registry: Mutex<Registry>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl KernelSessions {
+    pub fn new(maps: KernelSessionMaps) -> KernelSessions {
+        KernelSessions {
+            sessions: Mutex::new(maps.sessions),
+            views: Mutex::new(maps.views),
+            port_info: maps.port_info,
+            spares: maps.spares,
+            ports: maps.ports,
+            registry: Mutex::new(Registry::default()),
+        }
+    }
+
+    /// Puts process `pid` (and from now on its descendants) in the kernel session of
+    /// `instance_id`, placed by `uid`. The caller has checked that `uid` may act for `pid`, and
+    /// the broker that `uid` owns the instance.
+    pub fn place(&self, instance_id: &str, uid: u32, pid: u32, broker: &Broker) -> Result<u32> {
+        let number = {
+            let mut registry = lock(&self.registry);
+            let next = u32::try_from(registry.numbers.len() + 1).context("too many sessions")?;
+            if next == RESERVED_BY_OTHER {
+                bail!("too many kernel sessions");
+            }
+            let (number, _) = *registry
+                .numbers
+                .entry(instance_id.to_string())
+                .or_insert((next, uid));
+            registry.instances.insert(number, instance_id.to_string());
+            // The instance's uid is the broker's owner: one uid per instance.
+            if let Some(entry) = registry.numbers.get_mut(instance_id) {
+                entry.1 = uid;
+            }
+            number
+        };
+        lock(&self.sessions)
+            .insert(pid, number, 0)
+            .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
+        // Its moves so far (through the shim) join the kernel's view, and its leases count as its own.
+        self.sync_views(broker);
+        let registry = lock(&self.registry);
+        for lease in broker
+            .leases()
+            .filter(|l| l.instance_id.as_deref() == Some(instance_id))
+        {
+            let slot = self.port_info.slot(usize::from(lease.port));
+            let range = PortInfo(slot.load(Ordering::Acquire)).range();
+            let info = PortInfo::new(reserved_by(broker, &registry, lease.port), range);
+            slot.store(info.0, Ordering::Release);
+        }
+        Ok(number)
+    }
+
+    /// The instance of session `number`.
+    pub fn instance_of(&self, number: u32) -> Option<String> {
+        lock(&self.registry).instances.get(&number).cloned()
+    }
+
+    /// How many sessions have at least one live process in the kernel.
+    pub fn live_sessions(&self) -> usize {
+        let sessions = lock(&self.sessions);
+        let mut live: Vec<u32> = sessions
+            .iter()
+            .filter_map(|e| e.ok())
+            .map(|(_, n)| n)
+            .collect();
+        live.sort_unstable();
+        live.dedup();
+        live.len()
+    }
+
+    /// Everything, at start and when a session is placed.
+    pub fn publish_all(&self, broker: &Broker) {
+        self.publish_all_port_info(broker);
+        self.sync_views(broker);
+        self.refill_spares(broker);
+    }
+
+    fn publish_all_port_info(&self, broker: &Broker) {
+        let registry = lock(&self.registry);
+        let types = broker.ranges().types();
+        for port in 0..=u16::MAX {
+            let range = types
+                .iter()
+                .position(|t| t.contains(port))
+                .and_then(|i| u32::try_from(i).ok());
+            let info = PortInfo::new(reserved_by(broker, &registry, port), range);
+            self.port_info
+                .slot(usize::from(port))
+                .store(info.0, Ordering::Release);
+        }
+    }
+
+    /// What one decision changed: the lease holders of the ports it touched, the views when a
+    /// move's claim came or went, and the spare ports it took.
+    pub fn publish(&self, broker: &Broker, effects: &Effects) {
+        let mut views_changed = false;
+        {
+            let registry = lock(&self.registry);
+            for notice in &effects.notices {
+                let port = match notice {
+                    Notice::Bound(h) | Notice::Released(h) => h.socket.port,
+                    Notice::Leased(l) | Notice::LeaseEnded(l) => {
+                        views_changed |= l.requested_port.is_some();
+                        l.port
+                    }
+                    Notice::Reassigned(_) => continue,
+                };
+                let slot = self.port_info.slot(usize::from(port));
+                let range = PortInfo(slot.load(Ordering::Acquire)).range();
+                let info = PortInfo::new(reserved_by(broker, &registry, port), range);
+                slot.store(info.0, Ordering::Release);
+            }
+        }
+        if views_changed {
+            self.sync_views(broker);
+        }
+        self.refill_spares(broker);
+    }
+
+    /// Makes `VIEWS` equal to the broker's views of the placed sessions.
+    fn sync_views(&self, broker: &Broker) {
+        let mut registry = lock(&self.registry);
+        let mut wanted = HashMap::new();
+        for entry in broker.views() {
+            let Some((session, uid)) = registry.numbers.get(&entry.instance_id) else {
+                continue;
+            };
+            if *uid != entry.uid {
+                continue;
+            }
+            let key = ViewKey {
+                session: *session,
+                asked: entry.asked,
+                protocol: entry.protocol.ipproto(),
+                _pad: 0,
+            };
+            wanted.insert(key, u32::from(entry.bound));
+        }
+        let mut views = lock(&self.views);
+        for key in registry.views.keys() {
+            if !wanted.contains_key(key) {
+                let _ = views.remove(key);
+            }
+        }
+        for (key, bound) in &wanted {
+            if registry.views.get(key) != Some(bound) {
+                if let Err(e) = views.insert(key, bound, 0) {
+                    tracing::warn!(cause = %e, session = key.session, asked = key.asked,
+                        "the kernel's view map refused an entry: that session reaches the moved port by its real number only");
+                }
+            }
+        }
+        registry.views = wanted;
+    }
+
+    fn kernel_bound(&self, port: u16) -> bool {
+        [IPPROTO_TCP, IPPROTO_UDP].into_iter().any(|p| {
+            self.ports
+                .slot(port_slot(p, port) as usize)
+                .load(Ordering::Relaxed)
+                != 0
+        })
+    }
+
+    /// Keeps `SPARE_SLOTS` free ports ready in each range (the lowest free ones), replacing those
+    /// taken since.
+    fn refill_spares(&self, broker: &Broker) {
+        let free = |port: u16| !broker.is_taken(port) && !self.kernel_bound(port);
+        for (index, service) in broker
+            .ranges()
+            .types()
+            .iter()
+            .enumerate()
+            .take(RANGES_MAX as usize)
+        {
+            let slots: Vec<&AtomicU32> = (0..SPARE_SLOTS as usize)
+                .map(|i| self.spares.slot(index * SPARE_SLOTS as usize + i))
+                .collect();
+            let current: Vec<u32> = slots.iter().map(|s| s.load(Ordering::Acquire)).collect();
+            if current.iter().all(|p| *p != 0 && free(*p as u16)) {
+                continue;
+            }
+            let mut candidates = (service.start..=service.end)
+                .filter(|p| free(*p) && !current.contains(&u32::from(*p)));
+            for (slot, held) in slots.iter().zip(&current) {
+                if *held != 0 && free(*held as u16) {
+                    continue;
+                }
+                let Some(port) = candidates.next() else {
+                    break; // the range is full: the programs leave binds as they are
+                };
+                // A program may have taken it meanwhile: then the slot is 0, and is filled too.
+                if slot
+                    .compare_exchange(*held, u32::from(port), Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    let _ = slot.compare_exchange(
+                        0,
+                        u32::from(port),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `PortInfo::reserved_by` for `port`: the session number of the lease's instance, when it is a
+/// placed session of the lease's owner; any other lease is `RESERVED_BY_OTHER`.
+fn reserved_by(broker: &Broker, registry: &Registry, port: u16) -> u32 {
+    let Some(lease) = broker.lease_on(port) else {
+        return 0;
+    };
+    lease
+        .instance_id
+        .as_ref()
+        .and_then(|id| registry.numbers.get(id))
+        .filter(|(_, uid)| *uid == lease.owner_uid)
+        .map_or(RESERVED_BY_OTHER, |(number, _)| *number)
+}
