@@ -21,13 +21,16 @@ fi
 command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after pip install"; exit 1; }
 log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_client, grpcio"
 
-# Tools the end-to-end tests run: systemd-analyze (unit check), node (a real server and client) and
-# curl (a real client).
+# Tools the end-to-end tests run: systemd-analyze (unit check), node (a real server and client),
+# curl (a real client), and Go and musl to build the static servers the kernel-session tests run
+# (no LD_PRELOAD reaches them).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   tools=()
   command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
   command -v node >/dev/null 2>&1 || tools+=(nodejs)
   command -v curl >/dev/null 2>&1 || tools+=(curl)
+  command -v go >/dev/null 2>&1 || tools+=(golang-go)
+  command -v musl-gcc >/dev/null 2>&1 || tools+=(musl-tools)
   if [ ${#tools[@]} -gt 0 ]; then
     log "apt-get install ${tools[*]}"
     apt-get update -qq

@@ -708,3 +708,99 @@ pub fn resolve_bind_request(pid: u32, port: u16, protocol: pb::Protocol) -> pb::
         instance_id: None,
     }
 }
+
+/// Statically linked test programs, built from `tests/static` (no LD_PRELOAD shim reaches them):
+/// `netprobe` (Go, `CGO_ENABLED=0`) and `musl-server` (C, `musl-gcc -static`).
+pub struct StaticPrograms {
+    pub netprobe: PathBuf,
+    pub musl_server: PathBuf,
+}
+
+/// Builds [`StaticPrograms`] into `target/static-test` (once per test process). `None` (after
+/// printing why) when Go or musl-gcc is missing outside CI; in CI a missing tool fails the test.
+pub fn static_programs() -> Option<StaticPrograms> {
+    /// Built, or a tool is missing (a skip outside CI), or the build failed (always a failure).
+    enum Outcome {
+        Built(StaticPrograms),
+        Missing(String),
+        Failed(String),
+    }
+    static BUILT: std::sync::OnceLock<Outcome> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let missing: Vec<&str> = [("go", "golang-go"), ("musl-gcc", "musl-tools")]
+            .into_iter()
+            .filter(|(tool, _)| {
+                Command::new(tool)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_err()
+            })
+            .map(|(_, package)| package)
+            .collect();
+        if !missing.is_empty() {
+            return Outcome::Missing(format!(
+                "{} missing (apt-get install {}, or cargo xtask setup)",
+                missing.join(" and "),
+                missing.join(" ")
+            ));
+        }
+        match build_static_programs() {
+            Ok(programs) => Outcome::Built(programs),
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        }
+    });
+    match built {
+        Outcome::Built(programs) => Some(StaticPrograms {
+            netprobe: programs.netprobe.clone(),
+            musl_server: programs.musl_server.clone(),
+        }),
+        Outcome::Failed(why) => panic!("building the static test programs: {why}"),
+        Outcome::Missing(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the static-binary tests must run in CI, but: {why}"
+            );
+            eprintln!("SKIP: static-binary test: {why}");
+            None
+        }
+    }
+}
+
+fn build_static_programs() -> Result<StaticPrograms> {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("static");
+    let out = bin_dir()
+        .parent()
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+        .join("static-test");
+    std::fs::create_dir_all(&out)?;
+    let netprobe = out.join("netprobe");
+    let go = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&netprobe)
+        .arg(sources.join("netprobe.go"))
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", out.join("go-cache"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GO111MODULE", "off")
+        .output()
+        .context("running go build")?;
+    if !go.status.success() {
+        bail!("go build failed: {}", String::from_utf8_lossy(&go.stderr));
+    }
+    let musl_server = out.join("musl-server");
+    let cc = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&musl_server)
+        .arg(sources.join("server.c"))
+        .output()
+        .context("running musl-gcc")?;
+    if !cc.status.success() {
+        bail!("musl-gcc failed: {}", String::from_utf8_lossy(&cc.stderr));
+    }
+    Ok(StaticPrograms {
+        netprobe,
+        musl_server,
+    })
+}

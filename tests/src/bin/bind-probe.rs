@@ -84,7 +84,7 @@ fn main() {
     let args: Vec<String> = args.into_iter().filter(|a| a != "--exit").collect();
     let Some((mode, rest)) = args.split_first() else {
         eprintln!(
-            "usage: bind-probe fork|threads|tokio|reuseport|errno|loaded|stdin PORT… [--exit]"
+            "usage: bind-probe fork|threads|tokio|dual|reuseport|errno|loaded|stdin PORT… [--exit]"
         );
         std::process::exit(2);
     };
@@ -153,6 +153,15 @@ fn main() {
                 l.and_then(|l| l.into_std())
             });
             keep.push(listener);
+        }
+        // One server on IPv4 and IPv6 loopback: 127.0.0.1:PORT, then [::1]:PORT.
+        "dual" => {
+            let port = ports(rest)[0];
+            for addr in ["127.0.0.1", "[::1]"] {
+                let l = listen(addr, port);
+                report(port, bound_port(&l));
+                keep.push(l);
+            }
         }
         // Two SO_REUSEPORT sockets on the same port.
         "reuseport" => {

@@ -1,0 +1,397 @@
+//! The kernel path: statically linked servers (Go with `CGO_ENABLED=0`, C linked against static
+//! musl), which no `LD_PRELOAD` shim reaches, moved off held ports by the eBPF programs of a daemon
+//! attached at the cgroup root, and reached by their session at the port they asked for.
+//!
+//! Needs root, cgroup v2, the eBPF object, Go and musl-gcc; each test says why when it skips (CI
+//! provides them all, and fails instead). Tests here run one at a time: one of them kills its
+//! daemon and checks by program id that nothing of it stays attached.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use styxy_tests::{
+    ebpf_ready, eventually, helper_bin, static_programs, styxy_bin, Daemon, EbpfSetup, Spawned,
+    StaticPrograms,
+};
+
+/// One test at a time (see the module doc).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A daemon with the eBPF programs at the cgroup root (the default): kernel sessions on.
+async fn root_daemon(setup: &EbpfSetup) -> Result<Daemon> {
+    let object = setup.object.to_str().context("utf-8 path")?;
+    let daemon = Daemon::start_with(&[
+        "--observer",
+        "ebpf",
+        "--ebpf-object",
+        object,
+        "--ebpf-log",
+        "info",
+    ])
+    .await?;
+    let status = daemon.status().await?;
+    assert!(
+        status.observer_reason.contains("kernel sessions enforced"),
+        "kernel sessions are on at the root: {status:?}"
+    );
+    Ok(daemon)
+}
+
+fn ready() -> Option<(EbpfSetup, StaticPrograms)> {
+    Some((ebpf_ready()?, static_programs()?))
+}
+
+/// `styxy run --instance SESSION -- PROGRAM ARGS…` against `daemon`.
+fn in_session(daemon: &Daemon, session: &str, program: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(styxy_bin());
+    command
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["run", "--instance", session, "--"])
+        .arg(program)
+        .args(args);
+    command
+}
+
+/// The port in a `listening PORT` line.
+fn listening_port(server: &mut Spawned) -> Result<u16> {
+    let line = server.line_where(15, |l| {
+        l.starts_with("listening ") || l.starts_with("error") || l.contains("bind")
+    })?;
+    line.strip_prefix("listening ")
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("the server did not listen: {line:?}"))
+}
+
+/// Runs a client to the end; its stdout's first line.
+fn client_line(mut command: Command) -> Result<String> {
+    let out = command.output().context("running the client")?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "client failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_asked_port(
+) -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let api = daemon.base + 100;
+    for (label, program, args_first, args_second, asked) in [
+        (
+            "go",
+            &programs.netprobe,
+            vec!["serve", "tcp", "PORT", "first"],
+            vec!["serve", "tcp", "PORT", "second"],
+            api + 10,
+        ),
+        (
+            "musl",
+            &programs.musl_server,
+            vec!["PORT", "first"],
+            vec!["PORT", "second"],
+            api + 20,
+        ),
+    ] {
+        let port = asked.to_string();
+        let fill = |args: &[&str]| -> Vec<String> {
+            args.iter()
+                .map(|a| {
+                    if *a == "PORT" {
+                        port.clone()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .collect()
+        };
+        let first_args = fill(&args_first);
+        let second_args = fill(&args_second);
+        // The first copy, outside every session, holds the port.
+        let mut first = Spawned::start(Command::new(program).args(&first_args))?;
+        assert_eq!(
+            listening_port(&mut first)?,
+            asked,
+            "{label}: the first copy gets its port"
+        );
+        // The second copy, in a session: the kernel moves it within the range.
+        let session = format!("ks-{label}");
+        let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+        let mut second = Spawned::start(&mut in_session(&daemon, &session, program, &second_args))?;
+        let moved = listening_port(&mut second)
+            .with_context(|| format!("{label}: {:?}\n{}", second.seen, daemon.log()))?;
+        assert_ne!(moved, asked, "{label}: moved off the held port");
+        assert!(
+            (api..=api + 99).contains(&moved),
+            "{label}: {moved} stays in the api range"
+        );
+
+        // In the session, the asked port reaches the session's own server, and looks like it.
+        let inside = client_line(in_session(
+            &daemon,
+            &session,
+            &programs.netprobe,
+            &["get", &port],
+        ))?;
+        assert_eq!(
+            inside,
+            format!("second peer {asked}"),
+            "{label}: the session's view"
+        );
+        // Outside, nothing changed: the asked port is the first copy's, the moved one the second's.
+        let mut outside = Command::new(&programs.netprobe);
+        outside.args(["get", &port]);
+        assert_eq!(
+            client_line(outside)?,
+            format!("first peer {asked}"),
+            "{label}: outside"
+        );
+        let mut direct = Command::new(&programs.netprobe);
+        direct.args(["get", &moved.to_string()]);
+        assert_eq!(client_line(direct)?, format!("second peer {moved}"));
+
+        // The daemon knows the move as it knows a shim's: the audit entry and the view.
+        let audit = daemon.audit().await?;
+        assert!(
+            audit.iter().any(|e| e.requested_port == u32::from(asked)
+                && e.assigned_port == u32::from(moved)
+                && e.instance_id == session),
+            "{label}: audited: {audit:?}"
+        );
+        let ports = daemon.cli(&["--json", "ports"]);
+        let text = String::from_utf8_lossy(&ports.stdout);
+        assert!(
+            text.contains(&session),
+            "{label}: the view is listed: {text}"
+        );
+        let status = daemon.status().await?;
+        assert!(status.kernel_sessions >= 1, "{label}: {status:?}");
+    }
+    assert!(
+        daemon.log().contains("moved to"),
+        "the kernel's log line is forwarded:\n{}",
+        daemon.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_static_udp_server_moves_and_its_session_reaches_it_connected_and_not() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let asked = daemon.base + 130;
+    let port = asked.to_string();
+    let mut first =
+        Spawned::start(Command::new(&programs.netprobe).args(["serve", "udp", &port, "first"]))?;
+    assert_eq!(listening_port(&mut first)?, asked);
+    let mut second = Spawned::start(&mut in_session(
+        &daemon,
+        "ks-udp",
+        &programs.netprobe,
+        &["serve", "udp", &port, "second"],
+    ))?;
+    let moved = listening_port(&mut second)?;
+    assert_ne!(moved, asked);
+    for mode in ["udp-connected", "udp-unconnected"] {
+        let inside = client_line(in_session(
+            &daemon,
+            "ks-udp",
+            &programs.netprobe,
+            &[mode, &port],
+        ))?;
+        assert_eq!(
+            inside,
+            format!("second from {asked}"),
+            "{mode} in the session"
+        );
+        let mut outside = Command::new(&programs.netprobe);
+        outside.args([mode, &port]);
+        assert_eq!(
+            client_line(outside)?,
+            format!("first from {asked}"),
+            "{mode} outside"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outside_sessions_and_for_reuseport_binds_behave_natively_and_dual_stack_moves_once(
+) -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let asked = daemon.base + 140;
+    let port = asked.to_string();
+    let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
+    assert_eq!(listening_port(&mut first)?, asked);
+
+    // Outside every session: the bind fails as it would without Styxy.
+    let out = Command::new(&programs.musl_server)
+        .args([&port, "third"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Address in use"),
+        "EADDRINUSE: {out:?}"
+    );
+
+    // In a session, with the shim off (STYXY_DISABLE=1), so only the kernel acts:
+    // - SO_REUSEPORT is intended sharing: never moved, so it fails as natively;
+    let mut reuse = in_session(
+        &daemon,
+        "ks-native",
+        &helper_bin("bind-probe"),
+        &["reuseport", &port, "--exit"],
+    );
+    reuse.env("STYXY_DISABLE", "1");
+    let text = String::from_utf8_lossy(&reuse.output()?.stdout).to_string();
+    assert!(
+        text.lines()
+            .all(|l| l == format!("failed {asked} {}", libc::EADDRINUSE)),
+        "reuseport binds are left alone: {text}"
+    );
+    // - IPv4 and IPv6 of one process end on one new port.
+    let mut dual = in_session(
+        &daemon,
+        "ks-native",
+        &helper_bin("bind-probe"),
+        &["dual", &port, "--exit"],
+    );
+    dual.env("STYXY_DISABLE", "1");
+    let text = String::from_utf8_lossy(&dual.output()?.stdout).to_string();
+    let bound: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("bound {asked} ")))
+        .collect();
+    assert_eq!(bound.len(), 2, "both families bound: {text}");
+    assert_eq!(bound[0], bound[1], "on one port: {text}");
+    assert_ne!(bound[0], port, "moved: {text}");
+    Ok(())
+}
+
+/// The ids of the programs attached at the cgroup root whose names are Styxy's.
+fn styxy_programs_at_root(root: &Path) -> Result<Vec<String>> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(root)
+        .output()
+        .context("running bpftool (apt-get install bpftool)")?;
+    anyhow::ensure!(out.status.success(), "bpftool: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("styxy_"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let before = styxy_programs_at_root(&setup.cgroup_root)?;
+    let mut daemon = root_daemon(&setup).await?;
+    let ours: Vec<String> = styxy_programs_at_root(&setup.cgroup_root)?
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        13,
+        "bind4|6, post_bind4|6, sock_release and the eight view programs: {ours:?}"
+    );
+    let asked = daemon.base + 150;
+    let port = asked.to_string();
+    let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
+    assert_eq!(listening_port(&mut first)?, asked);
+    // A session whose shell outlives the daemon.
+    let mut shell = Spawned::start(&mut in_session(
+        &daemon,
+        "ks-kill",
+        Path::new("sh"),
+        &[
+            "-c",
+            "read line; exec \"$0\" \"$1\" second",
+            programs.musl_server.to_str().context("utf-8")?,
+            &port,
+        ],
+    ))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.kill9()?;
+    eventually(10, "the daemon's programs to detach", || async {
+        let attached = styxy_programs_at_root(&setup.cgroup_root).ok()?;
+        (!attached.iter().any(|id| ours.contains(id))).then_some(())
+    })
+    .await?;
+    // The session's next bind of the held port fails as it would without Styxy.
+    shell.send_line("go")?;
+    let line = shell.line_where(10, |l| l.contains("bind") || l.starts_with("listening"))?;
+    assert!(
+        line.contains("Address in use"),
+        "native after the daemon died: {line}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_ebpf_styxy_run_says_once_that_static_binaries_stay_and_the_shim_still_moves(
+) -> Result<()> {
+    let daemon = Daemon::start_with(&["--observer", "sockets"]).await?;
+    let held = daemon.base + 160;
+    let _holder = styxy_tests::port_holder(&[held])?;
+    let out = Command::new(styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["run", "--instance", "no-kernel", "--"])
+        .arg(helper_bin("bind-probe"))
+        .args(["stdin", "--exit"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            if let Some(mut stdin) = child.stdin.take() {
+                writeln!(stdin, "{held}")?;
+            }
+            child.wait_with_output()
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let notes: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("static binaries"))
+        .collect();
+    assert_eq!(notes.len(), 1, "said once: {stderr}");
+    assert!(notes[0].contains("without eBPF"), "and why: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("bound {held} ")) && !l.ends_with(&format!(" {held}"))),
+        "the shim moved the dynamically linked server: {stdout} {stderr}"
+    );
+    let status = daemon.status().await?;
+    assert_eq!(status.kernel_sessions, 0);
+    assert!(
+        status.kernel_sessions_detail.contains("without eBPF"),
+        "{status:?}"
+    );
+    Ok(())
+}
