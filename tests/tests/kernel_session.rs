@@ -8,7 +8,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,7 +17,7 @@ use styxy_tests::{
 };
 
 /// One test at a time (see the module doc).
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A daemon with the eBPF programs at the cgroup root (the default): kernel sessions on.
 async fn root_daemon(setup: &EbpfSetup) -> Result<Daemon> {
@@ -81,7 +80,7 @@ fn client_line(mut command: Command) -> Result<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_asked_port(
 ) -> Result<()> {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((setup, programs)) = ready() else {
         return Ok(());
     };
@@ -187,7 +186,7 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_static_udp_server_moves_and_its_session_reaches_it_connected_and_not() -> Result<()> {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((setup, programs)) = ready() else {
         return Ok(());
     };
@@ -231,7 +230,7 @@ async fn a_static_udp_server_moves_and_its_session_reaches_it_connected_and_not(
 #[tokio::test(flavor = "multi_thread")]
 async fn outside_sessions_and_for_reuseport_binds_behave_natively_and_dual_stack_moves_once(
 ) -> Result<()> {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((setup, programs)) = ready() else {
         return Ok(());
     };
@@ -302,7 +301,7 @@ fn styxy_programs_at_root(root: &Path) -> Result<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Result<()> {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((setup, programs)) = ready() else {
         return Ok(());
     };
