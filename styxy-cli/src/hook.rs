@@ -1,5 +1,7 @@
 //! The Claude Code SessionStart hook: `styxy hook session-start` turns the bind() shim on for an
-//! agent's session; `styxy hook install|uninstall` adds or removes that hook in `settings.json`.
+//! agent's session and registers the agent process in it (with the daemon's eBPF programs, the
+//! kernel then moves and redirects for everything the agent starts, static binaries included);
+//! `styxy hook install|uninstall` adds or removes that hook in `settings.json`.
 //!
 //! Claude Code runs SessionStart hooks with the session's details as JSON on stdin and the path of
 //! a file in `CLAUDE_ENV_FILE`, which it sources before every shell command of the session; what
@@ -71,13 +73,60 @@ pub async fn session_start(target: &Target) -> String {
             "Styxy could not turn its bind() shim on: {e:#}. Servers start as usual (no port moves)."
         )),
     }
-    if daemon_answers(target).await.is_err() {
-        lines.push(format!(
+    match join_kernel_session(target, &instance).await {
+        Ok(answer) if answer.kernel_session => lines.push(
+            "Static binaries (Go, musl) started in this session are moved and redirected by the kernel too."
+                .to_string(),
+        ),
+        Ok(_) => {}
+        Err(e) if e.downcast_ref::<tonic::Status>().is_some() => lines.push(format!(
+            "Styxy could not register this session with its daemon: {e:#}."
+        )),
+        Err(_) => lines.push(format!(
             "Warning: the Styxy daemon is not answering at {target}; ports will not be moved until it \
              runs. Fix: `sudo systemctl start styxy` (or run `styxy daemon`)."
-        ));
+        )),
     }
     lines.join("\n")
+}
+
+/// The agent process whose hook this is: the nearest ancestor that is not a shell (Claude Code
+/// may run hooks through `sh -c`).
+fn agent_pid() -> Option<u32> {
+    let mut pid = std::os::unix::process::parent_id();
+    for _ in 0..4 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid …: comm may hold spaces and parentheses, so split at the last ')'.
+        let (head, tail) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        if !matches!(comm, "sh" | "bash" | "dash" | "zsh" | "fish") {
+            return Some(pid);
+        }
+        pid = tail.split_whitespace().nth(1)?.parse().ok()?;
+    }
+    None
+}
+
+/// Registers the agent process in the session `instance`: with the daemon's eBPF programs, it
+/// and everything it starts from now on are in the instance's kernel session.
+async fn join_kernel_session(
+    target: &Target,
+    instance: &str,
+) -> Result<styxy_proto::v1::RegisterInstanceResponse> {
+    let pid = agent_pid().context("no agent process found above this hook")?;
+    let mut client = tokio::time::timeout(Duration::from_secs(1), crate::client::connect(target))
+        .await
+        .context("timed out")??;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.register_instance(styxy_proto::v1::RegisterInstanceRequest {
+            instance_id: Some(instance.to_string()),
+            pid,
+        }),
+    )
+    .await
+    .context("timed out")??;
+    Ok(answer.into_inner())
 }
 
 /// Appends the shim's lines to `CLAUDE_ENV_FILE`; `Ok(false)` when they are there already.
@@ -111,19 +160,6 @@ fn turn_shim_on(instance: &str) -> Result<bool> {
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .with_context(|| format!("appending to {}", env_file.display()))?;
     Ok(true)
-}
-
-async fn daemon_answers(target: &Target) -> Result<()> {
-    let mut client = tokio::time::timeout(Duration::from_secs(1), crate::client::connect(target))
-        .await
-        .context("timed out")??;
-    tokio::time::timeout(
-        Duration::from_secs(1),
-        client.status(styxy_proto::v1::StatusRequest {}),
-    )
-    .await
-    .context("timed out")??;
-    Ok(())
 }
 
 /// `~/.claude/settings.json`: Claude Code's user-level settings.

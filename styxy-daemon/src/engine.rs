@@ -114,8 +114,9 @@ pub struct StatusReport {
     pub endpoints: Endpoints,
     /// (p50, p99, samples) of the eBPF observer's kernel → broker delay, in µs.
     pub observer_delay: (u32, u32, u64),
-    /// Sessions with a live process in the kernel, and what that means or why there are none.
-    pub kernel_sessions: (usize, String),
+    /// Sessions with a live process in the kernel (`None`: the kernel enforces none), and what
+    /// that means or why there are none.
+    pub kernel_sessions: (Option<usize>, String),
 }
 
 /// The last [`DelayWindow::CAPACITY`] observer delays, in µs.
@@ -304,21 +305,31 @@ impl Engine {
         *lock(&self.kernel_sessions_missing) = why;
     }
 
+    /// The service ranges, in the broker's order (the kernel numbers them by it).
+    pub fn range_bounds(&self) -> Vec<(u16, u16)> {
+        lock(&self.broker)
+            .ranges()
+            .types()
+            .iter()
+            .map(|t| (t.start, t.end))
+            .collect()
+    }
+
     /// The instance of kernel session `number`.
     pub fn kernel_instance_of(&self, number: u32) -> Option<String> {
         self.kernel_sessions.get()?.instance_of(number)
     }
 
     /// (sessions with a live process in the kernel, and what that means or why there are none).
-    fn kernel_session_status(&self) -> (usize, String) {
+    fn kernel_session_status(&self) -> (Option<usize>, String) {
         match self.kernel_sessions.get() {
             Some(sessions) => (
-                sessions.live_sessions(),
+                Some(sessions.live_sessions()),
                 "the eBPF programs move and redirect the binds and loopback traffic of `styxy run` \
                  and agent sessions, static binaries included"
                     .to_string(),
             ),
-            None => (0, lock(&self.kernel_sessions_missing).clone()),
+            None => (None, lock(&self.kernel_sessions_missing).clone()),
         }
     }
 

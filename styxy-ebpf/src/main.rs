@@ -60,6 +60,24 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(0);
 static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
 #[no_mangle]
 static ENFORCE: Global<u32> = Global::new(0);
+/// The kernel's ephemeral ports (`ip_local_port_range`), where port-0 binds land.
+#[no_mangle]
+static EPHEMERAL_LOW: Global<u32> = Global::new(32_768);
+#[no_mangle]
+static EPHEMERAL_HIGH: Global<u32> = Global::new(60_999);
+
+/// Whether a bound port is one the daemon learns of from the socket tables instead of a record
+/// per bind: an ephemeral port outside every service range (where port-0 binds land: no decision
+/// depends on them, and a record would tax every program on the machine).
+#[inline(always)]
+fn counted_only(port: u16) -> bool {
+    let port32 = u32::from(port);
+    port32 >= EPHEMERAL_LOW.load()
+        && port32 <= EPHEMERAL_HIGH.load()
+        && PortInfo(PORT_INFO.get(port32).copied().unwrap_or(0))
+            .range()
+            .is_none()
+}
 
 /// Bind and release records for the daemon.
 #[map]
@@ -68,6 +86,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// Records that did not fit in `EVENTS`, per CPU (index 0).
 #[map]
 static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Binds of ephemeral ports outside every service range (see `counted_only`), per CPU (index
+/// 0): not reported one by one; the daemon reads the socket tables when this moves.
+#[map]
+static UNREPORTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Settings the daemon writes after loading (see `styxy_common::event::CONFIG_MAP`).
 #[map]
@@ -323,7 +346,9 @@ fn on_bind(ctx: &SockAddrContext) {
             debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
         }
     }
-    let _ = REQUESTED.insert(cookie, requested, 0);
+    if requested.flags & FLAG_REWRITTEN != 0 || !counted_only(asked) {
+        let _ = REQUESTED.insert(cookie, requested, 0);
+    }
 }
 
 /// Where a bind of `asked` by a process of `session` goes instead, if it moves.
@@ -375,13 +400,13 @@ fn move_for_session(
 
 #[cgroup_sock(post_bind4)]
 pub fn styxy_post_bind4(ctx: SockContext) -> i32 {
-    on_bound(ctx.sock, AF_INET);
+    on_bound(&ctx, AF_INET);
     ALLOW
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn styxy_post_bind6(ctx: SockContext) -> i32 {
-    on_bound(ctx.sock, AF_INET6);
+    on_bound(&ctx, AF_INET6);
     ALLOW
 }
 
@@ -392,12 +417,21 @@ pub fn styxy_sock_release(ctx: SockContext) -> i32 {
 }
 
 #[inline(always)]
-fn on_bound(sock: *mut bpf_sock, family: u8) {
+fn on_bound(ctx: &SockContext, family: u8) {
+    let sock = ctx.sock;
     // SAFETY: the kernel hands a valid context; these fields are readable in post_bind4/6.
     let (protocol, port) = unsafe { ((*sock).protocol, (*sock).src_port) };
     let Some(protocol) = transport(protocol) else {
         return;
     };
+    let port = port as u16; // host byte order
+    if counted_only(port) {
+        if let Some(count) = UNREPORTED.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot: no other program touches it concurrently.
+            unsafe { *count += 1 };
+        }
+        return;
+    }
     if !in_daemons_netns(sock.cast()) {
         return; // another network namespace: its ports are not the host's
     }
@@ -430,7 +464,6 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
     if requested.is_some() {
         let _ = REQUESTED.remove(cookie);
     }
-    let port = port as u16; // host byte order
     let bound = BoundRecord {
         port,
         family,
@@ -445,6 +478,7 @@ fn on_bound(sock: *mut bpf_sock, family: u8) {
         // SAFETY: a map value slot, valid and aligned for a u32.
         unsafe { *last = tgid };
     }
+    debug!(ctx, "port {} bound by {}", port, tgid);
     emit(KIND_BOUND, cookie, &bound, requested);
 }
 

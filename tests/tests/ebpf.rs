@@ -87,24 +87,13 @@ async fn binds_in_the_cgroup_stream_as_bound_and_released_with_pid_comm_and_port
         format!("tcp:4:{tcp}"),
         format!("udp:4:{udp}"),
         format!("tcp:6:{v6}"),
-        "tcp:4:0".to_string(),
     ];
     let mut args = vec!["-c", BINDER];
     args.extend(specs.iter().map(String::as_str));
     let mut inside = Spawned::start(&mut cgroup.command("python3", &args))?;
-    let mut ephemeral = 0u32;
     for _ in 0..specs.len() {
-        let line = inside.line_where(20, |l| l.split_whitespace().count() == 3)?;
-        let port: u32 = line.split_whitespace().nth(2).context("port")?.parse()?;
-        if !line.starts_with("udp") && ![tcp, v6].map(u32::from).contains(&port) {
-            ephemeral = port;
-        }
+        inside.line_where(20, |l| l.split_whitespace().count() == 3)?;
     }
-    ensure!(
-        ephemeral != 0,
-        "the port-0 bind reported its port: {:?}",
-        inside.seen
-    );
     let pid = inside.child.id();
 
     let mut seen = HashMap::new();
@@ -112,7 +101,6 @@ async fn binds_in_the_cgroup_stream_as_bound_and_released_with_pid_comm_and_port
         (u32::from(tcp), pb::Protocol::Tcp, pb::Family::Inet),
         (u32::from(udp), pb::Protocol::Udp, pb::Family::Inet),
         (u32::from(v6), pb::Protocol::Tcp, pb::Family::Inet6),
-        (ephemeral, pb::Protocol::Tcp, pb::Family::Inet),
     ] {
         let event = next_event(&mut events, |e| {
             is_kind(e, pb::EventKind::Bound, port, protocol) || unrelated(e)
@@ -399,14 +387,16 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
     let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
     let daemon = ebpf_daemon(&setup, &cgroup).await?;
     let held = daemon.base + 48;
-    // 60,000 binds and releases: 120,000 records for a ring that holds ~58,000 (4 MiB of 64-byte
-    // records with the kernel's 8-byte headers). The socket that stays comes last, so its record
-    // is among the lost.
+    // 60,000 binds and releases: 120,000 records for a ring that holds ~52,000 (4 MiB of 72-byte
+    // records with the kernel's 8-byte headers). The ports are explicit ones of the bulk range:
+    // port-0 binds outside every range are only counted, never reported one by one. The socket
+    // that stays comes last, so its record is among the lost.
+    let bulk = daemon.base + 300;
     let churn = format!(
         "import socket, sys\n\
-         for _ in range(60000):\n    \
+         for i in range(60000):\n    \
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
-             s.bind(('127.0.0.1', 0))\n    \
+             s.bind(('127.0.0.1', {bulk} + i % 250))\n    \
              s.close()\n\
          s = socket.socket()\n\
          s.bind(('127.0.0.1', {held}))\n\
@@ -415,9 +405,10 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
          sys.stdin.read()\n"
     );
     // A first bind and release, read before the stall, so the daemon is in its steady state.
-    let warm_up =
-        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', 0))\n";
-    let status = cgroup.command("python3", &["-c", warm_up]).status()?;
+    let warm_up = format!(
+        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', {bulk}))\n"
+    );
+    let status = cgroup.command("python3", &["-c", &warm_up]).status()?;
     ensure!(status.success(), "warm-up bind: {status}");
     styxy_tests::eventually(10, "the warm-up records read", || async {
         let status = daemon.status().await.ok()?;
@@ -441,9 +432,9 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
         }
     })
     .await?;
-    // 120,002 records, of which a ring's worth (~58,000) fit.
+    // 120,002 records, of which a ring's worth (~52,000) fit.
     assert!(
-        (55_000..=120_002).contains(&dropped),
+        (50_000..=120_002).contains(&dropped),
         "{dropped} records reported lost"
     );
     let log = daemon.log();
@@ -557,5 +548,54 @@ async fn session_views_work_with_the_ebpf_observer() -> Result<()> {
     })
     .await?;
     assert_eq!(curl(None)?, "A", "outside the session");
+    Ok(())
+}
+
+/// A port-0 bind that lands outside every service range is counted by the programs, not reported
+/// one by one (that record would tax every program on the machine for a port no decision needs);
+/// the daemon reads the socket tables when the count moves, so the server shows within about a
+/// second, and the point checks never trust the kernel's counts for such ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ephemeral_bind_is_counted_and_found_through_the_socket_tables() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let daemon = ebpf_daemon(&setup, &cgroup).await?;
+    let mut server = Spawned::start(&mut cgroup.command("python3", &["-c", BINDER, "tcp:4:0"]))?;
+    let line = server.line_where(20, |l| l.split_whitespace().count() == 3)?;
+    let port: u16 = line.split_whitespace().nth(2).context("port")?.parse()?;
+    let pid = server.child.id();
+    let mut client = daemon.client().await?;
+    let started = std::time::Instant::now();
+    styxy_tests::eventually(5, "the port-0 server listed", || {
+        let mut client = client.clone();
+        async move {
+            let ports = client
+                .list_ports(pb::ListPortsRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            ports
+                .holders
+                .iter()
+                .any(|h| h.port == u32::from(port) && h.pid == pid)
+                .then_some(())
+        }
+    })
+    .await?;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "found within about a second"
+    );
+    let observed = client
+        .observe(pb::ObserveRequest {
+            port: u32::from(port),
+            protocol: 0,
+        })
+        .await?
+        .into_inner();
+    assert!(observed.bound, "a point check finds it: {observed:?}");
+    drop(server);
     Ok(())
 }

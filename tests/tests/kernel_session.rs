@@ -33,7 +33,8 @@ async fn root_daemon(setup: &EbpfSetup) -> Result<Daemon> {
     .await?;
     let status = daemon.status().await?;
     assert!(
-        status.observer_reason.contains("kernel sessions enforced"),
+        status.kernel_sessions_enforced
+            && status.observer_reason.contains("kernel sessions enforced"),
         "kernel sessions are on at the root: {status:?}"
     );
     Ok(daemon)
@@ -175,6 +176,8 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
         );
         let status = daemon.status().await?;
         assert!(status.kernel_sessions >= 1, "{label}: {status:?}");
+        let shown = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).to_string();
+        assert!(shown.contains("managed in the kernel"), "{label}: {shown}");
     }
     assert!(
         daemon.log().contains("moved to"),
@@ -391,6 +394,59 @@ async fn without_ebpf_styxy_run_says_once_that_static_binaries_stay_and_the_shim
     assert!(
         status.kernel_sessions_detail.contains("without eBPF"),
         "{status:?}"
+    );
+    Ok(())
+}
+
+/// An agent (here a Python process standing in for Claude Code) runs the SessionStart hook; from
+/// then on the kernel moves the static servers it starts, though they never source the hook's
+/// environment file and no shim reaches them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_start_hook_puts_the_agent_and_what_it_starts_in_a_kernel_session() -> Result<()>
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let asked = daemon.base + 170;
+    let port = asked.to_string();
+    let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
+    assert_eq!(listening_port(&mut first)?, asked);
+    let env_file = daemon.dir.join("claude-env");
+    let agent = "import json, subprocess, sys\n\
+        styxy, socket, env_file, server, port = sys.argv[1:6]\n\
+        hook = subprocess.run([styxy, '--socket', socket, 'hook', 'session-start'],\n\
+            input=json.dumps({'session_id': 'agent-1', 'hook_event_name': 'SessionStart'}),\n\
+            capture_output=True, text=True, env={'CLAUDE_ENV_FILE': env_file, 'PATH': '/usr/bin:/bin'})\n\
+        print('hook:', hook.stdout.replace('\\n', ' '), flush=True)\n\
+        subprocess.run([server, port, 'second'])\n";
+    let mut agent = Spawned::start(Command::new("python3").args([
+        "-c",
+        agent,
+        styxy_bin().to_str().context("utf-8")?,
+        daemon.socket.to_str().context("utf-8")?,
+        env_file.to_str().context("utf-8")?,
+        programs.musl_server.to_str().context("utf-8")?,
+        &port,
+    ]))?;
+    let hook = agent.line_where(15, |l| l.starts_with("hook:"))?;
+    assert!(
+        hook.contains("moved and redirected by the kernel"),
+        "{hook}"
+    );
+    let moved = listening_port(&mut agent)?;
+    assert_ne!(
+        moved, asked,
+        "the agent's static server moved: {:?}",
+        agent.seen
+    );
+    let audit = daemon.audit().await?;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.instance_id == "claude-agent-1" && e.assigned_port == u32::from(moved)),
+        "{audit:?}"
     );
     Ok(())
 }

@@ -25,6 +25,17 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
     };
     println!("tcp:        {tcp}");
     println!("state dir:  {}", s.state_dir);
+    if s.kernel_sessions_enforced {
+        println!(
+            "sessions:   {} managed in the kernel ({})",
+            s.kernel_sessions, s.kernel_sessions_detail
+        );
+    } else {
+        println!(
+            "sessions:   none in the kernel: {}",
+            s.kernel_sessions_detail
+        );
+    }
     println!(
         "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped) · ResolveBind calls {}",
         s.bound_ports,

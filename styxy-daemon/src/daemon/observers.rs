@@ -29,7 +29,9 @@ pub(super) fn start(
 ) -> Result<ObserverStatus> {
     let ebpf = match opts.observer {
         ObserverChoice::Sockets => None,
-        ObserverChoice::Auto | ObserverChoice::Ebpf => Some(attach_ebpf(opts)),
+        ObserverChoice::Auto | ObserverChoice::Ebpf => {
+            Some(attach_ebpf(opts, engine.range_bounds()))
+        }
     };
     let ebpf_error = match ebpf {
         Some(Ok((mut attached, whole_machine))) => {
@@ -101,7 +103,7 @@ pub(super) fn start(
 
 /// The attached programs, and whether they sit at the root of the cgroup tree (and so see every
 /// bind on the machine).
-fn attach_ebpf(opts: &Options) -> Result<(ebpf::Attached, bool)> {
+fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attached, bool)> {
     let object = ebpf::find_object(opts.ebpf_object.as_deref())?;
     let root = ebpf::cgroup2_root();
     let cgroup = match (&opts.cgroup, &root) {
@@ -121,6 +123,7 @@ fn attach_ebpf(opts: &Options) -> Result<(ebpf::Attached, bool)> {
         cgroup: &cgroup,
         whole_machine: at_root,
         log_level: opts.ebpf_log,
+        ranges,
     })?;
     Ok((attached, at_root))
 }
@@ -192,9 +195,14 @@ fn schedule_this_thread_as_batch() {
 /// it drains, the programs submit records without waking it, so a burst of binds costs one
 /// wake-up instead of one per record (each wake-up is paid inside some program's `bind()`); a
 /// lone bind still wakes it at once.
-const LINGER: Duration = Duration::from_micros(250);
+/// (A thread sleep, not a tokio timer: tokio's timers have millisecond resolution.)
+const LINGER: Duration = Duration::from_micros(100);
 /// Drains with nothing new before the reader goes to sleep (so ~1 ms of lingering).
-const LINGER_ROUNDS: u32 = 4;
+const LINGER_ROUNDS: u32 = 10;
+/// How often the reader checks for binds the programs counted without reporting them (ephemeral
+/// ports outside every service range; then it reads the socket tables): so such a server shows
+/// within about this long.
+const UNREPORTED_CHECK: Duration = Duration::from_secs(1);
 
 /// The eBPF observer's reader: feeds the ring buffer's records to the broker, and resyncs from
 /// the socket tables when the kernel side had to drop some. Also forwards the programs' log.
@@ -218,8 +226,13 @@ async fn read_ebpf_events(
         move |number: u32| engine.kernel_instance_of(number)
     };
     let mut idle_rounds = 0;
+    let mut next_check = tokio::time::Instant::now() + UNREPORTED_CHECK;
     loop {
         let attached = events.get_mut();
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + UNREPORTED_CHECK;
+            resync_if_unreported(&engine, attached);
+        }
         let drained = drain_once(&engine, attached, &mut owners, &instance_of);
         if drained {
             idle_rounds = 0;
@@ -227,11 +240,12 @@ async fn read_ebpf_events(
             idle_rounds += 1;
         }
         if idle_rounds <= LINGER_ROUNDS {
-            // Awake: the programs do not wake us; look again shortly.
-            tokio::select! {
-                _ = tokio::time::sleep(LINGER) => {}
-                _ = stop.wait_for(|stop| *stop) => return,
+            // Awake: the programs do not wake us; look again shortly. This thread runs nothing
+            // else, so it may block.
+            if *stop.borrow() {
+                return;
             }
+            std::thread::sleep(LINGER);
             continue;
         }
         // Going to sleep: say so, then look once more (a record submitted before the programs
@@ -254,6 +268,10 @@ async fn read_ebpf_events(
             };
             tokio::select! {
                 ready = events.readable_mut() => break ready.map(|mut guard| guard.clear_ready()),
+                _ = tokio::time::sleep_until(next_check) => {
+                    next_check = tokio::time::Instant::now() + UNREPORTED_CHECK;
+                    resync_if_unreported(&engine, events.get_mut());
+                }
                 logged = log_ready => {
                     if let Err(e) = logged {
                         tracing::warn!(cause = %e, "the kernel programs' log is unreadable");
@@ -271,6 +289,15 @@ async fn read_ebpf_events(
         idle_rounds = 0;
         if let Some(fd) = log.as_mut() {
             fd.get_mut().flush();
+        }
+    }
+}
+
+/// Reads the socket tables when the programs counted binds they did not report.
+fn resync_if_unreported(engine: &Engine, attached: &mut ebpf::Attached) {
+    if attached.newly_unreported() > 0 {
+        if let Err(e) = engine.resync() {
+            tracing::warn!(cause = %e, "reading the socket tables for unreported binds");
         }
     }
 }

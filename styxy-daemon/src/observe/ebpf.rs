@@ -85,6 +85,9 @@ pub struct Attached {
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
+    /// Binds of ephemeral ports outside every service range, counted but not reported one by one.
+    unreported: PerCpuArray<MapData, u64>,
+    unreported_seen: u64,
     bound: BpfHashMap<MapData, u64, BoundRecord>,
     /// The reader's state word (see `styxy_common::session::READER_MAP`).
     reader: MappedArray<AtomicU32>,
@@ -108,9 +111,25 @@ pub struct Attached {
 /// socket tables, as without counts.
 pub struct KernelPortCounts {
     mapped: MappedArray<AtomicU64>,
+    /// Ports the programs do not count one by one: ephemeral ports (`ip_local_port_range`)
+    /// outside every service range, whose binds are counted only in `UNREPORTED`.
+    uncounted: Vec<bool>,
 }
 
 impl KernelPortCounts {
+    fn new(mapped: MappedArray<AtomicU64>, ranges: &[(u16, u16)]) -> KernelPortCounts {
+        let (low, high) = ephemeral_ports();
+        let uncounted = (0..=u16::MAX)
+            .map(|port| {
+                (low..=high).contains(&port)
+                    && !ranges
+                        .iter()
+                        .any(|(start, end)| (*start..=*end).contains(&port))
+            })
+            .collect();
+        KernelPortCounts { mapped, uncounted }
+    }
+
     fn slot(&self, protocol: u8, port: u16) -> u64 {
         self.mapped
             .slot(port_slot(protocol, port) as usize)
@@ -118,8 +137,22 @@ impl KernelPortCounts {
     }
 }
 
+/// The kernel's range of ephemeral ports (what a port-0 bind gets).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut words = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some((words.next()??, words.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
 impl PortCounts for KernelPortCounts {
     fn bound(&self, port: u16, protocol: Option<Protocol>) -> Option<u64> {
+        if self.uncounted[usize::from(port)] {
+            return None;
+        }
         let tcp = || self.slot(IPPROTO_TCP, port);
         let udp = || self.slot(IPPROTO_UDP, port);
         Some(match protocol {
@@ -239,6 +272,8 @@ pub struct AttachOptions<'a> {
     /// The cgroup is the root: the programs see every bind, so they may move and redirect.
     pub whole_machine: bool,
     pub log_level: KernelLogLevel,
+    /// The service ranges, in the broker's order (their index is the kernel's range number).
+    pub ranges: Vec<(u16, u16)>,
 }
 
 /// Loads the object and attaches every program: the bind observers and the session programs to
@@ -269,11 +304,14 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         Err(_) => (0, 0, 0),
     };
     let log_level = options.log_level.aya_level();
+    let (ephemeral_low, ephemeral_high) = ephemeral_ports();
     let mut ebpf = EbpfLoader::new()
         .override_global(session::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
         .override_global(session::GLOBAL_EXIT_GROUP_DEAD_OFFSET, &exit_offset, true)
         .override_global(session::GLOBAL_ENFORCE, &enforce, true)
         .override_global("AYA_LOG_LEVEL", &log_level, true)
+        .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
+        .override_global("EPHEMERAL_HIGH", &u32::from(ephemeral_high), true)
         .load_file(object)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
     // The two program types share no trait for load/attach: the same steps, once per type.
@@ -305,8 +343,24 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             .context("mapping PORTS into memory (needs Linux 5.5+)")?;
         let read_only = MappedArray::new(fd, PORT_SLOTS as usize, false)
             .context("mapping PORTS into memory (needs Linux 5.5+)")?;
-        (KernelPortCounts { mapped: writable }, read_only)
+        (KernelPortCounts::new(writable, &options.ranges), read_only)
     };
+    // PORT_INFO: the service range of every port, which the programs need to move a bind and to
+    // know which port-0 binds to report; the session maps keep the lease holders in it.
+    let port_info: MappedArray<AtomicU64> =
+        take_mapped(&mut ebpf, session::PORT_INFO_MAP, 65_536, true)?;
+    for port in 0..=u16::MAX {
+        let range = options
+            .ranges
+            .iter()
+            .take(session::RANGES_MAX as usize)
+            .position(|(start, end)| (*start..=*end).contains(&port))
+            .and_then(|i| u32::try_from(i).ok());
+        let info = session::PortInfo::new(0, range);
+        port_info
+            .slot(usize::from(port))
+            .store(info.0, Ordering::Release);
+    }
     let sessions = match offsets {
         Ok(_) => {
             load_and_attach!(CgroupSockAddr, session::PROGRAMS_VIEW);
@@ -326,7 +380,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             Ok(KernelSessionMaps {
                 sessions: take(&mut ebpf, session::SESSIONS_MAP)?,
                 views: take(&mut ebpf, session::VIEWS_MAP)?,
-                port_info: take_mapped(&mut ebpf, session::PORT_INFO_MAP, 65_536, true)?,
+                port_info,
                 spares: take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
                 ports: ports_for_sessions,
             })
@@ -343,6 +397,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     };
     let events = take(&mut ebpf, EVENTS_MAP)?;
     let dropped = take(&mut ebpf, DROPPED_MAP)?;
+    let unreported = take(&mut ebpf, "UNREPORTED")?;
     let bound = take(&mut ebpf, BOUND_MAP)?;
     let reader = take_mapped(&mut ebpf, session::READER_MAP, 1, true)?;
     // Only binds in this network namespace: a container's ports are not the host's.
@@ -356,6 +411,8 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         _ebpf: ebpf,
         events,
         dropped,
+        unreported,
+        unreported_seen: 0,
         bound,
         reader,
         ports: Some(ports),
@@ -448,6 +505,19 @@ impl Attached {
     pub fn set_reader_state(&self, state: u32) {
         self.reader.slot(0).store(state, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Binds of ephemeral ports outside every service range since the last call (counted, not reported): a
+    /// syscall, so the reader calls it about once a second.
+    pub fn newly_unreported(&mut self) -> u64 {
+        let total: u64 = self
+            .unreported
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(self.unreported_seen);
+        let new = total.saturating_sub(self.unreported_seen);
+        self.unreported_seen = total;
+        new
     }
 
     /// Records lost since the last call (the ring buffer was full).

@@ -324,7 +324,11 @@ impl BrokerService {
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
             state_damage: self.engine.state_damage(),
             refused_connections: self.engine.metrics().refused_connections.get(),
-            kernel_sessions: u32::try_from(s.kernel_sessions.0).unwrap_or(u32::MAX),
+            kernel_sessions: s
+                .kernel_sessions
+                .0
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            kernel_sessions_enforced: s.kernel_sessions.0.is_some(),
             kernel_sessions_detail: s.kernel_sessions.1,
             observer_delay_p50_us: s.observer_delay.0,
             observer_delay_p99_us: s.observer_delay.1,

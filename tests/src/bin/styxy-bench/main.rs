@@ -46,12 +46,13 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    // `styxy-bench [broker|shim|ebpf|footprint]`: one part only; all by default.
+    // `styxy-bench [broker|shim|ebpf|kernel|footprint]`: one part only; all by default.
     let only = std::env::args().nth(1);
     match only.as_deref() {
         Some("shim") => return shim::run().await,
         Some("ebpf") => return ebpf::run().await,
         Some("footprint") => return footprint::run().await,
+        Some("kernel") => return kernel::run().await,
         _ => {}
     }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
@@ -127,8 +128,12 @@ async fn main() -> Result<()> {
     println!();
     ebpf::run().await?;
     println!();
+    kernel::run().await?;
+    println!();
     footprint::run().await
 }
+
+mod kernel;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000
 /// short-lived servers; and how soon the port of a process that exited leaves the table, with
@@ -210,7 +215,7 @@ mod footprint {
         for _ in 0..SERVERS {
             running.push(
                 Command::new(helper_bin("bind-load"))
-                    .args(["0", "1"])
+                    .args(["0", "1", "10100", "10100"])
                     .stdout(Stdio::null())
                     .spawn()?,
             );
@@ -260,7 +265,7 @@ mod ebpf {
     use styxy_tests::{ebpf_ready, helper_bin, ChildCgroup, Daemon};
 
     pub async fn run() -> Result<()> {
-        println!("eBPF observer — port-0 binds (bind + close: a Bound and a Released record each) in a child cgroup\n");
+        println!("eBPF observer — binds of the ports 10000-19999 in turn (bind + close: a Bound and a Released record each) in a child cgroup\n");
         let Some(setup) = ebpf_ready() else {
             return Ok(());
         };
@@ -282,7 +287,7 @@ mod ebpf {
             let out = cgroup
                 .command(
                     load.to_str().context("utf-8 path")?,
-                    &[&rate.to_string(), &count.to_string()],
+                    &[&rate.to_string(), &count.to_string(), "10000", "19999"],
                 )
                 .output()?;
             let text = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,226 @@
+//! The kernel path, side by side in one run: what the eBPF programs cost every program on the
+//! machine (a port-0 `bind()`, a free port's `bind()`, a loopback `connect()` from outside every
+//! session), what their log costs when it is off and on, and what a kernel session's moved bind
+//! costs next to a native bind.
+//!
+//! The programs' tax is measured by rounds: each round starts a daemon at the cgroup root, times
+//! the calls, stops it (its programs detach), and times them again without; so drift on a shared
+//! machine falls on both sides alike. The log levels are compared in sibling child cgroups, each
+//! with a daemon of its own, and one without programs.
+
+use std::ffi::OsString;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use styxy_tests::{ebpf_ready, helper_bin, port_holder, styxy_bin, ChildCgroup, Daemon};
+
+/// Timed calls per case and side, over `ROUNDS` rounds.
+const CALLS: usize = 4000;
+const ROUNDS: usize = 10;
+/// Ports of the `bench` range every test daemon has (10000-19999): held, free, and listened on.
+const HELD: u16 = 10_050;
+const FREE: u16 = 10_500;
+const LISTENED: u16 = 10_600;
+
+/// Nanosecond samples.
+#[derive(Default)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn p(&self, q: f64) -> f64 {
+        let mut sorted = self.0.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        sorted[((sorted.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0
+    }
+}
+
+/// Runs `call-timer CALL PORT CALLS/ROUNDS` as `command` says (the program and its first
+/// arguments come from the caller), adding its samples to `into`; returns the failed calls.
+fn time_into(mut command: Command, call: &str, port: u16, into: &mut Samples) -> Result<usize> {
+    command
+        .args([call, &port.to_string(), &(CALLS / ROUNDS).to_string()])
+        .env_remove("LD_PRELOAD");
+    let out = command.output().context("running call-timer")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    if words.next() != Some("ok") {
+        bail!("call-timer {call} failed: {out:?}");
+    }
+    let failed = words.next().context("failed count")?.parse()?;
+    for word in words {
+        into.0.push(word.parse()?);
+    }
+    Ok(failed)
+}
+
+fn call_timer() -> Command {
+    Command::new(helper_bin("call-timer"))
+}
+
+fn row(label: &str, with: &Samples, without: &Samples, what: &str, target: &str) {
+    println!(
+        "{label:<46} {what} p50 {:>6.2} µs p99 {:>7.2} µs | without p50 {:>6.2} µs p99 {:>7.2} µs | ratio p50 {:>5.2}×  {target}",
+        with.p(0.5),
+        with.p(0.99),
+        without.p(0.5),
+        without.p(0.99),
+        with.p(0.5) / without.p(0.5),
+    );
+}
+
+pub async fn run() -> Result<()> {
+    println!(
+        "Kernel path — {CALLS} timed calls per case and side, in {ROUNDS} alternated rounds\n"
+    );
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let object = setup.object.to_str().context("utf-8 path")?.to_string();
+
+    // 1. The log's cost: binds of a free port of the bench range (reported one by one, with a
+    //    debug statement each) in three sibling cgroups.
+    let plain = ChildCgroup::create(&setup.cgroup_root)?;
+    let warn = ChildCgroup::create(&setup.cgroup_root)?;
+    let debug = ChildCgroup::create(&setup.cgroup_root)?;
+    let mut daemons = Vec::new();
+    for (cgroup, level) in [(&warn, "warn"), (&debug, "debug")] {
+        let path = cgroup.path.to_str().context("utf-8 path")?;
+        daemons.push(
+            Daemon::start_with(&[
+                "--observer",
+                "ebpf",
+                "--cgroup",
+                path,
+                "--ebpf-object",
+                &object,
+                "--ebpf-log",
+                level,
+            ])
+            .await?,
+        );
+    }
+    let (mut none_s, mut warn_s, mut debug_s) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let timer = helper_bin("call-timer");
+    let timer = timer.to_str().context("utf-8 path")?;
+    for _ in 0..ROUNDS {
+        for (cgroup, into) in [
+            (&plain, &mut none_s),
+            (&warn, &mut warn_s),
+            (&debug, &mut debug_s),
+        ] {
+            time_into(cgroup.command(timer, &[]), "bind", FREE, into)?;
+        }
+    }
+    drop(daemons);
+    row(
+        "free-port bind, programs, --ebpf-log warn",
+        &warn_s,
+        &none_s,
+        "with",
+        "(debug statements off)",
+    );
+    row(
+        "free-port bind, programs, --ebpf-log debug",
+        &debug_s,
+        &none_s,
+        "with",
+        "(a log record per bind)",
+    );
+    println!(
+        "    the debug statements add {:+.2} µs at p50 when on; off, they are not in the loaded programs at all",
+        debug_s.p(0.5) - warn_s.p(0.5)
+    );
+
+    // 2. At the root: with the daemon's programs, and without, round by round.
+    let _held = port_holder(&[HELD])?;
+    let _listener = styxy_tests::KillOnDrop(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('127.0.0.1', int(__import__('sys').argv[1])))\ns.listen(4096)\n\
+                 while True:\n    c, _ = s.accept()\n    c.close()\n",
+                &LISTENED.to_string(),
+            ])
+            .spawn()
+            .context("starting the accept loop")?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut with = [Samples::default(), Samples::default(), Samples::default()];
+    let mut without = [Samples::default(), Samples::default(), Samples::default()];
+    let mut moved = Samples::default();
+    let mut moved_failed = 0;
+    let cases = [("bind", 0), ("bind", FREE), ("connect", LISTENED)];
+    for _ in 0..ROUNDS {
+        let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?;
+        let status = daemon.status().await?;
+        if !status.observer_reason.contains("kernel sessions enforced") {
+            bail!("kernel sessions are off: {}", status.observer_reason);
+        }
+        for ((call, port), into) in cases.iter().zip(with.iter_mut()) {
+            time_into(call_timer(), call, *port, into)?;
+        }
+        // A process of a kernel session binding the held port: moved by the bind program. The
+        // shim is not loaded (`env -u LD_PRELOAD` after `styxy run` registered the session).
+        let mut session = Command::new(styxy_bin());
+        session
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "bench-kernel",
+                "--",
+                "env",
+                "-u",
+                "LD_PRELOAD",
+            ])
+            .arg(helper_bin("call-timer"))
+            .env("STYXY_NOTIFY", OsString::from("off"));
+        moved_failed += time_into(session, "bind", HELD, &mut moved)?;
+        drop(daemon);
+        std::thread::sleep(Duration::from_millis(200)); // its links close with it
+        for ((call, port), into) in cases.iter().zip(without.iter_mut()) {
+            time_into(call_timer(), call, *port, into)?;
+        }
+    }
+    println!();
+    row(
+        "port-0 bind (programs at the root)",
+        &with[0],
+        &without[0],
+        "with",
+        "target ≤ 1.3×",
+    );
+    row(
+        "free-port bind (programs at the root)",
+        &with[1],
+        &without[1],
+        "with",
+        "",
+    );
+    row(
+        "loopback connect outside every session",
+        &with[2],
+        &without[2],
+        "with",
+        "target ≤ 1.1×",
+    );
+    row(
+        "session bind of a held port, moved by the kernel",
+        &moved,
+        &with[1],
+        "    ",
+        "target ≤ 1.5× (next to a free-port bind with the programs)",
+    );
+    println!(
+        "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
+        moved.p(0.5) / without[1].p(0.5)
+    );
+    Ok(())
+}
