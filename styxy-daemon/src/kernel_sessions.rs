@@ -79,11 +79,8 @@ impl KernelSessions {
                 .numbers
                 .entry(instance_id.to_string())
                 .or_insert((next, uid));
+            // The uid that placed it first owns it (the broker keeps other users off the id).
             registry.instances.insert(number, instance_id.to_string());
-            // The instance's uid is the broker's owner: one uid per instance.
-            if let Some(entry) = registry.numbers.get_mut(instance_id) {
-                entry.1 = uid;
-            }
             number
         };
         lock(&self.sessions)

@@ -368,7 +368,11 @@ fn move_for_session(
     };
     // SAFETY: a plain u32 copied out of the map value.
     if let Some(earlier) = unsafe { MOVES.get(key) }.copied() {
-        return Some(earlier as u16); // its other family's bind went there
+        // Its other family's bind went there, or an earlier process with this pid's did: reused
+        // only while no one else holds it.
+        if !taken(protocol, earlier as u16, tgid, session) {
+            return Some(earlier as u16);
+        }
     }
     if !taken(protocol, asked, tgid, session) || reuseport(ctx.sock_addr) {
         return None;

@@ -41,20 +41,39 @@ pub fn styxy_bin() -> PathBuf {
 }
 
 /// Ports below the ephemeral range, handed out in blocks so tests running at once never share ports.
-static NEXT_BLOCK: AtomicU16 = AtomicU16::new(0);
 const BLOCK: u16 = 300;
 const FIRST_BLOCK_PORT: u16 = 20000;
+const BLOCKS: u16 = (32768 - FIRST_BLOCK_PORT) / BLOCK;
+/// Blocks handed out and not given back. (Test binaries run one after another, so the blocks of
+/// one process are all there is to avoid.)
+static TAKEN_BLOCKS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+static NEXT_BLOCK: AtomicU16 = AtomicU16::new(0);
 
-/// A block of `BLOCK` ports in which nothing listens now.
+/// A block of `BLOCK` ports in which nothing listens now and that no live test holds; blocks
+/// given back with [`give_back_port_block`] (a daemon's, when it drops) are handed out again.
 pub fn port_block() -> u16 {
-    loop {
-        let n = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
+    for _ in 0..4 * BLOCKS {
+        let n = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst) % BLOCKS;
         let base = FIRST_BLOCK_PORT + n * BLOCK;
-        assert!(base + BLOCK < 32768, "out of test port blocks");
+        let mut taken = TAKEN_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+        if taken.contains(&base) {
+            continue;
+        }
         if (base..base + BLOCK).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            taken.insert(base);
             return base;
         }
     }
+    panic!("out of test port blocks: every block of 20000-32767 is held or has a listener");
+}
+
+/// Gives a block from [`port_block`] back.
+pub fn give_back_port_block(base: u16) {
+    TAKEN_BLOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&base);
 }
 
 /// Whether the tests run as root (needed for the tests that act as another user).
@@ -115,7 +134,19 @@ impl Daemon {
     pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         let base = port_block();
-        let _second_block = port_block();
+        // The bulk range spills into the next block: it must be this daemon's too.
+        let second_block = base + BLOCK;
+        {
+            let mut taken = TAKEN_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+            if base + 2 * BLOCK > 32768 || !taken.insert(second_block) {
+                drop(taken);
+                give_back_port_block(base);
+                return Box::pin(Daemon::start_with(
+                    &extra_args.iter().map(String::as_str).collect::<Vec<_>>(),
+                ))
+                .await;
+            }
+        }
         let temp = tempfile::Builder::new()
             .prefix(&format!("styxy-test-{base}-"))
             .tempdir()?;
@@ -222,6 +253,8 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        give_back_port_block(self.base);
+        give_back_port_block(self.base + BLOCK);
         // The directory goes with `_temp`; what the daemon said goes to the failed test's output.
         if std::thread::panicking() {
             eprintln!(

@@ -78,6 +78,20 @@ fn client_line(mut command: Command) -> Result<String> {
     Ok(text)
 }
 
+/// An HTTP GET over an AF_INET6 socket to `::ffff:127.0.0.1:PORT`; prints `BODY peer PEERPORT`.
+const MAPPED_CLIENT: &str = "import socket, sys\n\
+    s = socket.socket(socket.AF_INET6)\n\
+    s.settimeout(3)\n\
+    s.connect(('::ffff:127.0.0.1', int(sys.argv[1])))\n\
+    peer = s.getpeername()[1]\n\
+    s.sendall(b'GET / HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n')\n\
+    reply = b''\n\
+    while True:\n    \
+        chunk = s.recv(4096)\n    \
+        if not chunk: break\n    \
+        reply += chunk\n\
+    print(reply.split(b'\\r\\n\\r\\n', 1)[1].decode(), 'peer', peer)\n";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_asked_port(
 ) -> Result<()> {
@@ -147,6 +161,20 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
             inside,
             format!("second peer {asked}"),
             "{label}: the session's view"
+        );
+        // The same through an IPv4-mapped IPv6 address, from a dynamically linked client whose
+        // shim is off: the kernel alone redirects it.
+        let mut mapped = in_session(
+            &daemon,
+            &session,
+            Path::new("python3"),
+            &["-c", MAPPED_CLIENT, &port],
+        );
+        mapped.env("STYXY_DISABLE", "1").env("STYXY_VIEW", "off");
+        assert_eq!(
+            client_line(mapped)?,
+            format!("second peer {asked}"),
+            "{label}: IPv4-mapped IPv6"
         );
         // Outside, nothing changed: the asked port is the first copy's, the moved one the second's.
         let mut outside = Command::new(&programs.netprobe);

@@ -234,6 +234,7 @@ async fn read_ebpf_events(
             resync_if_unreported(&engine, attached);
         }
         let drained = drain_once(&engine, attached, &mut owners, &instance_of);
+        flush_kernel_log(&mut log); // it fills while the reader stays awake, too
         if drained {
             idle_rounds = 0;
         } else {
@@ -259,10 +260,7 @@ async fn read_ebpf_events(
         let woken = loop {
             let log_ready = async {
                 match log.as_mut() {
-                    Some(fd) => fd.readable_mut().await.map(|mut g| {
-                        g.get_inner_mut().flush();
-                        g.clear_ready();
-                    }),
+                    Some(fd) => fd.readable_mut().await.map(|mut g| g.clear_ready()),
                     None => std::future::pending().await,
                 }
             };
@@ -273,9 +271,12 @@ async fn read_ebpf_events(
                     resync_if_unreported(&engine, events.get_mut());
                 }
                 logged = log_ready => {
-                    if let Err(e) = logged {
-                        tracing::warn!(cause = %e, "the kernel programs' log is unreadable");
-                        log = None;
+                    match logged {
+                        Ok(()) => flush_kernel_log(&mut log),
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "the kernel programs' log is unreadable");
+                            log = None;
+                        }
                     }
                 }
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -287,9 +288,25 @@ async fn read_ebpf_events(
         }
         events.get_mut().set_reader_state(session::READER_AWAKE);
         idle_rounds = 0;
-        if let Some(fd) = log.as_mut() {
-            fd.get_mut().flush();
-        }
+        flush_kernel_log(&mut log);
+    }
+}
+
+/// The kernel programs' log records into the daemon's log. aya-log panics on a record it cannot
+/// parse (our own programs write them, so it would be a bug): the log then stops, the observer
+/// does not.
+fn flush_kernel_log(
+    log: &mut Option<AsyncFd<aya_log::EbpfLogger<crate::observe::kernel_log::ToTracing>>>,
+) {
+    let Some(fd) = log.as_mut() else {
+        return;
+    };
+    let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fd.get_mut().flush()));
+    if flushed.is_err() {
+        tracing::error!(
+            "a kernel log record could not be read: the kernel programs' log stops here"
+        );
+        *log = None;
     }
 }
 
