@@ -136,16 +136,15 @@ impl Daemon {
         let base = port_block();
         // The bulk range spills into the next block: it must be this daemon's too.
         let second_block = base + BLOCK;
-        {
-            let mut taken = TAKEN_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
-            if base + 2 * BLOCK > 32768 || !taken.insert(second_block) {
-                drop(taken);
-                give_back_port_block(base);
-                return Box::pin(Daemon::start_with(
-                    &extra_args.iter().map(String::as_str).collect::<Vec<_>>(),
-                ))
-                .await;
-            }
+        let second_is_ours = base + 2 * BLOCK <= 32768
+            && TAKEN_BLOCKS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(second_block);
+        if !second_is_ours {
+            give_back_port_block(base);
+            let extra: Vec<&str> = extra_args.iter().map(String::as_str).collect();
+            return Box::pin(Daemon::start_with(&extra)).await;
         }
         let temp = tempfile::Builder::new()
             .prefix(&format!("styxy-test-{base}-"))
