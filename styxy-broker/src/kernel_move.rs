@@ -23,6 +23,7 @@ impl Broker {
                 uid: socket.uid,
                 port: asked,
                 protocol: socket.protocol,
+                family: socket.family,
                 reuseport: false,
                 instance_id: Some(instance_id),
             };

@@ -165,6 +165,8 @@ pub struct BindRequest {
     pub port: u16,
     /// TCP or UDP: the two protocols' ports are separate.
     pub protocol: Protocol,
+    /// IPv4 or IPv6: a process's own socket on a port is in its way only in the same family.
+    pub family: Family,
     /// The socket has `SO_REUSEPORT` (or a UDP `SO_REUSEADDR`): intended sharing, never moved.
     pub reuseport: bool,
     /// The agent session (`STYXY_INSTANCE`) of the asking process.
@@ -409,14 +411,18 @@ impl Broker {
 
     /// Whether a socket on `port` (for `protocol`, or both) belongs to anyone but `except` (a
     /// socket whose owner is unknown counts as someone else's).
+    /// Whether the table has a socket on `port` in the way of a bind: any socket, except (when
+    /// `except` names a process and a family) that process's own sockets of the other family
+    /// (its IPv4 socket does not keep its IPv6 one off the port; a sibling thread's socket of the
+    /// same family does).
     pub fn has_socket_of_other(
         &self,
         port: u16,
         protocol: Option<Protocol>,
-        except: Option<ProcessId>,
+        except: Option<(ProcessId, Family)>,
     ) -> bool {
         self.sockets_on(port, protocol)
-            .any(|h| except.is_none() || h.socket.owner.as_ref().map(|o| o.id) != except)
+            .any(|h| !is_own_other_family(&h.socket, except))
     }
 
     /// Everything known about `port` (all protocols when `protocol` is `None`).
@@ -846,13 +852,28 @@ impl Broker {
             .leases
             .get(&req.port)
             .is_some_and(|l| l.process.is_some_and(|p| !processes.is_alive(p)));
-        let holder = self.holder_of(req.port, req.protocol, me).or_else(|| {
-            self.leases
-                .get(&req.port)
-                .filter(|l| !dead_lease && !self.lease_belongs_to(l, req, processes))
-                .cloned()
-                .map(HolderView::Lease)
-        });
+        let holder = self
+            .holder_of(req.port, req.protocol, me)
+            .or_else(|| {
+                self.leases
+                    .get(&req.port)
+                    .filter(|l| !dead_lease && !self.lease_belongs_to(l, req, processes))
+                    .cloned()
+                    .map(HolderView::Lease)
+            })
+            .or_else(|| {
+                // A sibling thread of the asker was moved onto this port (from another one): the
+                // two are different servers, so this bind moves too, rather than collide.
+                self.leases
+                    .get(&req.port)
+                    .filter(|l| {
+                        l.claim
+                            && l.process == Some(me)
+                            && l.requested_port.is_some_and(|asked| asked != req.port)
+                    })
+                    .cloned()
+                    .map(HolderView::Lease)
+            });
         let Some(holder) = holder else {
             if dead_lease {
                 if let Some(lease) = self.take_lease(req.port) {
@@ -981,6 +1002,13 @@ impl Broker {
             instance_id: req.instance_id.clone(),
         }));
     }
+}
+
+/// Whether `socket` belongs to the process of `except` and is of the other family.
+pub fn is_own_other_family(socket: &BoundSocket, except: Option<(ProcessId, Family)>) -> bool {
+    except.is_some_and(|(id, family)| {
+        socket.owner.as_ref().map(|o| o.id) == Some(id) && socket.family != family
+    })
 }
 
 /// The agent session of a socket: the instance of the claim its process took for the port, else

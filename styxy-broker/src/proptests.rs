@@ -196,6 +196,7 @@ impl World {
                     uid: 1000 + p,
                     port,
                     protocol,
+                    family: Family::Inet,
                     reuseport: false,
                     instance_id: None,
                 };

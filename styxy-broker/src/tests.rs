@@ -66,6 +66,7 @@ fn bind_req(p: u32, port: u16) -> BindRequest {
         uid: 1000,
         port,
         protocol: Protocol::Tcp,
+        family: Family::Inet,
         reuseport: false,
         instance_id: None,
     }
@@ -1161,4 +1162,30 @@ fn a_kernel_move_of_a_process_already_gone_records_only_the_socket() {
         .notices
         .iter()
         .any(|n| matches!(n, Notice::Bound(_))));
+}
+
+#[test]
+fn a_port_a_sibling_thread_was_moved_onto_moves_the_next_bind_of_the_same_process() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    // Thread one asks 8000 (held): moved to 8001.
+    let (first, _) = b.resolve_bind(&bind_req(40, 8000), &procs, 2).unwrap();
+    assert!(matches!(first, BindDecision::Reassign { port: 8001, .. }));
+    // Thread two of the same process asks 8001 itself (free when it looked): not the same
+    // server as thread one's, so it moves on rather than fail with EADDRINUSE.
+    let (second, _) = b.resolve_bind(&bind_req(40, 8001), &procs, 3).unwrap();
+    let BindDecision::Reassign { port, .. } = second else {
+        panic!("moved: {second:?}");
+    };
+    assert!(port != 8000 && port != 8001, "{port}");
+    // The same process binding 8000 again (its IPv6 socket) still follows its first move.
+    let (again, _) = b.resolve_bind(&bind_req(40, 8000), &procs, 4).unwrap();
+    assert!(
+        matches!(again, BindDecision::Reassign { port: 8001, .. }),
+        "{again:?}"
+    );
 }

@@ -411,12 +411,14 @@ impl Engine {
         &self,
         port: u16,
         protocol: Option<Protocol>,
-        except: Option<ProcessId>,
+        except: Option<(ProcessId, styxy_broker::Family)>,
     ) -> bool {
         if self.kernel_counts_none(port, protocol) {
             return false;
         }
-        if self.table_current_for(port, protocol) {
+        // The table may miss a socket bound a moment ago by the asker's own sibling thread (a
+        // move it is asking about again, its bind having failed): for a move, always the kernel.
+        if except.is_none() && self.table_current_for(port, protocol) {
             return lock(&self.broker).has_socket_of_other(port, protocol, except);
         }
         match self.kernel.read(Some(port), protocol) {
@@ -424,7 +426,7 @@ impl Engine {
             Ok(reading) => {
                 let by_other = reading
                     .iter()
-                    .any(|s| except.is_none() || s.owner.as_ref().map(|o| o.id) != except);
+                    .any(|s| !styxy_broker::is_own_other_family(s, except));
                 let scope = Scope::Port { port, protocol };
                 self.commit_effects(|b| b.reconcile(scope, reading, now_ms()));
                 by_other
@@ -580,17 +582,28 @@ impl Engine {
             port: req.port,
             protocol: Some(req.protocol),
         });
+        let mut range_read = false;
         for _ in 0..KERNEL_RETRIES {
             let (decision, _) = self.commit(|b| lift(b.resolve_bind(req, &ProcFs, now_ms())));
             let decision = decision?;
             match decision {
                 BindDecision::Reassign { port, .. }
                     // Only the asker's protocol matters: TCP and UDP ports are separate.
-                    if self.kernel_shows_bound_except(port, Some(req.protocol), Some(req.asker.id)) =>
+                    if self.kernel_shows_bound_except(port, Some(req.protocol), Some((req.asker.id, req.family))) =>
                 {
                     let claim = lock(&self.broker).observe(port, None).lease;
                     if let Some(claim) = claim.filter(|l| l.process == Some(req.asker.id)) {
                         self.commit_effects(|b| b.withdraw_lease(&claim.id));
+                    }
+                    // The table was behind the kernel (many binds at once, sibling threads): one
+                    // reading of the whole range, rather than a port at a time.
+                    if !range_read {
+                        range_read = true;
+                        let range = lock(&self.broker).ranges().move_range(req.port);
+                        self.refresh(Scope::Range {
+                            start: range.start,
+                            end: range.end,
+                        });
                     }
                 }
                 decision => return Ok(decision),

@@ -1,5 +1,7 @@
-/* A static musl C server for the kernel-session tests: binds 127.0.0.1:PORT (TCP), prints
- * "listening ACTUAL", and answers every connection with NAME. No LD_PRELOAD shim reaches it. */
+/* A static musl C server for the kernel-session tests: binds 127.0.0.1:PORT (TCP) with
+ * SO_REUSEADDR (as servers do, so connections of an earlier server in TIME_WAIT do not keep it
+ * off the port), prints "listening ACTUAL", and answers every connection with NAME. No
+ * LD_PRELOAD shim reaches it. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -14,6 +16,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in addr;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;

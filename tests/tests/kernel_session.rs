@@ -189,13 +189,19 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
         assert_eq!(client_line(direct)?, format!("second peer {moved}"));
 
         // The daemon knows the move as it knows a shim's: the audit entry and the view.
-        let audit = daemon.audit().await?;
-        assert!(
-            audit.iter().any(|e| e.requested_port == u32::from(asked)
-                && e.assigned_port == u32::from(moved)
-                && e.instance_id == session),
-            "{label}: audited: {audit:?}"
-        );
+        eventually(10, "the kernel's move audited", || async {
+            let audit = daemon.audit().await.ok()?;
+            audit
+                .iter()
+                .any(|e| {
+                    e.requested_port == u32::from(asked)
+                        && e.assigned_port == u32::from(moved)
+                        && e.instance_id == session
+                })
+                .then_some(())
+        })
+        .await
+        .with_context(|| label.to_string())?;
         let ports = daemon.cli(&["--json", "ports"]);
         let text = String::from_utf8_lossy(&ports.stdout);
         assert!(
@@ -442,13 +448,14 @@ async fn the_session_start_hook_puts_the_agent_and_what_it_starts_in_a_kernel_se
     let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
     assert_eq!(listening_port(&mut first)?, asked);
     let env_file = daemon.dir.join("claude-env");
-    let agent = "import json, subprocess, sys\n\
+    // The agent becomes the server (exec), so dropping it stops the server too.
+    let agent = "import json, os, subprocess, sys\n\
         styxy, socket, env_file, server, port = sys.argv[1:6]\n\
         hook = subprocess.run([styxy, '--socket', socket, 'hook', 'session-start'],\n\
             input=json.dumps({'session_id': 'agent-1', 'hook_event_name': 'SessionStart'}),\n\
             capture_output=True, text=True, env={'CLAUDE_ENV_FILE': env_file, 'PATH': '/usr/bin:/bin'})\n\
         print('hook:', hook.stdout.replace('\\n', ' '), flush=True)\n\
-        subprocess.run([server, port, 'second'])\n";
+        os.execv(server, [server, port, 'second'])\n";
     let mut agent = Spawned::start(Command::new("python3").args([
         "-c",
         agent,
@@ -469,12 +476,14 @@ async fn the_session_start_hook_puts_the_agent_and_what_it_starts_in_a_kernel_se
         "the agent's static server moved: {:?}",
         agent.seen
     );
-    let audit = daemon.audit().await?;
-    assert!(
+    // The move reaches the daemon through the ring buffer, a moment after the bind.
+    eventually(10, "the kernel's move audited", || async {
+        let audit = daemon.audit().await.ok()?;
         audit
             .iter()
-            .any(|e| e.instance_id == "claude-agent-1" && e.assigned_port == u32::from(moved)),
-        "{audit:?}"
-    );
+            .any(|e| e.instance_id == "claude-agent-1" && e.assigned_port == u32::from(moved))
+            .then_some(())
+    })
+    .await?;
     Ok(())
 }

@@ -265,6 +265,54 @@ async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Re
     Ok(())
 }
 
+/// Fifty threads of one process bind fifty ports at once, half of them held: the moved ones land
+/// on the free ones their siblings asked for, and those siblings move on instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn sibling_threads_moved_onto_each_others_ports_all_bind() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let held: Vec<u16> = (0..25).map(|i| daemon.base + 100 + i).collect();
+    let _holder = port_holder(&held)?;
+    let ports: Vec<String> = (0..50)
+        .map(|i| (daemon.base + 100 + i).to_string())
+        .collect();
+    let mut args = vec!["threads"];
+    args.extend(ports.iter().map(String::as_str));
+    args.push("--exit");
+    for round in 0..4 {
+        // The last round's claims end with its process (the sweep runs once a second): the
+        // range has room for one process's fifty, not two.
+        styxy_tests::eventually(10, "the last round's claims to end", || async {
+            (daemon.status().await.ok()?.leases == 0).then_some(())
+        })
+        .await?;
+        // What is tested is the collision, not the deadline: a generous one, so a loaded machine
+        // (the other tests run alongside) does not turn slow answers into failed binds.
+        let mut threads = Spawned::start(probe(&daemon, &args).env("STYXY_TIMEOUT_MS", "2000"))?;
+        let lines = threads.rest(30);
+        let results: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("bound ") || l.starts_with("failed "))
+            .collect();
+        assert_eq!(results.len(), 50, "round {round}: {lines:?}");
+        let failed: Vec<&&String> = results
+            .iter()
+            .filter(|l| l.starts_with("failed "))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "round {round}: {failed:?}\n{}",
+            daemon.log()
+        );
+        let distinct: BTreeSet<u16> = results
+            .iter()
+            .filter_map(|l| bound(l))
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(distinct.len(), 50, "round {round}: fifty distinct ports");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tokio_host_binding_inside_its_runtime_is_moved() -> Result<()> {
     let daemon = Daemon::start().await?;

@@ -126,12 +126,15 @@ pub fn protocol_required(value: i32) -> Result<Protocol, Status> {
     })
 }
 
-pub fn family_valid(value: i32) -> Result<(), Status> {
-    pb::Family::try_from(value).map(|_| ()).map_err(|_| {
-        Status::invalid_argument(format!(
+/// The family of a bind (IPv4 when unspecified).
+pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
+    match pb::Family::try_from(value) {
+        Ok(pb::Family::Inet6) => Ok(styxy_broker::Family::Inet6),
+        Ok(_) => Ok(styxy_broker::Family::Inet),
+        Err(_) => Err(Status::invalid_argument(format!(
             "family {value} is unknown: use FAMILY_INET or FAMILY_INET6"
-        ))
-    })
+        ))),
+    }
 }
 
 pub fn holder(held: &Held) -> pb::Holder {
@@ -291,7 +294,7 @@ mod tests {
                 ttl_ms(Some(big)).map(drop),
                 count(number, MAX_SUGGEST, 1, "count").map(drop),
                 protocol_opt(code).map(drop),
-                family_valid(code),
+                family(code).map(drop),
             ];
             for check in checks {
                 if let Err(status) = check {

@@ -253,7 +253,7 @@ impl BrokerService {
         let pid = convert::pid(req.pid)?;
         let port = convert::port(req.port, "port")?;
         let protocol = convert::protocol_required(req.protocol)?;
-        convert::family_valid(req.family)?;
+        let family = convert::family(req.family)?;
         let instance_id = convert::instance_id(req.instance_id)?;
         let uid = may_act_for(caller, pid)?;
         let asker = procs::process_info(pid).ok_or_else(|| {
@@ -264,6 +264,7 @@ impl BrokerService {
             uid,
             port,
             protocol,
+            family,
             reuseport: req.reuseport,
             instance_id,
         };

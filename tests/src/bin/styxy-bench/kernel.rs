@@ -156,13 +156,18 @@ pub async fn run() -> Result<()> {
     let mut moved = Samples::default();
     let mut moved_failed = 0;
     let cases = [("bind", 0), ("bind", FREE), ("connect", LISTENED)];
+    // Each round's with/without p50 ratio: the machine's fast and slow phases move both sides of
+    // one round together, so these are steadier than the ratio of the pooled samples.
+    let mut round_ratios: [Vec<f64>; 3] = Default::default();
+    let mut round_with: [Samples; 3] = Default::default();
     for _ in 0..ROUNDS {
         let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?;
         let status = daemon.status().await?;
         if !status.observer_reason.contains("kernel sessions enforced") {
             bail!("kernel sessions are off: {}", status.observer_reason);
         }
-        for ((call, port), into) in cases.iter().zip(with.iter_mut()) {
+        for ((call, port), into) in cases.iter().zip(round_with.iter_mut()) {
+            *into = Samples::default();
             time_into(call_timer(), call, *port, into)?;
         }
         // A process of a kernel session binding the held port: moved by the bind program. The
@@ -185,8 +190,12 @@ pub async fn run() -> Result<()> {
         moved_failed += time_into(session, "bind", HELD, &mut moved)?;
         drop(daemon);
         std::thread::sleep(Duration::from_millis(200)); // its links close with it
-        for ((call, port), into) in cases.iter().zip(without.iter_mut()) {
-            time_into(call_timer(), call, *port, into)?;
+        for (i, (call, port)) in cases.iter().enumerate() {
+            let mut round_without = Samples::default();
+            time_into(call_timer(), call, *port, &mut round_without)?;
+            round_ratios[i].push(round_with[i].p(0.5) / round_without.p(0.5));
+            with[i].0.extend(&round_with[i].0);
+            without[i].0.extend(round_without.0);
         }
     }
     println!();
@@ -222,5 +231,17 @@ pub async fn run() -> Result<()> {
         "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
         moved.p(0.5) / without[1].p(0.5)
     );
+    for (label, ratios) in ["port-0 bind", "free-port bind", "loopback connect"]
+        .iter()
+        .zip(round_ratios.iter_mut())
+    {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "    {label}: with/without p50 round by round: median {:.2}×, {:.2}–{:.2}×",
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
     Ok(())
 }
