@@ -22,6 +22,8 @@ const ROUNDS: usize = 10;
 const HELD: u16 = 10_050;
 const FREE: u16 = 10_500;
 const LISTENED: u16 = 10_600;
+/// A pause before each timed case, on both sides alike.
+const SETTLE: Duration = Duration::from_millis(300);
 
 /// Nanosecond samples.
 #[derive(Default)]
@@ -167,6 +169,9 @@ pub async fn run() -> Result<()> {
             bail!("kernel sessions are off: {}", status.observer_reason);
         }
         for ((call, port), into) in cases.iter().zip(round_with.iter_mut()) {
+            // The daemon digests the records of the case before (the free-port binds): let it
+            // finish, so one case's cost is not counted in the next one's.
+            std::thread::sleep(SETTLE);
             *into = Samples::default();
             time_into(call_timer(), call, *port, into)?;
         }
@@ -191,6 +196,7 @@ pub async fn run() -> Result<()> {
         drop(daemon);
         std::thread::sleep(Duration::from_millis(200)); // its links close with it
         for (i, (call, port)) in cases.iter().enumerate() {
+            std::thread::sleep(SETTLE);
             let mut round_without = Samples::default();
             time_into(call_timer(), call, *port, &mut round_without)?;
             round_ratios[i].push(round_with[i].p(0.5) / round_without.p(0.5));
