@@ -1187,10 +1187,12 @@ async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Resu
         }
     }
     let _unmount = Unmount(mount.clone());
-    let base = styxy_tests::port_block();
+    // 6,000 ports for leases, below the test port blocks (20000-32767): a lease tied to no process
+    // ends when a process of its user binds the port, and the other tests' servers (root, like
+    // this test) bind in those blocks.
     std::fs::write(
         dir.path().join("config.toml"),
-        format!("[services.bench]\nrange = [{base}, {}]\n", base + 5999),
+        "[services.bench]\nrange = [11000, 16999]\n",
     )?;
     let socket = dir.path().join("styxy.sock");
     let mut daemon = styxy_tests::KillOnDrop(
@@ -1293,5 +1295,67 @@ async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Resu
         stopped.is_some(),
         "SIGTERM did not stop the daemon within 10 s"
     );
+    Ok(())
+}
+
+/// A connection that goes silent — before the HTTP/2 preface, or half-way through a frame — is
+/// closed after `--idle-timeout-secs`, on the Unix socket and over TCP; a live client's `Watch`
+/// stream outlasts it (the daemon's pings and their answers keep it).
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_half_open_connections_are_closed_live_ones_stay() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start_with(&["--idle-timeout-secs", "3"]).await?;
+    let mut watch = daemon
+        .client()
+        .await?
+        .watch(pb::WatchRequest {})
+        .await?
+        .into_inner();
+
+    let socket = daemon.socket.clone();
+    let tcp_address = daemon.tcp.clone();
+    // Blocking reads, off the runtime that keeps the Watch client's connection answering pings.
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut silent = std::os::unix::net::UnixStream::connect(&socket)?;
+        let mut half = std::os::unix::net::UnixStream::connect(&socket)?;
+        // The preface and the start of a SETTINGS frame header, then nothing.
+        half.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")?;
+        let mut tcp = std::net::TcpStream::connect(tcp_address.as_str())?;
+        // Never hang the test if the daemon keeps them open: a read then fails.
+        let patience = Some(std::time::Duration::from_secs(10));
+        silent.set_read_timeout(patience)?;
+        half.set_read_timeout(patience)?;
+        tcp.set_read_timeout(patience)?;
+        let started = std::time::Instant::now();
+        for (name, stream) in [
+            ("silent", &mut silent as &mut dyn Read),
+            ("half a frame", &mut half),
+            ("silent over TCP", &mut tcp),
+        ] {
+            // Whatever the server sent first (its SETTINGS), then end of file when it closes.
+            let mut sink = Vec::new();
+            match stream.read_to_end(&mut sink) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => return Err(e.into()),
+            }
+            let after = started.elapsed();
+            anyhow::ensure!(
+                after < std::time::Duration::from_secs(8),
+                "{name}: closed after {after:?}"
+            );
+        }
+        anyhow::ensure!(
+            started.elapsed() >= std::time::Duration::from_secs(2),
+            "not before the idle time"
+        );
+        Ok(())
+    })
+    .await??;
+
+    // The Watch stream, idle all along, still delivers.
+    let port = daemon.base + 60;
+    let _server = http_server(port)?;
+    next_event(&mut watch, |e| e.port == u32::from(port)).await?;
     Ok(())
 }

@@ -41,6 +41,9 @@ pub(crate) struct Args {
     /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
     #[arg(long, value_enum, default_value = "warn")]
     ebpf_log: KernelLogLevel,
+    /// Close a connection that sends nothing for this many seconds (the daemon pings clients at a third of it, so live ones stay)
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(3..=86_400))]
+    idle_timeout_secs: u64,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -84,6 +87,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             ebpf_object: args.ebpf_object,
             metrics: args.metrics,
             ebpf_log: args.ebpf_log,
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         },
         shutdown,
     )

@@ -8,6 +8,7 @@
 //! - `systemd`: `sd_notify` for `Type=notify`; `limits`: the open-file limit.
 
 mod admission;
+mod idle;
 mod limits;
 mod observers;
 mod serve;
@@ -66,6 +67,9 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// Which of the kernel programs' own log lines go into the daemon's log.
     pub ebpf_log: KernelLogLevel,
+    /// A connection that sends nothing for this long is closed (HTTP/2 pings at a third of it
+    /// keep live clients' connections open).
+    pub idle_timeout: Duration,
 }
 
 /// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; a test, whatever

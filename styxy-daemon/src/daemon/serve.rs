@@ -1,6 +1,7 @@
 //! Serving `styxy.v1` (with health and reflection): the listeners, and one single-threaded runtime
 //! per core on the Unix socket.
 
+use super::idle::IdleTimeout;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -66,10 +67,16 @@ pub(super) async fn start(
     }
     let mut servers = JoinSet::new();
     let admission = Admission::new(engine.metrics().refused_connections.clone());
-    for (n, finished) in
-        serve_unix_per_core(&router, engine.store(), &admission, listeners.unix, stop)?
-            .into_iter()
-            .enumerate()
+    for (n, finished) in serve_unix_per_core(
+        &router,
+        engine.store(),
+        &admission,
+        listeners.unix,
+        opts.idle_timeout,
+        stop,
+    )?
+    .into_iter()
+    .enumerate()
     {
         servers.spawn(async move {
             finished
@@ -79,9 +86,12 @@ pub(super) async fn start(
     }
     if let Some(tcp) = listeners.tcp {
         let mut stop = stop.clone();
+        let idle = opts.idle_timeout;
+        let connections = TcpListenerStream::new(tcp)
+            .map(move |accepted| accepted.map(|stream| IdleTimeout::new(stream, idle)));
         servers.spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), async move {
+                .serve_with_incoming_shutdown(connections, async move {
                     let _ = stop.wait_for(|stop| *stop).await;
                 })
                 .await
@@ -184,7 +194,11 @@ async fn router(engine: &Arc<Engine>, opts: &Options) -> Result<Router> {
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .context("building the reflection service")?;
+    // Pings at a third of the idle time: a live client's answers keep its connection (see `idle`).
+    let ping = opts.idle_timeout / 3;
     Ok(Server::builder()
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping))
         .add_service(PortBrokerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(health)
         .add_service(reflection_v1)
@@ -225,6 +239,7 @@ fn serve_unix_per_core(
     store: &Store,
     admission: &Arc<Admission>,
     uds: UnixListener,
+    idle: std::time::Duration,
     stop: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::sync::oneshot::Receiver<Result<()>>>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -253,9 +268,9 @@ fn serve_unix_per_core(
                         let connections =
                             UnixListenerStream::new(listener).filter_map(move |accepted| {
                                 match accepted {
-                                    Ok(stream) => admission
-                                        .admit(&stream)
-                                        .map(|slot| Ok(OneWriteUnixStream(stream, slot))),
+                                    Ok(stream) => admission.admit(&stream).map(|slot| {
+                                        Ok(OneWriteUnixStream(IdleTimeout::new(stream, idle), slot))
+                                    }),
                                     Err(e) => Some(Err(e)),
                                 }
                             });
@@ -284,7 +299,10 @@ fn serve_unix_per_core(
 /// 1 KiB into its buffer, and every such answer leaves in one write with its trailers.
 ///
 /// It also holds the connection's [`Slot`]: closing the connection gives the place back.
-struct OneWriteUnixStream(tokio::net::UnixStream, #[allow(dead_code)] Slot);
+struct OneWriteUnixStream(
+    IdleTimeout<tokio::net::UnixStream>,
+    #[allow(dead_code)] Slot,
+);
 
 impl tokio::io::AsyncRead for OneWriteUnixStream {
     fn poll_read(
@@ -328,6 +346,6 @@ impl tonic::transport::server::Connected for OneWriteUnixStream {
     type ConnectInfo = tonic::transport::server::UdsConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.connect_info()
+        self.0.get_ref().connect_info()
     }
 }
