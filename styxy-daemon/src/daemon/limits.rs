@@ -26,3 +26,14 @@ pub(super) fn raise_open_file_limit() {
         }
     }
 }
+
+/// Gives memory the allocator holds free back to the system. glibc keeps what a burst freed in its
+/// per-thread arenas (each server thread has one): after a flood of 4 MB requests the daemon stayed
+/// at its peak (26 → 46 MB, `cargo xtask bench footprint`) until this ran. A no-op elsewhere.
+pub(super) fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

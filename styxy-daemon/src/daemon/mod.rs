@@ -176,9 +176,11 @@ fn load_config(config: Option<&Path>) -> Result<(ServiceRanges, UserLimits)> {
     Ok((ranges, limits))
 }
 
-/// Ends lapsed leases and those of exited processes, and forgets exited processes, once a second.
+/// Ends lapsed leases and those of exited processes, and forgets exited processes, once a second;
+/// every `TRIM_EVERY` seconds, gives memory freed since back to the system.
 async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -188,5 +190,12 @@ async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
             tracing::warn!(cause = %format!("{e:#}"), "sweeping leases");
         }
         crate::observe::procs::forget_exited();
+        ticks += 1;
+        if ticks.is_multiple_of(TRIM_EVERY) {
+            limits::return_freed_memory();
+        }
     }
 }
+
+/// Seconds between two [`limits::return_freed_memory`] calls.
+const TRIM_EVERY: u64 = 5;

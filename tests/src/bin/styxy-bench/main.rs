@@ -160,6 +160,67 @@ mod footprint {
         Ok((kb / 1024.0, fds))
     }
 
+    /// Clients and seconds of the request flood.
+    const FLOOD_CLIENTS: usize = 40;
+    const FLOOD_SECONDS: u64 = 5;
+
+    /// `FLOOD_CLIENTS` loopback TCP clients (open to any local process) sending 4 MB `Suggest`
+    /// requests for `FLOOD_SECONDS`, the daemon's resident memory sampled meanwhile: (before, peak,
+    /// 6 s after) in MB, and the requests answered (refused).
+    async fn request_flood(daemon: &Daemon) -> Result<(f64, f64, f64, usize)> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let pid = daemon.pid();
+        let before = usage(pid)?.0;
+        let running = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let running = running.clone();
+            tokio::spawn(async move {
+                let mut peak = 0f64;
+                while running.load(Ordering::Relaxed) {
+                    if let Ok((mb, _)) = usage(pid) {
+                        peak = peak.max(mb);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                peak
+            })
+        };
+        let answered = Arc::new(AtomicUsize::new(0));
+        let huge = "x".repeat(4 << 20);
+        let deadline = Instant::now() + Duration::from_secs(FLOOD_SECONDS);
+        let mut clients = Vec::new();
+        for _ in 0..FLOOD_CLIENTS {
+            let mut client = daemon
+                .tcp_client()
+                .await?
+                .max_encoding_message_size(8 << 20)
+                .max_decoding_message_size(8 << 20);
+            let huge = huge.clone();
+            let answered = answered.clone();
+            clients.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let request = pb::SuggestRequest {
+                        service_type: huge.clone(),
+                        count: 1,
+                    };
+                    if client.suggest(request).await.is_err() {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for client in clients {
+            client.await?;
+        }
+        running.store(false, Ordering::Relaxed);
+        let peak = sampler.await?;
+        // The daemon gives freed memory back every 5 s.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = usage(pid)?.0;
+        Ok((before, peak, after, answered.load(Ordering::Relaxed)))
+    }
+
     /// How long until Observe no longer shows the port of a server that was just killed.
     async fn gone_after_exit(daemon: &Daemon, port: u16) -> Result<Duration> {
         let mut server = Command::new("python3")
@@ -235,6 +296,11 @@ mod footprint {
             started.elapsed().as_secs_f64(),
             after_mb - idle_mb,
             after_fds as i64 - idle_fds as i64
+        );
+        let (before, peak, after, refused) = request_flood(&daemon).await?;
+        println!(
+            "request flood ({FLOOD_CLIENTS} TCP clients, 4 MB Suggest requests, {FLOOD_SECONDS} s, {refused} refused): \
+             resident {before:.1} MB before, peak {peak:.1} MB, {after:.1} MB 6 s after   target: bounded, back to the baseline"
         );
         let with_ebpf = gone_after_exit(&daemon, daemon.base + 40).await?;
         let status = daemon.status().await?;
