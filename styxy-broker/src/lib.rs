@@ -783,6 +783,41 @@ impl Broker {
         effects
     }
 
+    /// Ends a session (Claude Code's SessionEnd): every lease and claim of instance `id` that
+    /// `uid` owns (root: all) ends, and the instance is forgotten. Nothing is killed: a server of
+    /// the session keeps its socket, as any process does. Returns how many leases ended.
+    pub fn end_instance(&mut self, id: &str, uid: u32) -> Result<(usize, Effects), BrokerError> {
+        if let Some(owner) = self
+            .instances
+            .get(id)
+            .map(|i| i.owner_uid)
+            .filter(|owner| *owner != uid && uid != 0)
+        {
+            return Err(BrokerError::InstanceTaken {
+                id: id.to_string(),
+                owner_uid: owner,
+            });
+        }
+        let mut effects = Effects::default();
+        let ports: Vec<u16> = self
+            .leases
+            .values()
+            .filter(|l| l.instance_id.as_deref() == Some(id) && (uid == 0 || l.owner_uid == uid))
+            .map(|l| l.port)
+            .collect();
+        for port in &ports {
+            if let Some(lease) = self.take_lease(*port) {
+                effects.lease_removed(lease);
+            }
+        }
+        if self.instances.remove(id).is_some() {
+            effects
+                .changes
+                .push(StateChange::RemoveInstance { id: id.to_string() });
+        }
+        Ok((ports.len(), effects))
+    }
+
     /// Names a group of processes; `ldpreload-<pid>` when no id is given.
     pub fn register_instance(
         &mut self,

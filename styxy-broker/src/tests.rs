@@ -1189,3 +1189,36 @@ fn a_port_a_sibling_thread_was_moved_onto_moves_the_next_bind_of_the_same_proces
         "{again:?}"
     );
 }
+
+#[test]
+fn ending_a_session_ends_its_leases_and_claims_and_no_one_elses() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40), pid(41)].into(),
+        ..Procs::default()
+    };
+    b.register_instance(Some("claude-s1".into()), pid(40), 1000, 1)
+        .unwrap();
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    let moved = session_bind(40, 8000, Protocol::Tcp, "claude-s1");
+    b.resolve_bind(&moved, &procs, 2).unwrap();
+    let other = session_bind(41, 8000, Protocol::Tcp, "claude-s2");
+    b.resolve_bind(&other, &procs, 3).unwrap();
+    assert_eq!(b.lease_count(), 2);
+    // Another user may not end it.
+    assert!(matches!(
+        b.end_instance("claude-s1", 2000),
+        Err(BrokerError::InstanceTaken { .. })
+    ));
+    let (ended, effects) = b.end_instance("claude-s1", 1000).unwrap();
+    assert_eq!(ended, 1);
+    assert_eq!(b.lease_count(), 1, "the other session's claim stays");
+    assert!(b.view_of("claude-s1").is_empty());
+    assert!(effects
+        .changes
+        .iter()
+        .any(|c| matches!(c, StateChange::RemoveInstance { id } if id == "claude-s1")));
+    assert_eq!(b.instance_count(), 0);
+    // Ending an unknown (or already ended) session is no error: nothing to do.
+    assert_eq!(b.end_instance("claude-s1", 1000).unwrap().0, 0);
+}

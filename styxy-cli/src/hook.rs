@@ -1,7 +1,8 @@
 //! The Claude Code SessionStart hook: `styxy hook session-start` turns the bind() shim on for an
 //! agent's session and registers the agent process in it (with the daemon's eBPF programs, the
 //! kernel then moves and redirects for everything the agent starts, static binaries included);
-//! `styxy hook install|uninstall` adds or removes that hook in `settings.json`.
+//! `styxy hook session-end` ends the session's leases and claims when the agent's session ends;
+//! `styxy hook install|uninstall` adds or removes the SessionStart hook in `settings.json`.
 //!
 //! Claude Code runs SessionStart hooks with the session's details as JSON on stdin and the path of
 //! a file in `CLAUDE_ENV_FILE`, which it sources before every shell command of the session; what
@@ -127,6 +128,40 @@ async fn join_kernel_session(
     .await
     .context("timed out")??;
     Ok(answer.into_inner())
+}
+
+/// The session id in a hook's JSON input, if it has one. At most 1 MiB is read: a hook's input is
+/// a few hundred bytes, and a larger one is not worth the memory.
+fn session_id_of(input: &str) -> Option<String> {
+    serde_json::from_str::<Value>(input)
+        .ok()?
+        .get("session_id")?
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+}
+
+/// `styxy hook session-end` (Claude Code `SessionEnd`): ends the session's leases and claims and
+/// forgets its instance; its servers keep running. Never fails the session: whatever goes wrong
+/// (no input, not JSON, no daemon), it says nothing and exits 0.
+pub async fn session_end(target: &Target) {
+    use std::io::Read as _;
+    let mut input = String::new();
+    let _ = std::io::stdin().take(1 << 20).read_to_string(&mut input);
+    let Some(session_id) = session_id_of(&input) else {
+        return;
+    };
+    let instance = instance_id(&session_id);
+    let call = async {
+        let mut client = crate::client::connect(target).await?;
+        client
+            .end_instance(styxy_proto::v1::EndInstanceRequest {
+                instance_id: instance,
+            })
+            .await?;
+        anyhow::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), call).await;
 }
 
 /// Appends the shim's lines to `CLAUDE_ENV_FILE`; `Ok(false)` when they are there already.
@@ -326,6 +361,30 @@ mod tests {
         assert!(add_hook(&mut settings, "styxy hook session-start").expect("add"));
         assert!(remove_hook(&mut settings));
         assert_eq!(settings, json!({}));
+    }
+
+    #[test]
+    fn session_end_finds_the_session_id_and_ignores_bad_input() {
+        assert_eq!(
+            session_id_of(r#"{"session_id":"abc-1","hook_event_name":"SessionEnd"}"#).as_deref(),
+            Some("abc-1")
+        );
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            r#"{"session_id":""}"#,
+            r#"{"session_id":7}"#,
+            "[1,2]",
+        ] {
+            assert_eq!(session_id_of(bad), None, "{bad:?}");
+        }
+        let huge = format!(r#"{{"session_id":"x","pad":"{}"}}"#, "y".repeat(2 << 20));
+        assert_eq!(
+            session_id_of(&huge).as_deref(),
+            Some("x"),
+            "parsed whole when handed whole"
+        );
     }
 
     #[test]

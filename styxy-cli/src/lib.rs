@@ -93,6 +93,8 @@ struct InstallArgs {
 enum HookCommand {
     /// Run as the SessionStart hook: reads the hook JSON on stdin, writes to $CLAUDE_ENV_FILE.
     SessionStart,
+    /// Run as the SessionEnd hook: ends the session's leases and claims (kills nothing); silent, exit 0.
+    SessionEnd,
     /// Add the hook to a Claude Code settings.json (default: ~/.claude/settings.json).
     Install {
         #[arg(long)]
@@ -156,6 +158,11 @@ async fn run(args: Args) -> Result<()> {
             for line in install::uninstall(&layout)? {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Command::Hook(HookCommand::SessionEnd) => {
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            hook::session_end(&target).await;
             Ok(())
         }
         Command::Hook(HookCommand::SessionStart) => {

@@ -574,6 +574,14 @@ impl Engine {
         Ok((id, placed))
     }
 
+    /// Ends a session's leases and claims and forgets the instance (SessionEnd).
+    pub async fn end_instance(&self, id: &str, uid: u32) -> Result<usize, EngineError> {
+        let (ended, ticket) = self.commit(|b| lift(b.end_instance(id, uid)));
+        let ended = ended?;
+        self.wait_durable(ticket).await?;
+        Ok(ended)
+    }
+
     /// The shim's question. Not made to wait for the disk: a claim is short-lived and tied to a process that
     /// is about to bind; were the daemon to die first, the observer sees the bind after restart anyway.
     pub fn resolve_bind(&self, req: &BindRequest) -> Result<BindDecision, BrokerError> {

@@ -2,6 +2,8 @@
 
 use std::process::{Command, Output};
 
+use anyhow::Context;
+use styxy_tests::v1 as pb;
 use styxy_tests::{http_server, styxy_bin, Daemon};
 
 fn text(out: &Output) -> String {
@@ -227,5 +229,71 @@ async fn a_stopped_daemon_costs_the_deadline_and_a_clear_error() -> anyhow::Resu
     assert!(took < std::time::Duration::from_secs(20), "{took:?}");
     let bad = daemon.cli(&["--timeout", "0", "status"]);
     assert_eq!(bad.status.code(), Some(2), "clap refuses a zero deadline");
+    Ok(())
+}
+
+/// Claude Code's SessionEnd hook ends the session's leases and claims, and no one else's; bad
+/// input (empty, not JSON) changes nothing and still exits 0 in silence.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_end_hook_ends_the_sessions_leases_only() -> anyhow::Result<()> {
+    use std::io::Write;
+    let daemon = Daemon::start().await?;
+    let mut client = daemon.client().await?;
+    for instance in ["claude-s9", "claude-other"] {
+        client
+            .register_instance(pb::RegisterInstanceRequest {
+                instance_id: Some(instance.into()),
+                pid: std::process::id(),
+            })
+            .await?;
+    }
+    let allocate = |instance: &str| pb::AllocateRequest {
+        service_type: "api".into(),
+        instance_id: Some(instance.into()),
+        ttl_seconds: Some(600),
+        ..Default::default()
+    };
+    client.allocate(allocate("claude-s9")).await?;
+    client.allocate(allocate("claude-s9")).await?;
+    client.allocate(allocate("claude-other")).await?;
+    let hook = |input: &str| -> anyhow::Result<std::process::Output> {
+        let mut child = std::process::Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["hook", "session-end"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    };
+    let leases = |list: pb::ListPortsResponse| -> Vec<String> {
+        list.leases.iter().map(|l| l.instance_id.clone()).collect()
+    };
+    for bad in ["", "not json", r#"{"hook_event_name":"SessionEnd"}"#] {
+        let out = hook(bad)?;
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "{bad:?}: {out:?}"
+        );
+    }
+    let all = client
+        .list_ports(pb::ListPortsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(leases(all).len(), 3, "bad input ends nothing");
+
+    let out = hook(r#"{"session_id":"s9","hook_event_name":"SessionEnd","reason":"exit"}"#)?;
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let left = client
+        .list_ports(pb::ListPortsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(leases(left), vec!["claude-other".to_string()]);
     Ok(())
 }

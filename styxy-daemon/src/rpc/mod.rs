@@ -410,6 +410,29 @@ impl PortBroker for BrokerService {
         self.counted("RegisterInstance", answer)
     }
 
+    async fn end_instance(
+        &self,
+        request: Request<pb::EndInstanceRequest>,
+    ) -> Result<Response<pb::EndInstanceResponse>, Status> {
+        let answer = async {
+            let caller = self.caller(&request, "EndInstance")?;
+            let id =
+                convert::instance_id(Some(request.into_inner().instance_id))?.ok_or_else(|| {
+                    Status::invalid_argument("instance_id is empty: name the session to end")
+                })?;
+            let ended = self
+                .engine
+                .end_instance(&id, caller.uid)
+                .await
+                .map_err(convert::engine_error)?;
+            Ok(Response::new(pb::EndInstanceResponse {
+                leases_ended: u32::try_from(ended).unwrap_or(u32::MAX),
+            }))
+        }
+        .await;
+        self.counted("EndInstance", answer)
+    }
+
     async fn resolve_bind(
         &self,
         request: Request<pb::ResolveBindRequest>,
