@@ -56,6 +56,14 @@ fn in_session(daemon: &Daemon, session: &str, program: &Path, args: &[&str]) -> 
     command
 }
 
+/// `bind-probe ARGS…` in the session `ks-native` with its shim off (`STYXY_DISABLE=1`), so only
+/// the kernel acts: what it printed.
+fn kernel_only_probe(daemon: &Daemon, args: &[&str]) -> Result<String> {
+    let mut probe = in_session(daemon, "ks-native", &helper_bin("bind-probe"), args);
+    probe.env("STYXY_DISABLE", "1");
+    Ok(String::from_utf8_lossy(&probe.output()?.stdout).to_string())
+}
+
 /// The port in a `listening PORT` line.
 fn listening_port(server: &mut Spawned) -> Result<u16> {
     let line = server.line_where(15, |l| {
@@ -289,28 +297,15 @@ async fn outside_sessions_and_for_reuseport_binds_behave_natively_and_dual_stack
 
     // In a session, with the shim off (STYXY_DISABLE=1), so only the kernel acts:
     // - SO_REUSEPORT is intended sharing: never moved, so it fails as natively;
-    let mut reuse = in_session(
-        &daemon,
-        "ks-native",
-        &helper_bin("bind-probe"),
-        &["reuseport", &port, "--exit"],
-    );
-    reuse.env("STYXY_DISABLE", "1");
-    let text = String::from_utf8_lossy(&reuse.output()?.stdout).to_string();
+    let text = kernel_only_probe(&daemon, &["reuseport", &port, "--exit"])?;
+    assert_eq!(text.lines().count(), 2, "two binds reported: {text}");
     assert!(
         text.lines()
             .all(|l| l == format!("failed {asked} {}", libc::EADDRINUSE)),
         "reuseport binds are left alone: {text}"
     );
     // - IPv4 and IPv6 of one process end on one new port.
-    let mut dual = in_session(
-        &daemon,
-        "ks-native",
-        &helper_bin("bind-probe"),
-        &["dual", &port, "--exit"],
-    );
-    dual.env("STYXY_DISABLE", "1");
-    let text = String::from_utf8_lossy(&dual.output()?.stdout).to_string();
+    let text = kernel_only_probe(&daemon, &["dual", &port, "--exit"])?;
     let bound: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("bound {asked} ")))
@@ -424,10 +419,18 @@ async fn without_ebpf_styxy_run_says_once_that_static_binaries_stay_and_the_shim
         "the shim moved the dynamically linked server: {stdout} {stderr}"
     );
     let status = daemon.status().await?;
-    assert_eq!(status.kernel_sessions, 0);
+    assert_eq!(
+        (status.kernel_sessions, status.kernel_sessions_enforced),
+        (0, false)
+    );
     assert!(
         status.kernel_sessions_detail.contains("without eBPF"),
         "{status:?}"
+    );
+    let shown = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).to_string();
+    assert!(
+        shown.contains("sessions:   none in the kernel: the daemon runs without eBPF"),
+        "{shown}"
     );
     Ok(())
 }
