@@ -93,10 +93,7 @@ impl KernelSessions {
             .leases()
             .filter(|l| l.instance_id.as_deref() == Some(instance_id))
         {
-            let slot = self.port_info.slot(usize::from(lease.port));
-            let range = PortInfo(slot.load(Ordering::Acquire)).range();
-            let info = PortInfo::new(reserved_by(broker, &registry, lease.port), range);
-            slot.store(info.0, Ordering::Release);
+            self.republish_holder(broker, &registry, lease.port);
         }
         Ok(number)
     }
@@ -119,26 +116,25 @@ impl KernelSessions {
         live.len()
     }
 
-    /// Everything, at start and when a session is placed.
+    /// Everything, at start: the lease holders (the ranges are in the map since the programs
+    /// were loaded; every holder starts as none), the views and the spares.
     pub fn publish_all(&self, broker: &Broker) {
-        self.publish_all_port_info(broker);
+        {
+            let registry = lock(&self.registry);
+            for lease in broker.leases() {
+                self.republish_holder(broker, &registry, lease.port);
+            }
+        }
         self.sync_views(broker);
         self.refill_spares(broker);
     }
 
-    fn publish_all_port_info(&self, broker: &Broker) {
-        let registry = lock(&self.registry);
-        let types = broker.ranges().types();
-        for port in 0..=u16::MAX {
-            let range = types
-                .iter()
-                .position(|t| t.contains(port))
-                .and_then(|i| u32::try_from(i).ok());
-            let info = PortInfo::new(reserved_by(broker, &registry, port), range);
-            self.port_info
-                .slot(usize::from(port))
-                .store(info.0, Ordering::Release);
-        }
+    /// Writes who holds a lease on `port` into `PORT_INFO`, keeping the port's range.
+    fn republish_holder(&self, broker: &Broker, registry: &Registry, port: u16) {
+        let slot = self.port_info.slot(usize::from(port));
+        let range = PortInfo(slot.load(Ordering::Acquire)).range();
+        let info = PortInfo::new(reserved_by(broker, registry, port), range);
+        slot.store(info.0, Ordering::Release);
     }
 
     /// What one decision changed: the lease holders of the ports it touched, the views when a
@@ -156,10 +152,7 @@ impl KernelSessions {
                     }
                     Notice::Reassigned(_) => continue,
                 };
-                let slot = self.port_info.slot(usize::from(port));
-                let range = PortInfo(slot.load(Ordering::Acquire)).range();
-                let info = PortInfo::new(reserved_by(broker, &registry, port), range);
-                slot.store(info.0, Ordering::Release);
+                self.republish_holder(broker, &registry, port);
             }
         }
         if views_changed {

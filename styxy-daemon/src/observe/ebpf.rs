@@ -117,8 +117,11 @@ pub struct KernelPortCounts {
 }
 
 impl KernelPortCounts {
-    fn new(mapped: MappedArray<AtomicU64>, ranges: &[(u16, u16)]) -> KernelPortCounts {
-        let (low, high) = ephemeral_ports();
+    fn new(
+        mapped: MappedArray<AtomicU64>,
+        ranges: &[(u16, u16)],
+        (low, high): (u16, u16),
+    ) -> KernelPortCounts {
         let uncounted = (0..=u16::MAX)
             .map(|port| {
                 (low..=high).contains(&port)
@@ -191,14 +194,22 @@ fn take_mapped<A: crate::observe::mapped::Slot>(
     let map = ebpf
         .take_map(name)
         .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    let aya::maps::Map::Array(data) = &map else {
+    // The mapping keeps the map alive; the descriptor may close.
+    map_array(&map, name, len, writable)
+}
+
+/// A mapping of `map`, array `name` of `len` values.
+fn map_array<A: crate::observe::mapped::Slot>(
+    map: &aya::maps::Map,
+    name: &str,
+    len: u32,
+    writable: bool,
+) -> Result<MappedArray<A>> {
+    let aya::maps::Map::Array(data) = map else {
         bail!("map {name} is not an array");
     };
-    let mapped = MappedArray::new(data.fd().as_fd(), len as usize, writable)
-        .with_context(|| format!("mapping {name} into memory (needs Linux 5.5+)"))?;
-    // The mapping keeps the map alive; the descriptor may close.
-    drop(map);
-    Ok(mapped)
+    MappedArray::new(data.fd().as_fd(), len as usize, writable)
+        .with_context(|| format!("mapping {name} into memory (needs Linux 5.5+)"))
 }
 
 /// Offsets the tracepoint programs need, from the tracepoints' own formats in tracefs (they
@@ -335,15 +346,12 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     // before), read-only for the session maps' spare-port choice.
     let (ports, ports_for_sessions) = {
         let map = ebpf.take_map(PORTS_MAP).context("map PORTS missing")?;
-        let aya::maps::Map::Array(data) = &map else {
-            bail!("map PORTS is not an array");
-        };
-        let fd = data.fd().as_fd();
-        let writable = MappedArray::new(fd, PORT_SLOTS as usize, true)
-            .context("mapping PORTS into memory (needs Linux 5.5+)")?;
-        let read_only = MappedArray::new(fd, PORT_SLOTS as usize, false)
-            .context("mapping PORTS into memory (needs Linux 5.5+)")?;
-        (KernelPortCounts::new(writable, &options.ranges), read_only)
+        let writable = map_array(&map, PORTS_MAP, PORT_SLOTS, true)?;
+        let read_only = map_array(&map, PORTS_MAP, PORT_SLOTS, false)?;
+        (
+            KernelPortCounts::new(writable, &options.ranges, (ephemeral_low, ephemeral_high)),
+            read_only,
+        )
     };
     // PORT_INFO: the service range of every port, which the programs need to move a bind and to
     // know which port-0 binds to report; the session maps keep the lease holders in it.
@@ -510,14 +518,7 @@ impl Attached {
     /// Binds of ephemeral ports outside every service range since the last call (counted, not reported): a
     /// syscall, so the reader calls it about once a second.
     pub fn newly_unreported(&mut self) -> u64 {
-        let total: u64 = self
-            .unreported
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(self.unreported_seen);
-        let new = total.saturating_sub(self.unreported_seen);
-        self.unreported_seen = total;
-        new
+        counted_since(&self.unreported, &mut self.unreported_seen)
     }
 
     /// Records lost since the last call (the ring buffer was full).
@@ -535,14 +536,7 @@ impl Attached {
         }
         self.drained_since_drop_check = 0;
         self.last_drop_check = std::time::Instant::now();
-        let total: u64 = self
-            .dropped
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(self.dropped_seen);
-        let new = total.saturating_sub(self.dropped_seen);
-        self.dropped_seen = total;
-        new
+        counted_since(&self.dropped, &mut self.dropped_seen)
     }
 
     /// Every record waiting in the ring buffer, as broker events, with the kernel time
@@ -569,6 +563,18 @@ impl Attached {
         }
         (events, seen_at)
     }
+}
+
+/// What a per-CPU counter (index 0, summed over the CPUs) gained since `seen`, which it updates;
+/// 0 when it cannot be read.
+fn counted_since(counter: &PerCpuArray<MapData, u64>, seen: &mut u64) -> u64 {
+    let total: u64 = counter
+        .get(&0, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(*seen);
+    let new = total.saturating_sub(*seen);
+    *seen = total;
+    new
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
