@@ -66,3 +66,26 @@ pub async fn channel(target: &Target) -> Result<Channel> {
 pub async fn connect(target: &Target) -> Result<PortBrokerClient<Channel>> {
     Ok(PortBrokerClient::new(channel(target).await?))
 }
+
+/// Registers `pid` in the session `instance` (a new one when `None`), waiting at most `within`:
+/// the daemon's answer or its refusal, or an error when no daemon answered in time.
+pub async fn register_instance(
+    target: &Target,
+    instance: Option<String>,
+    pid: u32,
+    within: std::time::Duration,
+) -> Result<Result<styxy_proto::v1::RegisterInstanceResponse, tonic::Status>> {
+    let call = async {
+        let mut client = connect(target).await?;
+        let answer = client
+            .register_instance(styxy_proto::v1::RegisterInstanceRequest {
+                instance_id: instance,
+                pid,
+            })
+            .await;
+        Ok(answer.map(tonic::Response::into_inner))
+    };
+    tokio::time::timeout(within, call)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {} s", within.as_secs())))
+}

@@ -115,23 +115,17 @@ async fn join_kernel_session(
     instance: &str,
 ) -> Result<styxy_proto::v1::RegisterInstanceResponse> {
     let pid = agent_pid().context("no agent process found above this hook")?;
-    let mut client = tokio::time::timeout(Duration::from_secs(1), crate::client::connect(target))
-        .await
-        .context("timed out")??;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(2),
-        client.register_instance(styxy_proto::v1::RegisterInstanceRequest {
-            instance_id: Some(instance.to_string()),
-            pid,
-        }),
+    let answer = crate::client::register_instance(
+        target,
+        Some(instance.to_string()),
+        pid,
+        Duration::from_secs(3),
     )
-    .await
-    .context("timed out")??;
-    Ok(answer.into_inner())
+    .await?;
+    Ok(answer?)
 }
 
-/// The session id in a hook's JSON input, if it has one. At most 1 MiB is read: a hook's input is
-/// a few hundred bytes, and a larger one is not worth the memory.
+/// The session id in a hook's JSON input, if it has one (and it is not empty).
 fn session_id_of(input: &str) -> Option<String> {
     serde_json::from_str::<Value>(input)
         .ok()?
@@ -146,6 +140,7 @@ fn session_id_of(input: &str) -> Option<String> {
 /// (no input, not JSON, no daemon), it says nothing and exits 0.
 pub async fn session_end(target: &Target) {
     use std::io::Read as _;
+    // At most 1 MiB: a hook's input is a few hundred bytes, a larger one not worth the memory.
     let mut input = String::new();
     let _ = std::io::stdin().take(1 << 20).read_to_string(&mut input);
     let Some(session_id) = session_id_of(&input) else {

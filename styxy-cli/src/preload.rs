@@ -128,25 +128,20 @@ async fn join_session(
     instance: Option<String>,
 ) -> Result<Result<styxy_proto::v1::RegisterInstanceResponse, String>> {
     let target = crate::client::Target::Unix(daemon.to_path_buf());
-    let call = async {
-        let mut client = crate::client::connect(&target).await?;
-        let answer = client
-            .register_instance(styxy_proto::v1::RegisterInstanceRequest {
-                instance_id: instance,
-                pid: std::process::id(),
-            })
-            .await;
-        Ok(match answer {
-            Ok(answer) => Ok(answer.into_inner()),
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                return Err(anyhow::anyhow!("{}", status.message()))
-            }
-            Err(status) => Err(status.message().to_string()),
-        })
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(2), call)
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 2 s")))
+    let answer = crate::client::register_instance(
+        &target,
+        instance,
+        std::process::id(),
+        std::time::Duration::from_secs(2),
+    )
+    .await?;
+    match answer {
+        Ok(answer) => Ok(Ok(answer)),
+        Err(status) if status.code() == tonic::Code::Unavailable => {
+            Err(anyhow::anyhow!("{}", status.message()))
+        }
+        Err(status) => Ok(Err(status.message().to_string())),
+    }
 }
 
 /// Quote for a POSIX shell.
