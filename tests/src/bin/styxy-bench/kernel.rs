@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::calls::{run_call_timer, Samples};
 use anyhow::{bail, Context, Result};
 use styxy_tests::{ebpf_ready, helper_bin, port_holder, styxy_bin, ChildCgroup, Daemon};
 
@@ -25,37 +26,14 @@ const LISTENED: u16 = 10_600;
 /// A pause before each timed case, on both sides alike.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Nanosecond samples.
-#[derive(Default)]
-struct Samples(Vec<u64>);
-
-impl Samples {
-    fn p(&self, q: f64) -> f64 {
-        let mut sorted = self.0.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        sorted[((sorted.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0
-    }
-}
-
 /// Runs `call-timer CALL PORT CALLS/ROUNDS` as `command` says (the program and its first
 /// arguments come from the caller), adding its samples to `into`; returns the failed calls.
 fn time_into(mut command: Command, call: &str, port: u16, into: &mut Samples) -> Result<usize> {
     command
         .args([call, &port.to_string(), &(CALLS / ROUNDS).to_string()])
         .env_remove("LD_PRELOAD");
-    let out = command.output().context("running call-timer")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace();
-    if words.next() != Some("ok") {
-        bail!("call-timer {call} failed: {out:?}");
-    }
-    let failed = words.next().context("failed count")?.parse()?;
-    for word in words {
-        into.0.push(word.parse()?);
-    }
+    let (failed, samples) = run_call_timer(&mut command, call)?;
+    into.0.extend(samples.0);
     Ok(failed)
 }
 
@@ -66,11 +44,11 @@ fn call_timer() -> Command {
 fn row(label: &str, with: &Samples, without: &Samples, what: &str, target: &str) {
     println!(
         "{label:<46} {what} p50 {:>6.2} µs p99 {:>7.2} µs | without p50 {:>6.2} µs p99 {:>7.2} µs | ratio p50 {:>5.2}×  {target}",
-        with.p(0.5),
-        with.p(0.99),
-        without.p(0.5),
-        without.p(0.99),
-        with.p(0.5) / without.p(0.5),
+        with.pct(0.5),
+        with.pct(0.99),
+        without.pct(0.5),
+        without.pct(0.99),
+        with.pct(0.5) / without.pct(0.5),
     );
 }
 
@@ -135,7 +113,7 @@ pub async fn run() -> Result<()> {
     );
     println!(
         "    the debug statements add {:+.2} µs at p50 when on; off, they are not in the loaded programs at all",
-        debug_s.p(0.5) - warn_s.p(0.5)
+        debug_s.pct(0.5) - warn_s.pct(0.5)
     );
 
     // 2. At the root: with the daemon's programs, and without, round by round.
@@ -199,7 +177,7 @@ pub async fn run() -> Result<()> {
             std::thread::sleep(SETTLE);
             let mut round_without = Samples::default();
             time_into(call_timer(), call, *port, &mut round_without)?;
-            round_ratios[i].push(round_with[i].p(0.5) / round_without.p(0.5));
+            round_ratios[i].push(round_with[i].pct(0.5) / round_without.pct(0.5));
             with[i].0.extend(&round_with[i].0);
             without[i].0.extend(round_without.0);
         }
@@ -235,7 +213,7 @@ pub async fn run() -> Result<()> {
     );
     println!(
         "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
-        moved.p(0.5) / without[1].p(0.5)
+        moved.pct(0.5) / without[1].pct(0.5)
     );
     for (label, ratios) in ["port-0 bind", "free-port bind", "loopback connect"]
         .iter()

@@ -133,6 +133,7 @@ async fn main() -> Result<()> {
     footprint::run().await
 }
 
+mod calls;
 mod kernel;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000
@@ -276,7 +277,7 @@ mod footprint {
         for _ in 0..SERVERS {
             running.push(
                 Command::new(helper_bin("bind-load"))
-                    .args(["0", "1", "10100", "10100"])
+                    .args(["0", "1", "10100", "10199"])
                     .stdout(Stdio::null())
                     .spawn()?,
             );
@@ -418,24 +419,12 @@ mod shim {
     use anyhow::{bail, Context, Result};
     use styxy_tests::{helper_bin, port_holder, shim_library, Daemon};
 
+    use crate::calls::Samples;
+
     const BINDS: usize = 2000;
     /// Alternated native/shim runs per case.
     const ROUNDS: usize = 20;
     const STARTS: usize = 400;
-
-    /// Nanosecond samples.
-    struct Samples(Vec<u64>);
-
-    impl Samples {
-        fn pct(&self, p: f64) -> f64 {
-            let mut sorted = self.0.clone();
-            sorted.sort_unstable();
-            sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
-        }
-        fn mean(&self) -> f64 {
-            self.0.iter().sum::<u64>() as f64 / self.0.len() as f64 / 1000.0
-        }
-    }
 
     /// Side-by-side figures of one case: native binds and binds under the shim.
     struct Compared {
@@ -491,15 +480,7 @@ mod shim {
             command.env("LD_PRELOAD", shim_library());
             command.envs(env.iter().map(|(k, v)| (k, v)));
         }
-        let out = command.output().context("running call-timer")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut words = text.split_whitespace();
-        if words.next() != Some("ok") {
-            bail!("call-timer {call} failed: {out:?}");
-        }
-        let failed = words.next().context("failed count")?.parse()?;
-        let samples = words.map(str::parse).collect::<Result<Vec<u64>, _>>()?;
-        Ok((failed, Samples(samples)))
+        crate::calls::run_call_timer(&mut command, call)
     }
 
     /// `/bin/true` started without and with the shim, alternately, so drift on a shared machine
