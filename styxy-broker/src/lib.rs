@@ -13,6 +13,7 @@ mod portset;
 #[cfg(test)]
 mod proptests;
 pub mod ranges;
+mod session_report;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -23,6 +24,7 @@ use portset::PortSet;
 
 pub use model::*;
 pub use ranges::{PortRange, ServiceRanges, ServiceType, UserLimits};
+pub use session_report::{session_changes, SessionChanges, SessionServer};
 pub use view::ViewEntry;
 
 /// Lease lifetimes the daemon applies when a caller does not give one, and how much one user
@@ -325,6 +327,11 @@ impl Broker {
     /// How many leases and claims are live.
     pub fn lease_count(&self) -> usize {
         self.leases.len()
+    }
+
+    /// The user that registered instance `id`, if it is registered.
+    pub fn instance_owner(&self, id: &str) -> Option<u32> {
+        self.instances.get(id).map(|i| i.owner_uid)
     }
 
     /// How many instances are registered.

@@ -1,6 +1,6 @@
 //! The `styxy` command: the client of the daemon (one module per command under `commands`),
 //! `styxy run` and `styxy env` (`preload`), `styxy install` (`install`), the Claude Code hooks
-//! (`hook`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
+//! (`hook`), the MCP server (`mcp`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
 //! whole binary; [`client`] is how every part (and the tests) reach the daemon.
 
 pub mod client;
@@ -8,6 +8,7 @@ mod commands;
 mod hook;
 mod install;
 mod logging;
+mod mcp;
 mod output;
 mod preload;
 
@@ -66,9 +67,12 @@ enum Command {
     Install(InstallArgs),
     /// Remove what `styxy install` put in place (same --prefix and --root).
     Uninstall(InstallArgs),
-    /// The Claude Code SessionStart hook.
+    /// The Claude Code hooks (SessionStart, PostToolUse, SessionEnd) and their installer.
     #[command(subcommand)]
     Hook(HookCommand),
+    /// Serve MCP on stdio (for Claude Code and other agents): session ports, who holds a port,
+    /// suggest, allocate, release, status.
+    Mcp,
     /// Print the shell lines that turn the shim on: eval "$(styxy env)".
     Env {
         /// Also set STYXY_INSTANCE.
@@ -95,16 +99,33 @@ enum HookCommand {
     SessionStart,
     /// Run as the SessionEnd hook: ends the session's leases and claims (kills nothing); silent, exit 0.
     SessionEnd,
-    /// Add the hook to a Claude Code settings.json (default: ~/.claude/settings.json).
-    Install {
-        #[arg(long)]
-        settings: Option<PathBuf>,
-    },
-    /// Remove the hook (only it) from a Claude Code settings.json.
-    Uninstall {
-        #[arg(long)]
-        settings: Option<PathBuf>,
-    },
+    /// Run as the PostToolUse hook (matcher Bash): tells the agent of moved binds and of its
+    /// session's servers that started or stopped; silent when nothing changed, exit 0 always.
+    PostToolUse,
+    /// Add the three hooks and the `styxy` MCP server to Claude Code's configuration (default:
+    /// ~/.claude/settings.json and ~/.claude.json).
+    Install(HookPlaces),
+    /// Remove exactly what `hook install` added (same options); the files are given back as they were.
+    Uninstall(HookPlaces),
+}
+
+#[derive(clap::Args)]
+struct HookPlaces {
+    /// The settings file for the hooks (default: ~/.claude/settings.json, or the project's).
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    /// Install for one project: DIR/.claude/settings.json and DIR/.mcp.json.
+    #[arg(long, value_name = "DIR")]
+    project: Option<PathBuf>,
+}
+
+impl HookPlaces {
+    fn places(self) -> Result<hook::settings::Places> {
+        match self.project {
+            Some(dir) => Ok(hook::settings::Places::project(&dir, self.settings)),
+            None => hook::settings::Places::user(self.settings),
+        }
+    }
 }
 
 /// `--timeout`: a number of seconds from 0.1 to one day.
@@ -170,15 +191,26 @@ async fn run(args: Args) -> Result<()> {
             println!("{}", hook::session_start(&target).await);
             Ok(())
         }
-        Command::Hook(HookCommand::Install { settings }) => {
-            let settings = settings.map_or_else(hook::default_settings, Ok)?;
-            println!("{}", hook::install(&settings)?);
+        Command::Hook(HookCommand::PostToolUse) => {
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            hook::post_tool_use::run(&target).await;
             Ok(())
         }
-        Command::Hook(HookCommand::Uninstall { settings }) => {
-            let settings = settings.map_or_else(hook::default_settings, Ok)?;
-            println!("{}", hook::uninstall(&settings)?);
+        Command::Hook(HookCommand::Install(places)) => {
+            for line in hook::settings::install(&places.places()?)? {
+                println!("{line}");
+            }
             Ok(())
+        }
+        Command::Hook(HookCommand::Uninstall(places)) => {
+            for line in hook::settings::uninstall(&places.places()?)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Mcp => {
+            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            mcp::serve(target).await
         }
         Command::Env { instance } => {
             let library = preload::find_library()?;

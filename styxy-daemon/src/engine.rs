@@ -17,11 +17,13 @@ use crate::kernel_sessions::KernelSessions;
 use crate::metrics::Metrics;
 use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
+use crate::session_reports::SessionReports;
 use crate::store::{Store, Ticket};
 use crate::table::PublishedTable;
 use styxy_broker::{
     AllocateRequest, AuditRecord, BindDecision, BindRequest, BoundSocket, Broker, BrokerError,
-    Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, Suggestion,
+    Caller, Effects, Lease, Notice, PortEvent, PortView, ProcessId, Protocol, Scope, SessionServer,
+    Suggestion,
 };
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.
@@ -89,6 +91,16 @@ pub struct Engine {
     kernel_sessions: OnceLock<KernelSessions>,
     /// Why they do not, otherwise.
     kernel_sessions_missing: Mutex<String>,
+    /// What each agent session was last told.
+    session_reports: SessionReports,
+}
+
+/// A session's servers and what changed since it was last told, each server with who held the
+/// port it asked for when it was moved (from the audit log), if known.
+pub struct SessionReport {
+    pub started: Vec<(SessionServer, Option<(u32, String)>)>,
+    pub stopped: Vec<(SessionServer, Option<(u32, String)>)>,
+    pub running: Vec<(SessionServer, Option<(u32, String)>)>,
 }
 
 /// Everything `ListPorts` answers.
@@ -189,6 +201,7 @@ impl Engine {
             state_damage: Mutex::new(Vec::new()),
             kernel_sessions: OnceLock::new(),
             kernel_sessions_missing: Mutex::new("no eBPF observer".into()),
+            session_reports: SessionReports::default(),
         }
     }
 
@@ -578,8 +591,71 @@ impl Engine {
     pub async fn end_instance(&self, id: &str, uid: u32) -> Result<usize, EngineError> {
         let (ended, ticket) = self.commit(|b| lift(b.end_instance(id, uid)));
         let ended = ended?;
+        self.session_reports.forget(id);
         self.wait_durable(ticket).await?;
         Ok(ended)
+    }
+
+    /// The session of process `pid`: the instance registered for it or its nearest registered
+    /// ancestor, else `STYXY_INSTANCE` in its environment.
+    pub fn instance_of_pid(&self, pid: u32) -> Option<String> {
+        let process = crate::observe::procs::process_id(pid)?;
+        let ancestors = styxy_broker::ProcessView::ancestors(&ProcFs, pid);
+        lock(&self.broker)
+            .instance_of_process(process, &ancestors)
+            .or_else(|| crate::observe::procs::process_info(pid)?.instance_id)
+    }
+
+    /// The servers of session `instance` that `uid` may see (root: all) and what changed since
+    /// the session was last told; unless `peek`, this becomes what it was last told. Another
+    /// user's registered instance is refused.
+    pub fn session_report(
+        &self,
+        instance: &str,
+        uid: u32,
+        peek: bool,
+    ) -> Result<SessionReport, EngineError> {
+        let running = {
+            let broker = lock(&self.broker);
+            if let Some(owner) = broker.instance_owner(instance) {
+                if owner != uid && uid != 0 {
+                    return Err(EngineError::Broker(BrokerError::InstanceTaken {
+                        id: instance.to_string(),
+                        owner_uid: owner,
+                    }));
+                }
+            }
+            broker.session_servers(instance, (uid != 0).then_some(uid))
+        };
+        let changes = self.session_reports.next(instance, &running, peek);
+        let audit = lock(&self.audit);
+        let with_holder =
+            |servers: Vec<SessionServer>| -> Vec<(SessionServer, Option<(u32, String)>)> {
+                servers
+                    .into_iter()
+                    .map(|s| {
+                        let holder = s.asked.and_then(|asked| {
+                            audit
+                                .iter()
+                                .rev()
+                                .find(|r| {
+                                    r.pid == s.pid
+                                        && r.assigned_port == s.port
+                                        && r.requested_port == asked
+                                })
+                                .and_then(|r| {
+                                    Some((r.holder_pid?, r.holder_comm.clone().unwrap_or_default()))
+                                })
+                        });
+                        (s, holder)
+                    })
+                    .collect()
+            };
+        Ok(SessionReport {
+            started: with_holder(changes.started),
+            stopped: with_holder(changes.stopped),
+            running: with_holder(running),
+        })
     }
 
     /// The shim's question. Not made to wait for the disk: a claim is short-lived and tied to a process that

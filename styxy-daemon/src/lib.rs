@@ -6,6 +6,7 @@
 //! - `engine` does the I/O around each broker decision; `rpc` serves `styxy.v1`;
 //! - `store` persists leases, instances and the audit log;
 //! - `table` publishes the session table the shim maps (taken ports, session views);
+//! - `session_reports` remembers what each agent session was last told (`SessionReport`);
 //! - `kernel_sessions` keeps the eBPF programs' session maps in step (kernel-enforced views);
 //! - `metrics` counts what operators watch (served with `--metrics ADDR`).
 
@@ -16,6 +17,7 @@ mod kernel_sessions;
 mod metrics;
 mod observe;
 mod rpc;
+mod session_reports;
 mod store;
 mod table;
 

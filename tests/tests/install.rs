@@ -303,51 +303,132 @@ fn the_hook_never_fails_the_session() -> Result<()> {
 }
 
 #[test]
-fn hook_install_keeps_the_rest_of_settings_json_and_uninstall_restores_it() -> Result<()> {
+fn hook_install_twice_then_uninstall_gives_back_every_file_byte_for_byte() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     let (_dir_guard, dir) = temp_dir("settings")?;
-    let settings = dir.join("settings.json");
-    let original = r#"{
-  "model": "opus",
-  "permissions": {
-    "allow": ["Bash(npm run *)"]
-  },
-  "hooks": {
-    "SessionStart": [
-      {
-        "matcher": "startup",
-        "hooks": [{ "type": "command", "command": "echo hello" }]
-      }
-    ]
-  }
-}
-"#;
-    std::fs::write(&settings, original)?;
-    let path = settings.to_str().context("utf-8")?;
-    let said = run_ok(&mut styxy(&["hook", "install", "--settings", path]))?;
-    assert!(said.contains("added"), "{said}");
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".claude"))?;
+    // The user's settings live in a dotfiles checkout, linked into ~/.claude; hand-formatted.
+    let dotfiles = dir.join("dotfiles-settings.json");
+    let original = "{\n    \"model\": \"opus\",\n    \"permissions\": {\"allow\": [\"Bash(npm run *)\"]},\n    \"hooks\": {\"SessionStart\": [{\"matcher\": \"startup\", \"hooks\": [{\"type\": \"command\", \"command\": \"echo hello\"}]}]}\n}";
+    std::fs::write(&dotfiles, original)?;
+    let settings = home.join(".claude/settings.json");
+    std::os::unix::fs::symlink(&dotfiles, &settings)?;
+    // Claude Code's own state file, private, with an MCP server of the user's.
+    let claude_json = home.join(".claude.json");
+    let state = "{\"numStartups\":7,\"mcpServers\":{\"db\":{\"command\":\"pg-mcp\"}}}";
+    std::fs::write(&claude_json, state)?;
+    std::fs::set_permissions(&claude_json, std::fs::Permissions::from_mode(0o600))?;
+    let hook = |verb: &str, extra: &[&str]| -> Result<String> {
+        let mut args = vec!["hook", verb];
+        args.extend_from_slice(extra);
+        run_ok(styxy(&args).env("HOME", &home).env_remove("XDG_STATE_HOME"))
+    };
+
+    let said = hook("install", &[])?;
+    assert!(
+        said.contains("added the Styxy hooks") && said.contains("added the MCP server"),
+        "{said}"
+    );
     let installed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings)?)?;
     assert_eq!(installed["model"], "opus");
     assert_eq!(installed["permissions"]["allow"][0], "Bash(npm run *)");
-    let groups = installed["hooks"]["SessionStart"]
+    let start = installed["hooks"]["SessionStart"]
         .as_array()
         .context("array")?;
-    assert_eq!(groups.len(), 2);
-    assert_eq!(groups[0]["hooks"][0]["command"], "echo hello");
-    let command = groups[1]["hooks"][0]["command"]
-        .as_str()
-        .context("command")?;
-    assert!(command.ends_with("hook session-start"), "{command}");
+    assert_eq!(start.len(), 2);
+    assert_eq!(start[0]["hooks"][0]["command"], "echo hello");
+    for (event, arg) in [
+        ("SessionStart", "session-start"),
+        ("PostToolUse", "post-tool-use"),
+        ("SessionEnd", "session-end"),
+    ] {
+        let groups = installed["hooks"][event].as_array().context("array")?;
+        let ours = groups.last().context("ours")?;
+        let command = ours["hooks"][0]["command"].as_str().context("command")?;
+        assert!(
+            command.ends_with(&format!("hook {arg}")),
+            "{event}: {command}"
+        );
+    }
+    assert_eq!(installed["hooks"]["PostToolUse"][0]["matcher"], "Bash");
+    assert!(
+        std::fs::symlink_metadata(&settings)?
+            .file_type()
+            .is_symlink(),
+        "the link stays a link"
+    );
+    let mcp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&claude_json)?)?;
+    assert_eq!(mcp["numStartups"], 7);
+    assert_eq!(mcp["mcpServers"]["db"]["command"], "pg-mcp");
+    assert_eq!(mcp["mcpServers"]["styxy"]["args"][0], "mcp");
+    assert_eq!(
+        std::fs::metadata(&claude_json)?.permissions().mode() & 0o777,
+        0o600,
+        "still private"
+    );
 
-    let again = run_ok(&mut styxy(&["hook", "install", "--settings", path]))?;
-    assert!(again.contains("already"), "{again}");
-    run_ok(&mut styxy(&["hook", "uninstall", "--settings", path]))?;
-    let restored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings)?)?;
-    let expected: serde_json::Value = serde_json::from_str(original)?;
-    assert_eq!(restored, expected);
+    let again = hook("install", &[])?;
+    assert!(again.contains("already in"), "{again}");
+    let said = hook("uninstall", &[])?;
+    assert!(
+        said.contains("removed the Styxy hooks") && said.contains("removed the MCP server"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dotfiles)?,
+        original,
+        "byte for byte"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&claude_json)?,
+        state,
+        "byte for byte"
+    );
+    assert_eq!(
+        std::fs::metadata(&claude_json)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(std::fs::symlink_metadata(&settings)?
+        .file_type()
+        .is_symlink());
+    assert!(hook("uninstall", &[])?.contains("no Styxy hooks"));
 
+    // A change the user made meanwhile is kept: the file is the JSON without Styxy's entries.
+    hook("install", &[])?;
+    let mut edited: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings)?)?;
+    edited["theme"] = serde_json::json!("dark");
+    std::fs::write(&settings, serde_json::to_string(&edited)?)?;
+    hook("uninstall", &[])?;
+    let kept: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings)?)?;
+    let mut expected: serde_json::Value = serde_json::from_str(original)?;
+    expected["theme"] = serde_json::json!("dark");
+    assert_eq!(kept, expected);
+
+    // A project install creates the project's files and uninstall removes them again.
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project)?;
+    let project_arg = project.to_str().context("utf-8")?;
+    let said = hook("install", &["--project", project_arg])?;
+    assert!(said.contains(".mcp.json"), "{said}");
+    let project_settings: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        project.join(".claude/settings.json"),
+    )?)?;
+    assert_eq!(project_settings["enabledMcpjsonServers"][0], "styxy");
+    assert!(project.join(".mcp.json").exists());
+    hook("uninstall", &["--project", project_arg])?;
+    assert!(
+        !project.join(".mcp.json").exists(),
+        "created by install, removed by uninstall"
+    );
+    assert!(!project.join(".claude/settings.json").exists());
+
+    let path = settings.to_str().context("utf-8")?;
     // A settings file that is not JSON is left alone, with a message.
     std::fs::write(&settings, "{ not json")?;
-    let out = styxy(&["hook", "install", "--settings", path]).output()?;
+    let out = styxy(&["hook", "install", "--settings", path])
+        .env("HOME", &home)
+        .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
     assert_eq!(std::fs::read_to_string(&settings)?, "{ not json");

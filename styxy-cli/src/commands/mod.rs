@@ -7,6 +7,7 @@ pub(crate) mod daemon;
 mod observe;
 mod ports;
 mod release;
+mod session;
 mod status;
 mod suggest;
 mod watch;
@@ -36,6 +37,8 @@ pub(crate) enum Command {
     Watch,
     /// Reassigned binds, newest last.
     Audit(audit::Args),
+    /// One agent session's servers: bound port, and the asked one when moved.
+    Session(session::Args),
 }
 
 /// Runs a client command against the daemon at `target`. Every call has `deadline`: a stopped
@@ -69,6 +72,7 @@ pub(crate) async fn run(
             Command::Release(args) => release::run(&mut client, args, as_json).await,
             Command::Watch => watch::run(&mut client, target, as_json, deadline).await,
             Command::Audit(args) => audit::run(&mut client, args, as_json).await,
+            Command::Session(args) => session::run(&mut client, args, as_json).await,
         }
     };
     if streams {
@@ -80,4 +84,5 @@ pub(crate) async fn run(
 }
 
 /// The client every command is handed.
-type Client = styxy_proto::v1::port_broker_client::PortBrokerClient<tonic::transport::Channel>;
+pub(crate) type Client =
+    styxy_proto::v1::port_broker_client::PortBrokerClient<tonic::transport::Channel>;

@@ -137,6 +137,24 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
     }
 }
 
+/// A server of a session, with who held the port it asked for.
+pub fn session_server(
+    server: &styxy_broker::SessionServer,
+    asked_holder: Option<&(u32, String)>,
+) -> pb::SessionServer {
+    pb::SessionServer {
+        pid: server.pid,
+        comm: server.comm.clone(),
+        cmdline: server.cmdline.clone(),
+        protocol: pb::Protocol::from(server.protocol) as i32,
+        port: u32::from(server.port),
+        asked_port: server.asked.map_or(0, u32::from),
+        asked_holder_pid: asked_holder.map_or(0, |h| h.0),
+        asked_holder_comm: asked_holder.map(|h| h.1.clone()).unwrap_or_default(),
+        addresses: server.addresses.clone(),
+    }
+}
+
 pub fn holder(held: &Held) -> pb::Holder {
     let s = &held.socket;
     pb::Holder {

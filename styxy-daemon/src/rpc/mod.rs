@@ -454,6 +454,51 @@ impl PortBroker for BrokerService {
         self.counted("Status", answer)
     }
 
+    async fn session_report(
+        &self,
+        request: Request<pb::SessionReportRequest>,
+    ) -> Result<Response<pb::SessionReportResponse>, Status> {
+        let answer = async {
+            let caller = self.caller(&request, "SessionReport")?;
+            let req = request.into_inner();
+            let named = Some(req.instance_id).filter(|id| !id.is_empty());
+            let id = match convert::instance_id(named)? {
+                Some(id) => id,
+                None if req.pid != 0 => {
+                    let pid = convert::pid(req.pid)?;
+                    may_act_for(caller, pid)?;
+                    blocking(|| self.engine.instance_of_pid(pid)).ok_or_else(|| {
+                        Status::not_found(format!(
+                            "pid {pid} is in no session: no instance is registered for it or an \
+                             ancestor (`styxy run`, the SessionStart hook) and STYXY_INSTANCE is not in \
+                             its environment"
+                        ))
+                    })?
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "name the session: instance_id (STYXY_INSTANCE) or the pid of one of its processes",
+                    ))
+                }
+            };
+            let report = blocking(|| self.engine.session_report(&id, caller.uid, req.peek))
+                .map_err(convert::engine_error)?;
+            let servers = |list: &[(styxy_broker::SessionServer, Option<(u32, String)>)]| {
+                list.iter()
+                    .map(|(s, holder)| convert::session_server(s, holder.as_ref()))
+                    .collect()
+            };
+            Ok(Response::new(pb::SessionReportResponse {
+                started: servers(&report.started),
+                stopped: servers(&report.stopped),
+                running: servers(&report.running),
+                instance_id: id,
+            }))
+        }
+        .await;
+        self.counted("SessionReport", answer)
+    }
+
     async fn list_audit(
         &self,
         request: Request<pb::ListAuditRequest>,

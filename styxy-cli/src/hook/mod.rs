@@ -1,8 +1,10 @@
 //! The Claude Code SessionStart hook: `styxy hook session-start` turns the bind() shim on for an
 //! agent's session and registers the agent process in it (with the daemon's eBPF programs, the
 //! kernel then moves and redirects for everything the agent starts, static binaries included);
-//! `styxy hook session-end` ends the session's leases and claims when the agent's session ends;
-//! `styxy hook install|uninstall` adds or removes the SessionStart hook in `settings.json`.
+//! `styxy hook post-tool-use` tells the agent of every move and every server of its session that
+//! started or stopped (`post_tool_use`); `styxy hook session-end` ends the session's leases and
+//! claims when the agent's session ends; `styxy hook install|uninstall` adds or removes all of it,
+//! the MCP server included (`settings`).
 //!
 //! Claude Code runs SessionStart hooks with the session's details as JSON on stdin and the path of
 //! a file in `CLAUDE_ENV_FILE`, which it sources before every shell command of the session; what
@@ -13,8 +15,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::{Context, Result};
+use serde_json::Value;
 
 use crate::client::Target;
 use crate::preload;
@@ -22,8 +24,17 @@ use styxy_common::env;
 
 /// Marks the lines this hook writes, so a second run adds nothing.
 const ENV_MARKER: &str = "# styxy: bind() shim for this session (styxy hook session-start)";
-/// The command `hook install` registers is `<styxy> hook session-start`.
-const HOOK_ARGS: &str = "hook session-start";
+
+pub mod post_tool_use;
+pub mod settings;
+
+/// A hook's JSON input from stdin, at most 1 MiB: a hook's input is a few hundred bytes, a larger
+/// one not worth the memory (and then not valid JSON, so ignored).
+pub(crate) fn read_hook_input() -> String {
+    let mut input = String::new();
+    let _ = std::io::stdin().take(1 << 20).read_to_string(&mut input);
+    input
+}
 
 /// The instance id of a session: `claude-<session id>`, reduced to what the daemon accepts.
 pub fn instance_id(session_id: &str) -> String {
@@ -50,16 +61,8 @@ pub fn env_file_lines(library: &Path, instance: &str) -> String {
 
 /// `styxy hook session-start`: returns what to print for the agent. Never an error.
 pub async fn session_start(target: &Target) -> String {
-    let mut input = String::new();
-    let _ = std::io::stdin().read_to_string(&mut input);
-    let session_id = serde_json::from_str::<Value>(&input)
-        .ok()
-        .and_then(|v| {
-            v.get("session_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| format!("pid{}", std::process::id()));
+    let input = read_hook_input();
+    let session_id = session_id_of(&input).unwrap_or_else(|| format!("pid{}", std::process::id()));
     let instance = instance_id(&session_id);
     let mut lines = Vec::new();
     match turn_shim_on(&instance) {
@@ -126,7 +129,7 @@ async fn join_kernel_session(
 }
 
 /// The session id in a hook's JSON input, if it has one (and it is not empty).
-fn session_id_of(input: &str) -> Option<String> {
+pub(crate) fn session_id_of(input: &str) -> Option<String> {
     serde_json::from_str::<Value>(input)
         .ok()?
         .get("session_id")?
@@ -139,10 +142,7 @@ fn session_id_of(input: &str) -> Option<String> {
 /// forgets its instance; its servers keep running. Never fails the session: whatever goes wrong
 /// (no input, not JSON, no daemon), it says nothing and exits 0.
 pub async fn session_end(target: &Target) {
-    use std::io::Read as _;
-    // At most 1 MiB: a hook's input is a few hundred bytes, a larger one not worth the memory.
-    let mut input = String::new();
-    let _ = std::io::stdin().take(1 << 20).read_to_string(&mut input);
+    let input = read_hook_input();
     let Some(session_id) = session_id_of(&input) else {
         return;
     };
@@ -192,171 +192,9 @@ fn turn_shim_on(instance: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// `~/.claude/settings.json`: Claude Code's user-level settings.
-pub fn default_settings() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("HOME is not set; give --settings FILE")?;
-    Ok(PathBuf::from(home).join(".claude/settings.json"))
-}
-
-fn is_our_hook(hook: &Value) -> bool {
-    hook.get("command")
-        .and_then(Value::as_str)
-        .is_some_and(|c| c.trim_end().ends_with(HOOK_ARGS) && c.contains("styxy"))
-}
-
-/// Adds the SessionStart hook running `command` to `settings`; false when one is there already.
-pub fn add_hook(settings: &mut Value, command: &str) -> Result<bool> {
-    let Some(root) = settings.as_object_mut() else {
-        bail!("the settings file is not a JSON object");
-    };
-    let hooks = root.entry("hooks").or_insert_with(|| json!({}));
-    let Some(hooks) = hooks.as_object_mut() else {
-        bail!("`hooks` in the settings is not an object");
-    };
-    let session_start = hooks.entry("SessionStart").or_insert_with(|| json!([]));
-    let Some(groups) = session_start.as_array_mut() else {
-        bail!("`hooks.SessionStart` in the settings is not an array");
-    };
-    let present = groups.iter().any(|group| {
-        group
-            .get("hooks")
-            .and_then(Value::as_array)
-            .is_some_and(|hs| hs.iter().any(is_our_hook))
-    });
-    if present {
-        return Ok(false);
-    }
-    groups.push(json!({ "hooks": [ { "type": "command", "command": command } ] }));
-    Ok(true)
-}
-
-/// Removes this hook (only it) from `settings`, and the containers it leaves empty; false when absent.
-pub fn remove_hook(settings: &mut Value) -> bool {
-    let Some(hooks) = settings.get_mut("hooks").and_then(Value::as_object_mut) else {
-        return false;
-    };
-    let Some(groups) = hooks.get_mut("SessionStart").and_then(Value::as_array_mut) else {
-        return false;
-    };
-    let mut removed = false;
-    for group in groups.iter_mut() {
-        if let Some(hs) = group.get_mut("hooks").and_then(Value::as_array_mut) {
-            let before = hs.len();
-            hs.retain(|h| !is_our_hook(h));
-            removed |= hs.len() != before;
-        }
-    }
-    if !removed {
-        return false;
-    }
-    groups.retain(|g| {
-        g.get("hooks")
-            .and_then(Value::as_array)
-            .is_none_or(|hs| !hs.is_empty())
-    });
-    if groups.is_empty() {
-        hooks.remove("SessionStart");
-    }
-    if hooks.is_empty() {
-        if let Some(root) = settings.as_object_mut() {
-            root.remove("hooks");
-        }
-    }
-    true
-}
-
-fn load_settings(path: &Path) -> Result<Value> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => Ok(json!({})),
-        Ok(text) => serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not valid JSON; fix it first, nothing was changed",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(json!({})),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn save_settings(path: &Path, settings: &Value) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("json.styxy-tmp");
-    let text = serde_json::to_string_pretty(settings)? + "\n";
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-}
-
-/// `styxy hook install`: returns the line to print.
-pub fn install(settings_path: &Path) -> Result<String> {
-    let exe = std::env::current_exe().context("finding the styxy binary")?;
-    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
-    let command = format!(
-        "{} {HOOK_ARGS}",
-        preload::shell_quote(&exe.to_string_lossy())
-    );
-    let mut settings = load_settings(settings_path)?;
-    if !add_hook(&mut settings, &command)? {
-        return Ok(format!(
-            "the Styxy SessionStart hook is already in {}",
-            settings_path.display()
-        ));
-    }
-    save_settings(settings_path, &settings)?;
-    Ok(format!(
-        "added the SessionStart hook `{command}` to {}; new Claude Code sessions get the shim",
-        settings_path.display()
-    ))
-}
-
-/// `styxy hook uninstall`: returns the line to print.
-pub fn uninstall(settings_path: &Path) -> Result<String> {
-    let mut settings = load_settings(settings_path)?;
-    if !remove_hook(&mut settings) {
-        return Ok(format!("no Styxy hook in {}", settings_path.display()));
-    }
-    save_settings(settings_path, &settings)?;
-    Ok(format!(
-        "removed the Styxy SessionStart hook from {}",
-        settings_path.display()
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn install_keeps_everything_else_and_is_idempotent() {
-        let mut settings = json!({
-            "model": "opus",
-            "hooks": { "SessionStart": [ { "matcher": "startup", "hooks": [ { "type": "command", "command": "echo hi" } ] } ],
-                       "Stop": [] }
-        });
-        let before = settings.clone();
-        assert!(add_hook(&mut settings, "/usr/local/bin/styxy hook session-start").expect("add"));
-        assert!(!add_hook(&mut settings, "/other/styxy hook session-start").expect("add again"));
-        assert_eq!(settings["model"], "opus");
-        assert_eq!(
-            settings["hooks"]["SessionStart"].as_array().map(Vec::len),
-            Some(2)
-        );
-        assert!(remove_hook(&mut settings));
-        assert_eq!(settings, before, "uninstall removes only its own entry");
-        assert!(!remove_hook(&mut settings));
-    }
-
-    #[test]
-    fn an_empty_settings_file_gets_only_the_hook_and_loses_it_again() {
-        let mut settings = json!({});
-        assert!(add_hook(&mut settings, "styxy hook session-start").expect("add"));
-        assert!(remove_hook(&mut settings));
-        assert_eq!(settings, json!({}));
-    }
 
     #[test]
     fn session_end_finds_the_session_id_and_ignores_bad_input() {

@@ -1,0 +1,75 @@
+//! `styxy session`: the servers of one agent session — each with the port it is bound to and, when
+//! it was moved, the port it asked for (which the session's own processes still use) — without
+//! marking anything as told (the PostToolUse hook's reports are unchanged by it).
+
+use anyhow::{bail, Result};
+use styxy_proto::v1 as pb;
+
+use super::Client;
+use crate::output::{call, pid_cell, print_json, print_table, protocol_name, table};
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The session [default: $STYXY_INSTANCE, else the session of this shell's process tree]
+    #[arg(long)]
+    instance: Option<String>,
+    /// The session of this process instead (registered for it or an ancestor).
+    #[arg(long, conflicts_with = "instance")]
+    pid: Option<u32>,
+}
+
+pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Result<()> {
+    let instance = args.instance.or_else(|| {
+        args.pid
+            .is_none()
+            .then(|| std::env::var(styxy_common::env::INSTANCE.name).ok())
+            .flatten()
+            .filter(|i| !i.is_empty())
+    });
+    let pid = match (&instance, args.pid) {
+        (Some(_), _) => 0,
+        (None, Some(pid)) => pid,
+        (None, None) => std::process::id(),
+    };
+    if pid == 0 && instance.is_none() {
+        bail!("name the session: --instance ID or --pid PID");
+    }
+    let r = call(
+        client
+            .session_report(pb::SessionReportRequest {
+                instance_id: instance.unwrap_or_default(),
+                peek: true,
+                pid,
+            })
+            .await,
+    )?;
+    if as_json {
+        return print_json(&r);
+    }
+    println!("session {}", r.instance_id);
+    if r.running.is_empty() {
+        println!("no servers");
+        return Ok(());
+    }
+    let mut t = table(&["PORT", "PROTO", "ASKED", "PID", "COMMAND"]);
+    for s in &r.running {
+        let asked = if s.asked_port == 0 {
+            "-".to_string()
+        } else {
+            s.asked_port.to_string()
+        };
+        t.add_row([
+            s.port.to_string(),
+            protocol_name(s.protocol).to_string(),
+            asked,
+            pid_cell(s.pid),
+            if s.cmdline.is_empty() {
+                s.comm.clone()
+            } else {
+                s.cmdline.clone()
+            },
+        ]);
+    }
+    print_table(&t);
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! `styxy mcp`: an MCP server over stdio (built on `rmcp`, the official Rust SDK) through which an
+//! agent asks Styxy what it would otherwise parse out of CLI tables: its session's servers and
+//! views, every port, who holds a port, free ports of a type; and leases and releases ports.
+//!
+//! Each tool answers the daemon's reply as JSON, the same JSON `styxy --json` prints. A tool that
+//! fails (no daemon, a bad argument, a refusal) answers a tool error saying why and what to do;
+//! the server itself never exits over one. The session is the agent's: Claude Code starts this
+//! server as its child, and the SessionStart hook registered the agent process with the daemon, so
+//! the daemon finds the session from this process's ancestry (else from `STYXY_INSTANCE`).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::{schemars, tool, tool_handler, tool_router, ServerHandler, ServiceExt as _};
+use serde::Deserialize;
+use styxy_proto::v1 as pb;
+
+use crate::client::Target;
+
+/// How long one tool waits for the daemon.
+const CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The server: where the daemon is.
+#[derive(Clone)]
+pub struct StyxyMcp {
+    target: Target,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SessionArgs {
+    /// The session (instance id); default: the calling agent's session.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct PortArgs {
+    /// The port number (1-65535).
+    pub port: u32,
+    /// "tcp" or "udp"; default: both.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SuggestArgs {
+    /// A service type: dev, api, storybook, database, … (an unknown one is answered with the known ones).
+    pub service_type: String,
+    /// How many ports (1-100); default 1.
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct AllocateArgs {
+    /// The service type whose range to lease from (dev, api, storybook, …).
+    pub service_type: String,
+    /// A port to take if it is free; otherwise the lowest free port of the range.
+    #[serde(default)]
+    pub preferred_port: Option<u32>,
+    /// Tie the lease to this process: it ends when the process exits.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Lease lifetime in seconds (without a pid the default is one hour).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ReleaseArgs {
+    /// The leased port to release (give this or lease_id).
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// The lease id to release, e.g. "lease-3" (give this or port).
+    #[serde(default)]
+    pub lease_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct NoArgs {}
+
+/// A tool's answer: the reply as the JSON `styxy --json` prints, or an error with the fix.
+type ToolAnswer = Result<String, String>;
+
+fn json_of(message: &impl serde::Serialize) -> ToolAnswer {
+    serde_json::to_string_pretty(message).map_err(|e| format!("could not encode the answer: {e}"))
+}
+
+#[tool_router]
+impl StyxyMcp {
+    pub fn new(target: Target) -> Self {
+        StyxyMcp { target }
+    }
+
+    /// Connects and runs one call within the deadline, turning every failure into a tool error.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
+    where
+        F: FnOnce(crate::commands::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let attempt = async {
+            let client = crate::client::connect(&self.target)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "the Styxy daemon is not answering at {}: {e:#}. Start it (`sudo systemctl start styxy` \
+                         or `styxy daemon`) and call {what} again.",
+                        self.target
+                    )
+                })?;
+            f(client)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| format!("{what} failed: {}", s.message()))
+        };
+        tokio::time::timeout(CALL_DEADLINE, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the Styxy daemon at {} did not answer {what} within {} s; it may be stopped or overloaded",
+                    self.target,
+                    CALL_DEADLINE.as_secs()
+                ))
+            })
+    }
+
+    #[tool(
+        description = "This session's servers: each one's bound port and, when Styxy moved it, the port it asked for (which this session's commands still use)."
+    )]
+    async fn session_ports(&self, Parameters(args): Parameters<SessionArgs>) -> ToolAnswer {
+        let request = pb::SessionReportRequest {
+            instance_id: args.instance_id.unwrap_or_default(),
+            peek: true,
+            pid: std::process::id(),
+        };
+        let r = self
+            .call("session_ports", |mut c| async move {
+                c.session_report(request).await
+            })
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "Every bound port on this machine with its process, every lease, and every session's moved ports (views)."
+    )]
+    async fn list_ports(&self, Parameters(_): Parameters<NoArgs>) -> ToolAnswer {
+        let r = self
+            .call("list_ports", |mut c| async move {
+                c.list_ports(pb::ListPortsRequest {}).await
+            })
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "Who holds a port right now: processes bound to it, a lease on it, and its service range."
+    )]
+    async fn who_holds(&self, Parameters(args): Parameters<PortArgs>) -> ToolAnswer {
+        let protocol = match args.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("") => pb::Protocol::Unspecified,
+            Some("tcp") => pb::Protocol::Tcp,
+            Some("udp") => pb::Protocol::Udp,
+            Some(other) => {
+                return Err(format!(
+                    "protocol {other:?} is not known: give \"tcp\" or \"udp\", or leave it out for both"
+                ))
+            }
+        };
+        let request = pb::ObserveRequest {
+            port: args.port,
+            protocol: protocol as i32,
+        };
+        let r = self
+            .call("who_holds", |mut c| async move { c.observe(request).await })
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "Free ports of a service type's range (dev, api, storybook, …), lowest first; nothing is reserved."
+    )]
+    async fn suggest_ports(&self, Parameters(args): Parameters<SuggestArgs>) -> ToolAnswer {
+        let count = args.count.unwrap_or(1);
+        if !(1..=100).contains(&count) {
+            return Err(format!(
+                "count {count} is out of range: ask for 1 to 100 ports"
+            ));
+        }
+        let request = pb::SuggestRequest {
+            service_type: args.service_type,
+            count,
+        };
+        let r = self
+            .call(
+                "suggest_ports",
+                |mut c| async move { c.suggest(request).await },
+            )
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "Lease a free port of a service type for this session (for a pid, or for ttl_seconds); nobody else gets it until it is released."
+    )]
+    async fn allocate_port(&self, Parameters(args): Parameters<AllocateArgs>) -> ToolAnswer {
+        let instance_id = self.session().await;
+        let request = pb::AllocateRequest {
+            service_type: args.service_type,
+            preferred_port: args.preferred_port,
+            pid: args.pid,
+            instance_id,
+            ttl_seconds: args.ttl_seconds,
+        };
+        let r = self
+            .call(
+                "allocate_port",
+                |mut c| async move { c.allocate(request).await },
+            )
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(description = "Release a lease, by its port or its lease id.")]
+    async fn release_port(&self, Parameters(args): Parameters<ReleaseArgs>) -> ToolAnswer {
+        let target = match (args.port, args.lease_id) {
+            (Some(port), None) => pb::release_request::Target::Port(port),
+            (None, Some(id)) => pb::release_request::Target::LeaseId(id),
+            _ => return Err("give exactly one of port or lease_id".to_string()),
+        };
+        let request = pb::ReleaseRequest {
+            target: Some(target),
+        };
+        let r = self
+            .call(
+                "release_port",
+                |mut c| async move { c.release(request).await },
+            )
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "The Styxy daemon's version, observer (eBPF or socket tables) and counters."
+    )]
+    async fn status(&self, Parameters(_): Parameters<NoArgs>) -> ToolAnswer {
+        let r = self
+            .call("status", |mut c| async move {
+                c.status(pb::StatusRequest {}).await
+            })
+            .await?;
+        json_of(&r)
+    }
+}
+
+impl StyxyMcp {
+    /// The calling agent's session, if the daemon knows one for this process's ancestry.
+    async fn session(&self) -> Option<String> {
+        let request = pb::SessionReportRequest {
+            instance_id: String::new(),
+            peek: true,
+            pid: std::process::id(),
+        };
+        self.call(
+            "session",
+            |mut c| async move { c.session_report(request).await },
+        )
+        .await
+        .ok()
+        .map(|r| r.instance_id)
+        .filter(|id| !id.is_empty())
+    }
+}
+
+#[tool_handler(
+    name = "styxy",
+    instructions = "Styxy brokers ports on this machine: when a server asks for a port another process holds, it is moved to a free port of the same range. Use session_ports to see where this session's servers really listen, who_holds before assuming a port is yours, and allocate_port to reserve one."
+)]
+impl ServerHandler for StyxyMcp {}
+
+/// Serves MCP on stdin/stdout until the client closes it.
+pub async fn serve(target: Target) -> Result<()> {
+    let service = StyxyMcp::new(target)
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the MCP server on stdio: {e}"))?;
+    service
+        .waiting()
+        .await
+        .map_err(|e| anyhow::anyhow!("the MCP server stopped: {e}"))?;
+    Ok(())
+}
