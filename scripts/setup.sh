@@ -38,6 +38,27 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
+# The real Claude Code CLI for the agent tests (tests/tests/claude_code.rs): npm's
+# @anthropic-ai/claude-code installs its native binary as the platform package; the tests run that binary
+# directly (the wrapper's postinstall may be refused by npm's install-script policy, and wants Node 22).
+claude_version=2.1.332
+if [ "$(id -u)" = 0 ]; then claude_dir=/opt/styxy-claude-code; else claude_dir="$HOME/.cache/styxy/claude-code"; fi
+claude_bin="$claude_dir/node_modules/@anthropic-ai/claude-code-linux-x64/claude"
+if command -v npm >/dev/null 2>&1; then
+  case "$("$claude_bin" --version 2>/dev/null || true)" in
+    "$claude_version "*) ;;
+    *)
+      log "npm install @anthropic-ai/claude-code@$claude_version into $claude_dir"
+      mkdir -p "$claude_dir"
+      npm install --silent --no-audit --no-fund --prefix "$claude_dir" "@anthropic-ai/claude-code@$claude_version" >/dev/null 2>&1 \
+        || npm install --no-audit --no-fund --prefix "$claude_dir" "@anthropic-ai/claude-code@$claude_version"
+      ;;
+  esac
+  log "ok: Claude Code $("$claude_bin" --version 2>/dev/null || echo 'not runnable')"
+else
+  log "skipping the Claude Code CLI: npm is missing (the Claude Code tests then skip)"
+fi
+
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are
 # no_std Rust for bpfel-unknown-none, built with -Z build-std=core, which needs the Rust library
 # source: Debian's rustc-web ships it (rust-web-src); rustup here cannot download rust-src. bpf-linker

@@ -2,6 +2,8 @@
 //! block; start real servers; find real clients (grpcurl). The binaries come from `target/<profile>/`, built
 //! by `cargo xtask test` (or `cargo build --workspace && cargo xtask build-preload`) before the tests run.
 
+pub mod claude;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
