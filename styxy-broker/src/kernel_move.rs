@@ -26,6 +26,7 @@ impl Broker {
                 family: socket.family,
                 reuseport: false,
                 instance_id: Some(instance_id),
+                project: None,
             };
             // The process's other family's bind of the same port was moved there already: one
             // claim, one audit entry.

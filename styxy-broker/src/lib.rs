@@ -14,6 +14,7 @@ mod portset;
 mod proptests;
 pub mod ranges;
 mod session_report;
+mod sticky;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -25,6 +26,7 @@ use portset::PortSet;
 pub use model::*;
 pub use ranges::{PortRange, ServiceRanges, ServiceType, UserLimits};
 pub use session_report::{session_changes, SessionChanges, SessionServer};
+pub use sticky::{StickyKey, StickyPort, STICKY_PER_USER};
 pub use view::ViewEntry;
 
 /// Lease lifetimes the daemon applies when a caller does not give one, and how much one user
@@ -173,6 +175,9 @@ pub struct BindRequest {
     pub reuseport: bool,
     /// The agent session (`STYXY_INSTANCE`) of the asking process.
     pub instance_id: Option<String>,
+    /// The asker's project (git worktree root, else working directory): with the uid, the
+    /// service type and the asked port, what a move's sticky port is remembered by.
+    pub project: Option<String>,
 }
 
 /// An `Allocate` call, validated.
@@ -190,6 +195,9 @@ pub struct AllocateRequest {
     pub instance_id: Option<String>,
     /// Lifetime; `None`: the default TTL, or the process's life when there is one.
     pub ttl_ms: Option<u64>,
+    /// The caller's project (git worktree root, else working directory): an allocation's sticky
+    /// port is remembered by it, the uid, the service type and the preferred port.
+    pub project: Option<String>,
 }
 
 /// Free ports of one service type's range.
@@ -264,6 +272,8 @@ pub struct Broker {
     /// by [`Broker::retake`] so that searches for free ports do not walk them.
     taken: PortSet,
     instances: BTreeMap<String, Instance>,
+    /// The ports identities got, to give them back (see `sticky`).
+    sticky: sticky::StickyPorts,
     next_lease_seq: u64,
     reassignments: u64,
     /// Service types already inferred, by (command line, comm): inference scans every pattern,
@@ -286,6 +296,7 @@ impl Broker {
             lease_ports: HashMap::new(),
             taken: PortSet::default(),
             instances: BTreeMap::new(),
+            sticky: sticky::StickyPorts::default(),
             inferred: HashMap::new(),
             next_lease_seq: 1,
             reassignments: 0,
@@ -657,10 +668,22 @@ impl Broker {
         Ok(())
     }
 
-    /// Lowest free port of a service type's range, preferring `preferred` when it is free.
-    fn pick_for_allocate(&self, range: &ServiceType, preferred: Option<u16>) -> Option<u16> {
+    /// `preferred` when it is free, else the port this identity got last when it is free, else
+    /// the lowest free port of the range that no other identity remembers, else the lowest free.
+    fn pick_for_allocate(
+        &self,
+        range: &ServiceType,
+        preferred: Option<u16>,
+        key: Option<&StickyKey>,
+    ) -> Option<u16> {
         preferred
             .filter(|p| !self.is_taken(*p))
+            .or_else(|| key.and_then(|k| self.sticky_port_for(k, range.start, range.end)))
+            .or_else(|| {
+                self.taken
+                    .free_in(range.start, range.end)
+                    .find(|p| !self.remembered_by_other(*p, key))
+            })
             .or_else(|| self.taken.first_free(range.start, range.end))
     }
 
@@ -672,8 +695,14 @@ impl Broker {
     ) -> Result<(Lease, Effects), BrokerError> {
         let range = self.ranges.get(&req.service_type)?.clone();
         self.check_user_limits(req.uid, &range)?;
+        let key = req.project.clone().map(|project| StickyKey {
+            uid: req.uid,
+            project,
+            service_type: range.name.clone(),
+            asked: req.preferred_port.unwrap_or(0),
+        });
         let port = self
-            .pick_for_allocate(&range, req.preferred_port)
+            .pick_for_allocate(&range, req.preferred_port, key.as_ref())
             .ok_or_else(|| BrokerError::NoFreePort {
                 service_type: range.name.clone(),
                 start: range.start,
@@ -700,6 +729,9 @@ impl Broker {
         let mut effects = Effects::default();
         effects.lease_put(&lease);
         self.insert_lease(lease.clone());
+        if let Some(key) = key {
+            self.remember_sticky(key, port, now_ms, &mut effects);
+        }
         Ok((lease, effects))
     }
 
@@ -931,8 +963,14 @@ impl Broker {
         };
 
         let range = self.ranges.move_range(req.port);
+        let key = req.project.clone().map(|project| StickyKey {
+            uid: req.uid,
+            project,
+            service_type: range.service_type.clone(),
+            asked: req.port,
+        });
         let port = self
-            .pick_for_move(&range, req.port)
+            .pick_for_move(&range, req.port, key.as_ref())
             .ok_or_else(|| BrokerError::NoFreePort {
                 service_type: range.service_type.clone(),
                 start: range.start,
@@ -946,6 +984,9 @@ impl Broker {
         let claim = self.new_claim(req, port, Some(req.port), now_ms);
         effects.lease_put(&claim);
         self.insert_lease(claim);
+        if let Some(key) = key {
+            self.remember_sticky(key, port, now_ms, &mut effects);
+        }
         self.audit_move(req, port, Some(&holder), &mut effects, now_ms);
         Ok((
             BindDecision::Reassign {
@@ -982,13 +1023,28 @@ impl Broker {
         }
     }
 
-    /// The next free port after `requested` in its range, wrapping around to the range's start.
-    fn pick_for_move(&self, range: &PortRange, requested: u16) -> Option<u16> {
-        let after = self
-            .taken
-            .free_in(requested.saturating_add(1).max(range.start), range.end);
-        let before = self.taken.free_in(range.start, requested.min(range.end));
-        after.chain(before).find(|p| *p != requested)
+    /// The port this identity got last when it is free; else the next free port after
+    /// `requested` in its range (wrapping around to the range's start) that no other identity
+    /// remembers; else the next free one.
+    fn pick_for_move(
+        &self,
+        range: &PortRange,
+        requested: u16,
+        key: Option<&StickyKey>,
+    ) -> Option<u16> {
+        if let Some(port) = key.and_then(|k| self.sticky_port_for(k, range.start, range.end)) {
+            return Some(port);
+        }
+        let candidates = || {
+            let after = self
+                .taken
+                .free_in(requested.saturating_add(1).max(range.start), range.end);
+            let before = self.taken.free_in(range.start, requested.min(range.end));
+            after.chain(before).filter(move |p| *p != requested)
+        };
+        candidates()
+            .find(|p| !self.remembered_by_other(*p, key))
+            .or_else(|| candidates().next())
     }
 
     fn new_claim(

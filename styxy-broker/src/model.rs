@@ -184,6 +184,16 @@ pub enum StateChange {
         /// Its id.
         id: String,
     },
+    /// An identity got a port (a sticky port, remembered or refreshed).
+    PutSticky {
+        /// The entry as it now is.
+        sticky: crate::StickyPort,
+    },
+    /// A sticky port was forgotten.
+    RemoveSticky {
+        /// Whose.
+        key: crate::StickyKey,
+    },
 }
 
 /// Everything a mutating broker call did, for the I/O layer to persist, publish and audit.

@@ -112,6 +112,8 @@ struct World {
     now: u64,
     /// What the journal holds: every change the broker made, folded.
     journal_leases: BTreeMap<String, Lease>,
+    /// The sticky ports the journal holds.
+    journal_sticky: BTreeMap<crate::StickyKey, crate::StickyPort>,
     issued: u64,
     /// Every lease id that ended (none may come back).
     ended_ids: BTreeSet<String>,
@@ -147,6 +149,7 @@ impl World {
             kernel: Kernel::default(),
             now: 1_000,
             journal_leases: BTreeMap::new(),
+            journal_sticky: BTreeMap::new(),
             issued: 0,
             ended_ids: BTreeSet::new(),
         }
@@ -174,6 +177,13 @@ impl World {
                     self.ended_ids.insert(id.clone());
                     self.journal_leases.remove(id);
                 }
+                StateChange::PutSticky { sticky } => {
+                    self.journal_sticky
+                        .insert(sticky.key.clone(), sticky.clone());
+                }
+                StateChange::RemoveSticky { key } => {
+                    self.journal_sticky.remove(key);
+                }
                 _ => {}
             }
         }
@@ -199,6 +209,8 @@ impl World {
                     family: Family::Inet,
                     reuseport: false,
                     instance_id: None,
+                    // Two projects: sticky ports are given back and passed over.
+                    project: Some(format!("/src/p{}", p % 2)),
                 };
                 let Ok((decision, effects)) = self.broker.resolve_bind(&req, &self.procs, self.now)
                 else {
@@ -260,6 +272,7 @@ impl World {
                     process,
                     uid,
                     instance_id: None,
+                    project: Some(format!("/src/p{}", uid % 2)),
                     ttl_ms,
                 };
                 if let Ok((lease, effects)) = self.broker.allocate(req, self.now) {
@@ -327,6 +340,12 @@ impl World {
                 let before: BTreeSet<String> = self.broker.leases().map(|l| l.id.clone()).collect();
                 let mut broker = Broker::restore(ranges(), LeaseSettings::default(), leases, []);
                 broker.issue_lease_ids_after(self.issued);
+                broker.restore_sticky(self.journal_sticky.values().cloned());
+                prop_assert_eq!(
+                    broker.sticky_ports(),
+                    self.broker.sticky_ports(),
+                    "sticky ports come back from the journal as they were"
+                );
                 let reading: Vec<BoundSocket> = self
                     .kernel
                     .sockets

@@ -69,6 +69,7 @@ fn bind_req(p: u32, port: u16) -> BindRequest {
         family: Family::Inet,
         reuseport: false,
         instance_id: None,
+        project: None,
     }
 }
 
@@ -79,6 +80,7 @@ fn alloc(service: &str) -> AllocateRequest {
         process: None,
         uid: 1000,
         instance_id: None,
+        project: None,
         ttl_ms: None,
     }
 }
@@ -518,6 +520,7 @@ fn a_lease_of_an_ancestor_or_instance_or_same_user_is_the_askers_own() {
         AllocateRequest {
             preferred_port: Some(3060),
             instance_id: Some("session-1".into()),
+            project: None,
             uid: 1001,
             ..alloc("dev")
         },
@@ -526,6 +529,7 @@ fn a_lease_of_an_ancestor_or_instance_or_same_user_is_the_askers_own() {
     .unwrap();
     let in_session = BindRequest {
         instance_id: Some("session-1".into()),
+        project: None,
         ..bind_req(82, 3060)
     };
     assert_eq!(
@@ -805,6 +809,7 @@ fn session_bind(p: u32, port: u16, protocol: Protocol, instance: &str) -> BindRe
     BindRequest {
         protocol,
         instance_id: Some(instance.into()),
+        project: None,
         ..bind_req(p, port)
     }
 }
@@ -1221,4 +1226,185 @@ fn ending_a_session_ends_its_leases_and_claims_and_no_one_elses() {
     assert_eq!(b.instance_count(), 0);
     // Ending an unknown (or already ended) session is no error: nothing to do.
     assert_eq!(b.end_instance("claude-s1", 1000).unwrap().0, 0);
+}
+
+// ---- sticky ports --------------------------------------------------------------------------------------
+
+fn in_project(p: u32, port: u16, project: &str) -> BindRequest {
+    BindRequest {
+        project: Some(project.into()),
+        ..bind_req(p, port)
+    }
+}
+
+/// A moved server of `project` binds, runs, and stops; returns the port it was moved to.
+fn move_and_stop(b: &mut Broker, p: u32, cookie: u64, asked: u16, project: &str, now: u64) -> u16 {
+    let procs = Procs::default();
+    let (decision, _) = b
+        .resolve_bind(&in_project(p, asked, project), &procs, now)
+        .expect("decision");
+    let BindDecision::Reassign { port, .. } = decision else {
+        panic!("{decision:?}");
+    };
+    b.apply(bound_by(cookie, port, p, Protocol::Tcp), now);
+    b.apply(PortEvent::Released { cookie }, now + 1);
+    port
+}
+
+#[test]
+fn a_project_gets_its_moved_port_back_and_other_projects_pass_it_over() {
+    let mut b = broker();
+    b.apply(bound_by(1, 3000, 30, Protocol::Tcp), 1);
+    // Worktree W was moved to 3001 and stopped; meanwhile someone took... nothing: 3001 is free.
+    let first = move_and_stop(&mut b, 40, 2, 3000, "/src/w", 10);
+    assert_eq!(first, 3001);
+    assert_eq!(b.lease_count(), 0, "the claim ended with its socket");
+    // Another worktree asking 3000 is moved past W's port.
+    let other = move_and_stop(&mut b, 41, 3, 3000, "/src/v", 20);
+    assert_eq!(other, 3002, "3001 is W's");
+    // W again (a new process, a new session): 3001, although nothing forces it.
+    let again = move_and_stop(&mut b, 42, 4, 3000, "/src/w", 30);
+    assert_eq!(again, 3001);
+    // While W's port is held, W gets the next port that nobody remembers.
+    b.apply(bound_by(5, 3001, 50, Protocol::Tcp), 40);
+    let busy = move_and_stop(&mut b, 43, 6, 3000, "/src/w", 41);
+    assert_eq!(busy, 3003, "3001 is held, 3002 is V's");
+    // ... which becomes W's port from then on (the last one it got).
+    b.apply(PortEvent::Released { cookie: 5 }, 50);
+    assert_eq!(move_and_stop(&mut b, 44, 7, 3000, "/src/w", 60), 3003);
+    // Without a project nothing is remembered, and remembered ports (V's 3002, W's 3003) are
+    // passed over; 3001 is nobody's any more, so it is taken here first.
+    b.apply(bound_by(8, 3001, 51, Protocol::Tcp), 65);
+    let (decision, effects) = b
+        .resolve_bind(&bind_req(45, 3000), &Procs::default(), 70)
+        .expect("decision");
+    assert!(
+        matches!(decision, BindDecision::Reassign { port: 3004, .. }),
+        "{decision:?}"
+    );
+    assert!(!effects
+        .changes
+        .iter()
+        .any(|c| matches!(c, StateChange::PutSticky { .. })));
+}
+
+#[test]
+fn another_user_never_gets_a_users_sticky_port_back() {
+    let mut b = broker();
+    b.apply(bound_by(1, 3000, 30, Protocol::Tcp), 1);
+    assert_eq!(move_and_stop(&mut b, 40, 2, 3000, "/src/w", 10), 3001);
+    let (decision, _) = b
+        .resolve_bind(
+            &BindRequest {
+                uid: 2000,
+                ..in_project(41, 3000, "/src/w")
+            },
+            &Procs::default(),
+            20,
+        )
+        .expect("decision");
+    assert!(
+        matches!(decision, BindDecision::Reassign { port: 3002, .. }),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn remembered_ports_are_used_by_others_only_when_nothing_else_is_free() {
+    let mut b = Broker::new(
+        ServiceRanges::from_toml("[services.tiny]\nrange = [5000, 5002]\n").expect("ranges"),
+        LeaseSettings::default(),
+    );
+    b.apply(bound_by(1, 5000, 30, Protocol::Tcp), 1);
+    assert_eq!(move_and_stop(&mut b, 40, 2, 5000, "/src/w", 10), 5001);
+    b.apply(bound_by(3, 5002, 31, Protocol::Tcp), 11);
+    assert_eq!(
+        move_and_stop(&mut b, 41, 4, 5000, "/src/v", 20),
+        5001,
+        "the only free port"
+    );
+}
+
+#[test]
+fn allocations_are_sticky_per_project_type_and_preferred_port() {
+    let mut b = broker();
+    let in_w = || AllocateRequest {
+        project: Some("/src/w".into()),
+        ..alloc("api")
+    };
+    let (first, _) = b.allocate(in_w(), 1).expect("allocate");
+    b.release_id(&first.id, user(1000)).expect("release");
+    let (other, _) = b
+        .allocate(
+            AllocateRequest {
+                project: Some("/src/v".into()),
+                ..alloc("api")
+            },
+            2,
+        )
+        .expect("allocate");
+    assert_ne!(other.port, first.port, "W's port is passed over");
+    let (again, _) = b.allocate(in_w(), 3).expect("allocate");
+    assert_eq!(again.port, first.port, "W gets its port back");
+    // A preferred port that is free wins over the remembered one.
+    b.release_id(&again.id, user(1000)).expect("release");
+    let preferred = first.port + 50;
+    let (chosen, _) = b
+        .allocate(
+            AllocateRequest {
+                preferred_port: Some(preferred),
+                ..in_w()
+            },
+            4,
+        )
+        .expect("allocate");
+    assert_eq!(chosen.port, preferred);
+}
+
+#[test]
+fn forget_clears_by_project_port_or_all_and_only_the_callers_own() {
+    let mut b = broker();
+    b.apply(bound_by(1, 3000, 30, Protocol::Tcp), 1);
+    move_and_stop(&mut b, 40, 2, 3000, "/src/w", 10);
+    move_and_stop(&mut b, 41, 3, 3000, "/src/v", 20);
+    assert_eq!(b.sticky_ports().len(), 2);
+    let (none, _) = b.forget_sticky(2000, None, None);
+    assert!(
+        none.is_empty(),
+        "another user forgets nothing of uid 1000's"
+    );
+    let (gone, effects) = b.forget_sticky(1000, Some("/src/w"), None);
+    assert_eq!(gone.len(), 1);
+    assert!(matches!(
+        effects.changes[..],
+        [StateChange::RemoveSticky { .. }]
+    ));
+    // W is forgotten: it is moved like anyone else (3001 is free and nobody remembers it).
+    assert_eq!(move_and_stop(&mut b, 42, 4, 3000, "/src/w", 30), 3001);
+    let (all, _) = b.forget_sticky(0, None, None);
+    assert_eq!(all.len(), 2, "root forgets everyone's");
+    assert!(b.sticky_ports().is_empty());
+}
+
+#[test]
+fn sticky_ports_per_user_are_bounded_and_survive_a_restore() {
+    let mut b = broker();
+    let mut effects = Effects::default();
+    for i in 0..STICKY_PER_USER + 5 {
+        let key = StickyKey {
+            uid: 1000,
+            project: format!("/src/p{i}"),
+            service_type: "dev".into(),
+            asked: 3000,
+        };
+        b.remember_sticky(key, 3001, i as u64, &mut effects);
+    }
+    assert_eq!(b.sticky_ports().len(), STICKY_PER_USER);
+    assert!(
+        !b.sticky_ports().iter().any(|e| e.key.project == "/src/p0"),
+        "the oldest went"
+    );
+    let mut restored = broker();
+    restored.restore_sticky(b.sticky_ports());
+    assert_eq!(restored.sticky_ports(), b.sticky_ports());
 }

@@ -108,6 +108,7 @@ pub struct PortList {
     pub holders: Vec<styxy_broker::Held>,
     pub leases: Vec<Lease>,
     pub views: Vec<styxy_broker::ViewEntry>,
+    pub sticky: Vec<styxy_broker::StickyPort>,
 }
 
 /// A snapshot of counters for `Status`.
@@ -528,6 +529,7 @@ impl Engine {
             holders: broker.holders(),
             leases: broker.leases().cloned().collect(),
             views: broker.views(),
+            sticky: broker.sticky_ports(),
         }
     }
 
@@ -585,6 +587,20 @@ impl Engine {
             None => Err(lock(&self.kernel_sessions_missing).clone()),
         };
         Ok((id, placed))
+    }
+
+    /// Forgets sticky ports of `uid` (root: anyone's) by project and/or port (both `None`: all).
+    pub async fn forget(
+        &self,
+        uid: u32,
+        project: Option<String>,
+        port: Option<u16>,
+    ) -> Result<Vec<styxy_broker::StickyPort>, EngineError> {
+        let (forgotten, ticket) =
+            self.commit(|b| lift(Ok(b.forget_sticky(uid, project.as_deref(), port))));
+        let forgotten = forgotten?;
+        self.wait_durable(ticket).await?;
+        Ok(forgotten)
     }
 
     /// Ends a session's leases and claims and forgets the instance (SessionEnd).

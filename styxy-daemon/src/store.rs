@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::journal;
-use styxy_broker::{AuditRecord, Instance, Lease, StateChange};
+use styxy_broker::{AuditRecord, Instance, Lease, StateChange, StickyKey, StickyPort};
 
 const SNAPSHOT: &str = "state.json";
 const JOURNAL: &str = "journal.jsonl";
@@ -50,6 +50,9 @@ const COMPACT_AFTER: usize = 10_000;
 pub struct Snapshot {
     pub leases: Vec<Lease>,
     pub instances: Vec<Instance>,
+    /// Sticky ports: the port each identity got last (absent in snapshots of older daemons).
+    #[serde(default)]
+    pub sticky: Vec<StickyPort>,
     /// The highest `N` of any `lease-N` ever issued, released ones included: a restarted daemon
     /// issues ids after it, so an id a script kept never names someone else's lease.
     #[serde(default)]
@@ -64,6 +67,7 @@ pub struct Snapshot {
 struct State {
     leases: BTreeMap<String, Lease>,
     instances: BTreeMap<String, Instance>,
+    sticky: BTreeMap<StickyKey, StickyPort>,
     lease_ids_issued: u64,
 }
 
@@ -89,6 +93,12 @@ impl State {
             }
             StateChange::RemoveInstance { id } => {
                 self.instances.remove(&id);
+            }
+            StateChange::PutSticky { sticky } => {
+                self.sticky.insert(sticky.key.clone(), sticky);
+            }
+            StateChange::RemoveSticky { key } => {
+                self.sticky.remove(&key);
             }
         }
     }
@@ -121,6 +131,7 @@ impl State {
         Snapshot {
             leases: self.leases.values().cloned().collect(),
             instances: self.instances.values().cloned().collect(),
+            sticky: self.sticky.values().cloned().collect(),
             lease_ids_issued: self.lease_ids_issued,
             damage: Vec::new(),
         }
@@ -208,6 +219,11 @@ impl Store {
                         .instances
                         .into_iter()
                         .map(|i| (i.id.clone(), i))
+                        .collect();
+                    state.sticky = snap
+                        .sticky
+                        .into_iter()
+                        .map(|e| (e.key.clone(), e))
                         .collect();
                 }
                 Err(e) => {
@@ -1062,6 +1078,7 @@ mod tests {
                 lease("lease-3", 3001),
             ],
             instances: vec![],
+            sticky: vec![],
             lease_ids_issued: 4,
             damage: vec![],
         };

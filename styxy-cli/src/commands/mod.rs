@@ -4,6 +4,7 @@
 mod allocate;
 mod audit;
 pub(crate) mod daemon;
+mod forget;
 mod observe;
 mod ports;
 mod release;
@@ -39,6 +40,8 @@ pub(crate) enum Command {
     Audit(audit::Args),
     /// One agent session's servers: bound port, and the asked one when moved.
     Session(session::Args),
+    /// Forget sticky ports (the port a project's server gets back), by project or port.
+    Forget(forget::Args),
 }
 
 /// Runs a client command against the daemon at `target`. Every call has `deadline`: a stopped
@@ -73,6 +76,7 @@ pub(crate) async fn run(
             Command::Watch => watch::run(&mut client, target, as_json, deadline).await,
             Command::Audit(args) => audit::run(&mut client, args, as_json).await,
             Command::Session(args) => session::run(&mut client, args, as_json).await,
+            Command::Forget(args) => forget::run(&mut client, args, as_json).await,
         }
     };
     if streams {

@@ -1,6 +1,7 @@
 //! `styxy ports`: every bound port, lease and session view entry, or one agent session's
 //! (`--instance`). A view entry reads `8000 → 8001`: inside that session, the asked port reaches
-//! the server that was moved to the bound one.
+//! the server that was moved to the bound one. Sticky ports read `8000 → 8001` too: the port
+//! that project's server asking 8000 got last, and gets again while it is free.
 
 use anyhow::Result;
 use styxy_proto::v1 as pb;
@@ -21,6 +22,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         r.holders.retain(|h| &h.instance_id == instance);
         r.leases.retain(|l| &l.instance_id == instance);
         r.views.retain(|v| &v.instance_id == instance);
+        r.sticky.clear();
     }
     if as_json {
         return print_json(&r);
@@ -34,7 +36,29 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         println!();
         print_views(&r.views);
     }
+    if !r.sticky.is_empty() {
+        println!();
+        print_sticky(&r.sticky);
+    }
     Ok(())
+}
+
+fn print_sticky(sticky: &[pb::StickyPort]) {
+    let mut t = table(&["STICKY", "TYPE", "UID", "PROJECT"]);
+    for e in sticky {
+        let asked = if e.asked_port == 0 {
+            "any".to_string()
+        } else {
+            e.asked_port.to_string()
+        };
+        t.add_row([
+            format!("{asked} → {}", e.port),
+            e.service_type.clone(),
+            e.uid.to_string(),
+            e.project.clone(),
+        ]);
+    }
+    print_table(&t);
 }
 
 fn print_views(views: &[pb::ViewEntry]) {

@@ -98,6 +98,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         snapshot.instances,
     );
     broker.issue_lease_ids_after(snapshot.lease_ids_issued);
+    broker.restore_sticky(snapshot.sticky);
     let engine = Arc::new(Engine::new(broker, store.clone(), audit));
     engine.set_state_damage(damage);
     engine.expire().await?;

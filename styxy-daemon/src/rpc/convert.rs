@@ -200,6 +200,17 @@ pub fn view_entry(v: &ViewEntry) -> pb::ViewEntry {
     }
 }
 
+pub fn sticky_port(e: &styxy_broker::StickyPort) -> pb::StickyPort {
+    pb::StickyPort {
+        uid: e.key.uid,
+        project: e.key.project.clone(),
+        service_type: e.key.service_type.clone(),
+        asked_port: u32::from(e.key.asked),
+        port: u32::from(e.port),
+        used_at_ms: e.used_ms,
+    }
+}
+
 pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
     pb::AuditEntry {
         at_ms: r.at_ms,

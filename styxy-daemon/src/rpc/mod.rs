@@ -140,6 +140,11 @@ impl BrokerService {
                 process,
                 uid: caller.uid,
                 instance_id: convert::instance_id(req.instance_id)?,
+                // The project of the process the lease is for, else of the caller.
+                project: process
+                    .map(|p| p.pid)
+                    .or(caller.pid)
+                    .and_then(procs::project_of),
                 ttl_ms: convert::ttl_ms(req.ttl_seconds)?,
             })
             .await
@@ -203,6 +208,7 @@ impl BrokerService {
             holders: list.holders.iter().map(convert::holder).collect(),
             leases: list.leases.iter().map(convert::lease).collect(),
             views: list.views.iter().map(convert::view_entry).collect(),
+            sticky: list.sticky.iter().map(convert::sticky_port).collect(),
         }))
     }
 
@@ -267,6 +273,7 @@ impl BrokerService {
             family,
             reuseport: req.reuseport,
             instance_id,
+            project: procs::project_of(pid),
         };
         let decision = blocking(|| self.engine.resolve_bind(&bind))
             .map_err(|e| convert::engine_error(e.into()))?;
@@ -497,6 +504,41 @@ impl PortBroker for BrokerService {
         }
         .await;
         self.counted("SessionReport", answer)
+    }
+
+    async fn forget(
+        &self,
+        request: Request<pb::ForgetRequest>,
+    ) -> Result<Response<pb::ForgetResponse>, Status> {
+        let answer = async {
+            let caller = self.caller(&request, "Forget")?;
+            let req = request.into_inner();
+            let port = req.port.map(|p| convert::port(p, "port")).transpose()?;
+            let project = match req.project {
+                Some(p) if p.is_empty() || p.len() > 4096 || !p.starts_with('/') => {
+                    return Err(Status::invalid_argument(format!(
+                        "project must be an absolute directory path (at most 4096 bytes), got {}",
+                        convert::quoted(&p)
+                    )))
+                }
+                other => other,
+            };
+            if project.is_none() && port.is_none() && !req.all {
+                return Err(Status::invalid_argument(
+                    "say what to forget: a project, a port, or all (set `all` to forget every sticky port of yours)",
+                ));
+            }
+            let forgotten = self
+                .engine
+                .forget(caller.uid, project, port)
+                .await
+                .map_err(convert::engine_error)?;
+            Ok(Response::new(pb::ForgetResponse {
+                forgotten: forgotten.iter().map(convert::sticky_port).collect(),
+            }))
+        }
+        .await;
+        self.counted("Forget", answer)
     }
 
     async fn list_audit(
