@@ -13,6 +13,7 @@ impl Broker {
         socket: crate::BoundSocket,
         asked: u16,
         instance_id: String,
+        project: Option<String>,
         now_ms: u64,
         effects: &mut Effects,
     ) {
@@ -26,7 +27,7 @@ impl Broker {
                 family: socket.family,
                 reuseport: false,
                 instance_id: Some(instance_id),
-                project: None,
+                project,
             };
             // The process's other family's bind of the same port was moved there already: one
             // claim, one audit entry.
@@ -41,6 +42,15 @@ impl Broker {
                 effects.lease_put(&claim);
                 self.insert_lease(claim);
                 self.audit_move(&request, socket.port, holder.as_ref(), effects, now_ms);
+                if let Some(project) = request.project.clone() {
+                    let key = crate::StickyKey {
+                        uid: request.uid,
+                        project,
+                        service_type: self.ranges.move_range(asked).service_type,
+                        asked,
+                    };
+                    self.remember_sticky(key, socket.port, now_ms, effects);
+                }
             }
         }
         // Settles the claim: it lives as long as the process holds the port.

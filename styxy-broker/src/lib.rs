@@ -479,7 +479,8 @@ impl Broker {
                 socket,
                 asked,
                 instance_id,
-            } => self.apply_kernel_move(socket, asked, instance_id, now_ms, &mut effects),
+                project,
+            } => self.apply_kernel_move(socket, asked, instance_id, project, now_ms, &mut effects),
         }
         effects
     }

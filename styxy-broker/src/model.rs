@@ -115,6 +115,9 @@ pub enum PortEvent {
         asked: u16,
         /// The kernel session (instance) of the process.
         instance_id: String,
+        /// The process's project (git worktree root, else working directory): the move is
+        /// remembered as a sticky port of it.
+        project: Option<String>,
     },
 }
 

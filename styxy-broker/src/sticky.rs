@@ -90,6 +90,11 @@ impl Broker {
         ((start..=end).contains(&port) && port != key.asked && !self.is_taken(port)).then_some(port)
     }
 
+    /// Whether any identity remembers `port` (the kernel's spare ports pass such ports over).
+    pub fn is_sticky(&self, port: u16) -> bool {
+        self.sticky.remembered.contains_key(&port)
+    }
+
     /// Whether another identity than `key` remembers `port`.
     pub(crate) fn remembered_by_other(&self, port: u16, key: Option<&StickyKey>) -> bool {
         match self.sticky.remembered.get(&port) {

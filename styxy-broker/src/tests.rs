@@ -1101,6 +1101,7 @@ fn kernel_moved(cookie: u64, asked: u16, bound: u16, p: u32, family: Family) -> 
         },
         asked,
         instance_id: "K".into(),
+        project: Some("/src/k".into()),
     }
 }
 
@@ -1160,6 +1161,7 @@ fn a_kernel_move_of_a_process_already_gone_records_only_the_socket() {
         socket: socket(9, 8001, None),
         asked: 8000,
         instance_id: "K".into(),
+        project: Some("/src/w".into()),
     };
     let effects = b.apply(event, 1);
     assert!(b.lease_count() == 0 && b.views().is_empty());
@@ -1407,4 +1409,28 @@ fn sticky_ports_per_user_are_bounded_and_survive_a_restore() {
     let mut restored = broker();
     restored.restore_sticky(b.sticky_ports());
     assert_eq!(restored.sticky_ports(), b.sticky_ports());
+}
+
+#[test]
+fn a_kernel_move_is_remembered_for_its_project_and_its_shim_moves_get_it_back() {
+    let mut b = broker();
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    b.apply(kernel_moved(2, 8000, 8001, 40, Family::Inet), 2);
+    let sticky = b.sticky_ports();
+    assert_eq!(sticky.len(), 1);
+    assert_eq!(
+        (
+            sticky[0].key.project.as_str(),
+            sticky[0].key.asked,
+            sticky[0].port
+        ),
+        ("/src/k", 8000, 8001)
+    );
+    assert!(b.is_sticky(8001) && !b.is_sticky(8002));
+    b.apply(PortEvent::Released { cookie: 2 }, 3);
+    // Another project's shim move passes 8001 over; the same project's gets it.
+    let other = move_and_stop(&mut b, 41, 3, 8000, "/src/v", 10);
+    assert_eq!(other, 8002);
+    let same = move_and_stop(&mut b, 42, 4, 8000, "/src/k", 20);
+    assert_eq!(same, 8001);
 }

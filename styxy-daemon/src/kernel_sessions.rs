@@ -224,8 +224,11 @@ impl KernelSessions {
             if current.iter().all(|p| *p != 0 && free(*p as u16)) {
                 continue;
             }
+            // Ports no project remembers first (sticky ports stay for their projects).
+            let unused = |p: &u16| free(*p) && !current.contains(&u32::from(*p));
             let mut candidates = (service.start..=service.end)
-                .filter(|p| free(*p) && !current.contains(&u32::from(*p)));
+                .filter(|p| unused(p) && !broker.is_sticky(*p))
+                .chain((service.start..=service.end).filter(|p| unused(p) && broker.is_sticky(*p)));
             for (slot, held) in slots.iter().zip(&current) {
                 if *held != 0 && free(*held as u16) {
                     continue;

@@ -297,3 +297,137 @@ async fn the_session_end_hook_ends_the_sessions_leases_only() -> anyhow::Result<
     assert_eq!(leases(left), vec!["claude-other".to_string()]);
     Ok(())
 }
+
+/// Claude Code's PostToolUse hook tells the session of a move once (asked → bound, who held it,
+/// both addresses) and says nothing when nothing changed or the input is bad (empty, not JSON,
+/// huge); `styxy session` lists the session's servers without using up the report.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_post_tool_use_hook_tells_a_move_once_and_styxy_session_lists_it() -> anyhow::Result<()>
+{
+    use std::io::Write;
+    let daemon = Daemon::start().await?;
+    let held = daemon.base + 150;
+    let holder = http_server(held)?;
+    let hook = |input: Vec<u8>| -> anyhow::Result<Output> {
+        let mut child = Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["hook", "post-tool-use"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        // The hook reads at most 1 MiB: the rest of a huge input may meet a closed pipe.
+        let _ = stdin.write_all(&input);
+        drop(stdin);
+        Ok(child.wait_with_output()?)
+    };
+    let input = br#"{"session_id":"t1","hook_event_name":"PostToolUse","tool_name":"Bash"}"#;
+    let quiet =
+        |out: &Output| out.status.success() && out.stdout.is_empty() && out.stderr.is_empty();
+    let first = hook(input.to_vec())?;
+    assert!(quiet(&first), "no server yet, nothing to say: {first:?}");
+
+    // `styxy run` names its own instance unless given one: give the hook's.
+    let mut server = styxy_tests::Spawned::start(
+        Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "claude-t1",
+                "--",
+                "python3",
+                "-u",
+                "-m",
+                "http.server",
+            ])
+            .args([&held.to_string(), "--bind", "127.0.0.1"]),
+    )?;
+    let notice = server.line_where(20, |l| l.starts_with("✓ STYXY"))?;
+    let moved = styxy_tests::notice_port(&notice).context("port")?;
+    styxy_tests::wait_for_listener(moved)?;
+
+    // `styxy session` (by --instance, and by STYXY_INSTANCE) does not use the report up.
+    let listed = styxy_tests::eventually(10, "the session's server listed", || async {
+        let out = daemon.cli(&["session", "--instance", "claude-t1"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (!text.contains("no servers")).then_some(text)
+    })
+    .await?;
+    assert!(
+        listed.contains("session claude-t1") && listed.contains(&format!("{moved}  tcp    {held}")),
+        "{listed}"
+    );
+    let by_env = Command::new(styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--json", "session"])
+        .env("STYXY_INSTANCE", "claude-t1")
+        .output()?;
+    let value: serde_json::Value = serde_json::from_slice(&by_env.stdout)?;
+    assert_eq!(value["running"][0]["askedPort"], u32::from(held), "{value}");
+
+    let told = eventually_told(&hook, input).await?;
+    let output: serde_json::Value = serde_json::from_str(told.trim())?;
+    assert_eq!(output["hookSpecificOutput"]["hookEventName"], "PostToolUse");
+    let context = output["hookSpecificOutput"]["additionalContext"]
+        .as_str()
+        .context("context")?;
+    for needle in [
+        format!("asked for TCP port {held}"),
+        format!("(pid {})", holder.pid()),
+        format!("localhost:{held} reaches it"),
+        format!("use localhost:{moved}"),
+    ] {
+        assert!(context.contains(&needle), "{needle:?} in {context}");
+    }
+    let again = hook(input.to_vec())?;
+    assert!(quiet(&again), "told once: {again:?}");
+    let mut huge = br#"{"session_id":"t1","pad":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 2 << 20));
+    huge.extend(br#""}"#);
+    for bad in [Vec::new(), b"not json".to_vec(), b"[1,2]".to_vec(), huge] {
+        let out = hook(bad)?;
+        assert!(quiet(&out), "{out:?}");
+    }
+
+    // The server stops: told once more.
+    server.child.kill()?;
+    server.child.wait()?;
+    let stopped = eventually_told(&hook, input).await?;
+    assert!(
+        stopped.contains("stopped") && stopped.contains(&format!("port {moved}")),
+        "{stopped}"
+    );
+    // A daemon that is not there: silent, exit 0.
+    let gone = Command::new(styxy_bin())
+        .args([
+            "--socket",
+            "/nonexistent/styxy.sock",
+            "hook",
+            "post-tool-use",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(quiet(&gone), "{gone:?}");
+    Ok(())
+}
+
+/// Calls the hook until it says something (the daemon sees a bind or a release within a moment).
+async fn eventually_told(
+    hook: &impl Fn(Vec<u8>) -> anyhow::Result<Output>,
+    input: &[u8],
+) -> anyhow::Result<String> {
+    for _ in 0..100 {
+        let out = hook(input.to_vec())?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        if !out.stdout.is_empty() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the hook never told anything")
+}

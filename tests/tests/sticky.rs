@@ -110,6 +110,15 @@ async fn a_worktree_gets_its_port_back_and_other_worktrees_pass_it_over() -> Res
         projects == [other.canonicalize()?.to_str().context("utf-8")?],
         "{projects:?}"
     );
+    // `--here`: the worktree of the current directory.
+    let here = Command::new(styxy_tests::styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["forget", "--here"])
+        .current_dir(other.join("web"))
+        .output()?;
+    let said = String::from_utf8_lossy(&here.stdout).into_owned();
+    ensure!(said.contains("1 sticky port forgotten"), "{here:?}");
     let refused = daemon.cli(&["forget"]);
     ensure!(!refused.status.success());
     ensure!(

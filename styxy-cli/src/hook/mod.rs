@@ -69,8 +69,10 @@ pub async fn session_start(target: &Target) -> String {
         Ok(true) => lines.push(format!(
             "Styxy is on for this session (instance {instance}): a dev server that asks for a port \
              another process holds starts on a free port in the same range instead, and prints a line \
-             `✓ STYXY: Auto-assigned port NEW (OLD in use by …)` — use the NEW port. \
-             `styxy ports --instance {instance}` lists this session's servers; `styxy ports`, everyone's."
+             `✓ STYXY: Auto-assigned port NEW (OLD in use by …)`. Inside this session OLD still \
+             reaches the moved server; from outside (a browser) use NEW. After each Bash call you are \
+             told of moved and stopped servers, background ones included. `styxy session` lists this \
+             session's servers, `styxy ports` everyone's (or the styxy MCP tools: session_ports, who_holds, …)."
         )),
         Ok(false) => lines.push(format!("Styxy is already on for this session (instance {instance}).")),
         Err(e) => lines.push(format!(

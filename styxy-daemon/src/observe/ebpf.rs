@@ -670,6 +670,10 @@ pub fn port_event(
             let moved = event.flags & FLAG_REWRITTEN != 0 && event.requested_port != event.port;
             match instance_of(event.session).filter(|_| moved) {
                 Some(instance_id) => Some(PortEvent::MovedByKernel {
+                    project: socket
+                        .owner
+                        .as_ref()
+                        .and_then(|o| super::procs::project_of(o.id.pid)),
                     socket,
                     asked: event.requested_port,
                     instance_id,
@@ -734,6 +738,7 @@ mod tests {
             socket,
             asked,
             instance_id,
+            ..
         }) = port_event(&record, &mut owners, &sessions)
         else {
             panic!("a rewritten bind of a known session is a kernel move");
