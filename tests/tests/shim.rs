@@ -118,7 +118,13 @@ async fn twenty_servers_started_at_once_on_one_held_port_all_get_their_own() -> 
     let _holder = http_server(asked)?;
     let mut servers = Vec::new();
     for _ in 0..20 {
-        servers.push(Spawned::start(&mut daemon.shimmed_http_server(asked))?);
+        // What is tested is twenty distinct ports, not the deadline: twenty Pythons starting at
+        // once on two cores (beside the other tests) can keep a 50 ms answer waiting.
+        servers.push(Spawned::start(
+            daemon
+                .shimmed_http_server(asked)
+                .env("STYXY_TIMEOUT_MS", "2000"),
+        )?);
     }
     let mut ports = BTreeSet::new();
     for server in &mut servers {
@@ -233,10 +239,13 @@ async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Re
     let range = daemon.base + 100..=daemon.base + 199;
 
     // Parent binds (and so starts its client thread), forks; the child binds another held port.
-    let mut forked = Spawned::start(&mut probe(
-        &daemon,
-        &["fork", &held[0].to_string(), &held[1].to_string(), "--exit"],
-    ))?;
+    let mut forked = Spawned::start(
+        probe(
+            &daemon,
+            &["fork", &held[0].to_string(), &held[1].to_string(), "--exit"],
+        )
+        .env("STYXY_TIMEOUT_MS", "2000"),
+    )?;
     let lines = forked.rest(30);
     let moves: Vec<(u16, u16)> = lines.iter().filter_map(|l| bound(l)).collect();
     assert_eq!(moves.len(), 2, "parent and child both bound: {lines:?}");
@@ -249,7 +258,7 @@ async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Re
     let ports: Vec<String> = held[2..].iter().map(u16::to_string).collect();
     let mut args = vec!["threads"];
     args.extend(ports.iter().map(String::as_str));
-    let mut threads = Spawned::start(&mut probe(&daemon, &args))?;
+    let mut threads = Spawned::start(probe(&daemon, &args).env("STYXY_TIMEOUT_MS", "2000"))?;
     let mut got = BTreeSet::new();
     for _ in 0..8 {
         let line =
