@@ -387,7 +387,7 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
     let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
     let daemon = ebpf_daemon(&setup, &cgroup).await?;
     let held = daemon.base + 48;
-    // 60,000 binds and releases: 120,000 records for a ring that holds ~52,000 (4 MiB of 72-byte
+    // 60,000 binds and releases: 120,000 records for a ring that holds ~13,000 (1 MiB of 72-byte
     // records with the kernel's 8-byte headers). The ports are explicit ones of the bulk range:
     // port-0 binds outside every range are only counted, never reported one by one. The socket
     // that stays comes last, so its record is among the lost.
@@ -432,7 +432,7 @@ async fn records_lost_to_a_full_ring_buffer_are_counted_and_the_table_resynced()
         }
     })
     .await?;
-    // 120,002 records, of which a ring's worth (~52,000) fit.
+    // 120,002 records, of which a ring's worth (~13,000) fit.
     assert!(
         (50_000..=120_002).contains(&dropped),
         "{dropped} records reported lost"

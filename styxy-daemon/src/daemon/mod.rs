@@ -76,6 +76,7 @@ pub struct Options {
 /// it likes), or until a server fails.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()> {
     limits::raise_open_file_limit();
+    limits::limit_allocator_hold();
     // 1. Service ranges and lease limits: built-in defaults, changed by the config file if any.
     let (ranges, user_limits) = load_config(opts.config.as_deref())?;
 
