@@ -41,15 +41,14 @@ pub(super) fn return_freed_memory() {
 /// Keeps the allocator from holding on to what a burst used. glibc raises its mmap threshold
 /// after a large block is freed (up to 32 MiB), so the 4 MB buffers of a request flood then come
 /// from the arenas and stay there, fragmented: with the threshold fixed at 256 KiB they are
-/// mapped and unmapped whole. Two arenas instead of eight per core: the daemon's few threads do
-/// not contend much, and each arena keeps its own free memory. Measured (`cargo xtask bench
-/// footprint`): 6 s after the flood 28.9 MB without this against the 18.8 MB baseline. A no-op
-/// elsewhere.
+/// mapped and unmapped whole. Measured (`cargo xtask bench footprint`): 6 s after the flood
+/// 19.9 MB with it, 28.9 MB without, against an 18.8-18.9 MB baseline. (Limiting the arenas to
+/// two as well cost Allocate throughput in `bench broker`, and the threshold alone was enough.)
+/// A no-op elsewhere.
 pub(super) fn limit_allocator_hold() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; a refused value is left as it was.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
