@@ -59,7 +59,10 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
         .output()?;
     ensure!(install.status.success(), "hook install: {install:?}");
 
-    let server = format!("python3 -m http.server {held} --bind 127.0.0.1 --directory .");
+    // It writes its pid first, for the step that stops it (`exec`: the pid is the server's).
+    let server = format!(
+        "sh -c 'echo $$ > server.pid; exec python3 -m http.server {held} --bind 127.0.0.1 --directory .'"
+    );
     let script = vec![
         // 0: a background server on the held port.
         Turn::Tool(
@@ -95,8 +98,7 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
         // 11: the server stops.
         Turn::Tool(
             "Bash",
-            // (A bracket in the pattern, so that it does not match the shell running pkill.)
-            json!({ "command": format!("pkill -f 'http[.]server {held} --bind 127.0.0.1 --directory'; sleep 2"), "description": "stop" }),
+            json!({ "command": "kill $(cat server.pid); sleep 2", "description": "stop" }),
         ),
         Turn::Text("All done."),
     ];
