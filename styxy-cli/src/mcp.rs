@@ -291,3 +291,80 @@ pub async fn serve(target: Target) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("the MCP server stopped: {e}"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> StyxyMcp {
+        StyxyMcp::new(Target::Unix("/nonexistent/styxy.sock".into()))
+    }
+
+    #[tokio::test]
+    async fn a_missing_daemon_is_a_tool_error_with_the_fix() {
+        let error = server()
+            .status(Parameters(NoArgs {}))
+            .await
+            .expect_err("no daemon");
+        assert!(
+            error.contains("not answering") && error.contains("systemctl start styxy"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_tool_errors_that_say_what_to_give() {
+        let s = server();
+        let count = s
+            .suggest_ports(Parameters(SuggestArgs {
+                service_type: "api".into(),
+                count: Some(0),
+            }))
+            .await
+            .expect_err("count 0");
+        assert!(count.contains("1 to 100"), "{count}");
+        let both = s
+            .release_port(Parameters(ReleaseArgs {
+                port: Some(8000),
+                lease_id: Some("lease-1".into()),
+            }))
+            .await
+            .expect_err("both");
+        assert!(both.contains("exactly one of port or lease_id"), "{both}");
+        let neither = s
+            .release_port(Parameters(ReleaseArgs {
+                port: None,
+                lease_id: None,
+            }))
+            .await
+            .expect_err("neither");
+        assert!(neither.contains("exactly one"), "{neither}");
+        let protocol = s
+            .who_holds(Parameters(PortArgs {
+                port: 8000,
+                protocol: Some("sctp".into()),
+            }))
+            .await
+            .expect_err("protocol");
+        assert!(protocol.contains("\"tcp\" or \"udp\""), "{protocol}");
+    }
+
+    #[test]
+    fn every_tool_has_a_description_and_an_object_schema() {
+        let tools = StyxyMcp::tool_router().list_all();
+        assert_eq!(tools.len(), 7);
+        for tool in tools {
+            assert!(
+                tool.description.as_deref().is_some_and(|d| !d.is_empty()),
+                "{}",
+                tool.name
+            );
+            assert_eq!(
+                tool.input_schema.get("type").and_then(|t| t.as_str()),
+                Some("object"),
+                "{}",
+                tool.name
+            );
+        }
+    }
+}
