@@ -96,12 +96,22 @@ pub fn add_hooks(settings: &mut Value, exe: &str) -> Result<bool> {
         let Some(groups) = groups.as_array_mut() else {
             bail!("`hooks.{event}` in the settings is not an array; fix it first, nothing was changed");
         };
-        let present = groups.iter().any(|group| {
-            group
-                .get("hooks")
-                .and_then(Value::as_array)
-                .is_some_and(|hs| hs.iter().any(|h| is_our_hook(h, arg)))
-        });
+        // Present already: kept, but pointed at this binary (styxy moved, say from
+        // target/release to /usr/local/bin, and the old path would run a stale or missing one).
+        let command = hook_command(exe, arg);
+        let mut present = false;
+        for hook in groups
+            .iter_mut()
+            .filter_map(|g| g.get_mut("hooks").and_then(Value::as_array_mut))
+            .flatten()
+            .filter(|h| is_our_hook(h, arg))
+        {
+            present = true;
+            if hook.get("command").and_then(Value::as_str) != Some(command.as_str()) {
+                hook["command"] = json!(command);
+                changed = true;
+            }
+        }
         if present {
             continue;
         }
@@ -174,7 +184,16 @@ pub fn add_mcp_server(config: &mut Value, exe: &str) -> Result<bool> {
     let servers = root.entry("mcpServers").or_insert_with(|| json!({}));
     let servers = object(servers, "`mcpServers`")?;
     match servers.get(MCP_NAME) {
-        Some(existing) if is_our_server(existing) => Ok(false),
+        Some(existing) if is_our_server(existing) => {
+            // Pointed at this binary, as the hooks are.
+            if existing.get("command").and_then(Value::as_str) == Some(exe) {
+                return Ok(false);
+            }
+            if let Some(server) = servers.get_mut(MCP_NAME) {
+                server["command"] = json!(exe);
+            }
+            Ok(true)
+        }
         Some(_) => bail!(
             "an MCP server named `{MCP_NAME}` that is not Styxy's is configured already; \
              rename or remove it, nothing was changed"
@@ -508,7 +527,18 @@ mod tests {
         });
         let before = settings.clone();
         assert!(add_hooks(&mut settings, "/usr/local/bin/styxy").expect("add"));
-        assert!(!add_hooks(&mut settings, "/other/styxy").expect("add again"));
+        assert!(!add_hooks(&mut settings, "/usr/local/bin/styxy").expect("add again"));
+        // Moved: the same entries, pointed at the new binary.
+        let mut moved = settings.clone();
+        assert!(add_hooks(&mut moved, "/opt/styxy/bin/styxy").expect("moved"));
+        assert_eq!(
+            moved["hooks"]["PostToolUse"][0]["hooks"][0]["command"],
+            "'/opt/styxy/bin/styxy' hook post-tool-use"
+        );
+        assert_eq!(
+            moved["hooks"]["SessionStart"].as_array().map(Vec::len),
+            Some(2)
+        );
         assert_eq!(settings["model"], "opus");
         assert_eq!(
             settings["hooks"]["SessionStart"].as_array().map(Vec::len),
@@ -539,6 +569,12 @@ mod tests {
         let before = config.clone();
         assert!(add_mcp_server(&mut config, "/bin/styxy").expect("add"));
         assert!(!add_mcp_server(&mut config, "/bin/styxy").expect("again"));
+        let mut moved = config.clone();
+        assert!(add_mcp_server(&mut moved, "/usr/local/bin/styxy").expect("moved"));
+        assert_eq!(
+            moved["mcpServers"]["styxy"]["command"],
+            "/usr/local/bin/styxy"
+        );
         assert_eq!(config["mcpServers"]["styxy"]["args"], json!(["mcp"]));
         assert!(remove_mcp_server(&mut config));
         assert_eq!(config, before);
