@@ -1,6 +1,7 @@
-//! Times one socket call for the shim benchmark: `call-timer bind|connect PORT COUNT` opens a TCP
-//! socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and closes it, COUNT
-//! times, timing only the `bind()` or `connect()` call, after a few untimed warm-up calls (the
+//! Times one socket call for the shim and kernel benchmarks: `call-timer bind|connect|close PORT
+//! COUNT` opens a TCP socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and
+//! closes it, COUNT times, timing only the `bind()` or `connect()` call — or, for `close`, the
+//! `close()` of the socket just bound (what the kernel's `sock_release` program adds to), after a few untimed warm-up calls (the
 //! first load the client library or map the session table). Prints `ok FAILED NS…` (failed calls,
 //! then every latency in nanoseconds) on one line.
 
@@ -14,11 +15,11 @@ fn main() {
     let (Some(call), Some(port), Some(count)) = (
         args.first()
             .map(String::as_str)
-            .filter(|c| ["bind", "connect"].contains(c)),
+            .filter(|c| ["bind", "connect", "close"].contains(c)),
         args.get(1).and_then(|a| a.parse::<u16>().ok()),
         args.get(2).and_then(|a| a.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: call-timer bind|connect PORT COUNT");
+        eprintln!("usage: call-timer bind|connect|close PORT COUNT");
         std::process::exit(2);
     };
     // SAFETY: sockaddr_in is plain data.
@@ -37,18 +38,26 @@ fn main() {
                 eprintln!("socket: {}", std::io::Error::last_os_error());
                 std::process::exit(1);
             }
-            let started = Instant::now();
-            let rc = if call == "bind" {
-                libc::bind(fd, (&raw const sin).cast(), len)
+            let (rc, took) = if call == "close" {
+                let bound = libc::bind(fd, (&raw const sin).cast(), len);
+                let started = Instant::now();
+                let closed = libc::close(fd);
+                (bound | closed, started.elapsed().as_nanos() as u64)
             } else {
-                libc::connect(fd, (&raw const sin).cast(), len)
+                let started = Instant::now();
+                let rc = if call == "bind" {
+                    libc::bind(fd, (&raw const sin).cast(), len)
+                } else {
+                    libc::connect(fd, (&raw const sin).cast(), len)
+                };
+                let took = started.elapsed().as_nanos() as u64;
+                libc::close(fd);
+                (rc, took)
             };
-            let took = started.elapsed().as_nanos() as u64;
             if round >= WARMUP {
                 latencies.push(took);
                 failed += usize::from(rc != 0);
             }
-            libc::close(fd);
         }
     }
     let list: Vec<String> = latencies.iter().map(u64::to_string).collect();

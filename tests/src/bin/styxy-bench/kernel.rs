@@ -131,15 +131,20 @@ pub async fn run() -> Result<()> {
             .context("starting the accept loop")?,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let mut with = [Samples::default(), Samples::default(), Samples::default()];
-    let mut without = [Samples::default(), Samples::default(), Samples::default()];
+    let mut with: [Samples; 4] = Default::default();
+    let mut without: [Samples; 4] = Default::default();
     let mut moved = Samples::default();
     let mut moved_failed = 0;
-    let cases = [("bind", 0), ("bind", FREE), ("connect", LISTENED)];
+    let cases = [
+        ("bind", 0),
+        ("bind", FREE),
+        ("connect", LISTENED),
+        ("close", 0),
+    ];
     // Each round's with/without p50 ratio: the machine's fast and slow phases move both sides of
     // one round together, so these are steadier than the ratio of the pooled samples.
-    let mut round_ratios: [Vec<f64>; 3] = Default::default();
-    let mut round_with: [Samples; 3] = Default::default();
+    let mut round_ratios: [Vec<f64>; 4] = Default::default();
+    let mut round_with: [Samples; 4] = Default::default();
     for _ in 0..ROUNDS {
         let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?;
         let status = daemon.status().await?;
@@ -205,6 +210,13 @@ pub async fn run() -> Result<()> {
         "target ≤ 1.1×",
     );
     row(
+        "close of a port-0 socket (sock_release)",
+        &with[3],
+        &without[3],
+        "with",
+        "",
+    );
+    row(
         "session bind of a held port, moved by the kernel",
         &moved,
         &with[1],
@@ -215,7 +227,7 @@ pub async fn run() -> Result<()> {
         "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
         moved.pct(0.5) / without[1].pct(0.5)
     );
-    for (label, ratios) in ["port-0 bind", "free-port bind", "loopback connect"]
+    for (label, ratios) in ["port-0 bind", "free-port bind", "loopback connect", "close"]
         .iter()
         .zip(round_ratios.iter_mut())
     {
