@@ -206,25 +206,33 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(missing)
 }
 
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Writes `contents` to `path` through a new temporary file beside it (created with `O_EXCL`, so no
+/// link is followed), with `mode`, synced, then renamed over `path`; the temporary file is removed
+/// when anything fails. Also what `hook install` writes Claude Code's settings with.
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_file_name(format!(
-        ".{}.styxy-tmp",
+        ".{}.styxy-{}",
         path.file_name()
-            .map_or_else(|| "file".into(), |n| n.to_string_lossy())
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy()),
+        std::process::id()
     ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", path.display()))
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The mode again: `open` applies the umask.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
 }
 
 /// What an install created, one path per line: `f PATH` for files, `d PATH` for directories.
