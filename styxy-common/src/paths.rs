@@ -16,6 +16,23 @@ pub const PRELOAD_LIBRARY: &str = "libstyxy_preload.so";
 /// File name of the eBPF object.
 pub const EBPF_OBJECT: &str = "styxy-ebpf.o";
 
+/// The project a directory belongs to: its git worktree root (the nearest directory holding
+/// `.git`, a directory or a worktree's file), else the directory itself; `None` for `/` (every
+/// system service would share it) or a path that is not UTF-8. Sticky ports are remembered by it:
+/// the daemon asks it of a process's working directory, `styxy forget --here` of the shell's, so
+/// both must get the same answer.
+#[cfg(feature = "std")]
+pub fn project_of_dir(dir: &Path) -> Option<String> {
+    dir.parent()?;
+    let root = dir
+        .ancestors()
+        .take(64)
+        .find(|d| std::fs::symlink_metadata(d.join(".git")).is_ok())
+        .filter(|d| d.parent().is_some())
+        .unwrap_or(dir);
+    root.to_str().map(str::to_owned)
+}
+
 /// Whether this process runs as root (effective uid 0).
 #[cfg(feature = "std")]
 pub fn is_root() -> bool {
@@ -139,5 +156,24 @@ mod tests {
             own,
             "the user's own daemon first"
         );
+    }
+
+    #[test]
+    fn the_project_is_the_worktree_root_else_the_directory() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let repo = temp.path().join("repo");
+        std::fs::create_dir_all(repo.join("a/b")).expect("dirs");
+        std::fs::create_dir_all(repo.join(".git")).expect(".git");
+        let worktree = temp.path().join("wt");
+        std::fs::create_dir_all(worktree.join("src")).expect("dirs");
+        std::fs::write(worktree.join(".git"), "gitdir: ../repo/.git/worktrees/wt\n")
+            .expect(".git file");
+        let plain = temp.path().join("plain");
+        std::fs::create_dir_all(&plain).expect("dir");
+        let s = |p: &Path| p.to_str().map(str::to_owned);
+        assert_eq!(project_of_dir(&repo.join("a/b")), s(&repo));
+        assert_eq!(project_of_dir(&worktree.join("src")), s(&worktree));
+        assert_eq!(project_of_dir(&plain), s(&plain));
+        assert_eq!(project_of_dir(Path::new("/")), None);
     }
 }

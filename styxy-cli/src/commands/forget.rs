@@ -23,19 +23,16 @@ pub(crate) struct Args {
     all: bool,
 }
 
-/// The project a directory belongs to: its git worktree root, else itself (as the daemon
-/// remembers it).
+/// The project a directory belongs to, as the daemon remembers it.
 fn project_of(dir: &std::path::Path) -> Result<String> {
     let dir = std::fs::canonicalize(dir)
         .with_context(|| format!("{} is not a directory", dir.display()))?;
-    let root = dir
-        .ancestors()
-        .find(|d| std::fs::symlink_metadata(d.join(".git")).is_ok())
-        .filter(|d| d.parent().is_some())
-        .unwrap_or(&dir);
-    root.to_str()
-        .map(str::to_owned)
-        .context("the project path is not UTF-8")
+    styxy_common::paths::project_of_dir(&dir).with_context(|| {
+        format!(
+            "{} is no project (`/`, or a path that is not UTF-8): give --project DIR",
+            dir.display()
+        )
+    })
 }
 
 pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Result<()> {

@@ -142,25 +142,11 @@ fn session_of(process: &Process) -> Option<String> {
         .then(|| id.to_string())
 }
 
-/// The project a process works in: the git worktree root above its working directory (the
-/// nearest directory holding `.git`, a directory or a worktree's file), else the working directory
-/// itself; `None` for `/` or when it cannot be read. What sticky ports are remembered by.
+/// The project a process works in ([`styxy_common::paths::project_of_dir`] of its working
+/// directory); `None` when that cannot be read. What sticky ports are remembered by.
 pub fn project_of(pid: u32) -> Option<String> {
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
-    project_dir(&cwd)
-}
-
-/// [`project_of`] for a directory.
-fn project_dir(cwd: &std::path::Path) -> Option<String> {
-    // `/` is no project: every system service would share it.
-    cwd.parent()?;
-    let root = cwd
-        .ancestors()
-        .take(64)
-        .find(|dir| std::fs::symlink_metadata(dir.join(".git")).is_ok())
-        .filter(|dir| dir.parent().is_some())
-        .unwrap_or(cwd);
-    root.to_str().map(str::to_owned)
+    styxy_common::paths::project_of_dir(&cwd)
 }
 
 /// The uid a process runs as.
@@ -304,28 +290,4 @@ pub fn find_owners(
         .iter()
         .map(|inode| (*inode, found.get(inode).and_then(|pid| process_info(*pid))))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_project_is_the_worktree_root_else_the_directory() {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let repo = temp.path().join("repo");
-        std::fs::create_dir_all(repo.join("a/b")).expect("dirs");
-        std::fs::create_dir_all(repo.join(".git")).expect(".git");
-        let worktree = temp.path().join("wt");
-        std::fs::create_dir_all(worktree.join("src")).expect("dirs");
-        std::fs::write(worktree.join(".git"), "gitdir: ../repo/.git/worktrees/wt\n")
-            .expect(".git file");
-        let plain = temp.path().join("plain");
-        std::fs::create_dir_all(&plain).expect("dir");
-        let s = |p: &std::path::Path| p.to_str().map(str::to_owned);
-        assert_eq!(project_dir(&repo.join("a/b")), s(&repo));
-        assert_eq!(project_dir(&worktree.join("src")), s(&worktree));
-        assert_eq!(project_dir(&plain), s(&plain));
-        assert_eq!(project_dir(std::path::Path::new("/")), None);
-    }
 }
