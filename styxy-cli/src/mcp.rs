@@ -129,17 +129,11 @@ impl StyxyMcp {
         description = "This session's servers: each one's bound port and, when Styxy moved it, the port it asked for (which this session's commands still use)."
     )]
     async fn session_ports(&self, Parameters(args): Parameters<SessionArgs>) -> ToolAnswer {
-        let request = pb::SessionReportRequest {
-            instance_id: args.instance_id.unwrap_or_default(),
-            peek: true,
-            pid: std::process::id(),
-        };
-        let r = self
-            .call("session_ports", |mut c| async move {
-                c.session_report(request).await
-            })
-            .await?;
-        json_of(&r)
+        json_of(
+            &self
+                .session_report("session_ports", args.instance_id)
+                .await?,
+        )
     }
 
     #[tool(
@@ -255,21 +249,29 @@ impl StyxyMcp {
 }
 
 impl StyxyMcp {
-    /// The calling agent's session, if the daemon knows one for this process's ancestry.
-    async fn session(&self) -> Option<String> {
+    /// Session `instance`'s servers, or (`None`) those of the agent this process serves: the
+    /// daemon finds its session from this process's ancestry. Peeks: no report is used up.
+    async fn session_report(
+        &self,
+        what: &str,
+        instance: Option<String>,
+    ) -> Result<pb::SessionReportResponse, String> {
         let request = pb::SessionReportRequest {
-            instance_id: String::new(),
+            instance_id: instance.unwrap_or_default(),
             peek: true,
             pid: std::process::id(),
         };
-        self.call(
-            "session",
-            |mut c| async move { c.session_report(request).await },
-        )
-        .await
-        .ok()
-        .map(|r| r.instance_id)
-        .filter(|id| !id.is_empty())
+        self.call(what, |mut c| async move { c.session_report(request).await })
+            .await
+    }
+
+    /// The calling agent's session, if the daemon knows one for this process's ancestry.
+    async fn session(&self) -> Option<String> {
+        self.session_report("session", None)
+            .await
+            .ok()
+            .map(|r| r.instance_id)
+            .filter(|id| !id.is_empty())
     }
 }
 

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::json;
-use styxy_proto::v1::{Protocol, SessionReportRequest, SessionReportResponse, SessionServer};
+use styxy_proto::v1::{SessionReportRequest, SessionReportResponse, SessionServer};
 
 use crate::client::Target;
 
@@ -151,10 +151,11 @@ fn process(s: &SessionServer) -> String {
     format!("`{cut}` (pid {})", s.pid)
 }
 
-fn protocol(s: &SessionServer) -> &'static str {
-    match Protocol::try_from(s.protocol) {
-        Ok(Protocol::Udp) => "UDP",
-        _ => "TCP",
+/// `TCP` or `UDP` (as `styxy ports` names them, in capitals for prose).
+fn protocol(s: &SessionServer) -> String {
+    match crate::output::protocol_name(s.protocol) {
+        "-" => "TCP".to_string(),
+        name => name.to_ascii_uppercase(),
     }
 }
 
@@ -162,6 +163,7 @@ fn protocol(s: &SessionServer) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::Value;
+    use styxy_proto::v1::Protocol;
 
     fn server(pid: u32, port: u32, asked: u32) -> SessionServer {
         SessionServer {
