@@ -194,18 +194,17 @@ fn answer(
     let main_loop = request["tools"]
         .as_array()
         .is_some_and(|tools| tools.iter().any(|t| t["name"] == "Bash"));
+    let step = tool_results(request);
     let turn = if main_loop {
         kept.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(request.clone());
-        let step = tool_results(request);
         script.get(step).cloned().unwrap_or(Turn::Text("done"))
     } else {
         Turn::Text("none")
     };
     let model = request["model"].as_str().unwrap_or("claude-stand-in");
     let streamed = request["stream"].as_bool().unwrap_or(false);
-    let step = tool_results(request);
     let (block, delta, stop) = match &turn {
         Turn::Tool(name, input) => (
             json!({ "type": "tool_use", "id": format!("toolu_standin_{step}"), "name": name, "input": {} }),

@@ -612,6 +612,17 @@ impl Daemon {
             .args(args);
         command
     }
+
+    /// `styxy --socket S run --instance INSTANCE -- PROGRAM ARGS…`: in an agent session.
+    pub fn shimmed_in(&self, instance: &str, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(styxy_bin());
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["run", "--instance", instance, "--", program])
+            .args(args);
+        command
+    }
 }
 
 /// The next event from a Watch stream that `wanted` accepts, within 15 s.

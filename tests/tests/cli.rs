@@ -330,22 +330,18 @@ async fn the_post_tool_use_hook_tells_a_move_once_and_styxy_session_lists_it() -
     assert!(quiet(&first), "no server yet, nothing to say: {first:?}");
 
     // `styxy run` names its own instance unless given one: give the hook's.
-    let mut server = styxy_tests::Spawned::start(
-        Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args([
-                "run",
-                "--instance",
-                "claude-t1",
-                "--",
-                "python3",
-                "-u",
-                "-m",
-                "http.server",
-            ])
-            .args([&held.to_string(), "--bind", "127.0.0.1"]),
-    )?;
+    let mut server = styxy_tests::Spawned::start(&mut daemon.shimmed_in(
+        "claude-t1",
+        "python3",
+        &[
+            "-u",
+            "-m",
+            "http.server",
+            &held.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    ))?;
     let notice = server.line_where(20, |l| l.starts_with("✓ STYXY"))?;
     let moved = styxy_tests::notice_port(&notice).context("port")?;
     styxy_tests::wait_for_listener(moved)?;

@@ -11,22 +11,18 @@ const NOTICE: &str = "✓ STYXY: Auto-assigned port ";
 
 /// `python3 -m http.server PORT` under `styxy run --instance INSTANCE`.
 fn session_http_server(daemon: &Daemon, instance: &str, port: u16) -> Command {
-    let mut command = Command::new(styxy_bin());
-    command
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args([
-            "run",
-            "--instance",
-            instance,
-            "--",
-            "python3",
+    daemon.shimmed_in(
+        instance,
+        "python3",
+        &[
             "-u",
             "-m",
             "http.server",
-        ])
-        .args([&port.to_string(), "--bind", "127.0.0.1"]);
-    command
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    )
 }
 
 /// The session's view as `styxy --json ports --instance` prints it.
@@ -264,22 +260,11 @@ async fn a_udp_client_in_the_session_reaches_its_moved_echo_server_and_sees_the_
     let daemon = Daemon::start().await?;
     let asked = daemon.base + 130;
     let holder = std::net::UdpSocket::bind(("127.0.0.1", asked))?;
-    let mut echo = Spawned::start(
-        Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args([
-                "run",
-                "--instance",
-                "session-b",
-                "--",
-                "python3",
-                "-u",
-                "-c",
-                UDP_ECHO,
-                &asked.to_string(),
-            ]),
-    )?;
+    let mut echo = Spawned::start(&mut daemon.shimmed_in(
+        "session-b",
+        "python3",
+        &["-u", "-c", UDP_ECHO, &asked.to_string()],
+    ))?;
     let line = echo.line_where(20, |l| l.starts_with("bound "))?;
     let moved: u16 = line.trim_start_matches("bound ").trim().parse()?;
     assert_ne!(moved, asked, "moved off the held port");
@@ -608,42 +593,27 @@ async fn another_user_naming_the_same_session_cannot_redirect_its_traffic() -> R
     std::fs::create_dir_all(&root)?;
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
     std::fs::write(root.join("whoami.txt"), "X")?;
-    let mut intruder = Command::new(styxy_bin());
-    intruder
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args([
-            "run",
-            "--instance",
-            "session-b",
-            "--",
-            "/usr/bin/python3",
+    let mut intruder = daemon.shimmed_in(
+        "session-b",
+        "/usr/bin/python3",
+        &[
             "-u",
             "-m",
             "http.server",
-        ])
-        .args([&asked.to_string(), "--bind", "127.0.0.1", "--directory"])
-        .arg(&root)
-        .uid(65534)
-        .gid(65534);
+            &asked.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ],
+    );
+    intruder.arg(&root).uid(65534).gid(65534);
     let mut x = Spawned::start(&mut intruder)?;
     let moved = notice_port(&x.line_where(20, |l| l.starts_with(NOTICE))?).context("moved port")?;
     styxy_tests::wait_for_listener(moved)?;
     // The other user's own session reaches its server through its view...
     let curl_as_nobody = || -> Result<String> {
-        let out = Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args([
-                "run",
-                "--instance",
-                "session-b",
-                "--",
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-            ])
+        let out = daemon
+            .shimmed_in("session-b", "curl", &["-sS", "--max-time", "10"])
             .arg(format!("http://127.0.0.1:{asked}/whoami.txt"))
             .uid(65534)
             .gid(65534)

@@ -408,21 +408,18 @@ async fn ports_name_the_agent_session_that_claimed_them() -> Result<()> {
     let daemon = Daemon::start().await?;
     let asked = daemon.base + 190;
     let _holder = http_server(asked)?;
-    let mut command = Command::new(styxy_tests::styxy_bin());
-    command
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args([
-            "run",
-            "--instance",
-            "agent-7",
-            "--",
-            "python3",
+    let mut command = daemon.shimmed_in(
+        "agent-7",
+        "python3",
+        &[
             "-u",
             "-m",
             "http.server",
-        ])
-        .args([asked.to_string().as_str(), "--bind", "127.0.0.1"]);
+            &asked.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    );
     let mut server = Spawned::start(&mut command)?;
     let notice = server.line_where(20, |l| l.starts_with(NOTICE))?;
     let moved = notice_port(&notice).context("port")?;
