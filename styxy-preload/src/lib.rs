@@ -267,8 +267,11 @@ impl Bind {
         }
         // Cheapest checks first: a daemon known to be down costs two loads and a clock read.
         let failure = recent_failure();
-        if failure == Some(Failure::Down) || env_flag(env::DISABLE.c_name) {
+        if env_flag(env::DISABLE.c_name) {
             return self.as_asked();
+        }
+        if failure == Some(Failure::Down) {
+            return self.as_moved_before().unwrap_or_else(|| self.as_asked());
         }
         let Some(protocol) = socket_protocol(self.fd) else {
             return self.as_asked();
@@ -279,7 +282,9 @@ impl Bind {
         }
         let query = self.query(protocol);
         match failure {
-            Some(Failure::Down) => return self.as_asked(),
+            Some(Failure::Down) => {
+                return self.as_moved_before().unwrap_or_else(|| self.as_asked())
+            }
             // This process moved this port before (its IPv4 socket, say): its other sockets for
             // the port must follow it, not stay where they were asked, so ask (within the normal
             // deadline: the daemon timed out lately).
@@ -299,10 +304,16 @@ impl Bind {
                 }
                 Reply::Down => {
                     remember_failure(Failure::Down);
-                    return self.as_asked();
+                    return self.as_moved_before().unwrap_or_else(|| self.as_asked());
                 }
                 Reply::Slow => remember_failure(Failure::Slow),
             },
+        }
+        // No answer in time for a port this process moved before: its other sockets for the
+        // port follow that move all the same (IPv6 next to IPv4 must not stay on the asked port,
+        // where the other family is often free), from what the process itself remembers.
+        if let Some(outcome) = self.as_moved_before() {
+            return outcome;
         }
         // The daemon is there but slow (a loaded machine): bind as asked, and only when that
         // fails because the port is taken, wait longer for an answer. A late move beats a
@@ -312,6 +323,31 @@ impl Bind {
             return first;
         }
         self.ask_after_refusal(first)
+    }
+
+    /// Without the daemon: bind the port this process moved this asked port to before, trying
+    /// its moves in the order it made them. `None` when it moved none (or each is taken now, or
+    /// the bind failed otherwise): then the bind goes as asked.
+    fn as_moved_before(&self) -> Option<Outcome> {
+        let asked = self.target.port;
+        if !moved_before(asked) {
+            return None;
+        }
+        for port in moves_of(asked) {
+            set_errno(self.entry_errno);
+            // SAFETY: addr/len were validated by parse_target and are readable.
+            let rc = unsafe { bind_moved(self.real, self.fd, self.addr, self.len, port) };
+            if rc == 0 {
+                return Some(Outcome {
+                    rc,
+                    errno: self.entry_errno,
+                });
+            }
+            if errno() != libc::EADDRINUSE {
+                return None;
+            }
+        }
+        None
     }
 
     /// The kernel refused the bind as asked with EADDRINUSE (`first`): unless this bind is not
@@ -697,6 +733,16 @@ fn record_move(requested: u16, new: u16) -> bool {
 /// Whether this process has moved `requested` before (to another port).
 fn moved_before(requested: u16) -> bool {
     history(requested).0
+}
+
+/// The ports this process moved `requested` to, in the order it made the moves.
+fn moves_of(requested: u16) -> impl Iterator<Item = u16> {
+    let mine = MOVES_PID.load(Ordering::Acquire) == own_pid();
+    MOVES.iter().filter_map(move |slot| {
+        let key = slot.load(Ordering::Acquire);
+        let (asked, bound) = ((key >> 16) as u16, key as u16);
+        (mine && key != 0 && asked == requested && bound != requested).then_some(bound)
+    })
 }
 
 /// Whether this process moved `port` before (to another port), and whether the daemon let it

@@ -248,7 +248,15 @@ async fn a_child_after_fork_and_many_threads_at_once_are_moved_correctly() -> Re
     )?;
     let lines = forked.rest(30);
     let moves: Vec<(u16, u16)> = lines.iter().filter_map(|l| bound(l)).collect();
-    assert_eq!(moves.len(), 2, "parent and child both bound: {lines:?}");
+    // (A rare failure here in CI, a parent's bind refused with no notice, is not understood yet:
+    // the daemon's audit and log say what it answered.)
+    if moves.len() != 2 {
+        let audit = daemon.audit().await;
+        panic!(
+            "parent and child both bound: {lines:?}\naudit: {audit:#?}\nlog: {}",
+            daemon.log()
+        );
+    }
     for (asked, got) in &moves {
         assert!(asked != got && range.contains(got), "{lines:?}");
     }
@@ -487,6 +495,45 @@ async fn a_process_keeps_being_moved_after_the_daemon_restarts() -> Result<()> {
         second != held[1] && range.contains(&second) && second != first,
         "moved by the restarted daemon: {line}"
     );
+    Ok(())
+}
+
+/// A process whose IPv4 server was moved binds its IPv6 server of the same port on the same new
+/// port even while the daemon cannot answer: stalled (SIGSTOP), then gone. The holder listens on
+/// 127.0.0.1 only, so `[::1]:asked` is free and, without the shim's memory, the IPv6 server would
+/// stay there, apart from its IPv4 twin.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_other_family_follows_a_move_while_the_daemon_cannot_answer() -> Result<()> {
+    let mut daemon = Daemon::start().await?;
+    let held = [daemon.base + 172, daemon.base + 173];
+    let _holder = port_holder(&held)?;
+    let mut probe = Spawned::start(probe(&daemon, &["stdin"]).env("STYXY_TIMEOUT_MS", "300"))?;
+    let mut bind = |line: String| -> Result<(u16, u16)> {
+        probe.send_line(&line)?;
+        let reply =
+            probe.line_where(30, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+        bound(&reply).with_context(|| format!("{line}: {reply}"))
+    };
+    let (_, first) = bind(format!("127.0.0.1 {}", held[0]))?;
+    let (_, second) = bind(format!("127.0.0.1 {}", held[1]))?;
+    assert!(first != held[0] && second != held[1] && first != second);
+
+    daemon.signal(libc::SIGSTOP)?;
+    let stalled = bind(format!("::1 {}", held[0]));
+    daemon.signal(libc::SIGCONT)?;
+    assert_eq!(
+        stalled?,
+        (held[0], first),
+        "stalled daemon: IPv6 follows IPv4"
+    );
+
+    daemon.kill9()?;
+    let (_, gone) = bind(format!("::1 {}", held[1]))?;
+    assert_eq!(gone, second, "no daemon: IPv6 follows IPv4");
+    // A port this process never moved still binds as asked (fail-open).
+    let free = daemon.base + 190;
+    assert!(![first, second].contains(&free));
+    assert_eq!(bind(format!("::1 {free}"))?, (free, free));
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! (after `fork()`, from many threads at once, inside a tokio runtime, with SO_REUSEPORT) and prints
 //! one line per bind, `bound REQUESTED ACTUAL` or `failed REQUESTED ERRNO`, then waits for stdin to
 //! close (so the sockets stay bound while the test looks) unless told `--exit`. Mode `stdin` binds
-//! one port per line read from stdin, so a test can change the world between two binds of one
-//! process.
+//! one port per line read from stdin (`PORT`, or `ADDRESS PORT` such as `::1 6006`), so a test can
+//! change the world between two binds of one process.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -214,10 +214,18 @@ fn main() {
         // One bind per port read from stdin, until it closes.
         "stdin" => {
             for line in std::io::stdin().lines() {
-                let Ok(port) = line.unwrap_or_default().trim().parse::<u16>() else {
+                // `PORT`, or `ADDRESS PORT` (`::1 6006`); 127.0.0.1 by default.
+                let line = line.unwrap_or_default();
+                let (addr, port) = match line.split_whitespace().collect::<Vec<_>>()[..] {
+                    [port] => ("127.0.0.1".to_string(), port),
+                    [addr, port] if addr.contains(':') => (format!("[{addr}]"), port),
+                    [addr, port] => (addr.to_string(), port),
+                    _ => break,
+                };
+                let Ok(port) = port.parse::<u16>() else {
                     break;
                 };
-                let listener = listen("127.0.0.1", port);
+                let listener = listen(&addr, port);
                 report(port, bound_port(&listener));
                 keep.push(listener);
             }
