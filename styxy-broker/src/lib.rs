@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 mod kernel_move;
+mod lingering;
 pub mod model;
 mod portset;
 #[cfg(test)]
@@ -274,6 +275,8 @@ pub struct Broker {
     instances: BTreeMap<String, Instance>,
     /// The ports identities got, to give them back (see `sticky`).
     sticky: sticky::StickyPorts,
+    /// Ports a plain bind may still find refused (see `lingering`).
+    lingering: lingering::LingeringPorts,
     next_lease_seq: u64,
     reassignments: u64,
     /// Service types already inferred, by (command line, comm): inference scans every pattern,
@@ -297,6 +300,7 @@ impl Broker {
             taken: PortSet::default(),
             instances: BTreeMap::new(),
             sticky: sticky::StickyPorts::default(),
+            lingering: lingering::LingeringPorts::default(),
             inferred: HashMap::new(),
             next_lease_seq: 1,
             reassignments: 0,
@@ -457,9 +461,16 @@ impl Broker {
     /// error that lists the known ones.
     pub fn suggest(&self, service_type: &str, count: usize) -> Result<Suggestion, BrokerError> {
         let t = self.ranges.get(service_type)?;
+        // Lingering ports only when there are not enough others (see `lingering`).
+        let free = || self.taken.free_in(t.start, t.end);
+        let ports = free()
+            .filter(|p| !self.is_lingering(*p))
+            .chain(free().filter(|p| self.is_lingering(*p)))
+            .take(count)
+            .collect();
         Ok(Suggestion {
             service_type: t.name.clone(),
-            ports: self.taken.free_in(t.start, t.end).take(count).collect(),
+            ports,
             start: t.start,
             end: t.end,
         })
@@ -474,7 +485,7 @@ impl Broker {
             PortEvent::Bound(socket) => {
                 self.insert_socket(socket, now_ms, Some(now_ms), &mut effects)
             }
-            PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
+            PortEvent::Released { cookie } => self.remove_socket(cookie, now_ms, &mut effects),
             PortEvent::MovedByKernel {
                 socket,
                 asked,
@@ -505,7 +516,7 @@ impl Broker {
             .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in gone {
-            self.remove_socket(cookie, &mut effects);
+            self.remove_socket(cookie, now_ms, &mut effects);
         }
         for (cookie, socket) in fresh {
             match self.sockets.get_mut(&cookie) {
@@ -601,8 +612,9 @@ impl Broker {
         Some(held)
     }
 
-    fn remove_socket(&mut self, cookie: u64, effects: &mut Effects) {
+    fn remove_socket(&mut self, cookie: u64, now_ms: u64, effects: &mut Effects) {
         if let Some(held) = self.remove_socket_quietly(cookie) {
+            self.note_release(&held, now_ms);
             self.end_view_entry_of(&held, effects);
             effects.notices.push(Notice::Released(held));
         }
@@ -670,7 +682,8 @@ impl Broker {
     }
 
     /// `preferred` when it is free, else the port this identity got last when it is free, else
-    /// the lowest free port of the range that no other identity remembers, else the lowest free.
+    /// the lowest free port of the range that is not lingering and no other identity remembers,
+    /// else the lowest free one not lingering, else the lowest free.
     fn pick_for_allocate(
         &self,
         range: &ServiceType,
@@ -683,7 +696,12 @@ impl Broker {
             .or_else(|| {
                 self.taken
                     .free_in(range.start, range.end)
-                    .find(|p| !self.remembered_by_other(*p, key))
+                    .find(|p| !self.is_lingering(*p) && !self.remembered_by_other(*p, key))
+            })
+            .or_else(|| {
+                self.taken
+                    .free_in(range.start, range.end)
+                    .find(|p| !self.is_lingering(*p))
             })
             .or_else(|| self.taken.first_free(range.start, range.end))
     }
@@ -908,16 +926,21 @@ impl Broker {
         }
         let me = req.asker.id;
 
-        // The same process binding the same port again (IPv4 then IPv6) goes where its first bind went.
-        if let Some(earlier) = self
-            .leases
-            .values()
-            .find(|l| l.claim && l.process == Some(me) && l.requested_port == Some(req.port))
-        {
-            let port = earlier.port;
-            let holder = self.holder_of(req.port, req.protocol, me);
-            self.audit_move(req, port, holder.as_ref(), &mut effects, now_ms);
-            return Ok((BindDecision::Reassign { port, holder }, effects));
+        // The same process binding the same port again (IPv4 then IPv6) goes where its first bind
+        // went — unless that port lingers and the process holds no socket there: then this is the
+        // shim asking again because the kernel refused the move (a program binding without
+        // SO_REUSEADDR over old connections), and it moves elsewhere.
+        // The refused claim stays until the answer is sure (an error changes nothing): while it
+        // does, its port is taken, so no pick below gives it again.
+        let mut refused = None;
+        if let Some(port) = self.earlier_move(me, req.port) {
+            if self.is_lingering(port) && !self.holds_socket_on(me, port, req.protocol) {
+                refused = Some(port);
+            } else {
+                let holder = self.holder_of(req.port, req.protocol, me);
+                self.audit_move(req, port, holder.as_ref(), &mut effects, now_ms);
+                return Ok((BindDecision::Reassign { port, holder }, effects));
+            }
         }
 
         // A lease whose process has exited holds nothing, whatever the last sweep saw. It is
@@ -950,6 +973,9 @@ impl Broker {
                     .map(HolderView::Lease)
             });
         let Some(holder) = holder else {
+            if let Some(claim) = refused.and_then(|port| self.take_lease(port)) {
+                effects.lease_removed(claim);
+            }
             if dead_lease {
                 if let Some(lease) = self.take_lease(req.port) {
                     effects.lease_removed(lease);
@@ -977,6 +1003,9 @@ impl Broker {
                 start: range.start,
                 end: range.end,
             })?;
+        if let Some(claim) = refused.and_then(|port| self.take_lease(port)) {
+            effects.lease_removed(claim);
+        }
         if dead_lease {
             if let Some(lease) = self.take_lease(req.port) {
                 effects.lease_removed(lease);
@@ -996,6 +1025,20 @@ impl Broker {
             },
             effects,
         ))
+    }
+
+    /// Where process `me` was moved when it asked for `asked` before (its claim), if anywhere.
+    pub fn earlier_move(&self, me: ProcessId, asked: u16) -> Option<u16> {
+        self.leases
+            .values()
+            .find(|l| l.claim && l.process == Some(me) && l.requested_port == Some(asked))
+            .map(|l| l.port)
+    }
+
+    /// Whether process `me` holds a `protocol` socket on `port`.
+    fn holds_socket_on(&self, me: ProcessId, port: u16, protocol: Protocol) -> bool {
+        self.sockets_on(port, Some(protocol))
+            .any(|h| h.socket.owner.as_ref().map(|o| o.id) == Some(me))
     }
 
     /// A socket on `port` that another process holds.
@@ -1024,9 +1067,11 @@ impl Broker {
         }
     }
 
-    /// The port this identity got last when it is free; else the next free port after
-    /// `requested` in its range (wrapping around to the range's start) that no other identity
-    /// remembers; else the next free one.
+    /// The port this identity got last when it is free (a sticky port is given back even while
+    /// it lingers: most servers bind with SO_REUSEADDR, and a restart right after a stop is when
+    /// the port matters most); else the next free port after `requested` in its range (wrapping
+    /// around to the range's start) that is not lingering and no other identity remembers; else
+    /// the next one not lingering; else the next free one.
     fn pick_for_move(
         &self,
         range: &PortRange,
@@ -1044,7 +1089,8 @@ impl Broker {
             after.chain(before).filter(move |p| *p != requested)
         };
         candidates()
-            .find(|p| !self.remembered_by_other(*p, key))
+            .find(|p| !self.is_lingering(*p) && !self.remembered_by_other(*p, key))
+            .or_else(|| candidates().find(|p| !self.is_lingering(*p)))
             .or_else(|| candidates().next())
     }
 

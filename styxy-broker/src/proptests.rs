@@ -45,6 +45,8 @@ enum Op {
     Tick { ms: u64 },
     /// The daemon restarts from its journal, and reads the kernel's sockets again.
     Restart,
+    /// A reading finds old TCP connections (TIME_WAIT) on these ports: they linger.
+    Linger { ports: Vec<u16> },
 }
 
 fn port() -> impl Strategy<Value = u16> {
@@ -62,6 +64,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PROCESSES).prop_map(|p| Op::Kill { p }),
         2 => (1u64..40_000).prop_map(|ms| Op::Tick { ms }),
         1 => Just(Op::Restart),
+        1 => proptest::collection::vec(port(), 0..4).prop_map(|ports| Op::Linger { ports }),
     ]
 }
 
@@ -330,6 +333,7 @@ impl World {
                 self.procs.generation[i] += 1;
                 self.procs.alive[i] = true;
             }
+            Op::Linger { ref ports } => self.broker.set_lingering(ports.iter().copied(), self.now),
             Op::Tick { ms } => {
                 self.now += ms;
                 let effects = self.broker.expire(self.now, &self.procs);

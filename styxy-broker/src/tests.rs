@@ -1381,7 +1381,9 @@ fn forget_clears_by_project_port_or_all_and_only_the_callers_own() {
         effects.changes[..],
         [StateChange::RemoveSticky { .. }]
     ));
-    // W is forgotten: it is moved like anyone else (3001 is free and nobody remembers it).
+    // W is forgotten: it is moved like anyone else (3001 is free and nobody remembers it, and a
+    // reading of the socket tables shows no connections left there).
+    b.set_lingering([], 25);
     assert_eq!(move_and_stop(&mut b, 42, 4, 3000, "/src/w", 30), 3001);
     let (all, _) = b.forget_sticky(0, None, None);
     assert_eq!(all.len(), 2, "root forgets everyone's");
@@ -1433,4 +1435,164 @@ fn a_kernel_move_is_remembered_for_its_project_and_its_shim_moves_get_it_back() 
     assert_eq!(other, 8002);
     let same = move_and_stop(&mut b, 42, 4, 8000, "/src/k", 20);
     assert_eq!(same, 8001);
+}
+
+// ---- lingering ports (old TCP connections, TIME_WAIT) ----------------------------------------------
+
+#[test]
+fn moves_allocations_and_suggestions_pass_lingering_ports_over_until_a_reading_clears_them() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    b.set_lingering([6007, 3000], 10);
+    assert!(b.is_lingering(6007) && !b.is_lingering(6008));
+    let procs = Procs::default();
+    let (moved, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 11).unwrap();
+    assert!(
+        matches!(moved, BindDecision::Reassign { port: 6008, .. }),
+        "{moved:?}"
+    );
+    let (lease, _) = b.allocate(alloc("dev"), 12).unwrap();
+    assert_eq!(lease.port, 3001);
+    let suggested = b.suggest("dev", 3).unwrap().ports;
+    assert_eq!(suggested, [3002, 3003, 3004]);
+
+    // The next reading shows them free.
+    b.set_lingering([], 20);
+    assert_eq!(b.lingering_count(), 0);
+    let (moved, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 21).unwrap();
+    assert!(
+        matches!(moved, BindDecision::Reassign { port: 6007, .. }),
+        "{moved:?}"
+    );
+    assert_eq!(b.suggest("dev", 1).unwrap().ports, [3000]);
+}
+
+#[test]
+fn a_full_range_but_for_lingering_ports_still_gets_them() {
+    let mut b = broker();
+    let ports: Vec<u16> = (6006..=6029).collect();
+    for (i, port) in ports.iter().enumerate().skip(2) {
+        b.apply(PortEvent::Bound(socket(100 + i as u64, *port, None)), 1);
+    }
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    b.set_lingering([6007], 2);
+    let (moved, _) = b
+        .resolve_bind(&bind_req(40, 6006), &Procs::default(), 3)
+        .unwrap();
+    assert!(
+        matches!(moved, BindDecision::Reassign { port: 6007, .. }),
+        "{moved:?}"
+    );
+}
+
+#[test]
+fn a_released_tcp_port_lingers_until_a_reading_started_after_the_release() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(socket(2, 6007, None)), 1);
+    let mut udp = socket(3, 6008, None);
+    udp.protocol = Protocol::Udp;
+    b.apply(PortEvent::Bound(udp), 1);
+    b.apply(PortEvent::Released { cookie: 2 }, 100);
+    b.apply(PortEvent::Released { cookie: 3 }, 100);
+    assert!(b.is_lingering(6007), "its connections may be closing");
+    assert!(!b.is_lingering(6008), "UDP has no connections to linger");
+    b.set_lingering([], 99);
+    assert!(
+        b.is_lingering(6007),
+        "a reading started before the release proves nothing"
+    );
+    b.set_lingering([], 101);
+    assert!(!b.is_lingering(6007));
+}
+
+#[test]
+fn a_move_the_kernel_refused_on_a_lingering_port_moves_again_but_a_second_family_follows() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    let procs = Procs {
+        alive: [pid(40), pid(41)].into(),
+        ..Procs::default()
+    };
+    // Process 40 is moved to 6007; then a reading finds old connections there, and its bind
+    // fails (no SO_REUSEADDR): it asks again, holding no socket on 6007.
+    let (first, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 2).unwrap();
+    assert!(matches!(first, BindDecision::Reassign { port: 6007, .. }));
+    b.set_lingering([6007], 3);
+    let (again, effects) = b.resolve_bind(&bind_req(40, 6006), &procs, 4).unwrap();
+    assert!(
+        matches!(again, BindDecision::Reassign { port: 6008, .. }),
+        "{again:?}"
+    );
+    assert!(effects
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::LeaseEnded(l) if l.port == 6007)));
+    assert_eq!(
+        b.observe(6007, None).lease,
+        None,
+        "the refused claim is gone"
+    );
+
+    // Process 41 binds IPv4 on its move (6009, 6007 lingering), which a reading then finds
+    // lingering too: its IPv6 bind of the same port still goes there, next to its own socket.
+    let (v4, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 5).unwrap();
+    assert!(
+        matches!(v4, BindDecision::Reassign { port: 6009, .. }),
+        "{v4:?}"
+    );
+    b.apply(
+        PortEvent::Bound(socket(
+            9,
+            6009,
+            Some(proc_info(41, "node", "node server.js")),
+        )),
+        6,
+    );
+    b.set_lingering([6007, 6009], 7);
+    let (v6, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 8).unwrap();
+    assert!(
+        matches!(v6, BindDecision::Reassign { port: 6009, .. }),
+        "{v6:?}"
+    );
+}
+
+#[test]
+fn a_sticky_port_comes_back_while_it_lingers_unless_its_bind_was_refused() {
+    let mut b = broker();
+    b.apply(PortEvent::Bound(storybook_holder()), 1);
+    let procs = Procs {
+        alive: [pid(40), pid(50)].into(),
+        ..Procs::default()
+    };
+    let in_project = |p: u32| BindRequest {
+        project: Some("/work/app".into()),
+        ..bind_req(p, 6006)
+    };
+    let (first, _) = b.resolve_bind(&in_project(40), &procs, 2).unwrap();
+    assert!(matches!(first, BindDecision::Reassign { port: 6007, .. }));
+    b.apply(
+        PortEvent::Bound(socket(
+            7,
+            6007,
+            Some(proc_info(40, "node", "node server.js")),
+        )),
+        3,
+    );
+    // The server stops (its port lingers) and the same project starts it again at once.
+    b.apply(PortEvent::Released { cookie: 7 }, 4);
+    b.expire(5, &Procs::default());
+    assert!(b.is_lingering(6007));
+    let (back, _) = b.resolve_bind(&in_project(50), &procs, 6).unwrap();
+    assert!(
+        matches!(back, BindDecision::Reassign { port: 6007, .. }),
+        "sticky while lingering: {back:?}"
+    );
+    // Its bind is refused there (no SO_REUSEADDR): asked again, it moves on, and that port
+    // becomes the project's.
+    b.set_lingering([6007], 7);
+    let (next, _) = b.resolve_bind(&in_project(50), &procs, 8).unwrap();
+    assert!(
+        matches!(next, BindDecision::Reassign { port: 6008, .. }),
+        "{next:?}"
+    );
 }

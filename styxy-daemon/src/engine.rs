@@ -319,6 +319,29 @@ impl Engine {
         *lock(&self.kernel_sessions_missing) = why;
     }
 
+    /// A reading of the ports TCP connections sit on, started at `started_ms`, for the broker's
+    /// lingering ports; the kernel's ephemeral ports outside every range (clients' connections)
+    /// are left out. Published like any decision, so the kernel's spare ports leave them too.
+    pub fn set_lingering(&self, ports: Vec<u16>, started_ms: u64) {
+        let (low, high) = crate::observe::ebpf::ephemeral_ports();
+        let ranges = self.range_bounds();
+        let wanted = move |port: &u16| {
+            !(low..=high).contains(port)
+                || ranges
+                    .iter()
+                    .any(|(start, end)| (*start..=*end).contains(port))
+        };
+        self.commit_effects(|b| {
+            b.set_lingering(ports.into_iter().filter(wanted), started_ms);
+            Effects::default()
+        });
+    }
+
+    /// How many ports the broker holds lingering.
+    pub fn lingering_count(&self) -> usize {
+        lock(&self.broker).lingering_count()
+    }
+
     /// The service ranges, in the broker's order (the kernel numbers them by it).
     pub fn range_bounds(&self) -> Vec<(u16, u16)> {
         lock(&self.broker)
@@ -682,6 +705,20 @@ impl Engine {
             port: req.port,
             protocol: Some(req.protocol),
         });
+        // Asked again after a move to a lingering port: whether the asker's socket is there (its
+        // other family) or the kernel refused the move decides, so the table must be current.
+        let lingering_move = {
+            let broker = lock(&self.broker);
+            broker
+                .earlier_move(req.asker.id, req.port)
+                .filter(|port| broker.is_lingering(*port))
+        };
+        if let Some(port) = lingering_move {
+            self.refresh(Scope::Port {
+                port,
+                protocol: Some(req.protocol),
+            });
+        }
         let mut range_read = false;
         for _ in 0..KERNEL_RETRIES {
             let (decision, _) = self.commit(|b| lift(b.resolve_bind(req, &ProcFs, now_ms())));

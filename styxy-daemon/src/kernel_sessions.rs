@@ -207,9 +207,12 @@ impl KernelSessions {
     }
 
     /// Keeps `SPARE_SLOTS` free ports ready in each range (the lowest free ones), replacing those
-    /// taken since.
+    /// taken since, and those where old TCP connections linger (see `crate::lingering`).
     fn refill_spares(&self, broker: &Broker) {
-        let free = |port: u16| !broker.is_taken(port) && !self.kernel_bound(port);
+        // Lingering ports too are not free here: the bind program cannot try another.
+        let free = |port: u16| {
+            !broker.is_taken(port) && !broker.is_lingering(port) && !self.kernel_bound(port)
+        };
         for (index, service) in broker
             .ranges()
             .types()

@@ -8,12 +8,14 @@
 //! - `table` publishes the session table the shim maps (taken ports, session views);
 //! - `session_reports` remembers what each agent session was last told (`SessionReport`);
 //! - `kernel_sessions` keeps the eBPF programs' session maps in step (kernel-enforced views);
+//! - `lingering` reads which ports old TCP connections still hold (TIME_WAIT), for the broker;
 //! - `metrics` counts what operators watch (served with `--metrics ADDR`).
 
 mod daemon;
 mod engine;
 mod journal;
 mod kernel_sessions;
+mod lingering;
 mod metrics;
 mod observe;
 mod rpc;

@@ -113,6 +113,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     tracing::info!(kind = observer.kind, reason = %observer.reason, "observer started");
     engine.set_observer(observer);
     tasks.spawn(sweep_leases(engine.clone(), stop.clone()));
+    tasks.spawn(crate::lingering::keep_current(engine.clone(), stop.clone()));
 
     // 4. The gRPC service on the Unix socket and on loopback TCP, with health and reflection.
     let listeners = serve::Listeners::bind(&opts).await?;

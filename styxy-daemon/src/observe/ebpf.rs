@@ -141,7 +141,7 @@ impl KernelPortCounts {
 }
 
 /// The kernel's range of ephemeral ports (what a port-0 bind gets).
-fn ephemeral_ports() -> (u16, u16) {
+pub(crate) fn ephemeral_ports() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| {

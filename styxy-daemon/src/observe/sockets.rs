@@ -1,6 +1,6 @@
 //! The kernel's socket tables through netlink `sock_diag`: listening TCP and bound UDP sockets, all of them
 //! or only those on one port (the kernel filters by source port, so a point check costs a few syscalls,
-//! not a walk of `/proc/net/*`).
+//! not a walk of `/proc/net/*`); and the ports TCP connections sit on (lingering ports).
 
 use std::collections::HashSet;
 use std::io;
@@ -58,25 +58,41 @@ impl SockDiag {
             .into_iter()
             .filter(|p| protocol.is_none_or(|want| want == *p))
         {
+            let states = match proto {
+                Protocol::Tcp => StateFlags::LISTEN,
+                // An unconnected UDP socket is in TCP_CLOSE: a server waiting for datagrams, not a client.
+                Protocol::Udp => StateFlags::CLOSE,
+            };
             for family in [Family::Inet, Family::Inet6] {
-                self.dump(proto, family, port, &mut out)?;
+                self.dump(proto, family, states.clone(), port, &mut out)?;
             }
         }
         Ok(out)
+    }
+
+    /// The local ports of TCP connections in any state but listening (established, closing, in
+    /// TIME_WAIT…), of both families, sorted and without repeats: where a bind without
+    /// SO_REUSEADDR fails although nothing is bound.
+    pub fn connection_ports(&mut self) -> io::Result<Vec<u16>> {
+        let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE;
+        let mut sockets = Vec::new();
+        for family in [Family::Inet, Family::Inet6] {
+            self.dump(Protocol::Tcp, family, states.clone(), None, &mut sockets)?;
+        }
+        let mut ports: Vec<u16> = sockets.into_iter().map(|s| s.port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(ports)
     }
 
     fn dump(
         &mut self,
         protocol: Protocol,
         family: Family,
+        states: StateFlags,
         port: Option<u16>,
         out: &mut Vec<KernelSocket>,
     ) -> io::Result<()> {
-        let states = match protocol {
-            Protocol::Tcp => StateFlags::LISTEN,
-            // An unconnected UDP socket is in TCP_CLOSE: a server waiting for datagrams, not a client.
-            Protocol::Udp => StateFlags::CLOSE,
-        };
         let mut socket_id = match family {
             Family::Inet => SocketId::new_v4(),
             Family::Inet6 => SocketId::new_v6(),
@@ -170,6 +186,29 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, UdpSocket};
 
+    /// A server that closes its side first leaves its port in TIME_WAIT after the listener is
+    /// gone: the port is among the connection ports, though nothing listens there.
+    #[test]
+    fn a_port_left_in_time_wait_is_a_connection_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (served, _) = listener.accept().expect("accept");
+        drop(listener);
+        drop(served); // the server closes first: its side goes to TIME_WAIT
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &client, &mut buf).unwrap(), 0);
+        drop(client);
+        let mut diag = SockDiag::new().expect("sock_diag socket");
+        assert!(diag.bound_sockets(Some(port), None).unwrap().is_empty());
+        let ports = diag.connection_ports().unwrap();
+        assert!(
+            ports.binary_search(&port).is_ok(),
+            "{port} not in {ports:?}"
+        );
+        assert!(ports.windows(2).all(|w| w[0] < w[1]));
+    }
+
     #[test]
     fn finds_a_listening_tcp_socket_and_a_udp_socket_by_port() {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -193,6 +232,11 @@ mod tests {
             .any(|s| s.port == udp_port && s.family == Family::Inet6));
 
         let all = diag.bound_sockets(None, None).unwrap();
+        assert!(diag
+            .connection_ports()
+            .unwrap()
+            .binary_search(&tcp_port)
+            .is_err());
         assert!(all.iter().any(|s| s.port == tcp_port));
         assert!(all.iter().any(|s| s.port == udp_port));
         drop(tcp);
