@@ -33,12 +33,17 @@ impl Broker {
     /// A reading of the socket tables, started at `started_ms`: the ports with TCP connections
     /// on them (the daemon leaves out the kernel's ephemeral ports outside every service range,
     /// where clients' connections are). Replaces what the last reading said; a port released
-    /// after the reading started stays lingering until the next one.
+    /// after the reading started stays lingering until the next one. A port a TCP socket is
+    /// bound on (a server and its connections) is taken anyway, and not counted: its release
+    /// starts its lingering.
     pub fn set_lingering(&mut self, ports: impl IntoIterator<Item = u16>, started_ms: u64) {
-        let lingering = &mut self.lingering.ports;
-        lingering.retain(|_, why| matches!(why, Why::Released { at_ms } if *at_ms >= started_ms));
+        self.lingering
+            .ports
+            .retain(|_, why| matches!(why, Why::Released { at_ms } if *at_ms >= started_ms));
         for port in ports {
-            lingering.entry(port).or_insert(Why::Seen);
+            if !self.is_bound(port, Some(Protocol::Tcp)) {
+                self.lingering.ports.entry(port).or_insert(Why::Seen);
+            }
         }
     }
 

@@ -1503,6 +1503,10 @@ fn a_released_tcp_port_lingers_until_a_reading_started_after_the_release() {
     );
     b.set_lingering([], 101);
     assert!(!b.is_lingering(6007));
+    // A server's own connections: its port is taken, not lingering (nothing to read again for).
+    b.apply(PortEvent::Bound(socket(4, 6009, None)), 102);
+    b.set_lingering([6009], 103);
+    assert_eq!(b.lingering_count(), 0);
 }
 
 #[test]
