@@ -2,8 +2,8 @@
 //! that move and redirect the binds and loopback traffic of kernel sessions.
 //!
 //! Observing (every process):
-//! - `cgroup/bind4|6` (sock_addr) sees the port a program asks for, before the kernel acts, and
-//!   remembers it by socket cookie (`REQUESTED`).
+//! - `cgroup/bind4|6` (sock_addr) sees the port a program asks for, before the kernel acts; when
+//!   it moves the bind (below), it remembers the asked port by socket cookie (`REQUESTED`).
 //! - `cgroup/post_bind4|6` (sock) sees the port actually bound and pushes a [`BindEvent`] of kind
 //!   `KIND_BOUND` into the `EVENTS` ring buffer; it counts the port in `PORTS`.
 //! - `cgroup/sock_release` (sock) pushes `KIND_RELEASED` for sockets post_bind saw.
@@ -100,9 +100,43 @@ static CONFIG: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static READER: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// What bind4/6 saw, by socket cookie, until post_bind4/6 picks it up.
+/// What bind4/6 saw of a bind it moved, by socket cookie, until post_bind4/6 picks it up (or
+/// sock_release, when the moved bind failed).
 #[map]
 static REQUESTED: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(16384, 0);
+
+/// `REWRITES[0]`: how many `REQUESTED` entries may be waiting. While none, post_bind and
+/// sock_release skip the lookup: every other bind on the machine pays nothing for moves. (An
+/// entry the LRU evicts leaves it counted: those lookups then simply find nothing.)
+#[map]
+static REWRITES: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Adds `delta` (wrapping) to `REWRITES[0]`.
+#[inline(always)]
+fn count_rewrites(delta: u64) {
+    if let Some(slot) = REWRITES.get_ptr_mut(0) {
+        // SAFETY: a map value slot, valid and aligned for a u64; every CPU adds atomically.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, delta,
+            );
+        }
+    }
+}
+
+/// The `REQUESTED` entry of socket `cookie`, removed, if bind4/6 moved that socket's bind.
+#[inline(always)]
+fn take_requested(cookie: u64) -> Option<Requested> {
+    if REWRITES.get(0).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    // SAFETY: plain data copied out before the entry is removed.
+    let requested = unsafe { REQUESTED.get(cookie) }.copied()?;
+    if REQUESTED.remove(cookie).is_ok() {
+        count_rewrites(u64::MAX); // - 1, wrapping
+    }
+    Some(requested)
+}
 
 /// Sockets bound per (protocol, port) slot (see `port_slot`), counted up by post_bind and down by
 /// sock_release; the daemon adds the sockets bound before it attached. Updated before `bind()`
@@ -322,32 +356,32 @@ fn on_bind(ctx: &SockAddrContext) {
     };
     // user_port holds the port in network byte order in its low 16 bits.
     let asked = u16::from_be(user_port as u16);
-    if asked == 0 || !in_daemons_netns(sock_addr.cast()) {
+    if asked == 0 || ENFORCE.load() == 0 {
         return;
     }
+    let tgid = current_tgid();
+    let Some(session) = current_session(tgid) else {
+        debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
+        return;
+    };
+    if !in_daemons_netns(sock_addr.cast()) {
+        return;
+    }
+    let Some(port) = move_for_session(ctx, protocol, asked, tgid, session) else {
+        return;
+    };
+    // SAFETY: user_port is writable in bind4/6; network byte order.
+    unsafe { (*sock_addr).user_port = u32::from(port.to_be()) };
     // SAFETY: the helper accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(sock_addr.cast()) };
-    let mut requested = Requested {
+    let requested = Requested {
         asked,
-        flags: 0,
+        flags: FLAG_REWRITTEN,
         _pad: 0,
-        session: 0,
+        session,
     };
-    let tgid = current_tgid();
-    if ENFORCE.load() != 0 {
-        if let Some(session) = current_session(tgid) {
-            requested.session = session;
-            if let Some(port) = move_for_session(ctx, protocol, asked, tgid, session) {
-                // SAFETY: user_port is writable in bind4/6; network byte order.
-                unsafe { (*sock_addr).user_port = u32::from(port.to_be()) };
-                requested.flags = FLAG_REWRITTEN;
-            }
-        } else {
-            debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
-        }
-    }
-    if requested.flags & FLAG_REWRITTEN != 0 || !counted_only(asked) {
-        let _ = REQUESTED.insert(cookie, requested, 0);
+    if REQUESTED.insert(cookie, requested, 0).is_ok() {
+        count_rewrites(1);
     }
 }
 
@@ -463,11 +497,7 @@ fn on_bound(ctx: &SockContext, family: u8) {
     }
     // SAFETY: the helper accepts a sock context.
     let cookie = unsafe { bpf_get_socket_cookie(sock.cast()) };
-    // SAFETY: plain data copied out before the entry is removed.
-    let requested = unsafe { REQUESTED.get(cookie) }.copied();
-    if requested.is_some() {
-        let _ = REQUESTED.remove(cookie);
-    }
+    let requested = take_requested(cookie);
     let bound = BoundRecord {
         port,
         family,
@@ -489,6 +519,8 @@ fn on_bound(ctx: &SockContext, family: u8) {
 fn on_release(sock: *mut bpf_sock) {
     // SAFETY: the helper accepts a sock context.
     let cookie = unsafe { bpf_get_socket_cookie(sock.cast()) };
+    // A moved bind that failed (the spare port was taken after all): its entry goes too.
+    let _ = take_requested(cookie);
     // SAFETY: the value is plain data copied out before the entry is removed.
     let Some(bound) = (unsafe { BOUND.get(cookie) }).copied() else {
         return; // never seen bound by us (a client socket, or bound before we attached)
