@@ -362,11 +362,26 @@ impl Engine {
         match self.kernel_sessions.get() {
             Some(sessions) => (
                 Some(sessions.live_sessions()),
-                "the eBPF programs move and redirect the binds and loopback traffic of `styxy run` \
-                 and agent sessions, static binaries included"
-                    .to_string(),
+                format!(
+                    "the eBPF programs move and redirect the binds and loopback traffic of `styxy run` \
+                     and agent sessions, static binaries included; {}",
+                    if sessions.programs_attached() {
+                        "the session programs are attached"
+                    } else {
+                        "the session programs are detached while no session is live (nothing but \
+                         the bind observer runs on the machine's calls)"
+                    }
+                ),
             ),
             None => (None, lock(&self.kernel_sessions_missing).clone()),
+        }
+    }
+
+    /// Once a second: the session programs detach when no kernel session has been live for a
+    /// few seconds.
+    pub fn detach_idle_session_programs(&self) {
+        if let Some(sessions) = self.kernel_sessions.get() {
+            sessions.detach_if_idle();
         }
     }
 

@@ -18,6 +18,7 @@ use styxy_common::event::{port_slot, IPPROTO_TCP, IPPROTO_UDP};
 use styxy_common::session::{PortInfo, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS};
 
 use crate::observe::mapped::MappedArray;
+use crate::observe::session_programs::SessionPrograms;
 
 /// The maps the daemon writes, taken from the loaded object.
 pub struct KernelSessionMaps {
@@ -27,6 +28,8 @@ pub struct KernelSessionMaps {
     pub spares: MappedArray<AtomicU32>,
     /// The kernel's per-port socket counts (read only here).
     pub ports: MappedArray<AtomicU64>,
+    /// The programs sessions need, attached while one is live.
+    pub programs: SessionPrograms,
 }
 
 /// Which sessions exist and what the kernel's view map holds.
@@ -47,6 +50,8 @@ pub struct KernelSessions {
     spares: MappedArray<AtomicU32>,
     ports: MappedArray<AtomicU64>,
     registry: Mutex<Registry>,
+    /// Held while a process is placed, and while the programs are detached for want of any.
+    programs: Mutex<SessionPrograms>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,6 +67,7 @@ impl KernelSessions {
             spares: maps.spares,
             ports: maps.ports,
             registry: Mutex::new(Registry::default()),
+            programs: Mutex::new(maps.programs),
         }
     }
 
@@ -83,9 +89,16 @@ impl KernelSessions {
             registry.instances.insert(number, instance_id.to_string());
             number
         };
-        lock(&self.sessions)
-            .insert(pid, number, 0)
-            .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
+        {
+            // Attached before the process is in the map, and not detached until it is.
+            let mut programs = lock(&self.programs);
+            programs
+                .attach()
+                .context("attaching the kernel session programs")?;
+            lock(&self.sessions)
+                .insert(pid, number, 0)
+                .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
+        }
         // Its moves so far (through the shim) join the kernel's view, and its leases count as its own.
         self.sync_views(broker);
         let registry = lock(&self.registry);
@@ -101,6 +114,35 @@ impl KernelSessions {
     /// The instance of session `number`.
     pub fn instance_of(&self, number: u32) -> Option<String> {
         lock(&self.registry).instances.get(&number).cloned()
+    }
+
+    /// Once a second: detaches the session programs when no session has had a live process for
+    /// a few checks in a row (see `session_programs`).
+    pub fn detach_if_idle(&self) {
+        let mut programs = lock(&self.programs);
+        if !programs.is_attached() {
+            return;
+        }
+        let no_session = {
+            let mut sessions = lock(&self.sessions);
+            // A task that ended before its entry went in (placed as it exited) is never removed
+            // by the exit program: such entries would keep the programs attached for good.
+            let gone: Vec<u32> = sessions
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|task| !std::path::Path::new(&format!("/proc/{task}")).exists())
+                .collect();
+            for task in gone {
+                let _ = sessions.remove(&task);
+            }
+            sessions.keys().next().is_none()
+        };
+        programs.check_idle(no_session);
+    }
+
+    /// Whether the session programs are attached now.
+    pub fn programs_attached(&self) -> bool {
+        lock(&self.programs).is_attached()
     }
 
     /// How many sessions have at least one live process in the kernel.

@@ -8,7 +8,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use styxy_tests::{
@@ -331,6 +330,62 @@ fn styxy_programs_at_root(root: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The programs only sessions need are attached while one is live: with none, the machine's
+/// binds, connects and UDP receives run only the bind observer's three programs.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_programs_attach_for_the_first_session_and_detach_after_the_last() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((setup, _)) = ready() else {
+        return Ok(());
+    };
+    let before = styxy_programs_at_root(&setup.cgroup_root)?;
+    let daemon = root_daemon(&setup).await?;
+    let ours = || -> Result<Vec<String>> {
+        Ok(styxy_programs_at_root(&setup.cgroup_root)?
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect())
+    };
+    assert_eq!(ours()?.len(), 3, "post_bind4|6 and sock_release only");
+    let detail = daemon.status().await?.kernel_sessions_detail;
+    assert!(
+        detail.contains("detached while no session is live"),
+        "{detail}"
+    );
+
+    // A session: attached before its command starts, so its first bind is moved.
+    let held = daemon.base + 160;
+    let _holder = styxy_tests::port_holder(&[held])?;
+    let mut session = Spawned::start(&mut in_session(
+        &daemon,
+        "ks-attach",
+        &helper_bin("bind-probe"),
+        &["stdin"],
+    ))?;
+    assert_eq!(ours()?.len(), 13, "every program while a session is live");
+    session.send_line(&held.to_string())?;
+    let line = session.line_where(10, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
+    assert!(
+        line.starts_with(&format!("bound {held} ")) && !line.ends_with(&format!(" {held}")),
+        "moved: {line}"
+    );
+    let detail = daemon.status().await?.kernel_sessions_detail;
+    assert!(detail.contains("session programs are attached"), "{detail}");
+
+    // Its last process ends: a few seconds later the session programs go.
+    drop(session);
+    eventually(20, "the session programs to detach", || async {
+        (ours().ok()?.len() == 3).then_some(())
+    })
+    .await?;
+    let detail = daemon.status().await?.kernel_sessions_detail;
+    assert!(
+        detail.contains("detached while no session is live"),
+        "{detail}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -339,15 +394,6 @@ async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Res
     };
     let before = styxy_programs_at_root(&setup.cgroup_root)?;
     let mut daemon = root_daemon(&setup).await?;
-    let ours: Vec<String> = styxy_programs_at_root(&setup.cgroup_root)?
-        .into_iter()
-        .filter(|id| !before.contains(id))
-        .collect();
-    assert_eq!(
-        ours.len(),
-        13,
-        "bind4|6, post_bind4|6, sock_release and the eight view programs: {ours:?}"
-    );
     let asked = daemon.base + 150;
     let port = asked.to_string();
     let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
@@ -364,7 +410,17 @@ async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Res
             &port,
         ],
     ))?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // With a session live, every program is attached.
+    let ours: Vec<String> = eventually(10, "the session programs to attach", || async {
+        let ours: Vec<String> = styxy_programs_at_root(&setup.cgroup_root)
+            .ok()?
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        (ours.len() == 13).then_some(ours)
+    })
+    .await
+    .context("bind4|6, post_bind4|6, sock_release and the eight view programs")?;
     daemon.kill9()?;
     eventually(10, "the daemon's programs to detach", || async {
         let attached = styxy_programs_at_root(&setup.cgroup_root).ok()?;

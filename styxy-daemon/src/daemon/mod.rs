@@ -193,6 +193,7 @@ async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
             tracing::warn!(cause = %format!("{e:#}"), "sweeping leases");
         }
         crate::observe::procs::forget_exited();
+        engine.detach_idle_session_programs();
         ticks += 1;
         if ticks.is_multiple_of(TRIM_EVERY) {
             limits::return_freed_memory();

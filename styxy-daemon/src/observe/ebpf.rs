@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -19,7 +20,7 @@ use styxy_common::env;
 use styxy_common::event::{
     port_slot, BindEvent, BoundRecord, BOUND_MAP, CONFIG_MAP, CONFIG_NETNS_COOKIE, DROPPED_MAP,
     EVENTS_MAP, EVENTS_RING_RECORDS, FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND,
-    KIND_RELEASED, KIND_WAKE, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK, PROGRAMS_SOCK_ADDR,
+    KIND_RELEASED, KIND_WAKE, PORTS_MAP, PORT_SLOTS, PROGRAMS_SOCK,
 };
 use styxy_common::paths::{artifact_candidates, EBPF_OBJECT};
 use styxy_common::session;
@@ -27,6 +28,7 @@ use styxy_common::session;
 use crate::kernel_sessions::KernelSessionMaps;
 use crate::observe::kernel_log::{KernelLogLevel, ToTracing};
 use crate::observe::mapped::MappedArray;
+use crate::observe::session_programs::{self, SessionPrograms};
 use crate::observe::{procs, PortCounts};
 use styxy_broker::{BoundSocket, Family, PortEvent, ProcessInfo, Protocol};
 
@@ -81,8 +83,9 @@ const DROP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 
 /// The loaded, attached programs and the maps the daemon reads.
 pub struct Attached {
-    /// Owns the programs and their links: dropping it detaches everything.
-    _ebpf: Ebpf,
+    /// Owns the programs and their links (shared with the kernel sessions' [`SessionPrograms`]):
+    /// dropping both detaches everything.
+    _ebpf: Arc<Mutex<Ebpf>>,
     pub events: RingBuf<MapData>,
     dropped: PerCpuArray<MapData, u64>,
     /// Binds of ephemeral ports outside every service range, counted but not reported one by one.
@@ -287,8 +290,9 @@ pub struct AttachOptions<'a> {
     pub ranges: Vec<(u16, u16)>,
 }
 
-/// Loads the object and attaches every program: the bind observers and the session programs to
-/// the cgroup directory, the fork and exit tracepoints to the kernel.
+/// Loads the object and attaches the observer's programs (post_bind4|6, sock_release) to the
+/// cgroup directory; the session programs are loaded (and so verified) too, and attached by
+/// [`SessionPrograms`] while a kernel session is live.
 ///
 /// The attach mode is `Single` because these are links (kernel ≥ 5.7): link_create takes no
 /// flags, and cgroup links always coexist with other programs, as `AllowMultiple` would.
@@ -340,8 +344,25 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             }
         };
     }
-    load_and_attach!(CgroupSockAddr, PROGRAMS_SOCK_ADDR);
     load_and_attach!(CgroupSock, PROGRAMS_SOCK);
+    // Every program is loaded before any map is taken out of the object (a taken map's
+    // descriptor may close, and the programs refer to the maps by descriptor).
+    if offsets.is_ok() {
+        for name in session_programs::cgroup_program_names() {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from {}", object.display()))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        for (name, _) in session_programs::TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from {}", object.display()))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+    }
     // PORTS twice from one descriptor: writable for the counts (the daemon adds what was bound
     // before), read-only for the session maps' spare-port choice.
     let (ports, ports_for_sessions) = {
@@ -369,30 +390,12 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             .slot(usize::from(port))
             .store(info.0, Ordering::Release);
     }
-    let sessions = match offsets {
-        Ok(_) => {
-            load_and_attach!(CgroupSockAddr, session::PROGRAMS_VIEW);
-            for (name, event) in [
-                (session::PROGRAM_FORK, "sched_process_fork"),
-                (session::PROGRAM_EXIT, "sched_process_exit"),
-            ] {
-                let program: &mut TracePoint = ebpf
-                    .program_mut(name)
-                    .with_context(|| format!("program {name} missing from {}", object.display()))?
-                    .try_into()?;
-                program.load().with_context(|| format!("loading {name}"))?;
-                program
-                    .attach("sched", event)
-                    .with_context(|| format!("attaching {name} to sched/{event}"))?;
-            }
-            Ok(KernelSessionMaps {
-                sessions: take(&mut ebpf, session::SESSIONS_MAP)?,
-                views: take(&mut ebpf, session::VIEWS_MAP)?,
-                port_info,
-                spares: take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
-                ports: ports_for_sessions,
-            })
-        }
+    let sessions_maps = match offsets {
+        Ok(_) => Ok((
+            take(&mut ebpf, session::SESSIONS_MAP)?,
+            take(&mut ebpf, session::VIEWS_MAP)?,
+            take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
+        )),
         Err(reason) => Err(reason),
     };
     let log = if options.log_level == KernelLogLevel::Off {
@@ -415,6 +418,23 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             .set(CONFIG_NETNS_COOKIE, cookie, 0)
             .context("writing the network namespace to the eBPF programs")?;
     }
+    let ebpf = Arc::new(Mutex::new(ebpf));
+    let sessions = match sessions_maps {
+        Ok((sessions, views, spares)) => Ok(KernelSessionMaps {
+            sessions,
+            views,
+            port_info,
+            spares,
+            ports: ports_for_sessions,
+            programs: SessionPrograms::new(
+                ebpf.clone(),
+                cgroup_dir
+                    .try_clone()
+                    .context("duplicating the cgroup directory's descriptor")?,
+            ),
+        }),
+        Err(reason) => Err(reason),
+    };
     Ok(Attached {
         _ebpf: ebpf,
         events,

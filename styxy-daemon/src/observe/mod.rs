@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod kernel_log;
 pub mod mapped;
 pub mod procs;
+pub mod session_programs;
 pub mod sockets;
 
 use std::collections::HashSet;

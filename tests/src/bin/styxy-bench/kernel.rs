@@ -4,8 +4,9 @@
 //! costs next to a native bind.
 //!
 //! The programs' tax is measured by rounds: each round starts a daemon at the cgroup root, times
-//! the calls, stops it (its programs detach), and times them again without; so drift on a shared
-//! machine falls on both sides alike. The log levels are compared in sibling child cgroups, each
+//! the calls with no kernel session live (the session programs detached), then with one live
+//! elsewhere on the machine (every program attached), stops it (its programs detach), and times
+//! them again without; so drift on a shared machine falls on all sides alike. The log levels are compared in sibling child cgroups, each
 //! with a daemon of its own, and one without programs.
 
 use std::ffi::OsString;
@@ -131,7 +132,10 @@ pub async fn run() -> Result<()> {
             .context("starting the accept loop")?,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let mut with: [Samples; 4] = Default::default();
+    // Two states with the daemon: no session live (only the observer's programs attached), and
+    // a session live somewhere on the machine (every program attached); then without a daemon.
+    let mut idle: [Samples; 4] = Default::default();
+    let mut live: [Samples; 4] = Default::default();
     let mut without: [Samples; 4] = Default::default();
     let mut moved = Samples::default();
     let mut moved_failed = 0;
@@ -143,19 +147,41 @@ pub async fn run() -> Result<()> {
     ];
     // Each round's with/without p50 ratio: the machine's fast and slow phases move both sides of
     // one round together, so these are steadier than the ratio of the pooled samples.
-    let mut round_ratios: [Vec<f64>; 4] = Default::default();
-    let mut round_with: [Samples; 4] = Default::default();
+    let mut idle_ratios: [Vec<f64>; 4] = Default::default();
+    let mut live_ratios: [Vec<f64>; 4] = Default::default();
     for _ in 0..ROUNDS {
         let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?;
         let status = daemon.status().await?;
         if !status.observer_reason.contains("kernel sessions enforced") {
             bail!("kernel sessions are off: {}", status.observer_reason);
         }
-        for ((call, port), into) in cases.iter().zip(round_with.iter_mut()) {
+        if !status
+            .kernel_sessions_detail
+            .contains("detached while no session is live")
+        {
+            bail!("session programs attached with no session: {status:?}");
+        }
+        let mut round_idle: [Samples; 4] = Default::default();
+        let mut round_live: [Samples; 4] = Default::default();
+        for ((call, port), into) in cases.iter().zip(round_idle.iter_mut()) {
             // The daemon digests the records of the case before (the free-port binds): let it
             // finish, so one case's cost is not counted in the next one's.
             std::thread::sleep(SETTLE);
-            *into = Samples::default();
+            time_into(call_timer(), call, *port, into)?;
+        }
+        // A session elsewhere on the machine: its programs attach before `sleep` starts.
+        let session_live = styxy_tests::KillOnDrop(
+            Command::new(styxy_bin())
+                .arg("--socket")
+                .arg(&daemon.socket)
+                .args(["run", "--instance", "bench-live", "--", "sleep", "3600"])
+                .env("STYXY_NOTIFY", OsString::from("off"))
+                .spawn()
+                .context("starting a live session")?,
+        );
+        wait_for_session_programs(&daemon).await?;
+        for ((call, port), into) in cases.iter().zip(round_live.iter_mut()) {
+            std::thread::sleep(SETTLE);
             time_into(call_timer(), call, *port, into)?;
         }
         // A process of a kernel session binding the held port: moved by the bind program. The
@@ -176,42 +202,45 @@ pub async fn run() -> Result<()> {
             .arg(helper_bin("call-timer"))
             .env("STYXY_NOTIFY", OsString::from("off"));
         moved_failed += time_into(session, "bind", HELD, &mut moved)?;
+        drop(session_live);
         drop(daemon);
         std::thread::sleep(Duration::from_millis(200)); // its links close with it
         for (i, (call, port)) in cases.iter().enumerate() {
             std::thread::sleep(SETTLE);
             let mut round_without = Samples::default();
             time_into(call_timer(), call, *port, &mut round_without)?;
-            round_ratios[i].push(round_with[i].pct(0.5) / round_without.pct(0.5));
-            with[i].0.extend(&round_with[i].0);
+            idle_ratios[i].push(round_idle[i].pct(0.5) / round_without.pct(0.5));
+            live_ratios[i].push(round_live[i].pct(0.5) / round_without.pct(0.5));
+            idle[i].0.extend(&round_idle[i].0);
+            live[i].0.extend(&round_live[i].0);
             without[i].0.extend(round_without.0);
         }
     }
-    println!();
+    println!("\nWith a kernel session live (every program attached):");
     row(
         "port-0 bind (programs at the root)",
-        &with[0],
+        &live[0],
         &without[0],
         "with",
         "target ≤ 1.3×",
     );
     row(
         "free-port bind (programs at the root)",
-        &with[1],
+        &live[1],
         &without[1],
         "with",
         "",
     );
     row(
         "loopback connect outside every session",
-        &with[2],
+        &live[2],
         &without[2],
         "with",
         "target ≤ 1.1×",
     );
     row(
         "close of a port-0 socket (sock_release)",
-        &with[3],
+        &live[3],
         &without[3],
         "with",
         "",
@@ -219,7 +248,7 @@ pub async fn run() -> Result<()> {
     row(
         "session bind of a held port, moved by the kernel",
         &moved,
-        &with[1],
+        &live[1],
         "    ",
         "target ≤ 1.5× (next to a free-port bind with the programs)",
     );
@@ -227,17 +256,51 @@ pub async fn run() -> Result<()> {
         "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
         moved.pct(0.5) / without[1].pct(0.5)
     );
-    for (label, ratios) in ["port-0 bind", "free-port bind", "loopback connect", "close"]
-        .iter()
-        .zip(round_ratios.iter_mut())
+    println!("\nWith no session live (the session programs detached; the bind observer only):");
+    for (i, label) in [
+        "port-0 bind",
+        "free-port bind",
+        "loopback connect",
+        "close of a port-0 socket",
+    ]
+    .iter()
+    .enumerate()
     {
-        ratios.sort_by(f64::total_cmp);
+        row(label, &idle[i], &without[i], "with", "");
+    }
+    println!(
+        "\nRound by round, with/without p50 (the machine's phases move both sides of a round):"
+    );
+    for (label, (live, idle)) in ["port-0 bind", "free-port bind", "loopback connect", "close"]
+        .iter()
+        .zip(live_ratios.iter_mut().zip(idle_ratios.iter_mut()))
+    {
+        let spread = |ratios: &mut Vec<f64>| {
+            ratios.sort_by(f64::total_cmp);
+            format!(
+                "median {:.2}×, {:.2}–{:.2}×",
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1]
+            )
+        };
         println!(
-            "    {label}: with/without p50 round by round: median {:.2}×, {:.2}–{:.2}×",
-            ratios[ratios.len() / 2],
-            ratios[0],
-            ratios[ratios.len() - 1]
+            "    {label:<18} session live: {}; none live: {}",
+            spread(live),
+            spread(idle)
         );
     }
     Ok(())
+}
+
+/// Waits until `daemon` says its session programs are attached (a session was placed).
+async fn wait_for_session_programs(daemon: &Daemon) -> Result<()> {
+    for _ in 0..100 {
+        let detail = daemon.status().await?.kernel_sessions_detail;
+        if detail.contains("session programs are attached") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the session programs did not attach for a live session")
 }
