@@ -320,6 +320,12 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     };
     let log_level = options.log_level.aya_level();
     let (ephemeral_low, ephemeral_high) = ephemeral_ports();
+    let ephemeral_in_no_range = u32::from(
+        !options
+            .ranges
+            .iter()
+            .any(|(start, end)| *start <= ephemeral_high && *end >= ephemeral_low),
+    );
     let mut ebpf = EbpfLoader::new()
         .override_global(session::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
         .override_global(session::GLOBAL_EXIT_GROUP_DEAD_OFFSET, &exit_offset, true)
@@ -327,6 +333,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         .override_global("AYA_LOG_LEVEL", &log_level, true)
         .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
         .override_global("EPHEMERAL_HIGH", &u32::from(ephemeral_high), true)
+        .override_global("EPHEMERAL_IN_NO_RANGE", &ephemeral_in_no_range, true)
         .load_file(object)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
     // The two program types share no trait for load/attach: the same steps, once per type.
