@@ -362,13 +362,13 @@ async fn session_programs_attach_for_the_first_session_and_detach_after_the_last
         &helper_bin("bind-probe"),
         &["stdin"],
     ))?;
-    assert_eq!(ours()?.len(), 13, "every program while a session is live");
     session.send_line(&held.to_string())?;
     let line = session.line_where(10, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
     assert!(
         line.starts_with(&format!("bound {held} ")) && !line.ends_with(&format!(" {held}")),
         "moved: {line}"
     );
+    assert_eq!(ours()?.len(), 13, "every program while a session is live");
     let detail = daemon.status().await?.kernel_sessions_detail;
     assert!(detail.contains("session programs are attached"), "{detail}");
 
