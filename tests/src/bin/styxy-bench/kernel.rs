@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use styxy_tests::{ebpf_ready, helper_bin, port_holder, styxy_bin, ChildCgroup, Daemon};
 
 /// Timed calls per case and side, over `ROUNDS` rounds.
-const CALLS: usize = 4000;
+const CALLS: usize = 20_000;
 const ROUNDS: usize = 10;
 /// Ports of the `bench` range every test daemon has (10000-19999): held, free, and listened on.
 const HELD: u16 = 10_050;
