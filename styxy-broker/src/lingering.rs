@@ -27,6 +27,8 @@ enum Why {
 #[derive(Debug, Default)]
 pub(crate) struct LingeringPorts {
     ports: BTreeMap<u16, Why>,
+    /// Counts every change of which ports linger (for those who copy the set elsewhere).
+    generation: u64,
 }
 
 impl Broker {
@@ -37,6 +39,7 @@ impl Broker {
     /// bound on (a server and its connections) is taken anyway, and not counted: its release
     /// starts its lingering.
     pub fn set_lingering(&mut self, ports: impl IntoIterator<Item = u16>, started_ms: u64) {
+        let before: Vec<u16> = self.lingering.ports.keys().copied().collect();
         self.lingering
             .ports
             .retain(|_, why| matches!(why, Why::Released { at_ms } if *at_ms >= started_ms));
@@ -45,6 +48,14 @@ impl Broker {
                 self.lingering.ports.entry(port).or_insert(Why::Seen);
             }
         }
+        if !self.lingering.ports.keys().copied().eq(before) {
+            self.lingering.generation += 1;
+        }
+    }
+
+    /// Changes whenever the set of lingering ports does.
+    pub fn lingering_generation(&self) -> u64 {
+        self.lingering.generation
     }
 
     /// Whether `port` may still refuse a plain bind (see the module comment).
@@ -61,9 +72,15 @@ impl Broker {
     /// A TCP socket left `held`'s port: the port lingers until a reading started after now.
     pub(crate) fn note_release(&mut self, held: &Held, now_ms: u64) {
         if held.socket.protocol == Protocol::Tcp {
-            self.lingering
+            let port = held.socket.port;
+            if self
+                .lingering
                 .ports
-                .insert(held.socket.port, Why::Released { at_ms: now_ms });
+                .insert(port, Why::Released { at_ms: now_ms })
+                .is_none()
+            {
+                self.lingering.generation += 1;
+            }
         }
     }
 }

@@ -84,6 +84,26 @@ impl Broker {
         self.sticky.by_key.values().cloned().collect()
     }
 
+    /// The sticky ports of `uid`'s `project` (every service type and asked port), for the
+    /// kernel's bind programs.
+    pub fn sticky_ports_of_project<'a>(
+        &'a self,
+        uid: u32,
+        project: &'a str,
+    ) -> impl Iterator<Item = &'a StickyPort> + 'a {
+        let from = StickyKey {
+            uid,
+            project: project.to_string(),
+            service_type: String::new(),
+            asked: 0,
+        };
+        self.sticky
+            .by_key
+            .range(from..)
+            .take_while(move |(k, _)| k.uid == uid && k.project == project)
+            .map(|(_, entry)| entry)
+    }
+
     /// The port `key` got last, when it is free again and within `start..=end`.
     pub(crate) fn sticky_port_for(&self, key: &StickyKey, start: u16, end: u16) -> Option<u16> {
         let port = self.sticky.by_key.get(key)?.port;

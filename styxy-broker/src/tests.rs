@@ -1600,3 +1600,30 @@ fn a_sticky_port_comes_back_while_it_lingers_unless_its_bind_was_refused() {
         "{next:?}"
     );
 }
+
+#[test]
+fn a_projects_sticky_ports_are_listed_for_the_kernel_and_no_one_elses() {
+    let mut b = broker();
+    b.apply(bound_by(1, 3000, 30, Protocol::Tcp), 1);
+    b.apply(bound_by(2, 6006, 31, Protocol::Tcp), 1);
+    let w = move_and_stop(&mut b, 40, 3, 3000, "/src/w", 10);
+    let w_storybook = move_and_stop(&mut b, 41, 4, 6006, "/src/w", 20);
+    move_and_stop(&mut b, 42, 5, 3000, "/src/wx", 30); // a project whose name starts alike
+    move_and_stop(&mut b, 43, 6, 3000, "/src/v", 40);
+    let mut listed: Vec<(u16, u16)> = b
+        .sticky_ports_of_project(1000, "/src/w")
+        .map(|e| (e.key.asked, e.port))
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, [(3000, w), (6006, w_storybook)]);
+    assert_eq!(b.sticky_ports_of_project(2000, "/src/w").count(), 0);
+    // The lingering generation moves when the set of lingering ports does, only then.
+    let generation = b.lingering_generation();
+    b.set_lingering([], 100);
+    let cleared = b.lingering_generation();
+    assert_ne!(cleared, generation, "the releases' ports were read clean");
+    b.set_lingering([], 101);
+    assert_eq!(b.lingering_generation(), cleared);
+    b.set_lingering([3333], 102);
+    assert_ne!(b.lingering_generation(), cleared);
+}

@@ -13,6 +13,8 @@
 //! - `VIEWS` (hash, [`ViewKey`] → bound port): the daemon's session views.
 //! - `REVERSE` (LRU hash, [`ReverseKey`] → asked port): what connect and sendmsg redirected, per
 //!   socket, so getpeername and recvmsg show the asked port back.
+//! - `STICKY` (hash, [`StickyKey`] → port, with [`STICKY_LINGERING`]): the sticky ports of each
+//!   session's project, so a kernel move gets the port its project got before while it is free.
 //! - `READER` (mmapable array, one `u32`): [`READER_SLEEPING`] while the daemon's ring-buffer
 //!   reader waits for a wake-up; otherwise records are submitted without one.
 
@@ -24,6 +26,7 @@ pub const MOVES_MAP: &str = "MOVES";
 pub const VIEWS_MAP: &str = "VIEWS";
 pub const REVERSE_MAP: &str = "REVERSE";
 pub const READER_MAP: &str = "READER";
+pub const STICKY_MAP: &str = "STICKY";
 
 /// Entries of `SESSIONS`: processes and threads of every managed session together.
 pub const SESSIONS_MAX: u32 = 65_536;
@@ -32,6 +35,11 @@ pub const VIEWS_MAX: u32 = 16_384;
 /// Entries of `MOVES` and `REVERSE` (least recently used ones are dropped first).
 pub const MOVES_MAX: u32 = 16_384;
 pub const REVERSE_MAX: u32 = 65_536;
+/// Entries of `STICKY`.
+pub const STICKY_MAX: u32 = 16_384;
+/// In a `STICKY` value: old connections linger on the port (TIME_WAIT), so only a socket with
+/// SO_REUSEADDR may be sent there.
+pub const STICKY_LINGERING: u32 = 1 << 16;
 
 /// Service ranges the kernel path knows (the first ones of the daemon's configuration).
 pub const RANGES_MAX: u32 = 64;
@@ -116,6 +124,15 @@ pub struct ViewKey {
     pub _pad: u8,
 }
 
+/// Key of `STICKY`: a session and a port its processes may ask for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StickyKey {
+    pub session: u32,
+    pub asked: u16,
+    pub _pad: u16,
+}
+
 /// Key of `REVERSE`: a socket and the real port it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +162,9 @@ unsafe impl aya::Pod for ViewKey {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for MoveKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for StickyKey {}
 
 #[cfg(test)]
 mod tests {

@@ -381,7 +381,7 @@ impl Engine {
     /// few seconds.
     pub fn detach_idle_session_programs(&self) {
         if let Some(sessions) = self.kernel_sessions.get() {
-            sessions.detach_if_idle();
+            sessions.detach_if_idle(&lock(&self.broker));
         }
     }
 

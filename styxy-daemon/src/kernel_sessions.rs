@@ -5,7 +5,8 @@
 //! daemon placed in the kernel's `SESSIONS` map; its descendants join at fork. Here the daemon
 //! numbers the sessions, places processes, and keeps what the programs read in step with the
 //! broker, under the broker lock and before a decision's answer leaves (like the shim's table):
-//! who holds a lease on each port, the spare ports a moved bind may take, and each session's view.
+//! who holds a lease on each port, the spare ports a moved bind may take, each session's view, and
+//! the sticky ports of each session's project (the project of the process it was placed with).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -13,9 +14,12 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use styxy_broker::StateChange;
 use styxy_broker::{Broker, Effects, Notice};
 use styxy_common::event::{port_slot, IPPROTO_TCP, IPPROTO_UDP};
-use styxy_common::session::{PortInfo, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS};
+use styxy_common::session::{
+    PortInfo, StickyKey, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS, STICKY_LINGERING,
+};
 
 use crate::observe::mapped::MappedArray;
 use crate::observe::session_programs::SessionPrograms;
@@ -24,6 +28,7 @@ use crate::observe::session_programs::SessionPrograms;
 pub struct KernelSessionMaps {
     pub sessions: BpfHashMap<MapData, u32, u32>,
     pub views: BpfHashMap<MapData, ViewKey, u32>,
+    pub sticky: BpfHashMap<MapData, StickyKey, u32>,
     pub port_info: MappedArray<AtomicU64>,
     pub spares: MappedArray<AtomicU32>,
     /// The kernel's per-port socket counts (read only here).
@@ -40,12 +45,19 @@ struct Registry {
     instances: HashMap<u32, String>,
     /// The view entries written to `VIEWS`.
     views: HashMap<ViewKey, u32>,
+    /// Session number → the uid that placed it and the project of the process it was placed
+    /// with, while the session may have live processes.
+    projects: HashMap<u32, (u32, Option<String>)>,
+    /// The entries written to `STICKY`, and the broker's lingering generation they reflect.
+    sticky: HashMap<StickyKey, u32>,
+    sticky_lingering_generation: u64,
 }
 
 /// The daemon's handle on the kernel sessions.
 pub struct KernelSessions {
     sessions: Mutex<BpfHashMap<MapData, u32, u32>>,
     views: Mutex<BpfHashMap<MapData, ViewKey, u32>>,
+    sticky: Mutex<BpfHashMap<MapData, StickyKey, u32>>,
     port_info: MappedArray<AtomicU64>,
     spares: MappedArray<AtomicU32>,
     ports: MappedArray<AtomicU64>,
@@ -63,6 +75,7 @@ impl KernelSessions {
         KernelSessions {
             sessions: Mutex::new(maps.sessions),
             views: Mutex::new(maps.views),
+            sticky: Mutex::new(maps.sticky),
             port_info: maps.port_info,
             spares: maps.spares,
             ports: maps.ports,
@@ -87,6 +100,12 @@ impl KernelSessions {
                 .or_insert((next, uid));
             // The uid that placed it first owns it (the broker keeps other users off the id).
             registry.instances.insert(number, instance_id.to_string());
+            // Its project: where its first placed process runs (an agent's worktree, the
+            // directory `styxy run` was started in).
+            registry
+                .projects
+                .entry(number)
+                .or_insert_with(|| (uid, crate::observe::procs::project_of(pid)));
             number
         };
         {
@@ -99,8 +118,10 @@ impl KernelSessions {
                 .insert(pid, number, 0)
                 .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
         }
-        // Its moves so far (through the shim) join the kernel's view, and its leases count as its own.
+        // Its moves so far (through the shim) join the kernel's view, its project's sticky ports
+        // its choices, and its leases count as its own.
         self.sync_views(broker);
+        self.sync_sticky(broker, true);
         let registry = lock(&self.registry);
         for lease in broker
             .leases()
@@ -118,7 +139,8 @@ impl KernelSessions {
 
     /// Once a second: detaches the session programs when no session has had a live process for
     /// a few checks in a row (see `session_programs`).
-    pub fn detach_if_idle(&self) {
+    pub fn detach_if_idle(&self, broker: &Broker) {
+        self.forget_ended_sessions(broker);
         let mut programs = lock(&self.programs);
         if !programs.is_attached() {
             return;
@@ -138,6 +160,25 @@ impl KernelSessions {
             sessions.keys().next().is_none()
         };
         programs.check_idle(no_session);
+    }
+
+    /// Sessions with no process left lose their sticky entries (they come back if the session
+    /// is placed again).
+    fn forget_ended_sessions(&self, broker: &Broker) {
+        let live: std::collections::HashSet<u32> = lock(&self.sessions)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, n)| n)
+            .collect();
+        let ended = {
+            let mut registry = lock(&self.registry);
+            let before = registry.projects.len();
+            registry.projects.retain(|n, _| live.contains(n));
+            registry.projects.len() != before
+        };
+        if ended {
+            self.sync_sticky(broker, true);
+        }
     }
 
     /// Whether the session programs are attached now.
@@ -200,7 +241,68 @@ impl KernelSessions {
         if views_changed {
             self.sync_views(broker);
         }
+        let sticky_changed = effects.changes.iter().any(|c| {
+            matches!(
+                c,
+                StateChange::PutSticky { .. } | StateChange::RemoveSticky { .. }
+            )
+        });
+        self.sync_sticky(broker, sticky_changed);
         self.refill_spares(broker);
+    }
+
+    /// Makes `STICKY` equal to the sticky ports of the placed sessions' projects, when they or
+    /// the lingering ports changed (`changed`, or a new lingering generation).
+    fn sync_sticky(&self, broker: &Broker, changed: bool) {
+        let mut registry = lock(&self.registry);
+        let generation = broker.lingering_generation();
+        if !changed && generation == registry.sticky_lingering_generation {
+            return;
+        }
+        registry.sticky_lingering_generation = generation;
+        let mut wanted = HashMap::new();
+        for (session, (uid, project)) in &registry.projects {
+            let Some(project) = project else {
+                continue;
+            };
+            for entry in broker.sticky_ports_of_project(*uid, project) {
+                let asked = entry.key.asked;
+                // A move's entry: the asked port's own range (an allocation's has asked 0).
+                let in_range = broker
+                    .ranges()
+                    .type_of_port(asked)
+                    .is_some_and(|t| t.name == entry.key.service_type);
+                if asked == 0 || !in_range {
+                    continue;
+                }
+                let lingering = if broker.is_lingering(entry.port) {
+                    STICKY_LINGERING
+                } else {
+                    0
+                };
+                let key = StickyKey {
+                    session: *session,
+                    asked,
+                    _pad: 0,
+                };
+                wanted.insert(key, u32::from(entry.port) | lingering);
+            }
+        }
+        let mut sticky = lock(&self.sticky);
+        for key in registry.sticky.keys() {
+            if !wanted.contains_key(key) {
+                let _ = sticky.remove(key);
+            }
+        }
+        for (key, value) in &wanted {
+            if registry.sticky.get(key) != Some(value) {
+                if let Err(e) = sticky.insert(key, value, 0) {
+                    tracing::warn!(cause = %e, session = key.session, asked = key.asked,
+                        "the kernel's sticky-port map refused an entry: that session's move of it takes a spare port");
+                }
+            }
+        }
+        registry.sticky = wanted;
     }
 
     /// Makes `VIEWS` equal to the broker's views of the placed sessions.

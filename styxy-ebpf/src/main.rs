@@ -42,13 +42,14 @@ use styxy_common::event::{
     FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, KIND_WAKE, PORT_SLOTS,
 };
 use styxy_common::session::{
-    MoveKey, PortInfo, Requested, ReverseKey, ViewKey, MOVES_MAX, READER_SLEEPING, REVERSE_MAX,
-    SESSIONS_MAX, SPARES_LEN, SPARE_SLOTS, VIEWS_MAX,
+    MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX, READER_SLEEPING,
+    REVERSE_MAX, SESSIONS_MAX, SPARES_LEN, SPARE_SLOTS, STICKY_LINGERING, STICKY_MAX, VIEWS_MAX,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
 const ALLOW: i32 = 1;
 const SOL_SOCKET: i32 = 1;
+const SO_REUSEADDR: i32 = 2;
 const SO_REUSEPORT: i32 = 15;
 /// The kernel's `BPF_F_MMAPABLE`: the daemon maps these arrays into its memory.
 const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
@@ -180,6 +181,10 @@ static MOVES: LruHashMap<MoveKey, u32> = LruHashMap::with_max_entries(MOVES_MAX,
 #[map]
 static VIEWS: HashMap<ViewKey, u32> = HashMap::with_max_entries(VIEWS_MAX, 0);
 
+/// (session, asked port) → the port the session's project got before (see `StickyKey`).
+#[map]
+static STICKY: HashMap<StickyKey, u32> = HashMap::with_max_entries(STICKY_MAX, 0);
+
 /// (socket, real port) → asked port, for the sockets connect/sendmsg redirected.
 #[map]
 static REVERSE: LruHashMap<ReverseKey, u32> = LruHashMap::with_max_entries(REVERSE_MAX, 0);
@@ -288,21 +293,57 @@ fn taken(protocol: u8, port: u16, tgid: u32, session: u32) -> bool {
     reserved_by != 0 && reserved_by != session
 }
 
-/// Whether the socket has SO_REUSEPORT set (intended sharing: never moved).
+/// A SOL_SOCKET option of the socket: `None` when the kernel would not say.
 #[inline(always)]
-fn reuseport(sock_addr: *mut bpf_sock_addr) -> bool {
+fn socket_option(sock_addr: *mut bpf_sock_addr, option: i32) -> Option<i32> {
     let mut value: i32 = 0;
     // SAFETY: the helper writes at most `size_of::<i32>()` bytes into `value`.
     let rc = unsafe {
         bpf_getsockopt(
             sock_addr.cast(),
             SOL_SOCKET,
-            SO_REUSEPORT,
+            option,
             (&raw mut value).cast(),
             core::mem::size_of::<i32>() as i32,
         )
     };
-    rc != 0 || value != 0 // unknown counts as shared: never move what may be a pool
+    (rc == 0).then_some(value)
+}
+
+/// Whether the socket has SO_REUSEPORT set (intended sharing: never moved).
+#[inline(always)]
+fn reuseport(sock_addr: *mut bpf_sock_addr) -> bool {
+    // Unknown counts as shared: never move what may be a pool.
+    socket_option(sock_addr, SO_REUSEPORT) != Some(0)
+}
+
+/// The sticky port of the session's project for `asked`, when the caller may bind it now: free,
+/// and, if old connections linger there, only for a socket with SO_REUSEADDR (which binds over
+/// TIME_WAIT; any other would fail there, and the program cannot try again).
+#[inline(always)]
+fn sticky_port(
+    sock_addr: *mut bpf_sock_addr,
+    protocol: u8,
+    asked: u16,
+    tgid: u32,
+    session: u32,
+) -> Option<u16> {
+    let key = StickyKey {
+        session,
+        asked,
+        _pad: 0,
+    };
+    // SAFETY: a plain u32 copied out of the map value.
+    let value = unsafe { STICKY.get(key) }.copied()?;
+    let port = value as u16;
+    if port == 0 || port == asked || taken(protocol, port, tgid, session) {
+        return None;
+    }
+    if value & STICKY_LINGERING != 0 && socket_option(sock_addr, SO_REUSEADDR).unwrap_or(0) == 0
+    {
+        return None;
+    }
+    Some(port)
 }
 
 /// Takes a spare port of range `range` that is free for the caller: the first one after `asked`
@@ -426,7 +467,9 @@ fn move_for_session(
         );
         return None;
     };
-    let Some(port) = take_spare(range, protocol, asked, tgid, session) else {
+    let Some(port) = sticky_port(ctx.sock_addr, protocol, asked, tgid, session)
+        .or_else(|| take_spare(range, protocol, asked, tgid, session))
+    else {
         warn!(
             ctx,
             "session {}: no spare port left in the range of {}: not moved", session, asked

@@ -330,6 +330,77 @@ fn styxy_programs_at_root(root: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// A kernel move gets its project's sticky port back: the port that project's last move of the
+/// asked port got, while it is free — not the first spare port.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kernel_move_gets_its_projects_sticky_port_back() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let held = daemon.base + 150;
+    let _holder = styxy_tests::port_holder(&[held])?;
+    let project = tempfile::tempdir()?;
+    let port = held.to_string();
+    let server = |session: &str, name: &str| -> Result<Spawned> {
+        Spawned::start(
+            in_session(&daemon, session, &programs.musl_server, &[&port, name])
+                .current_dir(project.path()),
+        )
+    };
+    // Two servers of the project, moved one after the other: the second's port is the sticky one.
+    let mut a = server("ks-sticky-a", "a")?;
+    let first = listening_port(&mut a)?;
+    let mut b = server("ks-sticky-b", "b")?;
+    let second = listening_port(&mut b)?;
+    assert!(first != held && second != held && first != second);
+    // The daemon records a move (and its sticky port) once it knows the process: before the
+    // servers stop.
+    eventually(10, "both moves in the audit", || async {
+        let audit = daemon.audit().await.ok()?;
+        [first, second]
+            .iter()
+            .all(|p| audit.iter().any(|e| e.assigned_port == u32::from(*p)))
+            .then_some(())
+    })
+    .await?;
+    drop((a, b));
+    let client = daemon.client().await?;
+    for port in [first, second] {
+        eventually(10, "the daemon to see the servers gone", || {
+            let mut client = client.clone();
+            async move {
+                let seen = client
+                    .observe(styxy_tests::v1::ObserveRequest {
+                        port: u32::from(port),
+                        protocol: 0,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!seen.bound).then_some(())
+            }
+        })
+        .await?;
+    }
+    let sticky = String::from_utf8_lossy(&daemon.cli(&["ports"]).stdout).to_string();
+    assert!(
+        sticky.contains(&format!("{held} → {second}")),
+        "the project's sticky port: {sticky}\naudit: {:#?}\n{}",
+        daemon.audit().await,
+        daemon.log()
+    );
+    // A new session of the same project: the kernel sends it to the sticky port.
+    let mut c = server("ks-sticky-c", "c")?;
+    assert_eq!(
+        listening_port(&mut c)?,
+        second,
+        "the sticky port, not a spare"
+    );
+    Ok(())
+}
+
 /// The programs only sessions need are attached while one is live: with none, the machine's
 /// binds, connects and UDP receives run only the bind observer's three programs.
 #[tokio::test(flavor = "multi_thread")]

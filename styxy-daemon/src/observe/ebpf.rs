@@ -401,6 +401,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         Ok(_) => Ok((
             take(&mut ebpf, session::SESSIONS_MAP)?,
             take(&mut ebpf, session::VIEWS_MAP)?,
+            take(&mut ebpf, session::STICKY_MAP)?,
             take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
         )),
         Err(reason) => Err(reason),
@@ -427,9 +428,10 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     }
     let ebpf = Arc::new(Mutex::new(ebpf));
     let sessions = match sessions_maps {
-        Ok((sessions, views, spares)) => Ok(KernelSessionMaps {
+        Ok((sessions, views, sticky, spares)) => Ok(KernelSessionMaps {
             sessions,
             views,
+            sticky,
             port_info,
             spares,
             ports: ports_for_sessions,
