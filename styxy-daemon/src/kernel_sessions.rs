@@ -64,7 +64,13 @@ pub struct KernelSessions {
     registry: Mutex<Registry>,
     /// Held while a process is placed, and while the programs are detached for want of any.
     programs: Mutex<SessionPrograms>,
+    /// Idle checks so far (see [`KernelSessions::detach_if_idle`]).
+    idle_checks: AtomicU64,
 }
+
+/// Every how many idle checks (one a second) the session map is searched for tasks that ended
+/// without the exit program seeing them.
+const STALE_TASK_CHECK_EVERY: u64 = 30;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -81,6 +87,7 @@ impl KernelSessions {
             ports: maps.ports,
             registry: Mutex::new(Registry::default()),
             programs: Mutex::new(maps.programs),
+            idle_checks: AtomicU64::new(0),
         }
     }
 
@@ -100,16 +107,14 @@ impl KernelSessions {
                 .or_insert((next, uid));
             // The uid that placed it first owns it (the broker keeps other users off the id).
             registry.instances.insert(number, instance_id.to_string());
-            // Its project: where its first placed process runs (an agent's worktree, the
-            // directory `styxy run` was started in).
-            registry
-                .projects
-                .entry(number)
-                .or_insert_with(|| (uid, crate::observe::procs::project_of(pid)));
             number
         };
+        // Its project: where its first placed process runs (an agent's worktree, the directory
+        // `styxy run` was started in).
+        let project = crate::observe::procs::project_of(pid);
         {
-            // Attached before the process is in the map, and not detached until it is.
+            // Attached before the process is in the map, and not detached until it is; the
+            // idle check (which also forgets ended sessions) waits for this lock.
             let mut programs = lock(&self.programs);
             programs
                 .attach()
@@ -117,6 +122,10 @@ impl KernelSessions {
             lock(&self.sessions)
                 .insert(pid, number, 0)
                 .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
+            lock(&self.registry)
+                .projects
+                .entry(number)
+                .or_insert((uid, project));
         }
         // Its moves so far (through the shim) join the kernel's view, its project's sticky ports
         // its choices, and its leases count as its own.
@@ -140,36 +149,31 @@ impl KernelSessions {
     /// Once a second: detaches the session programs when no session has had a live process for
     /// a few checks in a row (see `session_programs`).
     pub fn detach_if_idle(&self, broker: &Broker) {
-        self.forget_ended_sessions(broker);
         let mut programs = lock(&self.programs);
         if !programs.is_attached() {
             return;
         }
-        let no_session = {
+        let live = {
             let mut sessions = lock(&self.sessions);
+            let entries: Vec<(u32, u32)> = sessions.iter().filter_map(Result::ok).collect();
             // A task that ended before its entry went in (placed as it exited) is never removed
-            // by the exit program: such entries would keep the programs attached for good.
-            let gone: Vec<u32> = sessions
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|task| !std::path::Path::new(&format!("/proc/{task}")).exists())
-                .collect();
-            for task in gone {
-                let _ = sessions.remove(&task);
+            // by the exit program: such entries would keep the programs attached for good. Looked
+            // for now and then (a stat per task).
+            let checks = self.idle_checks.fetch_add(1, Ordering::Relaxed);
+            let mut live = std::collections::HashSet::new();
+            for (task, session) in entries {
+                let ended = checks.is_multiple_of(STALE_TASK_CHECK_EVERY)
+                    && !std::path::Path::new(&format!("/proc/{task}")).exists();
+                if ended {
+                    let _ = sessions.remove(&task);
+                } else {
+                    live.insert(session);
+                }
             }
-            sessions.keys().next().is_none()
+            live
         };
-        programs.check_idle(no_session);
-    }
-
-    /// Sessions with no process left lose their sticky entries (they come back if the session
-    /// is placed again).
-    fn forget_ended_sessions(&self, broker: &Broker) {
-        let live: std::collections::HashSet<u32> = lock(&self.sessions)
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, n)| n)
-            .collect();
+        // Sessions with no process left lose their sticky entries (they come back if the
+        // session is placed again).
         let ended = {
             let mut registry = lock(&self.registry);
             let before = registry.projects.len();
@@ -179,6 +183,7 @@ impl KernelSessions {
         if ended {
             self.sync_sticky(broker, true);
         }
+        programs.check_idle(live.is_empty());
     }
 
     /// Whether the session programs are attached now.

@@ -339,8 +339,7 @@ fn sticky_port(
     if port == 0 || port == asked || taken(protocol, port, tgid, session) {
         return None;
     }
-    if value & STICKY_LINGERING != 0 && socket_option(sock_addr, SO_REUSEADDR).unwrap_or(0) == 0
-    {
+    if value & STICKY_LINGERING != 0 && socket_option(sock_addr, SO_REUSEADDR).unwrap_or(0) == 0 {
         return None;
     }
     Some(port)
