@@ -462,10 +462,13 @@ impl Broker {
     pub fn suggest(&self, service_type: &str, count: usize) -> Result<Suggestion, BrokerError> {
         let t = self.ranges.get(service_type)?;
         // Lingering ports only when there are not enough others (see `lingering`).
-        let free = || self.taken.free_in(t.start, t.end);
-        let ports = free()
-            .filter(|p| !self.is_lingering(*p))
-            .chain(free().filter(|p| self.is_lingering(*p)))
+        let ports = self
+            .settled_free_in(t.start, t.end)
+            .chain(
+                self.taken
+                    .free_in(t.start, t.end)
+                    .filter(|p| self.is_lingering(*p)),
+            )
             .take(count)
             .collect();
         Ok(Suggestion {
@@ -485,7 +488,7 @@ impl Broker {
             PortEvent::Bound(socket) => {
                 self.insert_socket(socket, now_ms, Some(now_ms), &mut effects)
             }
-            PortEvent::Released { cookie } => self.remove_socket(cookie, now_ms, &mut effects),
+            PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
             PortEvent::MovedByKernel {
                 socket,
                 asked,
@@ -516,7 +519,7 @@ impl Broker {
             .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in gone {
-            self.remove_socket(cookie, now_ms, &mut effects);
+            self.remove_socket(cookie, &mut effects);
         }
         for (cookie, socket) in fresh {
             match self.sockets.get_mut(&cookie) {
@@ -612,9 +615,9 @@ impl Broker {
         Some(held)
     }
 
-    fn remove_socket(&mut self, cookie: u64, now_ms: u64, effects: &mut Effects) {
+    fn remove_socket(&mut self, cookie: u64, effects: &mut Effects) {
         if let Some(held) = self.remove_socket_quietly(cookie) {
-            self.note_release(&held, now_ms);
+            self.note_release(&held);
             self.end_view_entry_of(&held, effects);
             effects.notices.push(Notice::Released(held));
         }
@@ -694,15 +697,10 @@ impl Broker {
             .filter(|p| !self.is_taken(*p))
             .or_else(|| key.and_then(|k| self.sticky_port_for(k, range.start, range.end)))
             .or_else(|| {
-                self.taken
-                    .free_in(range.start, range.end)
-                    .find(|p| !self.is_lingering(*p) && !self.remembered_by_other(*p, key))
+                self.settled_free_in(range.start, range.end)
+                    .find(|p| !self.remembered_by_other(*p, key))
             })
-            .or_else(|| {
-                self.taken
-                    .free_in(range.start, range.end)
-                    .find(|p| !self.is_lingering(*p))
-            })
+            .or_else(|| self.settled_free_in(range.start, range.end).next())
             .or_else(|| self.taken.first_free(range.start, range.end))
     }
 
@@ -1081,16 +1079,21 @@ impl Broker {
         if let Some(port) = key.and_then(|k| self.sticky_port_for(k, range.start, range.end)) {
             return Some(port);
         }
+        let after = requested.saturating_add(1).max(range.start);
+        let before = requested.min(range.end);
         let candidates = || {
-            let after = self
-                .taken
-                .free_in(requested.saturating_add(1).max(range.start), range.end);
-            let before = self.taken.free_in(range.start, requested.min(range.end));
+            let after = self.taken.free_in(after, range.end);
+            let before = self.taken.free_in(range.start, before);
             after.chain(before).filter(move |p| *p != requested)
         };
-        candidates()
-            .find(|p| !self.is_lingering(*p) && !self.remembered_by_other(*p, key))
-            .or_else(|| candidates().find(|p| !self.is_lingering(*p)))
+        let settled = || {
+            let after = self.settled_free_in(after, range.end);
+            let before = self.settled_free_in(range.start, before);
+            after.chain(before).filter(move |p| *p != requested)
+        };
+        settled()
+            .find(|p| !self.remembered_by_other(*p, key))
+            .or_else(|| settled().next())
             .or_else(|| candidates().next())
     }
 

@@ -5,51 +5,61 @@
 //! suggestions and the kernel's spare ports pass such ports over while any other port of the
 //! range is free.
 //!
-//! The daemon reads them from the socket tables (outside the broker lock) and hands the reading
-//! in with [`Broker::set_lingering`]. Between a TCP server's release and the next reading its
-//! port counts as lingering too (its connections may be closing right then), so nothing is given
-//! a port that has not been looked at since.
+//! The daemon reads them from the socket tables (outside the broker lock): it says when a reading
+//! begins ([`Broker::begin_lingering_reading`]) and hands its result in ([`Broker::set_lingering`]).
+//! Between a TCP server's release and the end of a reading begun after it, its port counts as
+//! lingering too (its connections may be closing right then), so nothing is given a port that
+//! has not been looked at since. Everything is a 65,536-bit bitmap: a release sets a bit, and a
+//! reading costs a few passes over 8 KiB under the broker lock, however many ports were released
+//! (a map of release times, emptied by each reading, held the observer up: bind → broker p99
+//! 2–4 ms at 200,000 binds a second, against 0.3–0.7 ms without the reader).
 
-use std::collections::BTreeMap;
-
+use crate::portset::PortSet;
 use crate::{Broker, Held, Protocol};
 
-/// Why a port counts as lingering.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Why {
-    /// The last reading of the socket tables showed connections on it.
-    Seen,
-    /// A TCP socket was released from it at this time (Unix ms) and no reading started since.
-    Released { at_ms: u64 },
-}
-
-/// The lingering ports, by port.
+/// The lingering ports.
 #[derive(Debug, Default)]
 pub(crate) struct LingeringPorts {
-    ports: BTreeMap<u16, Why>,
+    /// TCP ports released since the reading in progress began (since the last one, if none is).
+    released_since: PortSet,
+    /// TCP ports released before the reading in progress began: its result settles them.
+    released_before: PortSet,
+    /// The ports the last reading showed connections on.
+    seen: PortSet,
+    /// All of them: what every free-port search and the kernel's spare-port refill test.
+    bits: PortSet,
     /// Counts every change of which ports linger (for those who copy the set elsewhere).
     generation: u64,
 }
 
 impl Broker {
-    /// A reading of the socket tables, started at `started_ms`: the ports with TCP connections
-    /// on them (the daemon leaves out the kernel's ephemeral ports outside every service range,
-    /// where clients' connections are). Replaces what the last reading said; a port released
-    /// after the reading started stays lingering until the next one. A port a TCP socket is
-    /// bound on (a server and its connections) is taken anyway, and not counted: its release
-    /// starts its lingering.
-    pub fn set_lingering(&mut self, ports: impl IntoIterator<Item = u16>, started_ms: u64) {
-        let before: Vec<u16> = self.lingering.ports.keys().copied().collect();
-        self.lingering
-            .ports
-            .retain(|_, why| matches!(why, Why::Released { at_ms } if *at_ms >= started_ms));
+    /// A reading of the socket tables begins: releases from now on are not covered by it.
+    pub fn begin_lingering_reading(&mut self) {
+        let lingering = &mut self.lingering;
+        let since = std::mem::take(&mut lingering.released_since);
+        lingering.released_before.add_all(&since);
+    }
+
+    /// The reading begun last: the ports with TCP connections on them (the daemon leaves out the
+    /// kernel's ephemeral ports outside every service range, where clients' connections are).
+    /// Replaces what the last reading said; a port released after the reading began stays
+    /// lingering until the next one. A port a TCP socket is bound on (a server and its
+    /// connections) is taken anyway, and not counted: its release starts its lingering.
+    pub fn set_lingering(&mut self, ports: impl IntoIterator<Item = u16>) {
+        let mut seen = PortSet::default();
         for port in ports {
             if !self.is_bound(port, Some(Protocol::Tcp)) {
-                self.lingering.ports.entry(port).or_insert(Why::Seen);
+                seen.set(port, true);
             }
         }
-        if !self.lingering.ports.keys().copied().eq(before) {
-            self.lingering.generation += 1;
+        let lingering = &mut self.lingering;
+        lingering.released_before.clear();
+        let mut bits = seen.clone();
+        bits.add_all(&lingering.released_since);
+        lingering.seen = seen;
+        if bits != lingering.bits {
+            lingering.bits = bits;
+            lingering.generation += 1;
         }
     }
 
@@ -60,26 +70,30 @@ impl Broker {
 
     /// Whether `port` may still refuse a plain bind (see the module comment).
     pub fn is_lingering(&self, port: u16) -> bool {
-        self.lingering.ports.contains_key(&port)
+        self.lingering.bits.contains(port)
+    }
+
+    /// Ports of `start..=end` neither taken nor lingering, lowest first (64 ports a step past
+    /// the others, however many linger).
+    pub fn settled_free_in(&self, start: u16, end: u16) -> impl Iterator<Item = u16> + '_ {
+        self.taken.free_of_both(&self.lingering.bits, start, end)
     }
 
     /// How many ports are lingering: while any are, the daemon reads again now and then, to see
     /// them free.
     pub fn lingering_count(&self) -> usize {
-        self.lingering.ports.len()
+        self.lingering.bits.len()
     }
 
-    /// A TCP socket left `held`'s port: the port lingers until a reading started after now.
-    pub(crate) fn note_release(&mut self, held: &Held, now_ms: u64) {
+    /// A TCP socket left `held`'s port: the port lingers until a reading begun after now ends.
+    pub(crate) fn note_release(&mut self, held: &Held) {
         if held.socket.protocol == Protocol::Tcp {
             let port = held.socket.port;
-            if self
-                .lingering
-                .ports
-                .insert(port, Why::Released { at_ms: now_ms })
-                .is_none()
-            {
-                self.lingering.generation += 1;
+            let lingering = &mut self.lingering;
+            lingering.released_since.set(port, true);
+            if !lingering.bits.contains(port) {
+                lingering.bits.set(port, true);
+                lingering.generation += 1;
             }
         }
     }

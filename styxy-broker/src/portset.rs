@@ -25,7 +25,30 @@ impl Default for PortSet {
     }
 }
 
+impl PartialEq for PortSet {
+    fn eq(&self, other: &PortSet) -> bool {
+        self.words[..] == other.words[..]
+    }
+}
+
 impl PortSet {
+    /// Empties the set.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Adds every port of `other`.
+    pub fn add_all(&mut self, other: &PortSet) {
+        for (word, theirs) in self.words.iter_mut().zip(other.words.iter()) {
+            *word |= theirs;
+        }
+    }
+
+    /// How many ports are in the set.
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
     pub fn set(&mut self, port: u16, taken: bool) {
         let (word, bit) = (usize::from(port) / 64, port % 64);
         if taken {
@@ -54,6 +77,38 @@ impl PortSet {
         None
     }
 
+    /// The lowest port in `start..=end` in neither this set nor `other`.
+    pub fn first_free_of_both(&self, other: &PortSet, start: u16, end: u16) -> Option<u16> {
+        let mut port = u32::from(start);
+        let end = u32::from(end);
+        while port <= end {
+            let index = (port / 64) as usize;
+            let word = self.words[index] | other.words[index] | ((1u64 << (port % 64)) - 1);
+            if word != u64::MAX {
+                let free = (port / 64) * 64 + word.trailing_ones();
+                return (free <= end).then_some(free as u16);
+            }
+            port = (port / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Ports in `start..=end` in neither this set nor `other`, lowest first.
+    pub fn free_of_both<'a>(
+        &'a self,
+        other: &'a PortSet,
+        start: u16,
+        end: u16,
+    ) -> impl Iterator<Item = u16> + 'a {
+        let mut next = Some(start);
+        std::iter::from_fn(move || {
+            let from = next?;
+            let found = self.first_free_of_both(other, from, end)?;
+            next = found.checked_add(1).filter(|n| *n <= end);
+            Some(found)
+        })
+    }
+
     /// Ports in `start..=end` not in the set, lowest first.
     pub fn free_in(&self, start: u16, end: u16) -> impl Iterator<Item = u16> + '_ {
         let mut next = Some(start);
@@ -69,6 +124,23 @@ impl PortSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_of_both_skips_what_either_set_holds() {
+        let (mut a, mut b) = (PortSet::default(), PortSet::default());
+        for p in 0..100 {
+            a.set(p, true);
+        }
+        for p in 100..300 {
+            b.set(p, true);
+        }
+        a.set(301, true);
+        assert_eq!(a.first_free_of_both(&b, 0, 1000), Some(300));
+        let both: Vec<u16> = a.free_of_both(&b, 250, 304).collect();
+        assert_eq!(both, [300, 302, 303, 304]);
+        assert_eq!(a.first_free_of_both(&b, 0, 299), None);
+        assert_eq!(a.free_of_both(&b, 65_535, 65_535).count(), 1);
+    }
 
     #[test]
     fn finds_the_first_free_port_across_words_and_at_the_edges() {

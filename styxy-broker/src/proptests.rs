@@ -333,7 +333,10 @@ impl World {
                 self.procs.generation[i] += 1;
                 self.procs.alive[i] = true;
             }
-            Op::Linger { ref ports } => self.broker.set_lingering(ports.iter().copied(), self.now),
+            Op::Linger { ref ports } => {
+                self.broker.begin_lingering_reading();
+                self.broker.set_lingering(ports.iter().copied());
+            }
             Op::Tick { ms } => {
                 self.now += ms;
                 let effects = self.broker.expire(self.now, &self.procs);

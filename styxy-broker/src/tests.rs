@@ -1383,7 +1383,7 @@ fn forget_clears_by_project_port_or_all_and_only_the_callers_own() {
     ));
     // W is forgotten: it is moved like anyone else (3001 is free and nobody remembers it, and a
     // reading of the socket tables shows no connections left there).
-    b.set_lingering([], 25);
+    read_lingering(&mut b, []);
     assert_eq!(move_and_stop(&mut b, 42, 4, 3000, "/src/w", 30), 3001);
     let (all, _) = b.forget_sticky(0, None, None);
     assert_eq!(all.len(), 2, "root forgets everyone's");
@@ -1439,11 +1439,17 @@ fn a_kernel_move_is_remembered_for_its_project_and_its_shim_moves_get_it_back() 
 
 // ---- lingering ports (old TCP connections, TIME_WAIT) ----------------------------------------------
 
+/// A reading of the socket tables, begun and ended now, that found connections on `ports`.
+fn read_lingering<const N: usize>(b: &mut Broker, ports: [u16; N]) {
+    b.begin_lingering_reading();
+    b.set_lingering(ports);
+}
+
 #[test]
 fn moves_allocations_and_suggestions_pass_lingering_ports_over_until_a_reading_clears_them() {
     let mut b = broker();
     b.apply(PortEvent::Bound(storybook_holder()), 1);
-    b.set_lingering([6007, 3000], 10);
+    read_lingering(&mut b, [6007, 3000]);
     assert!(b.is_lingering(6007) && !b.is_lingering(6008));
     let procs = Procs::default();
     let (moved, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 11).unwrap();
@@ -1457,7 +1463,7 @@ fn moves_allocations_and_suggestions_pass_lingering_ports_over_until_a_reading_c
     assert_eq!(suggested, [3002, 3003, 3004]);
 
     // The next reading shows them free.
-    b.set_lingering([], 20);
+    read_lingering(&mut b, []);
     assert_eq!(b.lingering_count(), 0);
     let (moved, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 21).unwrap();
     assert!(
@@ -1475,7 +1481,7 @@ fn a_full_range_but_for_lingering_ports_still_gets_them() {
         b.apply(PortEvent::Bound(socket(100 + i as u64, *port, None)), 1);
     }
     b.apply(PortEvent::Bound(storybook_holder()), 1);
-    b.set_lingering([6007], 2);
+    read_lingering(&mut b, [6007]);
     let (moved, _) = b
         .resolve_bind(&bind_req(40, 6006), &Procs::default(), 3)
         .unwrap();
@@ -1492,20 +1498,21 @@ fn a_released_tcp_port_lingers_until_a_reading_started_after_the_release() {
     let mut udp = socket(3, 6008, None);
     udp.protocol = Protocol::Udp;
     b.apply(PortEvent::Bound(udp), 1);
+    b.begin_lingering_reading();
     b.apply(PortEvent::Released { cookie: 2 }, 100);
     b.apply(PortEvent::Released { cookie: 3 }, 100);
     assert!(b.is_lingering(6007), "its connections may be closing");
     assert!(!b.is_lingering(6008), "UDP has no connections to linger");
-    b.set_lingering([], 99);
+    b.set_lingering([]);
     assert!(
         b.is_lingering(6007),
-        "a reading started before the release proves nothing"
+        "a reading begun before the release proves nothing"
     );
-    b.set_lingering([], 101);
+    read_lingering(&mut b, []);
     assert!(!b.is_lingering(6007));
     // A server's own connections: its port is taken, not lingering (nothing to read again for).
     b.apply(PortEvent::Bound(socket(4, 6009, None)), 102);
-    b.set_lingering([6009], 103);
+    read_lingering(&mut b, [6009]);
     assert_eq!(b.lingering_count(), 0);
 }
 
@@ -1521,7 +1528,7 @@ fn a_move_the_kernel_refused_on_a_lingering_port_moves_again_but_a_second_family
     // fails (no SO_REUSEADDR): it asks again, holding no socket on 6007.
     let (first, _) = b.resolve_bind(&bind_req(40, 6006), &procs, 2).unwrap();
     assert!(matches!(first, BindDecision::Reassign { port: 6007, .. }));
-    b.set_lingering([6007], 3);
+    read_lingering(&mut b, [6007]);
     let (again, effects) = b.resolve_bind(&bind_req(40, 6006), &procs, 4).unwrap();
     assert!(
         matches!(again, BindDecision::Reassign { port: 6008, .. }),
@@ -1552,7 +1559,7 @@ fn a_move_the_kernel_refused_on_a_lingering_port_moves_again_but_a_second_family
         )),
         6,
     );
-    b.set_lingering([6007, 6009], 7);
+    read_lingering(&mut b, [6007, 6009]);
     let (v6, _) = b.resolve_bind(&bind_req(41, 6006), &procs, 8).unwrap();
     assert!(
         matches!(v6, BindDecision::Reassign { port: 6009, .. }),
@@ -1593,7 +1600,7 @@ fn a_sticky_port_comes_back_while_it_lingers_unless_its_bind_was_refused() {
     );
     // Its bind is refused there (no SO_REUSEADDR): asked again, it moves on, and that port
     // becomes the project's.
-    b.set_lingering([6007], 7);
+    read_lingering(&mut b, [6007]);
     let (next, _) = b.resolve_bind(&in_project(50), &procs, 8).unwrap();
     assert!(
         matches!(next, BindDecision::Reassign { port: 6008, .. }),
@@ -1619,11 +1626,11 @@ fn a_projects_sticky_ports_are_listed_for_the_kernel_and_no_one_elses() {
     assert_eq!(b.sticky_ports_of_project(2000, "/src/w").count(), 0);
     // The lingering generation moves when the set of lingering ports does, only then.
     let generation = b.lingering_generation();
-    b.set_lingering([], 100);
+    read_lingering(&mut b, []);
     let cleared = b.lingering_generation();
     assert_ne!(cleared, generation, "the releases' ports were read clean");
-    b.set_lingering([], 101);
+    read_lingering(&mut b, []);
     assert_eq!(b.lingering_generation(), cleared);
-    b.set_lingering([3333], 102);
+    read_lingering(&mut b, [3333]);
     assert_ne!(b.lingering_generation(), cleared);
 }

@@ -71,6 +71,8 @@ pub struct Engine {
     store: Store,
     kernel: KernelTables,
     notices: broadcast::Sender<Notice>,
+    /// Woken when a TCP socket is released (its port lingers until the next reading).
+    tcp_released: tokio::sync::Notify,
     audit: Mutex<VecDeque<AuditRecord>>,
     observer: Mutex<ObserverStatus>,
     endpoints: Mutex<Endpoints>,
@@ -185,6 +187,7 @@ impl Engine {
             store,
             kernel: KernelTables::new(),
             notices,
+            tcp_released: tokio::sync::Notify::new(),
             audit: Mutex::new(audit.into()),
             observer: Mutex::new(ObserverStatus {
                 kind: "none",
@@ -245,6 +248,13 @@ impl Engine {
             let ticket = self.store.enqueue(&effects.changes, &audit);
             (value, effects, ticket)
         };
+        if effects
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Released(h) if h.socket.protocol == Protocol::Tcp))
+        {
+            self.tcp_released.notify_one();
+        }
         for notice in effects.notices {
             match &notice {
                 Notice::Bound(_) => {
@@ -319,10 +329,10 @@ impl Engine {
         *lock(&self.kernel_sessions_missing) = why;
     }
 
-    /// A reading of the ports TCP connections sit on, started at `started_ms`, for the broker's
-    /// lingering ports; the kernel's ephemeral ports outside every range (clients' connections)
+    /// A reading of the ports TCP connections sit on, begun with
+    /// [`Engine::begin_lingering_reading`], for the broker's lingering ports; the kernel's ephemeral ports outside every range (clients' connections)
     /// are left out. Published like any decision, so the kernel's spare ports leave them too.
-    pub fn set_lingering(&self, ports: Vec<u16>, started_ms: u64) {
+    pub fn set_lingering(&self, ports: Vec<u16>) {
         let (low, high) = crate::observe::ebpf::ephemeral_ports();
         let ranges = self.range_bounds();
         let wanted = move |port: &u16| {
@@ -332,9 +342,19 @@ impl Engine {
                     .any(|(start, end)| (*start..=*end).contains(port))
         };
         self.commit_effects(|b| {
-            b.set_lingering(ports.into_iter().filter(wanted), started_ms);
+            b.set_lingering(ports.into_iter().filter(wanted));
             Effects::default()
         });
+    }
+
+    /// Completes after a TCP socket's release (one wake-up for any number of them).
+    pub async fn tcp_released(&self) {
+        self.tcp_released.notified().await;
+    }
+
+    /// A reading of the ports TCP connections sit on begins (see [`Engine::set_lingering`]).
+    pub fn begin_lingering_reading(&self) {
+        lock(&self.broker).begin_lingering_reading();
     }
 
     /// How many ports the broker holds lingering.

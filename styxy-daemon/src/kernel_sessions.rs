@@ -376,11 +376,14 @@ impl KernelSessions {
             if current.iter().all(|p| *p != 0 && free(*p as u16)) {
                 continue;
             }
-            // Ports no project remembers first (sticky ports stay for their projects).
-            let unused = |p: &u16| free(*p) && !current.contains(&u32::from(*p));
-            let mut candidates = (service.start..=service.end)
+            // Ports no project remembers first (sticky ports stay for their projects). The
+            // broker's search skips taken and lingering ports 64 at a time: many ports released a
+            // moment ago (lingering until read) cost no scan port by port.
+            let unused = |p: &u16| !self.kernel_bound(*p) && !current.contains(&u32::from(*p));
+            let settled = || broker.settled_free_in(service.start, service.end);
+            let mut candidates = settled()
                 .filter(|p| unused(p) && !broker.is_sticky(*p))
-                .chain((service.start..=service.end).filter(|p| unused(p) && broker.is_sticky(*p)));
+                .chain(settled().filter(|p| unused(p) && broker.is_sticky(*p)));
             for (slot, held) in slots.iter().zip(&current) {
                 if *held != 0 && free(*held as u16) {
                     continue;

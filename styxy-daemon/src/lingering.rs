@@ -8,10 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use styxy_broker::{Notice, Protocol};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
-use crate::engine::{now_ms, Engine};
+use crate::engine::Engine;
 use crate::observe::sockets::SockDiag;
 
 /// How long after a release the reading waits: the server's connections close as it exits,
@@ -24,34 +23,24 @@ const IDLE: Duration = Duration::from_secs(600);
 
 /// Runs until `stop`.
 pub async fn keep_current(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
-    let mut notices = engine.subscribe();
     let mut diag = None;
     loop {
         diag = read_once(&engine, diag).await;
-        // Wait for a TCP release, or (while any port lingers) for the next look.
-        let again = tokio::time::sleep(if engine.lingering_count() > 0 {
+        // Wait for a TCP release (a `Notify`: a burst of them is one wake-up, and nothing is
+        // copied per release), or (while any port lingers) for the next look.
+        let again = if engine.lingering_count() > 0 {
             WHILE_LINGERING
         } else {
             IDLE
-        });
-        tokio::pin!(again);
-        let released = loop {
-            tokio::select! {
-                () = &mut again => break false,
-                notice = notices.recv() => match notice {
-                    Ok(Notice::Released(held)) if held.socket.protocol == Protocol::Tcp => break true,
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => break true,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = stop.wait_for(|stop| *stop) => return,
-            }
+        };
+        let released = tokio::select! {
+            () = tokio::time::sleep(again) => false,
+            () = engine.tcp_released() => true,
+            _ = stop.wait_for(|stop| *stop) => return,
         };
         if released {
             tokio::time::sleep(SETTLE).await;
         }
-        // Releases queued meanwhile are covered by the reading about to start.
-        while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = notices.try_recv() {}
     }
 }
 
@@ -64,9 +53,9 @@ async fn read_once(engine: &Arc<Engine>, diag: Option<SockDiag>) -> Option<SockD
             Some(diag) => diag,
             None => SockDiag::new()?,
         };
-        let started_ms = now_ms();
+        engine.begin_lingering_reading();
         let ports = diag.connection_ports()?;
-        engine.set_lingering(ports, started_ms);
+        engine.set_lingering(ports);
         Ok::<_, std::io::Error>(diag)
     });
     match read {
