@@ -3,7 +3,7 @@
 //! socket tables, outside the broker lock: at start, soon after a TCP server's release (its port
 //! counts as lingering until then), and every few seconds while any port lingers, so a port comes
 //! back when its TIME_WAIT ends (a minute at most). A reading is one `sock_diag` dump of the TCP
-//! connections; nothing is read while nothing lingers and nothing is released.
+//! connections; while nothing lingers and nothing is released, one every ten minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
