@@ -293,20 +293,15 @@ impl KernelSessions {
                 wanted.insert(key, u32::from(entry.port) | lingering);
             }
         }
-        let mut sticky = lock(&self.sticky);
-        for key in registry.sticky.keys() {
-            if !wanted.contains_key(key) {
-                let _ = sticky.remove(key);
-            }
-        }
-        for (key, value) in &wanted {
-            if registry.sticky.get(key) != Some(value) {
-                if let Err(e) = sticky.insert(key, value, 0) {
-                    tracing::warn!(cause = %e, session = key.session, asked = key.asked,
-                        "the kernel's sticky-port map refused an entry: that session's move of it takes a spare port");
-                }
-            }
-        }
+        write_changes(
+            &mut lock(&self.sticky),
+            &registry.sticky,
+            &wanted,
+            |e, key| {
+                tracing::warn!(cause = %e, session = key.session, asked = key.asked,
+                "the kernel's sticky-port map refused an entry: that session's move of it takes a spare port");
+            },
+        );
         registry.sticky = wanted;
     }
 
@@ -329,20 +324,15 @@ impl KernelSessions {
             };
             wanted.insert(key, u32::from(entry.bound));
         }
-        let mut views = lock(&self.views);
-        for key in registry.views.keys() {
-            if !wanted.contains_key(key) {
-                let _ = views.remove(key);
-            }
-        }
-        for (key, bound) in &wanted {
-            if registry.views.get(key) != Some(bound) {
-                if let Err(e) = views.insert(key, bound, 0) {
-                    tracing::warn!(cause = %e, session = key.session, asked = key.asked,
-                        "the kernel's view map refused an entry: that session reaches the moved port by its real number only");
-                }
-            }
-        }
+        write_changes(
+            &mut lock(&self.views),
+            &registry.views,
+            &wanted,
+            |e, key| {
+                tracing::warn!(cause = %e, session = key.session, asked = key.asked,
+                "the kernel's view map refused an entry: that session reaches the moved port by its real number only");
+            },
+        );
         registry.views = wanted;
     }
 
@@ -403,6 +393,31 @@ impl KernelSessions {
                         Ordering::Acquire,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Makes the kernel's `map`, which holds `written`, hold `wanted`: removes what is gone, writes
+/// what is new or changed; `refused` hears of each entry the map would not take.
+fn write_changes<K, V>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    written: &HashMap<K, V>,
+    wanted: &HashMap<K, V>,
+    refused: impl Fn(&aya::maps::MapError, &K),
+) where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    for key in written.keys() {
+        if !wanted.contains_key(key) {
+            let _ = map.remove(key);
+        }
+    }
+    for (key, value) in wanted {
+        if written.get(key) != Some(value) {
+            if let Err(e) = map.insert(key, value, 0) {
+                refused(&e, key);
             }
         }
     }
