@@ -329,25 +329,30 @@ impl Bind {
     /// its moves in the order it made them. `None` when it moved none (or each is taken now, or
     /// the bind failed otherwise): then the bind goes as asked.
     fn as_moved_before(&self) -> Option<Outcome> {
-        let asked = self.target.port;
-        if !moved_before(asked) {
-            return None;
-        }
-        for port in moves_of(asked) {
-            set_errno(self.entry_errno);
-            // SAFETY: addr/len were validated by parse_target and are readable.
-            let rc = unsafe { bind_moved(self.real, self.fd, self.addr, self.len, port) };
-            if rc == 0 {
-                return Some(Outcome {
-                    rc,
-                    errno: self.entry_errno,
-                });
-            }
-            if errno() != libc::EADDRINUSE {
-                return None;
+        for port in moves_of(self.target.port) {
+            match self.bind_on(port) {
+                Ok(outcome) => return Some(outcome),
+                Err(libc::EADDRINUSE) => continue,
+                Err(_) => return None,
             }
         }
         None
+    }
+
+    /// Bind the host's address with its port replaced by `port`: the outcome when bound, else
+    /// the errno the kernel gave.
+    fn bind_on(&self, port: u16) -> Result<Outcome, c_int> {
+        set_errno(self.entry_errno);
+        // SAFETY: addr/len were validated by parse_target and are readable.
+        let rc = unsafe { bind_moved(self.real, self.fd, self.addr, self.len, port) };
+        if rc == 0 {
+            Ok(Outcome {
+                rc,
+                errno: self.entry_errno,
+            })
+        } else {
+            Err(errno())
+        }
     }
 
     /// The kernel refused the bind as asked with EADDRINUSE (`first`): unless this bind is not
@@ -408,20 +413,15 @@ impl Bind {
                 record_move(self.target.port, self.target.port);
                 return None;
             }
-            set_errno(self.entry_errno);
-            // SAFETY: addr/len were validated by parse_target and are readable.
-            let rc = unsafe { bind_moved(self.real, self.fd, self.addr, self.len, port) };
-            if rc == 0 {
-                if record_move(self.target.port, port) {
-                    notify(self.target.port, &answer);
+            match self.bind_on(port) {
+                Ok(outcome) => {
+                    if record_move(self.target.port, port) {
+                        notify(self.target.port, &answer);
+                    }
+                    return Some(outcome);
                 }
-                return Some(Outcome {
-                    rc,
-                    errno: self.entry_errno,
-                });
-            }
-            if errno() != libc::EADDRINUSE {
-                return None;
+                Err(libc::EADDRINUSE) => {}
+                Err(_) => return None,
             }
         }
         None
