@@ -334,15 +334,12 @@ impl Engine {
     /// are left out. Published like any decision, so the kernel's spare ports leave them too.
     pub fn set_lingering(&self, ports: Vec<u16>) {
         let (low, high) = crate::observe::ebpf::ephemeral_ports();
-        let ranges = self.range_bounds();
-        let wanted = move |port: &u16| {
-            !(low..=high).contains(port)
-                || ranges
-                    .iter()
-                    .any(|(start, end)| (*start..=*end).contains(port))
-        };
         self.commit_effects(|b| {
-            b.set_lingering(ports.into_iter().filter(wanted));
+            let wanted: Vec<u16> = ports
+                .into_iter()
+                .filter(|p| !(low..=high).contains(p) || b.ranges().type_of_port(*p).is_some())
+                .collect();
+            b.set_lingering(wanted);
             Effects::default()
         });
     }
