@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use styxy_tests::v1 as pb;
-use styxy_tests::{ebpf_ready, eventually, port_holder, styxy_bin, Daemon, Spawned};
+use styxy_tests::{ebpf_ready, eventually, port_holder, Daemon, Spawned};
 
 /// Listens on a port (SO_REUSEADDR, as servers do) until told, then serves one connection and
 /// closes its side first — which leaves that side in TIME_WAIT on the port — and its listener.
@@ -139,19 +139,12 @@ async fn the_kernel_moves_a_plain_bind_past_a_port_in_time_wait() -> Result<()> 
     let mut ports = Vec::new();
     for _ in 0..2 {
         let mut server = Spawned::start(
-            Command::new(styxy_bin())
-                .arg("--socket")
-                .arg(&daemon.socket)
-                .args([
-                    "run",
-                    "--instance",
+            daemon
+                .shimmed_in(
                     "plain",
-                    "--",
                     "python3",
-                    "-c",
-                    PLAIN_SERVER,
-                ])
-                .arg(asked.to_string())
+                    &["-c", PLAIN_SERVER, &asked.to_string()],
+                )
                 .env("STYXY_DISABLE", "1"),
         )?;
         let line =
