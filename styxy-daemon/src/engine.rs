@@ -330,8 +330,9 @@ impl Engine {
     }
 
     /// A reading of the ports TCP connections sit on, begun with
-    /// [`Engine::begin_lingering_reading`], for the broker's lingering ports; the kernel's ephemeral ports outside every range (clients' connections)
-    /// are left out. Published like any decision, so the kernel's spare ports leave them too.
+    /// [`Engine::begin_lingering_reading`], for the broker's lingering ports; the kernel's
+    /// ephemeral ports outside every range (clients' connections) are left out. Published like
+    /// any decision, so the kernel's spare ports leave them too.
     pub fn set_lingering(&self, ports: Vec<u16>) {
         let (low, high) = crate::observe::ebpf::ephemeral_ports();
         self.commit_effects(|b| {
