@@ -2,9 +2,11 @@
 //! belong to which session, which ports are spoken for, which spare ports a moved bind may take,
 //! and what each session's view redirects. Both sides read these layouts from here.
 //!
-//! - `SESSIONS` (hash, `u32` task id → `u32` session number): filled by the daemon for the process
-//!   a session starts with, inherited at `fork`/`clone` by the `sched_process_fork` tracepoint and
-//!   dropped at exit by `sched_process_exit`.
+//! - `SESSIONS` (hash, `u32` task id → [`Member`]): filled by the daemon for the process a
+//!   session starts with, inherited at `fork`/`clone` by the `sched_process_fork` tracepoint,
+//!   dropped at exit by `sched_process_exit` and, for a thread that called `exec`, by
+//!   `sched_process_exec`. An entry holds only for a process that is not newer than it (a reused
+//!   pid is not a member) and steers only a process running as the session's owner.
 //! - `PORT_INFO` (mmapable array, one [`PortInfo`] word per port): written by the daemon.
 //! - `SPARES` (mmapable array of `u32`): [`SPARE_SLOTS`] free ports per service range, which the
 //!   bind programs take with an atomic exchange and the daemon refills.
@@ -27,6 +29,32 @@ pub const VIEWS_MAP: &str = "VIEWS";
 pub const REVERSE_MAP: &str = "REVERSE";
 pub const READER_MAP: &str = "READER";
 pub const STICKY_MAP: &str = "STICKY";
+
+/// Value of `SESSIONS`: which session a task belongs to, whose it is, and since when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The session number.
+    pub session: u32,
+    /// The uid that owns the session: its moves and view apply to processes whose effective uid
+    /// is this one (any uid when it is 0, root).
+    pub owner: u32,
+    /// CLOCK_MONOTONIC nanoseconds when the entry was written (by the daemon, or by the fork
+    /// tracepoint for a child). The task it was written for started before; a process whose
+    /// group leader started after it holds the number of a task that is gone, and is no member.
+    pub stamp_ns: u64,
+}
+
+impl Member {
+    /// Whether this entry holds for a process whose group leader started at `start_ns`.
+    pub const fn holds_for(&self, start_ns: u64) -> bool {
+        start_ns <= self.stamp_ns
+    }
+    /// Whether its session steers a process running with effective uid `euid`.
+    pub const fn steers(&self, euid: u32) -> bool {
+        self.owner == 0 || self.owner == euid
+    }
+}
 
 /// Entries of `SESSIONS`: processes and threads of every managed session together.
 pub const SESSIONS_MAX: u32 = 65_536;
@@ -55,6 +83,17 @@ pub const READER_AWAKE: u32 = 0;
 /// Names of the tracepoint programs and what they attach to (`sched/<name>`).
 pub const PROGRAM_FORK: &str = "styxy_sched_process_fork";
 pub const PROGRAM_EXIT: &str = "styxy_sched_process_exit";
+pub const PROGRAM_EXEC: &str = "styxy_sched_process_exec";
+/// The cgroup `getsockopt` program that answers [`SOCKOPT_LEVEL`] (see there).
+pub const PROGRAM_SOCKOPT: &str = "styxy_getsockopt";
+
+/// A `getsockopt(fd, SOCKOPT_LEVEL, SOCKOPT_ENFORCED, &u32, &4)` on any AF_INET socket asks the
+/// kernel programs whether they enforce the calling process's session: they answer 0 (success)
+/// with the session number when the calling process is a member they steer, and 0 in the value
+/// when it is not. Without the programs the kernel answers `ENOPROTOOPT` (no such level). The
+/// shim asks, so that for each process exactly one enforcer applies the view and moves binds.
+pub const SOCKOPT_LEVEL: i32 = 0x5354_5958; // "STYX"
+pub const SOCKOPT_ENFORCED: i32 = 1;
 /// Programs of the session view (sock_addr, like the bind programs).
 pub const PROGRAMS_VIEW: [&str; 8] = [
     "styxy_connect4",
@@ -74,6 +113,15 @@ pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
 /// 1 when the programs may rewrite binds and redirect traffic (attached at the cgroup root).
 pub const GLOBAL_ENFORCE: &str = "ENFORCE";
+/// Offsets of `pid` and `old_pid` in the `sched_process_exec` record.
+pub const GLOBAL_EXEC_PID_OFFSET: &str = "EXEC_PID_OFFSET";
+pub const GLOBAL_EXEC_OLD_PID_OFFSET: &str = "EXEC_OLD_PID_OFFSET";
+/// Byte offsets in the running kernel's structs (from its BTF): `task_struct.group_leader`,
+/// `task_struct.start_time`, `task_struct.cred` and `cred.euid`.
+pub const GLOBAL_TASK_GROUP_LEADER_OFFSET: &str = "TASK_GROUP_LEADER_OFFSET";
+pub const GLOBAL_TASK_START_TIME_OFFSET: &str = "TASK_START_TIME_OFFSET";
+pub const GLOBAL_TASK_CRED_OFFSET: &str = "TASK_CRED_OFFSET";
+pub const GLOBAL_CRED_EUID_OFFSET: &str = "CRED_EUID_OFFSET";
 
 /// `PORT_INFO[port]`: who holds a lease or claim on the port (low 32 bits) and the port's
 /// service range (bits 32..40, index + 1; 0 for none).
@@ -159,6 +207,9 @@ pub struct Requested {
 // SAFETY: plain repr(C) data with explicit padding; any bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ViewKey {}
+// SAFETY: as above (two u32 then a u64: no padding).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Member {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for MoveKey {}
@@ -169,6 +220,31 @@ unsafe impl aya::Pod for StickyKey {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_entry_holds_for_the_process_it_was_written_for_only() {
+        let member = Member {
+            session: 3,
+            owner: 1000,
+            stamp_ns: 5_000,
+        };
+        assert!(member.holds_for(4_999) && member.holds_for(5_000));
+        assert!(
+            !member.holds_for(5_001),
+            "a process started after the entry reuses its pid"
+        );
+        assert!(member.steers(1000));
+        assert!(
+            !member.steers(0),
+            "a setuid-root program in a user's session"
+        );
+        assert!(!member.steers(1001));
+        let root_owned = Member { owner: 0, ..member };
+        assert!(
+            root_owned.steers(0) && root_owned.steers(110),
+            "root's sessions steer every uid"
+        );
+    }
 
     #[test]
     fn port_info_packs_holder_and_range() {

@@ -636,7 +636,7 @@ impl Engine {
             Some(sessions) => {
                 let broker = lock(&self.broker);
                 sessions
-                    .place(&id, uid, process.pid, &broker)
+                    .place(&id, uid, process, &broker)
                     .map(|_| ())
                     .map_err(|e| format!("{e:#}"))
             }

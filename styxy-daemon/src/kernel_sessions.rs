@@ -7,6 +7,12 @@
 //! broker, under the broker lock and before a decision's answer leaves (like the shim's table):
 //! who holds a lease on each port, the spare ports a moved bind may take, each session's view, and
 //! the sticky ports of each session's project (the project of the process it was placed with).
+//!
+//! Ownership: a session belongs to the uid that placed it first. The programs steer only its
+//! processes running as that uid (any uid for root's sessions), so its view holds that uid's
+//! moves (every uid's, for root's). Membership entries are stamped (see
+//! `styxy_common::session::Member`): an entry never covers a process newer than it, so a pid
+//! reused after a member's exit is never steered, whatever was left in the map.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -14,11 +20,13 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use styxy_broker::ProcessId;
 use styxy_broker::StateChange;
 use styxy_broker::{Broker, Effects, Notice};
 use styxy_common::event::{port_slot, IPPROTO_TCP, IPPROTO_UDP};
 use styxy_common::session::{
-    PortInfo, StickyKey, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS, STICKY_LINGERING,
+    Member, PortInfo, StickyKey, ViewKey, RANGES_MAX, RESERVED_BY_OTHER, SPARE_SLOTS,
+    STICKY_LINGERING,
 };
 
 use crate::observe::mapped::MappedArray;
@@ -26,7 +34,7 @@ use crate::observe::session_programs::SessionPrograms;
 
 /// The maps the daemon writes, taken from the loaded object.
 pub struct KernelSessionMaps {
-    pub sessions: BpfHashMap<MapData, u32, u32>,
+    pub sessions: BpfHashMap<MapData, u32, Member>,
     pub views: BpfHashMap<MapData, ViewKey, u32>,
     pub sticky: BpfHashMap<MapData, StickyKey, u32>,
     pub port_info: MappedArray<AtomicU64>,
@@ -55,7 +63,7 @@ struct Registry {
 
 /// The daemon's handle on the kernel sessions.
 pub struct KernelSessions {
-    sessions: Mutex<BpfHashMap<MapData, u32, u32>>,
+    sessions: Mutex<BpfHashMap<MapData, u32, Member>>,
     views: Mutex<BpfHashMap<MapData, ViewKey, u32>>,
     sticky: Mutex<BpfHashMap<MapData, StickyKey, u32>>,
     port_info: MappedArray<AtomicU64>,
@@ -91,24 +99,40 @@ impl KernelSessions {
         }
     }
 
-    /// Puts process `pid` (and from now on its descendants) in the kernel session of
-    /// `instance_id`, placed by `uid`. The caller has checked that `uid` may act for `pid`, and
-    /// the broker that `uid` owns the instance.
-    pub fn place(&self, instance_id: &str, uid: u32, pid: u32, broker: &Broker) -> Result<u32> {
+    /// Puts `process` (and from now on its descendants) in the kernel session of `instance_id`,
+    /// placed by `uid`. The caller has checked that `uid` may act for it, and the broker that
+    /// `uid` owns the instance.
+    pub fn place(
+        &self,
+        instance_id: &str,
+        uid: u32,
+        process: ProcessId,
+        broker: &Broker,
+    ) -> Result<u32> {
+        let pid = process.pid;
+        // Held from before the identity check until after the entry is written: if the process
+        // is alive after both, the entry is its own (its pid cannot have been reused meanwhile),
+        // and the exit program, attached by then, removes it when it ends.
+        let pidfd = crate::observe::procs::pidfd_open(pid)
+            .with_context(|| format!("process {pid} is not running"))?;
+        if crate::observe::procs::process_id(pid) != Some(process) {
+            bail!("process {pid} ended (its pid now names another process)");
+        }
         let number = {
             let mut registry = lock(&self.registry);
             let next = u32::try_from(registry.numbers.len() + 1).context("too many sessions")?;
             if next == RESERVED_BY_OTHER {
                 bail!("too many kernel sessions");
             }
-            let (number, _) = *registry
+            let (number, owner) = *registry
                 .numbers
                 .entry(instance_id.to_string())
                 .or_insert((next, uid));
             // The uid that placed it first owns it (the broker keeps other users off the id).
             registry.instances.insert(number, instance_id.to_string());
-            number
+            (number, owner)
         };
+        let (number, owner) = number;
         // Its project: where its first placed process runs (an agent's worktree, the directory
         // `styxy run` was started in).
         let project = crate::observe::procs::project_of(pid);
@@ -119,9 +143,20 @@ impl KernelSessions {
             programs
                 .attach()
                 .context("attaching the kernel session programs")?;
-            lock(&self.sessions)
-                .insert(pid, number, 0)
+            let member = Member {
+                session: number,
+                owner,
+                stamp_ns: monotonic_ns(),
+            };
+            let mut sessions = lock(&self.sessions);
+            sessions
+                .insert(pid, member, 0)
                 .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
+            if !crate::observe::procs::pidfd_alive(&pidfd) {
+                let _ = sessions.remove(&pid);
+                bail!("process {pid} ended while it was being placed");
+            }
+            drop(sessions);
             lock(&self.registry)
                 .projects
                 .entry(number)
@@ -155,19 +190,19 @@ impl KernelSessions {
         }
         let live = {
             let mut sessions = lock(&self.sessions);
-            let entries: Vec<(u32, u32)> = sessions.iter().filter_map(Result::ok).collect();
-            // A task that ended before its entry went in (placed as it exited) is never removed
-            // by the exit program: such entries would keep the programs attached for good. Looked
-            // for now and then (a stat per task).
+            let entries: Vec<(u32, Member)> = sessions.iter().filter_map(Result::ok).collect();
+            // Entries whose task ended without the exit program seeing it (the programs were
+            // detached meanwhile) never hold for anyone (see `Member`), but would fill the map
+            // and keep the programs attached for good. Looked for now and then (a read of
+            // /proc/<task>/stat per task).
             let checks = self.idle_checks.fetch_add(1, Ordering::Relaxed);
+            let sweep = checks.is_multiple_of(STALE_TASK_CHECK_EVERY);
             let mut live = std::collections::HashSet::new();
-            for (task, session) in entries {
-                let ended = checks.is_multiple_of(STALE_TASK_CHECK_EVERY)
-                    && !std::path::Path::new(&format!("/proc/{task}")).exists();
-                if ended {
+            for (task, member) in entries {
+                if sweep && !entry_holds(task, &member) {
                     let _ = sessions.remove(&task);
                 } else {
-                    live.insert(session);
+                    live.insert(member.session);
                 }
             }
             live
@@ -191,13 +226,15 @@ impl KernelSessions {
         lock(&self.programs).is_attached()
     }
 
-    /// How many sessions have at least one live process in the kernel.
+    /// How many sessions have at least one live process in the kernel: entries that hold for a
+    /// running task (a stale one, left by a task the exit program did not see, counts for none).
     pub fn live_sessions(&self) -> usize {
         let sessions = lock(&self.sessions);
         let mut live: Vec<u32> = sessions
             .iter()
             .filter_map(|e| e.ok())
-            .map(|(_, n)| n)
+            .filter(|(task, member)| entry_holds(*task, member))
+            .map(|(_, m)| m.session)
             .collect();
         live.sort_unstable();
         live.dedup();
@@ -310,10 +347,12 @@ impl KernelSessions {
         let mut registry = lock(&self.registry);
         let mut wanted = HashMap::new();
         for entry in broker.views() {
-            let Some((session, uid)) = registry.numbers.get(&entry.instance_id) else {
+            let Some((session, owner)) = registry.numbers.get(&entry.instance_id) else {
                 continue;
             };
-            if *uid != entry.uid {
+            // The owner's moves (any uid's in root's sessions: a `postgres` server started by
+            // root's session is that session's server).
+            if *owner != 0 && *owner != entry.uid {
                 continue;
             }
             let key = ViewKey {
@@ -433,6 +472,42 @@ fn reserved_by(broker: &Broker, registry: &Registry, port: u16) -> u32 {
         .instance_id
         .as_ref()
         .and_then(|id| registry.numbers.get(id))
-        .filter(|(_, uid)| *uid == lease.owner_uid)
+        .filter(|(_, owner)| *owner == 0 || *owner == lease.owner_uid)
         .map_or(RESERVED_BY_OTHER, |(number, _)| *number)
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns` and of a task's
+/// `start_time`).
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec; CLOCK_MONOTONIC and CLOCK_BOOTTIME always exist.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// Whether a `SESSIONS` entry still holds for the task it names: the task runs, and its
+/// process started no later than the entry was written. `/proc` gives start times in clock ticks
+/// of CLOCK_BOOTTIME, which runs ahead of CLOCK_MONOTONIC by the time spent suspended: taken
+/// back to the monotonic clock, to within a tick (a process started within a tick after the
+/// entry counts as its own here; the kernel programs, which compare nanoseconds, are exact).
+fn entry_holds(task: u32, member: &Member) -> bool {
+    let Ok(stat) = procfs::process::Process::new(task as i32).and_then(|p| p.stat()) else {
+        return false;
+    };
+    let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+    let suspended_ns = clock_ns(libc::CLOCK_BOOTTIME).saturating_sub(monotonic_ns());
+    let started_ns = stat
+        .starttime
+        .saturating_mul(tick_ns)
+        .saturating_sub(suspended_ns);
+    started_ns <= member.stamp_ns.saturating_add(tick_ns)
 }

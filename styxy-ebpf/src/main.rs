@@ -12,8 +12,15 @@
 //! - bind4|6 moves an explicit-port bind whose port is taken to a spare port of the same range;
 //! - connect4|6 and sendmsg4|6 send loopback traffic for a moved port of the session's view to
 //!   the bound port; getpeername4|6 and recvmsg4|6 show the asked port back for those sockets;
-//! - the `sched_process_fork` and `sched_process_exit` tracepoints keep `SESSIONS` in step with
-//!   the sessions' descendants.
+//! - the `sched_process_fork`, `sched_process_exit` and `sched_process_exec` tracepoints keep
+//!   `SESSIONS` in step with the sessions' descendants;
+//! - `cgroup/getsockopt` answers the shim's question "does the kernel steer me?" (see
+//!   `styxy_common::session::SOCKOPT_LEVEL`), so each process has exactly one enforcer.
+//!
+//! Membership is checked against the calling task itself (see `steering_session`): an entry
+//! holds only for a process not newer than it (a reused pid is never a member, whatever was
+//! left in the map), and a session steers only processes running as its owner (a setuid program
+//! in a user's session is untouched; root's sessions steer every uid).
 //!
 //! Every program allows the operation: they never deny a bind or a connect. A record that does
 //! not fit in the ring buffer is counted in `DROPPED`; the daemon then resyncs from the socket
@@ -29,12 +36,13 @@
 
 use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
-    bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
+    bpf_probe_read_kernel,
 };
-use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint};
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{SockAddrContext, SockContext, TracePointContext};
+use aya_ebpf::programs::{SockAddrContext, SockContext, SockoptContext, TracePointContext};
 use aya_ebpf::Global;
 use aya_log_ebpf::{debug, info, warn};
 use styxy_common::event::{
@@ -42,8 +50,9 @@ use styxy_common::event::{
     FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, KIND_WAKE, PORT_SLOTS,
 };
 use styxy_common::session::{
-    MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX, READER_SLEEPING,
-    REVERSE_MAX, SESSIONS_MAX, SPARES_LEN, SPARE_SLOTS, STICKY_LINGERING, STICKY_MAX, VIEWS_MAX,
+    Member, MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX,
+    READER_SLEEPING, REVERSE_MAX, SESSIONS_MAX, SOCKOPT_ENFORCED, SOCKOPT_LEVEL, SPARES_LEN,
+    SPARE_SLOTS, STICKY_LINGERING, STICKY_MAX, VIEWS_MAX,
 };
 
 /// Allow the operation (cgroup sock and sock_addr programs).
@@ -60,7 +69,20 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(0);
 #[no_mangle]
 static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
 #[no_mangle]
+static EXEC_PID_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static EXEC_OLD_PID_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
 static ENFORCE: Global<u32> = Global::new(0);
+/// Where the running kernel keeps the task fields membership is checked with (from its BTF).
+#[no_mangle]
+static TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static TASK_START_TIME_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static TASK_CRED_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+static CRED_EUID_OFFSET: Global<u32> = Global::new(0);
 /// The kernel's ephemeral ports (`ip_local_port_range`), where port-0 binds land.
 #[no_mangle]
 static EPHEMERAL_LOW: Global<u32> = Global::new(32_768);
@@ -161,9 +183,9 @@ static LAST_BINDER: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
 #[map]
 static BOUND: LruHashMap<u64, BoundRecord> = LruHashMap::with_max_entries(65536, 0);
 
-/// Task id → session number, for every process and thread of a kernel session.
+/// Task id → membership, for every process and thread of a kernel session.
 #[map]
-static SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(SESSIONS_MAX, 0);
+static SESSIONS: HashMap<u32, Member> = HashMap::with_max_entries(SESSIONS_MAX, 0);
 
 /// Per port: who holds a lease or claim on it, and its service range (daemon-written).
 #[map]
@@ -216,11 +238,46 @@ fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// The session of the calling process, if it is in one.
+/// A kernel word at `base + offset` (0 when it cannot be read).
 #[inline(always)]
-fn current_session(tgid: u32) -> Option<u32> {
-    // SAFETY: a plain u32 copied out of the map value.
-    unsafe { SESSIONS.get(tgid) }.copied()
+fn kernel_u64(base: u64, offset: u32) -> Option<u64> {
+    // SAFETY: the helper checks the read and fails, never faults, on a bad address.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.ok()
+}
+
+/// The membership entry of the calling process (`tgid`), if it holds for this process: its
+/// group leader started no later than the entry was written. A process that reuses the pid of a
+/// member that left its entry behind (however it did) started later, and is not a member.
+#[inline(always)]
+fn member_of_current(tgid: u32) -> Option<Member> {
+    // SAFETY: plain data copied out of the map value.
+    let member = unsafe { SESSIONS.get(tgid) }.copied()?;
+    // SAFETY: the helper has no preconditions; the value is only read through probe reads.
+    let task = unsafe { bpf_get_current_task() };
+    let leader = kernel_u64(task, TASK_GROUP_LEADER_OFFSET.load())?;
+    let started = kernel_u64(leader, TASK_START_TIME_OFFSET.load())?;
+    member.holds_for(started).then_some(member)
+}
+
+/// The calling task's effective uid.
+#[inline(always)]
+fn current_euid() -> Option<u32> {
+    // SAFETY: the helper has no preconditions; the value is only read through probe reads.
+    let task = unsafe { bpf_get_current_task() };
+    let cred = kernel_u64(task, TASK_CRED_OFFSET.load())?;
+    // SAFETY: as in kernel_u64.
+    unsafe { bpf_probe_read_kernel((cred + u64::from(CRED_EUID_OFFSET.load())) as *const u32) }.ok()
+}
+
+/// The session that steers the calling process (`tgid`): its membership holds and it runs as
+/// the session's owner (any uid for root's sessions).
+#[inline(always)]
+fn steering_session(tgid: u32) -> Option<u32> {
+    let member = member_of_current(tgid)?;
+    if member.owner != 0 && !member.steers(current_euid()?) {
+        return None;
+    }
+    Some(member.session)
 }
 
 fn transport(protocol: u32) -> Option<u8> {
@@ -235,18 +292,46 @@ fn transport(protocol: u32) -> Option<u8> {
 
 #[tracepoint]
 pub fn styxy_sched_process_fork(ctx: TracePointContext) -> u32 {
-    let Some(session) = current_session(current_tgid()) else {
+    // A member's child joins its session, whatever uid it runs as (the owner check applies
+    // where the session steers, not to who belongs).
+    let Some(parent) = member_of_current(current_tgid()) else {
         return 0;
     };
     // SAFETY: the offset comes from the tracepoint's own format; the helper checks the read.
     let Ok(child) = (unsafe { ctx.read_at::<u32>(FORK_CHILD_PID_OFFSET.load() as usize) }) else {
         return 0;
     };
-    if SESSIONS.insert(child, session, 0).is_err() {
+    // The child started before this tracepoint fires: stamped now, the entry holds for it and
+    // for no later process that gets its pid.
+    let member = Member {
+        // SAFETY: a helper with no preconditions.
+        stamp_ns: unsafe { bpf_ktime_get_ns() },
+        ..parent
+    };
+    if SESSIONS.insert(child, member, 0).is_err() {
         warn!(
             &ctx,
-            "session {}: SESSIONS is full, task {} is not in it", session, child
+            "session {}: SESSIONS is full, task {} is not in it", member.session, child
         );
+    }
+    0
+}
+
+/// A thread that calls `exec` takes its process's pid; its own task id leaves without an exit
+/// of its own (`old_pid` is that id).
+#[tracepoint]
+pub fn styxy_sched_process_exec(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offsets come from the tracepoint's own format; the helper checks the reads.
+    let ids = unsafe {
+        (
+            ctx.read_at::<u32>(EXEC_PID_OFFSET.load() as usize),
+            ctx.read_at::<u32>(EXEC_OLD_PID_OFFSET.load() as usize),
+        )
+    };
+    if let (Ok(pid), Ok(old_pid)) = ids {
+        if pid != old_pid {
+            let _ = SESSIONS.remove(old_pid);
+        }
     }
     0
 }
@@ -407,7 +492,7 @@ fn on_bind(ctx: &SockAddrContext) {
         return;
     }
     let tgid = current_tgid();
-    let Some(session) = current_session(tgid) else {
+    let Some(session) = steering_session(tgid) else {
         debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
         return;
     };
@@ -683,7 +768,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     if ENFORCE.load() == 0 {
         return;
     }
-    let Some(session) = current_session(current_tgid()) else {
+    let Some(session) = steering_session(current_tgid()) else {
         return;
     };
     let sock_addr = ctx.sock_addr;
@@ -706,6 +791,10 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     let Some(bound) = (unsafe { VIEWS.get(key) }).copied() else {
         return;
     };
+    // In another network namespace, loopback is another machine's: the view is the host's.
+    if !in_daemons_netns(sock_addr.cast()) {
+        return;
+    }
     let bound = bound as u16;
     // SAFETY: user_port is writable in connect4|6 and sendmsg4|6; network byte order.
     unsafe { (*sock_addr).user_port = u32::from(bound.to_be()) };
@@ -798,6 +887,42 @@ pub fn styxy_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn styxy_getpeername6(ctx: SockAddrContext) -> i32 {
     translate_back(&ctx);
+    ALLOW
+}
+
+// ---- the shim's question ------------------------------------------------------------------------
+
+/// `getsockopt(fd, SOCKOPT_LEVEL, SOCKOPT_ENFORCED)`: answers the session number that steers the
+/// caller (0: none), so the shim stands aside for processes the kernel enforces. Every other
+/// option passes untouched.
+#[cgroup_sockopt(getsockopt)]
+pub fn styxy_getsockopt(ctx: SockoptContext) -> i32 {
+    let sockopt = ctx.sockopt;
+    // SAFETY: the kernel hands a valid context; level and optname are readable.
+    let (level, optname) = unsafe { ((*sockopt).level, (*sockopt).optname) };
+    if level != SOCKOPT_LEVEL || optname != SOCKOPT_ENFORCED {
+        return ALLOW;
+    }
+    // (The netns helper takes the sockopt context itself in these programs.)
+    let steered = if ENFORCE.load() != 0 && in_daemons_netns(sockopt.cast()) {
+        steering_session(current_tgid()).unwrap_or(0)
+    } else {
+        0
+    };
+    // SAFETY: the optval bounds are readable; the write is checked against optval_end, as the
+    // verifier requires.
+    unsafe {
+        let value = (*sockopt).__bindgen_anon_2.optval as *mut u32;
+        let end = (*sockopt).__bindgen_anon_3.optval_end as *mut u8;
+        if value.is_null() || (value as *mut u8).add(4) > end {
+            return ALLOW; // the caller's buffer is too small: the kernel's own answer stands
+        }
+        *value = steered;
+        // One store per field: the verifier refuses the 8-byte store the compiler would merge
+        // these two into.
+        core::ptr::write_volatile(&raw mut (*sockopt).optlen, 4);
+        core::ptr::write_volatile(&raw mut (*sockopt).retval, 0);
+    }
     ALLOW
 }
 

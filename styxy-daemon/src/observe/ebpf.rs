@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use styxy_common::env;
@@ -215,14 +215,18 @@ fn map_array<A: crate::observe::mapped::Slot>(
         .with_context(|| format!("mapping {name} into memory (needs Linux 5.5+)"))
 }
 
-/// Offsets the tracepoint programs need, from the tracepoints' own formats in tracefs (they
-/// moved between kernel versions: 6.x records comms as `__data_loc`).
-struct TracepointOffsets {
+/// Offsets the session programs need: in the tracepoints' records, from their own formats in
+/// tracefs (they moved between kernel versions: 6.x records comms as `__data_loc`), and in the
+/// kernel's task structs, from its BTF (see `kernel_btf`).
+struct SessionOffsets {
     fork_child_pid: u32,
     exit_group_dead: u32,
+    exec_pid: u32,
+    exec_old_pid: u32,
+    task: crate::observe::kernel_btf::TaskOffsets,
 }
 
-fn tracepoint_offsets() -> Result<TracepointOffsets> {
+fn session_offsets() -> Result<SessionOffsets> {
     let tracefs = tracefs()?;
     let offset = |event: &str, field: &str| -> Result<u32> {
         let path = tracefs.join("events/sched").join(event).join("format");
@@ -231,9 +235,12 @@ fn tracepoint_offsets() -> Result<TracepointOffsets> {
         field_offset(&text, field)
             .with_context(|| format!("no field {field} in {}", path.display()))
     };
-    Ok(TracepointOffsets {
+    Ok(SessionOffsets {
         fork_child_pid: offset("sched_process_fork", "child_pid")?,
         exit_group_dead: offset("sched_process_exit", "group_dead")?,
+        exec_pid: offset("sched_process_exec", "pid")?,
+        exec_old_pid: offset("sched_process_exec", "old_pid")?,
+        task: crate::observe::kernel_btf::running_kernel_offsets()?,
     })
 }
 
@@ -305,18 +312,36 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     raise_memlock_limit();
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
-    // Sessions need the whole machine (a port held anywhere must count) and the tracepoints.
+    // Sessions need the whole machine (a port held anywhere must count), the tracepoints and
+    // the kernel's type information.
     let offsets = if options.whole_machine {
-        tracepoint_offsets().map_err(|e| format!("{e:#}"))
+        session_offsets().map_err(|e| format!("{e:#}"))
     } else {
         Err(format!(
             "the programs are attached to {}, below the cgroup root, and see only its binds",
             cgroup.display()
         ))
     };
-    let (fork_offset, exit_offset, enforce) = match &offsets {
-        Ok(o) => (o.fork_child_pid, o.exit_group_dead, 1u32),
-        Err(_) => (0, 0, 0),
+    let (fork_offset, exit_offset, exec_offsets, task, enforce) = match &offsets {
+        Ok(o) => (
+            o.fork_child_pid,
+            o.exit_group_dead,
+            (o.exec_pid, o.exec_old_pid),
+            o.task,
+            1u32,
+        ),
+        Err(_) => (
+            0,
+            0,
+            (0, 0),
+            crate::observe::kernel_btf::TaskOffsets {
+                group_leader: 0,
+                start_time: 0,
+                cred: 0,
+                euid: 0,
+            },
+            0,
+        ),
     };
     let log_level = options.log_level.aya_level();
     let (ephemeral_low, ephemeral_high) = ephemeral_ports();
@@ -329,6 +354,20 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     let mut ebpf = EbpfLoader::new()
         .override_global(session::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
         .override_global(session::GLOBAL_EXIT_GROUP_DEAD_OFFSET, &exit_offset, true)
+        .override_global(session::GLOBAL_EXEC_PID_OFFSET, &exec_offsets.0, true)
+        .override_global(session::GLOBAL_EXEC_OLD_PID_OFFSET, &exec_offsets.1, true)
+        .override_global(
+            session::GLOBAL_TASK_GROUP_LEADER_OFFSET,
+            &task.group_leader,
+            true,
+        )
+        .override_global(
+            session::GLOBAL_TASK_START_TIME_OFFSET,
+            &task.start_time,
+            true,
+        )
+        .override_global(session::GLOBAL_TASK_CRED_OFFSET, &task.cred, true)
+        .override_global(session::GLOBAL_CRED_EUID_OFFSET, &task.euid, true)
         .override_global(session::GLOBAL_ENFORCE, &enforce, true)
         .override_global("AYA_LOG_LEVEL", &log_level, true)
         .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
@@ -369,6 +408,12 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
+        let name = session::PROGRAM_SOCKOPT;
+        let program: &mut CgroupSockopt = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from {}", object.display()))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
     }
     // PORTS twice from one descriptor: writable for the counts (the daemon adds what was bound
     // before), read-only for the session maps' spare-port choice.

@@ -8,6 +8,7 @@
 //!   reconciles it into the broker, which turns differences into bind and release notices.
 
 pub mod ebpf;
+pub mod kernel_btf;
 pub mod kernel_log;
 pub mod mapped;
 pub mod procs;

@@ -35,7 +35,7 @@ fn cache() -> std::sync::MutexGuard<'static, HashMap<u32, Cached>> {
 }
 
 /// A pidfd for `pid`, if the kernel has them and the process exists.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     // SAFETY: a non-negative result is a descriptor that is ours.
@@ -49,7 +49,7 @@ pub fn forget_exited() {
 }
 
 /// Whether the process a pidfd refers to is still running (it turns readable on exit).
-fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+pub(crate) fn pidfd_alive(pidfd: &OwnedFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,

@@ -1,8 +1,9 @@
 //! The programs only kernel sessions need — `bind4|6` (moves), `connect4|6`, `sendmsg4|6`,
-//! `recvmsg4|6` and `getpeername4|6` (the session view), and the `sched_process_fork|exit`
-//! tracepoints (membership) — attached while a session may have a live process, and detached a
-//! few seconds after the last one ended. With no session, the machine's binds, connects and UDP
-//! receives pay for none of them; only the observer's `post_bind4|6` and `sock_release` stay.
+//! `recvmsg4|6` and `getpeername4|6` (the session view), `getsockopt` (the shim's question), and
+//! the `sched_process_fork|exit|exec` tracepoints (membership) — attached while a session may
+//! have a live process, and detached a few seconds after the last one ended. With no session, the
+//! machine's binds, connects and UDP receives pay for none of them; only the observer's
+//! `post_bind4|6` and `sock_release` stay.
 //!
 //! They are loaded (and verified) with the rest at start, so attaching is a few `bpf_link_create`
 //! calls, done before the first process of a session is placed: the tracepoints first, so that
@@ -12,8 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
+use aya::programs::cgroup_sockopt::CgroupSockoptLinkId;
 use aya::programs::trace_point::TracePointLinkId;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, TracePoint};
 use aya::Ebpf;
 use styxy_common::event::PROGRAMS_SOCK_ADDR;
 use styxy_common::session;
@@ -23,9 +25,10 @@ use styxy_common::session;
 const IDLE_CHECKS_BEFORE_DETACH: u32 = 5;
 
 /// The tracepoints and the events they attach to.
-pub const TRACEPOINTS: [(&str, &str); 2] = [
+pub const TRACEPOINTS: [(&str, &str); 3] = [
     (session::PROGRAM_FORK, "sched_process_fork"),
     (session::PROGRAM_EXIT, "sched_process_exit"),
+    (session::PROGRAM_EXEC, "sched_process_exec"),
 ];
 
 /// The cgroup programs of sessions: the bind programs and the view programs.
@@ -43,6 +46,7 @@ pub struct SessionPrograms {
 
 struct Links {
     cgroup: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    sockopt: Option<CgroupSockoptLinkId>,
     tracepoints: Vec<(&'static str, TracePointLinkId)>,
 }
 
@@ -73,6 +77,7 @@ impl SessionPrograms {
         }
         let mut links = Links {
             cgroup: Vec::new(),
+            sockopt: None,
             tracepoints: Vec::new(),
         };
         let attached = self.attach_into(&mut links);
@@ -107,12 +112,34 @@ impl SessionPrograms {
                 .with_context(|| format!("attaching {name}"))?;
             links.cgroup.push((name, link));
         }
+        // Last: the shim stands aside only once the kernel enforces everything else.
+        let name = session::PROGRAM_SOCKOPT;
+        let program: &mut CgroupSockopt = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        let link = program
+            .attach(&self.cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name}"))?;
+        links.sockopt = Some(link);
         Ok(())
     }
 
     fn detach_links(&self, links: Links) {
         let mut ebpf = lock(&self.ebpf);
-        // The view and bind programs first, the membership tracepoints last.
+        // The shim's answer first (it takes over again), then the view and bind programs, the
+        // membership tracepoints last.
+        if let Some(link) = links.sockopt {
+            let name = session::PROGRAM_SOCKOPT;
+            let detached = ebpf
+                .program_mut(name)
+                .map(<&mut CgroupSockopt>::try_from)
+                .and_then(Result::ok)
+                .map(|p| p.detach(link));
+            if !matches!(detached, Some(Ok(()))) {
+                tracing::warn!(program = name, "detaching a kernel session program failed");
+            }
+        }
         for (name, link) in links.cgroup {
             let detached = ebpf
                 .program_mut(name)
