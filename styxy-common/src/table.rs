@@ -3,8 +3,10 @@
 //!
 //! It holds, as 64-bit words (every access is an atomic load or store, so a reader never sees a
 //! torn word):
-//! - a header: magic, version, a sequence counter (odd while the daemon writes), the daemon's pid
-//!   and whether it still serves;
+//! - a header: magic, version, a sequence counter (odd while the daemon writes), the daemon's pid,
+//!   whether it still serves, and its network namespace (the inode of `/proc/self/ns/net`; 0 from
+//!   a daemon that does not say): a process in another namespace is the business of neither
+//!   enforcer;
 //! - `TAKEN`: one bit per port, set while anything holds it (a socket of either protocol, a
 //!   lease, a claim) — a bind of a port whose bit is clear goes straight to the kernel;
 //! - `VIEWED` and `TARGETED`: per protocol and port, whether some session's view redirects that
@@ -40,6 +42,7 @@ const WORD_MAGIC: usize = 0;
 const WORD_VERSION: usize = 1;
 const WORD_DAEMON_PID: usize = 3;
 const WORD_SERVING: usize = 4;
+const WORD_NETNS: usize = 5;
 const WORD_SEQ: usize = 8;
 const WORD_ENTRY_COUNT: usize = 9;
 const HEADER_WORDS: usize = 16;
@@ -117,6 +120,11 @@ impl<'a> Table<'a> {
     /// The pid of the daemon that writes it.
     pub fn daemon_pid(&self) -> u32 {
         self.words[WORD_DAEMON_PID].load(Ordering::Relaxed) as u32
+    }
+
+    /// The daemon's network namespace (the inode of its `/proc/self/ns/net`), 0 when unknown.
+    pub fn netns(&self) -> u64 {
+        self.words[WORD_NETNS].load(Ordering::Relaxed)
     }
 
     /// False once the daemon stopped (a daemon killed outright cannot say so: check its pid).
@@ -204,14 +212,16 @@ impl<'a> Table<'a> {
         None
     }
 
-    /// Writes a fresh table's header: empty, serving, written by `daemon_pid`.
-    pub fn init(&self, daemon_pid: u32) {
+    /// Writes a fresh table's header: empty, serving, written by `daemon_pid` in network namespace
+    /// `netns` (0: unknown).
+    pub fn init(&self, daemon_pid: u32, netns: u64) {
         for word in self.words {
             word.store(0, Ordering::Relaxed);
         }
         self.words[WORD_VERSION].store(VERSION, Ordering::Relaxed);
         self.words[WORD_DAEMON_PID].store(u64::from(daemon_pid), Ordering::Relaxed);
         self.words[WORD_SERVING].store(1, Ordering::Relaxed);
+        self.words[WORD_NETNS].store(netns, Ordering::Relaxed);
         self.words[WORD_MAGIC].store(MAGIC, Ordering::Release);
     }
 
@@ -402,7 +412,7 @@ mod tests {
         let memory = words();
         let table = Table::new(&memory).expect("long enough");
         assert!(!table.is_current(), "all zero is no table");
-        table.init(4121);
+        table.init(4121, 0);
         assert!(table.is_current() && table.serving());
         assert_eq!(table.daemon_pid(), 4121);
         table.write(|w| {
@@ -481,7 +491,7 @@ mod tests {
     fn ids_too_long_and_entries_past_the_end_are_left_out() {
         let memory = words();
         let table = Table::new(&memory).expect("long enough");
-        table.init(1);
+        table.init(1, 0);
         let long = [b'x'; MAX_INSTANCE_ID + 1];
         let full = [b'y'; MAX_INSTANCE_ID];
         let entries = (0..MAX_ENTRIES as u16 + 1).map(|n| Entry {
@@ -506,7 +516,7 @@ mod tests {
     fn a_reader_never_sees_a_half_written_view() {
         let memory = words();
         let table = Table::new(&memory).expect("long enough");
-        table.init(1);
+        table.init(1, 0);
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for round in 0..20_000u16 {

@@ -54,7 +54,12 @@ impl PublishedTable {
         let map = unsafe { MmapMut::map_mut(&file) }
             .with_context(|| format!("mapping {}", staged.display()))?;
         let table = PublishedTable { map, path };
-        table.table().init(std::process::id());
+        // The namespace shims hold their own against (see `styxy_common::table`).
+        let netns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        table.table().init(std::process::id(), netns);
         std::fs::rename(&staged, &table.path)
             .with_context(|| format!("moving {} into place", table.path.display()))?;
         Ok(table)

@@ -21,6 +21,7 @@
 //! state is atomics so a `fork()` cannot leave a lock held.
 #![cfg_attr(not(test), no_std)]
 
+mod enforcer;
 mod redirect;
 mod table;
 
@@ -255,7 +256,8 @@ impl Bind {
         // end in binding as asked anyway. A port this process moved before must follow that
         // move, so it is always asked about.
         let port = self.target.port;
-        if table::current().is_some_and(|t| {
+        let table = table::current();
+        if table.is_some_and(|t| {
             let (moved, kept) = history(port);
             !moved && (kept || !t.is_taken(port))
         }) {
@@ -264,6 +266,29 @@ impl Bind {
                 return first;
             }
             return self.ask_after_refusal(first);
+        }
+        // The port is taken: whoever enforces this process's session decides.
+        match table.map(|t| enforcer::for_this_process(&t)) {
+            // The kernel moves it (within its range, or to the project's sticky port) as it
+            // binds; the shim only tells, once, and steps in where the kernel left the bind on
+            // the taken port (its refusal).
+            Some(enforcer::Enforcer::Kernel) => {
+                if env_flag(env::DISABLE.c_name) {
+                    return self.as_asked();
+                }
+                let first = self.as_asked();
+                if first.rc == 0 {
+                    self.tell_a_kernel_move();
+                    return first;
+                }
+                if first.errno != libc::EADDRINUSE {
+                    return first;
+                }
+                return self.ask_after_refusal(first);
+            }
+            // Another network namespace: the host's ports say nothing about its own.
+            Some(enforcer::Enforcer::Nobody) => return self.as_asked(),
+            Some(enforcer::Enforcer::Shim) | None => {}
         }
         // Cheapest checks first: a daemon known to be down costs two loads and a clock read.
         let failure = recent_failure();
@@ -323,6 +348,20 @@ impl Bind {
             return first;
         }
         self.ask_after_refusal(first)
+    }
+
+    /// After a bind the kernel steered: if it landed elsewhere than asked, one notice (the IPv4
+    /// and IPv6 binds of one server make one line).
+    fn tell_a_kernel_move(&self) {
+        let Some(bound) = bound_port(self.fd) else {
+            return;
+        };
+        if bound != self.target.port && record_move(self.target.port, bound) {
+            let mut answer = BindAnswer::empty();
+            answer.action = ACTION_REASSIGN;
+            answer.port = bound;
+            notify(self.target.port, &answer);
+        }
     }
 
     /// Without the daemon: bind the port this process moved this asked port to before, trying
@@ -440,6 +479,29 @@ fn ask(query: &BindQuery) -> Reply {
         RESOLVE_TIMEOUT => Reply::Slow,
         _ => Reply::Down,
     }
+}
+
+/// The local port socket `fd` is bound to (errno left as found).
+fn bound_port(fd: c_int) -> Option<u16> {
+    let saved = errno();
+    // SAFETY: sockaddr_storage is plain data; getsockname writes at most `len` bytes into it.
+    let mut address: libc::sockaddr_storage = unsafe { core::mem::zeroed() };
+    let mut len = core::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: valid pointers for the call.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut address).cast::<sockaddr>(), &mut len) };
+    set_errno(saved);
+    if rc != 0 || (len as usize) < PORT_OFFSET + 2 {
+        return None;
+    }
+    // SAFETY: len covers the port field, at the same offset for both families.
+    let port = unsafe {
+        (&raw const address)
+            .cast::<u8>()
+            .add(PORT_OFFSET)
+            .cast::<[u8; 2]>()
+            .read_unaligned()
+    };
+    Some(u16::from_be_bytes(port))
 }
 
 /// Bind `addr` with its port replaced by `port`.
@@ -690,7 +752,7 @@ static MOVES: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 /// of VM a measurable part of its time). A `fork()` child forgets it through a `pthread_atfork`
 /// handler; a child made by a raw `clone` without one keeps its parent's until it `exec`s, which
 /// only makes it look at its parent's move records (a bind then asks the daemon, as any other).
-fn own_pid() -> u32 {
+pub(crate) fn own_pid() -> u32 {
     static PID: AtomicU32 = AtomicU32::new(0);
     static FORK_HANDLER: AtomicBool = AtomicBool::new(false);
     extern "C" fn forget_in_child() {

@@ -128,7 +128,13 @@ fn candidate(
     let protocol = socket_protocol(fd).and_then(Protocol::from_ipproto);
     set_errno(saved);
     let protocol = protocol.filter(|p| bits(&table, *p, port))?;
-    Some((table, protocol, session()?))
+    let session = session()?;
+    // The kernel applies the view itself to the processes it steers (and nobody in another
+    // network namespace): never twice.
+    if crate::enforcer::for_this_process(&table) != crate::enforcer::Enforcer::Shim {
+        return None;
+    }
+    Some((table, protocol, session))
 }
 
 /// `addr` with its port replaced by the session's bound port, when the view has one for it.

@@ -9,6 +9,11 @@
 //!
 //! A mapping is never unmapped once published: another thread may be reading it. A replaced one
 //! stays mapped (once per daemon restart seen by this process).
+//!
+//! Only a table nobody else could have planted is used: a regular file owned by this user or
+//! root and writable by nobody else (checked on the open descriptor). Without `XDG_RUNTIME_DIR`
+//! the user's path is under `/tmp`, where another user may have made `/tmp/styxy-UID` first: a
+//! table of theirs there is passed over for the system daemon's.
 
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -34,7 +39,7 @@ pub(crate) fn current() -> Option<Table<'static>> {
 
 /// Milliseconds of the coarse monotonic clock: a vDSO read of the last tick, plenty for a
 /// once-a-second check and cheaper than the precise clock on every bind and connect.
-fn coarse_ms() -> u64 {
+pub(crate) fn coarse_ms() -> u64 {
     // SAFETY: timespec is plain data; clock_gettime writes it.
     let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
     // SAFETY: CLOCK_MONOTONIC_COARSE exists on every Linux this runs on; ts is valid for writes.
@@ -123,7 +128,10 @@ fn map_fd(fd: c_int) -> Option<*mut AtomicU64> {
     // SAFETY: stat is plain data; fstat writes it.
     let mut stat: libc::stat = unsafe { core::mem::zeroed() };
     // SAFETY: fd is open; stat is valid for writes.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 || (stat.st_size as u64) < BYTES as u64 {
+    if unsafe { libc::fstat(fd, &mut stat) } != 0
+        || (stat.st_size as u64) < BYTES as u64
+        || !trusted(&stat)
+    {
         return None;
     }
     // SAFETY: a fresh read-only shared mapping of an open file; no existing memory is touched.
@@ -138,6 +146,16 @@ fn map_fd(fd: c_int) -> Option<*mut AtomicU64> {
         )
     };
     (base != libc::MAP_FAILED).then_some(base.cast::<AtomicU64>())
+}
+
+/// Whether a table file could only have been written by this user or root: a regular file owned
+/// by one of them that nobody else may write.
+fn trusted(stat: &libc::stat) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    stat.st_mode & libc::S_IFMT == libc::S_IFREG
+        && (stat.st_uid == me || stat.st_uid == 0)
+        && stat.st_mode & 0o022 == 0
 }
 
 /// Writes the table's path, NUL-terminated, into `out`: `$STYXY_SOCKET.table`; else the user's
@@ -161,8 +179,10 @@ fn table_path(out: &mut [u8]) -> Option<()> {
         own.push(b"/styxy/styxy.sock")?
             .push(TABLE_SUFFIX.as_bytes())?
             .finish()?;
-        // SAFETY: `out` now holds a NUL-terminated path.
-        if unsafe { libc::access(out.as_ptr().cast::<c_char>(), libc::F_OK) } == 0 {
+        // SAFETY: stat is plain data; lstat writes it.
+        let mut stat: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: `out` now holds a NUL-terminated path; stat is valid for writes.
+        if unsafe { libc::lstat(out.as_ptr().cast::<c_char>(), &mut stat) } == 0 && trusted(&stat) {
             return Some(());
         }
     }

@@ -1,0 +1,118 @@
+//! Which enforcer applies the session to this process: the kernel's programs or the shim. Never
+//! both — a redirect applied twice (the shim's 8350 → 8351, then the kernel's 8351 → 8352) reaches
+//! another server, and a bind moved twice lands where nobody said. And neither in another network
+//! namespace than the daemon's: its ports and loopback are another machine's, which the table
+//! does not describe.
+//!
+//! Where the daemon runs with eBPF at the cgroup root, the kernel steers every process of a
+//! placed session it may steer (see `styxy_common::session::Member`), static binaries included;
+//! the shim then stands aside, but for one thing the kernel cannot do: a bind the kernel left on a
+//! taken port (a port in no service range, an empty spare pool) fails with `EADDRINUSE`, and the
+//! shim asks the daemon and moves it, as for any process (the kernel left that socket alone, so
+//! it is still one enforcer per socket).
+//!
+//! The kernel question is one `getsockopt` on a throwaway socket, answered by the kernel's
+//! `cgroup/getsockopt` program (`ENOPROTOOPT` without it): asked once per process and again at
+//! most once a second (the programs detach when no session is live and attach for the next, and a
+//! daemon restart may change the answer), and only on the paths where the table says a session
+//! may apply — a free port's bind and an unviewed connect never ask. The namespace is a `stat` of
+//! `/proc/self/ns/net` held against the one the daemon publishes in the table, asked with it.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use styxy_common::session::{SOCKOPT_ENFORCED, SOCKOPT_LEVEL};
+use styxy_common::table::Table;
+
+use crate::{errno, own_pid, set_errno};
+
+/// Who applies the session's moves and view to this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Enforcer {
+    /// The shim: a process the kernel does not steer, in the daemon's network namespace.
+    Shim,
+    /// The kernel's programs: the shim stands aside.
+    Kernel,
+    /// Nobody: the process is in another network namespace.
+    Nobody,
+}
+
+const ENFORCER_SHIM: u32 = 0;
+const ENFORCER_KERNEL: u32 = 1;
+const ENFORCER_NOBODY: u32 = 2;
+
+/// The pid the cached answer is for (a forked child asks again: its parent's answer may not be
+/// its own, though it usually is).
+static ANSWER_PID: AtomicU32 = AtomicU32::new(0);
+/// Coarse monotonic ms after which the answer is asked again.
+static ANSWER_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+/// The cached answer, an `ENFORCER_*`.
+static ANSWER: AtomicU32 = AtomicU32::new(ENFORCER_SHIM);
+const ASK_EVERY_MS: u64 = 1000;
+
+/// Who enforces the session for this process, given the live table. Leaves errno as it found it.
+pub(crate) fn for_this_process(table: &Table<'_>) -> Enforcer {
+    let pid = own_pid();
+    let now = crate::table::coarse_ms();
+    let answer = if ANSWER_PID.load(Ordering::Acquire) == pid
+        && now < ANSWER_UNTIL_MS.load(Ordering::Relaxed)
+    {
+        ANSWER.load(Ordering::Relaxed)
+    } else {
+        let saved = errno();
+        let answer = if !in_daemons_netns(table) {
+            ENFORCER_NOBODY
+        } else if ask_the_kernel() {
+            ENFORCER_KERNEL
+        } else {
+            ENFORCER_SHIM
+        };
+        set_errno(saved);
+        ANSWER.store(answer, Ordering::Relaxed);
+        ANSWER_UNTIL_MS.store(now + ASK_EVERY_MS, Ordering::Relaxed);
+        ANSWER_PID.store(pid, Ordering::Release);
+        answer
+    };
+    match answer {
+        ENFORCER_KERNEL => Enforcer::Kernel,
+        ENFORCER_NOBODY => Enforcer::Nobody,
+        _ => Enforcer::Shim,
+    }
+}
+
+/// Whether this process is in the network namespace of the table's daemon (yes when the daemon
+/// does not say which it is in, or the namespace cannot be read).
+fn in_daemons_netns(table: &Table<'_>) -> bool {
+    let daemons = table.netns();
+    if daemons == 0 {
+        return true;
+    }
+    // SAFETY: stat is plain data; stat() writes it for a NUL-terminated path.
+    let mut stat: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::stat(c"/proc/self/ns/net".as_ptr(), &mut stat) } != 0 {
+        return true;
+    }
+    stat.st_ino == daemons
+}
+
+/// The kernel's answer: a session number when its programs steer this process.
+fn ask_the_kernel() -> bool {
+    // SAFETY: a throwaway socket (never bound or connected), queried once, then closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let mut session: u32 = 0;
+        let mut len = core::mem::size_of::<u32>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            SOCKOPT_LEVEL,
+            SOCKOPT_ENFORCED,
+            (&raw mut session).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        rc == 0 && len as usize == core::mem::size_of::<u32>() && session != 0
+    }
+}
