@@ -182,17 +182,17 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Hook(HookCommand::SessionEnd) => {
-            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
             hook::session_end(&target).await;
             Ok(())
         }
         Command::Hook(HookCommand::SessionStart) => {
-            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
             println!("{}", hook::session_start(&target).await);
             Ok(())
         }
         Command::Hook(HookCommand::PostToolUse) => {
-            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
             hook::post_tool_use::run(&target).await;
             Ok(())
         }
@@ -209,7 +209,7 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Mcp => {
-            let target = Target::Unix(args.socket.unwrap_or_else(paths::find_socket));
+            let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
             mcp::serve(target).await
         }
         Command::Env { instance } => {
@@ -223,7 +223,7 @@ async fn run(args: Args) -> Result<()> {
         Command::Client(command) => {
             let target = match args.tcp {
                 Some(addr) => Target::Tcp(addr),
-                None => Target::Unix(args.socket.unwrap_or_else(paths::find_socket)),
+                None => Target::Unix(args.socket.unwrap_or_else(daemon_socket)),
             };
             commands::run(
                 command,
@@ -234,4 +234,14 @@ async fn run(args: Args) -> Result<()> {
             .await
         }
     }
+}
+
+/// The daemon's socket when none was given (see `paths::find_socket`), saying on stderr when the
+/// user's own path was passed over because another user could have planted it.
+pub(crate) fn daemon_socket() -> std::path::PathBuf {
+    let (socket, warning) = paths::find_socket_checked();
+    if let Some(warning) = warning {
+        eprintln!("styxy: warning: {warning}");
+    }
+    socket
 }

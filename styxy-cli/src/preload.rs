@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use styxy_common::env;
-use styxy_common::paths::{artifact_candidates, find_socket, PRELOAD_LIBRARY};
+use styxy_common::paths::{artifact_candidates, PRELOAD_LIBRARY};
 
 /// Where the shim may be: see [`artifact_candidates`] (`$STYXY_PRELOAD_LIB` first).
 fn candidates() -> Vec<PathBuf> {
@@ -78,7 +78,7 @@ pub async fn run(
     if let Some(socket) = socket {
         child.env(env::SOCKET.name, socket);
     }
-    let daemon = socket.map_or_else(find_socket, Path::to_path_buf);
+    let daemon = socket.map_or_else(crate::daemon_socket, Path::to_path_buf);
     let quiet = std::env::var(env::NOTIFY.name).is_ok_and(|v| v == "off");
     match join_session(&daemon, instance.clone()).await {
         Ok(Err(refused)) => {

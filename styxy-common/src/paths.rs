@@ -68,19 +68,78 @@ pub fn default_socket() -> PathBuf {
 }
 
 /// Where a client (the CLI, the shim) looks for the daemon when not told: the user's own daemon
-/// ([`default_socket`]) if its socket exists, else the system daemon's if that exists, else the
-/// user's path (which then names what is missing in the error).
+/// ([`default_socket`]) if its socket exists and nobody else could have put it there (see
+/// [`untrusted_because`]), else the system daemon's if that exists, else the user's path (which
+/// then names what is missing in the error).
 #[cfg(feature = "std")]
 pub fn find_socket() -> PathBuf {
-    pick_socket(default_socket(), Path::new(SYSTEM_SOCKET))
+    find_socket_checked().0
+}
+
+/// [`find_socket`], and why the user's own socket was passed over when it exists but another
+/// user could have planted it (`/tmp/styxy-UID` made by someone else, say): a client says so.
+#[cfg(feature = "std")]
+pub fn find_socket_checked() -> (PathBuf, Option<String>) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    pick_socket(default_socket(), Path::new(SYSTEM_SOCKET), uid)
 }
 
 #[cfg(feature = "std")]
-fn pick_socket(own: PathBuf, system: &Path) -> PathBuf {
-    if !own.exists() && system.exists() {
-        return system.to_path_buf();
+fn pick_socket(own: PathBuf, system: &Path, uid: u32) -> (PathBuf, Option<String>) {
+    let exists = std::fs::symlink_metadata(&own).is_ok();
+    let distrust = exists.then(|| untrusted_because(&own, uid)).flatten();
+    if let Some(reason) = distrust {
+        let warning = format!(
+            "ignoring {}: {reason}; using the system daemon's socket {}",
+            own.display(),
+            system.display()
+        );
+        return (system.to_path_buf(), Some(warning));
     }
-    own
+    if !exists && system.exists() {
+        return (system.to_path_buf(), None);
+    }
+    (own, None)
+}
+
+/// Why `path` cannot be trusted by user `uid`, if it cannot: it, or a directory above it, is
+/// owned by another user (root aside), or a directory above it may be written by others (a
+/// root-owned sticky one such as `/tmp` aside: others cannot replace what is in it). A socket or
+/// table there may have been planted by someone else, who would then see or steer this user's
+/// traffic.
+#[cfg(feature = "std")]
+pub fn untrusted_because(path: &Path, uid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    if meta.file_type().is_symlink() {
+        return Some(format!("{} is a symbolic link", path.display()));
+    }
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Some(format!("{} belongs to uid {}", path.display(), meta.uid()));
+    }
+    for dir in path
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        let meta = match std::fs::metadata(dir) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("{}: {e}", dir.display())),
+        };
+        if meta.uid() != uid && meta.uid() != 0 {
+            return Some(format!("{} belongs to uid {}", dir.display(), meta.uid()));
+        }
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky_root = meta.mode() & 0o1000 != 0 && meta.uid() == 0;
+        if others_write && !sticky_root {
+            return Some(format!("{} may be written by other users", dir.display()));
+        }
+    }
+    None
 }
 
 /// `/var/lib/styxy` as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.
@@ -139,23 +198,61 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let own = dir.path().join("own.sock");
         let system = dir.path().join("system.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
         assert_eq!(
-            pick_socket(own.clone(), &system),
-            own,
+            pick_socket(own.clone(), &system, me),
+            (own.clone(), None),
             "neither: the user's path"
         );
         std::fs::write(&system, "").expect("file");
         assert_eq!(
-            pick_socket(own.clone(), &system),
-            system,
+            pick_socket(own.clone(), &system, me),
+            (system.clone(), None),
             "only the system daemon"
         );
         std::fs::write(&own, "").expect("file");
         assert_eq!(
-            pick_socket(own.clone(), &system),
-            own,
+            pick_socket(own.clone(), &system, me),
+            (own.clone(), None),
             "the user's own daemon first"
         );
+        // Another user's socket at the user's path (as root: made another's; otherwise: seen by
+        // another user) is passed over, with the reason.
+        let (owner, viewer) = if me == 0 {
+            std::os::unix::fs::chown(&own, Some(12_345), None).expect("chown");
+            (12_345, 0)
+        } else {
+            (me, me + 1)
+        };
+        let (picked, warning) = pick_socket(own.clone(), &system, viewer);
+        assert_eq!(picked, system);
+        let warning = warning.expect("a warning");
+        assert!(
+            warning.contains(&format!("belongs to uid {owner}")),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn paths_others_could_plant_are_not_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("styxy.sock");
+        std::fs::write(&file, "").expect("file");
+        assert_eq!(untrusted_because(&file, me), None);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let reason = untrusted_because(&file, me).expect("a world-writable directory");
+        assert!(reason.contains("may be written by other users"), "{reason}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(untrusted_because(&link, me).is_some(), "a symbolic link");
+        assert!(untrusted_because(&dir.path().join("missing"), me).is_some());
     }
 
     #[test]
