@@ -51,6 +51,27 @@ impl Listeners {
     }
 }
 
+/// How long requests under way may take to finish once the daemon is asked to stop. Connections
+/// are not waited for: a shim keeps its connection open for the life of its process (it reads the
+/// server's GOAWAY only at its next call), so a graceful drain would last until every shimmed
+/// process idled out (60–80 s seen), longer than systemd's stop timeout.
+pub(super) const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `serve` until `stop` turns true and then for [`STOP_GRACE`] at most: a server still draining
+/// then is dropped, and with it (and its runtime) the connections it holds.
+async fn until_stopped(
+    serve: impl std::future::Future<Output = Result<()>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    tokio::select! {
+        result = serve => result,
+        _ = async {
+            let _ = stop.wait_for(|stop| *stop).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => Ok(()),
+    }
+}
+
 /// Starts serving on `listeners` until `stop` turns true; each server's result comes out of the
 /// returned set.
 pub(super) async fn start(
@@ -86,16 +107,20 @@ pub(super) async fn start(
     }
     if let Some(tcp) = listeners.tcp {
         let mut stop = stop.clone();
+        let grace = stop.clone();
         let idle = opts.idle_timeout;
         let connections = TcpListenerStream::new(tcp)
             .map(move |accepted| accepted.map(|stream| IdleTimeout::new(stream, idle)));
         servers.spawn(async move {
-            router
-                .serve_with_incoming_shutdown(connections, async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
-                .await
-                .context("TCP server")
+            let serve = async move {
+                router
+                    .serve_with_incoming_shutdown(connections, async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    })
+                    .await
+                    .context("TCP server")
+            };
+            until_stopped(serve, grace).await
         });
     }
     Ok(servers)
@@ -251,6 +276,7 @@ fn serve_unix_per_core(
         let store = store.clone();
         let admission = admission.clone();
         let mut stop = stop.clone();
+        let grace = stop.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("styxy-uds-{n}"))
@@ -274,12 +300,16 @@ fn serve_unix_per_core(
                                     Err(e) => Some(Err(e)),
                                 }
                             });
-                        router
-                            .serve_with_incoming_shutdown(connections, async move {
-                                let _ = stop.wait_for(|stop| *stop).await;
-                            })
-                            .await
-                            .context("Unix-socket server")
+                        let serve = async move {
+                            router
+                                .serve_with_incoming_shutdown(connections, async move {
+                                    let _ = stop.wait_for(|stop| *stop).await;
+                                })
+                                .await
+                                .context("Unix-socket server")
+                        };
+                        // The runtime, dropped right after, ends the connections' tasks.
+                        until_stopped(serve, grace).await
                     })
                 })();
                 let _ = done.send(outcome);
