@@ -209,6 +209,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Waits up to `limit` for the daemon to exit by itself: its status, `None` if it did not.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `kill -9`, and wait until it is gone.
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;
