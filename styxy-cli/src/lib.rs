@@ -9,6 +9,7 @@ mod hook;
 mod install;
 mod logging;
 mod mcp;
+mod mcp_stdio;
 mod output;
 mod preload;
 
@@ -142,13 +143,31 @@ fn parse_timeout(text: &str) -> Result<f64, String> {
 /// message on stderr and exit status 1.
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+    // The daemon serves on worker threads; every other command is one conversation with it and
+    // starts none (`styxy run` then execs: a machine out of pids or threads still gets its command
+    // run, and tokio, which panics when it cannot start a worker, is never asked to).
+    let mut builder = match args.command {
+        Command::Daemon(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    // Silently: the message below says it, without a panic's backtrace.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        builder.enable_all().build()
+    }));
+    std::panic::set_hook(hook);
+    let runtime = match built {
+        Ok(Ok(rt)) => rt,
+        Ok(Err(e)) => {
             eprintln!("styxy: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!(
+                "styxy: starting the async runtime: cannot start a thread (out of processes or \
+                 memory? see `ulimit -u` and /proc/sys/kernel/pid_max)"
+            );
             return ExitCode::FAILURE;
         }
     };
