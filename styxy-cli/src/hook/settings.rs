@@ -259,6 +259,49 @@ fn withdraw_project_server(settings: &mut Value) -> bool {
     removed
 }
 
+/// The largest settings file read (Claude Code's own are a few KiB).
+const SETTINGS_MAX_BYTES: u64 = 16 << 20;
+
+/// A settings file's bytes, `None` when it does not exist. Only a regular file is read: a FIFO
+/// (which would block the read until someone writes), a device or a directory at that path is an
+/// error that names it, as is a file over [`SETTINGS_MAX_BYTES`].
+fn read_settings_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file (a pipe, device or directory); move it aside or point \
+             --settings at the settings file; nothing was changed",
+            path.display()
+        );
+    }
+    if meta.len() > SETTINGS_MAX_BYTES {
+        bail!(
+            "{} is {} bytes, more than a settings file holds ({SETTINGS_MAX_BYTES}); nothing was changed",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(SETTINGS_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(bytes))
+}
+
 /// A JSON file Claude Code reads, as it is on disk.
 struct JsonFile {
     /// Where it is written (a symlink's target).
@@ -272,11 +315,7 @@ impl JsonFile {
     fn load(path: &Path) -> Result<JsonFile> {
         // Through a symlink: the link stays, its target gets the change.
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let original = match std::fs::read(&path) {
-            Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let original = read_settings_file(&path)?;
         let value = match &original {
             Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => {
                 serde_json::from_slice(bytes).with_context(|| {
