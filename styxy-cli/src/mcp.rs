@@ -283,8 +283,11 @@ impl ServerHandler for StyxyMcp {}
 
 /// Serves MCP on stdin/stdout until the client closes it.
 pub async fn serve(target: Target) -> Result<()> {
+    // Through the filter that answers lines that are not requests (rmcp would drop them).
+    let (transport, pump) = crate::mcp_stdio::transport(tokio::io::stdin(), tokio::io::stdout());
+    tokio::spawn(pump);
     let service = StyxyMcp::new(target)
-        .serve(rmcp::transport::stdio())
+        .serve(transport)
         .await
         .map_err(|e| anyhow::anyhow!("starting the MCP server on stdio: {e}"))?;
     service
