@@ -427,3 +427,131 @@ async fn eventually_told(
     }
     anyhow::bail!("the hook never told anything")
 }
+
+/// A machine out of processes (here: a user at its `ulimit -u`, so no thread can start): `styxy
+/// run` still runs its command, and a client command fails with a message, never a panic.
+#[test]
+fn with_no_thread_to_spare_styxy_run_still_runs_its_command() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    if !styxy_tests::can_act_as_another_user() {
+        return Ok(());
+    }
+    let limited = |args: &[&str]| -> anyhow::Result<Output> {
+        let mut command = Command::new(styxy_bin());
+        command
+            .args(["--socket", "/nonexistent/styxy.sock"])
+            .args(args)
+            .uid(styxy_tests::OTHER_USER)
+            .gid(styxy_tests::OTHER_USER);
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                let one = libc::rlimit {
+                    rlim_cur: 1,
+                    rlim_max: 1,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &one) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command.output()?)
+    };
+    let run = limited(&["run", "--", "/bin/echo", "still ran"])?;
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "still ran\n");
+    let ports = limited(&["ports"])?;
+    let stderr = String::from_utf8_lossy(&ports.stderr);
+    assert_eq!(ports.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("cannot reach the Styxy daemon"), "{stderr}");
+    Ok(())
+}
+
+/// `hook install --settings` naming a FIFO (or a device) says so and changes nothing; it used to
+/// wait forever for a writer.
+#[test]
+fn hook_install_refuses_a_fifo_instead_of_hanging() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fifo = dir.path().join("settings.json");
+    let path = std::ffi::CString::new(fifo.to_str().context("utf-8")?)?;
+    // SAFETY: a valid NUL-terminated path.
+    anyhow::ensure!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) } == 0, "mkfifo");
+    let mut child = Command::new(styxy_bin())
+        .args(["hook", "install", "--settings"])
+        .arg(&fifo)
+        .env("HOME", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("hook install is still waiting on the FIFO after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not a regular file"), "{stderr}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&fifo)?.file_type().is_fifo(),
+        "left as it was"
+    );
+    Ok(())
+}
+
+/// The MCP server answers a truncated line and one nested deeper than it follows with JSON-RPC
+/// parse errors (`id: null`), and goes on serving the next request.
+#[test]
+fn the_mcp_server_answers_lines_that_are_not_json_with_parse_errors() -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let mut mcp = Command::new(styxy_bin())
+        .args(["--socket", "/nonexistent/styxy.sock", "mcp"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut input = mcp.stdin.take().context("stdin")?;
+    let output = mcp.stdout.take().context("stdout")?;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"test","version":"1"}}}"#;
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    for line in [
+        init,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/li"#,
+        &deep,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#,
+    ] {
+        writeln!(input, "{line}")?;
+    }
+    input.flush()?;
+    let mut replies = Vec::new();
+    for line in std::io::BufReader::new(output).lines() {
+        let reply: serde_json::Value = serde_json::from_str(&line?)?;
+        let done = reply["id"] == 3;
+        replies.push(reply);
+        if done {
+            break;
+        }
+    }
+    drop(input);
+    let _ = mcp.kill();
+    let _ = mcp.wait();
+    let parse_errors = replies
+        .iter()
+        .filter(|r| r["error"]["code"] == -32700 && r["id"].is_null())
+        .count();
+    assert_eq!(parse_errors, 2, "{replies:#?}");
+    assert!(replies
+        .iter()
+        .any(|r| r["id"] == 1 && r["result"].is_object()));
+    assert!(replies
+        .iter()
+        .any(|r| r["id"] == 3 && r["result"]["tools"].is_array()));
+    Ok(())
+}
