@@ -257,12 +257,21 @@ impl Bind {
         // move, so it is always asked about.
         let port = self.target.port;
         let table = table::current();
-        if table.is_some_and(|t| {
+        if let Some(t) = table.filter(|t| {
             let (moved, kept) = history(port);
             !moved && (kept || !t.is_taken(port))
         }) {
             let first = self.as_asked();
-            if first.rc == 0 || first.errno != libc::EADDRINUSE {
+            if first.rc == 0 {
+                // The kernel may have moved it all the same (the table lags the kernel by the
+                // daemon's reading of a bind made a moment ago): a process of a session it
+                // steers is told.
+                if in_a_session() && enforcer::for_this_process(&t) == enforcer::Enforcer::Kernel {
+                    self.tell_a_kernel_move();
+                }
+                return first;
+            }
+            if first.errno != libc::EADDRINUSE {
                 return first;
             }
             return self.ask_after_refusal(first);
@@ -824,6 +833,11 @@ fn history(port: u16) -> (bool, bool) {
             kept || (mine && bound == port),
         )
     })
+}
+
+/// Whether this process names a session (`STYXY_INSTANCE`): only then may the kernel steer it.
+fn in_a_session() -> bool {
+    env_str(env::INSTANCE.c_name).is_some_and(|id| !id.is_empty())
 }
 
 fn notify(requested: u16, answer: &BindAnswer) {
