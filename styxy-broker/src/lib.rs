@@ -378,8 +378,8 @@ impl Broker {
         self.leases.values()
     }
 
-    #[cfg(test)]
-    pub(crate) fn instances(&self) -> impl Iterator<Item = &Instance> {
+    /// Every registered instance (session), with the process it was registered with.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.instances.values()
     }
 
@@ -826,10 +826,20 @@ impl Broker {
                 effects.lease_removed(lease);
             }
         }
+        // An instance lives while any of its processes does; the dead ones are forgotten.
+        for instance in self.instances.values_mut() {
+            let before = instance.placed.len();
+            instance.placed.retain(|p| processes.is_alive(*p));
+            if instance.placed.len() != before && !instance.placed.is_empty() {
+                effects.changes.push(StateChange::PutInstance {
+                    instance: instance.clone(),
+                });
+            }
+        }
         let gone: Vec<String> = self
             .instances
             .values()
-            .filter(|i| !processes.is_alive(i.process))
+            .filter(|i| !i.processes().any(|p| processes.is_alive(p)))
             .map(|i| i.id.clone())
             .collect();
         for id in gone {
@@ -893,11 +903,24 @@ impl Broker {
                 owner_uid: taken.owner_uid,
             });
         }
+        // Its processes so far stay with it (a session's servers outlive the `styxy run` of a
+        // short client registered after them).
+        let mut placed: Vec<ProcessId> = self
+            .instances
+            .get(&id)
+            .filter(|i| i.owner_uid == uid)
+            .map(|i| i.processes().filter(|p| *p != process).collect())
+            .unwrap_or_default();
+        placed.push(process);
+        if placed.len() > INSTANCE_PROCESSES_MAX {
+            placed.drain(..placed.len() - INSTANCE_PROCESSES_MAX);
+        }
         let instance = Instance {
             id: id.clone(),
             process,
             registered_ms: now_ms,
             owner_uid: uid,
+            placed,
         };
         let mut effects = Effects::default();
         effects.changes.push(StateChange::PutInstance {

@@ -94,6 +94,23 @@ pub struct Instance {
     /// The uid that registered it first: only that user (or root) may register it again.
     #[serde(default)]
     pub owner_uid: u32,
+    /// Every process registered with it that may still run, `process` (the newest) last: the
+    /// session lives while any of them does, and a restarted daemon puts each back in the kernel.
+    /// At most [`INSTANCE_PROCESSES_MAX`], the oldest dropped first.
+    #[serde(default)]
+    pub placed: Vec<ProcessId>,
+}
+
+/// Processes an instance remembers (see [`Instance::placed`]).
+pub const INSTANCE_PROCESSES_MAX: usize = 64;
+
+impl Instance {
+    /// Its processes that may still run: `placed`, or `process` alone for an instance saved
+    /// before `placed` was kept.
+    pub fn processes(&self) -> impl Iterator<Item = ProcessId> + '_ {
+        let only = self.placed.is_empty().then_some(self.process);
+        self.placed.iter().copied().chain(only)
+    }
 }
 
 /// What an observer reports. Both eBPF and the socket-table scanner produce these.

@@ -1230,6 +1230,48 @@ fn ending_a_session_ends_its_leases_and_claims_and_no_one_elses() {
     assert_eq!(b.end_instance("claude-s1", 1000).unwrap().0, 0);
 }
 
+#[test]
+fn a_session_lives_while_any_of_its_registered_processes_does() {
+    let mut b = broker();
+    // A server registered first, then a short client of the same session, then another user's
+    // try at the name.
+    b.register_instance(Some("claude-s1".into()), pid(40), 1000, 1)
+        .unwrap();
+    b.register_instance(Some("claude-s1".into()), pid(41), 1000, 2)
+        .unwrap();
+    assert!(b
+        .register_instance(Some("claude-s1".into()), pid(42), 2000, 3)
+        .is_err());
+    let placed = |b: &Broker| -> Vec<u32> {
+        b.instances()
+            .flat_map(|i| i.processes().map(|p| p.pid))
+            .collect()
+    };
+    assert_eq!(placed(&b), [40, 41]);
+    // The client ends: the session lives on with its server, and the change is saved.
+    let server_only = Procs {
+        alive: [pid(40)].into(),
+        ..Procs::default()
+    };
+    let effects = b.expire(10, &server_only);
+    assert_eq!(placed(&b), [40]);
+    assert!(effects.changes.iter().any(
+        |c| matches!(c, StateChange::PutInstance { instance } if instance.placed == [pid(40)])
+    ));
+    assert_eq!(b.instance_count(), 1);
+    // Registering the server again adds nothing twice.
+    b.register_instance(Some("claude-s1".into()), pid(40), 1000, 11)
+        .unwrap();
+    assert_eq!(placed(&b), [40]);
+    // The server ends too: so does the session.
+    let effects = b.expire(20, &Procs::default());
+    assert_eq!(b.instance_count(), 0);
+    assert!(effects
+        .changes
+        .iter()
+        .any(|c| matches!(c, StateChange::RemoveInstance { id } if id == "claude-s1")));
+}
+
 // ---- sticky ports --------------------------------------------------------------------------------------
 
 fn in_project(p: u32, port: u16, project: &str) -> BindRequest {
