@@ -321,6 +321,15 @@ impl Engine {
     pub fn use_kernel_sessions(&self, sessions: KernelSessions) {
         let broker = lock(&self.broker);
         sessions.publish_all(&broker);
+        // The sessions of the last run whose processes still run are theirs again.
+        let (adopted, processes) = sessions.adopt(&broker);
+        if adopted > 0 {
+            tracing::info!(
+                sessions = adopted,
+                processes,
+                "kernel sessions of the last run put back"
+            );
+        }
         let _ = self.kernel_sessions.set(sessions);
     }
 

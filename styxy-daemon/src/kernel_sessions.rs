@@ -176,6 +176,67 @@ impl KernelSessions {
         Ok(number)
     }
 
+    /// At start: puts back in the kernel's session map the sessions whose first process still
+    /// runs — after a restart (an upgrade, a crash, `kill -9`) the new daemon's maps are empty,
+    /// and without this their processes would fall out of their sessions (their connections
+    /// reaching other sessions' servers, their binds no longer moved). Each such process and its
+    /// live descendants are placed, stamped with the time taken before `/proc` was read: a
+    /// process started after that reading (a reused pid among them) is not covered; one forked
+    /// since by a placed process joins through the fork program, attached first. A descendant
+    /// that left the tree (reparented to init by a double fork) is not found: it stays outside.
+    /// Every process registered with a session (each `styxy run`, the agent) is a root of such a
+    /// tree. Returns how many sessions and processes were placed.
+    pub fn adopt(&self, broker: &Broker) -> (usize, usize) {
+        let live: Vec<(String, u32, ProcessId)> = broker
+            .instances()
+            .flat_map(|i| i.processes().map(|p| (i.id.clone(), i.owner_uid, p)))
+            .filter(|(_, _, p)| crate::observe::procs::process_id(p.pid) == Some(*p))
+            .collect();
+        let mut sessions = std::collections::HashSet::new();
+        let mut processes = 0;
+        for (instance, owner, process) in live {
+            match self.place(&instance, owner, process, broker) {
+                Ok(number) => {
+                    sessions.insert(number);
+                    processes += 1 + self.place_descendants(number, owner, process.pid);
+                }
+                Err(e) => tracing::warn!(instance = %instance, cause = %format!("{e:#}"),
+                    "a session of the last run could not be put back in the kernel"),
+            }
+        }
+        (sessions.len(), processes)
+    }
+
+    /// Places the live descendants of `pid` in session `number` (see [`KernelSessions::adopt`]);
+    /// how many.
+    fn place_descendants(&self, number: u32, owner: u32, pid: u32) -> usize {
+        let mut placed = std::collections::HashSet::new();
+        // Twice: a child forked between the first reading and its parent's entry is in the
+        // second (and from then on the fork program sees every new one).
+        for _ in 0..2 {
+            let stamp_ns = monotonic_ns();
+            let children = crate::observe::procs::children_by_parent();
+            let mut queue = vec![pid];
+            let mut sessions = lock(&self.sessions);
+            while let Some(parent) = queue.pop() {
+                for child in children.get(&parent).into_iter().flatten() {
+                    let member = Member {
+                        session: number,
+                        owner,
+                        stamp_ns,
+                    };
+                    if placed.insert(*child) || sessions.get(child, 0).is_err() {
+                        if let Err(e) = sessions.insert(*child, member, 0) {
+                            tracing::warn!(cause = %e, task = child, "the kernel's session map refused a process");
+                        }
+                    }
+                    queue.push(*child);
+                }
+            }
+        }
+        placed.len()
+    }
+
     /// The instance of session `number`.
     pub fn instance_of(&self, number: u32) -> Option<String> {
         lock(&self.registry).instances.get(&number).cloned()

@@ -230,6 +230,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// Starts the daemon again on the same state dir and socket, once the last one has exited.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.child.wait()?;
+        let (child, tcp) =
+            launch(&self.dir, &self.socket, &self.state_dir, &self.extra_args).await?;
+        self.child = child;
+        self.tcp = tcp;
+        Ok(())
+    }
+
     /// `kill -9`, then start again on the same state dir and socket.
     pub async fn kill9_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;

@@ -701,3 +701,76 @@ async fn sigterm_ends_the_daemon_promptly_with_fifty_shimmed_clients_connected()
     );
     Ok(())
 }
+
+// ---- restarts ----------------------------------------------------------------------------------
+
+/// A kernel session outlives its daemon: after `kill -9` and after SIGTERM, the next daemon puts
+/// the session's running processes back, so a process started before the restart still reaches
+/// its session's server at the asked port, and its binds of held ports are still moved — by the
+/// kernel alone (the shim is off in it), as for a static binary.
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut daemon) = root_daemon().await? else {
+        return Ok(());
+    };
+    let asked = daemon.base + 130;
+    let (outside_site, session_site) = (site("outside")?, site("session")?);
+    let (_outside, _) = serve(&daemon, None, asked, &outside_site)?;
+    let (_server, moved) = serve(&daemon, Some("survivor"), asked, &session_site)?;
+    assert_ne!(moved, asked);
+    let held = daemon.base + 140;
+    let _holder = styxy_tests::port_holder(&[held, held + 1])?;
+    // A process of the session with the shim off in it: only the kernel acts for it.
+    let helper = "import socket, sys, urllib.request\n\
+                  print('ready', flush=True)\n\
+                  for line in sys.stdin:\n    \
+                  word, port = line.split()\n    \
+                  if word == 'get':\n        \
+                  print(urllib.request.urlopen('http://127.0.0.1:%s/whoami.txt' % port, timeout=10).read().decode(), flush=True)\n    \
+                  else:\n        \
+                  s = socket.socket(); s.bind(('127.0.0.1', int(port))); print('bound', s.getsockname()[1], flush=True); s.close()\n";
+    let mut command = in_session(&daemon, "survivor", PYTHON, &["-c".into(), helper.into()]);
+    command.env("STYXY_DISABLE", "1").env("STYXY_VIEW", "off");
+    let mut process = Spawned::start(&mut command)?;
+    process.line_where(15, |l| l == "ready")?;
+    let get = |process: &mut Spawned| -> Result<String> {
+        process.send_line(&format!("get {asked}"))?;
+        process.line_where(15, |l| l == "session" || l == "outside")
+    };
+    assert_eq!(get(&mut process)?, "session", "before any restart");
+    // The session's last `styxy run` is a short client that is gone by the restart: the session
+    // still has its server and the helper.
+    assert_eq!(whoami_in(&daemon, "survivor", asked)?, "session");
+    for (round, how) in ["kill -9", "SIGTERM"].into_iter().enumerate() {
+        if how == "kill -9" {
+            daemon.kill9_and_restart().await?;
+        } else {
+            daemon.signal(libc::SIGTERM)?;
+            daemon.restart().await?;
+        }
+        styxy_tests::eventually(10, "the session back in the kernel", || async {
+            let status = daemon.status().await.ok()?;
+            (status.kernel_sessions == 1).then_some(())
+        })
+        .await
+        .with_context(|| format!("after {how}\n{}", daemon.log()))?;
+        for _ in 0..10 {
+            assert_eq!(
+                get(&mut process)?,
+                "session",
+                "after {how}, the session's process reaches its own server\n{}",
+                daemon.log()
+            );
+        }
+        // A new bind of a held port, by the same process, is moved by the kernel.
+        let port = held + round as u16;
+        process.send_line(&format!("bind {port}"))?;
+        let line = process.line_where(15, |l| l.starts_with("bound ") || l.contains("Error"))?;
+        assert!(
+            line.starts_with("bound ") && line != format!("bound {port}"),
+            "after {how}, a held port's bind is moved: {line}"
+        );
+    }
+    Ok(())
+}

@@ -71,6 +71,24 @@ fn cached(pid: u32) -> Option<(ProcessInfo, bool)> {
     None
 }
 
+/// Every running process's children, by parent pid (threads aside), from one reading of
+/// `/proc/*/stat`.
+pub fn children_by_parent() -> HashMap<u32, Vec<u32>> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    let Ok(all) = procfs::process::all_processes() else {
+        return children;
+    };
+    for process in all.flatten() {
+        let Ok(stat) = process.stat() else {
+            continue;
+        };
+        if let (Ok(pid), Ok(parent)) = (u32::try_from(stat.pid), u32::try_from(stat.ppid)) {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    children
+}
+
 /// A process's identity, if it is running.
 pub fn process_id(pid: u32) -> Option<ProcessId> {
     if let Some((info, _)) = cached(pid) {
