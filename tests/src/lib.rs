@@ -243,12 +243,7 @@ impl Daemon {
     /// `kill -9`, then start again on the same state dir and socket.
     pub async fn kill9_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
-        self.child.wait()?;
-        let (child, tcp) =
-            launch(&self.dir, &self.socket, &self.state_dir, &self.extra_args).await?;
-        self.child = child;
-        self.tcp = tcp;
-        Ok(())
+        self.restart().await
     }
 
     /// Runs the `styxy` CLI against this daemon as [`OTHER_USER`].

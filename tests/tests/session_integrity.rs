@@ -86,15 +86,11 @@ fn http_server_args(port: u16, site: &Site) -> Vec<String> {
     .collect()
 }
 
-/// `styxy run --instance SESSION -- PROGRAM ARGS…` against `daemon` (the shim on, as by default).
+/// `styxy run --instance SESSION -- PROGRAM ARGS…` against `daemon` (the shim on, as by
+/// default), for arguments made at run time.
 fn in_session(daemon: &Daemon, session: &str, program: &str, args: &[String]) -> Command {
-    let mut command = Command::new(styxy_bin());
-    command
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(["run", "--instance", session, "--", program])
-        .args(args);
-    command
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    daemon.shimmed_in(session, program, &args)
 }
 
 /// Starts a named http.server on `port` in `session` (or outside every session); the port it
@@ -122,13 +118,9 @@ fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Resu
 /// `curl` of `/whoami.txt` on 127.0.0.1:`port` from inside `session`: which server answered.
 fn whoami_in(daemon: &Daemon, session: &str, port: u16) -> Result<String> {
     let url = format!("http://127.0.0.1:{port}/whoami.txt");
-    let out = in_session(
-        daemon,
-        session,
-        "curl",
-        &["-sS".into(), "-m".into(), "10".into(), url],
-    )
-    .output()?;
+    let out = daemon
+        .shimmed_in(session, "curl", &["-sS", "-m", "10", &url])
+        .output()?;
     if !out.status.success() {
         bail!(
             "curl in {session} to {port} failed: {}",
@@ -289,12 +281,8 @@ async fn a_thread_that_calls_exec_leaves_no_entry_behind() -> Result<()> {
                   os.execv('/bin/sh', ['sh', '-c', 'echo exec $$; read line'])\n\
                   threading.Thread(target=run).start()\n\
                   threading.Event().wait()\n";
-    let mut process = Spawned::start(&mut in_session(
-        &daemon,
-        "exec-thread",
-        PYTHON,
-        &["-c".into(), script.into()],
-    ))?;
+    let mut process =
+        Spawned::start(&mut daemon.shimmed_in("exec-thread", PYTHON, &["-c", script]))?;
     let pid: u32 = process
         .line_where(15, |l| l.starts_with("pid "))?
         .trim_start_matches("pid ")
@@ -730,7 +718,7 @@ async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
                   print(urllib.request.urlopen('http://127.0.0.1:%s/whoami.txt' % port, timeout=10).read().decode(), flush=True)\n    \
                   else:\n        \
                   s = socket.socket(); s.bind(('127.0.0.1', int(port))); print('bound', s.getsockname()[1], flush=True); s.close()\n";
-    let mut command = in_session(&daemon, "survivor", PYTHON, &["-c".into(), helper.into()]);
+    let mut command = daemon.shimmed_in("survivor", PYTHON, &["-c", helper]);
     command.env("STYXY_DISABLE", "1").env("STYXY_VIEW", "off");
     let mut process = Spawned::start(&mut command)?;
     process.line_where(15, |l| l == "ready")?;

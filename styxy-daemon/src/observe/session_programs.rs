@@ -127,38 +127,30 @@ impl SessionPrograms {
 
     fn detach_links(&self, links: Links) {
         let mut ebpf = lock(&self.ebpf);
+        // The three program types share no detach trait: the same step, once per type.
+        macro_rules! detach {
+            ($kind:ty, $name:expr, $link:expr) => {{
+                let name = $name;
+                let detached = ebpf
+                    .program_mut(name)
+                    .map(<&mut $kind>::try_from)
+                    .and_then(Result::ok)
+                    .map(|p| p.detach($link));
+                if !matches!(detached, Some(Ok(()))) {
+                    tracing::warn!(program = name, "detaching a kernel session program failed");
+                }
+            }};
+        }
         // The shim's answer first (it takes over again), then the view and bind programs, the
         // membership tracepoints last.
         if let Some(link) = links.sockopt {
-            let name = session::PROGRAM_SOCKOPT;
-            let detached = ebpf
-                .program_mut(name)
-                .map(<&mut CgroupSockopt>::try_from)
-                .and_then(Result::ok)
-                .map(|p| p.detach(link));
-            if !matches!(detached, Some(Ok(()))) {
-                tracing::warn!(program = name, "detaching a kernel session program failed");
-            }
+            detach!(CgroupSockopt, session::PROGRAM_SOCKOPT, link);
         }
         for (name, link) in links.cgroup {
-            let detached = ebpf
-                .program_mut(name)
-                .map(<&mut CgroupSockAddr>::try_from)
-                .and_then(Result::ok)
-                .map(|p| p.detach(link));
-            if !matches!(detached, Some(Ok(()))) {
-                tracing::warn!(program = name, "detaching a kernel session program failed");
-            }
+            detach!(CgroupSockAddr, name, link);
         }
         for (name, link) in links.tracepoints {
-            let detached = ebpf
-                .program_mut(name)
-                .map(<&mut TracePoint>::try_from)
-                .and_then(Result::ok)
-                .map(|p| p.detach(link));
-            if !matches!(detached, Some(Ok(()))) {
-                tracing::warn!(program = name, "detaching a kernel session program failed");
-            }
+            detach!(TracePoint, name, link);
         }
     }
 
