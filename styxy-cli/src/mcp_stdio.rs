@@ -125,13 +125,12 @@ async fn read_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> Option<Lin
     loop {
         let buf = input.fill_buf().await.ok()?;
         if buf.is_empty() {
-            return (!line.is_empty() || too_long).then(|| {
-                if too_long {
-                    Line::TooLong
-                } else {
-                    Line::Whole(line)
-                }
-            });
+            // The end of input: a last line without its newline still counts.
+            return if too_long {
+                Some(Line::TooLong)
+            } else {
+                (!line.is_empty()).then_some(Line::Whole(line))
+            };
         }
         let (chunk, ends) = match buf.iter().position(|b| *b == b'\n') {
             Some(at) => (&buf[..at], Some(at + 1)),
