@@ -29,6 +29,18 @@ impl Broker {
                 instance_id: Some(instance_id),
                 project,
             };
+            // The session's server back on the port held for it (see `hold`): the hold is its.
+            let held = self.leases.get(&socket.port).is_some_and(|l| {
+                l.claim
+                    && l.process.is_none()
+                    && l.instance_id == request.instance_id
+                    && l.requested_port == Some(asked)
+            });
+            if held {
+                self.take_hold(socket.port, me, now_ms, effects);
+                let holder = self.holder_of(asked, socket.protocol, me);
+                self.audit_move(&request, socket.port, holder.as_ref(), effects, now_ms);
+            }
             // The process's other family's bind of the same port was moved there already: one
             // claim, one audit entry.
             let already = self.leases.get(&socket.port).is_some_and(|l| {

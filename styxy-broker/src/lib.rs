@@ -7,6 +7,7 @@
 //! "who decides that 6006 is taken?".
 #![warn(missing_docs)]
 
+mod hold;
 mod kernel_move;
 mod lingering;
 pub mod model;
@@ -38,6 +39,8 @@ pub struct LeaseSettings {
     pub default_ttl_ms: u64,
     /// How long a `ResolveBind` claim waits for its process to bind before it lapses.
     pub claim_ttl_ms: u64,
+    /// How long a session's port stays its own after its server stopped (see `hold`); 0: not.
+    pub restart_hold_ms: u64,
     /// Each user's share of the leases.
     pub user_limits: UserLimits,
 }
@@ -47,6 +50,7 @@ impl Default for LeaseSettings {
         LeaseSettings {
             default_ttl_ms: 3_600_000,
             claim_ttl_ms: 30_000,
+            restart_hold_ms: 30_000,
             user_limits: UserLimits::default(),
         }
     }
@@ -488,7 +492,7 @@ impl Broker {
             PortEvent::Bound(socket) => {
                 self.insert_socket(socket, now_ms, Some(now_ms), &mut effects)
             }
-            PortEvent::Released { cookie } => self.remove_socket(cookie, &mut effects),
+            PortEvent::Released { cookie } => self.remove_socket(cookie, now_ms, &mut effects),
             PortEvent::MovedByKernel {
                 socket,
                 asked,
@@ -519,7 +523,7 @@ impl Broker {
             .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in gone {
-            self.remove_socket(cookie, &mut effects);
+            self.remove_socket(cookie, now_ms, &mut effects);
         }
         for (cookie, socket) in fresh {
             match self.sockets.get_mut(&cookie) {
@@ -583,15 +587,22 @@ impl Broker {
         let owner = socket.owner.as_ref().map(|o| o.id);
         let binder_owns = match lease.process {
             Some(p) => owner == Some(p),
+            // A hold: its session's server, back.
+            None if lease.claim => {
+                lease.instance_id.is_some()
+                    && socket.owner.as_ref().and_then(|o| o.instance_id.as_ref())
+                        == lease.instance_id.as_ref()
+            }
             None => lease.owner_uid == socket.uid,
         };
         if !binder_owns {
             return;
         }
         if lease.claim {
-            if lease.expires_ms.is_some() {
+            if lease.expires_ms.is_some() || lease.process.is_none() {
                 let mut settled = lease.clone();
                 settled.expires_ms = None;
+                settled.process = settled.process.or(owner);
                 effects.changes.push(StateChange::PutLease {
                     lease: settled.clone(),
                 });
@@ -615,10 +626,11 @@ impl Broker {
         Some(held)
     }
 
-    fn remove_socket(&mut self, cookie: u64, effects: &mut Effects) {
+    fn remove_socket(&mut self, cookie: u64, now_ms: u64, effects: &mut Effects) {
         if let Some(held) = self.remove_socket_quietly(cookie) {
             self.note_release(&held);
-            self.end_view_entry_of(&held, effects);
+            self.end_view_entry_of(&held, now_ms, effects);
+            self.hold_released_port(&held, now_ms, effects);
             effects.notices.push(Notice::Released(held));
         }
     }
@@ -807,22 +819,24 @@ impl Broker {
     /// A claim whose process holds its port keeps living with the process.
     pub fn expire(&mut self, now_ms: u64, processes: &dyn ProcessView) -> Effects {
         let mut effects = Effects::default();
-        let ended: Vec<u16> = self
+        // (port, whether its process is gone: a session's claim is then held for it, see `hold`).
+        let ended: Vec<(u16, bool)> = self
             .leases
             .values()
-            .filter(|l| {
+            .filter_map(|l| {
                 let process_gone = l.process.is_some_and(|p| !processes.is_alive(p));
                 let lapsed = l.expires_ms.is_some_and(|t| t <= now_ms);
                 let holds_port = l.claim
                     && self
                         .sockets_on(l.port, None)
                         .any(|h| h.socket.owner.as_ref().map(|o| o.id) == l.process);
-                process_gone || (lapsed && !holds_port)
+                (process_gone || (lapsed && !holds_port)).then_some((l.port, process_gone))
             })
-            .map(|l| l.port)
             .collect();
-        for port in ended {
-            if let Some(lease) = self.take_lease(port) {
+        for (port, process_gone) in ended {
+            if process_gone {
+                self.hold_or_end(port, now_ms, &mut effects);
+            } else if let Some(lease) = self.take_lease(port) {
                 effects.lease_removed(lease);
             }
         }
@@ -844,6 +858,7 @@ impl Broker {
             .collect();
         for id in gone {
             self.instances.remove(&id);
+            self.end_holds_of(&id, &mut effects);
             effects.changes.push(StateChange::RemoveInstance { id });
         }
         effects
@@ -964,6 +979,23 @@ impl Broker {
             }
         }
 
+        // The session's server for this port is back: the port held for it since the last one
+        // stopped is its own (see `hold`).
+        if let Some(port) = req
+            .instance_id
+            .as_deref()
+            .and_then(|i| self.held_for(i, req.port, req.protocol))
+            .filter(|_| refused.is_none())
+        {
+            self.take_hold(port, me, now_ms, &mut effects);
+            if port == req.port {
+                return Ok((BindDecision::Keep { port }, effects));
+            }
+            let holder = self.holder_of(req.port, req.protocol, me);
+            self.audit_move(req, port, holder.as_ref(), &mut effects, now_ms);
+            return Ok((BindDecision::Reassign { port, holder }, effects));
+        }
+
         // A lease whose process has exited holds nothing, whatever the last sweep saw. It is
         // dropped only on the way to an answer: an error must leave the broker as it found it,
         // or the change would be lost with the error while the journal still held the lease.
@@ -1082,6 +1114,8 @@ impl Broker {
             return true;
         }
         match lease.process {
+            // A hold is its session's alone (above).
+            None if lease.claim => false,
             None => lease.owner_uid == req.uid,
             Some(p) if p == req.asker.id => true,
             Some(p) => processes.ancestors(req.asker.id.pid).contains(&p),

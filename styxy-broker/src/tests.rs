@@ -1272,6 +1272,112 @@ fn a_session_lives_while_any_of_its_registered_processes_does() {
         .any(|c| matches!(c, StateChange::RemoveInstance { id } if id == "claude-s1")));
 }
 
+// ---- a session's port between two lives of its server --------------------------------------------
+
+#[test]
+fn a_sessions_port_is_held_for_it_between_two_lives_of_its_server() {
+    let mut b = broker();
+    let mut procs = Procs {
+        alive: [pid(39), pid(40), pid(41), pid(50)].into(),
+        ..Procs::default()
+    };
+    b.register_instance(Some("B".into()), pid(39), 1000, 1)
+        .unwrap();
+    b.register_instance(Some("C".into()), pid(50), 1000, 1)
+        .unwrap();
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    // B's server is moved off the outsider's 8000, and stops.
+    let (moved, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert!(matches!(moved, BindDecision::Reassign { port: 8001, .. }));
+    b.apply(bound_by(2, 8001, 40, Protocol::Tcp), 3);
+    b.apply(PortEvent::Released { cookie: 2 }, 4);
+    let view = b.view_of("B");
+    assert_eq!(
+        (view.len(), view[0].asked, view[0].bound, view[0].pid),
+        (1, 8000, 8001, 0),
+        "held: B's clients still go to 8001 (nothing there: refused), not to the outsider"
+    );
+    assert!(b.is_taken(8001));
+    // Another session asking 8001 meanwhile is moved off it.
+    let (other, _) = b
+        .resolve_bind(&session_bind(50, 8001, Protocol::Tcp, "C"), &procs, 5)
+        .unwrap();
+    assert!(
+        matches!(other, BindDecision::Reassign { port, .. } if port != 8001),
+        "{other:?}"
+    );
+    // B's next server gets the same port back.
+    let (back, effects) = b
+        .resolve_bind(&session_bind(41, 8000, Protocol::Tcp, "B"), &procs, 6)
+        .unwrap();
+    assert!(
+        matches!(back, BindDecision::Reassign { port: 8001, .. }),
+        "{back:?}"
+    );
+    assert!(effects
+        .changes
+        .iter()
+        .any(|c| matches!(c, StateChange::PutLease { lease } if lease.process == Some(pid(41)))));
+    b.apply(bound_by(3, 8001, 41, Protocol::Tcp), 7);
+    assert_eq!(b.view_of("B")[0].pid, 41);
+    // It dies without a release record: held again, and after the hold, gone.
+    procs.alive.remove(&pid(41));
+    b.apply(PortEvent::Released { cookie: 3 }, 8);
+    b.expire(9, &procs);
+    assert_eq!(b.view_of("B")[0].pid, 0);
+    b.expire(9 + LeaseSettings::default().restart_hold_ms, &procs);
+    assert!(b.view_of("B").is_empty(), "the hold is over");
+    assert!(!b.is_taken(8001));
+}
+
+#[test]
+fn a_port_a_session_bound_free_is_held_too_and_ends_with_the_session() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(39), pid(42), pid(43), pid(50)].into(),
+        ..Procs::default()
+    };
+    b.register_instance(Some("B".into()), pid(39), 1000, 1)
+        .unwrap();
+    b.register_instance(Some("C".into()), pid(50), 1000, 1)
+        .unwrap();
+    let of_b = |p: u32| ProcessInfo {
+        instance_id: Some("B".into()),
+        ..proc_info(p, "python3", "python3 -m http.server 8050")
+    };
+    b.apply(PortEvent::Bound(socket(1, 8050, Some(of_b(42)))), 1);
+    b.apply(PortEvent::Released { cookie: 1 }, 2);
+    assert!(b.is_taken(8050), "held for B");
+    let (other, _) = b
+        .resolve_bind(&session_bind(50, 8050, Protocol::Tcp, "C"), &procs, 3)
+        .unwrap();
+    assert!(
+        matches!(other, BindDecision::Reassign { .. }),
+        "C is moved off B's port"
+    );
+    let (back, _) = b
+        .resolve_bind(&session_bind(43, 8050, Protocol::Tcp, "B"), &procs, 4)
+        .unwrap();
+    assert_eq!(
+        back,
+        BindDecision::Keep { port: 8050 },
+        "B's next server keeps it"
+    );
+    // A server bound straight away (the kernel let it: the port is its session's) takes it too.
+    b.apply(PortEvent::Bound(socket(2, 8050, Some(of_b(43)))), 5);
+    assert_eq!(b.lease_on(8050).and_then(|l| l.process), Some(pid(43)));
+    b.apply(PortEvent::Released { cookie: 2 }, 6);
+    assert!(b.is_taken(8050));
+    b.end_instance("B", 1000).unwrap();
+    assert!(!b.is_taken(8050), "the session ended: so did its hold");
+    // Outside every session nothing is held.
+    b.apply(bound_by(3, 8060, 44, Protocol::Tcp), 7);
+    b.apply(PortEvent::Released { cookie: 3 }, 8);
+    assert!(!b.is_taken(8060));
+}
+
 // ---- sticky ports --------------------------------------------------------------------------------------
 
 fn in_project(p: u32, port: u16, project: &str) -> BindRequest {

@@ -25,7 +25,7 @@ pub struct ViewEntry {
     pub asked: u16,
     /// The port it was moved to and bound.
     pub bound: u16,
-    /// The moved process.
+    /// The moved process (0 while its port is held between two lives of the server).
     pub pid: u32,
     /// Its user. A view applies to that user's processes only: another user who names the same
     /// session cannot redirect this user's traffic to a server of theirs.
@@ -41,11 +41,11 @@ impl Broker {
     pub fn views(&self) -> Vec<ViewEntry> {
         let mut newest: BTreeMap<ViewKey<'_>, (u64, &str, ViewEntry)> = BTreeMap::new();
         for lease in self.leases() {
-            let (Some(instance), Some(asked), Some(protocol), Some(process)) = (
+            // A hold (no process: the session's server between two lives) keeps its entry.
+            let (Some(instance), Some(asked), Some(protocol)) = (
                 lease.instance_id.as_deref(),
                 lease.requested_port,
                 lease.protocol,
-                lease.process,
             ) else {
                 continue;
             };
@@ -57,7 +57,7 @@ impl Broker {
                 protocol,
                 asked,
                 bound: lease.port,
-                pid: process.pid,
+                pid: lease.process.map_or(0, |p| p.pid),
                 uid: lease.owner_uid,
             };
             let rank = (lease.created_ms, lease.id.as_str());
@@ -79,7 +79,12 @@ impl Broker {
     /// Ends the view entry of a moved socket that was just released: the move's claim goes once
     /// its process holds no other socket on the port (IPv4 and IPv6 of one server share it). A
     /// claim whose process never bound yet lapses by its TTL instead.
-    pub(crate) fn end_view_entry_of(&mut self, released: &Held, effects: &mut Effects) {
+    pub(crate) fn end_view_entry_of(
+        &mut self,
+        released: &Held,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
         let Some(owner) = released.socket.owner.as_ref().map(|o| o.id) else {
             return;
         };
@@ -94,9 +99,7 @@ impl Broker {
             .sockets_on(port, None)
             .any(|h| h.socket.owner.as_ref().map(|o| o.id) == Some(owner));
         if ends && !still_bound {
-            if let Some(lease) = self.take_lease(port) {
-                effects.lease_removed(lease);
-            }
+            self.hold_or_end(port, now_ms, effects);
         }
     }
 }

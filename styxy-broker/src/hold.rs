@@ -1,0 +1,154 @@
+//! Between two lives of a session's server: its port is held for its session.
+//!
+//! A dev server restarts all the time (an autoreloader, Ctrl-C and up-arrow, a crash loop). When
+//! a session's server stops, the port it listened on — the asked one, or the one it was moved to
+//! — stays the session's for [`LeaseSettings::restart_hold_ms`] while the session lives: a claim
+//! with no process (a *hold*). Meanwhile
+//! - another session's server asking that port is moved, as if the port were bound;
+//! - the session's own clients find nothing there ("connection refused"), and through its view a
+//!   moved port still leads there, instead of to another session's server that took the port;
+//! - the session's next server for the asked port takes the hold back: the same port as before,
+//!   for the browser tab and the bookmark.
+//!
+//! A hold ends when its time is up, when its session ends, or when a server of the session takes
+//! it back (then it lives with that server, as any claim).
+//!
+//! [`LeaseSettings::restart_hold_ms`]: crate::LeaseSettings::restart_hold_ms
+
+use crate::{Broker, Effects, Held, Lease, Protocol};
+
+impl Broker {
+    /// Whether `instance` is a registered session.
+    fn session_lives(&self, instance: &str) -> bool {
+        self.instances.contains_key(instance)
+    }
+
+    /// A claim of a live session that is about to end with its server (its socket released, or
+    /// its process gone) becomes a hold; any other ends. True when it was held.
+    pub(crate) fn hold_or_end(&mut self, port: u16, now_ms: u64, effects: &mut Effects) -> bool {
+        let hold_ms = self.settings.restart_hold_ms;
+        let held = match self.leases.get(&port) {
+            Some(lease)
+                if lease.claim
+                    && hold_ms > 0
+                    && lease
+                        .instance_id
+                        .as_deref()
+                        .is_some_and(|i| self.session_lives(i)) =>
+            {
+                Lease {
+                    process: None,
+                    expires_ms: Some(now_ms.saturating_add(hold_ms)),
+                    ..lease.clone()
+                }
+            }
+            Some(_) => {
+                if let Some(lease) = self.take_lease(port) {
+                    effects.lease_removed(lease);
+                }
+                return false;
+            }
+            None => return false,
+        };
+        effects.lease_put(&held);
+        self.leases.insert(port, held);
+        true
+    }
+
+    /// A socket of a session's process was released from a port nobody else claims (it bound it
+    /// free, with no claim): the port is held for its session too.
+    pub(crate) fn hold_released_port(
+        &mut self,
+        released: &Held,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
+        let socket = &released.socket;
+        let hold_ms = self.settings.restart_hold_ms;
+        let instance = released
+            .instance_id
+            .clone()
+            .or_else(|| socket.owner.as_ref().and_then(|o| o.instance_id.clone()));
+        let Some(instance) = instance.filter(|i| self.session_lives(i)) else {
+            return;
+        };
+        let in_a_range = self.ranges.type_of_port(socket.port).is_some();
+        let still_bound = self.sockets_on(socket.port, None).next().is_some();
+        if hold_ms == 0 || !in_a_range || still_bound || self.leases.contains_key(&socket.port) {
+            return;
+        }
+        let hold = Lease {
+            id: self.new_lease_id(),
+            port: socket.port,
+            service_type: self.ranges.move_range(socket.port).service_type,
+            owner_uid: socket.uid,
+            process: None,
+            instance_id: Some(instance),
+            created_ms: now_ms,
+            expires_ms: Some(now_ms.saturating_add(hold_ms)),
+            claim: true,
+            requested_port: None,
+            protocol: Some(socket.protocol),
+        };
+        effects.lease_put(&hold);
+        self.insert_lease(hold);
+    }
+
+    /// The port `instance` holds for its servers that ask `asked` (`protocol`), when nothing is
+    /// bound there: where its next one goes.
+    pub(crate) fn held_for(&self, instance: &str, asked: u16, protocol: Protocol) -> Option<u16> {
+        self.leases
+            .values()
+            .filter(|l| {
+                l.claim
+                    && l.process.is_none()
+                    && l.instance_id.as_deref() == Some(instance)
+                    && l.protocol.is_none_or(|p| p == protocol)
+                    && l.requested_port.unwrap_or(l.port) == asked
+            })
+            .map(|l| l.port)
+            .find(|port| self.sockets_on(*port, None).next().is_none())
+    }
+
+    /// The hold on `port` goes to process `me` (its session's new server): it lives with it from
+    /// now on, as the claim it was.
+    pub(crate) fn take_hold(
+        &mut self,
+        port: u16,
+        me: crate::ProcessId,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
+        let Some(lease) = self
+            .leases
+            .get(&port)
+            .filter(|l| l.claim && l.process.is_none())
+        else {
+            return;
+        };
+        let taken = Lease {
+            process: Some(me),
+            expires_ms: Some(now_ms.saturating_add(self.settings.claim_ttl_ms)),
+            ..lease.clone()
+        };
+        effects.lease_put(&taken);
+        self.leases.insert(port, taken);
+    }
+
+    /// The holds of `instance` (a session that ended) end with it.
+    pub(crate) fn end_holds_of(&mut self, instance: &str, effects: &mut Effects) {
+        let ports: Vec<u16> = self
+            .leases
+            .values()
+            .filter(|l| {
+                l.claim && l.process.is_none() && l.instance_id.as_deref() == Some(instance)
+            })
+            .map(|l| l.port)
+            .collect();
+        for port in ports {
+            if let Some(lease) = self.take_lease(port) {
+                effects.lease_removed(lease);
+            }
+        }
+    }
+}
