@@ -344,18 +344,21 @@ impl KernelSessions {
         if views_changed {
             self.sync_views(broker);
         }
-        let sticky_changed = effects.changes.iter().any(|c| {
-            matches!(
-                c,
-                StateChange::PutSticky { .. } | StateChange::RemoveSticky { .. }
-            )
-        });
+        // Holds (claims with no process) count among the sticky ports the kernel reads.
+        let sticky_changed = views_changed
+            || effects.changes.iter().any(|c| {
+                matches!(
+                    c,
+                    StateChange::PutSticky { .. } | StateChange::RemoveSticky { .. }
+                )
+            });
         self.sync_sticky(broker, sticky_changed);
         self.refill_spares(broker);
     }
 
-    /// Makes `STICKY` equal to the sticky ports of the placed sessions' projects, when they or
-    /// the lingering ports changed (`changed`, or a new lingering generation).
+    /// Makes `STICKY` equal to the sticky ports of the placed sessions' projects and the ports
+    /// held for them, when these or the lingering ports changed (`changed`, or a new lingering
+    /// generation).
     fn sync_sticky(&self, broker: &Broker, changed: bool) {
         let mut registry = lock(&self.registry);
         let generation = broker.lingering_generation();
@@ -390,6 +393,32 @@ impl KernelSessions {
                 };
                 wanted.insert(key, u32::from(entry.port) | lingering);
             }
+        }
+        // Ports held for a session between two lives of its server (`styxy_broker::hold`) come
+        // first: its next server goes back where the last one was.
+        for lease in broker.leases() {
+            let (true, None, Some(asked), Some(instance)) = (
+                lease.claim,
+                lease.process,
+                lease.requested_port,
+                lease.instance_id.as_ref(),
+            ) else {
+                continue;
+            };
+            let Some((session, _)) = registry.numbers.get(instance) else {
+                continue;
+            };
+            let key = StickyKey {
+                session: *session,
+                asked,
+                _pad: 0,
+            };
+            let lingering = if broker.is_lingering(lease.port) {
+                STICKY_LINGERING
+            } else {
+                0
+            };
+            wanted.insert(key, u32::from(lease.port) | lingering);
         }
         write_changes(
             &mut lock(&self.sticky),

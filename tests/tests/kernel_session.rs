@@ -379,7 +379,10 @@ async fn a_kernel_move_gets_its_projects_sticky_port_back() -> Result<()> {
                     .await
                     .ok()?
                     .into_inner();
-                (!seen.bound).then_some(())
+                // Gone, and so are the sessions (their last process was the server): nothing
+                // is held for them any more (a live session keeps its port between two lives
+                // of its server).
+                (!seen.bound && seen.lease.is_none()).then_some(())
             }
         })
         .await?;
