@@ -1,7 +1,9 @@
-//! Times one socket call for the shim and kernel benchmarks: `call-timer bind|connect|close PORT
-//! COUNT` opens a TCP socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and
+//! Times one socket call for the shim and kernel benchmarks: `call-timer bind|connect|close|getsockopt
+//! PORT COUNT` opens a TCP socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and
 //! closes it, COUNT times, timing only the `bind()` or `connect()` call — or, for `close`, the
-//! `close()` of the socket just bound (what the kernel's `sock_release` program adds to), after a few untimed warm-up calls (the
+//! `close()` of the socket just bound (what the kernel's `sock_release` program adds to), or, for
+//! `getsockopt`, a `getsockopt(SO_ERROR)` on it (what the `cgroup/getsockopt` program adds to every
+//! one on the machine while a session is live), after a few untimed warm-up calls (the
 //! first load the client library or map the session table). Prints `ok FAILED NS…` (failed calls,
 //! then every latency in nanoseconds) on one line.
 
@@ -15,11 +17,11 @@ fn main() {
     let (Some(call), Some(port), Some(count)) = (
         args.first()
             .map(String::as_str)
-            .filter(|c| ["bind", "connect", "close"].contains(c)),
+            .filter(|c| ["bind", "connect", "close", "getsockopt"].contains(c)),
         args.get(1).and_then(|a| a.parse::<u16>().ok()),
         args.get(2).and_then(|a| a.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: call-timer bind|connect|close PORT COUNT");
+        eprintln!("usage: call-timer bind|connect|close|getsockopt PORT COUNT");
         std::process::exit(2);
     };
     // SAFETY: sockaddr_in is plain data.
@@ -38,7 +40,21 @@ fn main() {
                 eprintln!("socket: {}", std::io::Error::last_os_error());
                 std::process::exit(1);
             }
-            let (rc, took) = if call == "close" {
+            let (rc, took) = if call == "getsockopt" {
+                let mut error: libc::c_int = 0;
+                let mut error_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                let started = Instant::now();
+                let rc = libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&raw mut error).cast(),
+                    &mut error_len,
+                );
+                let took = started.elapsed().as_nanos() as u64;
+                libc::close(fd);
+                (rc, took)
+            } else if call == "close" {
                 let bound = libc::bind(fd, (&raw const sin).cast(), len);
                 let started = Instant::now();
                 let closed = libc::close(fd);

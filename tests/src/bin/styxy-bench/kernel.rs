@@ -134,9 +134,9 @@ pub async fn run() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     // Two states with the daemon: no session live (only the observer's programs attached), and
     // a session live somewhere on the machine (every program attached); then without a daemon.
-    let mut idle: [Samples; 4] = Default::default();
-    let mut live: [Samples; 4] = Default::default();
-    let mut without: [Samples; 4] = Default::default();
+    let mut idle: [Samples; 5] = Default::default();
+    let mut live: [Samples; 5] = Default::default();
+    let mut without: [Samples; 5] = Default::default();
     let mut moved = Samples::default();
     let mut moved_failed = 0;
     let cases = [
@@ -144,11 +144,12 @@ pub async fn run() -> Result<()> {
         ("bind", FREE),
         ("connect", LISTENED),
         ("close", 0),
+        ("getsockopt", 0),
     ];
     // Each round's with/without p50 ratio: the machine's fast and slow phases move both sides of
     // one round together, so these are steadier than the ratio of the pooled samples.
-    let mut idle_ratios: [Vec<f64>; 4] = Default::default();
-    let mut live_ratios: [Vec<f64>; 4] = Default::default();
+    let mut idle_ratios: [Vec<f64>; 5] = Default::default();
+    let mut live_ratios: [Vec<f64>; 5] = Default::default();
     for _ in 0..ROUNDS {
         let daemon = Daemon::start_with(&["--observer", "ebpf", "--ebpf-object", &object]).await?;
         let status = daemon.status().await?;
@@ -161,8 +162,8 @@ pub async fn run() -> Result<()> {
         {
             bail!("session programs attached with no session: {status:?}");
         }
-        let mut round_idle: [Samples; 4] = Default::default();
-        let mut round_live: [Samples; 4] = Default::default();
+        let mut round_idle: [Samples; 5] = Default::default();
+        let mut round_live: [Samples; 5] = Default::default();
         for ((call, port), into) in cases.iter().zip(round_idle.iter_mut()) {
             // The daemon digests the records of the case before (the free-port binds): let it
             // finish, so one case's cost is not counted in the next one's.
@@ -246,6 +247,13 @@ pub async fn run() -> Result<()> {
         "",
     );
     row(
+        "getsockopt(SO_ERROR) (the shim's question)",
+        &live[4],
+        &without[4],
+        "with",
+        "",
+    );
+    row(
         "session bind of a held port, moved by the kernel",
         &moved,
         &live[1],
@@ -262,6 +270,7 @@ pub async fn run() -> Result<()> {
         "free-port bind",
         "loopback connect",
         "close of a port-0 socket",
+        "getsockopt(SO_ERROR)",
     ]
     .iter()
     .enumerate()
@@ -271,9 +280,15 @@ pub async fn run() -> Result<()> {
     println!(
         "\nRound by round, with/without p50 (the machine's phases move both sides of a round):"
     );
-    for (label, (live, idle)) in ["port-0 bind", "free-port bind", "loopback connect", "close"]
-        .iter()
-        .zip(live_ratios.iter_mut().zip(idle_ratios.iter_mut()))
+    for (label, (live, idle)) in [
+        "port-0 bind",
+        "free-port bind",
+        "loopback connect",
+        "close",
+        "getsockopt",
+    ]
+    .iter()
+    .zip(live_ratios.iter_mut().zip(idle_ratios.iter_mut()))
     {
         let spread = |ratios: &mut Vec<f64>| {
             ratios.sort_by(f64::total_cmp);

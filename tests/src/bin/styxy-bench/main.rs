@@ -46,13 +46,14 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    // `styxy-bench [broker|shim|ebpf|kernel|footprint]`: one part only; all by default.
+    // `styxy-bench [broker|shim|ebpf|kernel|soak|footprint]`: one part only; all by default.
     let only = std::env::args().nth(1);
     match only.as_deref() {
         Some("shim") => return shim::run().await,
         Some("ebpf") => return ebpf::run().await,
         Some("footprint") => return footprint::run().await,
         Some("kernel") => return kernel::run().await,
+        Some("soak") => return soak::run().await,
         _ => {}
     }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
@@ -130,11 +131,14 @@ async fn main() -> Result<()> {
     println!();
     kernel::run().await?;
     println!();
+    soak::run().await?;
+    println!();
     footprint::run().await
 }
 
 mod calls;
 mod kernel;
+mod soak;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000
 /// short-lived servers; and how soon the port of a process that exited leaves the table, with
@@ -150,7 +154,7 @@ mod footprint {
     const SERVERS: usize = 10_000;
 
     /// (resident MB, open descriptors) of a process.
-    fn usage(pid: u32) -> Result<(f64, usize)> {
+    pub(crate) fn usage(pid: u32) -> Result<(f64, usize)> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kb: f64 = status
             .lines()
