@@ -94,7 +94,7 @@ fn in_session(daemon: &Daemon, session: &str, program: &str, args: &[String]) ->
 }
 
 /// Starts a named http.server on `port` in `session` (or outside every session); the port it
-/// listens on, from the shim's notice when it was moved.
+/// listens on (Python prints its socket's own). A moved one's notice must name that port.
 fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Result<(Spawned, u16)> {
     let args = http_server_args(port, site);
     let mut command = match session {
@@ -106,10 +106,21 @@ fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Resu
         }
     };
     let mut server = Spawned::start(&mut command)?;
-    let line = server.line_where(15, |l| l.starts_with("Serving HTTP") || l.contains("STYXY"))?;
-    let bound = notice_port(&line).unwrap_or(port);
+    // "Serving HTTP on 127.0.0.1 port N (http://…)"; stdout and stderr lines arrive in either
+    // order, so the notice is looked for among both.
+    let line = server.has_line(15, |l| l.starts_with("Serving HTTP"))?;
+    let bound: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "port")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .with_context(|| format!("a port in {line:?}"))?;
     if bound != port {
-        server.line_where(15, |l| l.starts_with("Serving HTTP"))?;
+        let notice = server.has_line(5, |l| l.contains("STYXY"))?;
+        anyhow::ensure!(
+            notice_port(&notice) == Some(bound),
+            "the notice names where it listens: {notice}"
+        );
     }
     wait_for_listener(bound)?;
     Ok((server, bound))
@@ -492,9 +503,10 @@ async fn a_server_run_as_another_user_in_roots_session_moves_once_and_is_reached
     .collect();
     args.extend(http_server_args(asked, &db_site));
     let mut server = Spawned::start(&mut in_session(&daemon, "roots", "setpriv", &args))?;
-    let notice = server.line_where(15, |l| l.contains("STYXY"))?;
+    let notice = server.has_line(15, |l| l.contains("STYXY"))?;
     let moved = notice_port(&notice).with_context(|| format!("a notice: {notice}"))?;
-    server.line_where(15, |l| l.starts_with("Serving HTTP"))?;
+    let serving = server.has_line(15, |l| l.starts_with("Serving HTTP"))?;
+    assert!(serving.contains(&format!("port {moved} ")), "{serving}");
     wait_for_listener(moved)?;
     assert_ne!(moved, asked);
     assert_eq!(
@@ -760,5 +772,78 @@ async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
             "after {how}, a held port's bind is moved: {line}"
         );
     }
+    Ok(())
+}
+
+// ---- between two lives of a server ---------------------------------------------------------------
+
+/// A session's server restarts (an autoreloader, Ctrl-C and up-arrow): between its two lives its
+/// port stays its session's. Another session's server asking that port meanwhile is moved off
+/// it; the session's own clients find nothing there (refused), not the other session's server;
+/// and its next server gets the same port back. For a moved server (held on its new port, the
+/// view still leading there) and for one that got its asked port.
+#[tokio::test(flavor = "multi_thread")]
+async fn between_two_lives_of_a_server_its_port_stays_its_sessions() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(daemon) = root_daemon().await? else {
+        return Ok(());
+    };
+    let asked = daemon.base + 135;
+    // The sessions live on (an agent's process), whatever their servers do.
+    let mut agents = Vec::new();
+    for session in ["lives-a", "lives-b", "lives-c"] {
+        let mut agent = Spawned::start(&mut daemon.shimmed_in(session, "sleep", &["600"]))?;
+        agent.rest(0);
+        agents.push(agent);
+    }
+    let (a1, b1, b2, c1) = (
+        site("a-first")?,
+        site("b-first")?,
+        site("b-second")?,
+        site("c")?,
+    );
+    let (a_server, a_port) = serve(&daemon, Some("lives-a"), asked, &a1)?;
+    assert_eq!(a_port, asked, "A was first: its asked port");
+    let (b_server, b_port) = serve(&daemon, Some("lives-b"), asked, &b1)?;
+    assert_ne!(b_port, asked, "B was moved");
+    assert_eq!(whoami_in(&daemon, "lives-b", asked)?, "b-first");
+
+    // B's server stops: B's clients are refused, not sent to A's server.
+    drop(b_server);
+    styxy_tests::eventually(10, "B's server gone", || async {
+        let out = daemon.cli(&["observe", &b_port.to_string()]);
+        (!String::from_utf8_lossy(&out.stdout).contains("python")).then_some(())
+    })
+    .await?;
+    let refused = whoami_in(&daemon, "lives-b", asked).expect_err("nothing of B's is there");
+    assert!(
+        refused.to_string().contains("Couldn't connect") || refused.to_string().contains("refused"),
+        "{refused}"
+    );
+    // A third session asking B's port meanwhile is moved off it.
+    let (_c_server, c_port) = serve(&daemon, Some("lives-c"), b_port, &c1)?;
+    assert_ne!(c_port, b_port, "B's port is held for B");
+    // B's next server: the same port.
+    let (_b_again, b_again) = serve(&daemon, Some("lives-b"), asked, &b2)?;
+    assert_eq!(b_again, b_port, "B's next server gets its port back");
+    assert_eq!(whoami_in(&daemon, "lives-b", asked)?, "b-second");
+
+    // A's server (on its asked port) stops: A's clients are refused, another session's server
+    // asking that port is moved, and A's next server gets it.
+    drop(a_server);
+    styxy_tests::eventually(10, "A's server gone", || async {
+        let out = daemon.cli(&["observe", &asked.to_string()]);
+        (!String::from_utf8_lossy(&out.stdout).contains("python")).then_some(())
+    })
+    .await?;
+    assert!(
+        whoami_in(&daemon, "lives-a", asked).is_err(),
+        "A's clients are refused between its lives"
+    );
+    let (_c_again, c_again) = serve(&daemon, Some("lives-c"), asked, &c1)?;
+    assert_ne!(c_again, asked, "A's asked port is held for A");
+    let (_a_again, a_again) = serve(&daemon, Some("lives-a"), asked, &a1)?;
+    assert_eq!(a_again, asked, "A's next server gets its asked port back");
+    assert_eq!(whoami_in(&daemon, "lives-a", asked)?, "a-first");
     Ok(())
 }
