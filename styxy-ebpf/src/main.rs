@@ -14,8 +14,8 @@
 //!   the bound port; getpeername4|6 and recvmsg4|6 show the asked port back for those sockets;
 //! - the `sched_process_fork`, `sched_process_exit` and `sched_process_exec` tracepoints keep
 //!   `SESSIONS` in step with the sessions' descendants;
-//! - `cgroup/getsockopt` answers the shim's question "does the kernel steer me?" (see
-//!   `styxy_common::session::SOCKOPT_LEVEL`), so each process has exactly one enforcer.
+//! - connect4 answers the shim's question "does the kernel steer me?" (see
+//!   `styxy_common::session::PROBE_PORT`), so each process has exactly one enforcer.
 //!
 //! Membership is checked against the calling task itself (see `steering_session`): an entry
 //! holds only for a process not newer than it (a reused pid is never a member, whatever was
@@ -40,9 +40,9 @@ use aya_ebpf::helpers::{
     bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
     bpf_probe_read_kernel,
 };
-use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, tracepoint};
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{SockAddrContext, SockContext, SockoptContext, TracePointContext};
+use aya_ebpf::programs::{SockAddrContext, SockContext, TracePointContext};
 use aya_ebpf::Global;
 use aya_log_ebpf::{debug, info, warn};
 use styxy_common::event::{
@@ -50,8 +50,8 @@ use styxy_common::event::{
     FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, KIND_WAKE, PORT_SLOTS,
 };
 use styxy_common::session::{
-    Member, MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX,
-    READER_SLEEPING, REVERSE_MAX, SESSIONS_MAX, SOCKOPT_ENFORCED, SOCKOPT_LEVEL, SPARES_LEN,
+    Member, MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX, PROBE_ADDR_V4,
+    PROBE_ANSWER_PORT, PROBE_PORT, READER_SLEEPING, REVERSE_MAX, SESSIONS_MAX, SPARES_LEN,
     SPARE_SLOTS, STICKY_LINGERING, STICKY_MAX, VIEWS_MAX,
 };
 
@@ -781,6 +781,12 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     if asked == 0 || !dest_is_loopback(sock_addr, v6) {
         return;
     }
+    // The shim asking whether the kernel steers it (it does: this process is a member it steers).
+    if asked == PROBE_PORT && !v6 && protocol == IPPROTO_UDP && is_probe_address(sock_addr) {
+        // SAFETY: user_port is writable in connect4 and sendmsg4; network byte order.
+        unsafe { (*sock_addr).user_port = u32::from(PROBE_ANSWER_PORT.to_be()) };
+        return;
+    }
     let key = ViewKey {
         session,
         asked,
@@ -813,6 +819,14 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
         ctx,
         "session {}: traffic to port {} sent to {}", session, asked, bound
     );
+}
+
+/// Whether an IPv4 destination is the shim's probe address (see `PROBE_ADDR_V4`).
+#[inline(always)]
+fn is_probe_address(sock_addr: *mut bpf_sock_addr) -> bool {
+    // SAFETY: user_ip4 is readable in the v4 hooks; network byte order, as the array is.
+    let ip = unsafe { core::ptr::read_volatile(&raw const (*sock_addr).user_ip4) };
+    ip == u32::from_ne_bytes(PROBE_ADDR_V4)
 }
 
 /// getpeername4|6 and recvmsg4|6: a redirected socket sees the asked port as its peer's.
@@ -887,42 +901,6 @@ pub fn styxy_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn styxy_getpeername6(ctx: SockAddrContext) -> i32 {
     translate_back(&ctx);
-    ALLOW
-}
-
-// ---- the shim's question ------------------------------------------------------------------------
-
-/// `getsockopt(fd, SOCKOPT_LEVEL, SOCKOPT_ENFORCED)`: answers the session number that steers the
-/// caller (0: none), so the shim stands aside for processes the kernel enforces. Every other
-/// option passes untouched.
-#[cgroup_sockopt(getsockopt)]
-pub fn styxy_getsockopt(ctx: SockoptContext) -> i32 {
-    let sockopt = ctx.sockopt;
-    // SAFETY: the kernel hands a valid context; level and optname are readable.
-    let (level, optname) = unsafe { ((*sockopt).level, (*sockopt).optname) };
-    if level != SOCKOPT_LEVEL || optname != SOCKOPT_ENFORCED {
-        return ALLOW;
-    }
-    // (The netns helper takes the sockopt context itself in these programs.)
-    let steered = if ENFORCE.load() != 0 && in_daemons_netns(sockopt.cast()) {
-        steering_session(current_tgid()).unwrap_or(0)
-    } else {
-        0
-    };
-    // SAFETY: the optval bounds are readable; the write is checked against optval_end, as the
-    // verifier requires.
-    unsafe {
-        let value = (*sockopt).__bindgen_anon_2.optval as *mut u32;
-        let end = (*sockopt).__bindgen_anon_3.optval_end as *mut u8;
-        if value.is_null() || (value as *mut u8).add(4) > end {
-            return ALLOW; // the caller's buffer is too small: the kernel's own answer stands
-        }
-        *value = steered;
-        // One store per field: the verifier refuses the 8-byte store the compiler would merge
-        // these two into.
-        core::ptr::write_volatile(&raw mut (*sockopt).optlen, 4);
-        core::ptr::write_volatile(&raw mut (*sockopt).retval, 0);
-    }
     ALLOW
 }
 

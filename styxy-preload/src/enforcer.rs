@@ -11,16 +11,17 @@
 //! shim asks the daemon and moves it, as for any process (the kernel left that socket alone, so
 //! it is still one enforcer per socket).
 //!
-//! The kernel question is one `getsockopt` on a throwaway socket, answered by the kernel's
-//! `cgroup/getsockopt` program (`ENOPROTOOPT` without it): asked once per process and again at
-//! most once a second (the programs detach when no session is live and attach for the next, and a
+//! The kernel question is a UDP `connect()` of a throwaway socket to a reserved loopback address
+//! (no packet is sent), which the kernel's `connect4` program redirects for the processes it
+//! steers (see `styxy_common::session::PROBE_PORT`), then a `getpeername()`: asked once per
+//! process and again at most once a second (the programs detach when no session is live and attach for the next, and a
 //! daemon restart may change the answer), and only on the paths where the table says a session
 //! may apply — a free port's bind and an unviewed connect never ask. The namespace is a `stat` of
 //! `/proc/self/ns/net` held against the one the daemon publishes in the table, asked with it.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use styxy_common::session::{SOCKOPT_ENFORCED, SOCKOPT_LEVEL};
+use styxy_common::session::{PROBE_ADDR_V4, PROBE_ANSWER_PORT, PROBE_PORT};
 use styxy_common::table::Table;
 
 use crate::{errno, own_pid, set_errno};
@@ -95,24 +96,27 @@ fn in_daemons_netns(table: &Table<'_>) -> bool {
     stat.st_ino == daemons
 }
 
-/// The kernel's answer: a session number when its programs steer this process.
+/// The kernel's answer: whether its programs steer this process. System calls made directly,
+/// not through libc's `connect`/`getpeername`: those are this library's own wrappers.
 fn ask_the_kernel() -> bool {
-    // SAFETY: a throwaway socket (never bound or connected), queried once, then closed.
+    // SAFETY: a throwaway socket, connected (UDP: no packet leaves), asked its peer, then closed;
+    // every pointer is to a local of the right size.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return false;
         }
-        let mut session: u32 = 0;
-        let mut len = core::mem::size_of::<u32>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
-            SOCKOPT_LEVEL,
-            SOCKOPT_ENFORCED,
-            (&raw mut session).cast(),
-            &mut len,
-        );
+        let mut probe: libc::sockaddr_in = core::mem::zeroed();
+        probe.sin_family = libc::AF_INET as libc::sa_family_t;
+        probe.sin_port = PROBE_PORT.to_be();
+        probe.sin_addr.s_addr = u32::from_ne_bytes(PROBE_ADDR_V4);
+        let len = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let connected = libc::syscall(libc::SYS_connect, fd, &raw const probe, len) == 0;
+        let mut peer: libc::sockaddr_in = core::mem::zeroed();
+        let mut peer_len = len;
+        let answered = connected
+            && libc::syscall(libc::SYS_getpeername, fd, &raw mut peer, &raw mut peer_len) == 0;
         libc::close(fd);
-        rc == 0 && len as usize == core::mem::size_of::<u32>() && session != 0
+        answered && peer_len == len && u16::from_be(peer.sin_port) == PROBE_ANSWER_PORT
     }
 }

@@ -442,11 +442,7 @@ async fn session_programs_attach_for_the_first_session_and_detach_after_the_last
         line.starts_with(&format!("bound {held} ")) && !line.ends_with(&format!(" {held}")),
         "moved: {line}"
     );
-    assert_eq!(
-        ours()?.len(),
-        14,
-        "every program while a session is live (getsockopt, the shim's question, included)"
-    );
+    assert_eq!(ours()?.len(), 13, "every program while a session is live");
     let detail = daemon.status().await?.kernel_sessions_detail;
     assert!(detail.contains("session programs are attached"), "{detail}");
 
@@ -495,10 +491,10 @@ async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Res
             .into_iter()
             .filter(|id| !before.contains(id))
             .collect();
-        (ours.len() == 14).then_some(ours)
+        (ours.len() == 13).then_some(ours)
     })
     .await
-    .context("bind4|6, post_bind4|6, sock_release, the eight view programs and getsockopt")?;
+    .context("bind4|6, post_bind4|6, sock_release and the eight view programs")?;
     daemon.kill9()?;
     eventually(10, "the daemon's programs to detach", || async {
         let attached = styxy_programs_at_root(&setup.cgroup_root).ok()?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use styxy_common::env;
@@ -408,12 +408,6 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
-        let name = session::PROGRAM_SOCKOPT;
-        let program: &mut CgroupSockopt = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from {}", object.display()))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
     }
     // PORTS twice from one descriptor: writable for the counts (the daemon adds what was bound
     // before), read-only for the session maps' spare-port choice.

@@ -1,6 +1,6 @@
 //! The programs only kernel sessions need — `bind4|6` (moves), `connect4|6`, `sendmsg4|6`,
-//! `recvmsg4|6` and `getpeername4|6` (the session view), `getsockopt` (the shim's question), and
-//! the `sched_process_fork|exit|exec` tracepoints (membership) — attached while a session may
+//! `recvmsg4|6` and `getpeername4|6` (the session view, and the shim's question), and the
+//! `sched_process_fork|exit|exec` tracepoints (membership) — attached while a session may
 //! have a live process, and detached a few seconds after the last one ended. With no session, the
 //! machine's binds, connects and UDP receives pay for none of them; only the observer's
 //! `post_bind4|6` and `sock_release` stay.
@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
-use aya::programs::cgroup_sockopt::CgroupSockoptLinkId;
 use aya::programs::trace_point::TracePointLinkId;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, TracePoint};
 use aya::Ebpf;
 use styxy_common::event::PROGRAMS_SOCK_ADDR;
 use styxy_common::session;
@@ -46,7 +45,6 @@ pub struct SessionPrograms {
 
 struct Links {
     cgroup: Vec<(&'static str, CgroupSockAddrLinkId)>,
-    sockopt: Option<CgroupSockoptLinkId>,
     tracepoints: Vec<(&'static str, TracePointLinkId)>,
 }
 
@@ -77,7 +75,6 @@ impl SessionPrograms {
         }
         let mut links = Links {
             cgroup: Vec::new(),
-            sockopt: None,
             tracepoints: Vec::new(),
         };
         let attached = self.attach_into(&mut links);
@@ -112,22 +109,12 @@ impl SessionPrograms {
                 .with_context(|| format!("attaching {name}"))?;
             links.cgroup.push((name, link));
         }
-        // Last: the shim stands aside only once the kernel enforces everything else.
-        let name = session::PROGRAM_SOCKOPT;
-        let program: &mut CgroupSockopt = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?;
-        let link = program
-            .attach(&self.cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {name}"))?;
-        links.sockopt = Some(link);
         Ok(())
     }
 
     fn detach_links(&self, links: Links) {
         let mut ebpf = lock(&self.ebpf);
-        // The three program types share no detach trait: the same step, once per type.
+        // The two program types share no detach trait: the same step, once per type.
         macro_rules! detach {
             ($kind:ty, $name:expr, $link:expr) => {{
                 let name = $name;
@@ -141,11 +128,8 @@ impl SessionPrograms {
                 }
             }};
         }
-        // The shim's answer first (it takes over again), then the view and bind programs, the
-        // membership tracepoints last.
-        if let Some(link) = links.sockopt {
-            detach!(CgroupSockopt, session::PROGRAM_SOCKOPT, link);
-        }
+        // The view and bind programs first (the shim takes over again), the membership
+        // tracepoints last.
         for (name, link) in links.cgroup {
             detach!(CgroupSockAddr, name, link);
         }

@@ -2,8 +2,7 @@
 //! PORT COUNT` opens a TCP socket, binds 127.0.0.1:PORT (0 for an ephemeral port) or connects to it, and
 //! closes it, COUNT times, timing only the `bind()` or `connect()` call — or, for `close`, the
 //! `close()` of the socket just bound (what the kernel's `sock_release` program adds to), or, for
-//! `getsockopt`, a `getsockopt(SO_ERROR)` on it (what the `cgroup/getsockopt` program adds to every
-//! one on the machine while a session is live), after a few untimed warm-up calls (the
+//! `getsockopt`, a `getsockopt(SO_ERROR)` on it (no program of Styxy's sees one: the control), after a few untimed warm-up calls (the
 //! first load the client library or map the session table). Prints `ok FAILED NS…` (failed calls,
 //! then every latency in nanoseconds) on one line.
 

@@ -247,7 +247,7 @@ pub async fn run() -> Result<()> {
         "",
     );
     row(
-        "getsockopt(SO_ERROR) (the shim's question)",
+        "getsockopt(SO_ERROR) (no program of ours: control)",
         &live[4],
         &without[4],
         "with",

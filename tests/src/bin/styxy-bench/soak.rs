@@ -50,7 +50,7 @@ os._exit(0)
 "#;
 
 /// A client of one session: connects to each asked port in turn until the deadline; prints
-/// `right wrong_session wrong_port refused`.
+/// `right wrong_session wrong_port refused`, and its first three wrong answers on stderr.
 const CLIENT: &str = r#"
 import socket, sys, time
 session, seconds, ports = sys.argv[1], float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
@@ -69,12 +69,15 @@ while time.monotonic() < deadline:
             refused += 1
             continue
         s, asked = who.split(":")
+        if s == session and int(asked) == p:
+            right += 1
+            continue
         if s != session:
             wrong_session += 1
-        elif int(asked) != p:
-            wrong_port += 1
         else:
-            right += 1
+            wrong_port += 1
+        if wrong_session + wrong_port <= 3:
+            print("soak: %s asked %d, answered by %s's server for %s at %.3f" % (session, p, s, asked, time.time()), file=sys.stderr, flush=True)
 print(right, wrong_session, wrong_port, refused, flush=True)
 "#;
 
