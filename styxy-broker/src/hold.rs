@@ -23,25 +23,27 @@ impl Broker {
         self.instances.contains_key(instance)
     }
 
+    /// Whether `lease`, a claim whose server is gone, is held for its session (rather than
+    /// ending): its session lives and holds are on.
+    pub(crate) fn is_held_when_its_server_goes(&self, lease: &Lease) -> bool {
+        lease.claim
+            && self.settings.restart_hold_ms > 0
+            && lease
+                .instance_id
+                .as_deref()
+                .is_some_and(|i| self.session_lives(i))
+    }
+
     /// A claim of a live session that is about to end with its server (its socket released, or
     /// its process gone) becomes a hold; any other ends. True when it was held.
     pub(crate) fn hold_or_end(&mut self, port: u16, now_ms: u64, effects: &mut Effects) -> bool {
         let hold_ms = self.settings.restart_hold_ms;
         let held = match self.leases.get(&port) {
-            Some(lease)
-                if lease.claim
-                    && hold_ms > 0
-                    && lease
-                        .instance_id
-                        .as_deref()
-                        .is_some_and(|i| self.session_lives(i)) =>
-            {
-                Lease {
-                    process: None,
-                    expires_ms: Some(now_ms.saturating_add(hold_ms)),
-                    ..lease.clone()
-                }
-            }
+            Some(lease) if self.is_held_when_its_server_goes(lease) => Lease {
+                process: None,
+                expires_ms: Some(now_ms.saturating_add(hold_ms)),
+                ..lease.clone()
+            },
             Some(_) => {
                 if let Some(lease) = self.take_lease(port) {
                     effects.lease_removed(lease);
@@ -95,13 +97,20 @@ impl Broker {
     }
 
     /// The port `instance` holds for its servers that ask `asked` (`protocol`), when nothing is
-    /// bound there: where its next one goes.
-    pub(crate) fn held_for(&self, instance: &str, asked: u16, protocol: Protocol) -> Option<u16> {
+    /// bound there: where its next one goes. A claim whose process has exited counts already
+    /// (the sweep that makes it a hold may not have run yet).
+    pub(crate) fn held_for(
+        &self,
+        instance: &str,
+        asked: u16,
+        protocol: Protocol,
+        processes: &dyn crate::ProcessView,
+    ) -> Option<u16> {
         self.leases
             .values()
             .filter(|l| {
                 l.claim
-                    && l.process.is_none()
+                    && l.process.is_none_or(|p| !processes.is_alive(p))
                     && l.instance_id.as_deref() == Some(instance)
                     && l.protocol.is_none_or(|p| p == protocol)
                     && l.requested_port.unwrap_or(l.port) == asked
@@ -110,8 +119,8 @@ impl Broker {
             .find(|port| self.sockets_on(*port, None).next().is_none())
     }
 
-    /// The hold on `port` goes to process `me` (its session's new server): it lives with it from
-    /// now on, as the claim it was.
+    /// The hold on `port` (or the claim of an exited server of the session) goes to process `me`
+    /// (its session's new server): it lives with it from now on, as the claim it was.
     pub(crate) fn take_hold(
         &mut self,
         port: u16,
@@ -119,11 +128,7 @@ impl Broker {
         now_ms: u64,
         effects: &mut Effects,
     ) {
-        let Some(lease) = self
-            .leases
-            .get(&port)
-            .filter(|l| l.claim && l.process.is_none())
-        else {
+        let Some(lease) = self.leases.get(&port).filter(|l| l.claim) else {
             return;
         };
         let taken = Lease {

@@ -984,7 +984,7 @@ impl Broker {
         if let Some(port) = req
             .instance_id
             .as_deref()
-            .and_then(|i| self.held_for(i, req.port, req.protocol))
+            .and_then(|i| self.held_for(i, req.port, req.protocol, processes))
             .filter(|_| refused.is_none())
         {
             self.take_hold(port, me, now_ms, &mut effects);
@@ -1003,12 +1003,21 @@ impl Broker {
             .leases
             .get(&req.port)
             .is_some_and(|l| l.process.is_some_and(|p| !processes.is_alive(p)));
+        // But a dead claim of a live session is that session's hold (see `hold`), whether or not
+        // the sweep has made it one yet.
+        let dead_but_held = dead_lease
+            && self
+                .leases
+                .get(&req.port)
+                .is_some_and(|l| self.is_held_when_its_server_goes(l));
         let holder = self
             .holder_of(req.port, req.protocol, me)
             .or_else(|| {
                 self.leases
                     .get(&req.port)
-                    .filter(|l| !dead_lease && !self.lease_belongs_to(l, req, processes))
+                    .filter(|l| {
+                        (!dead_lease || dead_but_held) && !self.lease_belongs_to(l, req, processes)
+                    })
                     .cloned()
                     .map(HolderView::Lease)
             })
@@ -1060,9 +1069,8 @@ impl Broker {
             effects.lease_removed(claim);
         }
         if dead_lease {
-            if let Some(lease) = self.take_lease(req.port) {
-                effects.lease_removed(lease);
-            }
+            // Held for its session from now on (or ended, if its session is gone).
+            self.hold_or_end(req.port, now_ms, &mut effects);
         }
         let claim = self.new_claim(req, port, Some(req.port), now_ms);
         effects.lease_put(&claim);

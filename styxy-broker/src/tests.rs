@@ -1378,6 +1378,41 @@ fn a_port_a_session_bound_free_is_held_too_and_ends_with_the_session() {
     assert!(!b.is_taken(8060));
 }
 
+#[test]
+fn a_dead_servers_claim_is_its_sessions_hold_before_any_sweep() {
+    let mut b = broker();
+    let mut procs = Procs {
+        alive: [pid(39), pid(42), pid(50)].into(),
+        ..Procs::default()
+    };
+    b.register_instance(Some("B".into()), pid(39), 1000, 1)
+        .unwrap();
+    b.register_instance(Some("C".into()), pid(50), 1000, 1)
+        .unwrap();
+    // B's server asked 8050 and kept it (a claim), and then died; no sweep has run since.
+    let (kept, _) = b
+        .resolve_bind(&session_bind(42, 8050, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert_eq!(kept, BindDecision::Keep { port: 8050 });
+    procs.alive.remove(&pid(42));
+    let (other, effects) = b
+        .resolve_bind(&session_bind(50, 8050, Protocol::Tcp, "C"), &procs, 3)
+        .unwrap();
+    assert!(
+        matches!(other, BindDecision::Reassign { port, .. } if port != 8050),
+        "{other:?}"
+    );
+    assert!(
+        effects.changes.iter().any(|c| matches!(c, StateChange::PutLease { lease } if lease.port == 8050 && lease.process.is_none())),
+        "the dead claim became B's hold: {effects:?}"
+    );
+    procs.alive.insert(pid(43));
+    let (back, _) = b
+        .resolve_bind(&session_bind(43, 8050, Protocol::Tcp, "B"), &procs, 4)
+        .unwrap();
+    assert_eq!(back, BindDecision::Keep { port: 8050 });
+}
+
 // ---- sticky ports --------------------------------------------------------------------------------------
 
 fn in_project(p: u32, port: u16, project: &str) -> BindRequest {
