@@ -57,9 +57,9 @@ pub const WORDS: usize = ENTRIES + MAX_ENTRIES * ENTRY_WORDS;
 /// The table's length in bytes (the file's size; it never changes while mapped).
 pub const BYTES: usize = WORDS * 8;
 
-/// How many times a reader tries to get a consistent reading before it gives up (and the shim
-/// leaves the call alone).
-const READ_ATTEMPTS: usize = 64;
+/// How many times a reader spins for a consistent reading before it asks its [`Table::patient`]
+/// wait whether to go on (by default it gives up then, and the shim would leave the call alone).
+const SPIN_ATTEMPTS: u32 = 64;
 
 /// One view entry, as the daemon writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +81,13 @@ pub struct Entry<'a> {
 #[derive(Clone, Copy)]
 pub struct Table<'a> {
     words: &'a [AtomicU64; WORDS],
+    /// Called (with the attempt number) once spinning did not get a consistent reading: waits a
+    /// little and says whether to try again.
+    wait: fn(u32) -> bool,
+}
+
+fn give_up(_: u32) -> bool {
+    false
 }
 
 type Words = [AtomicU64; WORDS];
@@ -103,7 +110,20 @@ impl<'a> Table<'a> {
     /// [`Table::is_current`].
     pub fn new(words: &'a [AtomicU64]) -> Option<Table<'a>> {
         let words = words.get(..WORDS)?.try_into().ok()?;
-        Some(Table { words })
+        Some(Table {
+            words,
+            wait: give_up,
+        })
+    }
+
+    /// The same table, whose readers call `wait` (with the attempt number) while a write is
+    /// under way past their spinning, instead of giving up. A reader that gave up would leave a
+    /// connect unredirected — to the port's real holder, another session's server — when all it
+    /// met was a writer preempted mid-update (seen in the session soak on 2 busy cores). `wait`
+    /// yields the processor and bounds the attempts: a writer that never finishes (a stopped
+    /// daemon) must not hang the reader.
+    pub fn patient(self, wait: fn(u32) -> bool) -> Table<'a> {
+        Table { wait, ..self }
     }
 
     /// The first word: where the table is in memory.
@@ -183,10 +203,18 @@ impl<'a> Table<'a> {
         protocol: Protocol,
         pick: impl Fn(&RawEntry) -> Option<u16>,
     ) -> Option<u16> {
-        for _ in 0..READ_ATTEMPTS {
+        let mut attempt: u32 = 0;
+        loop {
+            if attempt > 0 {
+                if attempt < SPIN_ATTEMPTS {
+                    core::hint::spin_loop();
+                } else if !(self.wait)(attempt) {
+                    return None;
+                }
+            }
+            attempt = attempt.saturating_add(1);
             let before = self.words[WORD_SEQ].load(Ordering::Acquire);
             if before % 2 == 1 {
-                core::hint::spin_loop();
                 continue;
             }
             let count =
@@ -209,7 +237,6 @@ impl<'a> Table<'a> {
                 return found;
             }
         }
-        None
     }
 
     /// Writes a fresh table's header: empty, serving, written by `daemon_pid` in network namespace
@@ -511,6 +538,65 @@ mod tests {
         );
         assert!(Table::new(&memory[..WORDS - 1]).is_none());
     }
+
+    #[test]
+    fn a_patient_reader_waits_out_a_writer_stalled_mid_update() {
+        use std::sync::atomic::AtomicBool;
+        let memory = words();
+        let table = Table::new(&memory).expect("long enough");
+        table.init(1, 0);
+        let entry = |bound| Entry {
+            instance_id: b"session-b",
+            uid: 1000,
+            protocol: Protocol::Tcp,
+            asked: 8000,
+            bound,
+        };
+        table.write(|w| {
+            w.set_views([entry(9001)]);
+        });
+        let inside = AtomicBool::new(false);
+        let release = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // A writer preempted in the middle of an update (the sequence stays odd meanwhile).
+            scope.spawn(|| {
+                table.write(|w| {
+                    w.set_views([entry(9002)]);
+                    inside.store(true, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                });
+            });
+            while !inside.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            // Impatient (the default): gives up, and the caller would leave the connect alone.
+            assert_eq!(
+                table.redirect(b"session-b", 1000, Protocol::Tcp, 8000),
+                None
+            );
+            // Patient: waits for the writer, and finds the entry.
+            let patient = table.patient(|attempt| {
+                if attempt == 1000 {
+                    RELEASE_THE_WRITER.store(true, Ordering::SeqCst);
+                }
+                std::thread::yield_now();
+                attempt < 1_000_000
+            });
+            let waiter =
+                scope.spawn(move || patient.redirect(b"session-b", 1000, Protocol::Tcp, 8000));
+            while !RELEASE_THE_WRITER.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            release.store(true, Ordering::SeqCst);
+            assert_eq!(waiter.join().expect("reader"), Some(9002));
+        });
+    }
+
+    /// Set by the patient reader once it has waited a while (a `fn` wait cannot capture).
+    static RELEASE_THE_WRITER: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     #[test]
     fn a_reader_never_sees_a_half_written_view() {

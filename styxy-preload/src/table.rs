@@ -96,6 +96,17 @@ fn as_table(base: *mut AtomicU64) -> Option<Table<'static>> {
     // SAFETY: a non-null MAPPED points at a read-only shared mapping of BYTES (= WORDS × 8)
     // bytes, page-aligned, never unmapped; it is only read through atomics.
     Table::new(unsafe { core::slice::from_raw_parts(base, WORDS) })
+        .map(|t| t.patient(wait_for_writer))
+}
+
+/// While the daemon is in the middle of an update (its writer preempted, on a busy machine), a
+/// reader yields the processor and tries again, rather than leave a connect unredirected — to
+/// the port's real holder, another session's server. Bounded: a daemon stopped mid-write
+/// (SIGSTOP) costs a call some thousands of yields, never a hang.
+fn wait_for_writer(attempt: u32) -> bool {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+    attempt < 4096
 }
 
 /// `kill(pid, 0)`: the daemon is gone only when the kernel says there is no such process
