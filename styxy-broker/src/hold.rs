@@ -18,9 +18,13 @@
 use crate::{Broker, Effects, Held, Lease, Protocol};
 
 impl Broker {
-    /// Whether `instance` is a registered session.
-    fn session_lives(&self, instance: &str) -> bool {
-        self.instances.contains_key(instance)
+    /// Whether `instance` is a registered session that `uid`'s ports may be held for: its owner's
+    /// (any user's, in root's sessions). Session names are global: another user naming the same
+    /// session holds nothing in it.
+    fn session_lives_for(&self, instance: &str, uid: u32) -> bool {
+        self.instances
+            .get(instance)
+            .is_some_and(|i| i.owner_uid == 0 || i.owner_uid == uid)
     }
 
     /// Whether `lease`, a claim whose server is gone, is held for its session (rather than
@@ -31,7 +35,7 @@ impl Broker {
             && lease
                 .instance_id
                 .as_deref()
-                .is_some_and(|i| self.session_lives(i))
+                .is_some_and(|i| self.session_lives_for(i, lease.owner_uid))
     }
 
     /// A claim of a live session that is about to end with its server (its socket released, or
@@ -71,7 +75,7 @@ impl Broker {
             .instance_id
             .clone()
             .or_else(|| socket.owner.as_ref().and_then(|o| o.instance_id.clone()));
-        let Some(instance) = instance.filter(|i| self.session_lives(i)) else {
+        let Some(instance) = instance.filter(|i| self.session_lives_for(i, socket.uid)) else {
             return;
         };
         let in_a_range = self.ranges.type_of_port(socket.port).is_some();
@@ -96,12 +100,13 @@ impl Broker {
         self.insert_lease(hold);
     }
 
-    /// The port `instance` holds for its servers that ask `asked` (`protocol`), when nothing is
+    /// The port `instance` holds for `uid`'s servers that ask `asked` (`protocol`), when nothing is
     /// bound there: where its next one goes. A claim whose process has exited counts already
     /// (the sweep that makes it a hold may not have run yet).
     pub(crate) fn held_for(
         &self,
         instance: &str,
+        uid: u32,
         asked: u16,
         protocol: Protocol,
         processes: &dyn crate::ProcessView,
@@ -110,6 +115,7 @@ impl Broker {
             .values()
             .filter(|l| {
                 l.claim
+                    && l.owner_uid == uid
                     && l.process.is_none_or(|p| !processes.is_alive(p))
                     && l.instance_id.as_deref() == Some(instance)
                     && l.protocol.is_none_or(|p| p == protocol)

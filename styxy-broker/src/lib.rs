@@ -984,7 +984,7 @@ impl Broker {
         if let Some(port) = req
             .instance_id
             .as_deref()
-            .and_then(|i| self.held_for(i, req.port, req.protocol, processes))
+            .and_then(|i| self.held_for(i, req.uid, req.port, req.protocol, processes))
             .filter(|_| refused.is_none())
         {
             self.take_hold(port, me, now_ms, &mut effects);
@@ -1118,7 +1118,15 @@ impl Broker {
         req: &BindRequest,
         processes: &dyn ProcessView,
     ) -> bool {
-        if lease.instance_id.is_some() && lease.instance_id == req.instance_id {
+        // Of the asker's session — as its owner's, or in root's session — not merely of a
+        // session of the same name (names are global: another user may use one).
+        let same_owner = lease.owner_uid == req.uid
+            || lease
+                .instance_id
+                .as_ref()
+                .and_then(|i| self.instances.get(i))
+                .is_some_and(|i| i.owner_uid == 0);
+        if lease.instance_id.is_some() && lease.instance_id == req.instance_id && same_owner {
             return true;
         }
         match lease.process {

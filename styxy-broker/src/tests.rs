@@ -515,7 +515,7 @@ fn a_lease_of_an_ancestor_or_instance_or_same_user_is_the_askers_own() {
         BindDecision::Reassign { .. }
     ));
 
-    // An agent session's lease: any process of that instance keeps it.
+    // An agent session's lease: any process of that instance (of its user) keeps it.
     b.allocate(
         AllocateRequest {
             preferred_port: Some(3060),
@@ -530,10 +530,22 @@ fn a_lease_of_an_ancestor_or_instance_or_same_user_is_the_askers_own() {
     let in_session = BindRequest {
         instance_id: Some("session-1".into()),
         project: None,
+        uid: 1001,
         ..bind_req(82, 3060)
     };
+    // Another user's process naming the same session does not (session names are global).
+    let stranger = BindRequest {
+        uid: 1000,
+        instance_id: Some("session-1".into()),
+        project: None,
+        ..bind_req(83, 3060)
+    };
+    assert!(matches!(
+        b.resolve_bind(&stranger, &procs, 2).unwrap().0,
+        BindDecision::Reassign { .. }
+    ));
     assert_eq!(
-        b.resolve_bind(&in_session, &procs, 2).unwrap().0,
+        b.resolve_bind(&in_session, &procs, 3).unwrap().0,
         BindDecision::Keep { port: 3060 }
     );
 }
@@ -1407,8 +1419,19 @@ fn a_dead_servers_claim_is_its_sessions_hold_before_any_sweep() {
         "the dead claim became B's hold: {effects:?}"
     );
     procs.alive.insert(pid(43));
+    procs.alive.insert(pid(44));
+    // Another user naming the session B does not get B's port (session names are global).
+    let stranger = BindRequest {
+        uid: 2000,
+        ..session_bind(44, 8050, Protocol::Tcp, "B")
+    };
+    let (theirs, _) = b.resolve_bind(&stranger, &procs, 4).unwrap();
+    assert!(
+        matches!(theirs, BindDecision::Reassign { port, .. } if port != 8050),
+        "{theirs:?}"
+    );
     let (back, _) = b
-        .resolve_bind(&session_bind(43, 8050, Protocol::Tcp, "B"), &procs, 4)
+        .resolve_bind(&session_bind(43, 8050, Protocol::Tcp, "B"), &procs, 5)
         .unwrap();
     assert_eq!(back, BindDecision::Keep { port: 8050 });
 }
