@@ -4,7 +4,7 @@
 
 pub mod claude;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -62,12 +62,89 @@ pub fn port_block() -> u16 {
         if taken.contains(&base) {
             continue;
         }
-        if (base..base + BLOCK).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+        if (base..base + BLOCK).all(bindable_as_the_tests_bind) {
             taken.insert(base);
             return base;
         }
     }
     panic!("out of test port blocks: every block of 20000-32767 is held or has a listener");
+}
+
+/// Whether `port` can be bound the way the tests' own holders and servers bind it: without
+/// `SO_REUSEADDR` (which std's `TcpListener` sets, and which would not see the TIME_WAIT
+/// connections an earlier run or test binary left on it), over IPv4 and IPv6.
+fn bindable_as_the_tests_bind(port: u16) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    [
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    ]
+    .into_iter()
+    .all(|address| {
+        let domain = if address.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: a socket of our own, bound once (sockaddr built from a std address of the
+        // same family) and closed; no other memory is touched.
+        unsafe {
+            let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return false;
+            }
+            if domain == libc::AF_INET6 {
+                let one: libc::c_int = 1;
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    (&raw const one).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            let (storage, len) = socket_address(address);
+            let bound = libc::bind(fd, (&raw const storage).cast(), len) == 0;
+            libc::close(fd);
+            bound
+        }
+    })
+}
+
+/// `address` as a C socket address.
+fn socket_address(address: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match address {
+        std::net::SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// Gives a block from [`port_block`] back.
