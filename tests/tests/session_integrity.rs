@@ -141,15 +141,23 @@ fn whoami_in(daemon: &Daemon, session: &str, port: u16) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The moves the daemon recorded (asked → bound) for `asked`.
+/// The moves the daemon recorded (asked → bound) for `asked`, once it has recorded one: a move
+/// the kernel made reaches the audit when the daemon has read the moved process, which may be
+/// after the server says it serves. (A bind moved twice shows elsewhere too: its notice then
+/// names another port than the one the server serves on, which `serve` checks.)
 async fn moves_of(daemon: &Daemon, asked: u16) -> Result<Vec<u32>> {
-    Ok(daemon
-        .audit()
-        .await?
-        .into_iter()
-        .filter(|e| e.requested_port == u32::from(asked))
-        .map(|e| e.assigned_port)
-        .collect())
+    let recorded = || async {
+        let moves: Vec<u32> = daemon
+            .audit()
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|e| e.requested_port == u32::from(asked))
+            .map(|e| e.assigned_port)
+            .collect();
+        (!moves.is_empty()).then_some(moves)
+    };
+    styxy_tests::eventually(10, "the move in the audit", recorded).await
 }
 
 // ---- one enforcer per socket -------------------------------------------------------------------
