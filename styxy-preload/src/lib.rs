@@ -261,40 +261,23 @@ impl Bind {
             let (moved, kept) = history(port);
             !moved && (kept || !t.is_taken(port))
         }) {
-            let first = self.as_asked();
-            if first.rc == 0 {
-                // The kernel may have moved it all the same (the table lags the kernel by the
-                // daemon's reading of a bind made a moment ago): a process of a session it
-                // steers is told.
-                if in_a_session() && enforcer::for_this_process(&t) == enforcer::Enforcer::Kernel {
-                    self.tell_a_kernel_move();
-                }
-                return first;
+            // The kernel may move it all the same (the table lags the kernel by the daemon's
+            // reading of a bind made a moment ago): a process of a session it steers is told.
+            if in_a_session() && enforcer::for_this_process(&t) == enforcer::Enforcer::Kernel {
+                return self.as_the_kernel_steers();
             }
-            if first.errno != libc::EADDRINUSE {
+            let first = self.as_asked();
+            if first.rc == 0 || first.errno != libc::EADDRINUSE {
                 return first;
             }
             return self.ask_after_refusal(first);
         }
         // The port is taken: whoever enforces this process's session decides.
         match table.map(|t| enforcer::for_this_process(&t)) {
-            // The kernel moves it (within its range, or to the project's sticky port) as it
-            // binds; the shim only tells, once, and steps in where the kernel left the bind on
-            // the taken port (its refusal).
-            Some(enforcer::Enforcer::Kernel) => {
-                if env_flag(env::DISABLE.c_name) {
-                    return self.as_asked();
-                }
-                let first = self.as_asked();
-                if first.rc == 0 {
-                    self.tell_a_kernel_move();
-                    return first;
-                }
-                if first.errno != libc::EADDRINUSE {
-                    return first;
-                }
-                return self.ask_after_refusal(first);
+            Some(enforcer::Enforcer::Kernel) if env_flag(env::DISABLE.c_name) => {
+                return self.as_asked()
             }
+            Some(enforcer::Enforcer::Kernel) => return self.as_the_kernel_steers(),
             // Another network namespace: the host's ports say nothing about its own.
             Some(enforcer::Enforcer::Nobody) => return self.as_asked(),
             Some(enforcer::Enforcer::Shim) | None => {}
@@ -354,6 +337,21 @@ impl Bind {
         // failed start.
         let first = self.as_asked();
         if first.rc == 0 || first.errno != libc::EADDRINUSE {
+            return first;
+        }
+        self.ask_after_refusal(first)
+    }
+
+    /// A bind of a process the kernel steers: the kernel moves it (within its range, or to the
+    /// port its session or project had) as it binds; the shim tells the move, once, and steps in
+    /// only where the kernel left the bind on a taken port (its refusal).
+    fn as_the_kernel_steers(&self) -> Outcome {
+        let first = self.as_asked();
+        if first.rc == 0 {
+            self.tell_a_kernel_move();
+            return first;
+        }
+        if first.errno != libc::EADDRINUSE {
             return first;
         }
         self.ask_after_refusal(first)
