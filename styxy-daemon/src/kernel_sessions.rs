@@ -381,17 +381,12 @@ impl KernelSessions {
                 if asked == 0 || !in_range {
                     continue;
                 }
-                let lingering = if broker.is_lingering(entry.port) {
-                    STICKY_LINGERING
-                } else {
-                    0
-                };
                 let key = StickyKey {
                     session: *session,
                     asked,
                     _pad: 0,
                 };
-                wanted.insert(key, u32::from(entry.port) | lingering);
+                wanted.insert(key, sticky_value(broker, entry.port));
             }
         }
         // Ports held for a session between two lives of its server (`styxy_broker::hold`) come
@@ -413,12 +408,7 @@ impl KernelSessions {
                 asked,
                 _pad: 0,
             };
-            let lingering = if broker.is_lingering(lease.port) {
-                STICKY_LINGERING
-            } else {
-                0
-            };
-            wanted.insert(key, u32::from(lease.port) | lingering);
+            wanted.insert(key, sticky_value(broker, lease.port));
         }
         write_changes(
             &mut lock(&self.sticky),
@@ -564,6 +554,17 @@ fn reserved_by(broker: &Broker, registry: &Registry, port: u16) -> u32 {
         .and_then(|id| registry.numbers.get(id))
         .filter(|(_, owner)| *owner == 0 || *owner == lease.owner_uid)
         .map_or(RESERVED_BY_OTHER, |(number, _)| *number)
+}
+
+/// A `STICKY` value: the port, flagged when old connections linger there (see
+/// `STICKY_LINGERING`).
+fn sticky_value(broker: &Broker, port: u16) -> u32 {
+    let lingering = if broker.is_lingering(port) {
+        STICKY_LINGERING
+    } else {
+        0
+    };
+    u32::from(port) | lingering
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns` and of a task's
