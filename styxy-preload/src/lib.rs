@@ -8,6 +8,9 @@
 //! picked and print one `✓ STYXY:` line. Everything else, and every bind while the daemon is
 //! unreachable, goes straight to the real `bind()` (fail-open).
 //!
+//! [`listen`] catches the one refusal a free bind can still meet (two SO_REUSEADDR sockets bound
+//! to one port before either listened) and moves the server instead of letting it fail.
+//!
 //! [`redirect`] applies the session's view to loopback traffic: inside the session, a port it was
 //! moved off reaches the moved server.
 //!
@@ -22,6 +25,7 @@
 #![cfg_attr(not(test), no_std)]
 
 mod enforcer;
+mod listen;
 mod redirect;
 mod table;
 
@@ -812,6 +816,17 @@ fn moves_of(requested: u16) -> impl Iterator<Item = u16> {
         let (asked, bound) = ((key >> 16) as u16, key as u16);
         (mine && key != 0 && asked == requested && bound != requested).then_some(bound)
     })
+}
+
+/// The port this process's program asked for when it was moved to `bound` (`bound` itself when
+/// no move of this process led there).
+fn asked_for(bound: u16) -> u16 {
+    let mine = MOVES_PID.load(Ordering::Acquire) == own_pid();
+    MOVES
+        .iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .find(|&key| mine && key != 0 && key as u16 == bound && (key >> 16) as u16 != bound)
+        .map_or(bound, |key| (key >> 16) as u16)
 }
 
 /// Whether this process moved `port` before (to another port), and whether the daemon let it

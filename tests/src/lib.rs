@@ -636,6 +636,39 @@ pub fn port_holder(ports: &[u16]) -> Result<Spawned> {
     Ok(holder)
 }
 
+/// A Python server that binds `argv[1]` on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, as servers
+/// do), prints `bound`, waits for a line on stdin, then listens and prints
+/// `listening PORT SAME_FD NODELAY` (its socket's own port, whether its descriptor number is
+/// the one it bound, and the option it set); then answers every connection with `argv[2]`.
+pub const BIND_THEN_LISTEN: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+fd = s.fileno()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+print("bound", flush=True)
+sys.stdin.readline()
+s.listen(16)
+print("listening", s.getsockname()[1], s.fileno() == fd,
+      s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(sys.argv[2]), sys.argv[2].encode()))
+    c.close()
+"#;
+
+/// The `listening PORT True 1` line of [`BIND_THEN_LISTEN`]: its port, once the descriptor and
+/// the option are checked to have been kept.
+pub fn listening_port(line: &str) -> Result<u16> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["listening", port, "True", nodelay] if *nodelay != "0" => Ok(port.parse()?),
+        _ => bail!("the socket kept neither its descriptor nor its options: {line:?}"),
+    }
+}
+
 /// The new port in a `✓ STYXY: Auto-assigned port NEW (OLD in use by …)` line.
 pub fn notice_port(line: &str) -> Option<u16> {
     line.strip_prefix("✓ STYXY: Auto-assigned port ")?

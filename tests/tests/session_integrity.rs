@@ -218,6 +218,54 @@ async fn a_chain_of_moves_never_sends_a_client_two_hops() -> Result<()> {
     Ok(())
 }
 
+/// Two sessions' servers on one free port, the first bound (SO_REUSEADDR) but not yet listening
+/// when the second binds and listens: both start, on distinct ports, one of them the asked
+/// port, each moved at most once, and each session's clients reach their own. (Whether the
+/// kernel moves the second bind, or the first's `listen()` is refused and the shim rebuilds it
+/// elsewhere, depends on what the kernel had seen; either must hold the promise.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_bound_but_not_yet_listening_keeps_its_session_coherent() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(daemon) = root_daemon().await? else {
+        return Ok(());
+    };
+    let asked = daemon.base + 160;
+    let port = asked.to_string();
+    let mut first = Spawned::start(&mut daemon.shimmed_in(
+        "first",
+        PYTHON,
+        &["-u", "-c", styxy_tests::BIND_THEN_LISTEN, &port, "first"],
+    ))?;
+    first.line_where(20, |l| l == "bound")?;
+    let second_site = site("second")?;
+    let (_second, second_port) = serve(&daemon, Some("second"), asked, &second_site)?;
+    first.send_line("")?;
+    let first_port =
+        styxy_tests::listening_port(&first.line_where(20, |l| l.starts_with("listening"))?)?;
+    assert_ne!(first_port, second_port);
+    assert!(
+        first_port == asked || second_port == asked,
+        "one keeps the asked port: {first_port} {second_port}"
+    );
+    if first_port != asked {
+        let notice = first.has_line(10, |l| l.contains("STYXY"))?;
+        assert_eq!(notice_port(&notice), Some(first_port), "{notice}");
+    }
+    for round in 0..5 {
+        assert_eq!(
+            whoami_in(&daemon, "first", asked)?,
+            "first",
+            "round {round}"
+        );
+        assert_eq!(
+            whoami_in(&daemon, "second", asked)?,
+            "second",
+            "round {round}"
+        );
+    }
+    Ok(())
+}
+
 // ---- membership follows the task exactly -------------------------------------------------------
 
 /// The kernel's `SESSIONS` map of this daemon: the one holding `pid`'s entry. Its id.

@@ -390,6 +390,39 @@ async fn two_sessions_racing_for_one_free_port_each_reach_their_own() -> Result<
     Ok(())
 }
 
+/// The race above, made certain: a server of session Y has bound the free port (SO_REUSEADDR)
+/// but not yet listened when session X's server binds and listens there, so Y's `listen()` is
+/// refused. Y still starts — on a moved port, with its descriptor and options — and each
+/// session's clients reach their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_whose_listen_lost_the_port_moves_instead_of_failing() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 175;
+    let port = asked.to_string();
+    let mut y = Spawned::start(&mut daemon.shimmed_in(
+        "session-y",
+        "python3",
+        &["-u", "-c", styxy_tests::BIND_THEN_LISTEN, &port, "Y"],
+    ))?;
+    y.line_where(20, |l| l == "bound")?;
+    let mut x = marked_server(&daemon, Some("session-x"), asked, "X", dir.path())?;
+    let serving = x.line_where(20, |l| l.starts_with("Serving HTTP on 127.0.0.1 port "))?;
+    assert!(serving.contains(&format!(" port {asked} ")), "{serving}");
+    y.send_line("")?;
+    let moved = styxy_tests::listening_port(&y.line_where(20, |l| l.starts_with("listening"))?)?;
+    assert_ne!(moved, asked);
+    let notice = y.has_line(10, |l| l.starts_with(NOTICE))?;
+    assert_eq!(notice_port(&notice), Some(moved), "{notice}");
+    for (instance, name) in [("session-x", "X"), ("session-y", "Y")] {
+        eventually(10, "each session reaches its own", || async {
+            (curl(&daemon, Some(instance), "127.0.0.1", asked).ok()? == name).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// The daemon killed with `kill -9`: binds and connects go on as without the shim.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_daemon_killed_binds_and_connects_are_native() -> Result<()> {
