@@ -3,6 +3,9 @@
 //! by `cargo xtask test` (or `cargo build --workspace && cargo xtask build-preload`) before the tests run.
 
 pub mod claude;
+mod ports;
+
+pub use ports::{give_back_port_block, port_block, BLOCK};
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -40,119 +43,6 @@ pub fn styxy_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// Ports below the ephemeral range, handed out in blocks so tests running at once never share ports.
-const BLOCK: u16 = 300;
-const FIRST_BLOCK_PORT: u16 = 20000;
-const BLOCKS: u16 = (32768 - FIRST_BLOCK_PORT) / BLOCK;
-/// Blocks handed out and not given back. (Test binaries run one after another, so the blocks of
-/// one process are all there is to avoid.)
-static TAKEN_BLOCKS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-    std::sync::Mutex::new(std::collections::BTreeSet::new());
-static NEXT_BLOCK: AtomicU16 = AtomicU16::new(0);
-
-/// A block of `BLOCK` ports in which nothing listens now and that no live test holds; blocks
-/// given back with [`give_back_port_block`] (a daemon's, when it drops) are handed out again.
-pub fn port_block() -> u16 {
-    for _ in 0..4 * BLOCKS {
-        let n = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst) % BLOCKS;
-        let base = FIRST_BLOCK_PORT + n * BLOCK;
-        let mut taken = TAKEN_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
-        if taken.contains(&base) {
-            continue;
-        }
-        if (base..base + BLOCK).all(bindable_as_the_tests_bind) {
-            taken.insert(base);
-            return base;
-        }
-    }
-    panic!("out of test port blocks: every block of 20000-32767 is held or has a listener");
-}
-
-/// Whether `port` can be bound the way the tests' own holders and servers bind it: without
-/// `SO_REUSEADDR` (which std's `TcpListener` sets, and which would not see the TIME_WAIT
-/// connections an earlier run or test binary left on it), over IPv4 and IPv6.
-fn bindable_as_the_tests_bind(port: u16) -> bool {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-    [
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-    ]
-    .into_iter()
-    .all(|address| {
-        let domain = if address.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        // SAFETY: a socket of our own, bound once (sockaddr built from a std address of the
-        // same family) and closed; no other memory is touched.
-        unsafe {
-            let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                return false;
-            }
-            if domain == libc::AF_INET6 {
-                let one: libc::c_int = 1;
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_V6ONLY,
-                    (&raw const one).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-            let (storage, len) = socket_address(address);
-            let bound = libc::bind(fd, (&raw const storage).cast(), len) == 0;
-            libc::close(fd);
-            bound
-        }
-    })
-}
-
-/// `address` as a C socket address.
-fn socket_address(address: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all zeroes is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match address {
-        std::net::SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*v4.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        std::net::SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-/// Gives a block from [`port_block`] back.
-pub fn give_back_port_block(base: u16) {
-    TAKEN_BLOCKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&base);
 }
 
 /// Whether the tests run as root (needed for the tests that act as another user).
@@ -212,19 +102,8 @@ impl Daemon {
     /// A daemon with extra `styxy daemon` arguments (e.g. `--observer ebpf --cgroup DIR`).
     pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
-        let base = port_block();
         // The bulk range spills into the next block: it must be this daemon's too.
-        let second_block = base + BLOCK;
-        let second_is_ours = base + 2 * BLOCK <= 32768
-            && TAKEN_BLOCKS
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(second_block);
-        if !second_is_ours {
-            give_back_port_block(base);
-            let extra: Vec<&str> = extra_args.iter().map(String::as_str).collect();
-            return Box::pin(Daemon::start_with(&extra)).await;
-        }
+        let base = ports::port_blocks(2);
         let temp = tempfile::Builder::new()
             .prefix(&format!("styxy-test-{base}-"))
             .tempdir()?;
