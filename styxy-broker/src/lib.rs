@@ -435,8 +435,6 @@ impl Broker {
         self.sockets_on(port, protocol).count()
     }
 
-    /// Whether a socket on `port` (for `protocol`, or both) belongs to anyone but `except` (a
-    /// socket whose owner is unknown counts as someone else's).
     /// Whether the table has a socket on `port` in the way of a bind: any socket, except (when
     /// `except` names a process and a family) that process's own sockets of the other family
     /// (its IPv4 socket does not keep its IPv6 one off the port; a sibling thread's socket of the

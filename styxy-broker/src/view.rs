@@ -6,8 +6,8 @@
 //! The view is derived, never stored on its own: an entry is a move's claim (taken by
 //! `ResolveBind` for a process of an instance, with the port it asked for) that still stands. It
 //! appears with the move, and ends when the moved socket is released or its process dies (the
-//! claim's end). The enforcers (the shim, later the kernel programs) read it from what the daemon
-//! publishes; here it is plain data.
+//! claim's end). The enforcers read it from what the daemon publishes — the shim from the session
+//! table, the kernel programs from their view maps; here it is plain data.
 
 use std::collections::BTreeMap;
 

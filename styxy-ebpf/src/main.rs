@@ -2,14 +2,14 @@
 //! that move and redirect the binds and loopback traffic of kernel sessions.
 //!
 //! Observing (every process):
-//! - `cgroup/bind4|6` (sock_addr) sees the port a program asks for, before the kernel acts; when
-//!   it moves the bind (below), it remembers the asked port by socket cookie (`REQUESTED`).
 //! - `cgroup/post_bind4|6` (sock) sees the port actually bound and pushes a [`BindEvent`] of kind
 //!   `KIND_BOUND` into the `EVENTS` ring buffer; it counts the port in `PORTS`.
 //! - `cgroup/sock_release` (sock) pushes `KIND_RELEASED` for sockets post_bind saw.
 //!
 //! Enforcing (processes of a kernel session only, see `styxy_common::session`):
-//! - bind4|6 moves an explicit-port bind whose port is taken to a spare port of the same range;
+//! - `cgroup/bind4|6` (sock_addr) runs for every bind but acts only for a session's process: an
+//!   explicit-port bind whose port is taken moves to a spare port of the same range, and the asked
+//!   port is remembered by socket cookie (`REQUESTED`) for post_bind's record;
 //! - connect4|6 and sendmsg4|6 send loopback traffic for a moved port of the session's view to
 //!   the bound port; getpeername4|6 and recvmsg4|6 show the asked port back for those sockets;
 //! - the `sched_process_fork`, `sched_process_exit` and `sched_process_exec` tracepoints keep
