@@ -9,14 +9,16 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use crate::clock::now_ms;
 
 use tokio::sync::broadcast;
 
-use crate::kernel_sessions::KernelSessions;
+use crate::bpf::sessions::KernelSessions;
 use crate::metrics::Metrics;
-use crate::observe::procs::ProcFs;
 use crate::observe::{KernelTables, PortCounts};
+use crate::procs::ProcFs;
 use crate::session_reports::SessionReports;
 use crate::store::{Store, Ticket};
 use crate::table::PublishedTable;
@@ -30,13 +32,6 @@ use styxy_broker::{
 pub const AUDIT_KEEP: usize = 10_000;
 /// How many times a decision is retried when the kernel shows the chosen port taken after all.
 const KERNEL_RETRIES: usize = 16;
-
-/// Wall-clock time in Unix milliseconds: the only clock the broker sees, handed in by the engine.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -343,7 +338,7 @@ impl Engine {
     /// ephemeral ports outside every range (clients' connections) are left out. Published like
     /// any decision, so the kernel's spare ports leave them too.
     pub fn set_lingering(&self, ports: Vec<u16>) {
-        let (low, high) = crate::observe::ebpf::ephemeral_ports();
+        let (low, high) = crate::bpf::ephemeral_ports();
         self.commit_effects(|b| {
             let wanted: Vec<u16> = ports
                 .into_iter()
@@ -680,11 +675,11 @@ impl Engine {
     /// The session of process `pid`: the instance registered for it or its nearest registered
     /// ancestor, else `STYXY_INSTANCE` in its environment.
     pub fn instance_of_pid(&self, pid: u32) -> Option<String> {
-        let process = crate::observe::procs::process_id(pid)?;
+        let process = crate::procs::process_id(pid)?;
         let ancestors = styxy_broker::ProcessView::ancestors(&ProcFs, pid);
         lock(&self.broker)
             .instance_of_process(process, &ancestors)
-            .or_else(|| crate::observe::procs::process_info(pid)?.instance_id)
+            .or_else(|| crate::procs::process_info(pid)?.instance_id)
     }
 
     /// The servers of session `instance` that `uid` may see (root: all) and what changed since

@@ -29,8 +29,9 @@ use styxy_common::session::{
     STICKY_LINGERING,
 };
 
-use crate::observe::mapped::MappedArray;
-use crate::observe::session_programs::SessionPrograms;
+use super::mapped::MappedArray;
+use super::session_programs::SessionPrograms;
+use crate::clock::{boottime_ns, monotonic_ns};
 
 /// The maps the daemon writes, taken from the loaded object.
 pub struct KernelSessionMaps {
@@ -113,9 +114,9 @@ impl KernelSessions {
         // Held from before the identity check until after the entry is written: if the process
         // is alive after both, the entry is its own (its pid cannot have been reused meanwhile),
         // and the exit program, attached by then, removes it when it ends.
-        let pidfd = crate::observe::procs::pidfd_open(pid)
+        let pidfd = crate::procs::pidfd_open(pid)
             .with_context(|| format!("process {pid} is not running"))?;
-        if crate::observe::procs::process_id(pid) != Some(process) {
+        if crate::procs::process_id(pid) != Some(process) {
             bail!("process {pid} ended (its pid now names another process)");
         }
         let number = {
@@ -135,7 +136,7 @@ impl KernelSessions {
         let (number, owner) = number;
         // Its project: where its first placed process runs (an agent's worktree, the directory
         // `styxy run` was started in).
-        let project = crate::observe::procs::project_of(pid);
+        let project = crate::procs::project_of(pid);
         {
             // Attached before the process is in the map, and not detached until it is; the
             // idle check (which also forgets ended sessions) waits for this lock.
@@ -152,7 +153,7 @@ impl KernelSessions {
             sessions
                 .insert(pid, member, 0)
                 .with_context(|| format!("adding pid {pid} to the kernel's session map"))?;
-            if !crate::observe::procs::pidfd_alive(&pidfd) {
+            if !crate::procs::pidfd_alive(&pidfd) {
                 let _ = sessions.remove(&pid);
                 bail!("process {pid} ended while it was being placed");
             }
@@ -190,7 +191,7 @@ impl KernelSessions {
         let live: Vec<(String, u32, ProcessId)> = broker
             .instances()
             .flat_map(|i| i.processes().map(|p| (i.id.clone(), i.owner_uid, p)))
-            .filter(|(_, _, p)| crate::observe::procs::process_id(p.pid) == Some(*p))
+            .filter(|(_, _, p)| crate::procs::process_id(p.pid) == Some(*p))
             .collect();
         let mut sessions = std::collections::HashSet::new();
         let mut processes = 0;
@@ -215,7 +216,7 @@ impl KernelSessions {
         // second (and from then on the fork program sees every new one).
         for _ in 0..2 {
             let stamp_ns = monotonic_ns();
-            let children = crate::observe::procs::children_by_parent();
+            let children = crate::procs::children_by_parent();
             let mut queue = vec![pid];
             let mut sessions = lock(&self.sessions);
             while let Some(parent) = queue.pop() {
@@ -567,24 +568,6 @@ fn sticky_value(broker: &Broker, port: u16) -> u32 {
     u32::from(port) | lingering
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns` and of a task's
-/// `start_time`).
-fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec; CLOCK_MONOTONIC and CLOCK_BOOTTIME always exist.
-    unsafe { libc::clock_gettime(clock, &mut now) };
-    (now.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(now.tv_nsec as u64)
-}
-
 /// Whether a `SESSIONS` entry still holds for the task it names: the task runs, and its
 /// process started no later than the entry was written. `/proc` gives start times in clock ticks
 /// of CLOCK_BOOTTIME, which runs ahead of CLOCK_MONOTONIC by the time spent suspended: taken
@@ -595,7 +578,7 @@ fn entry_holds(task: u32, member: &Member) -> bool {
         return false;
     };
     let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
-    let suspended_ns = clock_ns(libc::CLOCK_BOOTTIME).saturating_sub(monotonic_ns());
+    let suspended_ns = boottime_ns().saturating_sub(monotonic_ns());
     let started_ns = stat
         .starttime
         .saturating_mul(tick_ns)

@@ -29,7 +29,7 @@ use crate::store::Store;
 use crate::table::PublishedTable;
 use styxy_broker::{Broker, LeaseSettings, ServiceRanges, UserLimits};
 
-pub use crate::observe::kernel_log::KernelLogLevel;
+pub use crate::bpf::kernel_log::KernelLogLevel;
 
 /// Which observer to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -192,7 +192,7 @@ async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = engine.expire().await {
             tracing::warn!(cause = %format!("{e:#}"), "sweeping leases");
         }
-        crate::observe::procs::forget_exited();
+        crate::procs::forget_exited();
         engine.detach_idle_session_programs();
         ticks += 1;
         if ticks.is_multiple_of(TRIM_EVERY) {

@@ -11,9 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{ObserverChoice, Options};
+use crate::bpf as ebpf;
+use crate::bpf::sessions::KernelSessions;
 use crate::engine::{Engine, ObserverStatus};
-use crate::kernel_sessions::KernelSessions;
-use crate::observe::ebpf;
 use styxy_common::session;
 
 /// How often the eBPF observer's port table is checked against a full socket-table reading.
@@ -296,7 +296,7 @@ async fn read_ebpf_events(
 /// parse (our own programs write them, so it would be a bug): the log then stops, the observer
 /// does not.
 fn flush_kernel_log(
-    log: &mut Option<AsyncFd<aya_log::EbpfLogger<crate::observe::kernel_log::ToTracing>>>,
+    log: &mut Option<AsyncFd<aya_log::EbpfLogger<crate::bpf::kernel_log::ToTracing>>>,
 ) {
     let Some(fd) = log.as_mut() else {
         return;
@@ -334,7 +334,7 @@ fn drain_once(
     if !batch.is_empty() {
         engine.apply_events(batch);
     }
-    let applied_at = ebpf::monotonic_ns();
+    let applied_at = crate::clock::monotonic_ns();
     engine.record_observer_delays(
         seen_at
             .iter()

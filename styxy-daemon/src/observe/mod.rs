@@ -1,18 +1,9 @@
-//! Observers: where the broker learns which sockets are bound. This file answers "where does a bind event
-//! go?": every observer turns what it sees into `PortEvent`s or socket-table readings for the broker.
-//!
-//! - [`KernelTables`] reads the kernel's socket tables (netlink sock_diag) and finds each socket's process;
-//!   the RPC layer uses it for point checks before it calls a port free, and the scanner for full readings.
-//! - [`ebpf`] loads the kernel programs and turns their ring-buffer records into `PortEvent`s;
-//! - the sockets-table observer (in `daemon::observers`) takes a full reading at a fixed interval and
-//!   reconciles it into the broker, which turns differences into bind and release notices.
+//! The kernel's socket tables, read: [`KernelTables`] (netlink sock_diag, each socket with its
+//! process) for the engine's point checks before it calls a port free and for the socket-table
+//! observer's full readings (`daemon::observers`, at a fixed interval, reconciled into the broker,
+//! which turns differences into bind and release notices). [`PortCounts`] is the faster answer
+//! the eBPF side gives instead (`bpf::counts`), where it runs.
 
-pub mod ebpf;
-pub mod kernel_btf;
-pub mod kernel_log;
-pub mod mapped;
-pub mod procs;
-pub mod session_programs;
 pub mod sockets;
 
 use std::collections::HashSet;
@@ -29,7 +20,7 @@ pub trait PortCounts: Send + Sync {
     /// counts cannot be read.
     fn bound(&self, port: u16, protocol: Option<Protocol>) -> Option<u64>;
 }
-use procs::SocketOwners;
+use crate::procs::{self, SocketOwners};
 use sockets::{KernelSocket, SockDiag};
 
 /// The kernel's socket tables with each socket's owning process.

@@ -13,8 +13,9 @@ use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{now_ms, Engine};
-use crate::observe::procs;
+use crate::clock::now_ms;
+use crate::engine::Engine;
+use crate::procs;
 use styxy_broker::{AllocateRequest, BindDecision, BindRequest, Caller, HolderView};
 use styxy_proto::v1 as pb;
 use styxy_proto::v1::port_broker_server::PortBroker;

@@ -1,0 +1,26 @@
+//! The daemon's eBPF side, in one place: the kernel programs of `styxy-ebpf` loaded and attached
+//! ([`object`], [`load`]), what the daemon then holds ([`attached`]: the ring buffer it drains
+//! into broker events, [`events`]; the per-port counts, [`counts`]), and the kernel sessions
+//! ([`sessions`]: the maps that say who is in which session and what it sees, with
+//! [`session_programs`] attached while one is live). [`mapped`] maps arrays into memory,
+//! [`kernel_btf`] reads the running kernel's struct offsets, [`kernel_log`] forwards the
+//! programs' log.
+//!
+//! Links are plain file descriptors (`bpf_link_create`), never pinned: they detach when the daemon
+//! exits, `kill -9` included, so nothing is left attached behind it and no bpffs is needed.
+
+pub mod attached;
+pub mod counts;
+pub mod events;
+pub mod kernel_btf;
+pub mod kernel_log;
+pub mod load;
+pub mod mapped;
+pub mod object;
+pub mod session_programs;
+pub mod sessions;
+
+pub use attached::Attached;
+pub use events::OwnerCache;
+pub use load::{attach, ephemeral_ports, AttachOptions};
+pub use object::{cgroup2_root, find_object};
