@@ -3,6 +3,11 @@
 //!
 //! Callers on the Unix socket are identified with `SO_PEERCRED`. Callers on loopback TCP cannot be, so the
 //! calls that change state are refused there unless the operator opted in (`--tcp-allow-writes`).
+//!
+//! The short blocking work of a request (a filtered sock_diag query, a few `/proc` reads) runs in
+//! place, on the server thread: handing it to `block_in_place` or a blocking pool cost more (a
+//! thread hand-off per call, seen in `cargo xtask bench broker`) than the work itself. A rare long
+//! `/proc` scan delays only the other connections of the thread it runs on.
 
 pub mod convert;
 
@@ -75,14 +80,6 @@ impl BrokerService {
     }
 }
 
-/// Runs the short blocking work of a request (a filtered sock_diag query, a few `/proc` reads) in
-/// place: handing it to `block_in_place` or a blocking pool cost more (a thread hand-off per call,
-/// seen in `cargo xtask bench broker`) than the work itself. A rare long `/proc` scan delays only
-/// the other connections of the server thread it runs on.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    f()
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PortEvent, Status>> + Send>>;
 
 /// The calls themselves; [`PortBroker`] below counts each answer for the metrics.
@@ -94,7 +91,9 @@ impl BrokerService {
         let req = request.into_inner();
         let service_type = convert::service_type(&req.service_type)?;
         let count = convert::count(req.count, convert::MAX_SUGGEST, 1, "count")?;
-        let s = blocking(|| self.engine.suggest(&service_type, count))
+        let s = self
+            .engine
+            .suggest(&service_type, count)
             .map_err(|e| convert::engine_error(e.into()))?;
         Ok(Response::new(pb::SuggestResponse {
             service_type: s.service_type,
@@ -190,7 +189,7 @@ impl BrokerService {
         let req = request.into_inner();
         let port = convert::port(req.port, "port")?;
         let protocol = convert::protocol_opt(req.protocol)?;
-        let view = blocking(|| self.engine.observe(port, protocol));
+        let view = self.engine.observe(port, protocol);
         Ok(Response::new(pb::ObserveResponse {
             port: u32::from(port),
             bound: !view.holders.is_empty(),
@@ -276,7 +275,9 @@ impl BrokerService {
             instance_id,
             project: procs::project_of(pid),
         };
-        let decision = blocking(|| self.engine.resolve_bind(&bind))
+        let decision = self
+            .engine
+            .resolve_bind(&bind)
             .map_err(|e| convert::engine_error(e.into()))?;
         let requested_type = self.engine.range_type_of(port);
         let response = match decision {
@@ -475,7 +476,7 @@ impl PortBroker for BrokerService {
                 None if req.pid != 0 => {
                     let pid = convert::pid(req.pid)?;
                     may_act_for(caller, pid)?;
-                    blocking(|| self.engine.instance_of_pid(pid)).ok_or_else(|| {
+                    self.engine.instance_of_pid(pid).ok_or_else(|| {
                         Status::not_found(format!(
                             "pid {pid} is in no session: no instance is registered for it or an \
                              ancestor (`styxy run`, the SessionStart hook) and STYXY_INSTANCE is not in \
@@ -489,7 +490,7 @@ impl PortBroker for BrokerService {
                     ))
                 }
             };
-            let report = blocking(|| self.engine.session_report(&id, caller.uid, req.peek))
+            let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
             let servers = |list: &[(styxy_broker::SessionServer, Option<(u32, String)>)]| {
                 list.iter()
