@@ -24,7 +24,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use styxy_common::session::{PROBE_ADDR_V4, PROBE_ANSWER_PORT, PROBE_PORT};
 use styxy_common::table::Table;
 
-use crate::{errno, own_pid, set_errno};
+use crate::moves::own_pid;
+use crate::sys::{errno, set_errno};
 
 /// Who applies the session's moves and view to this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,10 +20,9 @@ use libc::{sockaddr, socklen_t};
 use styxy_common::env;
 use styxy_common::net::{AF_INET, AF_INET6, IPPROTO_TCP};
 
-use crate::{
-    env_flag, errno, real_bind, set_errno, shares_its_port, socket_protocol, Bind, BindTarget,
-    ReentryGuard, PORT_OFFSET,
-};
+use crate::bind::{real_bind, shares_its_port, socket_protocol, Bind, BindTarget, PORT_OFFSET};
+use crate::reentry::ReentryGuard;
+use crate::sys::{env_flag, errno, set_errno};
 
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 
@@ -85,7 +84,7 @@ fn relisten(real: ListenFn, fd: c_int, backlog: c_int) -> bool {
         return false;
     };
     // A socket the shim moved before asks again for the port its program asked.
-    let asked = crate::asked_for(address.port());
+    let asked = crate::moves::asked_for(address.port());
     address.set_port(asked);
     let Some(rebuilt) = Rebuilt::like(fd, address.family) else {
         return false;

@@ -16,7 +16,8 @@ use styxy_common::env;
 use styxy_common::net::Protocol;
 use styxy_common::table::Table;
 
-use crate::{env_str, errno, set_errno, socket_protocol, PORT_OFFSET};
+use crate::bind::{socket_protocol, PORT_OFFSET};
+use crate::sys::{env_str, errno, set_errno};
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 type SendtoFn =

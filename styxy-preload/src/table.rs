@@ -22,7 +22,7 @@ use styxy_common::env;
 use styxy_common::paths::SYSTEM_SOCKET;
 use styxy_common::table::{Table, BYTES, FILE_SUFFIX as TABLE_SUFFIX, WORDS};
 
-use crate::{env_str, errno, set_errno};
+use crate::sys::{env_str, errno, set_errno};
 
 static MAPPED: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
 /// Monotonic ms before which no new attempt to map (or check the daemon) is made.
