@@ -123,7 +123,7 @@ pub const fn port_slot(protocol: u8, port: u16) -> u32 {
     }
 }
 
-/// Names of the kernel side's maps, shared so both sides agree.
+/// Names of the kernel side's maps (the whole contract, with sizes, is [`crate::maps::MAPS`]).
 /// `CONFIG[0]`: the daemon's network namespace cookie; binds in other namespaces (containers) do
 /// not touch the host's ports and are ignored. 0: no filter.
 pub const CONFIG_MAP: &str = "CONFIG";

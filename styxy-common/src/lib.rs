@@ -1,6 +1,7 @@
 //! The vocabulary every Styxy component shares, kept `no_std` so the eBPF programs and the shim can
 //! use it: protocols and families ([`net`]), environment variable names ([`env`]), the kernel →
-//! daemon bind event record ([`event`]), the kernel session maps ([`session`]), the session table the daemon publishes for the shim
+//! daemon bind event record ([`event`]), the kernel session maps ([`session`]), every map's
+//! name, kind and size — the kernel contract — ([`maps`]), the session table the daemon publishes for the shim
 //! ([`table`]) and the C ABI between the preload shim and the lazily
 //! loaded client library ([`shim`]). With the `std` feature, also the default paths that the
 //! daemon, the CLI and the shim must agree on ([`paths`]); with `user`, the aya `Pod` impls the
@@ -9,6 +10,7 @@
 
 pub mod env;
 pub mod event;
+pub mod maps;
 pub mod net;
 pub mod paths;
 pub mod session;

@@ -20,7 +20,7 @@
 //! - `READER` (mmapable array, one `u32`): [`READER_SLEEPING`] while the daemon's ring-buffer
 //!   reader waits for a wake-up; otherwise records are submitted without one.
 
-/// Map names, shared so both sides agree.
+/// Map names (the whole contract, with sizes, is [`crate::maps::MAPS`]).
 pub const SESSIONS_MAP: &str = "SESSIONS";
 pub const PORT_INFO_MAP: &str = "PORT_INFO";
 pub const SPARES_MAP: &str = "SPARES";

@@ -49,6 +49,7 @@ use styxy_common::event::{
     port_slot, BindEvent, BoundRecord, AF_INET, AF_INET6, CONFIG_NETNS_COOKIE, EVENTS_RING_BYTES,
     FLAG_REWRITTEN, IPPROTO_TCP, IPPROTO_UDP, KIND_BOUND, KIND_RELEASED, KIND_WAKE, PORT_SLOTS,
 };
+use styxy_common::maps::{BOUND_MAX, PORT_INFO_LEN, REQUESTED_MAX};
 use styxy_common::session::{
     Member, MoveKey, PortInfo, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX, PROBE_ADDR_V4,
     PROBE_ANSWER_PORT, PROBE_PORT, READER_SLEEPING, REVERSE_MAX, SESSIONS_MAX, SPARES_LEN,
@@ -62,6 +63,7 @@ const SO_REUSEADDR: i32 = 2;
 const SO_REUSEPORT: i32 = 15;
 /// The kernel's `BPF_F_MMAPABLE`: the daemon maps these arrays into its memory.
 const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
+const _: () = assert!(BPF_F_MMAPABLE == styxy_common::maps::BPF_F_MMAPABLE);
 
 /// Set by the daemon at load time (see `styxy_common::session::GLOBAL_*`).
 #[no_mangle]
@@ -133,7 +135,7 @@ static READER: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// What bind4/6 saw of a bind it moved, by socket cookie, until post_bind4/6 picks it up (or
 /// sock_release, when the moved bind failed).
 #[map]
-static REQUESTED: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(16384, 0);
+static REQUESTED: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(REQUESTED_MAX, 0);
 
 /// `REWRITES[0]`: how many `REQUESTED` entries may be waiting. While none, post_bind and
 /// sock_release skip the lookup: every other bind on the machine pays nothing for moves. (An
@@ -181,7 +183,7 @@ static LAST_BINDER: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
 
 /// What post_bind saw, by socket cookie, so sock_release can report the port.
 #[map]
-static BOUND: LruHashMap<u64, BoundRecord> = LruHashMap::with_max_entries(65536, 0);
+static BOUND: LruHashMap<u64, BoundRecord> = LruHashMap::with_max_entries(BOUND_MAX, 0);
 
 /// Task id → membership, for every process and thread of a kernel session.
 #[map]
@@ -189,7 +191,7 @@ static SESSIONS: HashMap<u32, Member> = HashMap::with_max_entries(SESSIONS_MAX, 
 
 /// Per port: who holds a lease or claim on it, and its service range (daemon-written).
 #[map]
-static PORT_INFO: Array<u64> = Array::with_max_entries(65_536, BPF_F_MMAPABLE);
+static PORT_INFO: Array<u64> = Array::with_max_entries(PORT_INFO_LEN, BPF_F_MMAPABLE);
 
 /// Free ports per range, taken by the bind programs and refilled by the daemon.
 #[map]

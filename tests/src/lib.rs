@@ -654,16 +654,40 @@ pub async fn next_event(
 }
 
 /// What the eBPF tests need: root, a cgroup v2 mount and the built object. `None` (after printing
-/// why) when something is missing outside CI; in CI (`CI` set) a missing piece fails the test.
-pub fn ebpf_ready() -> Option<EbpfSetup> {
-    let object = std::env::var_os("STYXY_EBPF_OBJECT")
+/// Where `cargo xtask build-ebpf` puts the kernel programs (`$STYXY_EBPF_OBJECT` first).
+fn ebpf_object_path() -> PathBuf {
+    std::env::var_os("STYXY_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             bin_dir()
                 .parent()
                 .map_or_else(PathBuf::new, Path::to_path_buf)
                 .join("styxy-ebpf.o")
-        });
+        })
+}
+
+/// The built eBPF object, for tests that read it without loading it; `None` (SKIP, and a
+/// failure in CI) when it was not built.
+pub fn ebpf_object() -> Option<PathBuf> {
+    let object = ebpf_object_path();
+    if object.is_file() {
+        return Some(object);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the eBPF object must be built in CI: {} missing",
+        object.display()
+    );
+    eprintln!(
+        "SKIP: {} missing (cargo xtask build-ebpf)",
+        object.display()
+    );
+    None
+}
+
+/// why) when something is missing outside CI; in CI (`CI` set) a missing piece fails the test.
+pub fn ebpf_ready() -> Option<EbpfSetup> {
+    let object = ebpf_object_path();
     let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|mounts| {

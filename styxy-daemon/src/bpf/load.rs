@@ -16,6 +16,7 @@ use styxy_common::event::{
     BOUND_MAP, CONFIG_MAP, CONFIG_NETNS_COOKIE, DROPPED_MAP, EVENTS_MAP, PORTS_MAP, PORT_SLOTS,
     PROGRAMS_SOCK,
 };
+use styxy_common::maps::{PORT_INFO_LEN, UNREPORTED_MAP};
 use styxy_common::session;
 
 use super::attached::{Attached, DROP_CHECK_RECORDS};
@@ -284,7 +285,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     // PORT_INFO: the service range of every port, which the programs need to move a bind and to
     // know which port-0 binds to report; the session maps keep the lease holders in it.
     let port_info: MappedArray<AtomicU64> =
-        take_mapped(&mut ebpf, session::PORT_INFO_MAP, 65_536, true)?;
+        take_mapped(&mut ebpf, session::PORT_INFO_MAP, PORT_INFO_LEN, true)?;
     for port in 0..=u16::MAX {
         let range = options
             .ranges
@@ -316,7 +317,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     };
     let events = take(&mut ebpf, EVENTS_MAP)?;
     let dropped = take(&mut ebpf, DROPPED_MAP)?;
-    let unreported = take(&mut ebpf, "UNREPORTED")?;
+    let unreported = take(&mut ebpf, UNREPORTED_MAP)?;
     let bound = take(&mut ebpf, BOUND_MAP)?;
     let reader = take_mapped(&mut ebpf, session::READER_MAP, 1, true)?;
     // Only binds in this network namespace: a container's ports are not the host's.
