@@ -1100,7 +1100,9 @@ impl Broker {
             .any(|h| h.socket.owner.as_ref().map(|o| o.id) == Some(me))
     }
 
-    /// A socket on `port` that another process holds.
+    /// A socket on `port` that another process holds. (The kernel's bind programs decide the
+    /// same question for a session's binds — `styxy-ebpf/src/moving.rs`, `taken` — from the
+    /// kernel's counts and the reservations the daemon writes from this broker's leases.)
     fn holder_of(&self, port: u16, protocol: Protocol, me: ProcessId) -> Option<HolderView> {
         self.sockets_on(port, Some(protocol))
             .find(|h| h.socket.owner.as_ref().map(|o| o.id) != Some(me))

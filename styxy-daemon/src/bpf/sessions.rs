@@ -466,7 +466,10 @@ impl KernelSessions {
     }
 
     /// Keeps `SPARE_SLOTS` free ports ready in each range (the lowest free ones), replacing those
-    /// taken since, and those where old TCP connections linger (see `crate::lingering`).
+    /// taken since, and those where old TCP connections linger (see `crate::lingering`). A spare
+    /// is free by all three judges of "who holds this port": the broker (`is_taken`, as its
+    /// `holder_of` decides for the shim), the kernel's counts (as the bind program's `taken`
+    /// reads them) and lingering connections — the bind program cannot try another.
     fn refill_spares(&self, broker: &Broker) {
         // Lingering ports too are not free here: the bind program cannot try another.
         let free = |port: u16| {
