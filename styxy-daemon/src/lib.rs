@@ -15,7 +15,6 @@ mod bpf;
 mod clock;
 mod daemon;
 mod engine;
-mod journal;
 mod lingering;
 mod metrics;
 mod observe;

@@ -1,4 +1,5 @@
-//! The journal's records, and reading them back with damage detected rather than guessed past.
+//! The journal: its records, reading them back with damage detected rather than guessed past, and
+//! the file they are appended to, filled with zeros ahead of its end.
 //!
 //! A record is one line: the CRC-32 of its JSON (8 hex digits), a space, the JSON of one state
 //! change. Lines from before checksums (plain JSON) are still read. The file is filled with zeros
@@ -8,8 +9,15 @@
 //! cut short (no newline, zeros after it) is a write torn by a crash, never acknowledged (every
 //! answer waits for its fsync): it is dropped and said, not called damage.
 
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{Context, Result};
 use serde::Serialize;
 use styxy_broker::StateChange;
+
+use super::dir::{refused_file, state_file_options};
+use super::{JOURNAL, JOURNAL_CHUNK};
 
 /// Appends one record for `value` to `buf`.
 pub fn append_record(buf: &mut Vec<u8>, value: &impl Serialize) {
@@ -136,6 +144,73 @@ fn record(line: &[u8]) -> Result<StateChange, String> {
         json
     };
     serde_json::from_slice(json).map_err(|e| format!("not a state change ({e})"))
+}
+
+/// The journal file: where its data ends, and how far it is filled with zeros.
+pub(super) struct Journal {
+    pub(super) file: File,
+    pub(super) end: u64,
+    pub(super) zeroed: u64,
+    pub(super) lines: usize,
+}
+
+impl Journal {
+    /// Starts an empty journal (truncating the one there), its first chunk zeroed and on disk.
+    pub(super) fn create(dir: &Path) -> Result<Journal> {
+        let path = dir.join(JOURNAL);
+        let file = state_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| refused_file(&path))?;
+        let mut journal = Journal {
+            file,
+            end: 0,
+            zeroed: 0,
+            lines: 0,
+        };
+        journal.zero(0, JOURNAL_CHUNK)?;
+        journal
+            .file
+            .sync_all()
+            .context("fsync of the new journal")?;
+        Ok(journal)
+    }
+
+    /// Writes `bytes` (whole lines) at the end and fsyncs them. Safe to repeat after a failure:
+    /// the end moves only once the data is on disk.
+    pub(super) fn append(&mut self, bytes: &[u8], lines: usize) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.end + bytes.len() as u64;
+        self.file
+            .write_all_at(bytes, self.end)
+            .context("writing to the journal")?;
+        // Zeros ahead again (this fsync then carries the new size too, once per chunk).
+        if end > self.zeroed {
+            self.zero(end, end.next_multiple_of(JOURNAL_CHUNK))?;
+        }
+        self.file.sync_data().context("fsync of the journal")?;
+        self.end = end;
+        self.lines += lines;
+        Ok(())
+    }
+
+    /// Fills `from..limit` of the file with zeros.
+    pub(super) fn zero(&mut self, from: u64, limit: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = from;
+        while at < limit {
+            let len = (limit - at).min(ZEROS.len() as u64) as usize;
+            self.file
+                .write_all_at(&ZEROS[..len], at)
+                .context("filling the journal with zeros")?;
+            at += len as u64;
+        }
+        self.zeroed = limit;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
