@@ -1,0 +1,96 @@
+//! What the engine reports from the broker and the audit log together: `ListPorts`, a session's
+//! report (with who held each moved server's port), `ListAudit`.
+
+use super::{lock, Engine, EngineError};
+use styxy_broker::{AuditRecord, BrokerError, Lease, SessionServer};
+
+/// A session's servers and what changed since it was last told, each server with who held the
+/// port it asked for when it was moved (from the audit log), if known.
+pub struct SessionReport {
+    pub started: Vec<(SessionServer, Option<(u32, String)>)>,
+    pub stopped: Vec<(SessionServer, Option<(u32, String)>)>,
+    pub running: Vec<(SessionServer, Option<(u32, String)>)>,
+}
+
+/// Everything `ListPorts` answers.
+pub struct PortList {
+    pub holders: Vec<styxy_broker::Held>,
+    pub leases: Vec<Lease>,
+    pub views: Vec<styxy_broker::ViewEntry>,
+    pub sticky: Vec<styxy_broker::StickyPort>,
+}
+
+impl Engine {
+    /// Every socket, lease and session view entry, as one consistent reading.
+    pub fn list(&self) -> PortList {
+        let broker = lock(&self.broker);
+        PortList {
+            holders: broker.holders(),
+            leases: broker.leases().cloned().collect(),
+            views: broker.views(),
+            sticky: broker.sticky_ports(),
+        }
+    }
+
+    /// The servers of session `instance` that `uid` may see (root: all) and what changed since
+    /// the session was last told; unless `peek`, this becomes what it was last told. Another
+    /// user's registered instance is refused.
+    pub fn session_report(
+        &self,
+        instance: &str,
+        uid: u32,
+        peek: bool,
+    ) -> Result<SessionReport, EngineError> {
+        let running = {
+            let broker = lock(&self.broker);
+            if let Some(owner) = broker.instance_owner(instance) {
+                if owner != uid && uid != 0 {
+                    return Err(EngineError::Broker(BrokerError::InstanceTaken {
+                        id: instance.to_string(),
+                        owner_uid: owner,
+                    }));
+                }
+            }
+            broker.session_servers(instance, (uid != 0).then_some(uid))
+        };
+        let changes = self.session_reports.next(instance, &running, peek);
+        let audit = lock(&self.audit);
+        let with_holder =
+            |servers: Vec<SessionServer>| -> Vec<(SessionServer, Option<(u32, String)>)> {
+                servers
+                    .into_iter()
+                    .map(|s| {
+                        let holder = s.asked.and_then(|asked| {
+                            audit
+                                .iter()
+                                .rev()
+                                .find(|r| {
+                                    r.pid == s.pid
+                                        && r.assigned_port == s.port
+                                        && r.requested_port == asked
+                                })
+                                .and_then(|r| {
+                                    Some((r.holder_pid?, r.holder_comm.clone().unwrap_or_default()))
+                                })
+                        });
+                        (s, holder)
+                    })
+                    .collect()
+            };
+        Ok(SessionReport {
+            started: with_holder(changes.started),
+            stopped: with_holder(changes.stopped),
+            running: with_holder(running),
+        })
+    }
+
+    pub fn audit(&self, since_ms: Option<u64>, limit: usize) -> Vec<AuditRecord> {
+        let audit = lock(&self.audit);
+        let matching: Vec<&AuditRecord> = audit
+            .iter()
+            .filter(|r| since_ms.is_none_or(|s| r.at_ms >= s))
+            .collect();
+        let skip = matching.len().saturating_sub(limit);
+        matching.into_iter().skip(skip).cloned().collect()
+    }
+}
