@@ -15,7 +15,7 @@
 //!
 //! [`LeaseSettings::restart_hold_ms`]: crate::LeaseSettings::restart_hold_ms
 
-use crate::{Broker, Effects, Held, Lease, Protocol};
+use crate::{Broker, Effects, Held, Lease, LeaseKind, Protocol};
 
 impl Broker {
     /// Whether `instance` is a registered session that `uid`'s ports may be held for: its owner's
@@ -30,7 +30,7 @@ impl Broker {
     /// Whether `lease`, a claim whose server is gone, is held for its session (rather than
     /// ending): its session lives and holds are on.
     pub(crate) fn is_held_when_its_server_goes(&self, lease: &Lease) -> bool {
-        lease.claim
+        lease.is_claim()
             && self.settings.restart_hold_ms > 0
             && lease
                 .instance_id
@@ -92,9 +92,10 @@ impl Broker {
             instance_id: Some(instance),
             created_ms: now_ms,
             expires_ms: Some(now_ms.saturating_add(hold_ms)),
-            claim: true,
-            requested_port: None,
-            protocol: Some(socket.protocol),
+            kind: LeaseKind::Claim {
+                asked: None,
+                protocol: Some(socket.protocol),
+            },
         };
         effects.lease_put(&hold);
         self.insert_lease(hold);
@@ -114,12 +115,12 @@ impl Broker {
         self.leases
             .values()
             .filter(|l| {
-                l.claim
+                l.is_claim()
                     && l.owner_uid == uid
                     && l.process.is_none_or(|p| !processes.is_alive(p))
                     && l.instance_id.as_deref() == Some(instance)
-                    && l.protocol.is_none_or(|p| p == protocol)
-                    && l.requested_port.unwrap_or(l.port) == asked
+                    && l.protocol().is_none_or(|p| p == protocol)
+                    && l.asked().unwrap_or(l.port) == asked
             })
             .map(|l| l.port)
             .find(|port| self.sockets_on(*port, None).next().is_none())
@@ -134,7 +135,7 @@ impl Broker {
         now_ms: u64,
         effects: &mut Effects,
     ) {
-        let Some(lease) = self.leases.get(&port).filter(|l| l.claim) else {
+        let Some(lease) = self.leases.get(&port).filter(|l| l.is_claim()) else {
             return;
         };
         let taken = Lease {
@@ -152,7 +153,7 @@ impl Broker {
             .leases
             .values()
             .filter(|l| {
-                l.claim && l.process.is_none() && l.instance_id.as_deref() == Some(instance)
+                l.is_claim() && l.process.is_none() && l.instance_id.as_deref() == Some(instance)
             })
             .map(|l| l.port)
             .collect();

@@ -31,10 +31,10 @@ impl Broker {
             };
             // The session's server back on the port held for it (see `hold`): the hold is its.
             let held = self.leases.get(&socket.port).is_some_and(|l| {
-                l.claim
+                l.is_claim()
                     && l.process.is_none()
                     && l.instance_id == request.instance_id
-                    && l.requested_port == Some(asked)
+                    && l.asked() == Some(asked)
             });
             if held {
                 self.take_hold(socket.port, me, now_ms, effects);
@@ -43,9 +43,10 @@ impl Broker {
             }
             // The process's other family's bind of the same port was moved there already: one
             // claim, one audit entry.
-            let already = self.leases.get(&socket.port).is_some_and(|l| {
-                l.claim && l.process == Some(me) && l.requested_port == Some(asked)
-            });
+            let already = self
+                .leases
+                .get(&socket.port)
+                .is_some_and(|l| l.is_claim() && l.process == Some(me) && l.asked() == Some(asked));
             if !already && !self.leases.contains_key(&socket.port) {
                 let holder = self
                     .holder_of(asked, socket.protocol, me)

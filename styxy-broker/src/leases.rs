@@ -2,8 +2,8 @@
 //! each user's share of them.
 
 use crate::{
-    Broker, BrokerError, Caller, Effects, Lease, ProcessId, ProcessView, ServiceType, StateChange,
-    StickyKey, UserLimits,
+    Broker, BrokerError, Caller, Effects, Lease, LeaseKind, ProcessId, ProcessView, ServiceType,
+    StateChange, StickyKey, UserLimits,
 };
 
 /// Lease lifetimes the daemon applies when a caller does not give one, and how much one user
@@ -125,7 +125,7 @@ impl Broker {
         let mine: Vec<u16> = self
             .leases
             .values()
-            .filter(|l| !l.claim && l.owner_uid == uid)
+            .filter(|l| !l.is_claim() && l.owner_uid == uid)
             .map(|l| l.port)
             .collect();
         if mine.len() >= limits.leases_per_user {
@@ -207,9 +207,7 @@ impl Broker {
             instance_id: req.instance_id,
             created_ms: now_ms,
             expires_ms: ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
-            claim: false,
-            requested_port: None,
-            protocol: None,
+            kind: LeaseKind::Allocated,
         };
         let mut effects = Effects::default();
         effects.lease_put(&lease);
@@ -282,7 +280,7 @@ impl Broker {
             .filter_map(|l| {
                 let process_gone = l.process.is_some_and(|p| !processes.is_alive(p));
                 let lapsed = l.expires_ms.is_some_and(|t| t <= now_ms);
-                let holds_port = l.claim
+                let holds_port = l.is_claim()
                     && self
                         .sockets_on(l.port, None)
                         .any(|h| h.socket.owner.as_ref().map(|o| o.id) == l.process);

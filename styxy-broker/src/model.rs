@@ -54,6 +54,7 @@ pub struct BoundSocket {
 
 /// A port reserved for someone: by `Allocate`, or a claim taken by `ResolveBind` for the asking process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "LeaseRecord", into = "LeaseRecord")]
 pub struct Lease {
     /// `lease-N`: what `Release` takes.
     pub id: String,
@@ -71,15 +72,111 @@ pub struct Lease {
     pub created_ms: u64,
     /// `None`: lives as long as its process.
     pub expires_ms: Option<u64>,
-    /// A claim taken by ResolveBind (as opposed to an Allocate lease).
-    pub claim: bool,
-    /// For a claim made by a move: the port the process asked for, so a second bind of that port by the same
-    /// process (IPv4 then IPv6) moves to the same new port.
-    pub requested_port: Option<u16>,
-    /// For a claim: the protocol of the bind it was taken for (`None` for an `Allocate` lease, and
-    /// for claims saved before protocols were recorded).
+    /// Taken by `Allocate`, or a claim taken by `ResolveBind`.
+    pub kind: LeaseKind,
+}
+
+/// How a lease came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// Reserved by `Allocate`.
+    Allocated,
+    /// Taken by `ResolveBind` for a bind about to happen (or held for a session between two
+    /// lives of its server, with no process).
+    Claim {
+        /// For a claim made by a move: the port the process asked for, so a second bind of that
+        /// port by the same process (IPv4 then IPv6) moves to the same new port.
+        asked: Option<u16>,
+        /// The protocol of the bind it was taken for (`None` for claims saved before protocols
+        /// were recorded).
+        protocol: Option<Protocol>,
+    },
+}
+
+impl Lease {
+    /// Whether `ResolveBind` took it (not `Allocate`).
+    pub fn is_claim(&self) -> bool {
+        matches!(self.kind, LeaseKind::Claim { .. })
+    }
+
+    /// For a claim made by a move: the port the process asked for.
+    pub fn asked(&self) -> Option<u16> {
+        match self.kind {
+            LeaseKind::Claim { asked, .. } => asked,
+            LeaseKind::Allocated => None,
+        }
+    }
+
+    /// For a claim: the protocol of its bind, when recorded.
+    pub fn protocol(&self) -> Option<Protocol> {
+        match self.kind {
+            LeaseKind::Claim { protocol, .. } => protocol,
+            LeaseKind::Allocated => None,
+        }
+    }
+}
+
+/// A lease as the state dir and the journal have always held it (flags rather than a kind), so
+/// state written by any daemon reads back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LeaseRecord {
+    id: String,
+    port: u16,
+    service_type: String,
+    owner_uid: u32,
+    process: Option<ProcessId>,
+    instance_id: Option<String>,
+    created_ms: u64,
+    expires_ms: Option<u64>,
+    claim: bool,
+    requested_port: Option<u16>,
     #[serde(default)]
-    pub protocol: Option<Protocol>,
+    protocol: Option<Protocol>,
+}
+
+impl From<LeaseRecord> for Lease {
+    fn from(r: LeaseRecord) -> Lease {
+        Lease {
+            id: r.id,
+            port: r.port,
+            service_type: r.service_type,
+            owner_uid: r.owner_uid,
+            process: r.process,
+            instance_id: r.instance_id,
+            created_ms: r.created_ms,
+            expires_ms: r.expires_ms,
+            kind: if r.claim {
+                LeaseKind::Claim {
+                    asked: r.requested_port,
+                    protocol: r.protocol,
+                }
+            } else {
+                LeaseKind::Allocated
+            },
+        }
+    }
+}
+
+impl From<Lease> for LeaseRecord {
+    fn from(l: Lease) -> LeaseRecord {
+        let (claim, requested_port, protocol) = match l.kind {
+            LeaseKind::Allocated => (false, None, None),
+            LeaseKind::Claim { asked, protocol } => (true, asked, protocol),
+        };
+        LeaseRecord {
+            id: l.id,
+            port: l.port,
+            service_type: l.service_type,
+            owner_uid: l.owner_uid,
+            process: l.process,
+            instance_id: l.instance_id,
+            created_ms: l.created_ms,
+            expires_ms: l.expires_ms,
+            claim,
+            requested_port,
+            protocol,
+        }
+    }
 }
 
 /// A named group of processes (an agent session, or `ldpreload-<pid>`).

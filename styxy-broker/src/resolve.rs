@@ -2,8 +2,8 @@
 //! process had before, its project's sticky port, or the next free one of its range.
 
 use crate::{
-    AuditRecord, Broker, BrokerError, Effects, Family, Held, Lease, Notice, PortRange, ProcessId,
-    ProcessInfo, ProcessView, Protocol, StickyKey,
+    AuditRecord, Broker, BrokerError, Effects, Family, Held, Lease, LeaseKind, Notice, PortRange,
+    ProcessId, ProcessInfo, ProcessView, Protocol, StickyKey,
 };
 
 /// Who holds a port, as told to a process whose bind was moved.
@@ -137,9 +137,9 @@ impl Broker {
                 self.leases
                     .get(&req.port)
                     .filter(|l| {
-                        l.claim
+                        l.is_claim()
                             && l.process == Some(me)
-                            && l.requested_port.is_some_and(|asked| asked != req.port)
+                            && l.asked().is_some_and(|asked| asked != req.port)
                     })
                     .cloned()
                     .map(HolderView::Lease)
@@ -202,7 +202,7 @@ impl Broker {
     pub fn earlier_move(&self, me: ProcessId, asked: u16) -> Option<u16> {
         self.leases
             .values()
-            .find(|l| l.claim && l.process == Some(me) && l.requested_port == Some(asked))
+            .find(|l| l.is_claim() && l.process == Some(me) && l.asked() == Some(asked))
             .map(|l| l.port)
     }
 
@@ -248,7 +248,7 @@ impl Broker {
         }
         match lease.process {
             // A hold is its session's alone (above).
-            None if lease.claim => false,
+            None if lease.is_claim() => false,
             None => lease.owner_uid == req.uid,
             Some(p) if p == req.asker.id => true,
             Some(p) => processes.ancestors(req.asker.id.pid).contains(&p),
@@ -303,9 +303,10 @@ impl Broker {
             instance_id: req.instance_id.clone(),
             created_ms: now_ms,
             expires_ms: Some(now_ms.saturating_add(self.settings.claim_ttl_ms)),
-            claim: true,
-            requested_port: requested,
-            protocol: Some(req.protocol),
+            kind: LeaseKind::Claim {
+                asked: requested,
+                protocol: Some(req.protocol),
+            },
         }
     }
 

@@ -225,7 +225,7 @@ impl Broker {
         let binder_owns = match lease.process {
             Some(p) => owner == Some(p),
             // A hold: its session's server, back.
-            None if lease.claim => {
+            None if lease.is_claim() => {
                 lease.instance_id.is_some()
                     && socket.owner.as_ref().and_then(|o| o.instance_id.as_ref())
                         == lease.instance_id.as_ref()
@@ -235,7 +235,7 @@ impl Broker {
         if !binder_owns {
             return;
         }
-        if lease.claim {
+        if lease.is_claim() {
             if lease.expires_ms.is_some() || lease.process.is_none() {
                 let mut settled = lease.clone();
                 settled.expires_ms = None;

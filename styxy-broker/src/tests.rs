@@ -290,7 +290,7 @@ fn free_port_is_kept_and_claimed_so_a_racing_process_moves() {
     let (first, effects) = b.resolve_bind(&bind_req(10, 6006), &procs, 1).unwrap();
     assert_eq!(first, BindDecision::Keep { port: 6006 });
     assert!(
-        matches!(&effects.changes[..], [StateChange::PutLease { lease }] if lease.claim && lease.port == 6006)
+        matches!(&effects.changes[..], [StateChange::PutLease { lease }] if lease.is_claim() && lease.port == 6006)
     );
     let (second, _) = b.resolve_bind(&bind_req(11, 6006), &procs, 2).unwrap();
     assert!(matches!(
@@ -935,7 +935,7 @@ fn claims_saved_without_a_protocol_still_load() {
     let old = r#"{"id":"lease-1","port":8001,"service_type":"api","owner_uid":0,"process":{"pid":4,"start_time":9},
                   "instance_id":"B","created_ms":1,"expires_ms":null,"claim":true,"requested_port":8000}"#;
     let lease: Lease = serde_json::from_str(old).expect("an old claim parses");
-    assert_eq!(lease.protocol, None);
+    assert_eq!(lease.protocol(), None);
     let b = Broker::restore(
         ServiceRanges::default(),
         LeaseSettings::default(),
@@ -1146,7 +1146,7 @@ fn a_kernel_move_is_recorded_as_the_shim_records_one_claim_audit_view_once_per_s
         .any(|n| matches!(n, Notice::Bound(_))));
     let claim = b.lease_on(8001).expect("the move's claim");
     assert!(
-        claim.claim && claim.expires_ms.is_none(),
+        claim.is_claim() && claim.expires_ms.is_none(),
         "settled by the bind: {claim:?}"
     );
     assert_eq!(b.view_of("K").len(), 1);
@@ -1839,4 +1839,28 @@ fn a_projects_sticky_ports_are_listed_for_the_kernel_and_no_one_elses() {
     assert_eq!(b.lingering_generation(), cleared);
     read_lingering(&mut b, [3333]);
     assert_ne!(b.lingering_generation(), cleared);
+}
+
+#[test]
+fn a_leases_kind_is_saved_as_the_flags_every_daemon_reads() {
+    let allocated = r#"{"id":"lease-2","port":9000,"service_type":"dev","owner_uid":1000,"process":null,
+                        "instance_id":null,"created_ms":1,"expires_ms":5,"claim":false,"requested_port":null,
+                        "protocol":null}"#;
+    let lease: Lease = serde_json::from_str(allocated).expect("an allocation parses");
+    assert_eq!(lease.kind, LeaseKind::Allocated);
+    let claim = r#"{"id":"lease-3","port":8001,"service_type":"api","owner_uid":0,"process":null,
+                    "instance_id":"B","created_ms":1,"expires_ms":null,"claim":true,"requested_port":8000,
+                    "protocol":"udp"}"#;
+    let lease: Lease = serde_json::from_str(claim).expect("a claim parses");
+    assert_eq!(
+        lease.kind,
+        LeaseKind::Claim {
+            asked: Some(8000),
+            protocol: Some(Protocol::Udp)
+        }
+    );
+    // Written back in the same words, so an older daemon reads what this one saved.
+    let written: serde_json::Value = serde_json::to_value(&lease).expect("serializes");
+    let original: serde_json::Value = serde_json::from_str(claim).expect("json");
+    assert_eq!(written, original);
 }

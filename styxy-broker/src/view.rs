@@ -44,12 +44,12 @@ impl Broker {
             // A hold (no process: the session's server between two lives) keeps its entry.
             let (Some(instance), Some(asked), Some(protocol)) = (
                 lease.instance_id.as_deref(),
-                lease.requested_port,
-                lease.protocol,
+                lease.asked(),
+                lease.protocol(),
             ) else {
                 continue;
             };
-            if !lease.claim {
+            if !lease.is_claim() {
                 continue;
             }
             let entry = ViewEntry {
@@ -90,8 +90,8 @@ impl Broker {
         };
         let port = released.socket.port;
         let ends = self.leases.get(&port).is_some_and(|l| {
-            l.claim
-                && l.requested_port.is_some()
+            l.is_claim()
+                && l.asked().is_some()
                 && l.process == Some(owner)
                 && l.expires_ms.is_none()
         });

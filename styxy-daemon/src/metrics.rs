@@ -133,7 +133,7 @@ impl Metrics {
         for lease in broker.leases() {
             self.leases
                 .get_or_create(&LeaseLabels {
-                    kind: if lease.claim { "claim" } else { "lease" },
+                    kind: if lease.is_claim() { "claim" } else { "lease" },
                     service_type: lease.service_type.clone(),
                 })
                 .inc();

@@ -93,7 +93,7 @@ impl PublishedTable {
                 Notice::Bound(h) | Notice::Released(h) => ports.push(h.socket.port),
                 Notice::Leased(l) | Notice::LeaseEnded(l) => {
                     ports.push(l.port);
-                    views_changed |= l.requested_port.is_some();
+                    views_changed |= l.asked().is_some();
                 }
                 Notice::Reassigned(_) => {}
             }

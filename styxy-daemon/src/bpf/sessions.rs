@@ -334,7 +334,7 @@ impl KernelSessions {
                 let port = match notice {
                     Notice::Bound(h) | Notice::Released(h) => h.socket.port,
                     Notice::Leased(l) | Notice::LeaseEnded(l) => {
-                        views_changed |= l.requested_port.is_some();
+                        views_changed |= l.asked().is_some();
                         l.port
                     }
                     Notice::Reassigned(_) => continue,
@@ -394,9 +394,9 @@ impl KernelSessions {
         // first: its next server goes back where the last one was.
         for lease in broker.leases() {
             let (true, None, Some(asked), Some(instance)) = (
-                lease.claim,
+                lease.is_claim(),
                 lease.process,
-                lease.requested_port,
+                lease.asked(),
                 lease.instance_id.as_ref(),
             ) else {
                 continue;

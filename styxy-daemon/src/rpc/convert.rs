@@ -185,7 +185,7 @@ pub fn lease(l: &Lease) -> pb::Lease {
         instance_id: l.instance_id.clone().unwrap_or_default(),
         created_at_ms: l.created_ms,
         expires_at_ms: l.expires_ms.unwrap_or(0),
-        claim: l.claim,
+        claim: l.is_claim(),
     }
 }
 
@@ -249,10 +249,10 @@ fn lease_event(kind: pb::EventKind, l: &Lease, at_ms: u64) -> pb::PortEvent {
     pb::PortEvent {
         kind: kind as i32,
         port: u32::from(l.port),
-        protocol: l.protocol.map_or(0, |p| pb::Protocol::from(p) as i32),
+        protocol: l.protocol().map_or(0, |p| pb::Protocol::from(p) as i32),
         pid: l.process.map_or(0, |p| p.pid),
         service_type: l.service_type.clone(),
-        requested_port: l.requested_port.map_or(0, u32::from),
+        requested_port: l.asked().map_or(0, u32::from),
         at_ms,
         lease_id: l.id.clone(),
         instance_id: l.instance_id.clone().unwrap_or_default(),

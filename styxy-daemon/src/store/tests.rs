@@ -3,7 +3,7 @@
 use super::*;
 use std::fs::{self, OpenOptions};
 
-use styxy_broker::{Lease, ProcessId, Protocol};
+use styxy_broker::{Lease, LeaseKind, ProcessId, Protocol};
 
 fn lease(id: &str, port: u16) -> Lease {
     Lease {
@@ -18,9 +18,7 @@ fn lease(id: &str, port: u16) -> Lease {
         instance_id: None,
         created_ms: 1,
         expires_ms: None,
-        claim: false,
-        requested_port: None,
-        protocol: None,
+        kind: LeaseKind::Allocated,
     }
 }
 
