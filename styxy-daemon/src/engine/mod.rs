@@ -314,24 +314,41 @@ impl Engine {
             port: req.port,
             protocol: Some(req.protocol),
         });
-        // Asked again after a move to a lingering port: whether the asker's socket is there (its
-        // other family) or the kernel refused the move decides, so the table must be current.
-        let lingering_move = {
-            let broker = lock(&self.broker);
-            broker
-                .earlier_move(req.asker.id, req.port)
-                .filter(|port| broker.is_lingering(*port))
-        };
-        if let Some(port) = lingering_move {
-            self.refresh(Scope::Port {
-                port,
-                protocol: Some(req.protocol),
-            });
-        }
+        // One broker lock decides (the refresh above took one to check the table): the lingering
+        // check below is made inside it, and only when it finds something is the lock let go.
+        let mut lingering_checked = false;
         let mut range_read = false;
         for _ in 0..KERNEL_RETRIES {
-            let (decision, _) = self.commit(|b| lift(b.resolve_bind(req, &ProcFs, now_ms())));
-            let decision = decision?;
+            // Ok: the broker's decision; Err(port): read the kernel for that port first.
+            let (step, _) = self.commit(|b| -> (Result<_, u16>, Effects) {
+                // Asked again after a move to a lingering port: whether the asker's socket is
+                // there (its other family) or the kernel refused the move decides, so the table
+                // must be current for that port before the decision.
+                let lingering = (!lingering_checked)
+                    .then(|| {
+                        b.earlier_move(req.asker.id, req.port)
+                            .filter(|port| b.is_lingering(*port))
+                    })
+                    .flatten();
+                match lingering {
+                    Some(port) => (Err(port), Effects::default()),
+                    None => {
+                        let (decision, effects) = lift(b.resolve_bind(req, &ProcFs, now_ms()));
+                        (Ok(decision), effects)
+                    }
+                }
+            });
+            lingering_checked = true;
+            let decision = match step {
+                Err(port) => {
+                    self.refresh(Scope::Port {
+                        port,
+                        protocol: Some(req.protocol),
+                    });
+                    continue;
+                }
+                Ok(decision) => decision?,
+            };
             match decision {
                 BindDecision::Reassign { port, .. }
                     // Only the asker's protocol matters: TCP and UDP ports are separate.
