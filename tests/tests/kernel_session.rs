@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
+use styxy_tests::v1 as pb;
 use styxy_tests::{
     ebpf_ready, eventually, helper_bin, static_programs, styxy_bin, Daemon, EbpfSetup, Spawned,
     StaticPrograms,
@@ -618,5 +619,117 @@ async fn the_session_start_hook_puts_the_agent_and_what_it_starts_in_a_kernel_se
             .then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// "Who holds this port" is decided in three places (the kernel's bind programs, the spare
+/// ports the daemon keeps ready for them, and the broker the shim asks): on the same cases, the
+/// kernel's answer and the broker's agree. For each case a process of a kernel session (its shim
+/// off, so only the kernel acts) is asked about through `ResolveBind` first — the broker's
+/// answer — then binds the port itself — the kernel's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kernel_and_the_broker_agree_on_who_holds_a_port() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let api = daemon.base + 100;
+    let mut client = daemon.client().await?;
+    let mut session = Spawned::start(
+        in_session(&daemon, "ks-agree", &helper_bin("bind-probe"), &["stdin"])
+            .env("STYXY_DISABLE", "1"),
+    )?;
+    let me = session.child.id();
+    // A port another process listens on.
+    let bound_by_other = api + 30;
+    let _holder = styxy_tests::port_holder(&[bound_by_other])?;
+    // A port leased for another process (it lives with that process).
+    let leased_for_other = api + 31;
+    let mut other = Command::new("sleep").arg("600").spawn()?;
+    let lease = |port: u16, pid: Option<u32>, instance: Option<&str>| pb::AllocateRequest {
+        service_type: "api".into(),
+        preferred_port: Some(u32::from(port)),
+        pid,
+        instance_id: instance.map(str::to_string),
+        ttl_seconds: None,
+    };
+    let got = client
+        .allocate(lease(leased_for_other, Some(other.id()), None))
+        .await?
+        .into_inner();
+    anyhow::ensure!(got.port == u32::from(leased_for_other), "leased: {got:?}");
+    // A port leased for this session (by its instance).
+    let leased_for_us = api + 32;
+    let got = client
+        .allocate(lease(leased_for_us, Some(me), Some("ks-agree")))
+        .await?
+        .into_inner();
+    anyhow::ensure!(got.port == u32::from(leased_for_us), "leased: {got:?}");
+    // A port this process holds itself in the other family (IPv4; it binds IPv6 next).
+    let own_other_family = api + 33;
+    session.send_line(&own_other_family.to_string())?;
+    session.line_where(10, |l| l.starts_with(&format!("bound {own_other_family} ")))?;
+    let free = api + 34;
+
+    let cases = [
+        ("free", free, "127.0.0.1", pb::Family::Inet, false),
+        (
+            "bound by another process",
+            bound_by_other,
+            "127.0.0.1",
+            pb::Family::Inet,
+            true,
+        ),
+        (
+            "leased for another process",
+            leased_for_other,
+            "127.0.0.1",
+            pb::Family::Inet,
+            true,
+        ),
+        (
+            "leased for this session",
+            leased_for_us,
+            "127.0.0.1",
+            pb::Family::Inet,
+            false,
+        ),
+        (
+            "its own, other family",
+            own_other_family,
+            "::1",
+            pb::Family::Inet6,
+            false,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (case, port, address, family, taken) in cases {
+        // The broker's answer first: asking leaves a claim, which the kernel then honours as
+        // this session's own (a bind made first would put this process's socket in the way).
+        let mut ask = styxy_tests::resolve_bind_request(me, port, pb::Protocol::Tcp);
+        ask.family = family as i32;
+        let broker = client.resolve_bind(ask).await?.into_inner();
+        let broker_moves = broker.action == pb::BindAction::Reassign as i32;
+        session.send_line(&format!("{address} {port}"))?;
+        let line = session.line_where(10, |l| {
+            l.starts_with(&format!("bound {port} ")) || l.starts_with(&format!("failed {port} "))
+        })?;
+        let kernel_moves = line.starts_with("bound ") && !line.ends_with(&format!(" {port}"));
+        answers.push(format!(
+            "{case}: broker {}, kernel {} ({line})",
+            if broker_moves { "moves" } else { "keeps" },
+            if kernel_moves { "moves" } else { "keeps" },
+        ));
+        assert_eq!(
+            (broker_moves, kernel_moves),
+            (taken, taken),
+            "{}\n{}",
+            answers.join("\n"),
+            daemon.log()
+        );
+    }
+    other.kill()?;
+    other.wait()?;
     Ok(())
 }
