@@ -43,7 +43,17 @@ pub struct Member {
     /// tracepoint for a child). The task it was written for started before; a process whose
     /// group leader started after it holds the number of a task that is gone, and is no member.
     pub stamp_ns: u64,
+    /// What the process turned off for itself ([`MEMBER_VIEW_OFF`], [`MEMBER_MOVES_OFF`]), as
+    /// its environment says (`STYXY_VIEW=off`, `STYXY_DISABLE=1`); inherited at `fork`, so a
+    /// child starts with its parent's, as it starts with its environment.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// [`Member::flags`]: `STYXY_VIEW=off` — the process's loopback traffic follows no view.
+pub const MEMBER_VIEW_OFF: u32 = 1;
+/// [`Member::flags`]: `STYXY_DISABLE=1` — the process's binds are never moved.
+pub const MEMBER_MOVES_OFF: u32 = 2;
 
 impl Member {
     /// Whether this entry holds for a process whose group leader started at `start_ns`.
@@ -53,6 +63,14 @@ impl Member {
     /// Whether its session steers a process running with effective uid `euid`.
     pub const fn steers(&self, euid: u32) -> bool {
         self.owner == 0 || self.owner == euid
+    }
+    /// Whether the session's view applies to the process's traffic.
+    pub const fn views(&self) -> bool {
+        self.flags & MEMBER_VIEW_OFF == 0
+    }
+    /// Whether the session moves the process's binds.
+    pub const fn moves(&self) -> bool {
+        self.flags & MEMBER_MOVES_OFF == 0
     }
 }
 
@@ -85,14 +103,33 @@ pub const PROGRAM_FORK: &str = "styxy_sched_process_fork";
 pub const PROGRAM_EXIT: &str = "styxy_sched_process_exit";
 pub const PROGRAM_EXEC: &str = "styxy_sched_process_exec";
 /// The shim's question "does the kernel steer me?": a UDP `connect()` (no packet is sent) to
-/// [`PROBE_ADDR_V4`]:[`PROBE_PORT`]. The `connect4` program, for a process it steers, sends it to
-/// [`PROBE_ANSWER_PORT`] instead, which `getpeername` then shows; for anyone else (or with no
-/// programs attached) the peer stays [`PROBE_PORT`]. It rides on the member check `connect4` makes
-/// anyway, so it costs processes outside every session nothing (a `cgroup/getsockopt` program
-/// answering a private level cost every `getsockopt` on the machine 0.25 µs, 1.8×).
+/// [`PROBE_ADDR_V4`]:[`probe_port`]`(flags)`. The `connect4` program, for a process it steers,
+/// sends it to [`PROBE_ANSWER_PORT`] instead, which `getpeername` then shows; for anyone else (or
+/// with no programs attached) the peer stays where it was sent. It rides on the member check
+/// `connect4` makes anyway, so it costs processes outside every session nothing (a
+/// `cgroup/getsockopt` program answering a private level cost every `getsockopt` on the machine
+/// 0.25 µs, 1.8×). The question also tells: the port carries the asker's
+/// [`Member::flags`] (what its environment turns off), which `connect4` writes into its entry.
 pub const PROBE_ADDR_V4: [u8; 4] = [127, 255, 255, 254];
-pub const PROBE_PORT: u16 = 9;
+/// The first of the four probe ports (flags 0 to 3).
+pub const PROBE_PORT: u16 = 16;
 pub const PROBE_ANSWER_PORT: u16 = 1;
+/// Every flag a probe may carry.
+pub const PROBE_FLAGS: u32 = MEMBER_VIEW_OFF | MEMBER_MOVES_OFF;
+
+/// The probe port that tells `flags` (only [`PROBE_FLAGS`] count).
+pub const fn probe_port(flags: u32) -> u16 {
+    PROBE_PORT + (flags & PROBE_FLAGS) as u16
+}
+
+/// The flags a probe to `port` tells; `None` when `port` is no probe port.
+pub const fn probe_flags(port: u16) -> Option<u32> {
+    if port >= PROBE_PORT && port <= PROBE_PORT + PROBE_FLAGS as u16 {
+        Some((port - PROBE_PORT) as u32)
+    } else {
+        None
+    }
+}
 /// Programs of the session view (sock_addr, like the bind programs).
 pub const PROGRAMS_VIEW: [&str; 8] = [
     "styxy_connect4",
@@ -206,7 +243,7 @@ pub struct Requested {
 // SAFETY: plain repr(C) data with explicit padding; any bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ViewKey {}
-// SAFETY: as above (two u32 then a u64: no padding).
+// SAFETY: as above (two u32, a u64, two u32: no padding).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Member {}
 // SAFETY: as above.
@@ -226,6 +263,8 @@ mod tests {
             session: 3,
             owner: 1000,
             stamp_ns: 5_000,
+            flags: 0,
+            _pad: 0,
         };
         assert!(member.holds_for(4_999) && member.holds_for(5_000));
         assert!(
@@ -243,6 +282,24 @@ mod tests {
             root_owned.steers(0) && root_owned.steers(110),
             "root's sessions steer every uid"
         );
+    }
+
+    #[test]
+    fn a_probe_port_carries_the_flags_and_nothing_else_is_one() {
+        for flags in 0..=PROBE_FLAGS {
+            assert_eq!(probe_flags(probe_port(flags)), Some(flags));
+        }
+        assert_eq!(probe_port(MEMBER_VIEW_OFF | 8), probe_port(MEMBER_VIEW_OFF));
+        assert_eq!(probe_flags(PROBE_PORT - 1), None);
+        assert_eq!(probe_flags(PROBE_PORT + PROBE_FLAGS as u16 + 1), None);
+        let member = Member {
+            session: 1,
+            owner: 0,
+            stamp_ns: 0,
+            flags: MEMBER_VIEW_OFF,
+            _pad: 0,
+        };
+        assert!(!member.views() && member.moves());
     }
 
     #[test]

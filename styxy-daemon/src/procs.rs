@@ -160,6 +160,31 @@ fn session_of(process: &Process) -> Option<String> {
         .then(|| id.to_string())
 }
 
+/// What a process's environment (as it was at exec) turns off for itself in its kernel
+/// session: `STYXY_VIEW=off` and `STYXY_DISABLE=1` (`true`, `yes`), as
+/// [`styxy_common::session::Member::flags`]. 0 when neither, or unreadable.
+pub fn member_flags_of(pid: u32) -> u32 {
+    use styxy_common::session::{MEMBER_MOVES_OFF, MEMBER_VIEW_OFF};
+    let Some(environ) = i32::try_from(pid)
+        .ok()
+        .and_then(|pid| Process::new(pid).ok())
+        .and_then(|p| p.environ().ok())
+    else {
+        return 0;
+    };
+    let value = |name: &str| {
+        environ
+            .get(std::ffi::OsStr::new(name))
+            .and_then(|v| v.to_str())
+    };
+    let view_off = value(styxy_common::env::VIEW.name) == Some("off");
+    let moves_off = matches!(
+        value(styxy_common::env::DISABLE.name),
+        Some("1") | Some("true") | Some("yes")
+    );
+    (if view_off { MEMBER_VIEW_OFF } else { 0 }) | (if moves_off { MEMBER_MOVES_OFF } else { 0 })
+}
+
 /// The project a process works in ([`styxy_common::paths::project_of_dir`] of its working
 /// directory); `None` when that cannot be read. What sticky ports are remembered by.
 pub fn project_of(pid: u32) -> Option<String> {

@@ -19,9 +19,10 @@
 //! - the `sched_process_fork`, `sched_process_exit` and `sched_process_exec` tracepoints keep
 //!   `SESSIONS` in step with the sessions' descendants;
 //! - connect4 answers the shim's question "does the kernel steer me?" (see
-//!   `styxy_common::session::PROBE_PORT`), so each process has exactly one enforcer.
+//!   `styxy_common::session::PROBE_PORT`), so each process has exactly one enforcer, and takes
+//!   what the asker's environment turns off (`STYXY_VIEW=off`, `STYXY_DISABLE=1`) into its entry.
 //!
-//! Membership is checked against the calling task itself (see `steering_session`): an entry
+//! Membership is checked against the calling task itself (see `steering_member`): an entry
 //! holds only for a process not newer than it (a reused pid is never a member, whatever was
 //! left in the map), and a session steers only processes running as its owner (a setuid program
 //! in a user's session is untouched; root's sessions steer every uid).

@@ -47,15 +47,26 @@ pub(crate) fn current_euid() -> Option<u32> {
     unsafe { bpf_probe_read_kernel((cred + u64::from(CRED_EUID_OFFSET.load())) as *const u32) }.ok()
 }
 
-/// The session that steers the calling process (`tgid`): its membership holds and it runs as
-/// the session's owner (any uid for root's sessions).
+/// The membership of the calling process (`tgid`) when its session steers it: the membership
+/// holds and the process runs as the session's owner (any uid for root's sessions).
 #[inline(always)]
-pub(crate) fn steering_session(tgid: u32) -> Option<u32> {
+pub(crate) fn steering_member(tgid: u32) -> Option<Member> {
     let member = member_of_current(tgid)?;
     if member.owner != 0 && !member.steers(current_euid()?) {
         return None;
     }
-    Some(member.session)
+    Some(member)
+}
+
+/// Writes what the calling process turned off for itself (`flags`, from its environment, told
+/// by the shim's probe) into its own entry.
+#[inline(always)]
+pub(crate) fn set_own_flags(tgid: u32, flags: u32) {
+    if let Some(entry) = SESSIONS.get_ptr_mut(tgid) {
+        // SAFETY: a map value slot of this task's own entry; a u32 store (a racing update of the
+        // same entry by the daemon writes the whole value, flags included).
+        unsafe { (*entry).flags = flags };
+    }
 }
 
 #[tracepoint]

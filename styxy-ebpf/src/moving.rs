@@ -16,7 +16,7 @@ use crate::globals::ENFORCE;
 use crate::maps::{
     count_rewrites, LAST_BINDER, MOVES, PORTS, PORT_INFO, REQUESTED, SPARES, STICKY,
 };
-use crate::membership::steering_session;
+use crate::membership::steering_member;
 use crate::{current_tgid, in_daemons_netns, transport, ALLOW};
 
 const SOL_SOCKET: i32 = 1;
@@ -181,10 +181,15 @@ pub(crate) fn on_bind(ctx: &SockAddrContext) {
         return;
     }
     let tgid = current_tgid();
-    let Some(session) = steering_session(tgid) else {
+    let Some(member) = steering_member(tgid) else {
         debug!(ctx, "bind of port {} by {}: in no session", asked, tgid);
         return;
     };
+    let session = member.session;
+    if !member.moves() {
+        // STYXY_DISABLE=1: its binds are its own business, as the shim leaves them.
+        return;
+    }
     if !in_daemons_netns(sock_addr.cast()) {
         return;
     }

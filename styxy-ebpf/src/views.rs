@@ -8,11 +8,11 @@ use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use aya_log_ebpf::{debug, warn};
 use styxy_common::event::IPPROTO_UDP;
-use styxy_common::session::{ReverseKey, ViewKey, PROBE_ADDR_V4, PROBE_ANSWER_PORT, PROBE_PORT};
+use styxy_common::session::{probe_flags, ReverseKey, ViewKey, PROBE_ADDR_V4, PROBE_ANSWER_PORT};
 
 use crate::globals::ENFORCE;
 use crate::maps::{REVERSE, VIEWS};
-use crate::membership::steering_session;
+use crate::membership::{set_own_flags, steering_member};
 use crate::{current_tgid, in_daemons_netns, transport, ALLOW};
 
 /// Whether an IPv4 address (network byte order, as in the context) is loopback (127.0.0.0/8).
@@ -56,9 +56,11 @@ pub(crate) fn redirect(ctx: &SockAddrContext, v6: bool) {
     if ENFORCE.load() == 0 {
         return;
     }
-    let Some(session) = steering_session(current_tgid()) else {
+    let tgid = current_tgid();
+    let Some(member) = steering_member(tgid) else {
         return;
     };
+    let session = member.session;
     let sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; these fields are readable in these hooks.
     let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
@@ -69,10 +71,18 @@ pub(crate) fn redirect(ctx: &SockAddrContext, v6: bool) {
     if asked == 0 || !dest_is_loopback(sock_addr, v6) {
         return;
     }
-    // The shim asking whether the kernel steers it (it does: this process is a member it steers).
-    if asked == PROBE_PORT && !v6 && protocol == IPPROTO_UDP && is_probe_address(sock_addr) {
-        // SAFETY: user_port is writable in connect4 and sendmsg4; network byte order.
-        unsafe { (*sock_addr).user_port = u32::from(PROBE_ANSWER_PORT.to_be()) };
+    // The shim asking whether the kernel steers it (it does: this process is a member it steers),
+    // and telling what its environment turns off.
+    if let Some(flags) = probe_flags(asked) {
+        if !v6 && protocol == IPPROTO_UDP && is_probe_address(sock_addr) {
+            set_own_flags(tgid, flags);
+            // SAFETY: user_port is writable in connect4 and sendmsg4; network byte order.
+            unsafe { (*sock_addr).user_port = u32::from(PROBE_ANSWER_PORT.to_be()) };
+            return;
+        }
+    }
+    if !member.views() {
+        // STYXY_VIEW=off: the real ports, as the shim leaves them.
         return;
     }
     let key = ViewKey {

@@ -13,7 +13,9 @@
 //!
 //! The kernel question is a UDP `connect()` of a throwaway socket to a reserved loopback address
 //! (no packet is sent), which the kernel's `connect4` program redirects for the processes it
-//! steers (see `styxy_common::session::PROBE_PORT`), then a `getpeername()`: asked once per
+//! steers (see `styxy_common::session::PROBE_PORT`), then a `getpeername()`; the question's port
+//! also tells the kernel what this process's environment turns off (`STYXY_VIEW=off`,
+//! `STYXY_DISABLE=1`), so the kernel leaves alone what the shim would. Asked once per
 //! process and again at most once a second (the programs detach when no session is live and attach for the next, and a
 //! daemon restart may change the answer), and only on the paths where the table says a session
 //! may apply — a free port's bind and an unviewed connect never ask. The namespace is a `stat` of
@@ -21,11 +23,14 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use styxy_common::session::{PROBE_ADDR_V4, PROBE_ANSWER_PORT, PROBE_PORT};
+use styxy_common::env;
+use styxy_common::session::{
+    probe_port, MEMBER_MOVES_OFF, MEMBER_VIEW_OFF, PROBE_ADDR_V4, PROBE_ANSWER_PORT,
+};
 use styxy_common::table::Table;
 
 use crate::moves::own_pid;
-use crate::sys::{errno, set_errno};
+use crate::sys::{env_flag, env_str, errno, set_errno};
 
 /// Who applies the session's moves and view to this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +102,24 @@ fn in_daemons_netns(table: &Table<'_>) -> bool {
     stat.st_ino == daemons
 }
 
-/// The kernel's answer: whether its programs steer this process. System calls made directly,
+/// What this process's environment turns off, as the kernel's member flags: `STYXY_VIEW=off`
+/// and `STYXY_DISABLE=1` mean for the kernel's moves and redirects what they mean for the shim's.
+fn turned_off() -> u32 {
+    let view = if env_str(env::VIEW.c_name) == Some(b"off") {
+        MEMBER_VIEW_OFF
+    } else {
+        0
+    };
+    let moves = if env_flag(env::DISABLE.c_name) {
+        MEMBER_MOVES_OFF
+    } else {
+        0
+    };
+    view | moves
+}
+
+/// The kernel's answer: whether its programs steer this process (told, in the question, what
+/// its environment turns off). System calls made directly,
 /// not through libc's `connect`/`getpeername`: those are this library's own wrappers.
 fn ask_the_kernel() -> bool {
     // SAFETY: a throwaway socket, connected (UDP: no packet leaves), asked its peer, then closed;
@@ -109,7 +131,7 @@ fn ask_the_kernel() -> bool {
         }
         let mut probe: libc::sockaddr_in = core::mem::zeroed();
         probe.sin_family = libc::AF_INET as libc::sa_family_t;
-        probe.sin_port = PROBE_PORT.to_be();
+        probe.sin_port = probe_port(turned_off()).to_be();
         probe.sin_addr.s_addr = u32::from_ne_bytes(PROBE_ADDR_V4);
         let len = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let connected = libc::syscall(libc::SYS_connect, fd, &raw const probe, len) == 0;

@@ -4,7 +4,8 @@
 //! sees what it expects.
 //!
 //! Everything else goes straight through, untouched, with errno as the real call left it: other
-//! addresses, ports in no view, processes with no session (`STYXY_INSTANCE`), `STYXY_VIEW=off`,
+//! addresses, ports in no view, processes with no session (`STYXY_INSTANCE`), `STYXY_VIEW=off`
+//! (which the kernel is told too, where it steers the process: see `enforcer`),
 //! and every call while no live daemon publishes a table. The common case costs a few compares and
 //! one atomic load of the table's bit for the port.
 
@@ -106,12 +107,14 @@ fn own_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The session's id, unless the view is off or the process has no session.
+/// The session's id, if the process has one.
 fn session() -> Option<&'static [u8]> {
-    if env_str(env::VIEW.c_name) == Some(b"off") {
-        return None;
-    }
     env_str(env::INSTANCE.c_name).filter(|id| !id.is_empty())
+}
+
+/// `STYXY_VIEW=off`: this process's traffic follows no view.
+fn view_off() -> bool {
+    env_str(env::VIEW.c_name) == Some(b"off")
 }
 
 /// The table, the socket's protocol and the session, once the table's bit for `port` says some
@@ -131,8 +134,11 @@ fn candidate(
     let protocol = protocol.filter(|p| bits(&table, *p, port))?;
     let session = session()?;
     // The kernel applies the view itself to the processes it steers (and nobody in another
-    // network namespace): never twice.
-    if crate::enforcer::for_this_process(&table) != crate::enforcer::Enforcer::Shim {
+    // network namespace): never twice. Asking it also tells it what this process's environment
+    // turns off, so a process with the view off is asked about too: the kernel then leaves its
+    // traffic alone, as the shim does.
+    let enforcer = crate::enforcer::for_this_process(&table);
+    if view_off() || enforcer != crate::enforcer::Enforcer::Shim {
         return None;
     }
     Some((table, protocol, session))

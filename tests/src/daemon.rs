@@ -282,6 +282,15 @@ impl Daemon {
         command
     }
 
+    /// `styxy --socket S run --instance INSTANCE -- env -u LD_PRELOAD PROGRAM ARGS…`: a process
+    /// of the session without the shim in it (as a static binary is), so only the kernel acts
+    /// for it.
+    pub fn unshimmed_in(&self, instance: &str, program: &str, args: &[&str]) -> Command {
+        let mut with_env = vec!["-u", "LD_PRELOAD", program];
+        with_env.extend_from_slice(args);
+        self.shimmed_in(instance, "env", &with_env)
+    }
+
     /// `styxy --socket S run --instance INSTANCE -- PROGRAM ARGS…`: in an agent session.
     pub fn shimmed_in(&self, instance: &str, program: &str, args: &[&str]) -> Command {
         let mut command = Command::new(styxy_bin());

@@ -56,11 +56,11 @@ fn in_session(daemon: &Daemon, session: &str, program: &Path, args: &[&str]) -> 
     command
 }
 
-/// `bind-probe ARGS…` in the session `ks-native` with its shim off (`STYXY_DISABLE=1`), so only
-/// the kernel acts: what it printed.
+/// `bind-probe ARGS…` in the session `ks-native` without the shim, so only the kernel acts:
+/// what it printed.
 fn kernel_only_probe(daemon: &Daemon, args: &[&str]) -> Result<String> {
-    let mut probe = in_session(daemon, "ks-native", &helper_bin("bind-probe"), args);
-    probe.env("STYXY_DISABLE", "1");
+    let probe = helper_bin("bind-probe");
+    let mut probe = daemon.unshimmed_in("ks-native", probe.to_str().context("utf-8")?, args);
     Ok(String::from_utf8_lossy(&probe.output()?.stdout).to_string())
 }
 
@@ -170,15 +170,9 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
             format!("second peer {asked}"),
             "{label}: the session's view"
         );
-        // The same through an IPv4-mapped IPv6 address, from a dynamically linked client whose
-        // shim is off: the kernel alone redirects it.
-        let mut mapped = in_session(
-            &daemon,
-            &session,
-            Path::new("python3"),
-            &["-c", MAPPED_CLIENT, &port],
-        );
-        mapped.env("STYXY_DISABLE", "1").env("STYXY_VIEW", "off");
+        // The same through an IPv4-mapped IPv6 address, from a dynamically linked client without
+        // the shim: the kernel alone redirects it.
+        let mapped = daemon.unshimmed_in(&session, "python3", &["-c", MAPPED_CLIENT, &port]);
         assert_eq!(
             client_line(mapped)?,
             format!("second peer {asked}"),
@@ -295,7 +289,7 @@ async fn outside_sessions_and_for_reuseport_binds_behave_natively_and_dual_stack
         "EADDRINUSE: {out:?}"
     );
 
-    // In a session, with the shim off (STYXY_DISABLE=1), so only the kernel acts:
+    // In a session, without the shim, so only the kernel acts:
     // - SO_REUSEPORT is intended sharing: never moved, so it fails as natively;
     let text = kernel_only_probe(&daemon, &["reuseport", &port, "--exit"])?;
     assert_eq!(text.lines().count(), 2, "two binds reported: {text}");
@@ -624,8 +618,8 @@ async fn the_session_start_hook_puts_the_agent_and_what_it_starts_in_a_kernel_se
 
 /// "Who holds this port" is decided in three places (the kernel's bind programs, the spare
 /// ports the daemon keeps ready for them, and the broker the shim asks): on the same cases, the
-/// kernel's answer and the broker's agree. For each case a process of a kernel session (its shim
-/// off, so only the kernel acts) is asked about through `ResolveBind` first — the broker's
+/// kernel's answer and the broker's agree. For each case a process of a kernel session (without
+/// the shim, so only the kernel acts) is asked about through `ResolveBind` first — the broker's
 /// answer — then binds the port itself — the kernel's.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_kernel_and_the_broker_agree_on_who_holds_a_port() -> Result<()> {
@@ -636,10 +630,12 @@ async fn the_kernel_and_the_broker_agree_on_who_holds_a_port() -> Result<()> {
     let daemon = root_daemon(&setup).await?;
     let api = daemon.base + 100;
     let mut client = daemon.client().await?;
-    let mut session = Spawned::start(
-        in_session(&daemon, "ks-agree", &helper_bin("bind-probe"), &["stdin"])
-            .env("STYXY_DISABLE", "1"),
-    )?;
+    let probe = helper_bin("bind-probe");
+    let mut session = Spawned::start(&mut daemon.unshimmed_in(
+        "ks-agree",
+        probe.to_str().context("utf-8")?,
+        &["stdin"],
+    ))?;
     let me = session.child.id();
     // A port another process listens on.
     let bound_by_other = api + 30;
@@ -731,5 +727,106 @@ async fn the_kernel_and_the_broker_agree_on_who_holds_a_port() -> Result<()> {
     }
     other.kill()?;
     other.wait()?;
+    Ok(())
+}
+
+/// A GET of 127.0.0.1:PORT over IPv4; prints `BODY peer PEERPORT`.
+const V4_CLIENT: &str = "import socket, sys\n\
+    s = socket.socket()\n\
+    s.settimeout(3)\n\
+    s.connect(('127.0.0.1', int(sys.argv[1])))\n\
+    peer = s.getpeername()[1]\n\
+    s.sendall(b'GET / HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n')\n\
+    reply = b''\n\
+    while True:\n    \
+        chunk = s.recv(4096)\n    \
+        if not chunk: break\n    \
+        reply += chunk\n\
+    print(reply.split(b'\\r\\n\\r\\n', 1)[1].decode(), 'peer', peer)\n";
+
+/// `STYXY_VIEW=off` and `STYXY_DISABLE=1` mean on the kernel path what they mean in the shim.
+/// The view off: a process of the session reaches the real port — a static client started by
+/// `styxy run` with it set (placed with it), and a shimmed client whose environment says it
+/// though its session's first process did not (its shim tells the kernel in its question).
+/// Moves off: a held port's bind fails with `EADDRINUSE`, as a program using a fixed port as a
+/// single-instance lock needs — static or shimmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn view_off_and_disable_mean_on_the_kernel_path_what_they_mean_in_the_shim() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((setup, programs)) = ready() else {
+        return Ok(());
+    };
+    let daemon = root_daemon(&setup).await?;
+    let asked = daemon.base + 145;
+    let port = asked.to_string();
+    let netprobe = programs.netprobe.to_str().context("utf-8")?;
+    let mut first = Spawned::start(Command::new(netprobe).args(["serve", "tcp", &port, "first"]))?;
+    assert_eq!(listening_port(&mut first)?, asked);
+    let mut second = Spawned::start(&mut daemon.shimmed_in(
+        "ks-off",
+        netprobe,
+        &["serve", "tcp", &port, "second"],
+    ))?;
+    let moved = listening_port(&mut second)?;
+    assert_ne!(moved, asked, "the session's server moved");
+
+    // The control: the session's clients reach its own server at the asked port.
+    assert_eq!(
+        client_line(daemon.shimmed_in("ks-off", netprobe, &["get", &port]))?,
+        format!("second peer {asked}")
+    );
+    assert_eq!(
+        client_line(daemon.shimmed_in("ks-off", "python3", &["-c", V4_CLIENT, &port]))?,
+        format!("second peer {asked}")
+    );
+    // The view off, static: placed with it.
+    let mut static_off = daemon.shimmed_in("ks-off", netprobe, &["get", &port]);
+    static_off.env("STYXY_VIEW", "off");
+    assert_eq!(client_line(static_off)?, format!("first peer {asked}"));
+    // The view off, shimmed, set after the session's first process started.
+    let script = format!("STYXY_VIEW=off exec python3 -c \"$0\" {port}");
+    assert_eq!(
+        client_line(daemon.shimmed_in("ks-off", "sh", &["-c", &script, V4_CLIENT]))?,
+        format!("first peer {asked}")
+    );
+    // And the one after it, without: redirected again (its own question clears it).
+    assert_eq!(
+        client_line(daemon.shimmed_in(
+            "ks-off",
+            "sh",
+            &["-c", "exec python3 -c \"$0\" \"$1\"", V4_CLIENT, &port]
+        ))?,
+        format!("second peer {asked}")
+    );
+
+    // Moves off, static: the held port's bind fails as without Styxy.
+    let mut static_disabled =
+        daemon.shimmed_in("ks-off", netprobe, &["serve", "tcp", &port, "third"]);
+    static_disabled.env("STYXY_DISABLE", "1");
+    let out = static_disabled.output()?;
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "EADDRINUSE, static: {out:?}"
+    );
+    // Moves off, shimmed, set inside the session.
+    let bind = "import socket, sys\ns = socket.socket()\ns.bind(('127.0.0.1', int(sys.argv[1])))\nprint('bound', s.getsockname()[1])\n";
+    let script = format!("STYXY_DISABLE=1 exec python3 -c \"$0\" {port}");
+    let out = daemon
+        .shimmed_in("ks-off", "sh", &["-c", &script, bind])
+        .output()?;
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("Address already in use"),
+        "EADDRINUSE, shimmed: {out:?}"
+    );
+    // The control: without it, the same bind moves.
+    let out = daemon
+        .shimmed_in("ks-off", "python3", &["-c", bind, &port])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("bound ") && !text.trim().ends_with(&port),
+        "moved: {out:?}"
+    );
     Ok(())
 }

@@ -119,7 +119,7 @@ async fn the_shim_moves_a_plain_bind_past_a_port_in_time_wait() -> Result<()> {
     Ok(())
 }
 
-/// The kernel programs: plain binds in a kernel session (shim off) of a held port move to spare
+/// The kernel programs: plain binds in a kernel session (no shim) of a held port move to spare
 /// ports, and the spares leave out the lingering port. The port is the range's lowest: the first
 /// move's refill would add it to the spares (the lowest free ports), and the second move, finding
 /// no spare above the asked port, would take the lowest, and fail there.
@@ -138,15 +138,11 @@ async fn the_kernel_moves_a_plain_bind_past_a_port_in_time_wait() -> Result<()> 
     let mut servers = Vec::new();
     let mut ports = Vec::new();
     for _ in 0..2 {
-        let mut server = Spawned::start(
-            daemon
-                .shimmed_in(
-                    "plain",
-                    "python3",
-                    &["-c", PLAIN_SERVER, &asked.to_string()],
-                )
-                .env("STYXY_DISABLE", "1"),
-        )?;
+        let mut server = Spawned::start(&mut daemon.unshimmed_in(
+            "plain",
+            "python3",
+            &["-c", PLAIN_SERVER, &asked.to_string()],
+        ))?;
         let line =
             server.line_where(20, |l| l.starts_with("bound ") || l.starts_with("failed "))?;
         let port: u16 = line

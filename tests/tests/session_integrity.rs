@@ -406,7 +406,11 @@ async fn an_entry_left_for_a_reused_pid_never_steers_the_new_process() -> Result
         .find(|(task, _)| *task == server_pid)
         .map(|(_, value)| value)
         .context("the server's entry")?;
-    assert_eq!(entry.len(), 16, "session, owner, stamp");
+    assert_eq!(
+        entry.len(),
+        std::mem::size_of::<styxy_common::session::Member>(),
+        "session, owner, stamp, flags"
+    );
 
     // A root process outside every session (no shim), asking on command.
     let client = "import sys, urllib.request\n\
@@ -425,6 +429,7 @@ async fn an_entry_left_for_a_reused_pid_never_steers_the_new_process() -> Result
     let with_stamp = |stamp: u64| -> Vec<u8> {
         let mut value = entry[..8].to_vec();
         value.extend_from_slice(&stamp.to_le_bytes());
+        value.extend_from_slice(&entry[16..]);
         value
     };
     // The leaked entry: written before this process started.
@@ -777,7 +782,7 @@ async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
     assert_ne!(moved, asked);
     let held = daemon.base + 140;
     let _holder = styxy_tests::port_holder(&[held, held + 1])?;
-    // A process of the session with the shim off in it: only the kernel acts for it.
+    // A process of the session without the shim: only the kernel acts for it.
     let helper = "import socket, sys, urllib.request\n\
                   print('ready', flush=True)\n\
                   for line in sys.stdin:\n    \
@@ -786,9 +791,8 @@ async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
                   print(urllib.request.urlopen('http://127.0.0.1:%s/whoami.txt' % port, timeout=10).read().decode(), flush=True)\n    \
                   else:\n        \
                   s = socket.socket(); s.bind(('127.0.0.1', int(port))); print('bound', s.getsockname()[1], flush=True); s.close()\n";
-    let mut command = daemon.shimmed_in("survivor", PYTHON, &["-c", helper]);
-    command.env("STYXY_DISABLE", "1").env("STYXY_VIEW", "off");
-    let mut process = Spawned::start(&mut command)?;
+    let mut process =
+        Spawned::start(&mut daemon.unshimmed_in("survivor", PYTHON, &["-c", helper]))?;
     process.line_where(15, |l| l == "ready")?;
     let get = |process: &mut Spawned| -> Result<String> {
         process.send_line(&format!("get {asked}"))?;

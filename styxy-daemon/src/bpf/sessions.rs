@@ -144,10 +144,15 @@ impl KernelSessions {
             programs
                 .attach()
                 .context("attaching the kernel session programs")?;
+            // What its environment turns off (`STYXY_VIEW=off styxy run -- ./server`): the
+            // kernel's answer to the shim's question keeps it up to date where the shim runs;
+            // a static binary keeps what it started with.
             let member = Member {
                 session: number,
                 owner,
                 stamp_ns: monotonic_ns(),
+                flags: crate::procs::member_flags_of(pid),
+                _pad: 0,
             };
             let mut sessions = lock(&self.sessions);
             sessions
@@ -225,6 +230,8 @@ impl KernelSessions {
                         session: number,
                         owner,
                         stamp_ns,
+                        flags: crate::procs::member_flags_of(*child),
+                        _pad: 0,
                     };
                     if placed.insert(*child) || sessions.get(child, 0).is_err() {
                         if let Err(e) = sessions.insert(*child, member, 0) {
