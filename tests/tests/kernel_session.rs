@@ -805,7 +805,8 @@ async fn view_off_and_disable_mean_on_the_kernel_path_what_they_mean_in_the_shim
     static_disabled.env("STYXY_DISABLE", "1");
     let out = static_disabled.output()?;
     assert!(
-        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use"),
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("address already in use"),
         "EADDRINUSE, static: {out:?}"
     );
     // Moves off, shimmed, set inside the session.

@@ -327,7 +327,10 @@ impl KernelSessions {
     fn republish_holder(&self, broker: &Broker, registry: &Registry, port: u16) {
         let slot = self.port_info.slot(usize::from(port));
         let range = PortInfo(slot.load(Ordering::Acquire)).range();
-        let info = PortInfo::new(reserved_by(broker, registry, port), range);
+        // A claim that names no session is still its process's own: where that process is a
+        // member, its session's (so the kernel never moves a process off its own claim).
+        let session_of = |pid: u32| lock(&self.sessions).get(&pid, 0).ok().map(|m| m.session);
+        let info = PortInfo::new(reserved_by(broker, registry, port, session_of), range);
         slot.store(info.0, Ordering::Release);
     }
 
@@ -553,16 +556,32 @@ fn write_changes<K, V>(
     }
 }
 
-/// `PortInfo::reserved_by` for `port`: the session number of the lease's instance, when it is a
-/// placed session of the lease's owner; any other lease is `RESERVED_BY_OTHER`.
-fn reserved_by(broker: &Broker, registry: &Registry, port: u16) -> u32 {
+/// `PortInfo::reserved_by` for `port`: the session number of the lease's instance — or, for a
+/// lease that names none, of the kernel session its process is a member of (`session_of`) — when
+/// it is a placed session of the lease's owner; any other lease is `RESERVED_BY_OTHER`. (The
+/// broker counts a claim as its process's own whatever it names: so must the kernel.)
+fn reserved_by(
+    broker: &Broker,
+    registry: &Registry,
+    port: u16,
+    session_of: impl Fn(u32) -> Option<u32>,
+) -> u32 {
     let Some(lease) = broker.lease_on(port) else {
         return 0;
     };
-    lease
+    let named = lease
         .instance_id
         .as_ref()
-        .and_then(|id| registry.numbers.get(id))
+        .and_then(|id| registry.numbers.get(id));
+    let of_its_process = || {
+        let number = session_of(lease.process?.pid)?;
+        registry
+            .instances
+            .get(&number)
+            .and_then(|id| registry.numbers.get(id))
+    };
+    named
+        .or_else(of_its_process)
         .filter(|(_, owner)| *owner == 0 || *owner == lease.owner_uid)
         .map_or(RESERVED_BY_OTHER, |(number, _)| *number)
 }
