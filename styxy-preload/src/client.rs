@@ -101,8 +101,8 @@ fn client_library_path() -> Option<StackBuf<PATH_ROOM>> {
     }
     // SAFETY: Dl_info is plain data; dladdr fills it for an address inside a loaded object.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
-    // SAFETY: any address is accepted; `bind` is inside this library.
-    let found = unsafe { libc::dladdr(crate::bind::bind as *const c_void, &mut info) };
+    // SAFETY: any address is accepted; this function is inside this library.
+    let found = unsafe { libc::dladdr(client_library_path as *const c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
