@@ -26,9 +26,40 @@ pub fn port_block() -> u16 {
 
 /// `count` consecutive blocks, as [`port_block`] hands out one; the first one's port. Each is
 /// given back on its own.
+///
+/// When every block is held or unclean — a listener, or connections an earlier test closed first
+/// waiting out TIME_WAIT (a minute), which a bind without SO_REUSEADDR runs into — it waits for
+/// one to come clean (test binaries run back to back, or alongside each other, can use them all
+/// up for a while) rather than hand out a block a test would fail on.
 pub fn port_blocks(count: u16) -> u16 {
+    let deadline = std::time::Instant::now() + BLOCK_WAIT;
+    let mut said = false;
+    loop {
+        if let Some(first) = try_port_blocks(count) {
+            return first;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "out of test port blocks for {} s: every block of 20000-32767 is held, has a listener \
+             or old connections",
+            BLOCK_WAIT.as_secs()
+        );
+        if !said {
+            eprintln!("waiting for a clean test port block (old connections end within a minute)");
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// How long [`port_blocks`] waits for a clean block: twice TIME_WAIT's minute.
+const BLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// One pass over the blocks: `count` consecutive ones, clean and held by nobody, now locked for
+/// this process.
+fn try_port_blocks(count: u16) -> Option<u16> {
     let start = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
-    for attempt in 0..4 * BLOCKS {
+    for attempt in 0..BLOCKS {
         let n = start.wrapping_add(attempt) % BLOCKS;
         if n + count > BLOCKS {
             continue;
@@ -51,10 +82,10 @@ pub fn port_blocks(count: u16) -> u16 {
         if (first..first + count * BLOCK).all(bindable_as_the_tests_bind) {
             held.extend(bases.into_iter().zip(locks));
             NEXT_BLOCK.store(n + count, Ordering::SeqCst);
-            return first;
+            return Some(first);
         }
     }
-    panic!("out of test port blocks: every block of 20000-32767 is held or has a listener");
+    None
 }
 
 /// The lock file of the block at `base`, locked for this process; `None` when another holds it.
