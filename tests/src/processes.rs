@@ -51,8 +51,13 @@ pub fn http_server(port: u16) -> Result<Server> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting python3 -m http.server")?;
-    let server = Server { child, port };
+    let mut server = Server { child, port };
     wait_for_listener(port)?;
+    // What answered must be this server: one that died on a taken port would leave the test
+    // talking to whoever holds it.
+    if let Some(status) = server.child.try_wait()? {
+        bail!("python3 -m http.server {port} exited ({status}): the port was taken by another");
+    }
     Ok(server)
 }
 
