@@ -86,11 +86,13 @@ fn client_line(mut command: Command) -> Result<String> {
     Ok(text)
 }
 
-/// An HTTP GET over an AF_INET6 socket to `::ffff:127.0.0.1:PORT`; prints `BODY peer PEERPORT`.
-const MAPPED_CLIENT: &str = "import socket, sys\n\
-    s = socket.socket(socket.AF_INET6)\n\
+/// An HTTP GET of `ADDRESS:PORT` (`python3 -c CLIENT PORT [ADDRESS]`, 127.0.0.1 by default; an
+/// IPv6 address such as `::ffff:127.0.0.1` over an AF_INET6 socket); prints `BODY peer PEERPORT`.
+const CLIENT: &str = "import socket, sys\n\
+    address = sys.argv[2] if len(sys.argv) > 2 else '127.0.0.1'\n\
+    s = socket.socket(socket.AF_INET6 if ':' in address else socket.AF_INET)\n\
     s.settimeout(3)\n\
-    s.connect(('::ffff:127.0.0.1', int(sys.argv[1])))\n\
+    s.connect((address, int(sys.argv[1])))\n\
     peer = s.getpeername()[1]\n\
     s.sendall(b'GET / HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n')\n\
     reply = b''\n\
@@ -172,7 +174,11 @@ async fn static_go_and_musl_servers_move_and_their_session_reaches_them_at_the_a
         );
         // The same through an IPv4-mapped IPv6 address, from a dynamically linked client without
         // the shim: the kernel alone redirects it.
-        let mapped = daemon.unshimmed_in(&session, "python3", &["-c", MAPPED_CLIENT, &port]);
+        let mapped = daemon.unshimmed_in(
+            &session,
+            "python3",
+            &["-c", CLIENT, &port, "::ffff:127.0.0.1"],
+        );
         assert_eq!(
             client_line(mapped)?,
             format!("second peer {asked}"),
@@ -730,20 +736,6 @@ async fn the_kernel_and_the_broker_agree_on_who_holds_a_port() -> Result<()> {
     Ok(())
 }
 
-/// A GET of 127.0.0.1:PORT over IPv4; prints `BODY peer PEERPORT`.
-const V4_CLIENT: &str = "import socket, sys\n\
-    s = socket.socket()\n\
-    s.settimeout(3)\n\
-    s.connect(('127.0.0.1', int(sys.argv[1])))\n\
-    peer = s.getpeername()[1]\n\
-    s.sendall(b'GET / HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n')\n\
-    reply = b''\n\
-    while True:\n    \
-        chunk = s.recv(4096)\n    \
-        if not chunk: break\n    \
-        reply += chunk\n\
-    print(reply.split(b'\\r\\n\\r\\n', 1)[1].decode(), 'peer', peer)\n";
-
 /// `STYXY_VIEW=off` and `STYXY_DISABLE=1` mean on the kernel path what they mean in the shim.
 /// The view off: a process of the session reaches the real port — a static client started by
 /// `styxy run` with it set (placed with it), and a shimmed client whose environment says it
@@ -776,7 +768,7 @@ async fn view_off_and_disable_mean_on_the_kernel_path_what_they_mean_in_the_shim
         format!("second peer {asked}")
     );
     assert_eq!(
-        client_line(daemon.shimmed_in("ks-off", "python3", &["-c", V4_CLIENT, &port]))?,
+        client_line(daemon.shimmed_in("ks-off", "python3", &["-c", CLIENT, &port]))?,
         format!("second peer {asked}")
     );
     // The view off, static: placed with it.
@@ -786,7 +778,7 @@ async fn view_off_and_disable_mean_on_the_kernel_path_what_they_mean_in_the_shim
     // The view off, shimmed, set after the session's first process started.
     let script = format!("STYXY_VIEW=off exec python3 -c \"$0\" {port}");
     assert_eq!(
-        client_line(daemon.shimmed_in("ks-off", "sh", &["-c", &script, V4_CLIENT]))?,
+        client_line(daemon.shimmed_in("ks-off", "sh", &["-c", &script, CLIENT]))?,
         format!("first peer {asked}")
     );
     // And the one after it, without: redirected again (its own question clears it).
@@ -794,7 +786,7 @@ async fn view_off_and_disable_mean_on_the_kernel_path_what_they_mean_in_the_shim
         client_line(daemon.shimmed_in(
             "ks-off",
             "sh",
-            &["-c", "exec python3 -c \"$0\" \"$1\"", V4_CLIENT, &port]
+            &["-c", "exec python3 -c \"$0\" \"$1\"", CLIENT, &port]
         ))?,
         format!("second peer {asked}")
     );
