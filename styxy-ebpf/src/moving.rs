@@ -40,7 +40,7 @@ pub fn styxy_bind6(ctx: SockAddrContext) -> i32 {
 ///
 /// "Who holds this port" is decided in three places, which must agree: here (at bind time, from
 /// the kernel's own counts and the daemon's `PORT_INFO`), in the daemon's spare-port refill
-/// (`styxy-daemon/src/bpf/sessions.rs`, `refill_spares`: a spare must be free by the broker, the
+/// (`styxy-daemon/src/bpf/sessions/publish.rs`, `refill_spares`: a spare must be free by the broker, the
 /// kernel's counts and lingering connections, since this program cannot try another), and in the
 /// broker (`holder_of` and `pick_for_move`, for the shim's moves). A port the broker calls taken
 /// is written into `PORT_INFO` as reserved, so what the broker knows reaches this check.
