@@ -101,9 +101,11 @@ impl Broker {
         self.insert_lease(hold);
     }
 
-    /// The port `instance` holds for `uid`'s servers that ask `asked` (`protocol`), when nothing is
-    /// bound there: where its next one goes. A claim whose process has exited counts already
-    /// (the sweep that makes it a hold may not have run yet).
+    /// The port `instance` holds for `uid`'s servers that ask `asked` (`protocol`), when nothing
+    /// but exited processes is bound there: where its next one goes. A claim whose process has
+    /// exited counts already (the sweep that makes it a hold may not have run yet), and so does a
+    /// socket of an exited process (the observer may not have seen it go: an autoreloader starts
+    /// its next child at once). The daemon reads the kernel before it answers with the port.
     pub(crate) fn held_for(
         &self,
         instance: &str,
@@ -123,7 +125,23 @@ impl Broker {
                     && l.asked().unwrap_or(l.port) == asked
             })
             .map(|l| l.port)
-            .find(|port| self.sockets_on(*port, None).next().is_none())
+            .find(|port| self.bound_only_by_the_exited(*port, processes))
+    }
+
+    /// Whether every socket the table shows on `port` (if any) belongs to a process that has
+    /// exited: the table is behind, not the port taken. A socket of an unknown owner counts as
+    /// live.
+    pub(crate) fn bound_only_by_the_exited(
+        &self,
+        port: u16,
+        processes: &dyn crate::ProcessView,
+    ) -> bool {
+        self.sockets_on(port, None).all(|h| {
+            h.socket
+                .owner
+                .as_ref()
+                .is_some_and(|o| !processes.is_alive(o.id))
+        })
     }
 
     /// The hold on `port` (or the claim of an exited server of the session) goes to process `me`

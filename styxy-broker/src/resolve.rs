@@ -54,6 +54,12 @@ pub struct BindRequest {
     pub project: Option<String>,
 }
 
+/// A bind that may take over the port of the exited server it replaces.
+pub(crate) struct Successor<'a> {
+    pub(crate) req: &'a BindRequest,
+    pub(crate) processes: &'a dyn ProcessView,
+}
+
 impl Broker {
     // ---- the shim's question -----------------------------------------------------------------------
 
@@ -168,8 +174,9 @@ impl Broker {
             service_type: range.service_type.clone(),
             asked: req.port,
         });
+        let successor = Successor { req, processes };
         let port = self
-            .pick_for_move(&range, req.port, key.as_ref())
+            .pick_for_move(&range, req.port, key.as_ref(), Some(&successor))
             .ok_or_else(|| BrokerError::NoFreePort {
                 service_type: range.service_type.clone(),
                 start: range.start,
@@ -181,6 +188,10 @@ impl Broker {
         if dead_lease {
             // Held for its session from now on (or ended, if its session is gone).
             self.hold_or_end(req.port, now_ms, &mut effects);
+        }
+        // The claim of the exited server this one replaces (its sticky port) ends here.
+        if let Some(old) = self.take_lease(port) {
+            effects.lease_removed(old);
         }
         let claim = self.new_claim(req, port, Some(req.port), now_ms);
         effects.lease_put(&claim);
@@ -260,13 +271,22 @@ impl Broker {
     /// the port matters most); else the next free port after `requested` in its range (wrapping
     /// around to the range's start) that is not lingering and no other identity remembers; else
     /// the next one not lingering; else the next free one.
+    ///
+    /// With a `successor`, the sticky port is also given back while only the exited server it
+    /// replaces still takes it (see [`Broker::left_for`]).
     pub(crate) fn pick_for_move(
         &self,
         range: &PortRange,
         requested: u16,
         key: Option<&StickyKey>,
+        successor: Option<&Successor<'_>>,
     ) -> Option<u16> {
-        if let Some(port) = key.and_then(|k| self.sticky_port_for(k, range.start, range.end)) {
+        if let Some(port) = key
+            .and_then(|k| self.remembered_port(k, range.start, range.end))
+            .filter(|port| {
+                !self.is_taken(*port) || successor.is_some_and(|s| self.left_for(*port, s))
+            })
+        {
             return Some(port);
         }
         let after = requested.saturating_add(1).max(range.start);
@@ -285,6 +305,25 @@ impl Broker {
             .find(|p| !self.remembered_by_other(*p, key))
             .or_else(|| settled().next())
             .or_else(|| candidates().next())
+    }
+
+    /// Whether `port`, taken in the table, was left by a server that has exited, for the
+    /// `successor` to take over: every socket shown there is of an exited process (the observer
+    /// has not seen them go yet), and the claim there, if any, is of an exited process and not
+    /// held for another session than the successor's. An autoreloader's next child, or Ctrl-C and
+    /// up-arrow, binds before the old process's exit is seen; without this it would move one port
+    /// further each time. The daemon reads the kernel for the port before it answers with it.
+    pub(crate) fn left_for(&self, port: u16, successor: &Successor<'_>) -> bool {
+        let Successor { req, processes } = *successor;
+        if !self.bound_only_by_the_exited(port, processes) {
+            return false;
+        }
+        self.leases.get(&port).is_none_or(|lease| {
+            let exited = lease.process.is_some_and(|p| !processes.is_alive(p));
+            let held_for_another = self.is_held_when_its_server_goes(lease)
+                && !(lease.instance_id == req.instance_id && lease.owner_uid == req.uid);
+            exited && !held_for_another
+        })
     }
 
     pub(crate) fn new_claim(

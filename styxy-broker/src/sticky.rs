@@ -106,8 +106,14 @@ impl Broker {
 
     /// The port `key` got last, when it is free again and within `start..=end`.
     pub(crate) fn sticky_port_for(&self, key: &StickyKey, start: u16, end: u16) -> Option<u16> {
+        self.remembered_port(key, start, end)
+            .filter(|port| !self.is_taken(*port))
+    }
+
+    /// The port `key` got last, within `start..=end` and not its asked port, free or not.
+    pub(crate) fn remembered_port(&self, key: &StickyKey, start: u16, end: u16) -> Option<u16> {
         let port = self.sticky.by_key.get(key)?.port;
-        ((start..=end).contains(&port) && port != key.asked && !self.is_taken(port)).then_some(port)
+        ((start..=end).contains(&port) && port != key.asked).then_some(port)
     }
 
     /// Whether any identity remembers `port` (the kernel's spare ports pass such ports over).

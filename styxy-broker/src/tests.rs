@@ -1445,9 +1445,13 @@ fn in_project(p: u32, port: u16, project: &str) -> BindRequest {
     }
 }
 
-/// A moved server of `project` binds, runs, and stops; returns the port it was moved to.
+/// A moved server of `project` binds, runs, and stops; returns the port it was moved to. The
+/// holders these tests bind (pids 30, 50, 51, 4121) live; the moved servers have exited.
 fn move_and_stop(b: &mut Broker, p: u32, cookie: u64, asked: u16, project: &str, now: u64) -> u16 {
-    let procs = Procs::default();
+    let procs = Procs {
+        alive: [pid(30), pid(50), pid(51), pid(4121)].into(),
+        ..Procs::default()
+    };
     let (decision, _) = b
         .resolve_bind(&in_project(p, asked, project), &procs, now)
         .expect("decision");
@@ -1863,4 +1867,126 @@ fn a_leases_kind_is_saved_as_the_flags_every_daemon_reads() {
     let written: serde_json::Value = serde_json::to_value(&lease).expect("serializes");
     let original: serde_json::Value = serde_json::from_str(claim).expect("json");
     assert_eq!(written, original);
+}
+
+// ---- a restart is the same server ---------------------------------------------------------------------
+
+/// Process `p` of `project` (and `instance`, when given) asks `asked`; it must be moved: returns
+/// where, with its socket bound there.
+fn moved_and_bound(
+    b: &mut Broker,
+    procs: &Procs,
+    p: u32,
+    cookie: u64,
+    asked: u16,
+    project: &str,
+    instance: Option<&str>,
+    now: u64,
+) -> u16 {
+    let req = BindRequest {
+        instance_id: instance.map(String::from),
+        ..in_project(p, asked, project)
+    };
+    let (decision, _) = b.resolve_bind(&req, procs, now).expect("decision");
+    let BindDecision::Reassign { port, .. } = decision else {
+        panic!("{decision:?}");
+    };
+    b.apply(bound_by(cookie, port, p, Protocol::Tcp), now);
+    port
+}
+
+#[test]
+fn a_restarted_server_gets_its_port_back_before_its_old_process_is_seen_gone() {
+    // An autoreloader's child replaced at once, ten times: the old child has exited, but neither
+    // its socket's release nor the sweep has been seen yet when the new one binds. Each new child
+    // gets the same port, in a session and outside one (by its project).
+    for instance in [Some("feature-x"), None] {
+        let mut b = broker();
+        b.register_instance(Some("feature-x".into()), pid(1), 1000, 0)
+            .unwrap();
+        b.apply(bound_by(1, 6006, 4121, Protocol::Tcp), 1);
+        let mut procs = Procs {
+            alive: [pid(1), pid(4121), pid(40)].into(),
+            ..Procs::default()
+        };
+        let first = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", instance, 2);
+        assert_eq!(first, 6007);
+        for child in 41..51u32 {
+            procs.alive.remove(&pid(child - 1));
+            procs.alive.insert(pid(child));
+            let now = u64::from(child) * 10;
+            let port = moved_and_bound(
+                &mut b,
+                &procs,
+                child,
+                u64::from(child),
+                6006,
+                "/src/w",
+                instance,
+                now,
+            );
+            assert_eq!(port, first, "child {child} of {instance:?}");
+            // The old child's socket goes from the table when the observer sees it.
+            b.apply(
+                PortEvent::Released {
+                    cookie: u64::from(child) - 1,
+                },
+                now + 1,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_port_left_by_an_exited_server_of_another_session_is_not_taken_over() {
+    let mut b = broker();
+    b.register_instance(Some("feature-x".into()), pid(1), 1000, 0)
+        .unwrap();
+    b.register_instance(Some("feature-y".into()), pid(2), 1000, 0)
+        .unwrap();
+    b.apply(bound_by(1, 6006, 4121, Protocol::Tcp), 1);
+    let mut procs = Procs {
+        alive: [pid(1), pid(2), pid(4121), pid(40), pid(50)].into(),
+        ..Procs::default()
+    };
+    let x = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", Some("feature-x"), 2);
+    assert_eq!(x, 6007);
+    procs.alive.remove(&pid(40));
+    // Same project, another session: X's port stays X's (it is held for X).
+    let y = moved_and_bound(&mut b, &procs, 50, 3, 6006, "/src/w", Some("feature-y"), 3);
+    assert_eq!(y, 6008);
+}
+
+#[test]
+fn a_socket_whose_owner_lives_is_never_taken_over() {
+    // The old process's socket was inherited by a live child: the port is bound, whatever the
+    // claim says; the restart moves elsewhere.
+    let mut b = broker();
+    b.apply(bound_by(1, 6006, 4121, Protocol::Tcp), 1);
+    let mut procs = Procs {
+        alive: [pid(4121), pid(40), pid(50)].into(),
+        ..Procs::default()
+    };
+    let first = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", None, 2);
+    b.apply(bound_by(3, first, 45, Protocol::Tcp), 3);
+    procs.alive.insert(pid(45));
+    procs.alive.remove(&pid(40));
+    let again = moved_and_bound(&mut b, &procs, 50, 4, 6006, "/src/w", None, 4);
+    assert_ne!(again, first);
+}
+
+#[test]
+fn sticky_ports_come_back_for_asked_ports_in_no_range() {
+    // 40000 is in the kernel's ephemeral range and in no service range.
+    let mut b = broker();
+    b.apply(bound_by(1, 40000, 4121, Protocol::Tcp), 1);
+    let procs = Procs {
+        alive: [pid(4121)].into(),
+        ..Procs::default()
+    };
+    let first = move_and_stop(&mut b, 40, 2, 40000, "/src/w", 10);
+    b.expire(11, &procs);
+    let second = move_and_stop(&mut b, 41, 3, 40000, "/src/w", 20);
+    b.expire(21, &procs);
+    assert_eq!((first, second), (40001, 40001));
 }
