@@ -9,7 +9,8 @@
 //! the rooms: `socket_table` (sockets seen, events and readings), `leases` (`Allocate`, claims,
 //! expiry, user limits), `instances` (agent sessions), `resolve` (`ResolveBind`: keep or move,
 //! and where), `hold` (a session's port between two lives of its server), `sticky`, `lingering`,
-//! `view` (sessions' views), `kernel_move` (moves the kernel made), `session_report`.
+//! `view` (sessions' views), `kernel_move` (moves the kernel made), `moves_told` (one move, told once),
+//! `session_report`.
 #![warn(missing_docs)]
 
 mod error;
@@ -19,6 +20,7 @@ mod kernel_move;
 mod leases;
 mod lingering;
 pub mod model;
+mod moves_told;
 mod portset;
 #[cfg(test)]
 mod proptests;
@@ -78,6 +80,8 @@ pub struct Broker {
     lingering: lingering::LingeringPorts,
     next_lease_seq: u64,
     reassignments: u64,
+    /// Moves already told, so that a probe and the real bind make one (see `moves_told`).
+    moves_told: moves_told::MovesTold,
     /// Service types already inferred, by (command line, comm): inference scans every pattern,
     /// and a busy machine binds from the same few commands over and over.
     inferred: HashMap<(String, String), String>,
@@ -100,6 +104,7 @@ impl Broker {
             inferred: HashMap::new(),
             next_lease_seq: 1,
             reassignments: 0,
+            moves_told: moves_told::MovesTold::default(),
         }
     }
 

@@ -349,6 +349,8 @@ impl Broker {
         }
     }
 
+    /// The audit entry and event of a move, unless this process was moved the same way before
+    /// (see `moves_told`).
     pub(crate) fn audit_move(
         &mut self,
         req: &BindRequest,
@@ -357,6 +359,12 @@ impl Broker {
         effects: &mut Effects,
         now_ms: u64,
     ) {
+        if !self
+            .moves_told
+            .first_time(req.asker.id, req.protocol, req.port, port)
+        {
+            return;
+        }
         self.reassignments += 1;
         let (holder_pid, holder_comm) = match holder {
             Some(HolderView::Socket(h)) => (
