@@ -59,6 +59,31 @@ else
   log "skipping the Claude Code CLI: npm is missing (the Claude Code tests then skip)"
 fi
 
+# Real dev servers for tests/tests/dev_servers.rs: Django and Jupyter (a notebook server with
+# kernels, whose ZMQ ports are helper ports) from PyPI, Vite from npm into its own directory.
+dev_pip=()
+python3 -c 'import django' >/dev/null 2>&1 || dev_pip+=('django>=5.2,<5.3')
+python3 -c 'import jupyter_server, ipykernel' >/dev/null 2>&1 || dev_pip+=('jupyter_server>=2.14,<3' 'ipykernel>=6.29')
+if [ ${#dev_pip[@]} -gt 0 ]; then
+  log "pip install ${dev_pip[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${dev_pip[@]}"
+fi
+log "ok: Django $(python3 -c 'import django; print(django.__version__)'), jupyter_server $(python3 -c 'import jupyter_server; print(jupyter_server.__version__)')"
+vite_version=8
+if [ "$(id -u)" = 0 ]; then dev_dir=/opt/styxy-devservers; else dev_dir="$HOME/.cache/styxy/devservers"; fi
+if command -v npm >/dev/null 2>&1; then
+  case "$("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || true)" in
+    "vite/$vite_version."*) ;;
+    *)
+      log "npm install vite@$vite_version into $dev_dir"
+      mkdir -p "$dev_dir"
+      npm install --silent --no-audit --no-fund --prefix "$dev_dir" "vite@$vite_version" >/dev/null 2>&1 \
+        || npm install --no-audit --no-fund --prefix "$dev_dir" "vite@$vite_version"
+      ;;
+  esac
+  log "ok: $("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || echo 'vite not runnable')"
+fi
+
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are
 # no_std Rust for bpfel-unknown-none, built with -Z build-std=core, which needs the Rust library
 # source: Debian's rustc-web ships it (rust-web-src); rustup here cannot download rust-src. bpf-linker

@@ -198,7 +198,13 @@ async fn launch(
         .arg(state_dir)
         .arg("--config")
         .arg(dir.join("config.toml"))
-        .args(["--listen", "127.0.0.1:0", "--scan-interval-ms", "100"])
+        .args(["--listen", "127.0.0.1:0"])
+        // Quick readings, unless a test asks for the installed daemon's interval.
+        .args(if extra_args.iter().any(|a| a == "--scan-interval-ms") {
+            &[][..]
+        } else {
+            &["--scan-interval-ms", "100"][..]
+        })
         // The socket tables unless a test asks for another observer: `auto` would attach eBPF to
         // the root cgroup (as root), and every test daemon would see every other test's binds.
         .args(if extra_args.iter().any(|a| a == "--observer") {

@@ -4,11 +4,13 @@
 //!
 //! By subject: [`daemon`] (the daemon under test), [`processes`] (servers, holders, any command's
 //! output), [`ports`] (port blocks, machine-wide), [`binaries`] (what is tested and the clients),
-//! [`ebpf`], [`users`], [`claude`] (the Claude Code CLI); all re-exported here.
+//! [`ebpf`], [`users`], [`claude`] (the Claude Code CLI), [`dev_tools`] (Django, Vite, Jupyter);
+//! all re-exported here.
 
 mod binaries;
 pub mod claude;
 mod daemon;
+mod dev_tools;
 mod ebpf;
 mod ports;
 mod processes;
@@ -16,6 +18,7 @@ mod users;
 
 pub use binaries::*;
 pub use daemon::*;
+pub use dev_tools::{django, jupyter, vite};
 pub use ebpf::*;
 pub use ports::{give_back_port_block, port_block, BLOCK};
 pub use processes::*;
