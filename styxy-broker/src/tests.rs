@@ -1871,27 +1871,21 @@ fn a_leases_kind_is_saved_as_the_flags_every_daemon_reads() {
 
 // ---- a restart is the same server ---------------------------------------------------------------------
 
-/// Process `p` of `project` (and `instance`, when given) asks `asked`; it must be moved: returns
-/// where, with its socket bound there.
-fn moved_and_bound(
-    b: &mut Broker,
-    procs: &Procs,
-    p: u32,
-    cookie: u64,
-    asked: u16,
-    project: &str,
-    instance: Option<&str>,
-    now: u64,
-) -> u16 {
-    let req = BindRequest {
+/// Process `p` of `project` (and `instance`, when given) asking for `asked`.
+fn restart_req(p: u32, asked: u16, project: &str, instance: Option<&str>) -> BindRequest {
+    BindRequest {
         instance_id: instance.map(String::from),
         ..in_project(p, asked, project)
-    };
-    let (decision, _) = b.resolve_bind(&req, procs, now).expect("decision");
+    }
+}
+
+/// `req` must be moved: returns where, with its socket (`cookie`) bound there.
+fn moved_and_bound(b: &mut Broker, procs: &Procs, req: &BindRequest, cookie: u64, now: u64) -> u16 {
+    let (decision, _) = b.resolve_bind(req, procs, now).expect("decision");
     let BindDecision::Reassign { port, .. } = decision else {
         panic!("{decision:?}");
     };
-    b.apply(bound_by(cookie, port, p, Protocol::Tcp), now);
+    b.apply(bound_by(cookie, port, req.asker.id.pid, Protocol::Tcp), now);
     port
 }
 
@@ -1909,22 +1903,20 @@ fn a_restarted_server_gets_its_port_back_before_its_old_process_is_seen_gone() {
             alive: [pid(1), pid(4121), pid(40)].into(),
             ..Procs::default()
         };
-        let first = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", instance, 2);
+        let first = moved_and_bound(
+            &mut b,
+            &procs,
+            &restart_req(40, 6006, "/src/w", instance),
+            2,
+            2,
+        );
         assert_eq!(first, 6007);
         for child in 41..51u32 {
             procs.alive.remove(&pid(child - 1));
             procs.alive.insert(pid(child));
             let now = u64::from(child) * 10;
-            let port = moved_and_bound(
-                &mut b,
-                &procs,
-                child,
-                u64::from(child),
-                6006,
-                "/src/w",
-                instance,
-                now,
-            );
+            let req = restart_req(child, 6006, "/src/w", instance);
+            let port = moved_and_bound(&mut b, &procs, &req, u64::from(child), now);
             assert_eq!(port, first, "child {child} of {instance:?}");
             // The old child's socket goes from the table when the observer sees it.
             b.apply(
@@ -1949,11 +1941,23 @@ fn a_port_left_by_an_exited_server_of_another_session_is_not_taken_over() {
         alive: [pid(1), pid(2), pid(4121), pid(40), pid(50)].into(),
         ..Procs::default()
     };
-    let x = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", Some("feature-x"), 2);
+    let x = moved_and_bound(
+        &mut b,
+        &procs,
+        &restart_req(40, 6006, "/src/w", Some("feature-x")),
+        2,
+        2,
+    );
     assert_eq!(x, 6007);
     procs.alive.remove(&pid(40));
     // Same project, another session: X's port stays X's (it is held for X).
-    let y = moved_and_bound(&mut b, &procs, 50, 3, 6006, "/src/w", Some("feature-y"), 3);
+    let y = moved_and_bound(
+        &mut b,
+        &procs,
+        &restart_req(50, 6006, "/src/w", Some("feature-y")),
+        3,
+        3,
+    );
     assert_eq!(y, 6008);
 }
 
@@ -1967,11 +1971,11 @@ fn a_socket_whose_owner_lives_is_never_taken_over() {
         alive: [pid(4121), pid(40), pid(50)].into(),
         ..Procs::default()
     };
-    let first = moved_and_bound(&mut b, &procs, 40, 2, 6006, "/src/w", None, 2);
+    let first = moved_and_bound(&mut b, &procs, &restart_req(40, 6006, "/src/w", None), 2, 2);
     b.apply(bound_by(3, first, 45, Protocol::Tcp), 3);
     procs.alive.insert(pid(45));
     procs.alive.remove(&pid(40));
-    let again = moved_and_bound(&mut b, &procs, 50, 4, 6006, "/src/w", None, 4);
+    let again = moved_and_bound(&mut b, &procs, &restart_req(50, 6006, "/src/w", None), 4, 4);
     assert_ne!(again, first);
 }
 
