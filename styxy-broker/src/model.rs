@@ -273,6 +273,12 @@ pub struct AuditRecord {
     pub holder_pid: Option<u32>,
     /// That process's `comm`, when known.
     pub holder_comm: Option<String>,
+    /// That process's command line, when known (not in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_cmdline: Option<String>,
+    /// The agent session the holder belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_instance_id: Option<String>,
     /// The agent session of the moved process.
     pub instance_id: Option<String>,
 }

@@ -366,13 +366,22 @@ impl Broker {
             return;
         }
         self.reassignments += 1;
-        let (holder_pid, holder_comm) = match holder {
-            Some(HolderView::Socket(h)) => (
-                h.socket.owner.as_ref().map(|o| o.id.pid),
-                h.socket.owner.as_ref().map(|o| o.comm.clone()),
-            ),
-            Some(HolderView::Lease(l)) => (l.process.map(|p| p.pid), None),
-            None => (None, None),
+        let (holder_pid, holder_comm, holder_cmdline, holder_instance_id) = match holder {
+            Some(HolderView::Socket(h)) => {
+                let owner = h.socket.owner.as_ref();
+                (
+                    owner.map(|o| o.id.pid),
+                    owner.map(|o| o.comm.clone()),
+                    owner.map(|o| o.cmdline.clone()),
+                    h.instance_id
+                        .clone()
+                        .or_else(|| owner.and_then(|o| o.instance_id.clone())),
+                )
+            }
+            Some(HolderView::Lease(l)) => {
+                (l.process.map(|p| p.pid), None, None, l.instance_id.clone())
+            }
+            None => (None, None, None, None),
         };
         effects.notices.push(Notice::Reassigned(AuditRecord {
             at_ms: now_ms,
@@ -385,6 +394,8 @@ impl Broker {
             service_type: self.ranges.move_range(port).service_type,
             holder_pid,
             holder_comm,
+            holder_cmdline,
+            holder_instance_id,
             instance_id: req.instance_id.clone(),
         }));
     }

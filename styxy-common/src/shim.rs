@@ -8,12 +8,16 @@
 use core::ffi::c_char;
 
 /// Bumped on every incompatible change of [`BindQuery`], [`BindAnswer`] or the entry points.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Exported by the client library: returns [`ABI_VERSION`].
 pub const ABI_VERSION_SYMBOL: &core::ffi::CStr = c"styxy_client_abi_version";
 /// Exported by the client library: `extern "C" fn(*const BindQuery, *mut BindAnswer) -> i32`.
 pub const RESOLVE_BIND_SYMBOL: &core::ffi::CStr = c"styxy_client_resolve_bind";
+/// Exported by the client library, with [`ResolveBindFn`]'s signature: who holds the query's
+/// port (a read-only question, for the notice of a move the kernel made); fills only the
+/// answer's holder.
+pub const WHO_HOLDS_SYMBOL: &core::ffi::CStr = c"styxy_client_who_holds";
 
 /// File name of the client library, looked up next to the shim.
 pub const CLIENT_LIBRARY: &str = "libstyxy_shim_client.so";
@@ -44,8 +48,8 @@ pub const ACTION_KEEP: u8 = 0;
 /// Bind [`BindAnswer::port`] instead.
 pub const ACTION_REASSIGN: u8 = 1;
 
-/// Room for the holder's name (service type or command), NUL-terminated.
-pub const HOLDER_NAME_LEN: usize = 64;
+/// Room for the holder's description (its command and session), NUL-terminated.
+pub const HOLDER_NAME_LEN: usize = 128;
 
 /// The daemon's answer.
 #[repr(C)]
@@ -56,7 +60,8 @@ pub struct BindAnswer {
     pub port: u16,
     /// Pid of the process holding the asked port; 0 when it is held by a lease with no process.
     pub holder_pid: u32,
-    /// NUL-terminated: what holds the asked port (its service type, else its command).
+    /// NUL-terminated: what holds the asked port — its command in backticks and its session,
+    /// as the notice shows it.
     pub holder_name: [u8; HOLDER_NAME_LEN],
 }
 

@@ -10,10 +10,10 @@ use styxy_common::env;
 use styxy_common::net::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 use styxy_common::shim::{BindAnswer, BindQuery, ACTION_REASSIGN};
 
-use crate::client::{ask, Reply};
+use crate::client::{ask, who_holds, Reply};
 use crate::failure::{recent_failure, remember_failure, Failure};
 use crate::moves::{history, moved_before, moves_of, own_pid, record_move};
-use crate::notice::notify;
+use crate::notice::{notices_on, notify};
 use crate::reentry::ReentryGuard;
 use crate::sys::{env_flag, env_str, errno, getenv, set_errno, timeout_ms};
 use crate::{enforcer, table};
@@ -255,15 +255,22 @@ impl Bind {
     }
 
     /// After a bind the kernel steered: if it landed elsewhere than asked, one notice (the IPv4
-    /// and IPv6 binds of one server make one line).
+    /// and IPv6 binds of one server make one line), naming who holds the asked port as the
+    /// daemon knows it — one read-only question, only for a move, and only when the daemon has
+    /// not failed lately (the bind itself never waits for the daemon).
     fn tell_a_kernel_move(&self) {
         let Some(bound) = bound_port(self.fd) else {
             return;
         };
-        if bound != self.target.port && record_move(self.target.port, bound) {
+        if bound != self.target.port && record_move(self.target.port, bound) && notices_on() {
             let mut answer = BindAnswer::empty();
             answer.action = ACTION_REASSIGN;
             answer.port = bound;
+            if recent_failure().is_none() {
+                if let Some(protocol) = socket_protocol(self.fd) {
+                    who_holds(&self.query(protocol), &mut answer);
+                }
+            }
             notify(self.target.port, &answer);
         }
     }

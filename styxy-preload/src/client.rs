@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use styxy_common::env;
 use styxy_common::shim::{
     AbiVersionFn, BindAnswer, BindQuery, ResolveBindFn, ABI_VERSION, ABI_VERSION_SYMBOL,
-    CLIENT_LIBRARY, RESOLVE_BIND_SYMBOL, RESOLVE_OK, RESOLVE_TIMEOUT,
+    CLIENT_LIBRARY, RESOLVE_BIND_SYMBOL, RESOLVE_OK, RESOLVE_TIMEOUT, WHO_HOLDS_SYMBOL,
 };
 
 use crate::sys::{env_str, StackBuf};
@@ -35,7 +35,25 @@ pub(crate) fn ask(query: &BindQuery) -> Reply {
     }
 }
 
+/// Who holds the query's port: the answer's holder filled, or nothing when the daemon cannot
+/// say (the notice then names no holder).
+pub(crate) fn who_holds(query: &BindQuery, answer: &mut BindAnswer) {
+    if client().is_none() {
+        return;
+    }
+    let ptr = WHO_HOLDS.load(Ordering::Acquire);
+    if ptr.is_null() {
+        return;
+    }
+    // SAFETY: only ever set to the client library's who-holds function, whose signature is
+    // ResolveBindFn's (checked by name and ABI version in load_client).
+    let who_holds = unsafe { core::mem::transmute::<*mut c_void, ResolveBindFn>(ptr) };
+    // SAFETY: both pointers are valid for the call; the client library does not keep them.
+    unsafe { who_holds(query, answer) };
+}
+
 static RESOLVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static WHO_HOLDS: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CLIENT_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
 fn client() -> Option<ResolveBindFn> {
@@ -69,13 +87,14 @@ fn load_client() -> Option<ResolveBindFn> {
         return None;
     }
     // SAFETY: handle is a live library handle and the names are NUL-terminated.
-    let (version, resolve) = unsafe {
+    let (version, resolve, who_holds) = unsafe {
         (
             libc::dlsym(handle, ABI_VERSION_SYMBOL.as_ptr()),
             libc::dlsym(handle, RESOLVE_BIND_SYMBOL.as_ptr()),
+            libc::dlsym(handle, WHO_HOLDS_SYMBOL.as_ptr()),
         )
     };
-    if version.is_null() || resolve.is_null() {
+    if version.is_null() || resolve.is_null() || who_holds.is_null() {
         return None;
     }
     // SAFETY: the symbol is the client library's version function (checked by name).
@@ -84,6 +103,7 @@ fn load_client() -> Option<ResolveBindFn> {
     if unsafe { version() } != ABI_VERSION {
         return None;
     }
+    WHO_HOLDS.store(who_holds, Ordering::Release);
     RESOLVE.store(resolve, Ordering::Release);
     // SAFETY: the symbol is the resolve function of a library with our ABI version.
     Some(unsafe { core::mem::transmute::<*mut c_void, ResolveBindFn>(resolve) })

@@ -8,9 +8,19 @@ use styxy_common::shim::BindAnswer;
 
 use crate::sys::{env_str, errno, StackBuf};
 
+/// Whether notices are wanted at all (`STYXY_NOTIFY` is not `off`, `none` or `0`).
+pub(crate) fn notices_on() -> bool {
+    !matches!(
+        env_str(env::NOTIFY.c_name),
+        Some(b"off") | Some(b"none") | Some(b"0")
+    )
+}
+
 pub(crate) fn notify(requested: u16, answer: &BindAnswer) {
+    if !notices_on() {
+        return;
+    }
     let fd = match env_str(env::NOTIFY.c_name) {
-        Some(b"off") | Some(b"none") | Some(b"0") => return,
         Some(b"stdout") => libc::STDOUT_FILENO,
         _ => libc::STDERR_FILENO,
     };
@@ -102,8 +112,9 @@ fn without_sigpipe(write: impl FnOnce()) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, core::ptr::null_mut()) };
 }
 
-/// Room for the notice: its words, three numbers and a holder name of at most 63 bytes.
-const NOTICE_ROOM: usize = 192;
+/// Room for the notice: its words, three numbers and a holder description of at most
+/// `HOLDER_NAME_LEN - 1` (127) bytes.
+const NOTICE_ROOM: usize = 256;
 
 /// `✓ STYXY: Auto-assigned port NEW (ASKED in use by HOLDER, pid PID)` and a newline.
 pub(crate) fn notice_line(requested: u16, answer: &BindAnswer) -> StackBuf<NOTICE_ROOM> {
@@ -158,8 +169,8 @@ mod tests {
     #[test]
     fn notice_names_both_ports_and_the_holder() {
         assert_eq!(
-            notice(6006, &answer(6007, 4121, "storybook")),
-            "✓ STYXY: Auto-assigned port 6007 (6006 in use by storybook, pid 4121)\n"
+            notice(6006, &answer(6007, 4121, "`storybook dev -p 6006`, session feature-x")),
+            "✓ STYXY: Auto-assigned port 6007 (6006 in use by `storybook dev -p 6006`, session feature-x, pid 4121)\n"
         );
         assert_eq!(
             notice(8000, &answer(8001, 0, "")),
@@ -173,7 +184,7 @@ mod tests {
 
     #[test]
     fn the_longest_notice_fits() {
-        let name = "é".repeat(40);
+        let name = "é".repeat(styxy_common::shim::HOLDER_NAME_LEN);
         let line = notice(65535, &answer(65535, u32::MAX, &name));
         assert!(line.ends_with(", pid 4294967295)\n"), "{line}");
     }

@@ -1,7 +1,8 @@
 //! `libstyxy_shim_client.so`: the gRPC client behind the preload shim.
 //!
 //! The shim `dlopen()`s this library on the first bind that needs the daemon and calls
-//! [`styxy_client_resolve_bind`]. The call runs on the calling thread: a blocking HTTP/2 client of
+//! [`styxy_client_resolve_bind`] (and, to name the holder in the notice of a move the kernel
+//! made, [`styxy_client_who_holds`]). The call runs on the calling thread: a blocking HTTP/2 client of
 //! this crate's own ([`http2`]) sends the `ResolveBind` request in one write and waits with
 //! `poll()` against the query's deadline. No runtime and no threads: nothing a host program could
 //! notice, a tokio host included. Connections are kept per process in a small pool, so threads
@@ -25,8 +26,12 @@ use styxy_proto::v1 as pb;
 
 use crate::http2::{CallError, Connection};
 
-/// The gRPC method the shim calls.
+/// The gRPC method the shim calls for a bind.
 const RESOLVE_BIND_METHOD: &str = "/styxy.v1.PortBroker/ResolveBind";
+/// The read-only method it calls to name who holds a port the kernel moved a bind off.
+const OBSERVE_METHOD: &str = "/styxy.v1.PortBroker/Observe";
+/// How many characters of the holder's command the notice shows.
+const HOLDER_COMMAND_CHARS: usize = 72;
 /// Idle connections kept per process: enough for the threads of a host that bind at once.
 const POOL_SIZE: usize = 4;
 /// gRPC status codes the shim tells apart (the others are refusals).
@@ -62,6 +67,35 @@ pub unsafe extern "C" fn styxy_client_resolve_bind(
         // SAFETY: the query's strings are valid per the caller's contract.
         match unsafe { OwnedQuery::from_abi(query) } {
             Some(query) => resolve(query, answer),
+            None => RESOLVE_BAD_QUERY,
+        }
+    })
+    .unwrap_or(RESOLVE_INTERNAL)
+}
+
+/// Who holds the query's port (protocol), for the notice of a move the kernel made: fills the
+/// answer's holder (pid and description) with the first holder that is not the asking process.
+/// Returns `RESOLVE_OK` also when nobody is found (the holder stays empty). Same contract as
+/// [`styxy_client_resolve_bind`].
+///
+/// # Safety
+/// As [`styxy_client_resolve_bind`].
+#[no_mangle]
+pub unsafe extern "C" fn styxy_client_who_holds(
+    query: *const BindQuery,
+    answer: *mut BindAnswer,
+) -> c_int {
+    if query.is_null() || answer.is_null() {
+        return RESOLVE_BAD_QUERY;
+    }
+    std::panic::catch_unwind(|| {
+        // SAFETY: non-null and valid per the caller's contract.
+        let query = unsafe { &*query };
+        // SAFETY: as above.
+        let answer = unsafe { &mut *answer };
+        // SAFETY: the query's strings are valid per the caller's contract.
+        match unsafe { OwnedQuery::from_abi(query) } {
+            Some(query) => who_holds(query, answer),
             None => RESOLVE_BAD_QUERY,
         }
     })
@@ -113,7 +147,8 @@ impl OwnedQuery {
 }
 
 enum Reply {
-    Answer(pb::ResolveBindResponse),
+    /// The daemon's answer message, still encoded.
+    Answer(Vec<u8>),
     /// The daemon answered with an error status.
     Refused,
     /// No daemon: no socket, or nobody accepting on it.
@@ -127,15 +162,73 @@ fn resolve(query: OwnedQuery, answer: &mut BindAnswer) -> c_int {
     let Some(client) = client() else {
         return RESOLVE_INTERNAL;
     };
-    match client.ask(&query, deadline) {
-        Reply::Answer(response) => fill_answer(&response, answer),
+    let message = query.request.encode_to_vec();
+    let reply = client.call(&query.socket, &client.resolve_header, &message, deadline);
+    match reply {
+        Reply::Answer(bytes) => match pb::ResolveBindResponse::decode(bytes.as_slice()) {
+            Ok(response) => fill_answer(&response, query.request.port, answer),
+            Err(_) => RESOLVE_REFUSED,
+        },
         Reply::Refused => RESOLVE_REFUSED,
         Reply::Unreachable => RESOLVE_UNREACHABLE,
         Reply::Slow => RESOLVE_TIMEOUT,
     }
 }
 
-fn fill_answer(response: &pb::ResolveBindResponse, answer: &mut BindAnswer) -> c_int {
+fn who_holds(query: OwnedQuery, answer: &mut BindAnswer) -> c_int {
+    let deadline = Instant::now() + query.timeout;
+    let Some(client) = client() else {
+        return RESOLVE_INTERNAL;
+    };
+    let request = pb::ObserveRequest {
+        port: query.request.port,
+        protocol: query.request.protocol,
+    };
+    let message = request.encode_to_vec();
+    match client.call(&query.socket, &client.observe_header, &message, deadline) {
+        Reply::Answer(bytes) => match pb::ObserveResponse::decode(bytes.as_slice()) {
+            Ok(response) => {
+                let asker = query.request.pid;
+                if let Some(holder) = response.holders.iter().find(|h| h.pid != asker) {
+                    answer.holder_pid = holder.pid;
+                    answer.set_holder_name(&holder_description(holder, query.request.port));
+                }
+                RESOLVE_OK
+            }
+            Err(_) => RESOLVE_REFUSED,
+        },
+        Reply::Refused => RESOLVE_REFUSED,
+        Reply::Unreachable => RESOLVE_UNREACHABLE,
+        Reply::Slow => RESOLVE_TIMEOUT,
+    }
+}
+
+/// How the notice names the holder of `asked`: its command in backticks (its port arguments
+/// kept when cut) and its session — "`python3 -m http.server 8000`, session feature-x". A lease
+/// or a hold has no command (and no address): "a lease", with its session.
+fn holder_description(holder: &pb::Holder, asked: u32) -> String {
+    let ports = u16::try_from(asked).map(|p| vec![p]).unwrap_or_default();
+    let command = styxy_common::command_line::shown(
+        &holder.cmdline,
+        &holder.comm,
+        HOLDER_COMMAND_CHARS,
+        &ports,
+    );
+    let mut text = if !command.is_empty() {
+        format!("`{command}`")
+    } else if holder.addresses.is_empty() && holder.port != 0 {
+        "a lease".to_string()
+    } else {
+        "another process".to_string()
+    };
+    if !holder.instance_id.is_empty() {
+        text.push_str(", session ");
+        text.push_str(&holder.instance_id);
+    }
+    text
+}
+
+fn fill_answer(response: &pb::ResolveBindResponse, asked: u32, answer: &mut BindAnswer) -> c_int {
     let Ok(port) = u16::try_from(response.port) else {
         return RESOLVE_REFUSED;
     };
@@ -148,12 +241,7 @@ fn fill_answer(response: &pb::ResolveBindResponse, answer: &mut BindAnswer) -> c
     };
     if let Some(holder) = &response.holder {
         answer.holder_pid = holder.pid;
-        let name = if holder.service_type.is_empty() {
-            &holder.comm
-        } else {
-            &holder.service_type
-        };
-        answer.set_holder_name(name);
+        answer.set_holder_name(&holder_description(holder, asked));
     }
     RESOLVE_OK
 }
@@ -161,35 +249,33 @@ fn fill_answer(response: &pb::ResolveBindResponse, answer: &mut BindAnswer) -> c
 /// The connections of one process.
 struct Client {
     pid: u32,
-    /// The request header block of `ResolveBind`, the same for every call.
-    header_block: Vec<u8>,
+    /// The request header blocks of `ResolveBind` and `Observe`, the same for every call.
+    resolve_header: Vec<u8>,
+    observe_header: Vec<u8>,
     idle: Mutex<Vec<Connection>>,
 }
 
 impl Client {
-    /// One `ResolveBind` call. A connection taken from the pool may have been closed by a daemon
-    /// that restarted since: then the call is made once more on a fresh connection.
-    fn ask(&self, query: &OwnedQuery, deadline: Instant) -> Reply {
-        let message = query.request.encode_to_vec();
-        let mut pooled = self.take_idle(&query.socket);
+    /// One unary call (`header_block` names the method). A connection taken from the pool may
+    /// have been closed by a daemon that restarted since: then the call is made once more on a
+    /// fresh connection.
+    fn call(&self, socket: &Path, header_block: &[u8], message: &[u8], deadline: Instant) -> Reply {
+        let mut pooled = self.take_idle(socket);
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
                 Some(conn) => conn,
-                None => match Connection::open(&query.socket, deadline) {
+                None => match Connection::open(socket, deadline) {
                     Ok(conn) => conn,
                     Err(CallError::Timeout) => return Reply::Slow,
                     Err(_) => return Reply::Unreachable,
                 },
             };
-            match conn.unary(&self.header_block, &message, deadline) {
+            match conn.unary(header_block, message, deadline) {
                 Ok(reply) => {
                     self.put_idle(conn);
                     return match reply.grpc_status {
-                        0 => match pb::ResolveBindResponse::decode(reply.message.as_slice()) {
-                            Ok(response) => Reply::Answer(response),
-                            Err(_) => Reply::Refused,
-                        },
+                        0 => Reply::Answer(reply.message),
                         GRPC_UNAVAILABLE => Reply::Unreachable,
                         GRPC_DEADLINE_EXCEEDED => Reply::Slow,
                         _ => Reply::Refused,
@@ -240,7 +326,8 @@ fn client() -> Option<&'static Client> {
     }
     let fresh = Box::into_raw(Box::new(Client {
         pid,
-        header_block: http2::request_header_block(RESOLVE_BIND_METHOD),
+        resolve_header: http2::request_header_block(RESOLVE_BIND_METHOD),
+        observe_header: http2::request_header_block(OBSERVE_METHOD),
         idle: Mutex::new(Vec::new()),
     }));
     match CLIENT.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
@@ -285,6 +372,56 @@ mod tests {
         assert_eq!(rc, RESOLVE_UNREACHABLE);
         // A generous bound: the point is that it does not hang.
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_holder_is_named_by_command_and_session() {
+        let socket = pb::Holder {
+            pid: 4121,
+            comm: "python3".into(),
+            cmdline: "/usr/bin/python3 -m http.server 8000".into(),
+            addresses: vec!["127.0.0.1".into()],
+            port: 8000,
+            instance_id: "feature-x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            holder_description(&socket, 8000),
+            "`python3 -m http.server 8000`, session feature-x"
+        );
+        let outside = pb::Holder {
+            instance_id: String::new(),
+            ..socket.clone()
+        };
+        assert_eq!(
+            holder_description(&outside, 8000),
+            "`python3 -m http.server 8000`"
+        );
+        let long = pb::Holder {
+            cmdline: format!("node {} --port 8000", "/very/long/path".repeat(10)),
+            ..socket.clone()
+        };
+        let text = holder_description(&long, 8000);
+        assert!(
+            text.contains(" … --port 8000`, session feature-x"),
+            "{text}"
+        );
+        let lease = pb::Holder {
+            pid: 0,
+            port: 8000,
+            instance_id: "feature-x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            holder_description(&lease, 8000),
+            "a lease, session feature-x"
+        );
+        let unknown = pb::Holder {
+            addresses: vec!["0.0.0.0".into()],
+            port: 8000,
+            ..Default::default()
+        };
+        assert_eq!(holder_description(&unknown, 8000), "another process");
     }
 
     #[test]

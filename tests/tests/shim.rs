@@ -41,8 +41,12 @@ async fn a_python_server_on_a_held_port_starts_on_a_free_one_and_says_so() -> Re
         moved != asked && (daemon.base + 100..=daemon.base + 199).contains(&moved),
         "moved within the api range: {notice}"
     );
+    // The holder by its command (not a service type): the agent can tell whose it is.
     assert!(
-        notice.ends_with(&format!("({asked} in use by api, pid {})", holder.pid())),
+        notice.ends_with(&format!(
+            "({asked} in use by `python3 -m http.server {asked} --bind 127.0.0.1`, pid {})",
+            holder.pid()
+        )),
         "{notice}"
     );
     server.has_line(20, |l| l.contains(&format!("port {moved}")))?;

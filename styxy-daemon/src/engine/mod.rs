@@ -36,6 +36,7 @@ use styxy_broker::{
     Lease, Notice, PortView, ProcessId, Protocol, Scope, Suggestion,
 };
 
+pub use reports::AskedHolder;
 pub use status::{DelayWindow, Endpoints, ObserverStatus};
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.

@@ -7,9 +7,18 @@ use styxy_broker::{AuditRecord, BrokerError, Lease, SessionServer};
 /// A session's servers and what changed since it was last told, each server with who held the
 /// port it asked for when it was moved (from the audit log), if known.
 pub struct SessionReport {
-    pub started: Vec<(SessionServer, Option<(u32, String)>)>,
-    pub stopped: Vec<(SessionServer, Option<(u32, String)>)>,
-    pub running: Vec<(SessionServer, Option<(u32, String)>)>,
+    pub started: Vec<(SessionServer, Option<AskedHolder>)>,
+    pub stopped: Vec<(SessionServer, Option<AskedHolder>)>,
+    pub running: Vec<(SessionServer, Option<AskedHolder>)>,
+}
+
+/// Who held the port a moved server asked for, as its move's audit entry recorded it.
+pub struct AskedHolder {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    /// The holder's agent session, if any.
+    pub instance_id: String,
 }
 
 /// Everything `ListPorts` answers.
@@ -56,7 +65,7 @@ impl Engine {
         let changes = self.session_reports.next(instance, &running, peek);
         let audit = lock(&self.audit);
         let with_holder =
-            |servers: Vec<SessionServer>| -> Vec<(SessionServer, Option<(u32, String)>)> {
+            |servers: Vec<SessionServer>| -> Vec<(SessionServer, Option<AskedHolder>)> {
                 servers
                     .into_iter()
                     .map(|s| {
@@ -70,7 +79,15 @@ impl Engine {
                                         && r.requested_port == asked
                                 })
                                 .and_then(|r| {
-                                    Some((r.holder_pid?, r.holder_comm.clone().unwrap_or_default()))
+                                    Some(AskedHolder {
+                                        pid: r.holder_pid?,
+                                        comm: r.holder_comm.clone().unwrap_or_default(),
+                                        cmdline: r.holder_cmdline.clone().unwrap_or_default(),
+                                        instance_id: r
+                                            .holder_instance_id
+                                            .clone()
+                                            .unwrap_or_default(),
+                                    })
                                 })
                         });
                         (s, holder)

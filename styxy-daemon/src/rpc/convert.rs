@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use crate::engine::EngineError;
+use crate::engine::{AskedHolder, EngineError};
 use styxy_broker::ranges::is_valid_type_name;
 use styxy_broker::BrokerError;
 use styxy_broker::{AuditRecord, Held, Lease, Notice, Protocol, ViewEntry};
@@ -140,7 +140,7 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
 /// A server of a session, with who held the port it asked for.
 pub fn session_server(
     server: &styxy_broker::SessionServer,
-    asked_holder: Option<&(u32, String)>,
+    asked_holder: Option<&AskedHolder>,
 ) -> pb::SessionServer {
     pb::SessionServer {
         pid: server.pid,
@@ -149,8 +149,12 @@ pub fn session_server(
         protocol: pb::Protocol::from(server.protocol) as i32,
         port: u32::from(server.port),
         asked_port: server.asked.map_or(0, u32::from),
-        asked_holder_pid: asked_holder.map_or(0, |h| h.0),
-        asked_holder_comm: asked_holder.map(|h| h.1.clone()).unwrap_or_default(),
+        asked_holder_pid: asked_holder.map_or(0, |h| h.pid),
+        asked_holder_comm: asked_holder.map(|h| h.comm.clone()).unwrap_or_default(),
+        asked_holder_cmdline: asked_holder.map(|h| h.cmdline.clone()).unwrap_or_default(),
+        asked_holder_instance_id: asked_holder
+            .map(|h| h.instance_id.clone())
+            .unwrap_or_default(),
         addresses: server.addresses.clone(),
     }
 }
@@ -222,6 +226,8 @@ pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
         service_type: r.service_type.clone(),
         holder_pid: r.holder_pid.unwrap_or(0),
         holder_comm: r.holder_comm.clone().unwrap_or_default(),
+        holder_cmdline: r.holder_cmdline.clone().unwrap_or_default(),
+        holder_instance_id: r.holder_instance_id.clone().unwrap_or_default(),
         instance_id: r.instance_id.clone().unwrap_or_default(),
         uid: r.uid,
     }

@@ -19,7 +19,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::clock::now_ms;
-use crate::engine::Engine;
+use crate::engine::{AskedHolder, Engine};
 use crate::procs;
 use styxy_broker::{AllocateRequest, BindDecision, BindRequest, Caller, HolderView};
 use styxy_proto::v1 as pb;
@@ -292,12 +292,13 @@ impl BrokerService {
                 port: u32::from(port),
                 holder: holder.map(|h| match h {
                     HolderView::Socket(held) => convert::holder(&held),
+                    // A lease has no command: the shim names it as a lease (of its session).
                     HolderView::Lease(lease) => pb::Holder {
                         pid: lease.process.map_or(0, |p| p.pid),
-                        comm: format!("lease {}", lease.id),
                         service_type: lease.service_type,
                         uid: lease.owner_uid,
                         port: u32::from(lease.port),
+                        instance_id: lease.instance_id.unwrap_or_default(),
                         ..Default::default()
                     },
                 }),
@@ -492,7 +493,7 @@ impl PortBroker for BrokerService {
             };
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
-            let servers = |list: &[(styxy_broker::SessionServer, Option<(u32, String)>)]| {
+            let servers = |list: &[(styxy_broker::SessionServer, Option<AskedHolder>)]| {
                 list.iter()
                     .map(|(s, holder)| convert::session_server(s, holder.as_ref()))
                     .collect()

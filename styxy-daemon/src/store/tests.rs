@@ -34,6 +34,8 @@ fn audit(port: u16) -> AuditRecord {
         service_type: "dev".into(),
         holder_pid: None,
         holder_comm: None,
+        holder_cmdline: None,
+        holder_instance_id: None,
         instance_id: None,
     }
 }
