@@ -26,6 +26,7 @@ use styxy_common::env;
 const ENV_MARKER: &str = "# styxy: bind() shim for this session (styxy hook session-start)";
 
 pub mod post_tool_use;
+pub mod printed_urls;
 pub mod settings;
 
 /// A hook's JSON input from stdin, at most 1 MiB: a hook's input is a few hundred bytes, a larger

@@ -1,11 +1,15 @@
 //! `styxy hook post-tool-use` (Claude Code `PostToolUse`, matcher `Bash`): tells the agent what
-//! changed for its session since it was last told — each moved bind (command, asked → bound port,
-//! who held the asked one) and each server of the session that started or stopped, background
-//! processes included — through the hook's JSON output (`hookSpecificOutput.additionalContext`).
-//! Agents start servers in the background and never read their stderr, so this is how they learn
-//! of a move. Says nothing when nothing changed, and never fails the tool call.
+//! changed for its session since it was last told — each moved bind first (command, asked → bound
+//! port, who held the asked one: command, pid and session), then each server of the session that
+//! started or stopped on a port it asked for, background processes included, and the helper
+//! ports (a notebook's kernel channels, a debugging port) in one line — through the hook's JSON
+//! output (`hookSpecificOutput.additionalContext`); and, when the command printed a URL with the
+//! port its server was moved off, which URL works where (`printed_urls`). Agents start servers in
+//! the background and never read their stderr, so this is how they learn of a move. Says nothing
+//! when nothing changed, and never fails the tool call.
 
 use std::fmt::Write as _;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use serde_json::json;
@@ -13,10 +17,12 @@ use styxy_proto::v1::{SessionReportRequest, SessionReportResponse, SessionServer
 
 use crate::client::Target;
 
-/// At most this many servers are described in one report; the rest are counted.
+/// At most this many servers are described one per line; the rest are counted.
 const SERVERS_TOLD: usize = 12;
-/// Command lines are cut to this many characters.
+/// Command lines are cut to this many characters (their port arguments kept).
 const COMMAND_CHARS: usize = 100;
+/// At most this many helper ports are listed by number in the summary line.
+const HELPER_PORTS_LISTED: usize = 8;
 
 /// Runs the hook: reads the hook's JSON input, asks the daemon, prints the hook's JSON output
 /// when something changed. Whatever goes wrong, prints nothing.
@@ -26,6 +32,10 @@ pub async fn run(target: &Target) {
         return;
     };
     let instance = super::instance_id(&session_id);
+    let facts = Facts {
+        ephemeral: ephemeral_ports(),
+        tool_output: super::printed_urls::tool_output(&input),
+    };
     let call = async {
         let mut client = crate::client::connect(target).await?;
         let report = client
@@ -39,15 +49,37 @@ pub async fn run(target: &Target) {
         anyhow::Ok(report)
     };
     if let Ok(Ok(report)) = tokio::time::timeout(Duration::from_secs(3), call).await {
-        if let Some(output) = hook_output(&report) {
+        if let Some(output) = hook_output(&report, &facts) {
             println!("{output}");
         }
     }
 }
 
+/// What the report is read with besides the daemon's answer.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    /// The kernel's ephemeral ports (`ip_local_port_range`): where port-0 binds land, and the
+    /// helper ports of a server (Jupyter's kernel channels, a browser's debugging port) with them.
+    pub ephemeral: RangeInclusive<u16>,
+    /// What the tool call printed (its stdout and stderr), where a tool may print a URL with a
+    /// port it does not listen on.
+    pub tool_output: String,
+}
+
+/// `/proc/sys/net/ipv4/ip_local_port_range`, else Linux's default 32768–60999.
+fn ephemeral_ports() -> RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+            Some(numbers.next()?.ok()?..=numbers.next()?.ok()?)
+        })
+        .unwrap_or(32768..=60999)
+}
+
 /// The hook's JSON output for a report, or `None` when nothing changed (no context noise).
-pub fn hook_output(report: &SessionReportResponse) -> Option<String> {
-    let context = describe(report)?;
+pub fn hook_output(report: &SessionReportResponse, facts: &Facts) -> Option<String> {
+    let context = describe(report, facts)?;
     Some(
         json!({
             "hookSpecificOutput": {
@@ -59,51 +91,104 @@ pub fn hook_output(report: &SessionReportResponse) -> Option<String> {
     )
 }
 
-/// What changed, in words for the agent; `None` when nothing did.
-pub fn describe(report: &SessionReportResponse) -> Option<String> {
-    if report.started.is_empty() && report.stopped.is_empty() {
+/// What changed, in words for the agent; `None` when nothing did. Moved servers first, then the
+/// servers that started and stopped on ports their commands asked for, one line each; helper
+/// ports (a notebook's kernel channels, a debugging port) in one line; then any URL the tool
+/// printed with a port its server was moved off.
+pub fn describe(report: &SessionReportResponse, facts: &Facts) -> Option<String> {
+    let helper = |s: &&SessionServer| is_helper(s, &facts.ephemeral);
+    let (started_helpers, started): (Vec<&SessionServer>, Vec<&SessionServer>) =
+        report.started.iter().partition(helper);
+    let (stopped_helpers, stopped): (Vec<&SessionServer>, Vec<&SessionServer>) =
+        report.stopped.iter().partition(helper);
+    let urls = super::printed_urls::corrections(&facts.tool_output, &report.running);
+    if report.started.is_empty() && report.stopped.is_empty() && urls.is_empty() {
         return None;
     }
-    let mut text = String::from("Styxy: this session's servers changed.");
-    let told = report
-        .started
+    let (moved, kept): (Vec<&SessionServer>, Vec<&SessionServer>) =
+        started.into_iter().partition(|s| is_moved(s));
+    // Which lines fit: moved servers first, then stopped ones (an agent waits for those), then
+    // the rest; shown in the order moved, started, stopped.
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    let by_priority = moved
         .iter()
-        .map(|s| (true, s))
-        .chain(report.stopped.iter().map(|s| (false, s)));
-    let total = report.started.len() + report.stopped.len();
-    for (started, server) in told.take(SERVERS_TOLD) {
+        .map(|s| (0, describe_started(s)))
+        .chain(stopped.iter().map(|s| (2, describe_stopped(s))))
+        .chain(kept.iter().map(|s| (1, describe_started(s))));
+    let total = moved.len() + stopped.len() + kept.len();
+    lines.extend(by_priority.take(SERVERS_TOLD));
+    lines.sort_by_key(|(order, _)| *order);
+    let mut text = String::from("Styxy: this session's servers changed.");
+    if report.started.is_empty() && report.stopped.is_empty() {
+        text = String::from("Styxy: a URL this command printed needs a correction.");
+    }
+    for (_, line) in &lines {
         text.push_str("\n- ");
-        text += &if started {
-            describe_started(server)
-        } else {
-            describe_stopped(server)
-        };
+        text.push_str(line);
     }
     if total > SERVERS_TOLD {
         let _ = write!(
             text,
-            "\n- … and {} more (`styxy ports` lists them all).",
+            "\n- … and {} more (`styxy session` lists them all).",
             total - SERVERS_TOLD
         );
     }
+    if let Some(line) = describe_helpers(&started_helpers, &stopped_helpers) {
+        text.push_str("\n- ");
+        text.push_str(&line);
+    }
+    for line in urls {
+        text.push_str("\n- ");
+        text.push_str(&line);
+    }
     Some(text)
+}
+
+/// Whether the server was moved off the port it asked for.
+fn is_moved(s: &SessionServer) -> bool {
+    s.asked_port != 0 && s.asked_port != s.port
+}
+
+/// Whether a server's port is a helper's, not one a person or a client would use: not moved,
+/// and either on an ephemeral port its command line does not name (a notebook kernel's channels,
+/// a port-0 listener), or named as a debugging port (`--remote-debugging-port`, `--inspect`).
+pub fn is_helper(s: &SessionServer, ephemeral: &RangeInclusive<u16>) -> bool {
+    if is_moved(s) {
+        return false;
+    }
+    let Ok(port) = u16::try_from(s.port) else {
+        return false;
+    };
+    let named = |word: &str| {
+        word.split(|c: char| !c.is_ascii_digit())
+            .any(|part| part.parse::<u16>().ok() == Some(port))
+    };
+    let mut words = s.cmdline.split_whitespace().peekable();
+    let mut names_it = false;
+    while let Some(word) = words.next() {
+        let debugging =
+            word.starts_with("--remote-debugging-port") || word.starts_with("--inspect");
+        let this = named(word)
+            || (debugging && !word.contains('=') && words.peek().is_some_and(|w| named(w)));
+        if this && debugging {
+            return true;
+        }
+        names_it |= this;
+    }
+    ephemeral.contains(&port) && !names_it
 }
 
 fn describe_started(s: &SessionServer) -> String {
     let who = process(s);
     let proto = protocol(s);
-    if s.asked_port != 0 && s.asked_port != s.port {
-        let holder = match (s.asked_holder_pid, s.asked_holder_comm.as_str()) {
-            (0, _) => "another process".to_string(),
-            (pid, "") => format!("pid {pid}"),
-            (pid, comm) => format!("{comm} (pid {pid})"),
-        };
+    if is_moved(s) {
         format!(
             "MOVED: {who} asked for {proto} port {asked}, which {holder} holds, and listens on {port} \
              instead. Inside this session (commands you run here) localhost:{asked} reaches it; \
              outside it (a browser, another session) use localhost:{port}.",
             asked = s.asked_port,
             port = s.port,
+            holder = holder(s),
         )
     } else {
         format!(
@@ -117,7 +202,7 @@ fn describe_started(s: &SessionServer) -> String {
 fn describe_stopped(s: &SessionServer) -> String {
     let who = process(s);
     let proto = protocol(s);
-    if s.asked_port != 0 && s.asked_port != s.port {
+    if is_moved(s) {
         format!(
             "stopped: {who} no longer listens on {proto} port {port} (moved from {asked}).",
             port = s.port,
@@ -131,24 +216,86 @@ fn describe_stopped(s: &SessionServer) -> String {
     }
 }
 
-/// `` `python3 -m http.server 8000` (pid 4121) ``: the command line, cut, else the name.
-fn process(s: &SessionServer) -> String {
-    let command = if s.cmdline.trim().is_empty() {
-        s.comm.as_str()
-    } else {
-        s.cmdline.trim()
-    };
-    let mut cut: String = command
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(COMMAND_CHARS)
-        .collect();
-    if command.chars().count() > COMMAND_CHARS {
-        cut.push('…');
+/// One line for the helper ports that started and stopped: how many, whose, which.
+fn describe_helpers(started: &[&SessionServer], stopped: &[&SessionServer]) -> Option<String> {
+    if started.is_empty() && stopped.is_empty() {
+        return None;
     }
-    // Backticks would end the code span early.
-    let cut = cut.replace('`', "'");
-    format!("`{cut}` (pid {})", s.pid)
+    let mut text =
+        String::from("helper ports (not for a browser: kernel channels, debugging ports):");
+    for (verb, list) in [("started", started), ("stopped", stopped)] {
+        if list.is_empty() {
+            continue;
+        }
+        let mut pids: Vec<u32> = list.iter().map(|s| s.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        let mut ports: Vec<u32> = list.iter().map(|s| s.port).collect();
+        ports.sort_unstable();
+        let shown: Vec<String> = ports
+            .iter()
+            .take(HELPER_PORTS_LISTED)
+            .map(u32::to_string)
+            .collect();
+        let more = if ports.len() > HELPER_PORTS_LISTED {
+            ", …"
+        } else {
+            ""
+        };
+        let whose = if pids.len() == 1 {
+            process(list[0])
+        } else {
+            format!("{} processes, e.g. {}", pids.len(), process(list[0]))
+        };
+        let _ = write!(
+            text,
+            " {} {verb} ({}{more}) by {whose};",
+            list.len(),
+            shown.join(", ")
+        );
+    }
+    text.pop();
+    text.push_str(". `styxy session` lists them.");
+    Some(text)
+}
+
+/// Who held the port a moved server asked for: `` `python3 -m http.server 8000` (pid 4121,
+/// session feature-x) ``, else by name, else "another process".
+fn holder(s: &SessionServer) -> String {
+    if s.asked_holder_pid == 0 {
+        return "another process".to_string();
+    }
+    let asked = u16::try_from(s.asked_port)
+        .map(|p| vec![p])
+        .unwrap_or_default();
+    let command = styxy_common::command_line::shown(
+        &s.asked_holder_cmdline,
+        &s.asked_holder_comm,
+        COMMAND_CHARS,
+        &asked,
+    );
+    let session = if s.asked_holder_instance_id.is_empty() {
+        String::new()
+    } else {
+        format!(", session {}", s.asked_holder_instance_id)
+    };
+    if command.is_empty() {
+        format!("pid {}{session}", s.asked_holder_pid)
+    } else {
+        format!("`{command}` (pid {}{session})", s.asked_holder_pid)
+    }
+}
+
+/// `` `python3 -m http.server 8000` (pid 4121) ``: the command line (cut, its port arguments
+/// kept), else the name.
+fn process(s: &SessionServer) -> String {
+    let ports: Vec<u16> = [s.asked_port, s.port]
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .collect();
+    let command = styxy_common::command_line::shown(&s.cmdline, &s.comm, COMMAND_CHARS, &ports);
+    format!("`{command}` (pid {})", s.pid)
 }
 
 /// `TCP` or `UDP` (as `styxy ports` names them, in capitals for prose).
@@ -165,6 +312,13 @@ mod tests {
     use serde_json::Value;
     use styxy_proto::v1::Protocol;
 
+    fn facts() -> Facts {
+        Facts {
+            ephemeral: 32768..=60999,
+            tool_output: String::new(),
+        }
+    }
+
     fn server(pid: u32, port: u32, asked: u32) -> SessionServer {
         SessionServer {
             pid,
@@ -180,9 +334,32 @@ mod tests {
             asked_holder_comm: if asked == 0 {
                 String::new()
             } else {
-                "storybook".into()
+                "node".into()
+            },
+            asked_holder_cmdline: if asked == 0 {
+                String::new()
+            } else {
+                format!("node .bin/storybook dev -p {asked}")
+            },
+            asked_holder_instance_id: if asked == 0 {
+                String::new()
+            } else {
+                "feature-x".into()
             },
             addresses: vec!["0.0.0.0".into()],
+        }
+    }
+
+    /// A Jupyter kernel's channel: an ephemeral port its command line does not name.
+    fn kernel_channel(pid: u32, port: u32) -> SessionServer {
+        SessionServer {
+            pid,
+            comm: "python3".into(),
+            cmdline: "/usr/bin/python3 -m ipykernel_launcher -f /root/.local/share/jupyter/runtime/kernel-1.json".into(),
+            protocol: Protocol::Tcp as i32,
+            port,
+            addresses: vec!["127.0.0.1".into()],
+            ..Default::default()
         }
     }
 
@@ -192,17 +369,20 @@ mod tests {
             running: vec![server(1, 8000, 0)],
             ..Default::default()
         };
-        assert_eq!(hook_output(&report), None);
-        assert_eq!(hook_output(&SessionReportResponse::default()), None);
+        assert_eq!(hook_output(&report, &facts()), None);
+        assert_eq!(
+            hook_output(&SessionReportResponse::default(), &facts()),
+            None
+        );
     }
 
     #[test]
-    fn a_move_names_both_ports_the_command_and_the_holder() {
+    fn a_move_names_both_ports_the_command_and_the_holder_with_its_session() {
         let report = SessionReportResponse {
             started: vec![server(7, 6007, 6006)],
             ..Default::default()
         };
-        let output = hook_output(&report).expect("a report");
+        let output = hook_output(&report, &facts()).expect("a report");
         let value: Value = serde_json::from_str(&output).expect("JSON");
         assert_eq!(value["hookSpecificOutput"]["hookEventName"], "PostToolUse");
         let context = value["hookSpecificOutput"]["additionalContext"]
@@ -212,7 +392,7 @@ mod tests {
             "MOVED",
             "`python3 -m http.server 6006` (pid 7)",
             "asked for TCP port 6006",
-            "storybook (pid 4121)",
+            "which `node .bin/storybook dev -p 6006` (pid 4121, session feature-x) holds",
             "localhost:6006 reaches it",
             "use localhost:6007",
         ] {
@@ -221,32 +401,117 @@ mod tests {
     }
 
     #[test]
-    fn started_and_stopped_servers_are_listed_and_long_lists_cut() {
+    fn moved_servers_come_first_and_stopped_ones_are_never_crowded_out() {
         let report = SessionReportResponse {
-            started: (0..20).map(|i| server(100 + i, 8000 + i, 0)).collect(),
+            started: (0..20)
+                .map(|i| server(100 + i, 8000 + i, 0))
+                .chain([server(9, 6007, 6006)])
+                .collect(),
             stopped: vec![server(5, 5174, 5173)],
             ..Default::default()
         };
-        let context = describe(&report).expect("a report");
-        assert!(context
-            .contains("started: `python3 -m http.server 8000` (pid 100) listens on TCP port 8000"));
-        assert_eq!(context.lines().count(), 1 + SERVERS_TOLD + 1, "{context}");
-        assert!(context.contains("… and 9 more"), "{context}");
-        let report = SessionReportResponse {
-            stopped: vec![server(5, 5174, 5173)],
-            ..Default::default()
-        };
-        assert!(describe(&report)
-            .expect("a report")
-            .contains("stopped: `python3 -m http.server 5173` (pid 5) no longer listens on TCP port 5174 (moved from 5173)"));
+        let context = describe(&report, &facts()).expect("a report");
+        let lines: Vec<&str> = context.lines().collect();
+        assert_eq!(lines.len(), 1 + SERVERS_TOLD + 1, "{context}");
+        assert!(lines[1].starts_with("- MOVED:"), "{context}");
+        assert!(
+            lines[2].starts_with("- started: `python3 -m http.server 8000` (pid 100)"),
+            "{context}"
+        );
+        assert!(
+            lines[SERVERS_TOLD].starts_with(
+                "- stopped: `python3 -m http.server 5173` (pid 5) no longer listens on TCP port 5174 (moved from 5173)"
+            ),
+            "{context}"
+        );
+        assert!(
+            lines[SERVERS_TOLD + 1].contains("… and 10 more"),
+            "{context}"
+        );
     }
 
     #[test]
-    fn command_lines_are_cut_and_cannot_break_the_text() {
+    fn helper_ports_are_summarised_in_one_line() {
+        // A notebook server (asked for its port) with two kernels of five channels each.
+        let mut notebook = server(50, 8888, 0);
+        notebook.cmdline = "/usr/bin/python3 /usr/local/bin/jupyter-server --port 8888".into();
+        let started: Vec<SessionServer> = std::iter::once(notebook)
+            .chain((0..5).map(|i| kernel_channel(60, 40000 + i)))
+            .chain((0..5).map(|i| kernel_channel(61, 41000 + i)))
+            .collect();
+        let report = SessionReportResponse {
+            started,
+            stopped: vec![server(5, 8000, 0)],
+            ..Default::default()
+        };
+        let context = describe(&report, &facts()).expect("a report");
+        let lines: Vec<&str> = context.lines().collect();
+        assert_eq!(lines.len(), 4, "{context}");
+        assert!(
+            lines[1]
+                .contains("started: `python3 /usr/local/bin/jupyter-server --port 8888` (pid 50)"),
+            "{context}"
+        );
+        assert!(
+            lines[2].starts_with("- stopped: `python3 -m http.server 8000`"),
+            "{context}"
+        );
+        assert!(
+            lines[3].starts_with("- helper ports (not for a browser"),
+            "{context}"
+        );
+        assert!(
+            lines[3].contains("10 started (40000, 40001, 40002, 40003, 40004, 41000, 41001, 41002, …) by 2 processes"),
+            "{context}"
+        );
+    }
+
+    #[test]
+    fn what_counts_as_a_helper_port() {
+        let ephemeral = 32768..=60999;
+        // An ephemeral port the command names is a server someone asked for.
+        let mut asked = server(1, 40000, 0);
+        asked.cmdline = "python3 -m http.server 40000".into();
+        assert!(!is_helper(&asked, &ephemeral));
+        assert!(is_helper(&kernel_channel(1, 40000), &ephemeral));
+        assert!(!is_helper(&kernel_channel(1, 8000), &ephemeral));
+        // A debugging port is a helper wherever it is.
+        let mut chromium = server(2, 9222, 0);
+        chromium.cmdline = "chromium --headless --remote-debugging-port=9222 about:blank".into();
+        assert!(is_helper(&chromium, &ephemeral));
+        chromium.cmdline = "node --inspect 127.0.0.1:9229 app.js".into();
+        chromium.port = 9229;
+        assert!(is_helper(&chromium, &ephemeral));
+        // A moved server never is.
+        assert!(!is_helper(&server(3, 40001, 40000), &ephemeral));
+    }
+
+    #[test]
+    fn a_wrong_url_in_the_output_is_corrected_even_when_nothing_else_changed() {
+        let report = SessionReportResponse {
+            running: vec![server(7, 8001, 8000)],
+            ..Default::default()
+        };
+        let facts = Facts {
+            tool_output:
+                "INFO:     Uvicorn running on http://127.0.0.1:8000 (Press CTRL+C to quit)".into(),
+            ..facts()
+        };
+        let context = describe(&report, &facts).expect("a correction");
+        assert!(
+            context.contains("printed http://127.0.0.1:8000,"),
+            "{context}"
+        );
+        assert!(context.contains("use http://127.0.0.1:8001."), "{context}");
+    }
+
+    #[test]
+    fn command_lines_are_cut_keep_their_ports_and_cannot_break_the_text() {
         let mut s = server(1, 8000, 0);
-        s.cmdline = format!("node `rm -rf`\n{}", "x".repeat(500));
+        s.cmdline = format!("node `rm -rf`\n{} --port 8000", "x".repeat(500));
         let text = process(&s);
         assert!(text.chars().count() < COMMAND_CHARS + 20, "{text}");
+        assert!(text.contains("… --port 8000`"), "{text}");
         assert!(!text.contains('\n'));
         assert_eq!(text.matches('`').count(), 2, "{text}");
         s.cmdline = String::new();
