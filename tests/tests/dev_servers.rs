@@ -1,10 +1,12 @@
 //! Real dev servers that nobody here wrote, run as their users run them: two sessions each start
 //! the same tool on the same port. Django's autoreloader keeps its moved port across edits, a
 //! moved Vite makes one notice and one audit entry and its HMR works inside the session (at the
-//! asked port) and outside it (at the bound one); with the socket tables, and with the root
-//! daemon's eBPF programs and the shim together (the default install).
+//! asked port) and outside it (at the bound one), and the agent's report on a moved Jupyter names
+//! the notebook server, summarises its kernels' ports, corrects the URL Jupyter printed and tells
+//! when it stops; with the socket tables, and with the root daemon's eBPF programs and the shim
+//! together (the default install).
 //!
-//! Needs Django, Vite and Node.js (`cargo xtask setup` installs them); the eBPF variants also
+//! Needs Django, Vite, Jupyter and Node.js (`cargo xtask setup` installs them); the eBPF variants also
 //! need root, cgroup v2 and the eBPF object. Each test says why when it skips; CI fails instead.
 //! Tests here run one at a time: the eBPF variants attach at the cgroup root.
 
@@ -13,7 +15,9 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use styxy_tests::v1 as pb;
-use styxy_tests::{django, ebpf_ready, eventually, http_get, vite, Daemon, Spawned};
+use styxy_tests::{
+    django, ebpf_ready, eventually, http_get, jupyter, styxy_bin, vite, Daemon, Spawned,
+};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -329,4 +333,188 @@ async fn vite_moved_makes_one_notice_and_hmr_works_with_the_socket_tables() -> R
 #[tokio::test(flavor = "multi_thread")]
 async fn vite_moved_makes_one_notice_and_hmr_works_with_ebpf_and_the_shim() -> Result<()> {
     vite_moves_once_and_hmr_works(Observer::Ebpf).await
+}
+
+// ---- Jupyter: what the agent hears ----------------------------------------------------------------
+
+/// Runs `styxy hook post-tool-use` as Claude Code would after a Bash call of session `session_id`
+/// that printed `printed`: the context it gives the agent, if any.
+fn post_tool_use(daemon: &Daemon, session_id: &str, printed: &str) -> Result<Option<String>> {
+    use std::io::Write;
+    let input = serde_json::json!({
+        "session_id": session_id,
+        "hook_event_name": "PostToolUse",
+        "tool_name": "Bash",
+        "tool_input": {"command": "jupyter server &"},
+        "tool_response": {"stdout": printed, "stderr": "", "interrupted": false},
+    });
+    let mut child = Command::new(styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["hook", "post-tool-use"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(input.to_string().as_bytes())?;
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "the hook never fails: {out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_str(text.trim())?;
+    Ok(value["hookSpecificOutput"]["additionalContext"]
+        .as_str()
+        .map(str::to_owned))
+}
+
+/// `curl` against Jupyter's REST API with the test's token: the response body.
+fn jupyter_api(port: u32, method: &str, path: &str, body: &str) -> Result<String> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "-X",
+            method,
+            "-H",
+            "Authorization: token styxy-test",
+        ])
+        .args(["-d", body])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()?;
+    ensure!(out.status.success(), "curl {method} {path}: {out:?}");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+async fn jupyter_is_reported_as_the_agent_needs(observer: Observer) -> Result<()> {
+    if jupyter().is_none() {
+        return Ok(());
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(daemon) = daemon(observer).await? else {
+        return Ok(());
+    };
+    let asked = daemon.base + 9;
+    let _holder = holder_in_another_session(&daemon, asked)?;
+    let work = tempfile::tempdir()?;
+    let root = work.path().to_str().context("utf-8 path")?;
+    let port_arg = asked.to_string();
+    // The agent's session is `claude-<session id>`, as the SessionStart hook names it.
+    let (session_id, instance) = ("nb", "claude-nb");
+    let mut notebook = Spawned::start(
+        daemon
+            .shimmed_in(
+                instance,
+                "jupyter",
+                &[
+                    "server",
+                    "--port",
+                    &port_arg,
+                    "--ip",
+                    "127.0.0.1",
+                    "--no-browser",
+                    "--allow-root",
+                    "--IdentityProvider.token=styxy-test",
+                    "--ServerApp.port_retries=0",
+                    &format!("--ServerApp.root_dir={root}"),
+                ],
+            )
+            .env("JUPYTER_RUNTIME_DIR", work.path().join("runtime"))
+            .env("JUPYTER_DATA_DIR", work.path().join("data"))
+            .env("JUPYTER_CONFIG_DIR", work.path().join("config")),
+    )?;
+    notebook.line_where(60, |l| l.contains("Use Control-C to stop this server"))?;
+    let server = eventually(30, "the notebook server in the session", || async {
+        moved_server(&daemon, instance, asked, None)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await?;
+    // Two kernels: each listens on several helper ports (its ZMQ channels).
+    for _ in 0..2 {
+        jupyter_api(server.port, "POST", "/api/kernels", r#"{"name":"python3"}"#)?;
+    }
+    let kernel_ports = eventually(60, "both kernels' channels", || async {
+        let servers = servers_of(&daemon, instance).await.ok()?;
+        let helpers: Vec<u32> = servers
+            .iter()
+            .filter(|s| s.pid != server.pid)
+            .map(|s| s.port)
+            .collect();
+        (helpers.len() >= 10).then_some(helpers)
+    })
+    .await?;
+
+    // What the agent hears after the Bash call that started it: the notebook server named and
+    // moved, the kernels' ports in one line, and the URL Jupyter printed corrected.
+    let printed = notebook.seen.join("\n");
+    ensure!(
+        printed.contains(&format!("http://127.0.0.1:{asked}/")),
+        "Jupyter prints the port it asked for (what Styxy corrects): {printed}"
+    );
+    let context = post_tool_use(&daemon, session_id, &printed)?.context("a report")?;
+    let lines: Vec<&str> = context.lines().collect();
+    assert!(
+        lines[1].starts_with("- MOVED: `python3 ")
+            && lines[1].contains("jupyter-server")
+            && lines[1].contains(&format!("--port {asked}`"))
+            && lines[1].contains(&format!("listens on {} instead", server.port)),
+        "the notebook server first: {context}"
+    );
+    assert!(
+        lines[1].contains("session the-other-session"),
+        "the holder's session is named: {context}"
+    );
+    let helpers: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("helper ports"))
+        .collect();
+    assert_eq!(helpers.len(), 1, "{context}");
+    assert!(
+        helpers[0].contains(&format!("{} started", kernel_ports.len()))
+            && helpers[0].contains("ipykernel_launcher"),
+        "{context}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("started: `python3 -m ipykernel_launcher")),
+        "no line per kernel port: {context}"
+    );
+    assert!(
+        context.contains(&format!("printed http://127.0.0.1:{asked}/"))
+            && context.contains(&format!("use http://127.0.0.1:{}/", server.port)),
+        "the URL Jupyter printed is corrected: {context}"
+    );
+    assert!(lines.len() <= 5, "a short report: {context}");
+
+    // The notebook server stops (killed): the agent is told, in a line of its own.
+    notebook.child.kill()?;
+    notebook.child.wait()?;
+    let stopped = eventually(30, "the stop told", || async {
+        let context = post_tool_use(&daemon, session_id, "").ok()??;
+        context.contains("stopped").then_some(context)
+    })
+    .await?;
+    assert!(
+        stopped.contains(&format!(
+            "no longer listens on TCP port {} (moved from {asked})",
+            server.port
+        )),
+        "the stopped line of the notebook server: {stopped}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jupyter_is_reported_as_the_agent_needs_with_the_socket_tables() -> Result<()> {
+    jupyter_is_reported_as_the_agent_needs(Observer::Sockets).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jupyter_is_reported_as_the_agent_needs_with_ebpf_and_the_shim() -> Result<()> {
+    jupyter_is_reported_as_the_agent_needs(Observer::Ebpf).await
 }
