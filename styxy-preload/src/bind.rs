@@ -15,7 +15,10 @@ use crate::failure::{recent_failure, remember_failure, Failure};
 use crate::moves::{history, moved_before, moves_of, own_pid, record_move};
 use crate::notice::{notices_on, notify};
 use crate::reentry::ReentryGuard;
-use crate::sys::{env_flag, env_str, errno, getenv, set_errno, timeout_ms};
+use crate::sys::{
+    env_flag, env_str, errno, getenv, getsockopt_int, port_of, set_errno, set_port_of, timeout_ms,
+    PORT_OFFSET,
+};
 use crate::{enforcer, table};
 
 type BindFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
@@ -396,14 +399,7 @@ pub(crate) fn bound_port(fd: c_int) -> Option<u16> {
         return None;
     }
     // SAFETY: len covers the port field, at the same offset for both families.
-    let port = unsafe {
-        (&raw const address)
-            .cast::<u8>()
-            .add(PORT_OFFSET)
-            .cast::<[u8; 2]>()
-            .read_unaligned()
-    };
-    Some(u16::from_be_bytes(port))
+    Some(unsafe { port_of((&raw const address).cast::<sockaddr>()) })
 }
 
 /// Bind `addr` with its port replaced by `port`.
@@ -424,25 +420,15 @@ unsafe fn bind_moved(
     unsafe {
         core::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&raw mut copy).cast::<u8>(), n);
     }
-    // SAFETY: n ≥ sizeof(sockaddr_in) > PORT_OFFSET + 2, within copy.
-    unsafe {
-        (&raw mut copy)
-            .cast::<u8>()
-            .add(PORT_OFFSET)
-            .cast::<[u8; 2]>()
-            .write_unaligned(port.to_be_bytes());
-    }
+    // SAFETY: copy is a whole sockaddr_storage, far longer than PORT_OFFSET + 2.
+    unsafe { set_port_of((&raw mut copy).cast::<sockaddr>(), port) };
     // SAFETY: copy holds len valid bytes of an address of the same family.
     unsafe { real(fd, (&raw const copy).cast::<sockaddr>(), len) }
 }
 
-/// Where the port is in both sockaddr_in and sockaddr_in6: the two bytes right after the family.
-pub(crate) const PORT_OFFSET: usize = core::mem::offset_of!(libc::sockaddr_in, sin_port);
-const _: () = assert!(PORT_OFFSET == core::mem::offset_of!(libc::sockaddr_in6, sin6_port));
-
 /// TCP or UDP from the socket's type; `None` for raw, SCTP-style or unknown sockets.
 pub(crate) fn socket_protocol(fd: c_int) -> Option<u8> {
-    match getsockopt_int(fd, libc::SO_TYPE)? {
+    match getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? {
         libc::SOCK_STREAM => Some(IPPROTO_TCP),
         libc::SOCK_DGRAM => Some(IPPROTO_UDP),
         _ => None,
@@ -454,24 +440,8 @@ pub(crate) fn socket_protocol(fd: c_int) -> Option<u8> {
 /// processes bind one port. (SO_REUSEADDR on TCP only allows binding over TIME_WAIT; almost
 /// every TCP server sets it, so it says nothing about sharing.)
 pub(crate) fn shares_its_port(fd: c_int, protocol: u8) -> bool {
-    let set = |option| getsockopt_int(fd, option).is_some_and(|v| v != 0);
+    let set = |option| getsockopt_int(fd, libc::SOL_SOCKET, option).is_some_and(|v| v != 0);
     set(libc::SO_REUSEPORT) || (protocol == IPPROTO_UDP && set(libc::SO_REUSEADDR))
-}
-
-pub(crate) fn getsockopt_int(fd: c_int, option: c_int) -> Option<c_int> {
-    let mut value: c_int = 0;
-    let mut len = core::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: value and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&raw mut value).cast::<c_void>(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(value)
 }
 
 #[cfg(test)]

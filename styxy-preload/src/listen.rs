@@ -20,9 +20,9 @@ use libc::{sockaddr, socklen_t};
 use styxy_common::env;
 use styxy_common::net::{AF_INET, AF_INET6, IPPROTO_TCP};
 
-use crate::bind::{real_bind, shares_its_port, socket_protocol, Bind, BindTarget, PORT_OFFSET};
+use crate::bind::{real_bind, shares_its_port, socket_protocol, Bind, BindTarget};
 use crate::reentry::ReentryGuard;
-use crate::sys::{env_flag, errno, set_errno};
+use crate::sys::{env_flag, errno, getsockopt_int, port_of, set_errno, set_port_of};
 
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 
@@ -142,26 +142,13 @@ impl Address {
     }
 
     fn port(&self) -> u16 {
-        // SAFETY: the port is two bytes at PORT_OFFSET in both families, within the storage.
-        let bytes = unsafe {
-            (&raw const self.storage)
-                .cast::<u8>()
-                .add(PORT_OFFSET)
-                .cast::<[u8; 2]>()
-                .read_unaligned()
-        };
-        u16::from_be_bytes(bytes)
+        // SAFETY: the storage is a whole sockaddr_storage.
+        unsafe { port_of(self.as_ptr()) }
     }
 
     fn set_port(&mut self, port: u16) {
         // SAFETY: as in `port`.
-        unsafe {
-            (&raw mut self.storage)
-                .cast::<u8>()
-                .add(PORT_OFFSET)
-                .cast::<[u8; 2]>()
-                .write_unaligned(port.to_be_bytes());
-        }
+        unsafe { set_port_of((&raw mut self.storage).cast::<sockaddr>(), port) }
     }
 
     fn as_ptr(&self) -> *const sockaddr {
@@ -176,7 +163,7 @@ impl Rebuilt {
     /// A socket like `old` (an AF_INET/AF_INET6 stream socket of `family`): same protocol, file
     /// status flags and options; `None` when any of that cannot be made exactly.
     fn like(old: c_int, family: u8) -> Option<Rebuilt> {
-        let protocol = read_int(old, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+        let protocol = getsockopt_int(old, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
         // SAFETY: fcntl on a descriptor number; F_GETFL takes no argument.
         let status = unsafe { libc::fcntl(old, libc::F_GETFL) };
         if status < 0 || status & libc::O_ASYNC != 0 || has_a_filter(old) {
@@ -314,8 +301,8 @@ fn copy_options(old: c_int, new: c_int, family: u8) -> bool {
     };
     let integers = SOCKET_OPTIONS.iter().chain(ipv6).all(|o| {
         let (was, is) = (
-            read_int(old, o.level, o.name),
-            read_int(new, o.level, o.name),
+            getsockopt_int(old, o.level, o.name),
+            getsockopt_int(new, o.level, o.name),
         );
         match (was, is) {
             (None, None) => true,
@@ -323,7 +310,7 @@ fn copy_options(old: c_int, new: c_int, family: u8) -> bool {
             (Some(was), Some(_)) => {
                 let value = if o.reads_doubled { was / 2 } else { was };
                 write(new, o.level, o.name, &value.to_ne_bytes())
-                    && read_int(new, o.level, o.name) == Some(was)
+                    && getsockopt_int(new, o.level, o.name) == Some(was)
             }
             _ => false,
         }
@@ -357,15 +344,6 @@ fn has_a_filter(fd: c_int) -> bool {
         )
     };
     rc != 0 || len != 0
-}
-
-fn read_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
-    let mut value: c_int = 0;
-    let mut len = core::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: value and len are valid for writes of the sizes given.
-    let rc =
-        unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast::<c_void>(), &mut len) };
-    (rc == 0).then_some(value)
 }
 
 /// An option's bytes as read, up to `BYTE_OPTION_ROOM`.
@@ -459,8 +437,8 @@ mod tests {
         let rebuilt = Rebuilt::like(old, AF_INET6).expect("rebuilt");
         for o in SOCKET_OPTIONS.iter().chain(IPV6_OPTIONS) {
             assert_eq!(
-                read_int(rebuilt.0, o.level, o.name),
-                read_int(old, o.level, o.name),
+                getsockopt_int(rebuilt.0, o.level, o.name),
+                getsockopt_int(old, o.level, o.name),
                 "option {}/{}",
                 o.level,
                 o.name
@@ -539,7 +517,10 @@ mod tests {
         let rebuilt = Rebuilt::like(old, AF_INET).expect("rebuilt");
         set(rebuilt.0, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         assert!(rebuilt.replace(old));
-        assert_eq!(read_int(old, libc::IPPROTO_TCP, libc::TCP_NODELAY), Some(1));
+        assert_eq!(
+            getsockopt_int(old, libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            Some(1)
+        );
         // SAFETY: fcntl on our own socket.
         let flags = unsafe { libc::fcntl(old, libc::F_GETFD) };
         assert_ne!(flags & libc::FD_CLOEXEC, 0);

@@ -17,8 +17,8 @@ use styxy_common::env;
 use styxy_common::net::Protocol;
 use styxy_common::table::Table;
 
-use crate::bind::{socket_protocol, PORT_OFFSET};
-use crate::sys::{env_str, errno, set_errno};
+use crate::bind::socket_protocol;
+use crate::sys::{env_str, errno, set_errno, set_port_of};
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 type SendtoFn =
@@ -176,12 +176,7 @@ unsafe fn rewrite(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<Re
 fn set_port(addr: *mut sockaddr, port: u16) {
     // SAFETY: callers pass an address whose family and length inet_port accepted, so the port
     // field (at the same offset in both) is within it.
-    unsafe {
-        addr.cast::<u8>()
-            .add(PORT_OFFSET)
-            .cast::<[u8; 2]>()
-            .write_unaligned(port.to_be_bytes());
-    }
+    unsafe { set_port_of(addr, port) }
 }
 
 /// A source or peer address a view redirected to: its port becomes the asked one.

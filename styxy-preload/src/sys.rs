@@ -1,9 +1,54 @@
 //! Small helpers over libc, for a library with no std: errno, the environment, decimal numbers,
-//! and bytes gathered on the stack.
+//! bytes gathered on the stack, the port field of an inet address and integer socket options.
 
-use core::ffi::{c_char, c_int, CStr};
+use core::ffi::{c_char, c_int, c_void, CStr};
+
+use libc::{sockaddr, socklen_t};
 
 use styxy_common::env;
+
+/// Where the port is in both sockaddr_in and sockaddr_in6: the two bytes right after the family.
+pub(crate) const PORT_OFFSET: usize = core::mem::offset_of!(libc::sockaddr_in, sin_port);
+const _: () = assert!(PORT_OFFSET == core::mem::offset_of!(libc::sockaddr_in6, sin6_port));
+
+/// The port of an AF_INET or AF_INET6 address.
+///
+/// # Safety
+/// `addr` points to at least `PORT_OFFSET + 2` readable bytes.
+pub(crate) unsafe fn port_of(addr: *const sockaddr) -> u16 {
+    // SAFETY: the port is two bytes at PORT_OFFSET, readable per the caller's contract.
+    let bytes = unsafe {
+        addr.cast::<u8>()
+            .add(PORT_OFFSET)
+            .cast::<[u8; 2]>()
+            .read_unaligned()
+    };
+    u16::from_be_bytes(bytes)
+}
+
+/// Writes `port` (in network order) into an AF_INET or AF_INET6 address.
+///
+/// # Safety
+/// `addr` points to at least `PORT_OFFSET + 2` writable bytes.
+pub(crate) unsafe fn set_port_of(addr: *mut sockaddr, port: u16) {
+    // SAFETY: as in `port_of`, writable per the caller's contract.
+    unsafe {
+        addr.cast::<u8>()
+            .add(PORT_OFFSET)
+            .cast::<[u8; 2]>()
+            .write_unaligned(port.to_be_bytes());
+    }
+}
+
+/// An integer socket option of `fd` (`None` when the kernel refuses to tell).
+pub(crate) fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = core::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: value and len are valid for writes of the sizes given.
+    let rc =
+        unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast::<c_void>(), &mut len) };
+    (rc == 0).then_some(value)
+}
 
 /// Default deadline for one `ResolveBind`, connect included (`STYXY_TIMEOUT_MS` overrides).
 pub(crate) const DEFAULT_TIMEOUT_MS: u32 = 50;
