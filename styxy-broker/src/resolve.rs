@@ -310,7 +310,7 @@ impl Broker {
     /// Whether `port`, taken in the table, was left by a server that has exited, for the
     /// `successor` to take over: every socket shown there is of an exited process (the observer
     /// has not seen them go yet), and the claim there, if any, is of an exited process and not
-    /// held for another session than the successor's. An autoreloader's next child, or Ctrl-C and
+    /// held for another session than the successor's that still runs. An autoreloader's next child, or Ctrl-C and
     /// up-arrow, binds before the old process's exit is seen; without this it would move one port
     /// further each time. The daemon reads the kernel for the port before it answers with it.
     pub(crate) fn left_for(&self, port: u16, successor: &Successor<'_>) -> bool {
@@ -320,8 +320,15 @@ impl Broker {
         }
         self.leases.get(&port).is_none_or(|lease| {
             let exited = lease.process.is_some_and(|p| !processes.is_alive(p));
+            // Held for another session only while that session runs: one whose every process
+            // has exited is over, whether or not the sweep has ended it yet.
             let held_for_another = self.is_held_when_its_server_goes(lease)
-                && !(lease.instance_id == req.instance_id && lease.owner_uid == req.uid);
+                && !(lease.instance_id == req.instance_id && lease.owner_uid == req.uid)
+                && lease
+                    .instance_id
+                    .as_ref()
+                    .and_then(|i| self.instances.get(i))
+                    .is_some_and(|i| i.processes().any(|p| processes.is_alive(p)));
             exited && !held_for_another
         })
     }

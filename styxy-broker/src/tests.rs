@@ -1962,6 +1962,38 @@ fn a_port_left_by_an_exited_server_of_another_session_is_not_taken_over() {
 }
 
 #[test]
+fn a_port_held_for_a_session_whose_processes_all_exited_goes_to_the_next_server() {
+    // `styxy run --instance s1 -- server` stopped, then `--instance s2` (same project) at once:
+    // s1 is over (its only process exited), although the sweep has not ended it yet.
+    let mut b = broker();
+    b.apply(bound_by(1, 6006, 4121, Protocol::Tcp), 1);
+    b.register_instance(Some("s1".into()), pid(40), 1000, 1)
+        .unwrap();
+    b.register_instance(Some("s2".into()), pid(50), 1000, 2)
+        .unwrap();
+    let mut procs = Procs {
+        alive: [pid(4121), pid(40), pid(50)].into(),
+        ..Procs::default()
+    };
+    let s1 = moved_and_bound(
+        &mut b,
+        &procs,
+        &restart_req(40, 6006, "/src/w", Some("s1")),
+        2,
+        3,
+    );
+    procs.alive.remove(&pid(40));
+    let s2 = moved_and_bound(
+        &mut b,
+        &procs,
+        &restart_req(50, 6006, "/src/w", Some("s2")),
+        3,
+        4,
+    );
+    assert_eq!((s1, s2), (6007, 6007));
+}
+
+#[test]
 fn a_socket_whose_owner_lives_is_never_taken_over() {
     // The old process's socket was inherited by a live child: the port is bound, whatever the
     // claim says; the restart moves elsewhere.
