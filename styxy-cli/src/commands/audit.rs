@@ -1,4 +1,5 @@
-//! `styxy audit`: every moved bind — who, from which port to which, held by whom.
+//! `styxy audit`: every moved bind — who (and in which session), from which port to which, held
+//! by whom (command, pid, session).
 
 use anyhow::Result;
 use styxy_proto::v1 as pb;
@@ -28,19 +29,70 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         println!("no reassigned binds yet");
     }
     for e in &r.entries {
-        let holder = match (e.holder_pid, e.holder_comm.as_str()) {
-            (0, _) => String::new(),
-            (pid, "") => format!(" (held by pid {pid})"),
-            (pid, comm) => format!(" (held by {comm}, pid {pid})"),
+        let session = if e.instance_id.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", e.instance_id)
         };
         println!(
-            "{}  {} pid {}: {} → {}{holder}",
+            "{}  {} pid {}{session}: {} → {}{}",
             clock(e.at_ms),
             e.comm,
             e.pid,
             e.requested_port,
             e.assigned_port,
+            holder(e),
         );
     }
     Ok(())
+}
+
+/// ` (held by `python3 -m http.server 8000`, pid 4121, session feature-x)`: the holder by its
+/// command (else its name), pid and session; empty when unknown.
+fn holder(e: &pb::AuditEntry) -> String {
+    if e.holder_pid == 0 {
+        return String::new();
+    }
+    let ports = u16::try_from(e.requested_port)
+        .map(|p| vec![p])
+        .unwrap_or_default();
+    let command = styxy_common::command_line::shown(&e.holder_cmdline, &e.holder_comm, 80, &ports);
+    let mut text = String::from(" (held by ");
+    if !command.is_empty() {
+        text.push_str(&format!("`{command}`, "));
+    }
+    text.push_str(&format!("pid {}", e.holder_pid));
+    if !e.holder_instance_id.is_empty() {
+        text.push_str(&format!(", session {}", e.holder_instance_id));
+    }
+    text.push(')');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_is_named_by_command_pid_and_session() {
+        let mut e = pb::AuditEntry {
+            requested_port: 8000,
+            holder_pid: 4121,
+            holder_comm: "python3".into(),
+            holder_cmdline: "/usr/bin/python3 -m http.server 8000".into(),
+            holder_instance_id: "feature-x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            holder(&e),
+            " (held by `python3 -m http.server 8000`, pid 4121, session feature-x)"
+        );
+        e.holder_cmdline.clear();
+        e.holder_instance_id.clear();
+        assert_eq!(holder(&e), " (held by `python3`, pid 4121)");
+        e.holder_comm.clear();
+        assert_eq!(holder(&e), " (held by pid 4121)");
+        e.holder_pid = 0;
+        assert_eq!(holder(&e), "");
+    }
 }
