@@ -4,6 +4,15 @@ use crate::{
     Broker, BrokerError, Effects, Instance, ProcessId, StateChange, INSTANCE_PROCESSES_MAX,
 };
 
+/// What a session is called by, given when it is registered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceLabel {
+    /// The registering process's project (git worktree root, else working directory).
+    pub project: Option<String>,
+    /// The name its user gave it.
+    pub name: Option<String>,
+}
+
 impl Broker {
     /// Ends a session (Claude Code's SessionEnd): every lease and claim of instance `id` that
     /// `uid` owns (root: all) ends, and the instance is forgotten. Nothing is killed: a server of
@@ -48,6 +57,19 @@ impl Broker {
         uid: u32,
         now_ms: u64,
     ) -> Result<(String, Effects), BrokerError> {
+        self.register_named_instance(id, process, uid, InstanceLabel::default(), now_ms)
+    }
+
+    /// [`Broker::register_instance`], with what the session is called by: its project and the
+    /// name its user gave it (kept from the first registration that had them).
+    pub fn register_named_instance(
+        &mut self,
+        id: Option<String>,
+        process: ProcessId,
+        uid: u32,
+        label: InstanceLabel,
+        now_ms: u64,
+    ) -> Result<(String, Effects), BrokerError> {
         let id = id.unwrap_or_else(|| format!("ldpreload-{}", process.pid));
         if let Some(taken) = self
             .instances
@@ -71,12 +93,16 @@ impl Broker {
         if placed.len() > INSTANCE_PROCESSES_MAX {
             placed.drain(..placed.len() - INSTANCE_PROCESSES_MAX);
         }
+        let earlier = self.instances.get(&id).filter(|i| i.owner_uid == uid);
         let instance = Instance {
             id: id.clone(),
             process,
             registered_ms: now_ms,
             owner_uid: uid,
             placed,
+            project: earlier.and_then(|i| i.project.clone()).or(label.project),
+            name: label.name.or_else(|| earlier.and_then(|i| i.name.clone())),
+            first_registered_ms: earlier.map_or(now_ms, Instance::since_ms),
         };
         let mut effects = Effects::default();
         effects.changes.push(StateChange::PutInstance {

@@ -10,7 +10,7 @@
 //! expiry, user limits), `instances` (agent sessions), `resolve` (`ResolveBind`: keep or move,
 //! and where), `hold` (a session's port between two lives of its server), `sticky`, `lingering`,
 //! `view` (sessions' views), `kernel_move` (moves the kernel made), `moves_told` (one move, told once),
-//! `session_report`.
+//! `session_report`, `names` (every live server's names, for the human).
 #![warn(missing_docs)]
 
 mod error;
@@ -21,6 +21,7 @@ mod leases;
 mod lingering;
 pub mod model;
 mod moves_told;
+pub mod names;
 mod portset;
 #[cfg(test)]
 mod proptests;
@@ -44,7 +45,9 @@ pub use sticky::{StickyKey, StickyPort, STICKY_PER_USER};
 pub use view::ViewEntry;
 
 pub use error::BrokerError;
+pub use instances::InstanceLabel;
 pub use leases::{AllocateRequest, LeaseSettings, Suggestion};
+pub use names::{NamedServer, Names, SessionName, NAME_SUFFIX};
 pub use resolve::{BindDecision, BindRequest, HolderView};
 pub use socket_table::{is_own_other_family, Held, Scope, UNLISTED_TCP_GRACE_MS};
 

@@ -196,12 +196,31 @@ pub struct Instance {
     /// At most [`INSTANCE_PROCESSES_MAX`], the oldest dropped first.
     #[serde(default)]
     pub placed: Vec<ProcessId>,
+    /// The project (git worktree root, else working directory) of the process that registered
+    /// it first: the session's name comes from it (see `names`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// The name its user gave it (`styxy run --name`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When it was first registered (Unix ms); 0 in instances saved before it was kept.
+    #[serde(default)]
+    pub first_registered_ms: u64,
 }
 
 /// Processes an instance remembers (see [`Instance::placed`]).
 pub const INSTANCE_PROCESSES_MAX: usize = 64;
 
 impl Instance {
+    /// When it was first registered (its registration, for instances saved before that was kept).
+    pub fn since_ms(&self) -> u64 {
+        if self.first_registered_ms == 0 {
+            self.registered_ms
+        } else {
+            self.first_registered_ms
+        }
+    }
+
     /// Its processes that may still run: `placed`, or `process` alone for an instance saved
     /// before `placed` was kept.
     pub fn processes(&self) -> impl Iterator<Item = ProcessId> + '_ {

@@ -2026,3 +2026,217 @@ fn sticky_ports_come_back_for_asked_ports_in_no_range() {
     b.expire(21, &procs);
     assert_eq!((first, second), (40001, 40001));
 }
+
+// ---- names for the human ------------------------------------------------------------------------------
+
+/// A socket of process `p` (`cmdline`) on `port`, in session `instance` when given.
+fn server_socket(
+    cookie: u64,
+    port: u16,
+    p: u32,
+    cmdline: &str,
+    instance: Option<&str>,
+) -> PortEvent {
+    let comm = cmdline.split(' ').next().unwrap_or_default();
+    PortEvent::Bound(socket(
+        cookie,
+        port,
+        Some(ProcessInfo {
+            instance_id: instance.map(String::from),
+            ..proc_info(p, comm, cmdline)
+        }),
+    ))
+}
+
+fn label(project: &str) -> InstanceLabel {
+    InstanceLabel {
+        project: Some(project.into()),
+        name: None,
+    }
+}
+
+fn resolved(names: &Names, host: &str) -> Option<(u16, Option<String>)> {
+    names.resolve(host).map(|s| (s.port, s.session.clone()))
+}
+
+#[test]
+fn two_worktrees_on_one_asked_port_each_get_their_names() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(1), pid(2), pid(10), pid(20)].into(),
+        ..Procs::default()
+    };
+    b.register_named_instance(
+        Some("claude-a".into()),
+        pid(1),
+        1000,
+        label("/src/feature-x"),
+        1,
+    )
+    .unwrap();
+    b.register_named_instance(
+        Some("claude-b".into()),
+        pid(2),
+        1000,
+        label("/src/feature-y"),
+        2,
+    )
+    .unwrap();
+    // A's vite keeps 5173; B's asks 5173 and is moved.
+    let vite = "node /src/node_modules/.bin/vite --port 5173";
+    b.apply(server_socket(1, 5173, 10, vite, Some("claude-a")), 3);
+    let req = BindRequest {
+        asker: ProcessInfo {
+            instance_id: Some("claude-b".into()),
+            ..proc_info(20, "node", vite)
+        },
+        instance_id: Some("claude-b".into()),
+        ..bind_req(20, 5173)
+    };
+    let (decision, _) = b.resolve_bind(&req, &procs, 4).unwrap();
+    let BindDecision::Reassign { port: moved, .. } = decision else {
+        panic!("{decision:?}");
+    };
+    b.apply(server_socket(2, moved, 20, vite, Some("claude-b")), 5);
+    let names = b.names(&(32768..=60999));
+    for (host, want) in [
+        ("feature-x.localhost", (5173, "feature-x")),
+        ("dev.feature-x.localhost", (5173, "feature-x")),
+        ("5173.feature-x.localhost", (5173, "feature-x")),
+        ("feature-y.localhost", (moved, "feature-y")),
+        ("Dev.Feature-Y.localhost:443", (moved, "feature-y")),
+        ("5173.feature-y.localhost", (moved, "feature-y")),
+    ] {
+        assert_eq!(
+            resolved(&names, host),
+            Some((want.0, Some(want.1.to_string()))),
+            "{host}: {names:#?}"
+        );
+    }
+    // No name carries the bound port.
+    assert!(resolved(&names, &format!("{moved}.feature-y.localhost")).is_none());
+    assert!(resolved(&names, "feature-z.localhost").is_none());
+}
+
+#[test]
+fn a_name_follows_its_server_to_another_port() {
+    let mut b = broker();
+    b.register_named_instance(Some("s".into()), pid(1), 1000, label("/src/shop"), 1)
+        .unwrap();
+    b.apply(
+        server_socket(1, 8000, 10, "python3 manage.py runserver 8000", Some("s")),
+        2,
+    );
+    assert_eq!(
+        resolved(&b.names(&(32768..=60999)), "shop.localhost"),
+        Some((8000, Some("shop".into())))
+    );
+    b.apply(PortEvent::Released { cookie: 1 }, 3);
+    assert_eq!(resolved(&b.names(&(32768..=60999)), "shop.localhost"), None);
+    b.apply(
+        server_socket(2, 8000, 11, "python3 manage.py runserver 8000", Some("s")),
+        4,
+    );
+    assert_eq!(
+        resolved(&b.names(&(32768..=60999)), "api.shop.localhost"),
+        Some((8000, Some("shop".into())))
+    );
+}
+
+#[test]
+fn colliding_session_names_go_by_age_and_session_names_beat_service_names() {
+    let mut b = broker();
+    b.register_named_instance(Some("zz-old".into()), pid(1), 1000, label("/src/app"), 1)
+        .unwrap();
+    b.register_named_instance(Some("aa-new".into()), pid(2), 1000, label("/other/app"), 2)
+        .unwrap();
+    b.register_named_instance(
+        Some("named".into()),
+        pid(3),
+        1000,
+        InstanceLabel {
+            project: Some("/src/x".into()),
+            name: Some("API".into()),
+        },
+        3,
+    )
+    .unwrap();
+    let sessions = b.session_names();
+    let name_of = |id: &str| {
+        sessions
+            .iter()
+            .find(|s| s.instance_id == id)
+            .map(|s| (s.name.clone(), s.wanted.clone()))
+    };
+    assert_eq!(name_of("zz-old"), Some(("app".into(), None)));
+    assert_eq!(
+        name_of("aa-new"),
+        Some(("app-2".into(), Some("app".into())))
+    );
+    assert_eq!(name_of("named"), Some(("api".into(), None)));
+    // Re-registering keeps the first registration's age, project and name.
+    b.register_named_instance(Some("zz-old".into()), pid(4), 1000, label("/elsewhere"), 9)
+        .unwrap();
+    assert_eq!(b.session_names(), sessions);
+    // Outside sessions: by service and port; `api.localhost` is the session's.
+    b.apply(
+        server_socket(1, 5432, 30, "postgres -D /var/lib/pg", None),
+        10,
+    );
+    b.apply(
+        server_socket(2, 8001, 31, "uvicorn app:app --port 8001", None),
+        10,
+    );
+    b.apply(
+        server_socket(3, 3000, 32, "node server.js 3000", Some("named")),
+        10,
+    );
+    let names = b.names(&(32768..=60999));
+    assert_eq!(resolved(&names, "database.localhost"), Some((5432, None)));
+    assert_eq!(resolved(&names, "5432.localhost"), Some((5432, None)));
+    assert_eq!(resolved(&names, "8001.localhost"), Some((8001, None)));
+    assert_eq!(
+        resolved(&names, "api.localhost"),
+        Some((3000, Some("api".into())))
+    );
+}
+
+#[test]
+fn helper_ports_and_udp_get_no_names() {
+    let mut b = broker();
+    b.register_named_instance(Some("s".into()), pid(1), 1000, label("/src/nb"), 1)
+        .unwrap();
+    b.apply(
+        server_socket(1, 8888, 10, "jupyter-server --port 8888", Some("s")),
+        2,
+    );
+    b.apply(
+        server_socket(
+            2,
+            40001,
+            11,
+            "python3 -m ipykernel_launcher -f k.json",
+            Some("s"),
+        ),
+        2,
+    );
+    b.apply(
+        PortEvent::Bound(BoundSocket {
+            protocol: Protocol::Udp,
+            ..socket(3, 5353, Some(proc_info(12, "avahi", "avahi-daemon")))
+        }),
+        2,
+    );
+    let names = b.names(&(32768..=60999));
+    assert_eq!(names.servers.len(), 1, "{names:#?}");
+    assert_eq!(
+        resolved(&names, "nb.localhost"),
+        Some((8888, Some("nb".into())))
+    );
+    assert_eq!(
+        resolved(&names, "ai.nb.localhost"),
+        Some((8888, Some("nb".into())))
+    );
+    assert!(resolved(&names, "40001.nb.localhost").is_none());
+    assert!(resolved(&names, "5353.localhost").is_none());
+}

@@ -69,6 +69,34 @@ pub fn shown(cmdline: &str, comm: &str, max_chars: usize, ports: &[u16]) -> Stri
     format!("{} … {tail}", head.trim_end_matches('…'))
 }
 
+/// Whether a server's unmoved `port` is a helper's, not one a person or a client would use:
+/// either on an ephemeral port (`ephemeral`, the kernel's `ip_local_port_range`) that its command
+/// line does not name (a notebook kernel's channels, a port-0 listener), or one its command line
+/// names as a debugging port (`--remote-debugging-port`, `--inspect`).
+pub fn is_helper_port(
+    cmdline: &str,
+    port: u16,
+    ephemeral: &core::ops::RangeInclusive<u16>,
+) -> bool {
+    let named = |word: &str| {
+        word.split(|c: char| !c.is_ascii_digit())
+            .any(|part| part.parse::<u16>().ok() == Some(port))
+    };
+    let mut words = cmdline.split_whitespace().peekable();
+    let mut names_it = false;
+    while let Some(word) = words.next() {
+        let debugging =
+            word.starts_with("--remote-debugging-port") || word.starts_with("--inspect");
+        let this = named(word)
+            || (debugging && !word.contains('=') && words.peek().is_some_and(|w| named(w)));
+        if this && debugging {
+            return true;
+        }
+        names_it |= this;
+    }
+    ephemeral.contains(&port) && !names_it
+}
+
 /// Whether `word` names one of `ports` as a whole number: `5173`, `--port=5173`,
 /// `0.0.0.0:8000`, `localhost:3000/`; not `51730` or `v5173`.
 fn names_a_port(word: &str, ports: &[u16]) -> bool {
@@ -158,6 +186,36 @@ mod tests {
         assert!(!names_a_port("1.8000", &[8000]));
         assert!(!names_a_port("v8000", &[8000]));
         assert!(!names_a_port("8000", &[]));
+    }
+
+    #[test]
+    fn what_counts_as_a_helper_port() {
+        let ephemeral = 32768..=60999;
+        // An ephemeral port the command names is a server someone asked for.
+        assert!(!is_helper_port(
+            "python3 -m http.server 40000",
+            40000,
+            &ephemeral
+        ));
+        let kernel = "python3 -m ipykernel_launcher -f /run/kernel-1.json";
+        assert!(is_helper_port(kernel, 40000, &ephemeral));
+        assert!(!is_helper_port(kernel, 8000, &ephemeral));
+        // A debugging port is a helper wherever it is.
+        assert!(is_helper_port(
+            "chromium --remote-debugging-port=9222 about:blank",
+            9222,
+            &ephemeral
+        ));
+        assert!(is_helper_port(
+            "node --inspect 127.0.0.1:9229 app.js",
+            9229,
+            &ephemeral
+        ));
+        assert!(!is_helper_port(
+            "node --inspect 127.0.0.1:9229 app.js",
+            3000,
+            &ephemeral
+        ));
     }
 
     #[test]

@@ -149,33 +149,13 @@ fn is_moved(s: &SessionServer) -> bool {
     s.asked_port != 0 && s.asked_port != s.port
 }
 
-/// Whether a server's port is a helper's, not one a person or a client would use: not moved,
-/// and either on an ephemeral port its command line does not name (a notebook kernel's channels,
-/// a port-0 listener), or named as a debugging port (`--remote-debugging-port`, `--inspect`).
+/// Whether a server's port is a helper's (see `styxy_common::command_line::is_helper_port`);
+/// a moved server's never is.
 pub fn is_helper(s: &SessionServer, ephemeral: &RangeInclusive<u16>) -> bool {
-    if is_moved(s) {
-        return false;
-    }
-    let Ok(port) = u16::try_from(s.port) else {
-        return false;
-    };
-    let named = |word: &str| {
-        word.split(|c: char| !c.is_ascii_digit())
-            .any(|part| part.parse::<u16>().ok() == Some(port))
-    };
-    let mut words = s.cmdline.split_whitespace().peekable();
-    let mut names_it = false;
-    while let Some(word) = words.next() {
-        let debugging =
-            word.starts_with("--remote-debugging-port") || word.starts_with("--inspect");
-        let this = named(word)
-            || (debugging && !word.contains('=') && words.peek().is_some_and(|w| named(w)));
-        if this && debugging {
-            return true;
-        }
-        names_it |= this;
-    }
-    ephemeral.contains(&port) && !names_it
+    !is_moved(s)
+        && u16::try_from(s.port).is_ok_and(|port| {
+            styxy_common::command_line::is_helper_port(&s.cmdline, port, ephemeral)
+        })
 }
 
 fn describe_started(s: &SessionServer) -> String {

@@ -1,0 +1,323 @@
+//! Names for the person at the keyboard: every live server gets names that never contain the
+//! port it is bound to, so a browser tab keeps working when the server moves or restarts.
+//!
+//! - A session's servers: `<session>.localhost` (its main web server), `<service>.<session>.localhost`
+//!   (by service type: `storybook.`, `api.`, `dev.`), `<asked>.<session>.localhost` (by the port
+//!   it asked for: always unambiguous).
+//! - Servers outside every session: `<service>.localhost` and `<port>.localhost`.
+//!
+//! A session's name is the one its user gave it, else its project's (the git worktree or working
+//! directory of the process that registered it first), else its id, as a DNS label. Two sessions
+//! wanting one name: the one registered first keeps it, the next get `-2`, `-3`… (ties by id), and
+//! a session name beats a service name outside sessions. Within a session, a service type or the
+//! main name goes to the server with the lowest asked port; the main server is the first of a web
+//! type (`dev`, `ui`, `docs`, `storybook`), else of any type. UDP servers and helper ports (see
+//! `styxy_common::command_line::is_helper_port`) get no names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::RangeInclusive;
+
+use crate::{Broker, Protocol};
+
+/// Every name ends so: browsers (and curl, and systemd-resolved) resolve `*.localhost` to
+/// loopback by themselves.
+pub const NAME_SUFFIX: &str = ".localhost";
+
+/// Service types a person opens in a browser, most likely first: the main name goes to one.
+const WEB_TYPES: [&str; 4] = ["dev", "ui", "docs", "storybook"];
+
+/// A session and its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionName {
+    /// The instance id (`STYXY_INSTANCE`).
+    pub instance_id: String,
+    /// Its name: a DNS label, unique among sessions.
+    pub name: String,
+    /// The name it wanted, when another session had it first.
+    pub wanted: Option<String>,
+}
+
+/// A live server and its names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedServer {
+    /// Its names, most specific last (`feature-x.localhost`, `dev.feature-x.localhost`,
+    /// `5173.feature-x.localhost`).
+    pub names: Vec<String>,
+    /// The port it is bound to: where the proxy sends its requests.
+    pub port: u16,
+    /// The port it asked for (its bound port when it was not moved).
+    pub asked: u16,
+    /// The addresses it listens on.
+    pub addresses: Vec<String>,
+    /// The process.
+    pub pid: u32,
+    /// Its command line.
+    pub cmdline: String,
+    /// Its user.
+    pub uid: u32,
+    /// Its service type.
+    pub service_type: String,
+    /// Its session's instance id.
+    pub instance_id: Option<String>,
+    /// Its session's name.
+    pub session: Option<String>,
+}
+
+/// Every name of every live server, as one reading.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    /// The sessions with a name.
+    pub sessions: Vec<SessionName>,
+    /// The named servers, by session then asked port.
+    pub servers: Vec<NamedServer>,
+    by_host: HashMap<String, usize>,
+}
+
+impl Names {
+    /// The server a `Host` header names (any case, with or without a port or a trailing dot).
+    pub fn resolve(&self, host: &str) -> Option<&NamedServer> {
+        let host = host_name(host);
+        self.by_host.get(&host).and_then(|i| self.servers.get(*i))
+    }
+}
+
+/// A `Host` value as a name: lowercase, without its port and trailing dot.
+pub fn host_name(host: &str) -> String {
+    let host = host.trim();
+    if let Some(literal) = host.strip_prefix('[') {
+        // An IPv6 literal, `[::1]:8080`: never a name, but kept whole.
+        let end = literal.find(']').map_or(host.len(), |i| i + 2);
+        return host[..end].to_ascii_lowercase();
+    }
+    let without_port = match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `text` as a DNS label: lowercase letters, digits and inner dashes, at most 63 bytes; `None`
+/// when nothing of it is left.
+pub fn dns_label(text: &str) -> Option<String> {
+    let mut label = String::new();
+    for c in text.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            label.push(c);
+        } else if !label.ends_with('-') && !label.is_empty() {
+            label.push('-');
+        }
+        if label.len() >= 63 {
+            break;
+        }
+    }
+    let label = label.trim_end_matches('-').to_string();
+    (!label.is_empty()).then_some(label)
+}
+
+impl Broker {
+    /// Every live server's names. `ephemeral` is the kernel's ephemeral port range (helper ports
+    /// are found there).
+    pub fn names(&self, ephemeral: &RangeInclusive<u16>) -> Names {
+        let sessions = self.session_names();
+        let session_of: HashMap<&str, &str> = sessions
+            .iter()
+            .map(|s| (s.instance_id.as_str(), s.name.as_str()))
+            .collect();
+        // The servers: one per (instance, pid, asked port), TCP, not helpers.
+        let mut servers: BTreeMap<(Option<String>, u16, u32), NamedServer> = BTreeMap::new();
+        let views: HashMap<(u32, u16), u16> = self
+            .views()
+            .into_iter()
+            .filter(|e| e.protocol == Protocol::Tcp)
+            .map(|e| ((e.pid, e.bound), e.asked))
+            .collect();
+        for held in self.holders() {
+            let socket = &held.socket;
+            if socket.protocol != Protocol::Tcp {
+                continue;
+            }
+            let Some(owner) = socket.owner.as_ref() else {
+                continue;
+            };
+            let instance = held
+                .instance_id
+                .clone()
+                .filter(|i| session_of.contains_key(i.as_str()));
+            let asked = views
+                .get(&(owner.id.pid, socket.port))
+                .copied()
+                .unwrap_or(socket.port);
+            let moved = asked != socket.port;
+            if !moved
+                && styxy_common::command_line::is_helper_port(
+                    &owner.cmdline,
+                    socket.port,
+                    ephemeral,
+                )
+            {
+                continue;
+            }
+            let service_type = self
+                .ranges
+                .type_of_port(asked)
+                .map(|t| t.name.clone())
+                .unwrap_or_else(|| held.service_type.clone());
+            let address = socket.address.to_string();
+            let server = servers
+                .entry((instance.clone(), asked, owner.id.pid))
+                .or_insert_with(|| NamedServer {
+                    names: Vec::new(),
+                    port: socket.port,
+                    asked,
+                    addresses: Vec::new(),
+                    pid: owner.id.pid,
+                    cmdline: owner.cmdline.clone(),
+                    uid: socket.uid,
+                    service_type,
+                    session: instance
+                        .as_deref()
+                        .and_then(|i| session_of.get(i))
+                        .map(|n| n.to_string()),
+                    instance_id: instance,
+                });
+            if !server.addresses.contains(&address) {
+                server.addresses.push(address);
+            }
+        }
+        let mut servers: Vec<NamedServer> = servers.into_values().collect();
+        give_names(&mut servers);
+        let mut by_host = HashMap::new();
+        for (i, server) in servers.iter().enumerate() {
+            for name in &server.names {
+                by_host.entry(name.clone()).or_insert(i);
+            }
+        }
+        Names {
+            sessions,
+            servers,
+            by_host,
+        }
+    }
+
+    /// Every registered session's name, unique: the one registered first keeps a wanted name.
+    pub fn session_names(&self) -> Vec<SessionName> {
+        let mut by_age: Vec<(&crate::Instance, String)> = self
+            .instances
+            .values()
+            .map(|i| (i, wanted_name(i)))
+            .collect();
+        by_age.sort_by(|(a, _), (b, _)| {
+            (a.since_ms(), a.id.as_str()).cmp(&(b.since_ms(), b.id.as_str()))
+        });
+        let mut taken: HashMap<String, u32> = HashMap::new();
+        let mut out = Vec::with_capacity(by_age.len());
+        for (instance, wanted) in by_age {
+            let mut name = wanted.clone();
+            let mut n = 1;
+            while taken.contains_key(&name) {
+                n += 1;
+                name = format!("{wanted}-{n}");
+            }
+            taken.insert(name.clone(), n);
+            out.push(SessionName {
+                instance_id: instance.id.clone(),
+                wanted: (name != wanted).then_some(wanted),
+                name,
+            });
+        }
+        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        out
+    }
+}
+
+/// The name a session wants: its given name, else its project's, else its id, as a DNS label.
+fn wanted_name(instance: &crate::Instance) -> String {
+    let project = instance
+        .project
+        .as_deref()
+        .and_then(|p| p.trim_end_matches('/').rsplit('/').next());
+    instance
+        .name
+        .as_deref()
+        .and_then(dns_label)
+        .or_else(|| project.and_then(dns_label))
+        .or_else(|| dns_label(&instance.id))
+        .unwrap_or_else(|| "session".to_string())
+}
+
+/// Gives each server its names (`servers` sorted by session, then asked port).
+fn give_names(servers: &mut [NamedServer]) {
+    let mut taken: HashMap<String, usize> = HashMap::new();
+    let mut claim = |name: String, i: usize, names: &mut Vec<String>| {
+        if let std::collections::hash_map::Entry::Vacant(e) = taken.entry(name.clone()) {
+            e.insert(i);
+            names.push(name);
+        }
+    };
+    let mut names: Vec<Vec<String>> = vec![Vec::new(); servers.len()];
+    // Session names first (they beat service names outside sessions), each session's main
+    // server by web type, then by asked port.
+    let mut order: Vec<usize> = (0..servers.len()).collect();
+    order.sort_by_key(|&i| {
+        let s = &servers[i];
+        let web = WEB_TYPES
+            .iter()
+            .position(|t| *t == s.service_type)
+            .unwrap_or(WEB_TYPES.len());
+        (s.session.is_none(), s.session.clone(), web, s.asked, s.pid)
+    });
+    for &i in &order {
+        if let Some(session) = servers[i].session.clone() {
+            claim(format!("{session}{NAME_SUFFIX}"), i, &mut names[i]);
+        }
+    }
+    order.sort_by_key(|&i| {
+        let s = &servers[i];
+        (s.session.is_none(), s.session.clone(), s.asked, s.pid)
+    });
+    for &i in &order {
+        let s = &servers[i];
+        let within = s
+            .session
+            .as_ref()
+            .map_or(String::new(), |n| format!(".{n}"));
+        if let Some(service) = dns_label(&s.service_type) {
+            claim(format!("{service}{within}{NAME_SUFFIX}"), i, &mut names[i]);
+        }
+        claim(
+            format!("{}{within}{NAME_SUFFIX}", s.asked),
+            i,
+            &mut names[i],
+        );
+    }
+    for (server, names) in servers.iter_mut().zip(names) {
+        server.names = names;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_become_names() {
+        assert_eq!(host_name("Feature-X.localhost:8080"), "feature-x.localhost");
+        assert_eq!(host_name("app.localhost."), "app.localhost");
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+        assert_eq!(host_name(" api.localhost "), "api.localhost");
+    }
+
+    #[test]
+    fn labels_are_dns_labels() {
+        assert_eq!(
+            dns_label("Feature_X/login").as_deref(),
+            Some("feature-x-login")
+        );
+        assert_eq!(dns_label("--a--b--").as_deref(), Some("a-b"));
+        assert_eq!(dns_label("école").as_deref(), Some("cole"));
+        assert_eq!(dns_label("///"), None);
+        assert_eq!(dns_label(&"x".repeat(100)).map(|l| l.len()), Some(63));
+    }
+}
