@@ -127,9 +127,7 @@ impl BrokerService {
                 // A lease tied to a process lives as long as it: only its own user (or root)
                 // may tie one to it, or anyone could hold a range for the life of pid 1.
                 may_act_for(caller, pid)?;
-                Some(procs::process_id(pid).ok_or_else(|| {
-                    Status::invalid_argument(format!("pid {pid} is not a running process"))
-                })?)
+                Some(procs::process_id(pid).ok_or_else(|| unreadable_process(pid))?)
             }
         };
         let lease = self
@@ -234,13 +232,15 @@ impl BrokerService {
         let req = request.into_inner();
         let pid = convert::pid(req.pid)?;
         let instance_id = convert::instance_id(req.instance_id)?;
-        let process = procs::process_id(pid).ok_or_else(|| {
-            Status::invalid_argument(format!("pid {pid} is not a running process"))
-        })?;
+        let process = procs::process_id(pid).ok_or_else(|| unreadable_process(pid))?;
         let uid = may_act_for(caller, pid)?;
+        let label = styxy_broker::InstanceLabel {
+            project: procs::project_of(pid),
+            name: convert::session_name(req.name)?,
+        };
         let (id, placed) = self
             .engine
-            .register_instance(instance_id, process, uid)
+            .register_instance(instance_id, process, uid, label)
             .await
             .map_err(convert::engine_error)?;
         Ok(Response::new(pb::RegisterInstanceResponse {
@@ -262,9 +262,7 @@ impl BrokerService {
         let family = convert::family(req.family)?;
         let instance_id = convert::instance_id(req.instance_id)?;
         let uid = may_act_for(caller, pid)?;
-        let asker = procs::process_info(pid).ok_or_else(|| {
-            Status::invalid_argument(format!("pid {pid} is not a running process"))
-        })?;
+        let asker = procs::process_info(pid).ok_or_else(|| unreadable_process(pid))?;
         let bind = BindRequest {
             asker,
             uid,
@@ -330,6 +328,7 @@ impl BrokerService {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             tcp_listen: s.endpoints.tcp_listen.unwrap_or_default(),
+            proxy_listen: s.endpoints.proxy_listen.unwrap_or_default(),
             observed_events: s.observed_events,
             resolve_bind_calls: s.resolve_bind_calls,
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
@@ -559,8 +558,7 @@ fn may_act_for(caller: Caller, pid: u32) -> Result<u32, Status> {
     if caller.pid == Some(pid) {
         return Ok(caller.uid);
     }
-    let target_uid = procs::process_uid(pid)
-        .ok_or_else(|| Status::invalid_argument(format!("pid {pid} is not a running process")))?;
+    let target_uid = procs::process_uid(pid).ok_or_else(|| unreadable_process(pid))?;
     if caller.is_root() || caller.uid == target_uid {
         Ok(target_uid)
     } else {
@@ -568,5 +566,25 @@ fn may_act_for(caller: Caller, pid: u32) -> Result<u32, Status> {
             "pid {pid} belongs to uid {target_uid}; uid {} may only act for its own processes",
             caller.uid
         )))
+    }
+}
+
+/// Why a process could not be read from `/proc`: it does not run (an invalid argument), or it
+/// runs and the daemon cannot read it now — out of descriptors, say (a resource exhausted, worth
+/// trying again) — told apart with `kill(pid, 0)`, which needs no descriptor.
+fn unreadable_process(pid: u32) -> Status {
+    let Ok(id) = libc::pid_t::try_from(pid) else {
+        return Status::invalid_argument(format!("pid {pid} is not a running process"));
+    };
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let exists = unsafe { libc::kill(id, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if exists {
+        Status::resource_exhausted(format!(
+            "pid {pid} runs, but the daemon could not read /proc/{pid} just now (out of file \
+             descriptors?); try again"
+        ))
+    } else {
+        Status::invalid_argument(format!("pid {pid} is not a running process"))
     }
 }
