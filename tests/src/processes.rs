@@ -78,9 +78,36 @@ pub struct Spawned {
     pub child: Child,
     lines: std::sync::mpsc::Receiver<String>,
     pub seen: Vec<String>,
+    /// Started as the leader of its own process group, which is killed whole when dropped.
+    group: bool,
 }
 
 impl Spawned {
+    /// Starts `command` as [`Spawned::start`] does, in a process group of its own: dropping it
+    /// kills the whole group (an autoreloader's children, a server's workers), not only the
+    /// process started.
+    pub fn start_group(command: &mut Command) -> Result<Spawned> {
+        use std::os::unix::process::CommandExt;
+        let mut spawned = Spawned::start(command.process_group(0))?;
+        spawned.group = true;
+        Ok(spawned)
+    }
+
+    /// Kills the process (its whole group, when started with [`Spawned::start_group`]).
+    pub fn kill(&mut self) -> Result<()> {
+        if self.group {
+            if let Ok(group) = libc::pid_t::try_from(self.child.id()) {
+                // SAFETY: sends a signal to the group this process leads; no memory involved.
+                unsafe { libc::kill(-group, libc::SIGKILL) };
+            }
+        }
+        let _ = self.child.kill();
+        self.child
+            .wait()
+            .context("waiting for the killed process")?;
+        Ok(())
+    }
+
     /// Starts `command` with stdin, stdout and stderr piped.
     pub fn start(command: &mut Command) -> Result<Spawned> {
         let mut child = command
@@ -98,6 +125,7 @@ impl Spawned {
             child,
             lines,
             seen: Vec::new(),
+            group: false,
         })
     }
 
@@ -153,8 +181,7 @@ impl Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.kill();
     }
 }
 

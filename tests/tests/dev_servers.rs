@@ -115,7 +115,8 @@ async fn django_edits_keep_the_port(observer: Observer) -> Result<()> {
         .output()?;
     ensure!(made.status.success(), "startproject: {made:?}");
     let address = format!("127.0.0.1:{asked}");
-    let mut server = Spawned::start(
+    // Its own process group: the autoreloader's child goes with it when the test ends.
+    let mut server = Spawned::start_group(
         daemon
             .shimmed_in(
                 "django-edits",
@@ -262,13 +263,13 @@ async fn vite_moves_once_and_hmr_works(observer: Observer) -> Result<()> {
     std::fs::write(&client, HMR_CLIENT)?;
     let client = client.to_str().context("utf-8 path")?;
 
-    let mut a = Spawned::start(
+    let mut a = Spawned::start_group(
         daemon
             .shimmed_in("vite-a", &vite, &["--port", &port_arg])
             .current_dir(&a_dir),
     )?;
     ensure!(vite_local_port(&mut a)? == asked, "A keeps the free port");
-    let mut b = Spawned::start(
+    let mut b = Spawned::start_group(
         daemon
             .shimmed_in("vite-b", &vite, &["--port", &port_arg])
             .current_dir(&b_dir),
@@ -412,7 +413,7 @@ async fn jupyter_is_reported_as_the_agent_needs(observer: Observer) -> Result<()
     let port_arg = asked.to_string();
     // The agent's session is `claude-<session id>`, as the SessionStart hook names it.
     let (session_id, instance) = ("nb", "claude-nb");
-    let mut notebook = Spawned::start(
+    let mut notebook = Spawned::start_group(
         daemon
             .shimmed_in(
                 instance,
@@ -508,6 +509,7 @@ async fn jupyter_is_reported_as_the_agent_needs(observer: Observer) -> Result<()
     // The notebook server stops (killed): the agent is told, in a line of its own.
     notebook.child.kill()?;
     notebook.child.wait()?;
+    // (Its kernels notice their parent is gone and stop; the group goes when the test ends.)
     let stopped = eventually(30, "the stop told", || async {
         let context = post_tool_use(&daemon, session_id, "").ok()??;
         context.contains("stopped").then_some(context)
