@@ -72,6 +72,7 @@ pub async fn connect(target: &Target) -> Result<PortBrokerClient<Channel>> {
 pub async fn register_instance(
     target: &Target,
     instance: Option<String>,
+    name: Option<String>,
     pid: u32,
     within: std::time::Duration,
 ) -> Result<Result<styxy_proto::v1::RegisterInstanceResponse, tonic::Status>> {
@@ -81,6 +82,7 @@ pub async fn register_instance(
             .register_instance(styxy_proto::v1::RegisterInstanceRequest {
                 instance_id: instance,
                 pid,
+                name,
             })
             .await;
         Ok(answer.map(tonic::Response::into_inner))

@@ -55,6 +55,10 @@ enum Command {
         /// Group the command's ports with an agent session (sets STYXY_INSTANCE).
         #[arg(long)]
         instance: Option<String>,
+        /// The session's name for its servers' names (`NAME.localhost`, `storybook.NAME.localhost`);
+        /// by default its project's directory name.
+        #[arg(long)]
+        name: Option<String>,
         /// The command and its arguments, after `--`.
         #[arg(
             trailing_var_arg = true,
@@ -183,8 +187,18 @@ pub fn main() -> ExitCode {
 async fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Daemon(d) => commands::daemon::run(d, args.socket).await,
-        Command::Run { instance, command } => {
-            preload::run(&command, instance.as_deref(), args.socket.as_deref()).await
+        Command::Run {
+            instance,
+            name,
+            command,
+        } => {
+            preload::run(
+                &command,
+                instance.as_deref(),
+                name.as_deref(),
+                args.socket.as_deref(),
+            )
+            .await
         }
         Command::Install(a) => {
             let layout = install::Layout::new(a.root, Some(a.prefix))?;

@@ -59,6 +59,7 @@ pub fn preload_value(library: &Path, existing: Option<&str>) -> String {
 pub async fn run(
     command: &[OsString],
     instance: Option<&str>,
+    name: Option<&str>,
     socket: Option<&Path>,
 ) -> Result<()> {
     let Some((program, args)) = command.split_first() else {
@@ -80,7 +81,7 @@ pub async fn run(
     }
     let daemon = socket.map_or_else(crate::daemon_socket, Path::to_path_buf);
     let quiet = std::env::var(env::NOTIFY.name).is_ok_and(|v| v == "off");
-    match join_session(&daemon, instance.clone()).await {
+    match join_session(&daemon, instance.clone(), name.map(str::to_owned)).await {
         Ok(Err(refused)) => {
             if let Some(instance) = &instance {
                 child.env(env::INSTANCE.name, instance);
@@ -126,11 +127,13 @@ pub async fn run(
 async fn join_session(
     daemon: &Path,
     instance: Option<String>,
+    name: Option<String>,
 ) -> Result<Result<styxy_proto::v1::RegisterInstanceResponse, String>> {
     let target = crate::client::Target::Unix(daemon.to_path_buf());
     let answer = crate::client::register_instance(
         &target,
         instance,
+        name,
         std::process::id(),
         std::time::Duration::from_secs(2),
     )

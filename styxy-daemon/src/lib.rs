@@ -9,7 +9,8 @@
 //! - `table` publishes the session table the shim maps (taken ports, session views);
 //! - `session_reports` remembers what each agent session was last told (`SessionReport`);
 //! - `lingering` reads which ports old TCP connections still hold (TIME_WAIT), for the broker;
-//! - `metrics` counts what operators watch (served with `--metrics ADDR`).
+//! - `metrics` counts what operators watch (served with `--metrics ADDR`);
+//! - `proxy` serves every live server by its name (`--proxy ADDR`).
 
 mod bpf;
 mod clock;
@@ -19,6 +20,7 @@ mod lingering;
 mod metrics;
 mod observe;
 mod procs;
+mod proxy;
 mod rpc;
 mod session_reports;
 mod store;
@@ -26,3 +28,4 @@ mod table;
 
 pub use bpf::find_object as find_ebpf_object;
 pub use daemon::{run, KernelLogLevel, ObserverChoice, Options};
+pub use proxy::HostHeader;

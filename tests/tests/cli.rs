@@ -244,6 +244,7 @@ async fn the_session_end_hook_ends_the_sessions_leases_only() -> anyhow::Result<
             .register_instance(pb::RegisterInstanceRequest {
                 instance_id: Some(instance.into()),
                 pid: std::process::id(),
+                name: None,
             })
             .await?;
     }

@@ -288,6 +288,7 @@ async fn invalid_inputs_are_invalid_argument_with_a_message() -> anyhow::Result<
         c.register_instance(pb::RegisterInstanceRequest {
             instance_id: Some("has spaces".into()),
             pid: std::process::id(),
+            name: None,
         })
         .await
         .unwrap_err(),

@@ -33,6 +33,7 @@ async fn leases_survive_kill_9_and_restart() -> anyhow::Result<()> {
         .register_instance(pb::RegisterInstanceRequest {
             instance_id: None,
             pid: sleeper.id(),
+            name: None,
         })
         .await?
         .into_inner();

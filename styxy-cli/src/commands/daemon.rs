@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use styxy_common::paths;
-use styxy_daemon::{KernelLogLevel, ObserverChoice, Options};
+use styxy_daemon::{HostHeader, KernelLogLevel, ObserverChoice, Options};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -38,12 +38,25 @@ pub(crate) struct Args {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, loopback only, e.g. 127.0.0.1:9877 [default: off]
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve every live server by its name (http://storybook.feature-x.localhost:PORT/) on this loopback address, e.g. 127.0.0.1:80 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    proxy: Option<SocketAddr>,
+    /// The Host header the proxy gives a named server: `keep` the name asked for, or `upstream` (127.0.0.1:PORT, for servers that check Host against a fixed list)
+    #[arg(long, value_enum, default_value = "keep")]
+    proxy_host: ProxyHost,
     /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
     #[arg(long, value_enum, default_value = "warn")]
     ebpf_log: KernelLogLevel,
     /// Close a connection that sends nothing for this many seconds (the daemon pings clients at a third of it, so live ones stay)
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(3..=86_400))]
     idle_timeout_secs: u64,
+}
+
+/// `--proxy-host`: see [`HostHeader`].
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ProxyHost {
+    Keep,
+    Upstream,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -86,6 +99,11 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             cgroup: args.cgroup,
             ebpf_object: args.ebpf_object,
             metrics: args.metrics,
+            proxy: args.proxy,
+            proxy_host_header: match args.proxy_host {
+                ProxyHost::Keep => HostHeader::Keep,
+                ProxyHost::Upstream => HostHeader::Upstream,
+            },
             ebpf_log: args.ebpf_log,
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         },

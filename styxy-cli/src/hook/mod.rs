@@ -124,6 +124,7 @@ async fn join_kernel_session(
     let answer = crate::client::register_instance(
         target,
         Some(instance.to_string()),
+        None,
         pid,
         Duration::from_secs(3),
     )

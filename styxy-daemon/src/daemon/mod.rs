@@ -65,6 +65,10 @@ pub struct Options {
     pub ebpf_object: Option<PathBuf>,
     /// Loopback address to serve `/metrics` on (OpenMetrics text); `None`: no metrics endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Loopback address of the names' proxy (`http://NAME.localhost`); `None`: no proxy.
+    pub proxy: Option<SocketAddr>,
+    /// The `Host` header the proxy gives the named servers.
+    pub proxy_host_header: crate::proxy::HostHeader,
     /// Which of the kernel programs' own log lines go into the daemon's log.
     pub ebpf_log: KernelLogLevel,
     /// A connection that sends nothing for this long is closed (HTTP/2 pings at a third of it
@@ -120,13 +124,27 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // 5. The session table the shims map (taken ports, session views), next to the socket: made
     //    once the socket is ours, so a second daemon never replaces a running one's table.
     engine.publish_table(PublishedTable::create(&opts.socket)?);
+    // The names' proxy, bound before anything is served, so `Status` says where from the first
+    // answer on.
+    let mut proxy = None;
+    if let Some(addr) = opts.proxy {
+        let options = crate::proxy::ProxyOptions {
+            addr,
+            host_header: opts.proxy_host_header,
+        };
+        proxy = Some(crate::proxy::listen(options, engine.clone(), stop.clone()).await?);
+    }
     engine.set_endpoints(Endpoints {
         socket_path: Some(opts.socket.clone()),
         tcp_listen: listeners.tcp_address(),
+        proxy_listen: proxy.as_ref().map(|(local, _)| local.to_string()),
     });
     let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
     if let Some(addr) = opts.metrics {
         servers.spawn(serve::metrics(addr, engine.clone(), stop.clone()).await?);
+    }
+    if let Some((_, proxy)) = proxy {
+        servers.spawn(proxy);
     }
     systemd::notify(&format!(
         "READY=1\nSTATUS=serving on {}; observer {}",

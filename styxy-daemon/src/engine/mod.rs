@@ -17,7 +17,7 @@ mod status;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::clock::now_ms;
@@ -87,6 +87,12 @@ pub struct Engine {
     pub(super) kernel_sessions_missing: Mutex<String>,
     /// What each agent session was last told.
     pub(super) session_reports: SessionReports,
+    /// Bumped by every broker commit: the names below are current while it has not moved.
+    pub(super) generation: AtomicU64,
+    /// The names of every live server, and the generation they were read at.
+    pub(super) names: Mutex<(u64, Arc<styxy_broker::Names>)>,
+    /// The kernel's ephemeral ports (where helper ports are, which get no names).
+    pub(super) ephemeral: std::ops::RangeInclusive<u16>,
 }
 
 impl Engine {
@@ -116,7 +122,28 @@ impl Engine {
             kernel_sessions: OnceLock::new(),
             kernel_sessions_missing: Mutex::new("no eBPF observer".into()),
             session_reports: SessionReports::default(),
+            generation: AtomicU64::new(1),
+            names: Mutex::new((0, Arc::default())),
+            ephemeral: {
+                let (start, end) = crate::bpf::ephemeral_ports();
+                start..=end
+            },
         }
+    }
+
+    /// Every live server's names (see `styxy_broker::names`), read again only after the broker
+    /// changed.
+    pub fn names(&self) -> Arc<styxy_broker::Names> {
+        let generation = self.generation.load(Ordering::Acquire);
+        {
+            let cached = lock(&self.names);
+            if cached.0 == generation {
+                return cached.1.clone();
+            }
+        }
+        let names = Arc::new(lock(&self.broker).names(&self.ephemeral));
+        *lock(&self.names) = (generation, names.clone());
+        names
     }
 
     pub fn store(&self) -> &Store {
@@ -135,6 +162,7 @@ impl Engine {
         let (value, effects, ticket) = {
             let mut broker = lock(&self.broker);
             let (value, effects) = decide(&mut broker);
+            self.generation.fetch_add(1, Ordering::AcqRel);
             // Published before the answer leaves: a shim that binds next sees the claim.
             if let Some(table) = self.table.get() {
                 table.publish(&broker, &effects);
@@ -257,8 +285,10 @@ impl Engine {
         id: Option<String>,
         process: ProcessId,
         uid: u32,
+        label: styxy_broker::InstanceLabel,
     ) -> Result<(String, Result<(), String>), EngineError> {
-        let (id, ticket) = self.commit(|b| lift(b.register_instance(id, process, uid, now_ms())));
+        let (id, ticket) =
+            self.commit(|b| lift(b.register_named_instance(id, process, uid, label, now_ms())));
         let id = id?;
         self.wait_durable(ticket).await?;
         let placed = match self.kernel_sessions.get() {

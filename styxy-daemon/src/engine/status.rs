@@ -18,6 +18,8 @@ pub struct ObserverStatus {
 pub struct Endpoints {
     pub socket_path: Option<PathBuf>,
     pub tcp_listen: Option<String>,
+    /// Where the names' proxy listens, when it runs.
+    pub proxy_listen: Option<String>,
 }
 
 /// A snapshot of counters for `Status`.

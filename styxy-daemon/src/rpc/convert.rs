@@ -81,6 +81,23 @@ pub fn instance_id(value: Option<String>) -> Result<Option<String>, Status> {
     }
 }
 
+/// A session's name as given: a DNS label (letters, digits, inner dashes, at most 63), since its
+/// servers' names end in `<name>.localhost`.
+pub fn session_name(value: Option<String>) -> Result<Option<String>, Status> {
+    match value {
+        None => Ok(None),
+        Some(name) if styxy_broker::names::dns_label(&name).as_deref() == Some(name.as_str()) => {
+            Ok(Some(name))
+        }
+        Some(name) => Err(Status::invalid_argument(format!(
+            "session name {} is invalid: use 1-63 lowercase letters, digits and inner dashes \
+             (it becomes part of a host name), e.g. {}",
+            quoted(&name),
+            styxy_broker::names::dns_label(&name).unwrap_or_else(|| "feature-x".into())
+        ))),
+    }
+}
+
 pub fn pid(value: u32) -> Result<u32, Status> {
     if value == 0 || value > i32::MAX as u32 {
         Err(Status::invalid_argument(format!(

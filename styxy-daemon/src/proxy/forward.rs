@@ -1,0 +1,349 @@
+//! One request through the proxy: its name resolved to a server, the request rewritten for it
+//! (loopback target, HTTP/1.1, hop-by-hop headers dropped, `X-Forwarded-*` and `Forwarded`
+//! added, `Host` kept or set to the upstream's), sent over a pooled keep-alive connection, and
+//! the answer streamed back; a WebSocket upgrade becomes a tunnel between the two connections.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use styxy_broker::NamedServer;
+
+use super::pages;
+use crate::engine::Engine;
+
+/// What every answer's body is: the upstream's, streamed, or a page of the proxy's own.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The `Host` header a named server gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The name the client asked for (`storybook.feature-x.localhost`): what most dev servers
+    /// want (Vite and Django allow `*.localhost`), and what absolute URLs they build should say.
+    #[default]
+    Keep,
+    /// `127.0.0.1:PORT`: for servers that check `Host` against a fixed list.
+    Upstream,
+}
+
+/// The client side of the proxy: pooled keep-alive connections to the named servers.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    host_header: HostHeader,
+}
+
+impl Upstream {
+    pub fn new(host_header: HostHeader) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Upstream {
+            client,
+            host_header,
+        }
+    }
+}
+
+/// The answer to one request: the named server's, or a page saying why there is none.
+pub async fn answer(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    engine: &Engine,
+    upstream: &Upstream,
+) -> Response<ProxyBody> {
+    let html = pages::wants_html(request.headers());
+    let Some(host) = requested_host(&request) else {
+        return pages::no_host(html);
+    };
+    let names = engine.names();
+    let Some(server) = names.resolve(&host).cloned() else {
+        return pages::unknown_name(&styxy_broker::names::host_name(&host), &names, html);
+    };
+    let Some(target) = loopback_target(&server) else {
+        return pages::not_on_loopback(&host, &server, html);
+    };
+    let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
+    let forwarded = match rewrite(request, &host, target, peer, upstream.host_header) {
+        Ok(forwarded) => forwarded,
+        Err(why) => return pages::bad_request(&why, html),
+    };
+    match upstream.client.request(forwarded).await {
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                }
+                return response.map(BodyExt::boxed);
+            }
+            strip_hop_by_hop(response.headers_mut());
+            response.map(BodyExt::boxed)
+        }
+        Err(e) => pages::upstream_failed(&host, &server, target, &e, html),
+    }
+}
+
+/// The name asked for: HTTP/2's `:authority`, else HTTP/1.1's `Host`.
+fn requested_host<B>(request: &Request<B>) -> Option<String> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .filter(|h| !h.is_empty())
+}
+
+/// Where to reach `server` on loopback: IPv4 when it listens there (or on every address),
+/// else IPv6; `None` when it listens only on other addresses (the proxy reaches loopback only).
+pub fn loopback_target(server: &NamedServer) -> Option<SocketAddr> {
+    let on = |wanted: &[&str]| {
+        server
+            .addresses
+            .iter()
+            .any(|a| wanted.contains(&a.as_str()))
+    };
+    let ip = if on(&["127.0.0.1", "0.0.0.0"]) {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else if on(&["::1", "::"]) {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        return None;
+    };
+    Some(SocketAddr::new(ip, server.port))
+}
+
+/// The `Upgrade` protocol a request asks for (`websocket`), when it asks for one.
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// The request as the named server gets it.
+fn rewrite(
+    request: Request<Incoming>,
+    host: &str,
+    target: SocketAddr,
+    peer: SocketAddr,
+    host_header: HostHeader,
+) -> Result<Request<Incoming>, String> {
+    let (mut parts, body) = request.into_parts();
+    let upgrade = upgrade_of(&parts.headers);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = format!("http://{target}{path}")
+        .parse::<Uri>()
+        .map_err(|e| format!("the request's path cannot be forwarded: {e}"))?;
+    parts.version = Version::HTTP_11;
+    // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one.
+    let cookies: Vec<String> = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if cookies.len() > 1 {
+        if let Ok(joined) = HeaderValue::from_str(&cookies.join("; ")) {
+            parts.headers.insert(header::COOKIE, joined);
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, upgrade);
+    }
+    let host_value = match host_header {
+        HostHeader::Keep => host.to_string(),
+        HostHeader::Upstream => target.to_string(),
+    };
+    let host_value = HeaderValue::from_str(&host_value)
+        .map_err(|_| format!("the host {host:?} is not valid"))?;
+    parts.headers.insert(header::HOST, host_value);
+    add_forwarded(&mut parts.headers, host, peer);
+    Ok(Request::from_parts(parts, body))
+}
+
+/// `X-Forwarded-For` (appended), `X-Forwarded-Host`, `X-Forwarded-Proto` and RFC 7239's
+/// `Forwarded` (appended).
+fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: SocketAddr) {
+    let client = peer.ip().to_string();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.clone(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        headers.insert(xff, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), value);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    let node = match peer.ip() {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let element = format!("for={node};host=\"{host}\";proto=http");
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {element}"),
+        None => element,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, value);
+    }
+}
+
+/// Drops the headers that concern one connection only (RFC 9110 §7.6.1), those the
+/// `Connection` header names included.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and its upstream's, until
+/// either ends.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    let (Ok(client), Ok(upstream)) = (client, upstream) else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(cause = %e, "a proxied WebSocket ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(addresses: &[&str]) -> NamedServer {
+        NamedServer {
+            names: vec!["app.localhost".into()],
+            port: 5174,
+            asked: 5173,
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            pid: 7,
+            cmdline: "vite".into(),
+            uid: 1000,
+            service_type: "dev".into(),
+            instance_id: None,
+            session: None,
+        }
+    }
+
+    #[test]
+    fn the_target_is_always_loopback() {
+        assert_eq!(
+            loopback_target(&server(&["0.0.0.0"])),
+            Some("127.0.0.1:5174".parse().unwrap())
+        );
+        assert_eq!(
+            loopback_target(&server(&["::1"])),
+            Some("[::1]:5174".parse().unwrap())
+        );
+        assert_eq!(
+            loopback_target(&server(&["::", "127.0.0.1"])),
+            Some("127.0.0.1:5174".parse().unwrap())
+        );
+        assert_eq!(loopback_target(&server(&["192.168.1.5"])), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_forwarded_ones_come() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        add_forwarded(
+            &mut headers,
+            "app.localhost",
+            "[::1]:50000".parse().unwrap(),
+        );
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(headers["x-forwarded-host"], "app.localhost");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(
+            headers[header::FORWARDED],
+            "for=\"[::1]\";host=\"app.localhost\";proto=http"
+        );
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_of(&headers), None);
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(
+            upgrade_of(&headers),
+            Some(HeaderValue::from_static("websocket"))
+        );
+    }
+}
