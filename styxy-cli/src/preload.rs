@@ -65,6 +65,15 @@ pub async fn run(
     let Some((program, args)) = command.split_first() else {
         bail!("nothing to run: give a command, e.g. `styxy run -- npm run storybook`");
     };
+    if let Some(name) = name {
+        if styxy_common::label::dns_label(name).as_deref() != Some(name) {
+            bail!(
+                "--name {name:?} cannot be part of a host name: use lowercase letters, digits and \
+                 inner dashes, at most 63 (e.g. --name {})",
+                styxy_common::label::dns_label(name).unwrap_or_else(|| "feature-x".into())
+            );
+        }
+    }
     let library = find_library()?;
     let existing = std::env::var("LD_PRELOAD").ok();
     let mut child = std::process::Command::new(program);

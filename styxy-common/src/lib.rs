@@ -4,8 +4,8 @@
 //! name, kind and size — the kernel contract — ([`maps`]), the session table the daemon publishes for the shim
 //! ([`table`]) and the C ABI between the preload shim and the lazily
 //! loaded client library ([`shim`]). With the `std` feature, also the default paths that the
-//! daemon, the CLI and the shim must agree on ([`paths`]) and how a command line is shown
-//! ([`command_line`]); with `user`, the aya `Pod` impls the
+//! daemon, the CLI and the shim must agree on ([`paths`]) how a command line is shown
+//! ([`command_line`]) and a name as a DNS label ([`label`]); with `user`, the aya `Pod` impls the
 //! daemon needs to read the kernel programs' maps; with `serde`, serde impls for [`net`]'s enums.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
@@ -13,6 +13,8 @@
 pub mod command_line;
 pub mod env;
 pub mod event;
+#[cfg(feature = "std")]
+pub mod label;
 pub mod maps;
 pub mod net;
 pub mod paths;

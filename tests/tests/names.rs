@@ -1,0 +1,462 @@
+//! Names for the human, through the daemon's proxy (`styxy daemon --proxy`): two sessions in two
+//! git worktrees each run a server on the same asked port, and each is reached by its name —
+//! with curl (which resolves `*.localhost` itself), python's urllib and node's http (by `Host`,
+//! since glibc does not resolve `*.localhost` here) — over HTTP/1.1 and h2c; a name follows its
+//! server to another port; bodies stream (server-sent events); Vite's HMR WebSocket works through
+//! the name (of a session named with `styxy run --name`); an unknown name lists the live ones; a server that drops the connection gets a 502
+//! naming it and its session.
+//!
+//! On the default install (the root daemon's eBPF programs and the shim) when eBPF can be used
+//! here, else on the socket tables (saying so). Tests here run one at a time.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use styxy_tests::v1 as pb;
+use styxy_tests::{ebpf_ready, eventually, styxy_bin, vite, Daemon, Spawned};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A daemon with the proxy on a free loopback port, and that port.
+async fn daemon_with_proxy() -> Result<(Daemon, u16)> {
+    let daemon = match ebpf_ready() {
+        Some(setup) => {
+            let object = setup.object.to_str().context("utf-8 path")?;
+            Daemon::start_with(&[
+                "--observer",
+                "ebpf",
+                "--ebpf-object",
+                object,
+                "--proxy",
+                "127.0.0.1:0",
+            ])
+            .await?
+        }
+        None => {
+            eprintln!("names: without eBPF here, on the socket tables");
+            Daemon::start_with(&["--proxy", "127.0.0.1:0"]).await?
+        }
+    };
+    let status = daemon.status().await?;
+    let port = status
+        .proxy_listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("the proxy's address in Status: {status:?}"))?;
+    Ok((daemon, port))
+}
+
+/// A git repository `shop` with worktrees `feature-x` and `feature-y` beside it, each with an
+/// `index.html` saying whose it is.
+fn worktrees(root: &Path) -> Result<()> {
+    let git = |dir: &Path, args: &[&str]| -> Result<()> {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        ensure!(out.status.success(), "git {args:?}: {out:?}");
+        Ok(())
+    };
+    let shop = root.join("shop");
+    std::fs::create_dir_all(&shop)?;
+    git(&shop, &["init", "-q"])?;
+    std::fs::write(shop.join("README"), "shop\n")?;
+    git(&shop, &["add", "README"])?;
+    git(&shop, &["commit", "-q", "-m", "start"])?;
+    for name in ["feature-x", "feature-y"] {
+        git(
+            &shop,
+            &["worktree", "add", "-q", "-b", name, &format!("../{name}")],
+        )?;
+        std::fs::write(root.join(name).join("index.html"), format!("I am {name}\n"))?;
+    }
+    Ok(())
+}
+
+/// `python3 -m http.server ASKED` in `dir`, in session `instance`: its own process group.
+fn http_server_in(daemon: &Daemon, instance: &str, dir: &Path, asked: u16) -> Result<Spawned> {
+    let mut server = Spawned::start_group(
+        daemon
+            .shimmed_in(
+                instance,
+                "python3",
+                &[
+                    "-u",
+                    "-m",
+                    "http.server",
+                    &asked.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ],
+            )
+            .current_dir(dir),
+    )?;
+    server.line_where(20, |l| l.contains("Serving HTTP"))?;
+    Ok(server)
+}
+
+/// `curl` for `url` through the proxy on `proxy` (curl resolves `*.localhost` to loopback itself):
+/// the status and the body.
+fn curl(url: &str, extra: &[&str]) -> Result<(u16, String)> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .output()?;
+    ensure!(out.status.success(), "curl {url}: {out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text.rsplit_once('\n').context("a status")?;
+    Ok((code.parse()?, body.to_string()))
+}
+
+/// The port session `instance`'s server that asked `asked` is bound to now.
+async fn bound_port(daemon: &Daemon, instance: &str, asked: u16) -> Result<u16> {
+    let request = pb::SessionReportRequest {
+        instance_id: instance.into(),
+        peek: true,
+        pid: 0,
+    };
+    let servers = daemon
+        .client()
+        .await?
+        .session_report(request)
+        .await?
+        .into_inner()
+        .running;
+    servers
+        .iter()
+        .find(|s| s.asked_port == u32::from(asked) || s.port == u32::from(asked))
+        .and_then(|s| u16::try_from(s.port).ok())
+        .with_context(|| format!("no server of {instance} for {asked}: {servers:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_worktrees_on_one_port_are_each_reached_by_name() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) = daemon_with_proxy().await?;
+    let work = tempfile::tempdir()?;
+    worktrees(work.path())?;
+    let asked = daemon.base + 10;
+    let _x = http_server_in(&daemon, "wt-x", &work.path().join("feature-x"), asked)?;
+    let mut y = http_server_in(&daemon, "wt-y", &work.path().join("feature-y"), asked)?;
+    let y_port = eventually(10, "Y moved", || async {
+        bound_port(&daemon, "wt-y", asked)
+            .await
+            .ok()
+            .filter(|p| *p != asked)
+    })
+    .await?;
+
+    // curl, by every name; HTTP/1.1 and HTTP/2 (h2c).
+    let names = eventually(10, "both names served", || async {
+        let x = curl(&format!("http://feature-x.localhost:{proxy}/"), &[]).ok()?;
+        let y = curl(&format!("http://feature-y.localhost:{proxy}/"), &[]).ok()?;
+        (x.0 == 200 && y.0 == 200).then_some((x.1, y.1))
+    })
+    .await?;
+    assert_eq!(
+        names,
+        ("I am feature-x\n".into(), "I am feature-y\n".into())
+    );
+    for (name, whose) in [
+        (format!("{asked}.feature-y"), "feature-y"),
+        (format!("{asked}.feature-x"), "feature-x"),
+        // The test daemon's storybook range holds the asked port.
+        ("storybook.feature-y".to_string(), "feature-y"),
+    ] {
+        let (code, body) = curl(&format!("http://{name}.localhost:{proxy}/"), &[])?;
+        assert_eq!(
+            (code, body.trim()),
+            (200, format!("I am {whose}").as_str()),
+            "{name}"
+        );
+    }
+    let (code, body) = curl(
+        &format!("http://feature-y.localhost:{proxy}/"),
+        &["--http2-prior-knowledge"],
+    )?;
+    assert_eq!((code, body.as_str()), (200, "I am feature-y\n"), "h2c");
+    // No name carries the bound port.
+    let (code, _) = curl(
+        &format!("http://{y_port}.feature-y.localhost:{proxy}/"),
+        &[],
+    )?;
+    assert_eq!(code, 404);
+
+    // python's urllib and node's http, by Host.
+    let python = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, urllib.request as u; r = u.Request(f'http://127.0.0.1:{sys.argv[1]}/', \
+             headers={'Host': sys.argv[2]}); print(u.urlopen(r, timeout=10).read().decode(), end='')",
+            &proxy.to_string(),
+            "feature-x.localhost",
+        ])
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&python.stdout),
+        "I am feature-x\n",
+        "{python:?}"
+    );
+    let node = Command::new("node")
+        .args([
+            "-e",
+            "require('http').get({host: '127.0.0.1', port: +process.argv[1], path: '/', \
+             headers: {host: process.argv[2]}}, r => r.pipe(process.stdout))",
+            &proxy.to_string(),
+            "feature-y.localhost",
+        ])
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&node.stdout),
+        "I am feature-y\n",
+        "{node:?}"
+    );
+
+    // Y restarts on another port (someone outside every session took its old one meanwhile):
+    // its names follow it.
+    y.kill()?;
+    let squatter = Spawned::start_group(Command::new("python3").args([
+        "-c",
+        "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+         s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('ready', flush=True); sys.stdin.read()",
+        &y_port.to_string(),
+    ]));
+    let mut squatter = squatter?;
+    squatter.line_where(10, |l| l == "ready")?;
+    let _y = http_server_in(&daemon, "wt-y", &work.path().join("feature-y"), asked)?;
+    let again = eventually(10, "Y back elsewhere", || async {
+        bound_port(&daemon, "wt-y", asked)
+            .await
+            .ok()
+            .filter(|p| *p != asked && *p != y_port)
+    })
+    .await?;
+    let body = eventually(10, "Y by its name again", || async {
+        curl(&format!("http://feature-y.localhost:{proxy}/"), &[])
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .map(|(_, body)| body)
+    })
+    .await?;
+    assert_eq!(body, "I am feature-y\n", "on {again} now");
+
+    // An unknown name: 404, with the live names.
+    let (code, body) = curl(&format!("http://feature-z.localhost:{proxy}/"), &[])?;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("feature-z.localhost") && body.contains("feature-x.localhost, "),
+        "{body}"
+    );
+    Ok(())
+}
+
+/// A server-sent event reaches the client while the response is still open, and a server that
+/// drops the connection gets a 502 naming it and its session.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_stream_and_a_failing_server_gets_a_502_that_names_it() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) = daemon_with_proxy().await?;
+    let work = tempfile::tempdir()?;
+    let go = work.path().join("go");
+    // One event, then (once `go` exists) a second, and the end.
+    let sse = r#"
+import http.server, os, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/drop":
+            self.close_connection = True
+            self.connection.close()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b"data: first\n\n"); self.wfile.flush()
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.05)
+        self.wfile.write(b"data: second\n\n"); self.wfile.flush()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let asked = daemon.base + 12;
+    let dir = work.path().join("events");
+    std::fs::create_dir_all(&dir)?;
+    let _server = Spawned::start_group(
+        daemon
+            .shimmed_in(
+                "sse",
+                "python3",
+                &["-c", sse, &asked.to_string(), go.to_str().context("utf-8")?],
+            )
+            .current_dir(&dir),
+    )?;
+    eventually(10, "the server named", || async {
+        curl(
+            &format!("http://{asked}.events.localhost:{proxy}/drop"),
+            &[],
+        )
+        .ok()
+        .filter(|(code, _)| *code != 404)
+    })
+    .await?;
+    let mut stream = Spawned::start(Command::new("curl").args([
+        "-sS",
+        "-N",
+        "-m",
+        "30",
+        &format!("http://events.localhost:{proxy}/"),
+    ]))?;
+    stream.line_where(10, |l| l == "data: first")?;
+    std::fs::write(&go, "")?;
+    stream.line_where(10, |l| l == "data: second")?;
+
+    let (code, body) = curl(&format!("http://events.localhost:{proxy}/drop"), &[])?;
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("events.localhost")
+            && body.contains("session events")
+            && body.contains("did not answer"),
+        "{body}"
+    );
+    let (_, html) = curl(
+        &format!("http://events.localhost:{proxy}/drop"),
+        &["-H", "Accept: text/html"],
+    )?;
+    assert!(html.starts_with("<!doctype html>"), "{html}");
+    Ok(())
+}
+
+/// Vite's HMR WebSocket through the name, as Vite's page script opens it: the token from
+/// `/@vite/client`, then the `vite-hmr` upgrade; an edit arrives.
+const WS_CLIENT: &str = r#"
+import base64, json, os, re, socket, sys, urllib.request
+port, name = int(sys.argv[1]), sys.argv[2]
+def get(path):
+    r = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": name})
+    return urllib.request.urlopen(r, timeout=10).read().decode()
+token = re.search(r'const wsToken = "([^"]*)"', get("/@vite/client")).group(1)
+print("main:", re.search(r'console\.log\("([^"]*)"\)', get("/main.js")).group(1), flush=True)
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f"GET /?token={token} HTTP/1.1\r\nHost: {name}\r\nUpgrade: websocket\r\n"
+           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+           "Sec-WebSocket-Protocol: vite-hmr\r\n\r\n").encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    more = s.recv(4096)
+    if not more: sys.exit("closed before the upgrade")
+    buf += more
+head, buf = buf.split(b"\r\n\r\n", 1)
+print("status:", head.split(b"\r\n")[0].decode(), flush=True)
+def take(n):
+    global buf
+    while len(buf) < n:
+        more = s.recv(65536)
+        if not more: sys.exit("closed")
+        buf += more
+    out, buf = buf[:n], buf[n:]
+    return out
+while True:
+    b0, b1 = take(2)
+    n = b1 & 0x7f
+    if n == 126: n = int.from_bytes(take(2), "big")
+    elif n == 127: n = int.from_bytes(take(8), "big")
+    payload = take(n)
+    if b0 & 0x0f != 1: continue
+    kind = json.loads(payload).get("type")
+    if kind == "connected": print("connected", flush=True)
+    if kind in ("update", "full-reload"):
+        print("hmr", kind, flush=True)
+        break
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vites_hmr_works_through_its_name() -> Result<()> {
+    let Some(vite) = vite() else {
+        return Ok(());
+    };
+    let vite = vite.to_str().context("utf-8 path")?.to_string();
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) = daemon_with_proxy().await?;
+    let work = tempfile::tempdir()?;
+    let app = work.path().join("storefront");
+    std::fs::create_dir_all(&app)?;
+    std::fs::write(
+        app.join("index.html"),
+        "<!doctype html><html><body><script type=\"module\" src=\"/main.js\"></script></body></html>\n",
+    )?;
+    std::fs::write(app.join("main.js"), "console.log(\"storefront\");\n")?;
+    let asked = (daemon.base + 14).to_string();
+    // Named by its user (`styxy run --name`), not by its directory.
+    let mut server = Spawned::start_group(
+        Command::new(styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "shop-ui",
+                "--name",
+                "shop",
+                "--",
+                &vite,
+            ])
+            .args(["--port", &asked])
+            .current_dir(&app),
+    )?;
+    server.line_where(30, |l| l.contains("Local:"))?;
+    let name = "shop.localhost";
+    eventually(10, "Vite by its name", || async {
+        curl(&format!("http://{name}:{proxy}/"), &[])
+            .ok()
+            .filter(|(code, body)| *code == 200 && body.contains("/@vite/client"))
+    })
+    .await?;
+    let mut client =
+        Spawned::start(Command::new("python3").args(["-c", WS_CLIENT, &proxy.to_string(), name]))?;
+    let main = client.line_where(20, |l| l.starts_with("main:") || l.contains("Error"))?;
+    assert_eq!(main, "main: storefront");
+    let status = client.line_where(20, |l| l.starts_with("status:") || l.contains("Error"))?;
+    assert!(status.contains(" 101 "), "{status}");
+    client.line_where(20, |l| l == "connected" || l.contains("Error"))?;
+    std::fs::write(
+        app.join("main.js"),
+        "console.log(\"storefront, edited\");\n",
+    )?;
+    let hmr = client.line_where(20, |l| l.starts_with("hmr ") || l.contains("Error"))?;
+    assert!(hmr.starts_with("hmr "), "{hmr}");
+    Ok(())
+}
+
+/// A session name that cannot be part of a host name is refused before anything runs, with a
+/// name that can.
+#[test]
+fn a_name_that_cannot_be_a_host_name_is_refused_with_one_that_can() -> Result<()> {
+    let out = Command::new(styxy_bin())
+        .args([
+            "run",
+            "--name",
+            "My Shop!",
+            "--",
+            "touch",
+            "/nonexistent-dir/ran",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("--name \"My Shop!\" cannot be part of a host name")
+            && stderr.contains("--name my-shop"),
+        "{stderr}"
+    );
+    Ok(())
+}
