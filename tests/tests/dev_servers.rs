@@ -266,13 +266,16 @@ async fn vite_moves_once_and_hmr_works(observer: Observer) -> Result<()> {
     let mut a = Spawned::start_group(
         daemon
             .shimmed_in("vite-a", &vite, &["--port", &port_arg])
-            .current_dir(&a_dir),
+            .current_dir(&a_dir)
+            // Plain text: Vite colours its banner when CI is set.
+            .env("NO_COLOR", "1"),
     )?;
     ensure!(vite_local_port(&mut a)? == asked, "A keeps the free port");
     let mut b = Spawned::start_group(
         daemon
             .shimmed_in("vite-b", &vite, &["--port", &port_arg])
-            .current_dir(&b_dir),
+            .current_dir(&b_dir)
+            .env("NO_COLOR", "1"),
     )?;
     let bound = vite_local_port(&mut b)?;
     ensure!(bound != asked, "B is moved: {:?}", b.seen);

@@ -186,6 +186,23 @@ async fn two_worktrees_on_one_port_are_each_reached_by_name() -> Result<()> {
         &["--http2-prior-knowledge"],
     )?;
     assert_eq!((code, body.as_str()), (200, "I am feature-y\n"), "h2c");
+    // What the session's agent sees: each server's URL by name, next to its ports (`styxy
+    // session`, and its JSON, which the MCP tool session_ports answers with).
+    let listed = daemon.cli(&["session", "--instance", "wt-y"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("session wt-y (named feature-y)")
+            && listed.contains(&format!("http://feature-y.localhost:{proxy}/")),
+        "{listed}"
+    );
+    let json = daemon.cli(&["--json", "session", "--instance", "wt-y"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(value["sessionName"], "feature-y", "{value}");
+    assert_eq!(
+        value["running"][0]["urls"][0],
+        format!("http://feature-y.localhost:{proxy}/"),
+        "{value}"
+    );
     // No name carries the bound port.
     let (code, _) = curl(
         &format!("http://{y_port}.feature-y.localhost:{proxy}/"),
@@ -411,7 +428,9 @@ async fn vites_hmr_works_through_its_name() -> Result<()> {
                 &vite,
             ])
             .args(["--port", &asked])
-            .current_dir(&app),
+            .current_dir(&app)
+            // Plain text: Vite colours its banner when CI is set.
+            .env("NO_COLOR", "1"),
     )?;
     server.line_where(30, |l| l.contains("Local:"))?;
     let name = "shop.localhost";
@@ -458,5 +477,136 @@ fn a_name_that_cannot_be_a_host_name_is_refused_with_one_that_can() -> Result<()
             && stderr.contains("--name my-shop"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// Runs `styxy hook HOOK` with `input` on stdin, from a python process in `dir` (the "agent" the
+/// hook registers: the nearest non-shell ancestor), as Claude Code would: what it printed.
+fn hook_from(
+    dir: &Path,
+    daemon: &Daemon,
+    hook: &str,
+    input: &str,
+    env_file: &Path,
+) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import subprocess, sys; r = subprocess.run(sys.argv[1:], input=sys.stdin.buffer.read(), \
+             stdout=subprocess.PIPE); sys.stdout.buffer.write(r.stdout)",
+        ])
+        .arg(styxy_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["hook", hook])
+        .env("CLAUDE_ENV_FILE", env_file)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "{out:?}");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The agent learns its session's names: SessionStart says how the person reaches the
+/// session's servers, and PostToolUse gives a started server's URL next to its ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_is_told_its_sessions_names() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) = daemon_with_proxy().await?;
+    let work = tempfile::tempdir()?;
+    worktrees(work.path())?;
+    let tree = work.path().join("feature-x");
+    let env_file = work.path().join("claude-env.sh");
+    let start = r#"{"session_id":"names-1","hook_event_name":"SessionStart","source":"startup"}"#;
+    let said = hook_from(&tree, &daemon, "session-start", start, &env_file)?;
+    assert!(
+        said.contains(&format!(
+            "http://feature-x.localhost:{proxy}/ (its main web server)"
+        )),
+        "{said}"
+    );
+    let asked = daemon.base + 16;
+    let _server = http_server_in(&daemon, "claude-names-1", &tree, asked)?;
+    let input = r#"{"session_id":"names-1","hook_event_name":"PostToolUse","tool_name":"Bash"}"#;
+    let told = eventually(10, "the server told", || async {
+        let out = hook_from(&tree, &daemon, "post-tool-use", input, &env_file).ok()?;
+        out.contains("started").then_some(out)
+    })
+    .await?;
+    assert!(
+        told.contains(&format!("or by name: http://feature-x.localhost:{proxy}/")),
+        "{told}"
+    );
+    // Another project directory named feature-x, in a later session: a name of its own, and
+    // `styxy session` says why.
+    let clash = work.path().join("elsewhere").join("feature-x");
+    std::fs::create_dir_all(&clash)?;
+    let _other = http_server_in(&daemon, "clash", &clash, daemon.base + 17)?;
+    let listed = daemon.cli(&["session", "--instance", "clash"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("session clash (named feature-x-2: an older session is named feature-x)"),
+        "{listed}"
+    );
+    Ok(())
+}
+
+/// Bad input at the proxy: an oversized head is refused (431), a malformed one too (400), a
+/// request without a host gets a page saying so, a client that sends half a head is cut off
+/// after the head timeout, and two thousand idle connections neither hang nor starve a request.
+/// (The proxy does not depend on the observer: the socket tables here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_at_the_proxy_gets_an_answer_and_never_a_hang() -> Result<()> {
+    let daemon = Daemon::start_with(&["--proxy", "127.0.0.1:0"]).await?;
+    let status = daemon.status().await?;
+    let proxy: u16 = status
+        .proxy_listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the proxy's port")?;
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let (code, _) = curl(&format!("http://any.localhost:{proxy}/"), &["-H", &big])?;
+    assert_eq!(code, 431, "an oversized head");
+    let raw = |bytes: &[u8]| -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(15)))?;
+        s.write_all(bytes)?;
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        Ok(answer)
+    };
+    let malformed = raw(b"GARBAGE\x01 / HTTP/9\r\n\r\n")?;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed:?}");
+    let hostless = raw(b"GET / HTTP/1.0\r\n\r\n")?;
+    assert!(
+        hostless.starts_with("HTTP/1.0 400") && hostless.contains("names no host"),
+        "{hostless:?}"
+    );
+    // Half a head, then nothing: closed once the head timeout passes (no answer, no hang).
+    let started = std::time::Instant::now();
+    let half = raw(b"GET / HTTP/1.1\r\nHost: any.loc")?;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(14),
+        "closed after {:?}: {half:?}",
+        started.elapsed()
+    );
+    // Two thousand idle connections, then a request: answered.
+    let idle: Vec<std::net::TcpStream> = (0..2000)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", proxy)).ok())
+        .collect();
+    assert!(idle.len() > 1900, "{} idle connections opened", idle.len());
+    let (code, body) = curl(&format!("http://nothing.localhost:{proxy}/"), &[])?;
+    assert_eq!(code, 404, "{body}");
+    drop(idle);
     Ok(())
 }

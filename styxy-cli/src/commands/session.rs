@@ -1,6 +1,7 @@
 //! `styxy session`: the servers of one agent session — each with the port it is bound to and, when
 //! it was moved, the port it asked for (which the session's own processes still use) — without
-//! marking anything as told (the PostToolUse hook's reports are unchanged by it).
+//! marking anything as told (the PostToolUse hook's reports are unchanged by it); and, when the
+//! daemon's proxy runs, the URL that reaches it by name.
 
 use anyhow::{bail, Result};
 use styxy_proto::v1 as pb;
@@ -46,19 +47,32 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if as_json {
         return print_json(&r);
     }
-    println!("session {}", r.instance_id);
+    match (r.session_name.as_str(), r.session_name_wanted.as_str()) {
+        ("", _) => println!("session {}", r.instance_id),
+        (name, "") => println!("session {} (named {name})", r.instance_id),
+        (name, wanted) => println!(
+            "session {} (named {name}: an older session is named {wanted})",
+            r.instance_id
+        ),
+    }
     if r.running.is_empty() {
         println!("no servers");
         return Ok(());
     }
-    let mut t = table(&["PORT", "PROTO", "ASKED", "PID", "COMMAND"]);
+    // A URL column when the daemon's proxy serves names.
+    let with_urls = r.running.iter().any(|s| !s.urls.is_empty());
+    let mut columns = vec!["PORT", "PROTO", "ASKED", "PID", "COMMAND"];
+    if with_urls {
+        columns.push("URL");
+    }
+    let mut t = table(&columns);
     for s in &r.running {
         let asked = if s.asked_port == 0 {
             "-".to_string()
         } else {
             s.asked_port.to_string()
         };
-        t.add_row([
+        let mut row = vec![
             s.port.to_string(),
             protocol_name(s.protocol).to_string(),
             asked,
@@ -68,7 +82,11 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
             } else {
                 s.cmdline.clone()
             },
-        ]);
+        ];
+        if with_urls {
+            row.push(s.urls.first().cloned().unwrap_or_else(|| "-".into()));
+        }
+        t.add_row(row);
     }
     print_table(&t);
     Ok(())

@@ -81,11 +81,17 @@ pub async fn session_start(target: &Target) -> String {
         )),
     }
     match join_kernel_session(target, &instance).await {
-        Ok(answer) if answer.kernel_session => lines.push(
-            "Static binaries (Go, musl) started in this session are moved and redirected by the kernel too."
-                .to_string(),
-        ),
-        Ok(_) => {}
+        Ok(answer) => {
+            if answer.kernel_session {
+                lines.push(
+                    "Static binaries (Go, musl) started in this session are moved and redirected by the kernel too."
+                        .to_string(),
+                );
+            }
+            if let Some(line) = names_line(&answer) {
+                lines.push(line);
+            }
+        }
         Err(e) if e.downcast_ref::<tonic::Status>().is_some() => lines.push(format!(
             "Styxy could not register this session with its daemon: {e:#}."
         )),
@@ -95,6 +101,27 @@ pub async fn session_start(target: &Target) -> String {
         )),
     }
     lines.join("\n")
+}
+
+/// How the person at the keyboard reaches this session's servers by name, when the daemon's
+/// proxy runs.
+fn names_line(answer: &styxy_proto::v1::RegisterInstanceResponse) -> Option<String> {
+    if answer.proxy_listen.is_empty() || answer.session_name.is_empty() {
+        return None;
+    }
+    let port = answer.proxy_listen.rsplit(':').next().unwrap_or_default();
+    let suffix = if port == "80" {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let name = &answer.session_name;
+    Some(format!(
+        "A browser reaches this session's servers by name, whatever port they land on: \
+         http://{name}.localhost{suffix}/ (its main web server), http://<service>.{name}.localhost{suffix}/ \
+         (storybook, api, …) and http://<asked port>.{name}.localhost{suffix}/. Give the person those \
+         URLs rather than port numbers."
+    ))
 }
 
 /// The agent process whose hook this is: the nearest ancestor that is not a shell (Claude Code

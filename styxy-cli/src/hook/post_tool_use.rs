@@ -165,18 +165,27 @@ fn describe_started(s: &SessionServer) -> String {
         format!(
             "MOVED: {who} asked for {proto} port {asked}, which {holder} holds, and listens on {port} \
              instead. Inside this session (commands you run here) localhost:{asked} reaches it; \
-             outside it (a browser, another session) use localhost:{port}.",
+             outside it (a browser, another session) use localhost:{port}{by_name}.",
             asked = s.asked_port,
             port = s.port,
             holder = holder(s),
+            by_name = by_name(s),
         )
     } else {
         format!(
             "started: {who} listens on {proto} port {port} (localhost:{port}, inside and outside \
-             this session).",
-            port = s.port
+             this session{by_name}).",
+            port = s.port,
+            by_name = by_name(s),
         )
     }
+}
+
+/// `, or by name: http://feature-x.localhost/` when the daemon's proxy names the server.
+fn by_name(s: &SessionServer) -> String {
+    s.urls
+        .first()
+        .map_or(String::new(), |url| format!(", or by name: {url}"))
 }
 
 fn describe_stopped(s: &SessionServer) -> String {
@@ -327,6 +336,7 @@ mod tests {
                 "feature-x".into()
             },
             addresses: vec!["0.0.0.0".into()],
+            urls: Vec::new(),
         }
     }
 
@@ -464,6 +474,21 @@ mod tests {
         assert!(is_helper(&chromium, &ephemeral));
         // A moved server never is.
         assert!(!is_helper(&server(3, 40001, 40000), &ephemeral));
+    }
+
+    #[test]
+    fn a_named_server_is_told_with_its_url() {
+        let mut moved = server(7, 6007, 6006);
+        moved.urls = vec!["http://feature-x.localhost:8080/".into()];
+        let report = SessionReportResponse {
+            started: vec![moved],
+            ..Default::default()
+        };
+        let context = describe(&report, &facts()).expect("a report");
+        assert!(
+            context.contains("use localhost:6007, or by name: http://feature-x.localhost:8080/."),
+            "{context}"
+        );
     }
 
     #[test]

@@ -97,6 +97,11 @@ impl Engine {
         *lock(&self.endpoints) = endpoints;
     }
 
+    /// Where the names' proxy listens, when it runs.
+    pub fn proxy_listen(&self) -> Option<String> {
+        lock(&self.endpoints).proxy_listen.clone()
+    }
+
     /// What damage the store found in the state dir at start (and dropped), for `Status`.
     pub fn set_state_damage(&self, damage: Vec<String>) {
         *lock(&self.state_damage) = damage;

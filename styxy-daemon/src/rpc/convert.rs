@@ -154,6 +154,39 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
     }
 }
 
+/// Where a browser reaches session `instance`'s `server` through the proxy at `proxy`
+/// (`127.0.0.1:8080`): one URL per name, most general first; none without a proxy or a name.
+pub fn urls_of(
+    names: &styxy_broker::Names,
+    proxy: Option<&str>,
+    instance: &str,
+    server: &styxy_broker::SessionServer,
+) -> Vec<String> {
+    let Some(port) = proxy.and_then(|p| p.rsplit(':').next()) else {
+        return Vec::new();
+    };
+    let suffix = if port == "80" {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    names
+        .servers
+        .iter()
+        .find(|n| {
+            n.instance_id.as_deref() == Some(instance)
+                && n.pid == server.pid
+                && n.port == server.port
+        })
+        .map(|n| {
+            n.names
+                .iter()
+                .map(|name| format!("http://{name}{suffix}/"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A server of a session, with who held the port it asked for.
 pub fn session_server(
     server: &styxy_broker::SessionServer,
@@ -173,6 +206,7 @@ pub fn session_server(
             .map(|h| h.instance_id.clone())
             .unwrap_or_default(),
         addresses: server.addresses.clone(),
+        urls: Vec::new(),
     }
 }
 

@@ -243,10 +243,20 @@ impl BrokerService {
             .register_instance(instance_id, process, uid, label)
             .await
             .map_err(convert::engine_error)?;
+        let session_name = self
+            .engine
+            .names()
+            .sessions
+            .iter()
+            .find(|s| s.instance_id == id)
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
         Ok(Response::new(pb::RegisterInstanceResponse {
             instance_id: id,
             kernel_session: placed.is_ok(),
             kernel_session_detail: placed.err().unwrap_or_default(),
+            session_name,
+            proxy_listen: self.engine.proxy_listen().unwrap_or_default(),
         }))
     }
 
@@ -492,16 +502,27 @@ impl PortBroker for BrokerService {
             };
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
+            let names = self.engine.names();
+            let proxy = self.engine.proxy_listen();
+            let session = names.sessions.iter().find(|s| s.instance_id == id);
             let servers = |list: &[(styxy_broker::SessionServer, Option<AskedHolder>)]| {
                 list.iter()
-                    .map(|(s, holder)| convert::session_server(s, holder.as_ref()))
+                    .map(|(s, holder)| {
+                        let mut server = convert::session_server(s, holder.as_ref());
+                        server.urls = convert::urls_of(&names, proxy.as_deref(), &id, s);
+                        server
+                    })
                     .collect()
             };
             Ok(Response::new(pb::SessionReportResponse {
                 started: servers(&report.started),
                 stopped: servers(&report.stopped),
                 running: servers(&report.running),
-                instance_id: id,
+                session_name: session.map(|s| s.name.clone()).unwrap_or_default(),
+                session_name_wanted: session
+                    .and_then(|s| s.wanted.clone())
+                    .unwrap_or_default(),
+                instance_id: id.clone(),
             }))
         }
         .await;
