@@ -46,7 +46,7 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    // `styxy-bench [broker|shim|ebpf|kernel|soak|footprint]`: one part only; all by default.
+    // `styxy-bench [broker|shim|ebpf|kernel|soak|footprint|proxy]`: one part only; all by default.
     let only = std::env::args().nth(1);
     match only.as_deref() {
         Some("shim") => return shim::run().await,
@@ -54,6 +54,7 @@ async fn main() -> Result<()> {
         Some("footprint") => return footprint::run().await,
         Some("kernel") => return kernel::run().await,
         Some("soak") => return soak::run().await,
+        Some("proxy") => return proxy::run().await,
         _ => {}
     }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
@@ -133,11 +134,14 @@ async fn main() -> Result<()> {
     println!();
     soak::run().await?;
     println!();
+    proxy::run().await?;
+    println!();
     footprint::run().await
 }
 
 mod calls;
 mod kernel;
+mod proxy;
 mod soak;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000
