@@ -67,12 +67,13 @@ pub async fn answer(
     let Some(host) = requested_host(&request) else {
         return pages::no_host(html);
     };
+    // Held for the whole request (a page may need the server's details): a reading, not a lock.
     let names = engine.names();
-    let Some(server) = names.resolve(&host).cloned() else {
+    let Some(server) = names.resolve(&host) else {
         return pages::unknown_name(&styxy_broker::names::host_name(&host), &names, html);
     };
-    let Some(target) = loopback_target(&server) else {
-        return pages::not_on_loopback(&host, &server, html);
+    let Some(target) = loopback_target(server) else {
+        return pages::not_on_loopback(&host, server, html);
     };
     let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
     let forwarded = match rewrite(request, &host, target, peer, upstream.host_header) {
@@ -91,7 +92,7 @@ pub async fn answer(
             strip_hop_by_hop(response.headers_mut());
             response.map(BodyExt::boxed)
         }
-        Err(e) => pages::upstream_failed(&host, &server, target, &e, html),
+        Err(e) => pages::upstream_failed(&host, server, target, &e, html),
     }
 }
 
