@@ -3,7 +3,7 @@
 //! listens), or the IPv6 socket after the IPv4 one — made one move, so it gets one audit entry
 //! and one event, whichever path (the shim's question or the kernel's move) told it.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use crate::{ProcessId, Protocol};
 
@@ -11,13 +11,15 @@ use crate::{ProcessId, Protocol};
 /// machine; a process's moves older than that are told again (harmless).
 const REMEMBERED: usize = 1024;
 
-/// The most recent moves told, oldest first.
+/// The most recent moves told: a set to look them up (every move asks), and their order to
+/// forget the oldest.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MovesTold {
     recent: VecDeque<Move>,
+    known: HashSet<Move>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Move {
     process: ProcessId,
     protocol: Protocol,
@@ -41,11 +43,13 @@ impl MovesTold {
             asked,
             bound,
         };
-        if self.recent.contains(&this) {
+        if !self.known.insert(this) {
             return false;
         }
         if self.recent.len() == REMEMBERED {
-            self.recent.pop_front();
+            if let Some(oldest) = self.recent.pop_front() {
+                self.known.remove(&oldest);
+            }
         }
         self.recent.push_back(this);
         true
@@ -79,7 +83,7 @@ mod tests {
         for pid in 0..=REMEMBERED as u32 {
             assert!(told.first_time(id(pid, 1), Protocol::Tcp, 1, 2));
         }
-        assert_eq!(told.recent.len(), REMEMBERED);
+        assert_eq!((told.recent.len(), told.known.len()), (REMEMBERED, REMEMBERED));
         assert!(told.first_time(id(0, 1), Protocol::Tcp, 1, 2), "forgotten");
         assert!(!told.first_time(id(REMEMBERED as u32, 1), Protocol::Tcp, 1, 2));
     }
