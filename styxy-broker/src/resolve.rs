@@ -315,7 +315,15 @@ impl Broker {
     /// further each time. The daemon reads the kernel for the port before it answers with it.
     pub(crate) fn left_for(&self, port: u16, successor: &Successor<'_>) -> bool {
         let Successor { req, processes } = *successor;
-        if !self.bound_only_by_the_exited(port, processes) {
+        // What the table knows settles most cases without reading /proc: a port the asker itself
+        // holds or claims (a process binding its port again), or whose holder is unknown, is not
+        // an exited server's.
+        let me = req.asker.id;
+        let mine_or_unknown = self
+            .sockets_on(port, None)
+            .any(|h| h.socket.owner.as_ref().is_none_or(|o| o.id == me))
+            || self.leases.get(&port).is_some_and(|l| l.process == Some(me));
+        if mine_or_unknown || !self.bound_only_by_the_exited(port, processes) {
             return false;
         }
         self.leases.get(&port).is_none_or(|lease| {
