@@ -83,7 +83,10 @@ mod tests {
         for pid in 0..=REMEMBERED as u32 {
             assert!(told.first_time(id(pid, 1), Protocol::Tcp, 1, 2));
         }
-        assert_eq!((told.recent.len(), told.known.len()), (REMEMBERED, REMEMBERED));
+        assert_eq!(
+            (told.recent.len(), told.known.len()),
+            (REMEMBERED, REMEMBERED)
+        );
         assert!(told.first_time(id(0, 1), Protocol::Tcp, 1, 2), "forgotten");
         assert!(!told.first_time(id(REMEMBERED as u32, 1), Protocol::Tcp, 1, 2));
     }

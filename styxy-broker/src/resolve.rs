@@ -322,7 +322,10 @@ impl Broker {
         let mine_or_unknown = self
             .sockets_on(port, None)
             .any(|h| h.socket.owner.as_ref().is_none_or(|o| o.id == me))
-            || self.leases.get(&port).is_some_and(|l| l.process == Some(me));
+            || self
+                .leases
+                .get(&port)
+                .is_some_and(|l| l.process == Some(me));
         if mine_or_unknown || !self.bound_only_by_the_exited(port, processes) {
             return false;
         }
