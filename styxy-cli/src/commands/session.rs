@@ -9,6 +9,18 @@ use styxy_proto::v1 as pb;
 use super::Client;
 use crate::output::{call, pid_cell, print_json, print_table, protocol_name, table};
 
+/// Command lines are cut to this many characters (their port arguments kept).
+const COMMAND_CHARS: usize = 80;
+
+/// The ports a server's command line may name: the asked one and the bound one.
+fn ports(s: &pb::SessionServer) -> Vec<u16> {
+    [s.asked_port, s.port]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect()
+}
+
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
     /// The session [default: $STYXY_INSTANCE, else the session of this shell's process tree]
@@ -77,11 +89,8 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
             protocol_name(s.protocol).to_string(),
             asked,
             pid_cell(s.pid),
-            if s.cmdline.is_empty() {
-                s.comm.clone()
-            } else {
-                s.cmdline.clone()
-            },
+            // Cut as the agent's report cuts it: its port arguments kept.
+            styxy_common::command_line::shown(&s.cmdline, &s.comm, COMMAND_CHARS, &ports(s)),
         ];
         if with_urls {
             row.push(s.urls.first().cloned().unwrap_or_else(|| "-".into()));
