@@ -259,8 +259,9 @@ impl Bind {
 
     /// After a bind the kernel steered: if it landed elsewhere than asked, one notice (the IPv4
     /// and IPv6 binds of one server make one line), naming who holds the asked port as the
-    /// daemon knows it — one read-only question, only for a move, and only when the daemon has
-    /// not failed lately (the bind itself never waits for the daemon).
+    /// daemon knows it — one read-only question, only for a move that makes a notice, and only
+    /// when the daemon has not failed lately. The bind has succeeded by then; the host's call
+    /// returns after the answer (within the shim's deadline, `STYXY_TIMEOUT_MS`).
     fn tell_a_kernel_move(&self) {
         let Some(bound) = bound_port(self.fd) else {
             return;
