@@ -56,6 +56,20 @@ pub unsafe extern "C" fn styxy_client_resolve_bind(
     query: *const BindQuery,
     answer: *mut BindAnswer,
 ) -> c_int {
+    // SAFETY: forwarded from our caller's contract.
+    unsafe { answer_with(query, answer, resolve) }
+}
+
+/// Runs `call` on the caller's query and answer: null pointers and malformed queries are
+/// refused, and no panic crosses the boundary.
+///
+/// # Safety
+/// As [`styxy_client_resolve_bind`].
+unsafe fn answer_with(
+    query: *const BindQuery,
+    answer: *mut BindAnswer,
+    call: fn(OwnedQuery, &mut BindAnswer) -> c_int,
+) -> c_int {
     if query.is_null() || answer.is_null() {
         return RESOLVE_BAD_QUERY;
     }
@@ -66,7 +80,7 @@ pub unsafe extern "C" fn styxy_client_resolve_bind(
         let answer = unsafe { &mut *answer };
         // SAFETY: the query's strings are valid per the caller's contract.
         match unsafe { OwnedQuery::from_abi(query) } {
-            Some(query) => resolve(query, answer),
+            Some(query) => call(query, answer),
             None => RESOLVE_BAD_QUERY,
         }
     })
@@ -85,21 +99,8 @@ pub unsafe extern "C" fn styxy_client_who_holds(
     query: *const BindQuery,
     answer: *mut BindAnswer,
 ) -> c_int {
-    if query.is_null() || answer.is_null() {
-        return RESOLVE_BAD_QUERY;
-    }
-    std::panic::catch_unwind(|| {
-        // SAFETY: non-null and valid per the caller's contract.
-        let query = unsafe { &*query };
-        // SAFETY: as above.
-        let answer = unsafe { &mut *answer };
-        // SAFETY: the query's strings are valid per the caller's contract.
-        match unsafe { OwnedQuery::from_abi(query) } {
-            Some(query) => who_holds(query, answer),
-            None => RESOLVE_BAD_QUERY,
-        }
-    })
-    .unwrap_or(RESOLVE_INTERNAL)
+    // SAFETY: forwarded from our caller's contract.
+    unsafe { answer_with(query, answer, who_holds) }
 }
 
 /// A [`BindQuery`] copied out of the caller's memory: the request owns its strings.

@@ -324,12 +324,7 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The daemon's resident memory, in MB.
 fn rss_mb(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    Ok(kb / 1024.0)
+    Ok(super::footprint::usage(pid)?.0)
 }
