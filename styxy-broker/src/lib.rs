@@ -189,11 +189,15 @@ impl Broker {
 
     /// Every socket in the table, by port.
     pub fn holders(&self) -> Vec<Held> {
+        self.held_sockets().cloned().collect()
+    }
+
+    /// Every socket in the table, by port, without copying them.
+    pub(crate) fn held_sockets(&self) -> impl Iterator<Item = &Held> + '_ {
         self.by_port
             .values()
             .flatten()
-            .filter_map(|cookie| self.sockets.get(cookie).cloned())
-            .collect()
+            .filter_map(|cookie| self.sockets.get(cookie))
     }
 
     /// Whether anything holds `port`: a socket of any protocol, or a lease.

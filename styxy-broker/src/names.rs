@@ -14,7 +14,7 @@
 //! type (`dev`, `ui`, `docs`, `storybook`), else of any type. UDP servers and helper ports (see
 //! `styxy_common::command_line::is_helper_port`) get no names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use crate::{Broker, Protocol};
@@ -117,7 +117,7 @@ impl Broker {
             .filter(|e| e.protocol == Protocol::Tcp)
             .map(|e| ((e.pid, e.bound), e.asked))
             .collect();
-        for held in self.holders() {
+        for held in self.held_sockets() {
             let socket = &held.socket;
             if socket.protocol != Protocol::Tcp {
                 continue;
@@ -195,16 +195,16 @@ impl Broker {
         by_age.sort_by(|(a, _), (b, _)| {
             (a.since_ms(), a.id.as_str()).cmp(&(b.since_ms(), b.id.as_str()))
         });
-        let mut taken: HashMap<String, u32> = HashMap::new();
+        let mut taken: HashSet<String> = HashSet::new();
         let mut out = Vec::with_capacity(by_age.len());
         for (instance, wanted) in by_age {
             let mut name = wanted.clone();
             let mut n = 1;
-            while taken.contains_key(&name) {
+            while taken.contains(&name) {
                 n += 1;
                 name = format!("{wanted}-{n}");
             }
-            taken.insert(name.clone(), n);
+            taken.insert(name.clone());
             out.push(SessionName {
                 instance_id: instance.id.clone(),
                 wanted: (name != wanted).then_some(wanted),
@@ -231,53 +231,50 @@ fn wanted_name(instance: &crate::Instance) -> String {
         .unwrap_or_else(|| "session".to_string())
 }
 
-/// Gives each server its names (`servers` sorted by session, then asked port).
+/// Gives each server its names (`servers` sorted by instance id, then asked port, then pid).
 fn give_names(servers: &mut [NamedServer]) {
-    let mut taken: HashMap<String, usize> = HashMap::new();
-    let mut claim = |name: String, i: usize, names: &mut Vec<String>| {
-        if let std::collections::hash_map::Entry::Vacant(e) = taken.entry(name.clone()) {
-            e.insert(i);
-            names.push(name);
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut claim = |server: &mut NamedServer, name: String| {
+        if taken.insert(name.clone()) {
+            server.names.push(name);
         }
     };
-    let mut names: Vec<Vec<String>> = vec![Vec::new(); servers.len()];
-    // Session names first (they beat service names outside sessions), each session's main
-    // server by web type, then by asked port.
+    // Session names first (they beat service names outside sessions): each session's main
+    // server, by web type, then by asked port.
+    let web_rank = |s: &NamedServer| {
+        WEB_TYPES
+            .iter()
+            .position(|t| *t == s.service_type)
+            .unwrap_or(WEB_TYPES.len())
+    };
     let mut order: Vec<usize> = (0..servers.len()).collect();
     order.sort_by_key(|&i| {
         let s = &servers[i];
-        let web = WEB_TYPES
-            .iter()
-            .position(|t| *t == s.service_type)
-            .unwrap_or(WEB_TYPES.len());
-        (s.session.is_none(), s.session.clone(), web, s.asked, s.pid)
+        (
+            s.session.is_none(),
+            s.session.clone(),
+            web_rank(s),
+            s.asked,
+            s.pid,
+        )
     });
-    for &i in &order {
+    for i in order {
         if let Some(session) = servers[i].session.clone() {
-            claim(format!("{session}{NAME_SUFFIX}"), i, &mut names[i]);
+            claim(&mut servers[i], format!("{session}{NAME_SUFFIX}"));
         }
     }
-    order.sort_by_key(|&i| {
-        let s = &servers[i];
-        (s.session.is_none(), s.session.clone(), s.asked, s.pid)
-    });
-    for &i in &order {
-        let s = &servers[i];
-        let within = s
+    // Then by service type and by asked port, the lowest asked port first within a session
+    // (the order `servers` is in); these never meet another session's names.
+    for server in servers.iter_mut() {
+        let within = server
             .session
             .as_ref()
             .map_or(String::new(), |n| format!(".{n}"));
-        if let Some(service) = dns_label(&s.service_type) {
-            claim(format!("{service}{within}{NAME_SUFFIX}"), i, &mut names[i]);
+        if let Some(service) = dns_label(&server.service_type) {
+            claim(server, format!("{service}{within}{NAME_SUFFIX}"));
         }
-        claim(
-            format!("{}{within}{NAME_SUFFIX}", s.asked),
-            i,
-            &mut names[i],
-        );
-    }
-    for (server, names) in servers.iter_mut().zip(names) {
-        server.names = names;
+        let asked = server.asked;
+        claim(server, format!("{asked}{within}{NAME_SUFFIX}"));
     }
 }
 

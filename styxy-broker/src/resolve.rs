@@ -310,9 +310,10 @@ impl Broker {
     /// Whether `port`, taken in the table, was left by a server that has exited, for the
     /// `successor` to take over: every socket shown there is of an exited process (the observer
     /// has not seen them go yet), and the claim there, if any, is of an exited process and not
-    /// held for another session than the successor's that still runs. An autoreloader's next child, or Ctrl-C and
-    /// up-arrow, binds before the old process's exit is seen; without this it would move one port
-    /// further each time. The daemon reads the kernel for the port before it answers with it.
+    /// held for another session than the successor's that still runs. An autoreloader's next
+    /// child, or Ctrl-C and up-arrow, binds before the old process's exit is seen; without this
+    /// it would move one port further each time. The daemon reads the kernel for the port before
+    /// it answers with it.
     pub(crate) fn left_for(&self, port: u16, successor: &Successor<'_>) -> bool {
         let Successor { req, processes } = *successor;
         // What the table knows settles most cases without reading /proc: a port the asker itself

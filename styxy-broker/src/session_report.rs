@@ -84,7 +84,7 @@ impl Broker {
             .map(|e| ((e.pid, e.protocol, e.bound), e.asked))
             .collect();
         let mut servers: BTreeMap<(u32, Protocol, u16), SessionServer> = BTreeMap::new();
-        for held in self.holders() {
+        for held in self.held_sockets() {
             let socket = &held.socket;
             let Some(owner) = socket.owner.as_ref() else {
                 continue;
