@@ -124,11 +124,16 @@ impl Engine {
             session_reports: SessionReports::default(),
             generation: AtomicU64::new(1),
             names: Mutex::new((0, Arc::default())),
-            ephemeral: {
-                let (start, end) = crate::bpf::ephemeral_ports();
-                start..=end
-            },
+            ephemeral: styxy_common::net::ephemeral_ports(),
         }
+    }
+
+    /// Session `instance`'s name for its servers' names (and the one it wanted, if taken).
+    pub fn session_name(&self, instance: &str) -> Option<styxy_broker::SessionName> {
+        lock(&self.broker)
+            .session_names()
+            .into_iter()
+            .find(|s| s.instance_id == instance)
     }
 
     /// Every live server's names (see `styxy_broker::names`), read again only after the broker

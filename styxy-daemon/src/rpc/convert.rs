@@ -155,14 +155,14 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
 }
 
 /// Where a browser reaches session `instance`'s `server` through the proxy at `proxy`
-/// (`127.0.0.1:8080`): one URL per name, most general first; none without a proxy or a name.
+/// (`127.0.0.1:8080`): one URL per name, most general first; none when it has no name.
 pub fn urls_of(
     names: &styxy_broker::Names,
-    proxy: Option<&str>,
+    proxy: &str,
     instance: &str,
     server: &styxy_broker::SessionServer,
 ) -> Vec<String> {
-    let Some(port) = proxy.and_then(|p| p.rsplit(':').next()) else {
+    let Some(port) = proxy.rsplit(':').next() else {
         return Vec::new();
     };
     let suffix = if port == "80" {

@@ -245,11 +245,8 @@ impl BrokerService {
             .map_err(convert::engine_error)?;
         let session_name = self
             .engine
-            .names()
-            .sessions
-            .iter()
-            .find(|s| s.instance_id == id)
-            .map(|s| s.name.clone())
+            .session_name(&id)
+            .map(|s| s.name)
             .unwrap_or_default();
         Ok(Response::new(pb::RegisterInstanceResponse {
             instance_id: id,
@@ -502,14 +499,17 @@ impl PortBroker for BrokerService {
             };
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
-            let names = self.engine.names();
+            // The servers' names are read only when the proxy serves them.
             let proxy = self.engine.proxy_listen();
-            let session = names.sessions.iter().find(|s| s.instance_id == id);
+            let names = proxy.as_ref().map(|_| self.engine.names());
+            let session = self.engine.session_name(&id);
             let servers = |list: &[(styxy_broker::SessionServer, Option<AskedHolder>)]| {
                 list.iter()
                     .map(|(s, holder)| {
                         let mut server = convert::session_server(s, holder.as_ref());
-                        server.urls = convert::urls_of(&names, proxy.as_deref(), &id, s);
+                        if let (Some(names), Some(proxy)) = (&names, &proxy) {
+                            server.urls = convert::urls_of(names, proxy, &id, s);
+                        }
                         server
                     })
                     .collect()
@@ -518,10 +518,11 @@ impl PortBroker for BrokerService {
                 started: servers(&report.started),
                 stopped: servers(&report.stopped),
                 running: servers(&report.running),
-                session_name: session.map(|s| s.name.clone()).unwrap_or_default(),
                 session_name_wanted: session
+                    .as_ref()
                     .and_then(|s| s.wanted.clone())
                     .unwrap_or_default(),
+                session_name: session.map(|s| s.name).unwrap_or_default(),
                 instance_id: id.clone(),
             }))
         }
