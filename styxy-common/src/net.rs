@@ -10,6 +10,19 @@ pub const IPPROTO_TCP: u8 = 6;
 /// `IPPROTO_UDP`.
 pub const IPPROTO_UDP: u8 = 17;
 
+/// The kernel's ephemeral ports (`/proc/sys/net/ipv4/ip_local_port_range`): where a port-0 bind
+/// lands; Linux's default 32768–60999 when it cannot be read.
+#[cfg(feature = "std")]
+pub fn ephemeral_ports() -> core::ops::RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut words = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+            Some(words.next()??..=words.next()??)
+        })
+        .unwrap_or(32_768..=60_999)
+}
+
 /// Transport protocol of a socket. TCP and UDP ports are separate name spaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(

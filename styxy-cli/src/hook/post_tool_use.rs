@@ -33,7 +33,7 @@ pub async fn run(target: &Target) {
     };
     let instance = super::instance_id(&session_id);
     let facts = Facts {
-        ephemeral: ephemeral_ports(),
+        ephemeral: styxy_common::net::ephemeral_ports(),
         tool_output: super::printed_urls::tool_output(&input),
     };
     let call = async {
@@ -64,17 +64,6 @@ pub struct Facts {
     /// What the tool call printed (its stdout and stderr), where a tool may print a URL with a
     /// port it does not listen on.
     pub tool_output: String,
-}
-
-/// `/proc/sys/net/ipv4/ip_local_port_range`, else Linux's default 32768–60999.
-fn ephemeral_ports() -> RangeInclusive<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut numbers = text.split_whitespace().map(str::parse::<u16>);
-            Some(numbers.next()?.ok()?..=numbers.next()?.ok()?)
-        })
-        .unwrap_or(32768..=60999)
 }
 
 /// The hook's JSON output for a report, or `None` when nothing changed (no context noise).

@@ -27,15 +27,10 @@ use super::mapped::{MappedArray, Slot};
 use super::session_programs::{self, SessionPrograms};
 use super::sessions::KernelSessionMaps;
 
-/// The kernel's range of ephemeral ports (what a port-0 bind gets).
+/// The kernel's range of ephemeral ports (what a port-0 bind gets), as (first, last).
 pub fn ephemeral_ports() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut words = text.split_whitespace().map(|w| w.parse::<u16>().ok());
-            Some((words.next()??, words.next()??))
-        })
-        .unwrap_or((32_768, 60_999))
+    let range = styxy_common::net::ephemeral_ports();
+    (*range.start(), *range.end())
 }
 
 /// Takes map `name` out of `ebpf`, as type `M`.

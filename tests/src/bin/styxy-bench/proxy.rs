@@ -75,7 +75,7 @@ pub async fn run() -> Result<()> {
                 addr,
                 host: format!("127.0.0.1:{}", addr.port()),
             });
-            Some(KillOnDrop(child))
+            Some(child)
         }
         None => {
             println!(
@@ -275,7 +275,7 @@ fn throughput(target: &Target) -> Result<f64> {
 }
 
 /// `caddy reverse-proxy` from a free loopback port to `upstream`, when Caddy is installed.
-fn start_caddy(upstream: SocketAddr) -> Result<Option<(Child, SocketAddr)>> {
+fn start_caddy(upstream: SocketAddr) -> Result<Option<(KillOnDrop, SocketAddr)>> {
     if Command::new("caddy")
         .arg("version")
         .stdout(Stdio::null())
@@ -290,16 +290,19 @@ fn start_caddy(upstream: SocketAddr) -> Result<Option<(Child, SocketAddr)>> {
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     // `--from :PORT` (any host): with an address, Caddy answers other hosts with 400.
-    let child = Command::new("caddy")
-        .args(["reverse-proxy", "--from"])
-        .arg(format!(":{port}"))
-        .arg("--to")
-        .arg(upstream.to_string())
-        .env("HOME", std::env::temp_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting caddy")?;
+    // Killed when dropped, also when it never answers.
+    let child = KillOnDrop(
+        Command::new("caddy")
+            .args(["reverse-proxy", "--from"])
+            .arg(format!(":{port}"))
+            .arg("--to")
+            .arg(upstream.to_string())
+            .env("HOME", std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting caddy")?,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let probe = Target {
         label: "caddy",
