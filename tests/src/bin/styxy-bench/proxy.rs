@@ -1,5 +1,5 @@
 //! `styxy-bench proxy`: the names' proxy side by side with a direct connection to the same
-//! server, and with Caddy's `reverse-proxy` when Caddy is installed (Debian `caddy`): keep-alive
+//! server, and with a Caddy `reverse_proxy` when Caddy is installed (Debian `caddy`): keep-alive
 //! GETs of a small body — p50/p99 of one client's sequential requests, and the requests per
 //! second of 32 clients — in two alternating rounds; and the daemon's resident memory idle and
 //! with 1,000 idle client connections at the proxy. A benchmark, not a test: it asserts nothing
@@ -71,7 +71,7 @@ pub async fn run() -> Result<()> {
     let _caddy = match start_caddy(upstream)? {
         Some((child, addr)) => {
             targets.push(Target {
-                label: "caddy reverse-proxy",
+                label: "caddy reverse_proxy",
                 addr,
                 host: format!("127.0.0.1:{}", addr.port()),
             });
@@ -274,8 +274,8 @@ fn throughput(target: &Target) -> Result<f64> {
     Ok(count as f64 / elapsed.as_secs_f64())
 }
 
-/// `caddy reverse-proxy` from a free loopback port to `upstream`, when Caddy is installed.
-fn start_caddy(upstream: SocketAddr) -> Result<Option<(KillOnDrop, SocketAddr)>> {
+/// A Caddy `reverse_proxy` from a free loopback port to `upstream`, when Caddy is installed.
+fn start_caddy(upstream: SocketAddr) -> Result<Option<(Caddy, SocketAddr)>> {
     if Command::new("caddy")
         .arg("version")
         .stdout(Stdio::null())
@@ -289,20 +289,33 @@ fn start_caddy(upstream: SocketAddr) -> Result<Option<(KillOnDrop, SocketAddr)>>
         .local_addr()?
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    // `--from :PORT` (any host): with an address, Caddy answers other hosts with 400.
+    // A Caddyfile, not `caddy reverse-proxy`: that command also makes Caddy's own local CA and
+    // installs it in the system's trust store (seen here), which a benchmark must not do.
+    // `http://:PORT` serves any host, in plain HTTP; its HOME is a scratch dir.
+    let scratch = tempfile::tempdir().context("a scratch dir for caddy")?;
+    let caddyfile = scratch.path().join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tskip_install_trust\n\tauto_https off\n\tadmin off\n}}\n\
+             http://:{port} {{\n\treverse_proxy {upstream}\n}}\n"
+        ),
+    )
+    .context("writing the Caddyfile")?;
     // Killed when dropped, also when it never answers.
-    let child = KillOnDrop(
-        Command::new("caddy")
-            .args(["reverse-proxy", "--from"])
-            .arg(format!(":{port}"))
-            .arg("--to")
-            .arg(upstream.to_string())
-            .env("HOME", std::env::temp_dir())
+    let child = Caddy {
+        child: Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("HOME", scratch.path())
+            .env("XDG_DATA_HOME", scratch.path())
+            .env("XDG_CONFIG_HOME", scratch.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting caddy")?,
-    );
+        _scratch: scratch,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let probe = Target {
         label: "caddy",
@@ -311,19 +324,23 @@ fn start_caddy(upstream: SocketAddr) -> Result<Option<(KillOnDrop, SocketAddr)>>
     };
     while get_once(&probe).is_err() {
         if Instant::now() > deadline {
-            bail!("caddy reverse-proxy did not answer on {addr}");
+            bail!("caddy did not answer on {addr}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(Some((child, addr)))
 }
 
-struct KillOnDrop(Child);
+/// A running Caddy, killed when dropped; its scratch dir goes after it.
+struct Caddy {
+    child: Child,
+    _scratch: tempfile::TempDir,
+}
 
-impl Drop for KillOnDrop {
+impl Drop for Caddy {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
