@@ -102,8 +102,9 @@ pub use styxy_common::label::dns_label;
 
 impl Broker {
     /// Every live server's names. `ephemeral` is the kernel's ephemeral port range (helper ports
-    /// are found there).
-    pub fn names(&self, ephemeral: &RangeInclusive<u16>) -> Names {
+    /// are found there); the sockets of process `proxy` (the daemon serving the names) get none,
+    /// as a name for the proxy's own port would send its requests back to itself, forever.
+    pub fn names(&self, ephemeral: &RangeInclusive<u16>, proxy: u32) -> Names {
         let sessions = self.session_names();
         let session_of: HashMap<&str, &str> = sessions
             .iter()
@@ -122,7 +123,7 @@ impl Broker {
             if socket.protocol != Protocol::Tcp {
                 continue;
             }
-            let Some(owner) = socket.owner.as_ref() else {
+            let Some(owner) = socket.owner.as_ref().filter(|o| o.id.pid != proxy) else {
                 continue;
             };
             let instance = held

@@ -2098,7 +2098,7 @@ fn two_worktrees_on_one_asked_port_each_get_their_names() {
         panic!("{decision:?}");
     };
     b.apply(server_socket(2, moved, 20, vite, Some("claude-b")), 5);
-    let names = b.names(&(32768..=60999));
+    let names = b.names(&(32768..=60999), 1);
     for (host, want) in [
         ("feature-x.localhost", (5173, "feature-x")),
         ("dev.feature-x.localhost", (5173, "feature-x")),
@@ -2128,18 +2128,42 @@ fn a_name_follows_its_server_to_another_port() {
         2,
     );
     assert_eq!(
-        resolved(&b.names(&(32768..=60999)), "shop.localhost"),
+        resolved(&b.names(&(32768..=60999), 1), "shop.localhost"),
         Some((8000, Some("shop".into())))
     );
     b.apply(PortEvent::Released { cookie: 1 }, 3);
-    assert_eq!(resolved(&b.names(&(32768..=60999)), "shop.localhost"), None);
+    assert_eq!(
+        resolved(&b.names(&(32768..=60999), 1), "shop.localhost"),
+        None
+    );
     b.apply(
         server_socket(2, 8000, 11, "python3 manage.py runserver 8000", Some("s")),
         4,
     );
     assert_eq!(
-        resolved(&b.names(&(32768..=60999)), "api.shop.localhost"),
+        resolved(&b.names(&(32768..=60999), 1), "api.shop.localhost"),
         Some((8000, Some("shop".into())))
+    );
+}
+
+#[test]
+fn the_proxys_own_ports_get_no_name() {
+    let mut b = broker();
+    b.apply(
+        server_socket(1, 8080, 77, "styxy daemon --proxy 127.0.0.1:8080", None),
+        1,
+    );
+    b.apply(
+        server_socket(2, 8000, 78, "python3 -m http.server 8000", None),
+        2,
+    );
+    let names = b.names(&(32768..=60999), 77);
+    assert!(resolved(&names, "8080.localhost").is_none(), "{names:#?}");
+    assert_eq!(resolved(&names, "8000.localhost"), Some((8000, None)));
+    // Seen from another process, the same socket is a server like any other.
+    assert_eq!(
+        resolved(&b.names(&(32768..=60999), 1), "8080.localhost"),
+        Some((8080, None))
     );
 }
 
@@ -2191,7 +2215,7 @@ fn colliding_session_names_go_by_age_and_session_names_beat_service_names() {
         server_socket(3, 3000, 32, "node server.js 3000", Some("named")),
         10,
     );
-    let names = b.names(&(32768..=60999));
+    let names = b.names(&(32768..=60999), 1);
     assert_eq!(resolved(&names, "database.localhost"), Some((5432, None)));
     assert_eq!(resolved(&names, "5432.localhost"), Some((5432, None)));
     assert_eq!(resolved(&names, "8001.localhost"), Some((8001, None)));
@@ -2227,7 +2251,7 @@ fn helper_ports_and_udp_get_no_names() {
         }),
         2,
     );
-    let names = b.names(&(32768..=60999));
+    let names = b.names(&(32768..=60999), 1);
     assert_eq!(names.servers.len(), 1, "{names:#?}");
     assert_eq!(
         resolved(&names, "nb.localhost"),

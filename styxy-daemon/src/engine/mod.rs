@@ -146,7 +146,7 @@ impl Engine {
                 return cached.1.clone();
             }
         }
-        let names = Arc::new(lock(&self.broker).names(&self.ephemeral));
+        let names = Arc::new(lock(&self.broker).names(&self.ephemeral, std::process::id()));
         *lock(&self.names) = (generation, names.clone());
         names
     }
