@@ -5,7 +5,7 @@
 //! ([`table`]) and the C ABI between the preload shim and the lazily
 //! loaded client library ([`shim`]). With the `std` feature, also the default paths that the
 //! daemon, the CLI and the shim must agree on ([`paths`]) how a command line is shown
-//! ([`command_line`]) and a name as a DNS label ([`label`]); with `user`, the aya `Pod` impls the
+//! ([`command_line`]), a name as a DNS label ([`label`]) and a name's URL ([`url`]); with `user`, the aya `Pod` impls the
 //! daemon needs to read the kernel programs' maps; with `serde`, serde impls for [`net`]'s enums.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
@@ -22,3 +22,5 @@ pub mod session;
 pub mod shim;
 #[cfg(not(target_arch = "bpf"))]
 pub mod table;
+#[cfg(feature = "std")]
+pub mod url;

@@ -51,6 +51,7 @@ async fn the_daemon_runs_in_process_and_stops_when_its_shutdown_completes() -> a
         ebpf_object: None,
         metrics: None,
         proxy: None,
+        proxy_tls: None,
         proxy_host_header: styxy_daemon::HostHeader::Keep,
         ebpf_log: styxy_daemon::KernelLogLevel::Warn,
         idle_timeout: std::time::Duration::from_secs(120),

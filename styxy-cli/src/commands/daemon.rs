@@ -41,6 +41,9 @@ pub(crate) struct Args {
     /// Serve every live server by its name (http://storybook.feature-x.localhost:PORT/) on this loopback address, e.g. 127.0.0.1:80 [default: off]
     #[arg(long, value_name = "ADDR")]
     proxy: Option<SocketAddr>,
+    /// Serve the names over HTTPS too (https://storybook.feature-x.localhost:PORT/, HTTP/2 and HTTP/1.1) on this loopback address, e.g. 127.0.0.1:443, with certificates from a local authority kept in the state dir (`styxy trust` makes browsers trust it) [default: off]
+    #[arg(long, value_name = "ADDR")]
+    proxy_tls: Option<SocketAddr>,
     /// The Host header the proxy gives a named server: `keep` the name asked for, or `upstream` (127.0.0.1:PORT, for servers that check Host against a fixed list)
     #[arg(long, value_enum, default_value = "keep")]
     proxy_host: ProxyHost,
@@ -100,6 +103,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             ebpf_object: args.ebpf_object,
             metrics: args.metrics,
             proxy: args.proxy,
+            proxy_tls: args.proxy_tls,
             proxy_host_header: match args.proxy_host {
                 ProxyHost::Keep => HostHeader::Keep,
                 ProxyHost::Upstream => HostHeader::Upstream,

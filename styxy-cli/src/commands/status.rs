@@ -24,6 +24,7 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         &s.tcp_listen
     };
     println!("tcp:        {tcp}");
+    println!("names:      {}", names_line(&s));
     println!("state dir:  {}", s.state_dir);
     if s.kernel_sessions_enforced {
         println!(
@@ -70,4 +71,28 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where the names' proxy serves, and whether browsers can trust its HTTPS.
+fn names_line(s: &pb::StatusResponse) -> String {
+    let mut parts = Vec::new();
+    if !s.proxy_listen.is_empty() {
+        parts.push(format!("http on {}", s.proxy_listen));
+    }
+    if !s.proxy_tls_listen.is_empty() {
+        parts.push(format!(
+            "https on {} (local CA {}…; `styxy trust` makes browsers trust it)",
+            s.proxy_tls_listen,
+            s.local_ca_fingerprint
+                .get(..16)
+                .unwrap_or(&s.local_ca_fingerprint)
+        ));
+    }
+    if parts.is_empty() {
+        "off (start the daemon with --proxy 127.0.0.1:80 and --proxy-tls 127.0.0.1:443 to reach \
+         servers as http(s)://NAME.localhost/)"
+            .to_string()
+    } else {
+        parts.join(" · ")
+    }
 }

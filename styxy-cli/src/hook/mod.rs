@@ -106,21 +106,20 @@ pub async fn session_start(target: &Target) -> String {
 /// How the person at the keyboard reaches this session's servers by name, when the daemon's
 /// proxy runs.
 fn names_line(answer: &styxy_proto::v1::RegisterInstanceResponse) -> Option<String> {
-    if answer.proxy_listen.is_empty() || answer.session_name.is_empty() {
+    let (scheme, listen) =
+        styxy_common::url::proxy_entry(&answer.proxy_listen, &answer.proxy_tls_listen)?;
+    if answer.session_name.is_empty() {
         return None;
     }
-    let port = answer.proxy_listen.rsplit(':').next().unwrap_or_default();
-    let suffix = if port == "80" {
-        String::new()
-    } else {
-        format!(":{port}")
-    };
+    let url = |name: &str| styxy_common::url::name_url(scheme, name, listen);
     let name = &answer.session_name;
     Some(format!(
         "A browser reaches this session's servers by name, whatever port they land on: \
-         http://{name}.localhost{suffix}/ (its main web server), http://<service>.{name}.localhost{suffix}/ \
-         (storybook, api, …) and http://<asked port>.{name}.localhost{suffix}/. Give the person those \
-         URLs rather than port numbers."
+         {} (its main web server), {} (storybook, api, …) and {}. Give the person those URLs \
+         rather than port numbers.",
+        url(&format!("{name}.localhost")),
+        url(&format!("<service>.{name}.localhost")),
+        url(&format!("<asked port>.{name}.localhost")),
     ))
 }
 

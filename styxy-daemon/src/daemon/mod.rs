@@ -67,6 +67,8 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// Loopback address of the names' proxy (`http://NAME.localhost`); `None`: no proxy.
     pub proxy: Option<SocketAddr>,
+    /// Loopback address of its HTTPS (`https://NAME.localhost`); `None`: no HTTPS.
+    pub proxy_tls: Option<SocketAddr>,
     /// The `Host` header the proxy gives the named servers.
     pub proxy_host_header: crate::proxy::HostHeader,
     /// Which of the kernel programs' own log lines go into the daemon's log.
@@ -127,17 +129,25 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // The names' proxy, bound before anything is served, so `Status` says where from the first
     // answer on.
     let mut proxy = None;
-    if let Some(addr) = opts.proxy {
+    if opts.proxy.is_some() || opts.proxy_tls.is_some() {
         let options = crate::proxy::ProxyOptions {
-            addr,
+            http: opts.proxy,
+            https: opts.proxy_tls,
+            ca_dir: opts.state_dir.clone(),
             host_header: opts.proxy_host_header,
         };
         proxy = Some(crate::proxy::listen(options, engine.clone(), stop.clone()).await?);
     }
+    let bound = proxy
+        .as_ref()
+        .map(|(bound, _)| bound.clone())
+        .unwrap_or_default();
     engine.set_endpoints(Endpoints {
         socket_path: Some(opts.socket.clone()),
         tcp_listen: listeners.tcp_address(),
-        proxy_listen: proxy.as_ref().map(|(local, _)| local.to_string()),
+        proxy_listen: bound.http.map(|a| a.to_string()),
+        proxy_tls_listen: bound.https.map(|a| a.to_string()),
+        local_ca: bound.ca,
     });
     let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
     if let Some(addr) = opts.metrics {

@@ -20,6 +20,10 @@ pub struct Endpoints {
     pub tcp_listen: Option<String>,
     /// Where the names' proxy listens, when it runs.
     pub proxy_listen: Option<String>,
+    /// Where it serves HTTPS, when it does.
+    pub proxy_tls_listen: Option<String>,
+    /// The authority behind its HTTPS.
+    pub local_ca: Option<std::sync::Arc<crate::proxy::LocalCa>>,
 }
 
 /// A snapshot of counters for `Status`.
@@ -97,9 +101,18 @@ impl Engine {
         *lock(&self.endpoints) = endpoints;
     }
 
-    /// Where the names' proxy listens, when it runs.
-    pub fn proxy_listen(&self) -> Option<String> {
-        lock(&self.endpoints).proxy_listen.clone()
+    /// Where the names' proxy listens (plain HTTP, HTTPS), each when it runs.
+    pub fn proxy_listen(&self) -> (Option<String>, Option<String>) {
+        let endpoints = lock(&self.endpoints);
+        (
+            endpoints.proxy_listen.clone(),
+            endpoints.proxy_tls_listen.clone(),
+        )
+    }
+
+    /// The authority behind the proxy's HTTPS, when it serves HTTPS.
+    pub fn local_ca(&self) -> Option<std::sync::Arc<crate::proxy::LocalCa>> {
+        lock(&self.endpoints).local_ca.clone()
     }
 
     /// What damage the store found in the state dir at start (and dropped), for `Status`.

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use styxy_broker::NamedServer;
 
-use super::pages;
+use super::{pages, Scheme};
 use crate::engine::Engine;
 
 /// What every answer's body is: the upstream's, streamed, or a page of the proxy's own.
@@ -60,6 +60,7 @@ impl Upstream {
 pub async fn answer(
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    scheme: Scheme,
     engine: &Engine,
     upstream: &Upstream,
 ) -> Response<ProxyBody> {
@@ -76,7 +77,7 @@ pub async fn answer(
         return pages::not_on_loopback(&host, server, html);
     };
     let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
-    let forwarded = match rewrite(request, &host, target, peer, upstream.host_header) {
+    let forwarded = match rewrite(request, &host, target, peer, scheme, upstream.host_header) {
         Ok(forwarded) => forwarded,
         Err(why) => return pages::bad_request(&why, html),
     };
@@ -150,6 +151,7 @@ fn rewrite(
     host: &str,
     target: SocketAddr,
     peer: SocketAddr,
+    scheme: Scheme,
     host_header: HostHeader,
 ) -> Result<Request<Incoming>, String> {
     let (mut parts, body) = request.into_parts();
@@ -189,13 +191,13 @@ fn rewrite(
     let host_value = HeaderValue::from_str(&host_value)
         .map_err(|_| format!("the host {host:?} is not valid"))?;
     parts.headers.insert(header::HOST, host_value);
-    add_forwarded(&mut parts.headers, host, peer);
+    add_forwarded(&mut parts.headers, host, peer, scheme);
     Ok(Request::from_parts(parts, body))
 }
 
 /// `X-Forwarded-For` (appended), `X-Forwarded-Host`, `X-Forwarded-Proto` and RFC 7239's
 /// `Forwarded` (appended).
-fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: SocketAddr) {
+fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: SocketAddr, scheme: Scheme) {
     let client = peer.ip().to_string();
     let xff = HeaderName::from_static("x-forwarded-for");
     let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -210,13 +212,13 @@ fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: SocketAddr) {
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(scheme.as_str()),
     );
     let node = match peer.ip() {
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
-    let element = format!("for={node};host=\"{host}\";proto=http");
+    let element = format!("for={node};host=\"{host}\";proto={}", scheme.as_str());
     let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {element}"),
         None => element,
@@ -323,13 +325,14 @@ mod tests {
             &mut headers,
             "app.localhost",
             "[::1]:50000".parse().unwrap(),
+            Scheme::Https,
         );
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(headers["x-forwarded-host"], "app.localhost");
-        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(
             headers[header::FORWARDED],
-            "for=\"[::1]\";host=\"app.localhost\";proto=http"
+            "for=\"[::1]\";host=\"app.localhost\";proto=https"
         );
     }
 

@@ -1,6 +1,7 @@
 //! The names' reverse proxy: `http://storybook.feature-x.localhost/` reaches that session's
 //! Storybook, wherever it is bound. It serves HTTP/1.1 and HTTP/2 (cleartext, prior knowledge)
-//! on a loopback address (`styxy daemon --proxy ADDR`), routes by `Host` (or `:authority`)
+//! on a loopback address (`styxy daemon --proxy ADDR`), and HTTPS with HTTP/2 and HTTP/1.1 by
+//! ALPN (`--proxy-tls ADDR`, certificates from a local authority: see `tls`); routes by `Host` (or `:authority`)
 //! through the daemon's names (`styxy_broker::names`), and forwards to the named server on
 //! loopback as HTTP/1.1 — streaming bodies both ways (server-sent events included) and
 //! WebSocket upgrades (Vite's and Next's HMR). Built on hyper; see `forward` for what a request
@@ -12,8 +13,10 @@
 
 mod forward;
 mod pages;
+mod tls;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::engine::Engine;
 
 pub use forward::HostHeader;
+pub use tls::LocalCa;
 
 /// Client connections served at once.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -36,44 +40,85 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How the proxy runs.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
-    /// Where it listens (loopback only).
-    pub addr: SocketAddr,
+    /// Where it serves plain HTTP (loopback only); `None`: it does not.
+    pub http: Option<SocketAddr>,
+    /// Where it serves HTTPS (loopback only); `None`: it does not.
+    pub https: Option<SocketAddr>,
+    /// Where the local certificate authority is kept (the state dir).
+    pub ca_dir: PathBuf,
     /// The `Host` header upstream.
     pub host_header: HostHeader,
 }
 
-/// Binds the proxy's listener; returns the address it got (port 0 asks for any) and the
+/// What the proxy got: its addresses, and the authority behind its HTTPS.
+#[derive(Clone, Debug, Default)]
+pub struct Bound {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub ca: Option<Arc<LocalCa>>,
+}
+
+/// Which of the proxy's listeners a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// Binds the proxy's listeners; returns the addresses they got (port 0 asks for any) and the
 /// server to run until `stop`. The server is one single-threaded runtime per core, each
-/// accepting on its own copy of the listener, so a request lives on one thread from the client's
-/// read to the upstream's answer (its client connection and its pooled upstream connection are
-/// that thread's): on a shared work-stealing runtime the proxy added 46–54 µs at p50 over a
-/// direct connection (`styxy-bench proxy`); see the README for what it adds this way.
+/// accepting on its own copy of the listeners, so a request lives on one thread from the
+/// client's read to the upstream's answer (its client connection and its pooled upstream
+/// connection are that thread's): on a shared work-stealing runtime the proxy added 46–54 µs at
+/// p50 over a direct connection (`styxy-bench proxy`); see the README for what it adds this way.
 pub async fn listen(
     options: ProxyOptions,
     engine: Arc<Engine>,
     stop: watch::Receiver<bool>,
-) -> Result<(SocketAddr, impl std::future::Future<Output = Result<()>>)> {
-    if !options.addr.ip().is_loopback() {
-        bail!(
-            "--proxy {} is not a loopback address: the names' proxy serves this machine only",
-            options.addr
-        );
-    }
-    let listener = TcpListener::bind(options.addr).await.with_context(|| {
-        format!(
-            "listening on {} for the names' proxy (--proxy ADDR)",
-            options.addr
-        )
-    })?;
-    let local = listener.local_addr()?;
-    tracing::info!(address = %local, "serving the names' proxy");
-    let listener = listener.into_std().context("taking the proxy's listener")?;
+) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
+    let mut bound = Bound::default();
+    let http = match options.http {
+        Some(addr) => {
+            let (listener, local) = bind_loopback(addr, "--proxy").await?;
+            bound.http = Some(local);
+            Some(listener)
+        }
+        None => None,
+    };
+    let https = match options.https {
+        Some(addr) => {
+            let (listener, local) = bind_loopback(addr, "--proxy-tls").await?;
+            let ca = Arc::new(LocalCa::open_or_create(&options.ca_dir)?);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(ca.clone())?);
+            bound.https = Some(local);
+            bound.ca = Some(ca);
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
+    tracing::info!(http = ?bound.http, https = ?bound.https, "serving the names' proxy");
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut finished = Vec::new();
     for n in 0..threads {
-        let listener = listener
-            .try_clone()
+        let http = http
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()
+            .context("sharing the proxy's listener")?;
+        let https = https
+            .as_ref()
+            .map(|(l, acceptor)| l.try_clone().map(|l| (l, acceptor.clone())))
+            .transpose()
             .context("sharing the proxy's listener")?;
         let (options, engine, stop, slots) =
             (options.clone(), engine.clone(), stop.clone(), slots.clone());
@@ -88,9 +133,37 @@ pub async fn listen(
                         .context("starting a proxy runtime")?;
                     // The runtime, dropped right after, ends the connections' tasks.
                     runtime.block_on(async move {
-                        let listener = TcpListener::from_std(listener)
-                            .context("registering the proxy's listener")?;
-                        serve(listener, options, engine, slots, stop).await
+                        let upstream = forward::Upstream::new(options.host_header);
+                        let builder = Arc::new(connection_builder());
+                        let shared = Shared {
+                            engine,
+                            upstream,
+                            builder,
+                            slots,
+                        };
+                        let http = async {
+                            match http {
+                                Some(listener) => {
+                                    let listener = TcpListener::from_std(listener)
+                                        .context("registering the proxy's listener")?;
+                                    serve(listener, None, shared.clone(), stop.clone()).await
+                                }
+                                None => Ok(()),
+                            }
+                        };
+                        let https = async {
+                            match https {
+                                Some((listener, acceptor)) => {
+                                    let listener = TcpListener::from_std(listener)
+                                        .context("registering the proxy's listener")?;
+                                    serve(listener, Some(acceptor), shared.clone(), stop.clone())
+                                        .await
+                                }
+                                None => Ok(()),
+                            }
+                        };
+                        let (http, https) = tokio::join!(http, https);
+                        http.and(https)
                     })
                 })();
                 let _ = done.send(outcome);
@@ -98,7 +171,7 @@ pub async fn listen(
             .context("starting a proxy thread")?;
         finished.push(result);
     }
-    Ok((local, async move {
+    Ok((bound, async move {
         for result in finished {
             result.await.context("a proxy thread ended")??;
         }
@@ -106,15 +179,25 @@ pub async fn listen(
     }))
 }
 
-/// One thread's accept loop.
-async fn serve(
-    listener: TcpListener,
-    options: ProxyOptions,
-    engine: Arc<Engine>,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let upstream = forward::Upstream::new(options.host_header);
+/// A loopback listener for the proxy, as a std listener each thread's runtime takes a copy of.
+async fn bind_loopback(
+    addr: SocketAddr,
+    flag: &str,
+) -> Result<(std::net::TcpListener, SocketAddr)> {
+    if !addr.ip().is_loopback() {
+        bail!("{flag} {addr} is not a loopback address: the names' proxy serves this machine only");
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for the names' proxy ({flag} ADDR)"))?;
+    let local = listener.local_addr()?;
+    let listener = listener.into_std().context("taking the proxy's listener")?;
+    Ok((listener, local))
+}
+
+/// How the proxy speaks HTTP to its clients: HTTP/1.1 or HTTP/2 (by the connection's preface),
+/// with the bounds above.
+fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -125,10 +208,33 @@ async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let builder = Arc::new(builder);
+    builder
+}
+
+/// What one thread's connections share.
+#[derive(Clone)]
+struct Shared {
+    engine: Arc<Engine>,
+    upstream: forward::Upstream,
+    builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+    slots: Arc<Semaphore>,
+}
+
+/// One thread's accept loop for one listener: plain HTTP, or HTTPS with `tls`.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let scheme = if tls.is_some() {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
     loop {
         let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.context("the connection limit closed")?,
+            slot = shared.slots.clone().acquire_owned() => slot.context("the connection limit closed")?,
             _ = stop.wait_for(|stop| *stop) => return Ok(()),
         };
         let accepted = tokio::select! {
@@ -145,24 +251,46 @@ async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let engine = engine.clone();
-        let upstream = upstream.clone();
-        let builder = builder.clone();
+        let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let engine = engine.clone();
-                let upstream = upstream.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        forward::answer(request, peer, &engine, &upstream).await,
-                    )
+            match tls {
+                None => serve_connection(TokioIo::new(stream), peer, scheme, &shared).await,
+                Some(acceptor) => {
+                    // The handshake is bounded like a request's head: a client that stalls in it
+                    // loses its connection.
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), peer, scheme, &shared).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(cause = %e, "a TLS handshake failed"),
+                        Err(_) => tracing::debug!("a TLS handshake took too long"),
+                    }
                 }
-            });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(cause = %e, "a proxy connection ended early");
             }
             drop(slot);
         });
+    }
+}
+
+/// Serves one client connection until it ends.
+async fn serve_connection<I>(io: I, peer: SocketAddr, scheme: Scheme, shared: &Shared)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let engine = shared.engine.clone();
+    let upstream = shared.upstream.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let engine = engine.clone();
+        let upstream = upstream.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                forward::answer(request, peer, scheme, &engine, &upstream).await,
+            )
+        }
+    });
+    let connection = shared.builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = connection.await {
+        tracing::debug!(cause = %e, "a proxy connection ended early");
     }
 }

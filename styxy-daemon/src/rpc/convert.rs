@@ -154,22 +154,14 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
     }
 }
 
-/// Where a browser reaches session `instance`'s `server` through the proxy at `proxy`
-/// (`127.0.0.1:8080`): one URL per name, most general first; none when it has no name.
+/// Where a browser reaches session `instance`'s `server` through the proxy's entry (`("https",
+/// "127.0.0.1:8443")`): one URL per name, most general first; none when it has no name.
 pub fn urls_of(
     names: &styxy_broker::Names,
-    proxy: &str,
+    (scheme, listen): (&str, &str),
     instance: &str,
     server: &styxy_broker::SessionServer,
 ) -> Vec<String> {
-    let Some(port) = proxy.rsplit(':').next() else {
-        return Vec::new();
-    };
-    let suffix = if port == "80" {
-        String::new()
-    } else {
-        format!(":{port}")
-    };
     names
         .servers
         .iter()
@@ -181,7 +173,7 @@ pub fn urls_of(
         .map(|n| {
             n.names
                 .iter()
-                .map(|name| format!("http://{name}{suffix}/"))
+                .map(|name| styxy_common::url::name_url(scheme, name, listen))
                 .collect()
         })
         .unwrap_or_default()

@@ -248,12 +248,14 @@ impl BrokerService {
             .session_name(&id)
             .map(|s| s.name)
             .unwrap_or_default();
+        let (http, https) = self.engine.proxy_listen();
         Ok(Response::new(pb::RegisterInstanceResponse {
             instance_id: id,
             kernel_session: placed.is_ok(),
             kernel_session_detail: placed.err().unwrap_or_default(),
             session_name,
-            proxy_listen: self.engine.proxy_listen().unwrap_or_default(),
+            proxy_listen: http.unwrap_or_default(),
+            proxy_tls_listen: https.unwrap_or_default(),
         }))
     }
 
@@ -336,6 +338,12 @@ impl BrokerService {
                 .unwrap_or_default(),
             tcp_listen: s.endpoints.tcp_listen.unwrap_or_default(),
             proxy_listen: s.endpoints.proxy_listen.unwrap_or_default(),
+            proxy_tls_listen: s.endpoints.proxy_tls_listen.unwrap_or_default(),
+            local_ca_fingerprint: s
+                .endpoints
+                .local_ca
+                .map(|ca| ca.fingerprint().to_string())
+                .unwrap_or_default(),
             observed_events: s.observed_events,
             resolve_bind_calls: s.resolve_bind_calls,
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
@@ -500,14 +508,16 @@ impl PortBroker for BrokerService {
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
             // The servers' names are read only when the proxy serves them.
-            let proxy = self.engine.proxy_listen();
-            let names = proxy.as_ref().map(|_| self.engine.names());
+            let (http, https) = self.engine.proxy_listen();
+            let (http, https) = (http.unwrap_or_default(), https.unwrap_or_default());
+            let proxy = styxy_common::url::proxy_entry(&http, &https);
+            let names = proxy.map(|_| self.engine.names());
             let session = self.engine.session_name(&id);
             let servers = |list: &[(styxy_broker::SessionServer, Option<AskedHolder>)]| {
                 list.iter()
                     .map(|(s, holder)| {
                         let mut server = convert::session_server(s, holder.as_ref());
-                        if let (Some(names), Some(proxy)) = (&names, &proxy) {
+                        if let (Some(names), Some(proxy)) = (&names, proxy) {
                             server.urls = convert::urls_of(names, proxy, &id, s);
                         }
                         server
@@ -571,6 +581,24 @@ impl PortBroker for BrokerService {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let answer = self.list_audit_call(request).await;
         self.counted("ListAudit", answer)
+    }
+
+    async fn local_ca(
+        &self,
+        _: Request<pb::LocalCaRequest>,
+    ) -> Result<Response<pb::LocalCaResponse>, Status> {
+        let answer = match self.engine.local_ca() {
+            Some(ca) => Ok(Response::new(pb::LocalCaResponse {
+                certificate_pem: ca.certificate_pem().to_string(),
+                fingerprint_sha256: ca.fingerprint().to_string(),
+                path: ca.path().display().to_string(),
+            })),
+            None => Err(Status::failed_precondition(
+                "the daemon's proxy serves no HTTPS, so it has no certificate authority: start \
+                 the daemon with --proxy-tls ADDR (e.g. 127.0.0.1:443)",
+            )),
+        };
+        self.counted("LocalCa", answer)
     }
 }
 
