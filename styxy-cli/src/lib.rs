@@ -12,6 +12,7 @@ mod mcp;
 mod mcp_stdio;
 mod output;
 mod preload;
+mod trust_stores;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,6 +11,7 @@ mod release;
 mod session;
 mod status;
 mod suggest;
+mod trust;
 mod watch;
 
 use std::time::Duration;
@@ -42,6 +43,10 @@ pub(crate) enum Command {
     Session(session::Args),
     /// Forget sticky ports (the port a project's server gets back), by project or port.
     Forget(forget::Args),
+    /// Make this machine's browsers and tools trust https://NAME.localhost: the daemon's local CA (valid for *.localhost only) added to the system store (as root) and to Chromium's and Firefox's NSS databases.
+    Trust(trust::Args),
+    /// Remove exactly that CA from every store `styxy trust` added it to.
+    Untrust(trust::Args),
 }
 
 /// Runs a client command against the daemon at `target`. Every call has `deadline`: a stopped
@@ -64,7 +69,11 @@ pub(crate) async fn run(
         .await
         .map_err(|_| late())??;
     // `styxy watch` streams for as long as it runs: its first call has the deadline instead.
-    let streams = matches!(command, Command::Watch);
+    // `styxy trust` changes stores after the daemon answers: only its call has the deadline.
+    let streams = matches!(
+        command,
+        Command::Watch | Command::Trust(_) | Command::Untrust(_)
+    );
     let call = async {
         match command {
             Command::Status => status::run(&mut client, as_json).await,
@@ -77,6 +86,8 @@ pub(crate) async fn run(
             Command::Audit(args) => audit::run(&mut client, args, as_json).await,
             Command::Session(args) => session::run(&mut client, args, as_json).await,
             Command::Forget(args) => forget::run(&mut client, args, as_json).await,
+            Command::Trust(args) => trust::run(&mut client, args, true, as_json, deadline).await,
+            Command::Untrust(args) => trust::run(&mut client, args, false, as_json, deadline).await,
         }
     };
     if streams {
