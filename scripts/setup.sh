@@ -22,8 +22,10 @@ command -v grpcurl >/dev/null 2>&1 || { log "grpcurl is still not on PATH after 
 log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_client, grpcio"
 
 # Tools the end-to-end tests run: systemd-analyze (unit check), node (a real server and client),
-# curl (a real client), and Go and musl to build the static servers the kernel-session tests run
-# (no LD_PRELOAD reaches them).
+# curl (a real client), Go and musl to build the static servers the kernel-session tests run
+# (no LD_PRELOAD reaches them), and for the names over HTTPS: Chromium (a real browser), NSS's
+# certutil and ca-certificates (the stores `styxy trust` changes), and nss-myhostname, with which
+# glibc resolves `*.localhost` to loopback (its package adds `myhostname` to /etc/nsswitch.conf).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   tools=()
   command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
@@ -31,6 +33,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   command -v curl >/dev/null 2>&1 || tools+=(curl)
   command -v go >/dev/null 2>&1 || tools+=(golang-go)
   command -v musl-gcc >/dev/null 2>&1 || tools+=(musl-tools)
+  command -v chromium >/dev/null 2>&1 || tools+=(chromium)
+  command -v certutil >/dev/null 2>&1 || tools+=(libnss3-tools)
+  command -v update-ca-certificates >/dev/null 2>&1 || tools+=(ca-certificates)
+  dpkg-query -W -f='${Status}' libnss-myhostname 2>/dev/null | grep -q "install ok installed" || tools+=(libnss-myhostname)
   if [ ${#tools[@]} -gt 0 ]; then
     log "apt-get install ${tools[*]}"
     apt-get update -qq
@@ -60,7 +66,8 @@ else
 fi
 
 # Real dev servers for tests/tests/dev_servers.rs: Django and Jupyter (a notebook server with
-# kernels, whose ZMQ ports are helper ports) from PyPI, Vite from npm into its own directory.
+# kernels, whose ZMQ ports are helper ports) from PyPI, Vite from npm into its own directory, with
+# playwright-core (to drive Debian's Chromium; it downloads no browser of its own).
 dev_pip=()
 python3 -c 'import django' >/dev/null 2>&1 || dev_pip+=('django>=5.2,<5.3')
 python3 -c 'import jupyter_server, ipykernel' >/dev/null 2>&1 || dev_pip+=('jupyter_server>=2.14,<3' 'ipykernel>=6.29')
@@ -81,7 +88,14 @@ if command -v npm >/dev/null 2>&1; then
         || npm install --no-audit --no-fund --prefix "$dev_dir" "vite@$vite_version"
       ;;
   esac
-  log "ok: $("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || echo 'vite not runnable')"
+  playwright_version=1.64.1
+  if [ "$(node -p "require('$dev_dir/node_modules/playwright-core/package.json').version" 2>/dev/null || true)" != "$playwright_version" ]; then
+    log "npm install playwright-core@$playwright_version into $dev_dir"
+    mkdir -p "$dev_dir"
+    npm install --silent --no-audit --no-fund --prefix "$dev_dir" "playwright-core@$playwright_version" >/dev/null 2>&1 \
+      || npm install --no-audit --no-fund --prefix "$dev_dir" "playwright-core@$playwright_version"
+  fi
+  log "ok: $("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || echo 'vite not runnable'), playwright-core $playwright_version"
 fi
 
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are

@@ -151,12 +151,16 @@ impl Daemon {
 
     /// Runs the `styxy` CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
+        self.cli_command(args)
             .output()
             .expect("running the styxy CLI")
+    }
+
+    /// The `styxy` CLI against this daemon, to be given an environment and run.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(styxy_bin());
+        command.arg("--socket").arg(&self.socket).args(args);
+        command
     }
 }
 

@@ -12,13 +12,14 @@ pub mod claude;
 mod daemon;
 mod dev_tools;
 mod ebpf;
+pub mod names;
 mod ports;
 mod processes;
 mod users;
 
 pub use binaries::*;
 pub use daemon::*;
-pub use dev_tools::{django, jupyter, vite};
+pub use dev_tools::{chromium, django, jupyter, playwright_core, vite, Chromium};
 pub use ebpf::*;
 pub use ports::{give_back_port_block, port_block, BLOCK};
 pub use processes::*;
