@@ -1,5 +1,6 @@
 //! `styxy install` / `styxy uninstall`: put the binary, the shim, its client library, the eBPF
-//! object and the systemd unit in place, and take them away again.
+//! object and the systemd units (the daemon's, and the sockets of its names' proxy) in place, and
+//! take them away again.
 //!
 //! Every file is written to a temporary name and renamed over the target, so a running daemon or a
 //! process that has the shim mapped never sees a half-written file. What was created (files and
@@ -17,6 +18,17 @@ use styxy_common::paths::{EBPF_OBJECT, PRELOAD_LIBRARY};
 /// The unit template; `@BINDIR@` becomes `<prefix>/bin`.
 pub const UNIT_TEMPLATE: &str = include_str!("../../packaging/styxy.service");
 pub const UNIT_NAME: &str = "styxy.service";
+/// The socket units that pass the names' proxy its loopback ports 80 and 443.
+pub const SOCKET_UNITS: [(&str, &str); 2] = [
+    (
+        "styxy-http.socket",
+        include_str!("../../packaging/styxy-http.socket"),
+    ),
+    (
+        "styxy-https.socket",
+        include_str!("../../packaging/styxy-https.socket"),
+    ),
+];
 pub const DEFAULT_PREFIX: &str = "/usr/local";
 const MANIFEST: &str = "install-manifest";
 
@@ -120,6 +132,13 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
             mode: 0o644,
         },
     ];
+    for (name, unit) in SOCKET_UNITS {
+        items.push(Item {
+            target: layout.unit_path().with_file_name(name),
+            contents: unit.as_bytes().to_vec(),
+            mode: 0o644,
+        });
+    }
     let mut report = Vec::new();
     match styxy_daemon::find_ebpf_object(None) {
         Ok(object) => items.push(Item {
@@ -147,7 +166,16 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
     manifest.save(layout)?;
     if layout.is_real_root() {
         report.push(String::new());
-        report.push("Next: systemctl daemon-reload && systemctl enable --now styxy".into());
+        report.push(
+            "Next: systemctl daemon-reload && systemctl enable --now styxy-http.socket \
+             styxy-https.socket styxy"
+                .into(),
+        );
+        report.push(
+            "(the sockets serve every server by name on loopback 80 and 443: http://NAME.localhost/; \
+             `styxy trust` makes browsers trust the https)"
+                .into(),
+        );
         report.push("Then, for Claude Code: styxy hook install".into());
     } else {
         report.push(format!(
@@ -169,7 +197,11 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<String>> {
     }
     let mut report = Vec::new();
     if layout.is_real_root() {
-        report.push("Stop it first if it runs: systemctl disable --now styxy".into());
+        report.push(
+            "Stop it first if it runs: systemctl disable --now styxy styxy-http.socket \
+             styxy-https.socket (and `styxy untrust` while it runs)"
+                .into(),
+        );
     }
     for file in &manifest.files {
         match std::fs::remove_file(file) {

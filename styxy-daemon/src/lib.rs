@@ -28,4 +28,4 @@ mod table;
 
 pub use bpf::find_object as find_ebpf_object;
 pub use daemon::{run, KernelLogLevel, ObserverChoice, Options};
-pub use proxy::HostHeader;
+pub use proxy::{HostHeader, ProxyEntry};

@@ -22,6 +22,8 @@ pub struct Daemon {
     /// Removes `dir` when the daemon drops, a failed test included (its log is printed then).
     _temp: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// A command the daemon runs under (`systemd-socket-activate -l …`), or none.
+    wrapper: Wrapper,
     pub dir: PathBuf,
     pub socket: PathBuf,
     state_dir: PathBuf,
@@ -36,9 +38,19 @@ impl Daemon {
 
     /// A daemon with extra `styxy daemon` arguments (e.g. `--observer ebpf --cgroup DIR`).
     pub async fn start_with(extra_args: &[&str]) -> Result<Daemon> {
+        Daemon::start_under(|_| Wrapper::default(), extra_args).await
+    }
+
+    /// A daemon run under the wrapper made for the daemon's port block (its first port), e.g.
+    /// `systemd-socket-activate -l 127.0.0.1:PORT`, with extra arguments.
+    pub async fn start_under(
+        wrapper: impl FnOnce(u16) -> Wrapper,
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         // The bulk range spills into the next block: it must be this daemon's too.
         let base = ports::port_blocks(2);
+        let wrapper = wrapper(base);
         let temp = tempfile::Builder::new()
             .prefix(&format!("styxy-test-{base}-"))
             .tempdir()?;
@@ -60,11 +72,12 @@ impl Daemon {
         )?;
         let socket = dir.join("styxy.sock");
         let state_dir = dir.join("state");
-        let (child, tcp) = launch(&dir, &socket, &state_dir, &extra_args).await?;
+        let (child, tcp) = launch(&wrapper, &dir, &socket, &state_dir, &extra_args).await?;
         Ok(Daemon {
             child,
             _temp: temp,
             extra_args,
+            wrapper,
             dir,
             socket,
             state_dir,
@@ -124,8 +137,14 @@ impl Daemon {
     /// Starts the daemon again on the same state dir and socket, once the last one has exited.
     pub async fn restart(&mut self) -> Result<()> {
         self.child.wait()?;
-        let (child, tcp) =
-            launch(&self.dir, &self.socket, &self.state_dir, &self.extra_args).await?;
+        let (child, tcp) = launch(
+            &self.wrapper,
+            &self.dir,
+            &self.socket,
+            &self.state_dir,
+            &self.extra_args,
+        )
+        .await?;
         self.child = child;
         self.tcp = tcp;
         Ok(())
@@ -187,14 +206,31 @@ fn read_log(dir: &Path) -> String {
 
 /// Starts the daemon of a test dir and waits until it answers `Status`; returns it and its TCP address.
 /// A daemon that does not come up is killed, and the error carries its log.
+/// A command the daemon runs under, and an address to connect to once for it to start the
+/// daemon (`systemd-socket-activate` starts its command at the first connection).
+#[derive(Clone, Debug, Default)]
+pub struct Wrapper {
+    pub command: Vec<String>,
+    pub wake: Option<std::net::SocketAddr>,
+}
+
 async fn launch(
+    wrapper: &Wrapper,
     dir: &Path,
     socket: &Path,
     state_dir: &Path,
     extra_args: &[String],
 ) -> Result<(Child, String)> {
     let log = std::fs::File::create(dir.join("daemon.log"))?;
-    let mut child = Command::new(styxy_bin())
+    let mut command = match wrapper.command.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(styxy_bin());
+            command
+        }
+        None => Command::new(styxy_bin()),
+    };
+    let mut child = command
         .arg("daemon")
         .arg("--socket")
         .arg(socket)
@@ -222,7 +258,12 @@ async fn launch(
         .spawn()
         .context("starting styxy daemon")?;
     let deadline = Instant::now() + Duration::from_secs(20);
+    // Held until the daemon answers: it accepts this connection, and the peer's close ends it.
+    let mut wakened = None;
     loop {
+        if let (Some(wake), None) = (wrapper.wake, &wakened) {
+            wakened = std::net::TcpStream::connect(wake).ok();
+        }
         if let Ok(mut client) = connect(&Target::Unix(socket.to_path_buf())).await {
             if let Ok(status) = client.status(pb::StatusRequest {}).await {
                 return Ok((child, status.into_inner().tcp_listen));

@@ -71,6 +71,8 @@ fn install_then_uninstall_leaves_the_root_as_it_was() -> Result<()> {
         "usr/local/lib/styxy/libstyxy_preload.so",
         "usr/local/lib/styxy/libstyxy_shim_client.so",
         "etc/systemd/system/styxy.service",
+        "etc/systemd/system/styxy-http.socket",
+        "etc/systemd/system/styxy-https.socket",
     ] {
         assert!(
             root.join(installed).is_file(),
@@ -131,9 +133,18 @@ fn the_systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
     let check = root.join("check/styxy.service");
     std::fs::create_dir_all(check.parent().context("parent")?)?;
     std::fs::write(&check, unit)?;
+    // The sockets that pass the names' proxy its ports, checked with the service they name.
+    let mut units = vec![check.clone()];
+    for socket in ["styxy-http.socket", "styxy-https.socket"] {
+        let text = std::fs::read_to_string(root.join("etc/systemd/system").join(socket))?;
+        assert!(text.contains("Service=styxy.service"), "{text}");
+        let path = root.join("check").join(socket);
+        std::fs::write(&path, text)?;
+        units.push(path);
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&check)
+        .args(&units)
         .output()?;
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use styxy_tests::names::{bound_port, curl, daemon_with_proxy, http_server_in, worktrees};
-use styxy_tests::{eventually, styxy_bin, vite, Daemon, Spawned};
+use styxy_tests::{eventually, styxy_bin, vite, Daemon, Spawned, Wrapper};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -486,5 +486,102 @@ async fn bad_input_at_the_proxy_gets_an_answer_and_never_a_hang() -> Result<()> 
     let (code, body) = curl(&format!("http://nothing.localhost:{proxy}/"), &[])?;
     assert_eq!(code, 404, "{body}");
     drop(idle);
+    Ok(())
+}
+
+/// The installed units' way (`styxy-http.socket`, `styxy-https.socket`): systemd binds the
+/// loopback ports, IPv4 and IPv6, and passes them to the daemon (`--proxy systemd`); here
+/// `systemd-socket-activate` passes them as systemd does. Without them the daemon runs on,
+/// and its status says why the names are not served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_serves_the_sockets_systemd_passes() -> Result<()> {
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate is required in CI (apt-get install systemd)"
+        );
+        eprintln!("SKIP: systemd-socket-activate not found (apt-get install systemd)");
+        return Ok(());
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let daemon = Daemon::start_under(
+        |base| {
+            let (http, https) = (base + 20, base + 21);
+            Wrapper {
+                command: [
+                    "systemd-socket-activate",
+                    "-l",
+                    &format!("127.0.0.1:{http}"),
+                    "-l",
+                    &format!("[::1]:{http}"),
+                    "-l",
+                    &format!("127.0.0.1:{https}"),
+                    "--fdname=proxy-http:proxy-http:proxy-https",
+                ]
+                .map(String::from)
+                .to_vec(),
+                // It starts the daemon at the first connection, as systemd would.
+                wake: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http))),
+            }
+        },
+        &["--proxy", "systemd", "--proxy-tls", "systemd"],
+    )
+    .await?;
+    let (http, https) = (daemon.base + 20, daemon.base + 21);
+    let status = daemon.status().await?;
+    assert_eq!(
+        (
+            status.proxy_listen.as_str(),
+            status.proxy_tls_listen.as_str(),
+            status.proxy_detail.as_str()
+        ),
+        (
+            format!("127.0.0.1:{http}").as_str(),
+            format!("127.0.0.1:{https}").as_str(),
+            ""
+        )
+    );
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("activated");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("index.html"), "activated\n")?;
+    let _server = http_server_in(&daemon, "sa", &dir, daemon.base + 12)?;
+    let url = format!("http://activated.localhost:{http}/");
+    for family in ["-4", "-6"] {
+        let body = eventually(10, "served by name", || async {
+            curl(&url, &[family])
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|(_, body)| body)
+        })
+        .await?;
+        assert_eq!(body, "activated\n", "{family}");
+    }
+    let (code, body) = curl(
+        &format!("https://activated.localhost:{https}/"),
+        &["--insecure"],
+    )?;
+    assert_eq!((code, body.as_str()), (200, "activated\n"));
+
+    // Asked to take systemd's sockets, given none: it serves the broker all the same.
+    let bare = Daemon::start_with(&["--proxy", "systemd"]).await?;
+    let status = bare.status().await?;
+    assert!(status.proxy_listen.is_empty(), "{status:?}");
+    assert!(
+        status
+            .proxy_detail
+            .contains("systemd passed no socket named proxy-http")
+            && status.proxy_detail.contains("styxy-http.socket"),
+        "{status:?}"
+    );
+    let said = bare.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&said.stdout).contains("names:      not served: systemd passed"),
+        "{said:?}"
+    );
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use styxy_common::paths;
-use styxy_daemon::{HostHeader, KernelLogLevel, ObserverChoice, Options};
+use styxy_daemon::{HostHeader, KernelLogLevel, ObserverChoice, Options, ProxyEntry};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -38,12 +38,12 @@ pub(crate) struct Args {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, loopback only, e.g. 127.0.0.1:9877 [default: off]
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
-    /// Serve every live server by its name (http://storybook.feature-x.localhost:PORT/) on this loopback address, e.g. 127.0.0.1:80 [default: off]
-    #[arg(long, value_name = "ADDR")]
-    proxy: Option<SocketAddr>,
-    /// Serve the names over HTTPS too (https://storybook.feature-x.localhost:PORT/, HTTP/2 and HTTP/1.1) on this loopback address, e.g. 127.0.0.1:443, with certificates from a local authority kept in the state dir (`styxy trust` makes browsers trust it) [default: off]
-    #[arg(long, value_name = "ADDR")]
-    proxy_tls: Option<SocketAddr>,
+    /// Serve every live server by its name (http://storybook.feature-x.localhost:PORT/) on this loopback address, e.g. 127.0.0.1:80, or on the sockets systemd passes named proxy-http (`systemd`: styxy-http.socket) [default: off]
+    #[arg(long, value_name = "ADDR|systemd", value_parser = proxy_entry)]
+    proxy: Option<ProxyEntry>,
+    /// Serve the names over HTTPS too (https://storybook.feature-x.localhost:PORT/, HTTP/2 and HTTP/1.1) on this loopback address, e.g. 127.0.0.1:443, or on the sockets systemd passes named proxy-https (`systemd`: styxy-https.socket), with certificates from a local authority kept in the state dir (`styxy trust` makes browsers trust it) [default: off]
+    #[arg(long, value_name = "ADDR|systemd", value_parser = proxy_entry)]
+    proxy_tls: Option<ProxyEntry>,
     /// The Host header the proxy gives a named server: `keep` the name asked for, or `upstream` (127.0.0.1:PORT, for servers that check Host against a fixed list)
     #[arg(long, value_enum, default_value = "keep")]
     proxy_host: ProxyHost,
@@ -53,6 +53,22 @@ pub(crate) struct Args {
     /// Close a connection that sends nothing for this many seconds (the daemon pings clients at a third of it, so live ones stay)
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(3..=86_400))]
     idle_timeout_secs: u64,
+}
+
+/// `--proxy` and `--proxy-tls`: a loopback address, or `systemd`.
+fn proxy_entry(value: &str) -> Result<ProxyEntry, String> {
+    if value == "systemd" {
+        return Ok(ProxyEntry::Systemd);
+    }
+    let addr: SocketAddr = value
+        .parse()
+        .map_err(|_| format!("{value:?} is neither an address like 127.0.0.1:80 nor `systemd`"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address: the names' proxy serves this machine only (127.0.0.1 or [::1])"
+        ));
+    }
+    Ok(ProxyEntry::Address(addr))
 }
 
 /// `--proxy-host`: see [`HostHeader`].

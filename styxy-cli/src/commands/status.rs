@@ -88,6 +88,9 @@ fn names_line(s: &pb::StatusResponse) -> String {
                 .unwrap_or(&s.local_ca_fingerprint)
         ));
     }
+    if !s.proxy_detail.is_empty() {
+        parts.push(format!("not served: {}", s.proxy_detail));
+    }
     if parts.is_empty() {
         "off (start the daemon with --proxy 127.0.0.1:80 and --proxy-tls 127.0.0.1:443 to reach \
          servers as http(s)://NAME.localhost/)"

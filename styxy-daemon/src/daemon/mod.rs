@@ -65,10 +65,10 @@ pub struct Options {
     pub ebpf_object: Option<PathBuf>,
     /// Loopback address to serve `/metrics` on (OpenMetrics text); `None`: no metrics endpoint.
     pub metrics: Option<SocketAddr>,
-    /// Loopback address of the names' proxy (`http://NAME.localhost`); `None`: no proxy.
-    pub proxy: Option<SocketAddr>,
-    /// Loopback address of its HTTPS (`https://NAME.localhost`); `None`: no HTTPS.
-    pub proxy_tls: Option<SocketAddr>,
+    /// Where the names' proxy serves http (`http://NAME.localhost`); `None`: it does not.
+    pub proxy: Option<crate::proxy::ProxyEntry>,
+    /// Where it serves https (`https://NAME.localhost`); `None`: it does not.
+    pub proxy_tls: Option<crate::proxy::ProxyEntry>,
     /// The `Host` header the proxy gives the named servers.
     pub proxy_host_header: crate::proxy::HostHeader,
     /// Which of the kernel programs' own log lines go into the daemon's log.
@@ -76,6 +76,61 @@ pub struct Options {
     /// A connection that sends nothing for this long is closed (HTTP/2 pings at a third of it
     /// keep live clients' connections open).
     pub idle_timeout: Duration,
+}
+
+/// The names' proxy's listeners, http and https, as the options ask: bound here, or passed by
+/// systemd; and why an entry asked for has no listener, when one has none (the daemon runs on
+/// without it: the names are an addition, the port broker is not).
+type ProxyListeners = (
+    Vec<std::net::TcpListener>,
+    Vec<std::net::TcpListener>,
+    Option<String>,
+);
+
+fn proxy_listeners(opts: &Options) -> Result<ProxyListeners> {
+    use crate::proxy::ProxyEntry;
+    let from_systemd = [opts.proxy, opts.proxy_tls].contains(&Some(ProxyEntry::Systemd));
+    let mut passed = if from_systemd {
+        systemd::take_listen_fds()
+    } else {
+        Vec::new()
+    };
+    let mut missing = Vec::new();
+    let mut listeners = |entry: Option<ProxyEntry>, flag: &str, name: &str, unit: &str| {
+        Ok::<_, anyhow::Error>(match entry {
+            None => Vec::new(),
+            Some(ProxyEntry::Address(addr)) => vec![crate::proxy::bind_loopback(addr, flag)?],
+            Some(ProxyEntry::Systemd) => {
+                let found = crate::proxy::inherited_loopback(&mut passed, name);
+                if found.is_empty() {
+                    missing.push(format!(
+                        "systemd passed no socket named {name} ({flag} systemd): \
+                         `systemctl enable --now {unit}`, and see `systemctl status {unit}` \
+                         (another server may hold its port)"
+                    ));
+                }
+                found
+            }
+        })
+    };
+    let http = listeners(opts.proxy, "--proxy", "proxy-http", "styxy-http.socket")?;
+    let https = listeners(
+        opts.proxy_tls,
+        "--proxy-tls",
+        "proxy-https",
+        "styxy-https.socket",
+    )?;
+    for (name, _) in &passed {
+        tracing::warn!(
+            name,
+            "systemd passed a socket the daemon has no use for: closed"
+        );
+    }
+    for why in &missing {
+        tracing::warn!("the names' proxy: {why}");
+    }
+    let detail = (!missing.is_empty()).then(|| missing.join("; "));
+    Ok((http, https, detail))
 }
 
 /// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; a test, whatever
@@ -128,11 +183,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     engine.publish_table(PublishedTable::create(&opts.socket)?);
     // The names' proxy, bound before anything is served, so `Status` says where from the first
     // answer on.
+    let (http, https, proxy_detail) = proxy_listeners(&opts)?;
     let mut proxy = None;
-    if opts.proxy.is_some() || opts.proxy_tls.is_some() {
+    if !http.is_empty() || !https.is_empty() {
         let options = crate::proxy::ProxyOptions {
-            http: opts.proxy,
-            https: opts.proxy_tls,
+            http,
+            https,
             ca_dir: opts.state_dir.clone(),
             host_header: opts.proxy_host_header,
         };
@@ -148,6 +204,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         proxy_listen: bound.http.map(|a| a.to_string()),
         proxy_tls_listen: bound.https.map(|a| a.to_string()),
         local_ca: bound.ca,
+        proxy_detail,
     });
     let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
     if let Some(addr) = opts.metrics {

@@ -24,6 +24,8 @@ pub struct Endpoints {
     pub proxy_tls_listen: Option<String>,
     /// The authority behind its HTTPS.
     pub local_ca: Option<std::sync::Arc<crate::proxy::LocalCa>>,
+    /// Why an entry of the proxy that was asked for does not serve, when one does not.
+    pub proxy_detail: Option<String>,
 }
 
 /// A snapshot of counters for `Status`.

@@ -37,13 +37,24 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How long a client may take to send a request's head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where one of the proxy's entries (http, https) listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyEntry {
+    /// A loopback address it binds itself.
+    Address(SocketAddr),
+    /// The sockets systemd passes it (socket activation), by `FileDescriptorName=`
+    /// (`proxy-http`, `proxy-https`): systemd binds the privileged ports, and a port someone
+    /// else holds fails that socket unit, not the daemon.
+    Systemd,
+}
+
 /// How the proxy runs.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ProxyOptions {
-    /// Where it serves plain HTTP (loopback only); `None`: it does not.
-    pub http: Option<SocketAddr>,
-    /// Where it serves HTTPS (loopback only); `None`: it does not.
-    pub https: Option<SocketAddr>,
+    /// The listeners for plain HTTP (loopback only); none: it serves no HTTP.
+    pub http: Vec<std::net::TcpListener>,
+    /// The listeners for HTTPS (loopback only); none: it serves no HTTPS.
+    pub https: Vec<std::net::TcpListener>,
     /// Where the local certificate authority is kept (the state dir).
     pub ca_dir: PathBuf,
     /// The `Host` header upstream.
@@ -86,42 +97,48 @@ pub async fn listen(
     stop: watch::Receiver<bool>,
 ) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
     let mut bound = Bound::default();
-    let http = match options.http {
-        Some(addr) => {
-            let (listener, local) = bind_loopback(addr, "--proxy").await?;
-            bound.http = Some(local);
-            Some(listener)
-        }
-        None => None,
+    let address =
+        |listeners: &[std::net::TcpListener]| listeners.first().and_then(|l| l.local_addr().ok());
+    bound.http = address(&options.http);
+    bound.https = address(&options.https);
+    let https = if options.https.is_empty() {
+        Vec::new()
+    } else {
+        let ca = Arc::new(LocalCa::open_or_create(&options.ca_dir)?);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(ca.clone())?);
+        bound.ca = Some(ca);
+        options
+            .https
+            .into_iter()
+            .map(|l| (l, Some(acceptor.clone())))
+            .collect()
     };
-    let https = match options.https {
-        Some(addr) => {
-            let (listener, local) = bind_loopback(addr, "--proxy-tls").await?;
-            let ca = Arc::new(LocalCa::open_or_create(&options.ca_dir)?);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(ca.clone())?);
-            bound.https = Some(local);
-            bound.ca = Some(ca);
-            Some((listener, acceptor))
-        }
-        None => None,
-    };
-    tracing::info!(http = ?bound.http, https = ?bound.https, "serving the names' proxy");
+    let listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)> = options
+        .http
+        .into_iter()
+        .map(|l| (l, None))
+        .chain(https)
+        .collect();
+    for (listener, _) in &listeners {
+        listener
+            .set_nonblocking(true)
+            .context("making the proxy's listener non-blocking")?;
+    }
+    let host_header = options.host_header;
+    tracing::info!(
+        listening = ?listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect::<Vec<_>>(),
+        "serving the names' proxy"
+    );
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut finished = Vec::new();
     for n in 0..threads {
-        let http = http
-            .as_ref()
-            .map(std::net::TcpListener::try_clone)
-            .transpose()
-            .context("sharing the proxy's listener")?;
-        let https = https
-            .as_ref()
-            .map(|(l, acceptor)| l.try_clone().map(|l| (l, acceptor.clone())))
-            .transpose()
-            .context("sharing the proxy's listener")?;
-        let (options, engine, stop, slots) =
-            (options.clone(), engine.clone(), stop.clone(), slots.clone());
+        let listeners = listeners
+            .iter()
+            .map(|(l, tls)| l.try_clone().map(|l| (l, tls.clone())))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("sharing the proxy's listeners")?;
+        let (engine, stop, slots) = (engine.clone(), stop.clone(), slots.clone());
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("styxy-proxy-{n}"))
@@ -133,37 +150,22 @@ pub async fn listen(
                         .context("starting a proxy runtime")?;
                     // The runtime, dropped right after, ends the connections' tasks.
                     runtime.block_on(async move {
-                        let upstream = forward::Upstream::new(options.host_header);
-                        let builder = Arc::new(connection_builder());
                         let shared = Shared {
                             engine,
-                            upstream,
-                            builder,
+                            upstream: forward::Upstream::new(host_header),
+                            builder: Arc::new(connection_builder()),
                             slots,
                         };
-                        let http = async {
-                            match http {
-                                Some(listener) => {
-                                    let listener = TcpListener::from_std(listener)
-                                        .context("registering the proxy's listener")?;
-                                    serve(listener, None, shared.clone(), stop.clone()).await
-                                }
-                                None => Ok(()),
-                            }
-                        };
-                        let https = async {
-                            match https {
-                                Some((listener, acceptor)) => {
-                                    let listener = TcpListener::from_std(listener)
-                                        .context("registering the proxy's listener")?;
-                                    serve(listener, Some(acceptor), shared.clone(), stop.clone())
-                                        .await
-                                }
-                                None => Ok(()),
-                            }
-                        };
-                        let (http, https) = tokio::join!(http, https);
-                        http.and(https)
+                        let mut loops = tokio::task::JoinSet::new();
+                        for (listener, tls) in listeners {
+                            let listener = TcpListener::from_std(listener)
+                                .context("registering the proxy's listener")?;
+                            loops.spawn(serve(listener, tls, shared.clone(), stop.clone()));
+                        }
+                        while let Some(ended) = loops.join_next().await {
+                            ended.context("a proxy accept loop panicked")??;
+                        }
+                        Ok(())
                     })
                 })();
                 let _ = done.send(outcome);
@@ -179,20 +181,61 @@ pub async fn listen(
     }))
 }
 
-/// A loopback listener for the proxy, as a std listener each thread's runtime takes a copy of.
-async fn bind_loopback(
-    addr: SocketAddr,
-    flag: &str,
-) -> Result<(std::net::TcpListener, SocketAddr)> {
+/// A loopback listener for the proxy (`flag` names where the address came from).
+pub fn bind_loopback(addr: SocketAddr, flag: &str) -> Result<std::net::TcpListener> {
     if !addr.ip().is_loopback() {
         bail!("{flag} {addr} is not a loopback address: the names' proxy serves this machine only");
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr} for the names' proxy ({flag} ADDR)"))?;
-    let local = listener.local_addr()?;
-    let listener = listener.into_std().context("taking the proxy's listener")?;
-    Ok((listener, local))
+    std::net::TcpListener::bind(addr)
+        .with_context(|| format!("listening on {addr} for the names' proxy ({flag} ADDR)"))
+}
+
+/// The sockets systemd passed under `name` that are TCP listeners on loopback; others are
+/// closed, with a warning (the proxy serves this machine only).
+pub fn inherited_loopback(
+    passed: &mut Vec<(String, std::os::fd::OwnedFd)>,
+    name: &str,
+) -> Vec<std::net::TcpListener> {
+    let (mine, others): (Vec<_>, Vec<_>) = passed.drain(..).partition(|(n, _)| n == name);
+    *passed = others;
+    mine.into_iter()
+        .filter_map(|(_, fd)| {
+            let listening = is_listening_stream(&fd);
+            let listener = std::net::TcpListener::from(fd);
+            match listener.local_addr() {
+                Ok(addr) if addr.ip().is_loopback() && listening => Some(listener),
+                Ok(addr) => {
+                    tracing::warn!(%addr, name, "a socket systemd passed is not a listening TCP socket on loopback: closed");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(name, cause = %e, "a socket systemd passed is not a TCP listener: closed");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Whether `fd` is a stream socket that listens (`SO_ACCEPTCONN`).
+fn is_listening_stream(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let option = |name: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: value and len are valid for getsockopt to write an int into.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    option(libc::SO_TYPE) == Some(libc::SOCK_STREAM) && option(libc::SO_ACCEPTCONN) == Some(1)
 }
 
 /// How the proxy speaks HTTP to its clients: HTTP/1.1 or HTTP/2 (by the connection's preface),

@@ -344,6 +344,7 @@ impl BrokerService {
                 .local_ca
                 .map(|ca| ca.fingerprint().to_string())
                 .unwrap_or_default(),
+            proxy_detail: s.endpoints.proxy_detail.unwrap_or_default(),
             observed_events: s.observed_events,
             resolve_bind_calls: s.resolve_bind_calls,
             processes_unchecked: procs::UNCHECKED.load(std::sync::atomic::Ordering::Relaxed),
