@@ -404,4 +404,53 @@ mod tests {
         let e = LocalCa::open_or_create(dir.path()).unwrap_err();
         assert!(format!("{e:#}").contains("its key"), "{e:#}");
     }
+
+    /// OpenSSL, as curl and Python use it: a name under localhost verifies; a certificate the
+    /// authority's key signed for any other name is refused by the name constraint.
+    #[test]
+    fn the_name_constraint_holds_for_openssl() {
+        if std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP: openssl is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::open_or_create(dir.path()).unwrap();
+        let verify = |name: &str| {
+            let leaf = ca.issue(name).unwrap();
+            let der = dir.path().join("leaf.der");
+            let pem = dir.path().join("leaf.pem");
+            fs::write(&der, leaf.cert[0].as_ref()).unwrap();
+            let converted = std::process::Command::new("openssl")
+                .args(["x509", "-inform", "DER", "-in"])
+                .arg(&der)
+                .arg("-out")
+                .arg(&pem)
+                .status()
+                .unwrap();
+            assert!(converted.success());
+            let out = std::process::Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(dir.path().join(CA_CERT_FILE))
+                .arg(&pem)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, said) = verify("shop.feature-x.localhost");
+        assert!(ok, "{said}");
+        let (ok, said) = verify("example.com");
+        assert!(
+            !ok && said.contains("permitted subtree violation"),
+            "{said}"
+        );
+    }
 }
