@@ -30,6 +30,20 @@ pub struct PortList {
 }
 
 impl Engine {
+    /// Every registered session, with its name (as its servers' names have it).
+    pub fn sessions(&self) -> Vec<(styxy_broker::Instance, styxy_broker::SessionName)> {
+        let broker = lock(&self.broker);
+        let names: std::collections::HashMap<String, styxy_broker::SessionName> = broker
+            .session_names()
+            .into_iter()
+            .map(|n| (n.instance_id.clone(), n))
+            .collect();
+        broker
+            .instances()
+            .filter_map(|i| names.get(&i.id).map(|n| (i.clone(), n.clone())))
+            .collect()
+    }
+
     /// Every socket, lease and session view entry, as one consistent reading.
     pub fn list(&self) -> PortList {
         let broker = lock(&self.broker);

@@ -68,6 +68,9 @@ pub async fn answer(
     let Some(host) = requested_host(&request) else {
         return pages::no_host(html);
     };
+    if styxy_broker::names::host_name(&host) == super::dashboard::HOST {
+        return super::dashboard::answer(&request, &host, scheme, engine);
+    }
     // Held for the whole request (a page may need the server's details): a reading, not a lock.
     let names = engine.names();
     let Some(server) = names.resolve(&host) else {

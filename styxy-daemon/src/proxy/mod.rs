@@ -5,12 +5,14 @@
 //! through the daemon's names (`styxy_broker::names`), and forwards to the named server on
 //! loopback as HTTP/1.1 — streaming bodies both ways (server-sent events included) and
 //! WebSocket upgrades (Vite's and Next's HMR). Built on hyper; see `forward` for what a request
-//! becomes upstream and `pages` for the answers it gives itself (an unknown name, a stopped server).
+//! becomes upstream, `pages` for the answers it gives itself (an unknown name, a stopped server),
+//! and `dashboard` for `styxy.localhost`, the live page of every session and server.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] client connections at once (more wait in the listen
 //! backlog), request headers within [`MAX_HEADER_BYTES`] (larger: `431`), read within
 //! [`HEADER_TIMEOUT`] (slower: the connection is closed).
 
+mod dashboard;
 mod forward;
 mod pages;
 mod tls;

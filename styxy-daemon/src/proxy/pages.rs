@@ -153,8 +153,8 @@ fn page(status: StatusCode, title: &str, text: &str, html: bool) -> Response<Pro
     response
 }
 
-/// `text` safe inside HTML.
-fn escape(text: &str) -> String {
+/// Text made safe for HTML, attribute values included.
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
