@@ -2,7 +2,7 @@
 //! by playwright-core) opens it; a server started in a session afterwards appears on the page
 //! without a reload, with a link to its name that reaches it; a screenshot is saved as a test
 //! artefact (`target/test-artifacts/dashboard.png`). Without JavaScript (curl) the page is whole,
-//! and `/state.json` has the same data.
+//! and `/state.json` has the same data; `styxy open` opens it in `$BROWSER`.
 
 use std::process::Command;
 
@@ -135,6 +135,35 @@ async fn a_server_started_in_a_session_appears_on_the_dashboard_without_a_reload
             .as_str()
             .is_some_and(|m| m.contains("session feature-x")),
         "{y}"
+    );
+    // `styxy open`: the dashboard in $BROWSER, a name's URL with --print.
+    let opened = work.path().join("opened");
+    let browser_script = work.path().join("browser.sh");
+    std::fs::write(
+        &browser_script,
+        format!("#!/bin/sh\necho \"$1\" > {}\n", opened.display()),
+    )?;
+    std::fs::set_permissions(
+        &browser_script,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let said = daemon
+        .cli_command(&["open"])
+        .env("BROWSER", &browser_script)
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&said.stdout),
+        format!("{dashboard}\n")
+    );
+    let seen = eventually(10, "the browser started", || async {
+        std::fs::read_to_string(&opened).ok()
+    })
+    .await?;
+    assert_eq!(seen, format!("{dashboard}\n"));
+    let said = daemon.cli(&["open", "--print", "storybook.feature-y"]);
+    assert_eq!(
+        String::from_utf8_lossy(&said.stdout),
+        format!("http://storybook.feature-y.localhost:{proxy}/\n")
     );
     // Anything else there is a clear 404.
     let (code, said) = curl(&format!("http://styxy.localhost:{proxy}/nothing"), &[])?;
