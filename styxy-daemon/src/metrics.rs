@@ -1,6 +1,7 @@
 //! What the daemon exposes to operators, in the OpenMetrics text format (Prometheus scrapes it):
 //! binds seen, moves, leases and claims by service type, RPCs by method and status code,
-//! `ResolveBind` latency, lost eBPF records, resyncs, refused connections, and the observer in use. Counters are kept
+//! `ResolveBind` latency, lost eBPF records, resyncs, refused connections, the names' proxy's
+//! WebSockets, and the observer in use. Counters are kept
 //! as things happen; the lease and observer gauges are read when scraped.
 
 use std::sync::Mutex;
@@ -19,6 +20,13 @@ use styxy_broker::Broker;
 pub struct RpcLabels {
     pub method: &'static str,
     pub code: String,
+}
+
+/// How a client's WebSocket reached the proxy: `http/1.1` (an upgrade) or `h2` (RFC 8441's
+/// extended CONNECT).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebSocketLabels {
+    pub over: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +57,8 @@ pub struct Metrics {
     pub lost_records: Counter,
     /// Connections refused at once: their user, or everyone, held as many as the daemon takes.
     pub refused_connections: Counter,
+    /// WebSockets the names' proxy opened to a named server, by how the client asked.
+    pub proxy_websockets: Family<WebSocketLabels, Counter>,
     leases: Family<LeaseLabels, Gauge>,
     observer: Family<ObserverLabels, Gauge>,
 }
@@ -65,6 +75,7 @@ impl Default for Metrics {
             resyncs: Counter::default(),
             lost_records: Counter::default(),
             refused_connections: Counter::default(),
+            proxy_websockets: Family::default(),
             leases: Family::default(),
             observer: Family::default(),
         };
@@ -74,6 +85,11 @@ impl Default for Metrics {
                 "rpcs",
                 "gRPC calls answered, by method and status code",
                 metrics.rpcs.clone(),
+            );
+            r.register(
+                "proxy_websockets",
+                "WebSockets the names' proxy opened to a named server, by how the client asked (http/1.1 upgrade, h2 extended CONNECT)",
+                metrics.proxy_websockets.clone(),
             );
             r.register(
                 "resolve_bind_seconds",

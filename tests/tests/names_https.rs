@@ -4,8 +4,8 @@
 //! and node's `fetch` (resolving `*.localhost` through glibc's nss-myhostname) and headless
 //! Chromium reach each session by its name; `styxy untrust` leaves the system store and the NSS
 //! database as they were. Then a real Vite in Chromium (driven by playwright-core): the page
-//! loads through its name over http (HTTP/1.1) and https (HTTP/2), and an edit arrives by HMR
-//! without a reload.
+//! loads through its name over http (HTTP/1.1) and https (HTTP/2, its HMR WebSocket on the same
+//! connection by RFC 8441's extended CONNECT), and an edit arrives by HMR without a reload.
 //!
 //! `styxy trust` changes the machine's system store, so these need root (they say so and skip
 //! otherwise); tests here run one at a time.
@@ -21,9 +21,11 @@ use styxy_tests::{
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A daemon with the proxy over http and https, and the two ports.
-async fn daemon_with_https() -> Result<(Daemon, u16, u16)> {
-    let (daemon, http) = daemon_with_proxy_and(&["--proxy-tls", "127.0.0.1:0"]).await?;
+/// A daemon with the proxy over http and https (and `extra` arguments), and the two ports.
+async fn daemon_with_https(extra: &[&str]) -> Result<(Daemon, u16, u16)> {
+    let mut args = vec!["--proxy-tls", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let (daemon, http) = daemon_with_proxy_and(&args).await?;
     let status = daemon.status().await?;
     let https = status
         .proxy_tls_listen
@@ -104,7 +106,7 @@ async fn https_names_are_trusted_by_every_client_after_trust_and_untrust_leaves_
     };
     let _one = ONE_AT_A_TIME.lock().await;
     let before = system_store()?;
-    let (daemon, _http, https) = daemon_with_https().await?;
+    let (daemon, _http, https) = daemon_with_https(&[]).await?;
     let work = tempfile::tempdir()?;
     worktrees(work.path())?;
     let asked = daemon.base + 16;
@@ -251,7 +253,10 @@ async fn vite_in_chromium_through_its_name_over_http_and_https_gets_hmr() -> Res
     };
     let vite = vite.to_str().context("utf-8 path")?.to_string();
     let _one = ONE_AT_A_TIME.lock().await;
-    let (daemon, http, https) = daemon_with_https().await?;
+    // The daemon counts the WebSockets it opens by how the browser asked (metrics).
+    let block = styxy_tests::port_block();
+    let metrics = format!("127.0.0.1:{}", block + 1);
+    let (daemon, http, https) = daemon_with_https(&["--metrics", &metrics]).await?;
     let work = tempfile::tempdir()?;
     let home = work.path().join("home");
     std::fs::create_dir_all(&home)?;
@@ -348,6 +353,17 @@ async fn vite_in_chromium_through_its_name_over_http_and_https_gets_hmr() -> Res
             l.starts_with("navigation") || l.starts_with("Error")
         })?;
         assert_eq!(navigation, format!("navigation {protocol}"), "{url}");
+        // Over https the browser opened its WebSocket on the HTTP/2 connection (RFC 8441).
+        let (_, counted) = curl(&format!("http://{metrics}/metrics"), &[])?;
+        let over = if protocol == "h2" { "h2" } else { "http/1.1" };
+        let line = format!("styxy_proxy_websockets_total{{over=\"{over}\"}}");
+        assert!(
+            counted
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "{line} in {counted}"
+        );
     }
+    styxy_tests::give_back_port_block(block);
     Ok(())
 }

@@ -18,6 +18,7 @@ use styxy_broker::NamedServer;
 
 use super::{pages, Scheme};
 use crate::engine::Engine;
+use crate::metrics::WebSocketLabels;
 
 /// What every answer's body is: the upstream's, streamed, or a page of the proxy's own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -41,6 +42,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The `Host` header named servers get.
+    pub fn host_header(&self) -> HostHeader {
+        self.host_header
+    }
+
     pub fn new(host_header: HostHeader) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -54,6 +60,20 @@ impl Upstream {
             host_header,
         }
     }
+}
+
+/// Where one request goes, and how it came.
+pub struct Route<'a> {
+    /// The name asked for, as the client wrote it.
+    pub host: &'a str,
+    pub server: &'a NamedServer,
+    /// The server on loopback.
+    pub target: SocketAddr,
+    /// The client.
+    pub peer: SocketAddr,
+    pub scheme: Scheme,
+    /// Whether the client reads the proxy's own pages as HTML.
+    pub html: bool,
 }
 
 /// The answer to one request: the named server's, or a page saying why there is none.
@@ -79,6 +99,22 @@ pub async fn answer(
     let Some(target) = loopback_target(server) else {
         return pages::not_on_loopback(&host, server, html);
     };
+    if super::websocket_h2::is_websocket_connect(&request) {
+        engine
+            .metrics()
+            .proxy_websockets
+            .get_or_create(&WebSocketLabels { over: "h2" })
+            .inc();
+        let route = Route {
+            host: &host,
+            server,
+            target,
+            peer,
+            scheme,
+            html,
+        };
+        return super::websocket_h2::tunnel(request, &route, upstream).await;
+    }
     let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
     let forwarded = match rewrite(request, &host, target, peer, scheme, upstream.host_header) {
         Ok(forwarded) => forwarded,
@@ -87,6 +123,11 @@ pub async fn answer(
     match upstream.client.request(forwarded).await {
         Ok(mut response) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                engine
+                    .metrics()
+                    .proxy_websockets
+                    .get_or_create(&WebSocketLabels { over: "http/1.1" })
+                    .inc();
                 if let Some(client_upgrade) = client_upgrade {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
@@ -187,15 +228,28 @@ fn rewrite(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, upgrade);
     }
+    set_host_and_forwarded(&mut parts.headers, host, target, peer, scheme, host_header)?;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// `Host` as the named server gets it, and the `X-Forwarded-*` and `Forwarded` headers.
+pub fn set_host_and_forwarded(
+    headers: &mut HeaderMap,
+    host: &str,
+    target: SocketAddr,
+    peer: SocketAddr,
+    scheme: Scheme,
+    host_header: HostHeader,
+) -> Result<(), String> {
     let host_value = match host_header {
         HostHeader::Keep => host.to_string(),
         HostHeader::Upstream => target.to_string(),
     };
     let host_value = HeaderValue::from_str(&host_value)
         .map_err(|_| format!("the host {host:?} is not valid"))?;
-    parts.headers.insert(header::HOST, host_value);
-    add_forwarded(&mut parts.headers, host, peer, scheme);
-    Ok(Request::from_parts(parts, body))
+    headers.insert(header::HOST, host_value);
+    add_forwarded(headers, host, peer, scheme);
+    Ok(())
 }
 
 /// `X-Forwarded-For` (appended), `X-Forwarded-Host`, `X-Forwarded-Proto` and RFC 7239's
@@ -233,7 +287,7 @@ fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: SocketAddr, scheme: 
 
 /// Drops the headers that concern one connection only (RFC 9110 §7.6.1), those the
 /// `Connection` header names included.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -262,7 +316,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Copies bytes both ways between an upgraded client connection and its upstream's, until
 /// either ends.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = tokio::join!(client, upstream);
     let (Ok(client), Ok(upstream)) = (client, upstream) else {
         return;

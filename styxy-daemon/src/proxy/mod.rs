@@ -4,7 +4,8 @@
 //! ALPN (`--proxy-tls ADDR`, certificates from a local authority: see `tls`); routes by `Host` (or `:authority`)
 //! through the daemon's names (`styxy_broker::names`), and forwards to the named server on
 //! loopback as HTTP/1.1 — streaming bodies both ways (server-sent events included) and
-//! WebSocket upgrades (Vite's and Next's HMR). Built on hyper; see `forward` for what a request
+//! WebSocket upgrades (Vite's and Next's HMR), over HTTP/1.1 and over HTTP/2 (RFC 8441, see
+//! `websocket_h2`). Built on hyper; see `forward` for what a request
 //! becomes upstream, `pages` for the answers it gives itself (an unknown name, a stopped server),
 //! and `dashboard` for `styxy.localhost`, the live page of every session and server.
 //!
@@ -16,6 +17,7 @@ mod dashboard;
 mod forward;
 mod pages;
 mod tls;
+mod websocket_h2;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -252,7 +254,9 @@ fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        // WebSockets over HTTP/2 (RFC 8441): see `websocket_h2`.
+        .enable_connect_protocol();
     builder
 }
 
