@@ -585,3 +585,58 @@ async fn the_proxy_serves_the_sockets_systemd_passes() -> Result<()> {
     );
     Ok(())
 }
+
+/// A named server that takes a request and never answers gets a 504 naming it once the head
+/// timeout passes; one that answers at once and streams its body for longer is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_server_gets_a_504_and_a_slow_body_is_not_cut() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) =
+        styxy_tests::names::daemon_with_proxy_and(&["--proxy-upstream-timeout-secs", "1"]).await?;
+    let server = r#"
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/silent":
+            time.sleep(30)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "10")
+        self.end_headers()
+        self.wfile.write(b"first"); self.wfile.flush()
+        time.sleep(2.5)
+        self.wfile.write(b"-last"); self.wfile.flush()
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("slowpoke");
+    std::fs::create_dir_all(&dir)?;
+    let asked = daemon.base + 13;
+    let _server = Spawned::start_group(
+        daemon
+            .shimmed_in("slow", "python3", &["-c", server, &asked.to_string()])
+            .current_dir(&dir),
+    )?;
+    let name = format!("http://slowpoke.localhost:{proxy}");
+    let (code, body) = eventually(10, "the server named", || async {
+        curl(&format!("{name}/"), &[])
+            .ok()
+            .filter(|(code, _)| *code != 404)
+    })
+    .await?;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "first-last"),
+        "a body slower than the timeout"
+    );
+    let (code, body) = curl(&format!("{name}/silent"), &[])?;
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        body.contains(&format!("slowpoke.localhost:{proxy} is `python3"))
+            && body.contains("session slowpoke")
+            && body.contains("within 1 s"),
+        "{body}"
+    );
+    Ok(())
+}

@@ -47,6 +47,9 @@ pub(crate) struct Args {
     /// The Host header the proxy gives a named server: `keep` the name asked for, or `upstream` (127.0.0.1:PORT, for servers that check Host against a fixed list)
     #[arg(long, value_enum, default_value = "keep")]
     proxy_host: ProxyHost,
+    /// How long a named server may take to start answering a request through the proxy (its body may stream for as long as it likes); slower: 504
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    proxy_upstream_timeout_secs: u64,
     /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
     #[arg(long, value_enum, default_value = "warn")]
     ebpf_log: KernelLogLevel,
@@ -120,6 +123,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             metrics: args.metrics,
             proxy: args.proxy,
             proxy_tls: args.proxy_tls,
+            proxy_upstream_timeout: Duration::from_secs(args.proxy_upstream_timeout_secs),
             proxy_host_header: match args.proxy_host {
                 ProxyHost::Keep => HostHeader::Keep,
                 ProxyHost::Upstream => HostHeader::Upstream,

@@ -71,6 +71,8 @@ pub struct Options {
     pub proxy_tls: Option<crate::proxy::ProxyEntry>,
     /// The `Host` header the proxy gives the named servers.
     pub proxy_host_header: crate::proxy::HostHeader,
+    /// How long a named server may take to start answering a request through the proxy.
+    pub proxy_upstream_timeout: Duration,
     /// Which of the kernel programs' own log lines go into the daemon's log.
     pub ebpf_log: KernelLogLevel,
     /// A connection that sends nothing for this long is closed (HTTP/2 pings at a third of it
@@ -191,6 +193,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             https,
             ca_dir: opts.state_dir.clone(),
             host_header: opts.proxy_host_header,
+            upstream_timeout: opts.proxy_upstream_timeout,
         };
         proxy = Some(crate::proxy::listen(options, engine.clone(), stop.clone()).await?);
     }

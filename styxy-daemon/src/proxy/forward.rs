@@ -39,6 +39,9 @@ pub enum HostHeader {
 pub struct Upstream {
     client: Client<HttpConnector, Incoming>,
     host_header: HostHeader,
+    /// How long a named server may take to answer a request's head (its body may stream on
+    /// for as long as it likes: server-sent events, long polls).
+    head_timeout: Duration,
 }
 
 impl Upstream {
@@ -47,7 +50,12 @@ impl Upstream {
         self.host_header
     }
 
-    pub fn new(host_header: HostHeader) -> Self {
+    /// How long a named server may take to start its answer.
+    pub fn head_timeout(&self) -> Duration {
+        self.head_timeout
+    }
+
+    pub fn new(host_header: HostHeader, head_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -58,6 +66,7 @@ impl Upstream {
         Upstream {
             client,
             host_header,
+            head_timeout,
         }
     }
 }
@@ -120,7 +129,11 @@ pub async fn answer(
         Ok(forwarded) => forwarded,
         Err(why) => return pages::bad_request(&why, html),
     };
-    match upstream.client.request(forwarded).await {
+    let answered = tokio::time::timeout(upstream.head_timeout, upstream.client.request(forwarded));
+    let Ok(answered) = answered.await else {
+        return pages::upstream_silent(&host, server, target, upstream.head_timeout, html);
+    };
+    match answered {
         Ok(mut response) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 engine

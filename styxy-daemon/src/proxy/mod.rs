@@ -63,6 +63,8 @@ pub struct ProxyOptions {
     pub ca_dir: PathBuf,
     /// The `Host` header upstream.
     pub host_header: HostHeader,
+    /// How long a named server may take to start answering a request.
+    pub upstream_timeout: Duration,
 }
 
 /// What the proxy got: its addresses, and the authority behind its HTTPS.
@@ -128,7 +130,7 @@ pub async fn listen(
             .set_nonblocking(true)
             .context("making the proxy's listener non-blocking")?;
     }
-    let host_header = options.host_header;
+    let (host_header, upstream_timeout) = (options.host_header, options.upstream_timeout);
     tracing::info!(
         listening = ?listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect::<Vec<_>>(),
         "serving the names' proxy"
@@ -156,7 +158,7 @@ pub async fn listen(
                     runtime.block_on(async move {
                         let shared = Shared {
                             engine,
-                            upstream: forward::Upstream::new(host_header),
+                            upstream: forward::Upstream::new(host_header, upstream_timeout),
                             builder: Arc::new(connection_builder()),
                             slots,
                         };

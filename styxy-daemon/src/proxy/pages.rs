@@ -72,6 +72,34 @@ pub fn upstream_failed(
     )
 }
 
+/// A named server that took the request and did not start its answer in time: 504, naming it.
+pub fn upstream_silent(
+    host: &str,
+    server: &NamedServer,
+    target: SocketAddr,
+    waited: std::time::Duration,
+    html: bool,
+) -> Response<ProxyBody> {
+    let text = format!(
+        "{host} is {} (pid {}{}), on {target}, which took the request but sent no answer within \
+         {} s. A server that holds requests longer: give the daemon \
+         --proxy-upstream-timeout-secs N.\n",
+        command(server),
+        server.pid,
+        server
+            .session
+            .as_ref()
+            .map_or(String::new(), |s| format!(", session {s}")),
+        waited.as_secs(),
+    );
+    page(
+        StatusCode::GATEWAY_TIMEOUT,
+        "The server did not answer in time",
+        &text,
+        html,
+    )
+}
+
 /// A named server that listens on no loopback address: the proxy does not reach it.
 pub fn not_on_loopback(host: &str, server: &NamedServer, html: bool) -> Response<ProxyBody> {
     let text = format!(

@@ -55,8 +55,10 @@ pub async fn tunnel(
             }
         });
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sender.send_request(upgrade).await?)
-    }
-    .await;
+    };
+    let Ok(answer) = tokio::time::timeout(upstream.head_timeout(), answer).await else {
+        return pages::upstream_silent(host, server, target, upstream.head_timeout(), html);
+    };
     let mut response = match answer {
         Ok(response) => response,
         Err(e) => return pages::upstream_failed(host, server, target, e.as_ref(), html),
