@@ -142,6 +142,7 @@ async fn main() -> Result<()> {
 mod calls;
 mod kernel;
 mod proxy;
+mod proxy_websocket;
 mod soak;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000

@@ -1,8 +1,9 @@
 //! `styxy-bench proxy`: the names' proxy side by side with a direct connection to the same
 //! server, and with a Caddy `reverse_proxy` when Caddy is installed (Debian `caddy`): keep-alive
 //! GETs of a small body — p50/p99 of one client's sequential requests, and the requests per
-//! second of 32 clients — in two alternating rounds; and the daemon's resident memory idle and
-//! with 1,000 idle client connections at the proxy. A benchmark, not a test: it asserts nothing
+//! second of 32 clients — in two alternating rounds; a WebSocket echo's round trip direct and
+//! through the proxy (`proxy_websocket`); and the daemon's resident memory idle and with 1,000
+//! idle client connections at the proxy. A benchmark, not a test: it asserts nothing
 //! about time.
 
 use std::io::{Read, Write};
@@ -118,6 +119,8 @@ pub async fn run() -> Result<()> {
             );
         }
     }
+    let echo = crate::proxy_websocket::start_echo(daemon.base + 51)?;
+    crate::proxy_websocket::run(echo, proxy_port)?;
     // Memory: the daemon idle, then holding 1,000 idle connections at the proxy.
     let pid = daemon.pid();
     let idle = rss_mb(pid)?;
