@@ -95,7 +95,14 @@ if command -v npm >/dev/null 2>&1; then
     npm install --silent --no-audit --no-fund --prefix "$dev_dir" "playwright-core@$playwright_version" >/dev/null 2>&1 \
       || npm install --no-audit --no-fund --prefix "$dev_dir" "playwright-core@$playwright_version"
   fi
-  log "ok: $("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || echo 'vite not runnable'), playwright-core $playwright_version"
+  # portless, for `styxy-bench proxy`'s comparison (run in plain HTTP from a scratch HOME).
+  portless_version=0.15.6
+  if [ "$(node -p "require('$dev_dir/node_modules/portless/package.json').version" 2>/dev/null || true)" != "$portless_version" ]; then
+    log "npm install portless@$portless_version into $dev_dir"
+    npm install --silent --no-audit --no-fund --prefix "$dev_dir" "portless@$portless_version" >/dev/null 2>&1 \
+      || npm install --no-audit --no-fund --prefix "$dev_dir" "portless@$portless_version"
+  fi
+  log "ok: $("$dev_dir/node_modules/.bin/vite" --version 2>/dev/null || echo 'vite not runnable'), playwright-core $playwright_version, portless $portless_version"
 fi
 
 # The eBPF toolchain (needs root and apt; skipped, with the reason, otherwise). aya-ebpf programs are

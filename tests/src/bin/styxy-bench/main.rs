@@ -141,6 +141,7 @@ async fn main() -> Result<()> {
 
 mod calls;
 mod kernel;
+mod others;
 mod proxy;
 mod proxy_websocket;
 mod soak;

@@ -8,13 +8,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use styxy_tests::Daemon;
+
+use crate::others;
 
 /// Sequential requests of the latency run (after as many to warm up).
 const SEQUENTIAL: usize = 5000;
@@ -69,22 +70,43 @@ pub async fn run() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _caddy = match start_caddy(upstream)? {
-        Some((child, addr)) => {
+    // The others, each killed when the run ends.
+    let mut _others = Vec::new();
+    match others::start_caddy(upstream)? {
+        Some((running, addr)) => {
             targets.push(Target {
                 label: "caddy reverse_proxy",
                 addr,
                 host: format!("127.0.0.1:{}", addr.port()),
             });
-            Some(child)
+            _others.push(running);
+        }
+        None => println!(
+            "(caddy is not installed: `apt-get install caddy` adds it to the comparison)\n"
+        ),
+    }
+    match others::start_portless(upstream)? {
+        Some((running, addr, host)) => {
+            targets.push(Target {
+                label: "portless",
+                addr,
+                host,
+            });
+            _others.push(running);
         }
         None => {
-            println!(
-                "(caddy is not installed: `apt-get install caddy` adds it to the comparison)\n"
-            );
-            None
+            println!("(portless is not installed: `cargo xtask setup` adds it to the comparison)\n")
         }
-    };
+    }
+    for other in &targets[2..] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get_once(other).is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not answer on {}", other.label, other.addr);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let mut rows: Vec<(&str, f64, f64, f64)> = Vec::new();
     for round in 1..=2 {
         for target in &targets {
@@ -110,12 +132,12 @@ pub async fn run() -> Result<()> {
             );
         }
     }
-    if let Some(caddy) = targets.get(2) {
+    for (n, other) in targets.iter().enumerate().skip(2) {
         for round in rows.chunks(targets.len()) {
             println!(
                 "styxy proxy throughput {:.2}× {}'s",
-                round[1].3 / round[2].3,
-                caddy.label
+                round[1].3 / round[n].3,
+                other.label
             );
         }
     }
@@ -275,76 +297,6 @@ fn throughput(target: &Target) -> Result<f64> {
             .map_err(|_| anyhow::anyhow!("a client panicked"))??;
     }
     Ok(count as f64 / elapsed.as_secs_f64())
-}
-
-/// A Caddy `reverse_proxy` from a free loopback port to `upstream`, when Caddy is installed.
-fn start_caddy(upstream: SocketAddr) -> Result<Option<(Caddy, SocketAddr)>> {
-    if Command::new("caddy")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        return Ok(None);
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    // A Caddyfile, not `caddy reverse-proxy`: that command also makes Caddy's own local CA and
-    // installs it in the system's trust store (seen here), which a benchmark must not do.
-    // `http://:PORT` serves any host, in plain HTTP; its HOME is a scratch dir.
-    let scratch = tempfile::tempdir().context("a scratch dir for caddy")?;
-    let caddyfile = scratch.path().join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tskip_install_trust\n\tauto_https off\n\tadmin off\n}}\n\
-             http://:{port} {{\n\treverse_proxy {upstream}\n}}\n"
-        ),
-    )
-    .context("writing the Caddyfile")?;
-    // Killed when dropped, also when it never answers.
-    let child = Caddy {
-        child: Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&caddyfile)
-            .env("HOME", scratch.path())
-            .env("XDG_DATA_HOME", scratch.path())
-            .env("XDG_CONFIG_HOME", scratch.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting caddy")?,
-        _scratch: scratch,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let probe = Target {
-        label: "caddy",
-        addr,
-        host: format!("127.0.0.1:{port}"),
-    };
-    while get_once(&probe).is_err() {
-        if Instant::now() > deadline {
-            bail!("caddy did not answer on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(Some((child, addr)))
-}
-
-/// A running Caddy, killed when dropped; its scratch dir goes after it.
-struct Caddy {
-    child: Child,
-    _scratch: tempfile::TempDir,
-}
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The daemon's resident memory, in MB.
