@@ -1,6 +1,7 @@
 //! The other proxies `styxy-bench proxy` compares with, when installed: Caddy's `reverse_proxy`
 //! (Debian `caddy`) and portless (npm `portless`, installed by `cargo xtask setup`), each in
-//! plain HTTP from a scratch HOME, so that neither makes a CA or changes a trust store.
+//! plain HTTP from a scratch HOME, so that neither makes a CA, changes a trust store or writes
+//! `/etc/hosts`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +83,9 @@ pub fn start_portless(upstream: SocketAddr) -> Result<Option<(Running, SocketAdd
         .args(["proxy", "start", "--no-tls", "--foreground", "-p"])
         .arg(port.to_string())
         .env("HOME", scratch.path())
+        .env("PORTLESS_STATE_DIR", scratch.path())
+        // By default it writes its names into /etc/hosts (seen here): not from a benchmark.
+        .env("PORTLESS_SYNC_HOSTS", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -97,6 +101,8 @@ pub fn start_portless(upstream: SocketAddr) -> Result<Option<(Running, SocketAdd
             .args(["alias", "bench"])
             .arg(upstream.port().to_string())
             .env("HOME", running._scratch.path())
+            .env("PORTLESS_STATE_DIR", running._scratch.path())
+            .env("PORTLESS_SYNC_HOSTS", "0")
             .output()
             .context("running portless alias")?;
         if aliased.status.success() {
