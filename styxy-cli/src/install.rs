@@ -177,6 +177,9 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
                 .into(),
         );
         report.push("Then, for Claude Code: styxy hook install".into());
+        if let Some(fix) = names_resolution_fix() {
+            report.push(fix);
+        }
     } else {
         report.push(format!(
             "(staged under {}; nothing was enabled)",
@@ -221,6 +224,21 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<String>> {
         }
     }
     Ok(report)
+}
+
+/// What to do when this machine's glibc does not resolve `*.localhost` (browsers and curl do
+/// by themselves; python, node and Go with cgo ask glibc): `None` when it does.
+fn names_resolution_fix() -> Option<String> {
+    use std::net::ToSocketAddrs;
+    let resolves = ("styxy.localhost", 80)
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.all(|a| a.ip().is_loopback()));
+    (!resolves).then(|| {
+        "note: programs that resolve names through glibc (python, node) do not resolve \
+         *.localhost here: `sudo apt install libnss-myhostname` (it adds `myhostname` to the hosts: \
+         line of /etc/nsswitch.conf; elsewhere add it there yourself)"
+            .to_string()
+    })
 }
 
 /// Creates `dir` and its missing parents; returns the ones it created, outermost first.

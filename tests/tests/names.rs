@@ -394,7 +394,8 @@ fn hook_from(
 }
 
 /// The agent learns its session's names: SessionStart says how the person reaches the
-/// session's servers, and PostToolUse gives a started server's URL next to its ports.
+/// session's servers (and the dashboard), and PostToolUse gives a started server's URL next to
+/// its ports.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_is_told_its_sessions_names() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -408,7 +409,7 @@ async fn the_agent_is_told_its_sessions_names() -> Result<()> {
     assert!(
         said.contains(&format!(
             "http://feature-x.localhost:{proxy}/ (its main web server)"
-        )),
+        )) && said.contains(&format!("listed live at http://styxy.localhost:{proxy}/")),
         "{said}"
     );
     let asked = daemon.base + 16;

@@ -2,8 +2,8 @@
 //! sessions in two git worktrees serve the same asked port; before `styxy trust` curl and
 //! Chromium refuse the local CA's certificates; after it, curl (HTTP/2 by ALPN), python's urllib
 //! and node's `fetch` (resolving `*.localhost` through glibc's nss-myhostname) and headless
-//! Chromium reach each session by its name; `styxy untrust` leaves the system store and the NSS
-//! database as they were. Then a real Vite in Chromium (driven by playwright-core): the page
+//! Chromium reach each session by its name; a Firefox profile's database has it too; `styxy
+//! untrust` leaves the system store and the NSS databases as they were. Then a real Vite in Chromium (driven by playwright-core): the page
 //! loads through its name over http (HTTP/1.1) and https (HTTP/2, its HMR WebSocket on the same
 //! connection by RFC 8441's extended CONNECT), and an edit arrives by HMR without a reload.
 //!
@@ -59,12 +59,12 @@ fn system_store() -> Result<(Vec<u8>, Vec<String>, Vec<String>)> {
     ))
 }
 
-/// The certificates' nicknames in the NSS database under `home`.
-fn nss_listing(home: &Path) -> Result<String> {
+/// The certificates' nicknames in the NSS database in `dir`.
+fn nss_listing(dir: &Path) -> Result<String> {
     let out = Command::new("certutil")
         .arg("-L")
         .arg("-d")
-        .arg(format!("sql:{}", home.join(".pki/nssdb").display()))
+        .arg(format!("sql:{}", dir.display()))
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -114,6 +114,15 @@ async fn https_names_are_trusted_by_every_client_after_trust_and_untrust_leaves_
     let _y = http_server_in(&daemon, "tls-y", &work.path().join("feature-y"), asked)?;
     let home = work.path().join("home");
     std::fs::create_dir_all(&home)?;
+    // A Firefox profile, as Firefox leaves one (its NSS database made with certutil here).
+    let firefox = home.join(".mozilla/firefox/t3st.default-release");
+    std::fs::create_dir_all(&firefox)?;
+    let made = Command::new("certutil")
+        .args(["-N", "--empty-password", "-d"])
+        .arg(format!("sql:{}", firefox.display()))
+        .output()?;
+    ensure!(made.status.success(), "certutil -N: {made:?}");
+    let chromium_db = home.join(".pki/nssdb");
     let x_url = format!("https://feature-x.localhost:{https}/");
     let y_url = format!("https://feature-y.localhost:{https}/");
 
@@ -143,10 +152,12 @@ async fn https_names_are_trusted_by_every_client_after_trust_and_untrust_leaves_
     ensure!(trusted.status.success(), "styxy trust: {trusted:?}");
     assert!(
         said.contains("added            system store")
-            && said.contains("added            Chromium"),
+            && said.contains("added            Chromium")
+            && said.contains("added            Firefox profile t3st.default-release"),
         "{said}"
     );
-    assert!(nss_listing(&home)?.contains("Styxy local CA"));
+    assert!(nss_listing(&chromium_db)?.contains("Styxy local CA"));
+    assert!(nss_listing(&firefox)?.contains("Styxy local CA"));
 
     // curl, over HTTP/2 (ALPN) and HTTP/1.1.
     let out = Command::new("curl")
@@ -207,7 +218,8 @@ async fn https_names_are_trusted_by_every_client_after_trust_and_untrust_leaves_
         .output()?;
     ensure!(untrusted.status.success(), "styxy untrust: {untrusted:?}");
     assert!(system_store()? == before, "the system store changed");
-    assert!(!nss_listing(&home)?.contains("Styxy"));
+    assert!(!nss_listing(&chromium_db)?.contains("Styxy"));
+    assert!(!nss_listing(&firefox)?.contains("Styxy"));
     assert_eq!(curl_exit(&x_url)?, Some(60));
     Ok(())
 }

@@ -116,10 +116,11 @@ fn names_line(answer: &styxy_proto::v1::RegisterInstanceResponse) -> Option<Stri
     Some(format!(
         "A browser reaches this session's servers by name, whatever port they land on: \
          {} (its main web server), {} (storybook, api, …) and {}. Give the person those URLs \
-         rather than port numbers.",
+         rather than port numbers; every session's servers are listed live at {}.",
         url(&format!("{name}.localhost")),
         url(&format!("<service>.{name}.localhost")),
         url(&format!("<asked port>.{name}.localhost")),
+        url("styxy.localhost"),
     ))
 }
 

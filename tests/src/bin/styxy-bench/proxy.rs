@@ -155,6 +155,17 @@ pub async fn run() -> Result<()> {
     println!(
         "\ndaemon resident memory: {idle:.1} MB after the runs; {holding:.1} MB holding 1,000 idle proxy connections"
     );
+    // What the proxy itself costs idle: two fresh daemons side by side, one without it.
+    drop(daemon);
+    let without = Daemon::start_with(&[]).await?;
+    let with =
+        Daemon::start_with(&["--proxy", "127.0.0.1:0", "--proxy-tls", "127.0.0.1:0"]).await?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (bare, proxied) = (rss_mb(without.pid())?, rss_mb(with.pid())?);
+    println!(
+        "fresh idle daemons: {bare:.1} MB without the proxy, {proxied:.1} MB with it (http and https): the proxy {:+.1} MB",
+        proxied - bare
+    );
     Ok(())
 }
 
