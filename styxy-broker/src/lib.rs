@@ -47,7 +47,7 @@ pub use view::ViewEntry;
 pub use error::BrokerError;
 pub use instances::InstanceLabel;
 pub use leases::{AllocateRequest, LeaseSettings, Suggestion};
-pub use names::{NamedServer, Names, SessionName, NAME_SUFFIX};
+pub use names::{NamedServer, Names, SessionName, NAME_SUFFIX, RESERVED_NAME};
 pub use resolve::{BindDecision, BindRequest, HolderView};
 pub use socket_table::{is_own_other_family, Held, Scope, UNLISTED_TCP_GRACE_MS};
 

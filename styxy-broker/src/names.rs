@@ -22,6 +22,8 @@ use crate::{Broker, Protocol};
 /// Every name ends so: browsers (and curl, and systemd-resolved) resolve `*.localhost` to
 /// loopback by themselves.
 pub const NAME_SUFFIX: &str = ".localhost";
+/// The name no session gets: `styxy.localhost` is the daemon's dashboard.
+pub const RESERVED_NAME: &str = styxy_common::url::DASHBOARD_LABEL;
 
 /// Service types a person opens in a browser, most likely first: the main name goes to one.
 const WEB_TYPES: [&str; 4] = ["dev", "ui", "docs", "storybook"];
@@ -196,7 +198,7 @@ impl Broker {
         by_age.sort_by(|(a, _), (b, _)| {
             (a.since_ms(), a.id.as_str()).cmp(&(b.since_ms(), b.id.as_str()))
         });
-        let mut taken: HashSet<String> = HashSet::new();
+        let mut taken: HashSet<String> = HashSet::from([RESERVED_NAME.to_string()]);
         let mut out = Vec::with_capacity(by_age.len());
         for (instance, wanted) in by_age {
             let mut name = wanted.clone();

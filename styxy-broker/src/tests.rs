@@ -2168,6 +2168,30 @@ fn the_proxys_own_ports_get_no_name() {
 }
 
 #[test]
+fn no_session_is_named_like_the_dashboard() {
+    let mut b = broker();
+    b.register_named_instance(Some("s".into()), pid(1), 1000, label("/src/styxy"), 1)
+        .unwrap();
+    b.apply(
+        server_socket(1, 8000, 10, "python3 -m http.server 8000", Some("s")),
+        2,
+    );
+    let names = b.names(&(32768..=60999), 99);
+    assert_eq!(
+        (
+            names.sessions[0].name.as_str(),
+            names.sessions[0].wanted.as_deref()
+        ),
+        ("styxy-2", Some("styxy"))
+    );
+    assert!(resolved(&names, "styxy.localhost").is_none());
+    assert_eq!(
+        resolved(&names, "styxy-2.localhost"),
+        Some((8000, Some("styxy-2".into())))
+    );
+}
+
+#[test]
 fn colliding_session_names_go_by_age_and_session_names_beat_service_names() {
     let mut b = broker();
     b.register_named_instance(Some("zz-old".into()), pid(1), 1000, label("/src/app"), 1)

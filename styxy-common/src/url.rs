@@ -1,6 +1,11 @@
 //! How the names' URLs are written, the same in the daemon's answers and the agent's context:
 //! `https://feature-x.localhost/` when the proxy has the scheme's own port, else with the port.
 
+/// The dashboard's name (`http://styxy.localhost/`); no session is given its first label.
+pub const DASHBOARD_HOST: &str = "styxy.localhost";
+/// The session name the dashboard keeps for itself.
+pub const DASHBOARD_LABEL: &str = "styxy";
+
 /// The proxy's entry the URLs point at: HTTPS when it serves HTTPS, else plain HTTP; `None`
 /// when it serves neither. The arguments are listen addresses (`127.0.0.1:443`), empty when that
 /// listener does not run.

@@ -45,8 +45,8 @@ pub(super) async fn run(client: &mut Client, args: Args) -> Result<()> {
 /// The host a name means: the dashboard without one, `NAME.localhost` for a bare name.
 fn host_of(name: Option<&str>) -> String {
     match name.map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase()) {
-        None => "styxy.localhost".to_string(),
-        Some(n) if n.is_empty() => "styxy.localhost".to_string(),
+        None => styxy_common::url::DASHBOARD_HOST.to_string(),
+        Some(n) if n.is_empty() => styxy_common::url::DASHBOARD_HOST.to_string(),
         Some(n) if n == "localhost" || n.ends_with(".localhost") => n,
         Some(n) => format!("{n}.localhost"),
     }

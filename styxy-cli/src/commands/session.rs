@@ -62,6 +62,10 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     match (r.session_name.as_str(), r.session_name_wanted.as_str()) {
         ("", _) => println!("session {}", r.instance_id),
         (name, "") => println!("session {} (named {name})", r.instance_id),
+        (name, wanted) if wanted == styxy_common::url::DASHBOARD_LABEL => println!(
+            "session {} (named {name}: {wanted}.localhost is the dashboard's)",
+            r.instance_id
+        ),
         (name, wanted) => println!(
             "session {} (named {name}: an older session is named {wanted})",
             r.instance_id

@@ -120,7 +120,7 @@ fn names_line(answer: &styxy_proto::v1::RegisterInstanceResponse) -> Option<Stri
         url(&format!("{name}.localhost")),
         url(&format!("<service>.{name}.localhost")),
         url(&format!("<asked port>.{name}.localhost")),
-        url("styxy.localhost"),
+        url(styxy_common::url::DASHBOARD_HOST),
     ))
 }
 

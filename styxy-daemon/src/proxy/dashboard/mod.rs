@@ -22,8 +22,8 @@ use crate::engine::Engine;
 use render::LinkBase;
 use view::{Dashboard, Records};
 
-/// The dashboard's name. A session named `styxy` is reached by its other names.
-pub const HOST: &str = "styxy.localhost";
+/// The dashboard's name: no session gets it (`styxy_broker::RESERVED_NAME`).
+pub const HOST: &str = styxy_common::url::DASHBOARD_HOST;
 /// How often an idle event stream says it is alive (proxies and browsers drop silent ones).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Moves read from the audit log for the page.
