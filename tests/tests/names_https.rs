@@ -3,9 +3,10 @@
 //! Chromium refuse the local CA's certificates; after it, curl (HTTP/2 by ALPN), python's urllib
 //! and node's `fetch` (resolving `*.localhost` through glibc's nss-myhostname) and headless
 //! Chromium reach each session by its name; a Firefox profile's database has it too; `styxy
-//! untrust` leaves the system store and the NSS databases as they were. Then a real Vite in Chromium (driven by playwright-core): the page
-//! loads through its name over http (HTTP/1.1) and https (HTTP/2, its HMR WebSocket on the same
-//! connection by RFC 8441's extended CONNECT), and an edit arrives by HMR without a reload.
+//! untrust` leaves the system store and the NSS databases as they were. Then a real Vite in
+//! Chromium (driven by playwright-core): the page loads through its name over http (HTTP/1.1)
+//! and https (HTTP/2, its HMR WebSocket on the same connection by RFC 8441's extended
+//! CONNECT), and an edit arrives by HMR without a reload.
 //!
 //! `styxy trust` changes the machine's system store, so these need root (they say so and skip
 //! otherwise); tests here run one at a time.

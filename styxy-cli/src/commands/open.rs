@@ -1,6 +1,7 @@
 //! `styxy open [NAME]`: the dashboard (`styxy.localhost`), or a server by its name
-//! (`feature-x`, `storybook.feature-x`), in the browser — through the daemon's proxy, https when it
-//! serves https. The URL is printed too, and is all there is with `--print` or without a browser.
+//! (`feature-x`, `storybook.feature-x`), in the browser — through the daemon's proxy, https
+//! when it serves https. The URL is printed too, and is all there is with `--print` or without
+//! a browser.
 
 use anyhow::{bail, Result};
 use styxy_proto::v1 as pb;

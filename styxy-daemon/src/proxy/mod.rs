@@ -1,13 +1,14 @@
 //! The names' reverse proxy: `http://storybook.feature-x.localhost/` reaches that session's
 //! Storybook, wherever it is bound. It serves HTTP/1.1 and HTTP/2 (cleartext, prior knowledge)
-//! on a loopback address (`styxy daemon --proxy ADDR`), and HTTPS with HTTP/2 and HTTP/1.1 by
-//! ALPN (`--proxy-tls ADDR`, certificates from a local authority: see `tls`); routes by `Host` (or `:authority`)
-//! through the daemon's names (`styxy_broker::names`), and forwards to the named server on
-//! loopback as HTTP/1.1 — streaming bodies both ways (server-sent events included) and
-//! WebSocket upgrades (Vite's and Next's HMR), over HTTP/1.1 and over HTTP/2 (RFC 8441, see
-//! `websocket_h2`). Built on hyper; see `forward` for what a request
-//! becomes upstream, `pages` for the answers it gives itself (an unknown name, a stopped server),
-//! and `dashboard` for `styxy.localhost`, the live page of every session and server.
+//! on a loopback address (`styxy daemon --proxy ADDR`, or the sockets systemd passes), and HTTPS
+//! with HTTP/2 and HTTP/1.1 by ALPN (`--proxy-tls ADDR`, certificates from a local authority:
+//! see `tls`); routes by `Host` (or `:authority`) through the daemon's names
+//! (`styxy_broker::names`), and forwards to the named server on loopback as HTTP/1.1 —
+//! streaming bodies both ways (server-sent events included) and WebSockets (Vite's and Next's
+//! HMR), upgraded over HTTP/1.1 or opened over HTTP/2 (RFC 8441, see `websocket_h2`). Built on
+//! hyper; see `forward` for what a request becomes upstream, `pages` for the answers it gives
+//! itself (an unknown name, a stopped or silent server), and `dashboard` for `styxy.localhost`,
+//! the live page of every session and server.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] client connections at once (more wait in the listen
 //! backlog), request headers within [`MAX_HEADER_BYTES`] (larger: `431`), read within
