@@ -109,11 +109,6 @@ pub async fn answer(
         return pages::not_on_loopback(&host, server, html);
     };
     if super::websocket_h2::is_websocket_connect(&request) {
-        engine
-            .metrics()
-            .proxy_websockets
-            .get_or_create(&WebSocketLabels { over: "h2" })
-            .inc();
         let route = Route {
             host: &host,
             server,
@@ -122,7 +117,15 @@ pub async fn answer(
             scheme,
             html,
         };
-        return super::websocket_h2::tunnel(request, &route, upstream).await;
+        let (response, opened) = super::websocket_h2::tunnel(request, &route, upstream).await;
+        if opened {
+            engine
+                .metrics()
+                .proxy_websockets
+                .get_or_create(&WebSocketLabels { over: "h2" })
+                .inc();
+        }
+        return response;
     }
     let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
     let forwarded = match rewrite(request, &host, target, peer, scheme, upstream.host_header) {

@@ -25,12 +25,25 @@ pub fn is_websocket_connect<B>(request: &Request<B>) -> bool {
             .is_some_and(|p| p.as_ref().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// Opens the WebSocket upstream and joins it to the client's stream.
+/// Opens the WebSocket upstream and joins it to the client's stream: the answer for the client,
+/// and whether the WebSocket opened.
 pub async fn tunnel(
+    request: Request<Incoming>,
+    route: &Route<'_>,
+    upstream: &Upstream,
+) -> (Response<ProxyBody>, bool) {
+    match open(request, route, upstream).await {
+        Ok(accepted) => (accepted, true),
+        Err(refused) => (refused, false),
+    }
+}
+
+/// The client's 200 once the server switched protocols, else the answer that says why not.
+async fn open(
     mut request: Request<Incoming>,
     route: &Route<'_>,
     upstream: &Upstream,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let Route {
         host,
         server,
@@ -42,7 +55,7 @@ pub async fn tunnel(
     let client_stream = hyper::upgrade::on(&mut request);
     let upgrade = match upgrade_request(&request, host, target, peer, scheme, upstream) {
         Ok(upgrade) => upgrade,
-        Err(why) => return pages::bad_request(&why, html),
+        Err(why) => return Err(pages::bad_request(&why, html)),
     };
     let answer = async {
         let stream = tokio::net::TcpStream::connect(target).await?;
@@ -57,16 +70,30 @@ pub async fn tunnel(
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sender.send_request(upgrade).await?)
     };
     let Ok(answer) = tokio::time::timeout(upstream.head_timeout(), answer).await else {
-        return pages::upstream_silent(host, server, target, upstream.head_timeout(), html);
+        return Err(pages::upstream_silent(
+            host,
+            server,
+            target,
+            upstream.head_timeout(),
+            html,
+        ));
     };
     let mut response = match answer {
         Ok(response) => response,
-        Err(e) => return pages::upstream_failed(host, server, target, e.as_ref(), html),
+        Err(e) => {
+            return Err(pages::upstream_failed(
+                host,
+                server,
+                target,
+                e.as_ref(),
+                html,
+            ))
+        }
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server refused the WebSocket (a wrong path, a token it did not like): its answer.
         forward::strip_hop_by_hop(response.headers_mut());
-        return response.map(BodyExt::boxed);
+        return Err(response.map(BodyExt::boxed));
     }
     let upstream_stream = hyper::upgrade::on(&mut response);
     let mut accepted = Response::new(
@@ -83,7 +110,7 @@ pub async fn tunnel(
         }
     }
     tokio::spawn(forward::tunnel(client_stream, upstream_stream));
-    accepted
+    Ok(accepted)
 }
 
 /// The HTTP/1.1 upgrade the named server gets for an extended CONNECT.
