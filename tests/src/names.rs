@@ -130,3 +130,20 @@ pub async fn bound_port(daemon: &Daemon, instance: &str, asked: u16) -> Result<u
         .and_then(|s| u16::try_from(s.port).ok())
         .with_context(|| format!("no server of {instance} for {asked}: {servers:?}"))
 }
+
+/// `vite --port ASKED` in `app`, run by `styxy run` in session `shop-ui` named `shop` (by its
+/// user, not by its directory), once it says where it listens.
+pub fn vite_in_shop(daemon: &Daemon, vite: &str, app: &Path, asked: u16) -> Result<Spawned> {
+    let mut server = Spawned::start_group(
+        Command::new(crate::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["run", "--instance", "shop-ui", "--name", "shop", "--", vite])
+            .args(["--port", &asked.to_string()])
+            .current_dir(app)
+            // Plain text: Vite colours its banner when CI is set.
+            .env("NO_COLOR", "1"),
+    )?;
+    server.line_where(30, |l| l.contains("Local:"))?;
+    Ok(server)
+}

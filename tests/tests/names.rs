@@ -13,7 +13,9 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::names::{bound_port, curl, daemon_with_proxy, http_server_in, worktrees};
+use styxy_tests::names::{
+    bound_port, curl, daemon_with_proxy, http_server_in, vite_in_shop, worktrees,
+};
 use styxy_tests::{eventually, styxy_bin, vite, Daemon, Spawned, Wrapper};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -290,27 +292,7 @@ async fn vites_hmr_works_through_its_name() -> Result<()> {
         "<!doctype html><html><body><script type=\"module\" src=\"/main.js\"></script></body></html>\n",
     )?;
     std::fs::write(app.join("main.js"), "console.log(\"storefront\");\n")?;
-    let asked = (daemon.base + 14).to_string();
-    // Named by its user (`styxy run --name`), not by its directory.
-    let mut server = Spawned::start_group(
-        Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args([
-                "run",
-                "--instance",
-                "shop-ui",
-                "--name",
-                "shop",
-                "--",
-                &vite,
-            ])
-            .args(["--port", &asked])
-            .current_dir(&app)
-            // Plain text: Vite colours its banner when CI is set.
-            .env("NO_COLOR", "1"),
-    )?;
-    server.line_where(30, |l| l.contains("Local:"))?;
+    let _server = vite_in_shop(&daemon, &vite, &app, daemon.base + 14)?;
     let name = "shop.localhost";
     eventually(10, "Vite by its name", || async {
         curl(&format!("http://{name}:{proxy}/"), &[])

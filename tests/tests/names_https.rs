@@ -15,10 +15,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::names::{curl, daemon_with_proxy_and, http_server_in, worktrees};
-use styxy_tests::{
-    chromium, eventually, is_root, playwright_core, styxy_bin, vite, Daemon, Spawned,
-};
+use styxy_tests::names::{curl, daemon_with_proxy_and, http_server_in, vite_in_shop, worktrees};
+use styxy_tests::{chromium, eventually, is_root, playwright_core, vite, Daemon, Spawned};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -293,25 +291,7 @@ async fn vite_in_chromium_through_its_name_over_http_and_https_gets_hmr() -> Res
         app.join("heading.js"),
         "export const heading = 'storefront v1';\n",
     )?;
-    let asked = (daemon.base + 18).to_string();
-    let mut server = Spawned::start_group(
-        Command::new(styxy_bin())
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args([
-                "run",
-                "--instance",
-                "shop-ui",
-                "--name",
-                "shop",
-                "--",
-                &vite,
-            ])
-            .args(["--port", &asked])
-            .current_dir(&app)
-            .env("NO_COLOR", "1"),
-    )?;
-    server.line_where(30, |l| l.contains("Local:"))?;
+    let _server = vite_in_shop(&daemon, &vite, &app, daemon.base + 18)?;
     let trusted = daemon.cli_command(&["trust"]).env("HOME", &home).output()?;
     let _untrust = Untrust {
         daemon: &daemon,

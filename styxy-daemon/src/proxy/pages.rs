@@ -54,14 +54,9 @@ pub fn upstream_failed(
     html: bool,
 ) -> Response<ProxyBody> {
     let text = format!(
-        "{host} is {} (pid {}{}), on {target}, which did not answer: {}.\n\
+        "{}, which did not answer: {}.\n\
          Is it still running? `styxy ports` shows what listens now.\n",
-        command(server),
-        server.pid,
-        server
-            .session
-            .as_ref()
-            .map_or(String::new(), |s| format!(", session {s}")),
+        named_server(host, server, target),
         error_chain(error),
     );
     page(
@@ -69,6 +64,19 @@ pub fn upstream_failed(
         "The server did not answer",
         &text,
         html,
+    )
+}
+
+/// `HOST is `COMMAND` (pid N, session S), on ADDR`: which server a failed request went to.
+fn named_server(host: &str, server: &NamedServer, target: SocketAddr) -> String {
+    format!(
+        "{host} is {} (pid {}{}), on {target}",
+        command(server),
+        server.pid,
+        server
+            .session
+            .as_ref()
+            .map_or(String::new(), |s| format!(", session {s}")),
     )
 }
 
@@ -81,15 +89,9 @@ pub fn upstream_silent(
     html: bool,
 ) -> Response<ProxyBody> {
     let text = format!(
-        "{host} is {} (pid {}{}), on {target}, which took the request but sent no answer within \
-         {} s. A server that holds requests longer: give the daemon \
-         --proxy-upstream-timeout-secs N.\n",
-        command(server),
-        server.pid,
-        server
-            .session
-            .as_ref()
-            .map_or(String::new(), |s| format!(", session {s}")),
+        "{}, which took the request but sent no answer within {} s. A server that holds \
+         requests longer: give the daemon --proxy-upstream-timeout-secs N.\n",
+        named_server(host, server, target),
         waited.as_secs(),
     );
     page(
