@@ -215,6 +215,21 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<String>> {
     }
     let manifest_path = layout.manifest_path();
     let _ = std::fs::remove_file(&manifest_path);
+    // A daemon stopped while a kernel session lived left its programs pinned for the next one.
+    if layout.is_real_root() {
+        let state_dir = Path::new(styxy_common::paths::SYSTEM_STATE_DIR);
+        match styxy_common::pins::remove_pins_of(state_dir) {
+            Ok(true) => report.push(format!(
+                "detached the kernel programs pinned in {}",
+                styxy_common::pins::pin_dir_of(state_dir).display()
+            )),
+            Ok(false) => {}
+            Err(e) => report.push(format!(
+                "could not detach the kernel programs pinned in {}: {e} (they go at the next reboot)",
+                styxy_common::pins::pin_dir_of(state_dir).display()
+            )),
+        }
+    }
     // Directories this install created, deepest first, and only when empty.
     let mut dirs = manifest.created_dirs.clone();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));

@@ -142,11 +142,14 @@ pub fn untrusted_because(path: &Path, uid: u32) -> Option<String> {
     None
 }
 
-/// `/var/lib/styxy` as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.
+/// The system daemon's state directory (the systemd unit's `StateDirectory=`).
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/styxy";
+
+/// [`SYSTEM_STATE_DIR`] as root, `$XDG_STATE_HOME/styxy` (or `~/.local/state/styxy`) otherwise.
 #[cfg(feature = "std")]
 pub fn default_state_dir() -> PathBuf {
     if is_root() {
-        return PathBuf::from("/var/lib/styxy");
+        return PathBuf::from(SYSTEM_STATE_DIR);
     }
     env_dir("XDG_STATE_HOME")
         .unwrap_or_else(|| home().join(".local/state"))

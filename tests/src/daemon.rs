@@ -98,6 +98,26 @@ impl Daemon {
         connect(&Target::Tcp(self.tcp.clone())).await
     }
 
+    /// Where a root daemon with eBPF pins its programs and maps (see `styxy_common::pins`).
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        let state_dir = std::fs::canonicalize(&self.state_dir).ok()?;
+        Some(styxy_common::pins::pin_dir_of(&state_dir))
+    }
+
+    /// Replaces argument `old` of the daemon's command line by `new`, for its next start.
+    pub fn replace_arg(&mut self, old: &str, new: &str) {
+        for arg in &mut self.extra_args {
+            if arg == old {
+                *arg = new.to_string();
+            }
+        }
+    }
+
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -187,6 +207,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A daemon killed with a kernel session live leaves its programs pinned, for a next
+        // daemon that will not come: they go with the test.
+        if let Some(pins) = self.pin_dir() {
+            let _ = std::fs::remove_dir_all(pins);
+        }
         give_back_port_block(self.base);
         give_back_port_block(self.base + BLOCK);
         // The directory goes with `_temp`; what the daemon said goes to the failed test's output.

@@ -461,53 +461,84 @@ async fn session_programs_attach_for_the_first_session_and_detach_after_the_last
     Ok(())
 }
 
+/// What a daemon leaves attached when it is killed: nothing while no session is live; with one
+/// live, every program, still moving the session's binds with no daemon; and removing its pins
+/// (what `styxy uninstall` does, or a clean stop of the next daemon once no session is live)
+/// detaches them, binds native again.
 #[tokio::test(flavor = "multi_thread")]
-async fn after_kill_9_nothing_stays_attached_and_binds_are_native_again() -> Result<()> {
+async fn after_kill_9_only_a_live_session_keeps_the_programs_attached() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let Some((setup, programs)) = ready() else {
         return Ok(());
     };
     let before = styxy_programs_at_root(&setup.cgroup_root)?;
+    let ours = || -> Result<Vec<String>> {
+        Ok(styxy_programs_at_root(&setup.cgroup_root)?
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect())
+    };
     let mut daemon = root_daemon(&setup).await?;
+    let observer = ours()?;
+    assert_eq!(
+        observer.len(),
+        3,
+        "post_bind4|6 and sock_release: {observer:?}"
+    );
+    // No session live: nothing stays.
+    daemon.kill9()?;
+    eventually(10, "the observer's programs to detach", || async {
+        ours().ok()?.is_empty().then_some(())
+    })
+    .await?;
+    daemon.restart().await?;
     let asked = daemon.base + 150;
     let port = asked.to_string();
     let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
     assert_eq!(listening_port(&mut first)?, asked);
-    // A session whose shell outlives the daemon.
+    // A session whose shell outlives the daemon: a server on "go", another on the next line.
     let mut shell = Spawned::start(&mut in_session(
         &daemon,
         "ks-kill",
         Path::new("sh"),
         &[
             "-c",
-            "read line; exec \"$0\" \"$1\" second",
+            "read line; \"$0\" \"$1\" second & read line; exec \"$0\" \"$1\" third",
             programs.musl_server.to_str().context("utf-8")?,
             &port,
         ],
     ))?;
     // With a session live, every program is attached.
-    let ours: Vec<String> = eventually(10, "the session programs to attach", || async {
-        let ours: Vec<String> = styxy_programs_at_root(&setup.cgroup_root)
-            .ok()?
-            .into_iter()
-            .filter(|id| !before.contains(id))
-            .collect();
-        (ours.len() == 13).then_some(ours)
+    let attached: Vec<String> = eventually(10, "the session programs to attach", || async {
+        let attached = ours().ok()?;
+        (attached.len() == 13).then_some(attached)
     })
     .await
     .context("bind4|6, post_bind4|6, sock_release and the eight view programs")?;
     daemon.kill9()?;
+    // They stay, and the session's next bind of the held port is still moved, by the kernel.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = ours()?;
+    assert!(
+        attached.iter().all(|id| after.contains(id)),
+        "a live session keeps its programs: {attached:?} → {after:?}"
+    );
+    shell.send_line("go")?;
+    let moved = listening_port(&mut shell)?;
+    assert_ne!(moved, asked, "moved with no daemon");
+    // Its pins removed, they detach: the session's next bind fails as it would without Styxy.
+    let pins = daemon.pin_dir().context("the pin directory")?;
+    std::fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
     eventually(10, "the daemon's programs to detach", || async {
-        let attached = styxy_programs_at_root(&setup.cgroup_root).ok()?;
-        (!attached.iter().any(|id| ours.contains(id))).then_some(())
+        let attached_now = ours().ok()?;
+        (!attached_now.iter().any(|id| attached.contains(id))).then_some(())
     })
     .await?;
-    // The session's next bind of the held port fails as it would without Styxy.
     shell.send_line("go")?;
     let line = shell.line_where(10, |l| l.contains("bind") || l.starts_with("listening"))?;
     assert!(
         line.contains("Address in use"),
-        "native after the daemon died: {line}"
+        "native once unpinned: {line}"
     );
     Ok(())
 }

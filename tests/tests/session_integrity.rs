@@ -11,7 +11,9 @@
 //!   root's session moves once, and root's clients there reach it);
 //! - nothing another user plants under `/tmp/styxy-UID` is used;
 //! - another network namespace is judged there: not moved for the host's ports, never
-//!   redirected by a host session's view.
+//!   redirected by a host session's view;
+//! - kernel sessions outlive their daemon: enforced while none runs (pinned in bpffs) and taken
+//!   over by the next one; another build of the programs replaces the pins.
 //!
 //! Needs root, cgroup v2 and the eBPF object (each test says why when it skips; CI provides them
 //! and fails instead). One test at a time: they read the kernel's session map.
@@ -765,73 +767,266 @@ async fn sigterm_ends_the_daemon_promptly_with_fifty_shimmed_clients_connected()
 
 // ---- restarts ----------------------------------------------------------------------------------
 
-/// A kernel session outlives its daemon: after `kill -9` and after SIGTERM, the next daemon puts
-/// the session's running processes back, so a process started before the restart still reaches
-/// its session's server at the asked port, and its binds of held ports are still moved — by the
-/// kernel alone (the shim is off in it), as for a static binary.
+/// The helper the restart tests run in a session without the shim (only the kernel acts for it,
+/// as for a static binary), one command per line: `get PORT` (its own GET), `child PORT` (a GET
+/// by a new process, forked now), `bind PORT`, `orphan PORT FILE` (starts a process that leaves
+/// the tree — `setsid -f`, reparented away — and appends what it reaches on PORT to FILE five
+/// times a second until FILE.stop exists).
+const RESTART_HELPER: &str = "import socket, subprocess, sys, urllib.request\n\
+    ORPHAN = '''import os, sys, time, urllib.request\n\
+    port, path = sys.argv[1], sys.argv[2]\n\
+    for _ in range(1500):\n    \
+    if os.path.exists(path + '.stop'): break\n    \
+    try: said = urllib.request.urlopen('http://127.0.0.1:%s/whoami.txt' % port, timeout=5).read().decode()\n    \
+    except Exception as e: said = 'error ' + type(e).__name__\n    \
+    with open(path, 'a') as f: f.write(said + chr(10))\n    \
+    time.sleep(0.2)\n'''\n\
+    print('ready', flush=True)\n\
+    for line in sys.stdin:\n    \
+    word, port, *rest = line.split()\n    \
+    url = 'http://127.0.0.1:%s/whoami.txt' % port\n    \
+    if word == 'get':\n        \
+    print(urllib.request.urlopen(url, timeout=10).read().decode(), flush=True)\n    \
+    elif word == 'child':\n        \
+    print('child', subprocess.run(['curl', '-sS', '-m', '10', url], capture_output=True, text=True).stdout, flush=True)\n    \
+    elif word == 'orphan':\n        \
+    subprocess.run(['setsid', '-f', sys.executable, '-c', ORPHAN, port, rest[0]])\n        \
+    print('orphaned', flush=True)\n    \
+    else:\n        \
+    s = socket.socket(); s.bind(('127.0.0.1', int(port))); print('bound', s.getsockname()[1], flush=True); s.close()\n";
+
+/// What the orphan of [`RESTART_HELPER`] reached, line by line.
+fn orphan_lines(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the orphan has written `more` lines after the first `from`; those lines.
+fn orphan_lines_after(file: &Path, from: usize, more: usize) -> Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let lines = orphan_lines(file);
+        if lines.len() >= from + more {
+            return Ok(lines[from..].to_vec());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the orphan wrote {} lines, not {}",
+                lines.len(),
+                from + more
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A GET by the helper (`get`) or by a process it forks now (`child`): what it reached.
+fn reached(process: &mut Spawned, how: &str, port: u16) -> Result<String> {
+    process.send_line(&format!("{how} {port}"))?;
+    process.line_where(15, |l| l.ends_with("session") || l.ends_with("outside"))
+}
+
+/// A bind of `port` by the helper: the line it printed.
+fn helper_bind(process: &mut Spawned, port: u16) -> Result<String> {
+    process.send_line(&format!("bind {port}"))?;
+    process.line_where(15, |l| l.starts_with("bound ") || l.contains("Error"))
+}
+
+/// A kernel session outlives its daemon. While no daemon runs — after `kill -9`, and after
+/// SIGTERM with the session live — its programs and maps stay pinned: a process of the session
+/// still reaches its session's server at the asked port (not the other one there), a process it
+/// forks meanwhile too, and its binds of held ports are still moved. The next daemon takes the
+/// maps over, so even a process that left the session's tree (double fork), which no reading of
+/// `/proc` finds, stays in. All by the kernel alone (the shim is off in these processes), as for
+/// a static binary. Once no session is live, a clean stop leaves nothing pinned.
 #[tokio::test(flavor = "multi_thread")]
 async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let Some(mut daemon) = root_daemon().await? else {
         return Ok(());
     };
+    let pins = daemon.pin_dir().context("the pin directory")?;
+    assert!(
+        pins.is_dir(),
+        "a root daemon with eBPF pins its programs at {}",
+        pins.display()
+    );
     let asked = daemon.base + 130;
     let (outside_site, session_site) = (site("outside")?, site("session")?);
     let (_outside, _) = serve(&daemon, None, asked, &outside_site)?;
-    let (_server, moved) = serve(&daemon, Some("survivor"), asked, &session_site)?;
+    let (server, moved) = serve(&daemon, Some("survivor"), asked, &session_site)?;
     assert_ne!(moved, asked);
     let held = daemon.base + 140;
-    let _holder = styxy_tests::port_holder(&[held, held + 1])?;
-    // A process of the session without the shim: only the kernel acts for it.
-    let helper = "import socket, sys, urllib.request\n\
-                  print('ready', flush=True)\n\
-                  for line in sys.stdin:\n    \
-                  word, port = line.split()\n    \
-                  if word == 'get':\n        \
-                  print(urllib.request.urlopen('http://127.0.0.1:%s/whoami.txt' % port, timeout=10).read().decode(), flush=True)\n    \
-                  else:\n        \
-                  s = socket.socket(); s.bind(('127.0.0.1', int(port))); print('bound', s.getsockname()[1], flush=True); s.close()\n";
+    let _holder = styxy_tests::port_holder(&[held, held + 1, held + 2, held + 3])?;
     let mut process =
-        Spawned::start(&mut daemon.unshimmed_in("survivor", PYTHON, &["-c", helper]))?;
+        Spawned::start(&mut daemon.unshimmed_in("survivor", PYTHON, &["-c", RESTART_HELPER]))?;
     process.line_where(15, |l| l == "ready")?;
-    let get = |process: &mut Spawned| -> Result<String> {
-        process.send_line(&format!("get {asked}"))?;
-        process.line_where(15, |l| l == "session" || l == "outside")
-    };
-    assert_eq!(get(&mut process)?, "session", "before any restart");
+    assert_eq!(
+        reached(&mut process, "get", asked)?,
+        "session",
+        "before any restart"
+    );
+    let orphan_file = daemon.dir.join("orphan.txt");
+    process.send_line(&format!("orphan {asked} {}", orphan_file.display()))?;
+    process.line_where(15, |l| l == "orphaned")?;
+    let first = orphan_lines_after(&orphan_file, 0, 3)?;
+    assert!(
+        first.iter().all(|l| l == "session"),
+        "the orphan, before: {first:?}"
+    );
     // The session's last `styxy run` is a short client that is gone by the restart: the session
     // still has its server and the helper.
     assert_eq!(whoami_in(&daemon, "survivor", asked)?, "session");
-    for (round, how) in ["kill -9", "SIGTERM"].into_iter().enumerate() {
+    let mut port = held;
+    for how in ["kill -9", "SIGTERM"] {
         if how == "kill -9" {
-            daemon.kill9_and_restart().await?;
+            daemon.kill9()?;
         } else {
             daemon.signal(libc::SIGTERM)?;
-            daemon.restart().await?;
+            let status = daemon.wait_for_exit(std::time::Duration::from_secs(5))?;
+            assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}");
         }
+        // No daemon runs now.
+        assert!(pins.is_dir(), "after {how}, a live session keeps the pins");
+        for _ in 0..5 {
+            assert_eq!(
+                reached(&mut process, "get", asked)?,
+                "session",
+                "after {how}, no daemon: its process"
+            );
+        }
+        assert_eq!(
+            reached(&mut process, "child", asked)?,
+            "child session",
+            "after {how}, no daemon: a child forked now"
+        );
+        let line = helper_bind(&mut process, port)?;
+        assert!(
+            line.starts_with("bound ") && line != format!("bound {port}"),
+            "after {how}, no daemon: a held port's bind is moved: {line}"
+        );
+        port += 1;
+        let during = orphan_lines(&orphan_file).len();
+        let gap = orphan_lines_after(&orphan_file, during, 3)?;
+        assert!(
+            gap.iter().all(|l| l == "session"),
+            "after {how}, no daemon: the orphan {gap:?}"
+        );
+
+        daemon.restart().await?;
         styxy_tests::eventually(10, "the session back in the kernel", || async {
             let status = daemon.status().await.ok()?;
             (status.kernel_sessions == 1).then_some(())
         })
         .await
         .with_context(|| format!("after {how}\n{}", daemon.log()))?;
-        for _ in 0..10 {
+        assert!(
+            daemon.log().contains("taken over (pinned maps)"),
+            "after {how}, the maps are the last daemon's\n{}",
+            daemon.log()
+        );
+        for _ in 0..5 {
             assert_eq!(
-                get(&mut process)?,
+                reached(&mut process, "get", asked)?,
                 "session",
-                "after {how}, the session's process reaches its own server\n{}",
+                "after {how} and a restart, the session's process reaches its own server\n{}",
                 daemon.log()
             );
         }
-        // A new bind of a held port, by the same process, is moved by the kernel.
-        let port = held + round as u16;
-        process.send_line(&format!("bind {port}"))?;
-        let line = process.line_where(15, |l| l.starts_with("bound ") || l.contains("Error"))?;
+        assert_eq!(reached(&mut process, "child", asked)?, "child session");
+        let line = helper_bind(&mut process, port)?;
         assert!(
             line.starts_with("bound ") && line != format!("bound {port}"),
-            "after {how}, a held port's bind is moved: {line}"
+            "after {how} and a restart, a held port's bind is moved: {line}"
+        );
+        port += 1;
+        let after = orphan_lines(&orphan_file).len();
+        let restarted = orphan_lines_after(&orphan_file, after, 3)?;
+        assert!(
+            restarted.iter().all(|l| l == "session"),
+            "after {how} and a restart, the process that left the tree: {restarted:?}"
         );
     }
+    // The session ends: a clean stop leaves nothing attached.
+    std::fs::write(daemon.dir.join("orphan.txt.stop"), "")?;
+    drop(process);
+    drop(server);
+    styxy_tests::eventually(20, "no session live", || async {
+        let status = daemon.status().await.ok()?;
+        (status.kernel_sessions == 0).then_some(())
+    })
+    .await
+    .with_context(|| daemon.log())?;
+    daemon.signal(libc::SIGTERM)?;
+    daemon.wait_for_exit(std::time::Duration::from_secs(5))?;
+    assert!(
+        !pins.exists(),
+        "stopped with no session live: {} is gone",
+        pins.display()
+    );
+    Ok(())
+}
+
+/// Another build of the programs (an upgrade) never runs on the last build's maps: its start
+/// removes the old pins, and the session is put back from `/proc`, its process still reaching
+/// its own server.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_build_of_the_programs_replaces_the_pins() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut daemon) = root_daemon().await? else {
+        return Ok(());
+    };
+    let pins = daemon.pin_dir().context("the pin directory")?;
+    let builds = |pins: &Path| -> Vec<String> {
+        std::fs::read_dir(pins)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let first = builds(&pins);
+    assert_eq!(first.len(), 1, "one build pinned: {first:?}");
+    let asked = daemon.base + 150;
+    let (outside_site, session_site) = (site("outside")?, site("session")?);
+    let (_outside, _) = serve(&daemon, None, asked, &outside_site)?;
+    let (_server, moved) = serve(&daemon, Some("upgraded"), asked, &session_site)?;
+    assert_ne!(moved, asked);
+    let mut process =
+        Spawned::start(&mut daemon.unshimmed_in("upgraded", PYTHON, &["-c", RESTART_HELPER]))?;
+    process.line_where(15, |l| l == "ready")?;
+    // The same object with a byte more: another build, as far as pins go.
+    let setup = ebpf_ready().context("eBPF")?;
+    let other = daemon.dir.join("other-build.o");
+    let mut bytes = std::fs::read(&setup.object)?;
+    bytes.push(0);
+    std::fs::write(&other, bytes)?;
+    daemon.kill9()?;
+    daemon.replace_arg(
+        setup.object.to_str().context("utf-8")?,
+        other.to_str().context("utf-8")?,
+    );
+    daemon.restart().await?;
+    let second = builds(&pins);
+    assert!(
+        second.len() == 1 && second != first,
+        "the old build's pins are gone: {first:?} → {second:?}"
+    );
+    styxy_tests::eventually(10, "the session back in the kernel", || async {
+        let status = daemon.status().await.ok()?;
+        (status.kernel_sessions == 1).then_some(())
+    })
+    .await
+    .with_context(|| daemon.log())?;
+    assert_eq!(
+        reached(&mut process, "get", asked)?,
+        "session",
+        "{}",
+        daemon.log()
+    );
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! The attached programs as the daemon holds them: the ring buffer it drains, the counters it
-//! reads, the maps it fills; dropping it detaches everything.
+//! reads, the maps it fills; dropping it detaches everything that is not pinned.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use super::counts::KernelPortCounts;
 use super::events::{port_event, OwnerCache};
 use super::kernel_log::ToTracing;
 use super::mapped::MappedArray;
+use super::pins::ObserverLinks;
 use super::sessions::KernelSessionMaps;
 
 /// Records drained between two readings of the lost-record counter: half a full ring.
@@ -25,9 +26,12 @@ const DROP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 
 /// The loaded, attached programs and the maps the daemon reads.
 pub struct Attached {
-    /// Owns the programs and their links (shared with the kernel sessions' [`SessionPrograms`]):
-    /// dropping both detaches everything.
+    /// Owns the programs (shared with the kernel sessions' [`SessionPrograms`]).
     pub(super) _ebpf: Arc<Mutex<Ebpf>>,
+    /// The observer's links (post_bind4|6, sock_release), pinned while a session lives.
+    pub(super) _links: Arc<ObserverLinks>,
+    /// Where the programs and maps are pinned, when they are.
+    pub pins: Option<PathBuf>,
     pub events: RingBuf<MapData>,
     pub(super) dropped: PerCpuArray<MapData, u64>,
     /// Binds of ephemeral ports outside every service range, counted but not reported one by one.
@@ -156,7 +160,7 @@ impl Attached {
 
 /// What a per-CPU counter (index 0, summed over the CPUs) gained since `seen`, which it updates;
 /// 0 when it cannot be read.
-fn counted_since(counter: &PerCpuArray<MapData, u64>, seen: &mut u64) -> u64 {
+pub(super) fn counted_since(counter: &PerCpuArray<MapData, u64>, seen: &mut u64) -> u64 {
     let total: u64 = counter
         .get(&0, 0)
         .map(|per_cpu| per_cpu.iter().sum())

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, MapData, RingBuf};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -19,13 +20,14 @@ use styxy_common::event::{
 use styxy_common::maps::{PORT_INFO_LEN, UNREPORTED_MAP};
 use styxy_common::session;
 
-use super::attached::{Attached, DROP_CHECK_RECORDS};
+use super::attached::{counted_since, Attached, DROP_CHECK_RECORDS};
 use super::counts::KernelPortCounts;
 use super::kernel_btf;
 use super::kernel_log::{KernelLogLevel, ToTracing};
 use super::mapped::{MappedArray, Slot};
+use super::pins::{self, ObserverLinks, Pins};
 use super::session_programs::{self, SessionPrograms};
-use super::sessions::KernelSessionMaps;
+use super::sessions::{KernelSessionMaps, NUMBERS_FILE};
 
 /// The kernel's range of ephemeral ports (what a port-0 bind gets), as (first, last).
 pub fn ephemeral_ports() -> (u16, u16) {
@@ -152,6 +154,9 @@ pub struct AttachOptions<'a> {
     pub log_level: KernelLogLevel,
     /// The service ranges, in the broker's order (their index is the kernel's range number).
     pub ranges: Vec<(u16, u16)>,
+    /// The daemon's state directory: its programs and maps are pinned under its name (see
+    /// [`Pins`]), and its kernel sessions' numbers kept in it.
+    pub state_dir: &'a Path,
 }
 
 /// Loads the object and attaches the observer's programs (post_bind4|6, sock_release) to the
@@ -167,6 +172,8 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         bail!("the eBPF observer needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)");
     }
     raise_memlock_limit();
+    let bytes = std::fs::read(object)
+        .with_context(|| format!("reading eBPF object {}", object.display()))?;
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
     // Sessions need the whole machine (a port held anywhere must count), the tracepoints and
@@ -200,6 +207,24 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             0,
         ),
     };
+    // Pinned, so the sessions outlive this daemon, when the programs may enforce sessions;
+    // otherwise whatever an earlier daemon of this state directory left pinned goes.
+    let pins = match (&offsets, options.whole_machine) {
+        (Ok(_), true) => match Pins::prepare(options.state_dir, &bytes) {
+            Ok(pins) => Some(Arc::new(pins)),
+            Err(e) => {
+                tracing::warn!(cause = %format!("{e:#}"),
+                    "the kernel programs are not pinned: kernel sessions end with this daemon");
+                pins::remove_left_behind(options.state_dir);
+                None
+            }
+        },
+        _ => {
+            pins::remove_left_behind(options.state_dir);
+            None
+        }
+    };
+    let reused = pins.as_ref().is_some_and(|p| p.reused());
     let log_level = options.log_level.aya_level();
     let (ephemeral_low, ephemeral_high) = ephemeral_ports();
     let ephemeral_in_no_range = u32::from(
@@ -208,7 +233,13 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             .iter()
             .any(|(start, end)| *start <= ephemeral_high && *end >= ephemeral_low),
     );
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    if let Some(pins) = &pins {
+        for map in styxy_common::maps::MAPS {
+            loader.map_pin_path(map.name, pins.map_path(map.name));
+        }
+    }
+    let mut ebpf = loader
         .override_global(session::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
         .override_global(session::GLOBAL_EXIT_GROUP_DEAD_OFFSET, &exit_offset, true)
         .override_global(session::GLOBAL_EXEC_PID_OFFSET, &exec_offsets.0, true)
@@ -230,24 +261,27 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
         .override_global("EPHEMERAL_HIGH", &u32::from(ephemeral_high), true)
         .override_global("EPHEMERAL_IN_NO_RANGE", &ephemeral_in_no_range, true)
-        .load_file(object)
+        .load(&bytes)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
-    // The two program types share no trait for load/attach: the same steps, once per type.
-    macro_rules! load_and_attach {
-        ($kind:ty, $names:expr) => {
-            for name in $names {
-                let program: &mut $kind = ebpf
-                    .program_mut(name)
-                    .with_context(|| format!("program {name} missing from {}", object.display()))?
-                    .try_into()?;
-                program.load().with_context(|| format!("loading {name}"))?;
-                program
-                    .attach(&cgroup_dir, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            }
-        };
+    let mut links = Vec::new();
+    for name in PROGRAMS_SOCK {
+        let program: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from {}", object.display()))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+        // Pinned while a session lives (see `ObserverLinks`): the last daemon's are, when a
+        // session outlived it.
+        let link = pins::hold_cgroup_link(pins.as_deref(), name, fd.as_fd(), false, || {
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            Ok(FdLink::try_from(program.take_link(id)?)?)
+        })?;
+        links.push((name, link));
     }
-    load_and_attach!(CgroupSock, PROGRAMS_SOCK);
+    let observer_links = Arc::new(ObserverLinks::new(pins.clone(), links));
     // Every program is loaded before any map is taken out of the object (a taken map's
     // descriptor may close, and the programs refer to the maps by descriptor).
     if offsets.is_ok() {
@@ -288,7 +322,15 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             .take(session::RANGES_MAX as usize)
             .position(|(start, end)| (*start..=*end).contains(&port))
             .and_then(|i| u32::try_from(i).ok());
-        let info = session::PortInfo::new(0, range);
+        // Who holds it stays as the last daemon left it, until the broker's holders are
+        // published (see `KernelSessions::publish_all`).
+        let slot = port_info.slot(usize::from(port));
+        let held_by = if reused {
+            session::PortInfo(slot.load(Ordering::Acquire)).reserved_by()
+        } else {
+            0
+        };
+        let info = session::PortInfo::new(held_by, range);
         port_info
             .slot(usize::from(port))
             .store(info.0, Ordering::Release);
@@ -310,9 +352,17 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 .context("reading the kernel programs' log")?,
         )
     };
-    let events = take(&mut ebpf, EVENTS_MAP)?;
+    let mut events: RingBuf<MapData> = take(&mut ebpf, EVENTS_MAP)?;
     let dropped = take(&mut ebpf, DROPPED_MAP)?;
     let unreported = take(&mut ebpf, UNREPORTED_MAP)?;
+    let (mut dropped_seen, mut unreported_seen) = (0, 0);
+    if reused {
+        // What happened while no daemon ran is in the first reading of the socket tables, which
+        // comes next; records of it would only repeat it, older.
+        while events.next().is_some() {}
+        dropped_seen = counted_since(&dropped, &mut 0);
+        unreported_seen = counted_since(&unreported, &mut 0);
+    }
     let bound = take(&mut ebpf, BOUND_MAP)?;
     let reader = take_mapped(&mut ebpf, session::READER_MAP, 1, true)?;
     // Only binds in this network namespace: a container's ports are not the host's.
@@ -336,23 +386,29 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 cgroup_dir
                     .try_clone()
                     .context("duplicating the cgroup directory's descriptor")?,
-            ),
+                pins.clone(),
+                observer_links.clone(),
+            )?,
+            numbers_file: options.state_dir.join(NUMBERS_FILE),
+            reused,
         }),
         Err(reason) => Err(reason),
     };
     Ok(Attached {
         _ebpf: ebpf,
+        _links: observer_links,
+        pins: pins.map(|p| p.dir().to_path_buf()),
         events,
         dropped,
         unreported,
-        unreported_seen: 0,
+        unreported_seen,
         bound,
         reader,
         ports: Some(ports),
         sessions,
         log,
         cgroup: cgroup.to_path_buf(),
-        dropped_seen: 0,
+        dropped_seen,
         // So the first drain reads the counter.
         drained_since_drop_check: DROP_CHECK_RECORDS,
         last_drop_check: std::time::Instant::now(),

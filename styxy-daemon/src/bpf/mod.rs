@@ -17,6 +17,7 @@ pub mod kernel_log;
 pub mod load;
 pub mod mapped;
 pub mod object;
+pub mod pins;
 pub mod session_programs;
 pub mod sessions;
 

@@ -7,17 +7,20 @@
 //!
 //! They are loaded (and verified) with the rest at start, so attaching is a few `bpf_link_create`
 //! calls, done before the first process of a session is placed: the tracepoints first, so that
-//! none of its children is missed. Links are file descriptors, gone with the daemon as ever.
+//! none of its children is missed. The links are pinned (see `pins`): attached when a daemon
+//! ends, they stay attached for the sessions still live, and the next daemon takes them over.
 
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
-use aya::programs::trace_point::TracePointLinkId;
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, TracePoint};
 use aya::Ebpf;
 use styxy_common::event::PROGRAMS_SOCK_ADDR;
 use styxy_common::session;
+
+use super::pins::{self, HeldLink, ObserverLinks, Pins};
 
 /// How many idle checks in a row (one a second, from the lease sweep) find no session before
 /// the programs are detached: a session started right after another ended finds them attached.
@@ -39,13 +42,18 @@ pub fn cgroup_program_names() -> impl Iterator<Item = &'static str> {
 pub struct SessionPrograms {
     ebpf: Arc<Mutex<Ebpf>>,
     cgroup: std::fs::File,
+    /// Where links are pinned, when they are (see `pins`).
+    pins: Option<Arc<Pins>>,
+    /// The observer's links, pinned while these are attached.
+    observer: Arc<ObserverLinks>,
     links: Option<Links>,
     idle_checks: u32,
 }
 
+#[derive(Default)]
 struct Links {
-    cgroup: Vec<(&'static str, CgroupSockAddrLinkId)>,
-    tracepoints: Vec<(&'static str, TracePointLinkId)>,
+    cgroup: Vec<(&'static str, HeldLink)>,
+    tracepoints: Vec<(&'static str, HeldLink)>,
 }
 
 fn lock(ebpf: &Mutex<Ebpf>) -> std::sync::MutexGuard<'_, Ebpf> {
@@ -53,14 +61,33 @@ fn lock(ebpf: &Mutex<Ebpf>) -> std::sync::MutexGuard<'_, Ebpf> {
 }
 
 impl SessionPrograms {
-    /// The programs of `ebpf` (loaded already), to attach to the cgroup directory `cgroup`.
-    pub fn new(ebpf: Arc<Mutex<Ebpf>>, cgroup: std::fs::File) -> SessionPrograms {
-        SessionPrograms {
+    /// The programs of `ebpf` (loaded already), to attach to the cgroup directory `cgroup`,
+    /// pinned under `pins`. When the last daemon left them attached (a session was live), they
+    /// are taken over at once: the pinned links get these programs.
+    pub fn new(
+        ebpf: Arc<Mutex<Ebpf>>,
+        cgroup: std::fs::File,
+        pins: Option<Arc<Pins>>,
+        observer: Arc<ObserverLinks>,
+    ) -> Result<SessionPrograms> {
+        let mut programs = SessionPrograms {
             ebpf,
             cgroup,
+            pins,
+            observer,
             links: None,
             idle_checks: 0,
+        };
+        let left_attached = programs
+            .pins
+            .as_deref()
+            .is_some_and(|p| p.reused() && pins::has_tracepoint_link(p, session::PROGRAM_FORK));
+        if left_attached {
+            programs
+                .attach()
+                .context("taking over the session programs the last daemon left attached")?;
         }
+        Ok(programs)
     }
 
     pub fn is_attached(&self) -> bool {
@@ -73,13 +100,15 @@ impl SessionPrograms {
         if self.links.is_some() {
             return Ok(());
         }
-        let mut links = Links {
-            cgroup: Vec::new(),
-            tracepoints: Vec::new(),
-        };
+        // The observer's links first: a daemon that dies from here on leaves the per-port
+        // counts the session programs read kept true.
+        self.observer
+            .pin()
+            .context("pinning the observer's programs")?;
+        let mut links = Links::default();
         let attached = self.attach_into(&mut links);
         if attached.is_err() {
-            self.detach_links(links);
+            detach_links(links);
             return attached;
         }
         self.links = Some(links);
@@ -89,14 +118,18 @@ impl SessionPrograms {
 
     fn attach_into(&self, links: &mut Links) -> Result<()> {
         let mut ebpf = lock(&self.ebpf);
+        let pins = self.pins.as_deref();
         for (name, event) in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
-            let link = program
-                .attach("sched", event)
-                .with_context(|| format!("attaching {name} to sched/{event}"))?;
+            let link = pins::hold_tracepoint_link(pins, name, || {
+                let id = program
+                    .attach("sched", event)
+                    .with_context(|| format!("attaching {name} to sched/{event}"))?;
+                Ok(FdLink::try_from(program.take_link(id)?)?)
+            })?;
             links.tracepoints.push((name, link));
         }
         for name in cgroup_program_names() {
@@ -104,38 +137,16 @@ impl SessionPrograms {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
-            let link = program
-                .attach(&self.cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name}"))?;
+            let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+            let link = pins::hold_cgroup_link(pins, name, fd.as_fd(), true, || {
+                let id = program
+                    .attach(&self.cgroup, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name}"))?;
+                Ok(FdLink::try_from(program.take_link(id)?)?)
+            })?;
             links.cgroup.push((name, link));
         }
         Ok(())
-    }
-
-    fn detach_links(&self, links: Links) {
-        let mut ebpf = lock(&self.ebpf);
-        // The two program types share no detach trait: the same step, once per type.
-        macro_rules! detach {
-            ($kind:ty, $name:expr, $link:expr) => {{
-                let name = $name;
-                let detached = ebpf
-                    .program_mut(name)
-                    .map(<&mut $kind>::try_from)
-                    .and_then(Result::ok)
-                    .map(|p| p.detach($link));
-                if !matches!(detached, Some(Ok(()))) {
-                    tracing::warn!(program = name, "detaching a kernel session program failed");
-                }
-            }};
-        }
-        // The view and bind programs first (the shim takes over again), the membership
-        // tracepoints last.
-        for (name, link) in links.cgroup {
-            detach!(CgroupSockAddr, name, link);
-        }
-        for (name, link) in links.tracepoints {
-            detach!(TracePoint, name, link);
-        }
     }
 
     /// One idle check: `no_session` says the kernel's session map is empty. After
@@ -153,9 +164,22 @@ impl SessionPrograms {
             return false;
         }
         if let Some(links) = self.links.take() {
-            self.detach_links(links);
+            detach_links(links);
+            if let Err(e) = self.observer.unpin() {
+                tracing::warn!(cause = %format!("{e:#}"), "unpinning the observer's programs");
+            }
             tracing::info!("kernel session programs detached: no session is live");
         }
         true
+    }
+}
+
+/// Detaches `links`: the view and bind programs first (the shim takes over again), the
+/// membership tracepoints last.
+fn detach_links(links: Links) {
+    for (name, link) in links.cgroup.into_iter().chain(links.tracepoints) {
+        if let Err(e) = link.detach() {
+            tracing::warn!(program = name, cause = %format!("{e:#}"), "detaching a kernel session program failed");
+        }
     }
 }

@@ -236,6 +236,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             tracing::error!(cause = %e, "a background task failed");
         }
     }
+    // Live kernel sessions keep their pinned programs and maps for the next daemon; with none,
+    // nothing of this daemon stays attached.
+    match engine.live_kernel_sessions() {
+        Some(live) if live > 0 => tracing::info!(
+            sessions = live,
+            "kernel sessions stay enforced while no daemon runs (pinned); the next daemon takes them over"
+        ),
+        _ => crate::bpf::pins::remove_left_behind(&opts.state_dir),
+    }
     let _ = std::fs::remove_file(&opts.socket);
     engine.close_table();
     store.close().await?;

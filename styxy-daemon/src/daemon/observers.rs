@@ -58,11 +58,18 @@ pub(super) fn start(
                 }
                 _ => "point checks read the socket tables (a cgroup below the root sees only its own binds)",
             };
+            let pinned = match &attached.pins {
+                Some(dir) => format!(
+                    "programs and maps pinned in {} (kernel sessions outlive the daemon)",
+                    dir.display()
+                ),
+                None => "nothing pinned (kernel sessions end with the daemon)".to_string(),
+            };
             let status = ObserverStatus {
                 kind: "ebpf",
                 reason: format!(
                     "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
-                     {point_checks}; {sessions}; a full reading every {} s as a safety net",
+                     {point_checks}; {sessions}; {pinned}; a full reading every {} s as a safety net",
                     attached.cgroup.display(),
                     EBPF_SAFETY_RESYNC.as_secs()
                 ),
@@ -85,6 +92,9 @@ pub(super) fn start(
         Some(Err(e)) => Some(format!("eBPF unavailable: {e:#}")),
         None => None,
     };
+    // Programs an earlier daemon of this state directory left pinned would enforce next to this
+    // daemon's shims, on maps nobody keeps current: they go.
+    ebpf::pins::remove_left_behind(&opts.state_dir);
     tokio::task::block_in_place(|| engine.resync())
         .context("reading the kernel's socket tables")?;
     let reason = ebpf_error.unwrap_or_else(|| "chosen with --observer sockets".to_string());
@@ -124,6 +134,7 @@ fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attache
         whole_machine: at_root,
         log_level: opts.ebpf_log,
         ranges,
+        state_dir: &opts.state_dir,
     })?;
     Ok((attached, at_root))
 }

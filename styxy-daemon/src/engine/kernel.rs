@@ -37,6 +37,13 @@ impl Engine {
         let _ = self.kernel_sessions.set(sessions);
     }
 
+    /// How many kernel sessions have a live process (`None`: the kernel manages none).
+    pub fn live_kernel_sessions(&self) -> Option<usize> {
+        self.kernel_sessions
+            .get()
+            .map(KernelSessions::live_sessions)
+    }
+
     /// Says why the kernel manages no sessions (for `Status` and `styxy run`).
     pub fn set_kernel_sessions_missing(&self, why: String) {
         *lock(&self.kernel_sessions_missing) = why;

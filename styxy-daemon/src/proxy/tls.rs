@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -136,8 +135,8 @@ impl LocalCa {
             .context("signing the local authority's certificate")?;
         let certificate_pem = certificate.pem();
         // The key first, then the certificate, which marks the pair complete.
-        write_private(key_path, key.serialize_pem().as_bytes())?;
-        write_private(cert_path, certificate_pem.as_bytes())?;
+        crate::store::write_private(key_path, key.serialize_pem().as_bytes())?;
+        crate::store::write_private(cert_path, certificate_pem.as_bytes())?;
         tracing::info!(
             certificate = %cert_path.display(),
             "made a local certificate authority for *.localhost (`styxy trust` adds it to this \
@@ -314,32 +313,6 @@ fn read_private(path: &Path) -> Result<Option<Vec<u8>>> {
             )
         }),
     }
-}
-
-/// Writes a file readable by the daemon's user alone (0600), atomically: a temporary file,
-/// fsynced, renamed over.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".new");
-    let temporary = PathBuf::from(temporary);
-    let _ = fs::remove_file(&temporary);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&temporary)
-        .with_context(|| format!("creating {}", temporary.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(dir) = fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

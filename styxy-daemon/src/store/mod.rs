@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use styxy_broker::{AuditRecord, StateChange};
 
 use audit::AuditLog;
+pub use dir::write_private;
 use dir::{prepare_state_dir, read_json_lines, read_state_file, set_aside, write_snapshot};
 use journal::Journal;
 pub use state::Snapshot;

@@ -14,11 +14,19 @@
 //! `styxy_common::session::Member`): an entry never covers a process newer than it, so a pid
 //! reused after a member's exit is never steered, whatever was left in the map.
 //!
+//! The maps are pinned (see `bpf::pins`): a daemon that starts after another reuses them, with
+//! every membership, view and sticky port as it was, and takes back which number is which
+//! instance from `numbers`.
+//!
 //! Here: the maps and the registry, and when the programs may detach; `placement` puts
-//! processes in (and back after a restart); `publish` keeps the maps in step with the broker.
+//! processes in (and back after a restart); `publish` keeps the maps in step with the broker;
+//! `numbers` keeps the session numbers in the state directory.
 
+mod numbers;
 mod placement;
 mod publish;
+
+pub use numbers::NUMBERS_FILE;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -50,6 +58,10 @@ pub struct KernelSessionMaps {
     pub ports: MappedArray<AtomicU64>,
     /// The programs sessions need, attached while one is live.
     pub programs: SessionPrograms,
+    /// Where the session numbers are kept (see `numbers`).
+    pub numbers_file: std::path::PathBuf,
+    /// The maps are the last daemon's (pinned), with its sessions in them.
+    pub reused: bool,
 }
 
 /// Which sessions exist and what the kernel's view map holds.
@@ -81,6 +93,7 @@ pub struct KernelSessions {
     programs: Mutex<SessionPrograms>,
     /// Idle checks so far (see [`KernelSessions::detach_if_idle`]).
     idle_checks: AtomicU64,
+    numbers_file: std::path::PathBuf,
 }
 
 /// Every how many idle checks (one a second) the session map is searched for tasks that ended
@@ -93,7 +106,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl KernelSessions {
     pub fn new(maps: KernelSessionMaps) -> KernelSessions {
-        KernelSessions {
+        let reused = maps.reused;
+        let sessions = KernelSessions {
             sessions: Mutex::new(maps.sessions),
             views: Mutex::new(maps.views),
             sticky: Mutex::new(maps.sticky),
@@ -103,6 +117,65 @@ impl KernelSessions {
             registry: Mutex::new(Registry::default()),
             programs: Mutex::new(maps.programs),
             idle_checks: AtomicU64::new(0),
+            numbers_file: maps.numbers_file,
+        };
+        if reused {
+            sessions.take_over();
+        }
+        sessions
+    }
+
+    /// The registry of the last daemon, whose maps these are: what `VIEWS` and `STICKY` hold,
+    /// and which number is which instance (from the state directory).
+    fn take_over(&self) {
+        let live: std::collections::HashSet<u32> = lock(&self.sessions)
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(task, member)| entry_holds(*task, member))
+            .map(|(_, m)| m.session)
+            .collect();
+        let mut registry = lock(&self.registry);
+        registry.views = lock(&self.views).iter().filter_map(Result::ok).collect();
+        registry.sticky = lock(&self.sticky).iter().filter_map(Result::ok).collect();
+        for saved in numbers::load(&self.numbers_file) {
+            if live.contains(&saved.number) {
+                registry
+                    .projects
+                    .insert(saved.number, (saved.owner, saved.project));
+            }
+            registry
+                .instances
+                .insert(saved.number, saved.instance.clone());
+            registry
+                .numbers
+                .insert(saved.instance, (saved.number, saved.owner));
+        }
+        let unknown = live
+            .iter()
+            .filter(|n| !registry.instances.contains_key(n))
+            .count();
+        tracing::info!(
+            live_sessions = live.len(),
+            unknown,
+            "the kernel sessions of the last daemon taken over (pinned maps)"
+        );
+    }
+
+    /// Writes which number is which instance to the state directory.
+    fn save_numbers(&self, registry: &Registry) {
+        let sessions = registry
+            .numbers
+            .iter()
+            .map(|(instance, (number, owner))| numbers::SavedSession {
+                instance: instance.clone(),
+                number: *number,
+                owner: *owner,
+                project: registry.projects.get(number).and_then(|(_, p)| p.clone()),
+            })
+            .collect();
+        if let Err(e) = numbers::save(&self.numbers_file, sessions) {
+            tracing::warn!(cause = %format!("{e:#}"),
+                "the kernel session numbers could not be saved: a daemon after this one starts its sessions over");
         }
     }
 

@@ -23,21 +23,34 @@ impl KernelSessions {
         if crate::procs::process_id(pid) != Some(process) {
             bail!("process {pid} ended (its pid now names another process)");
         }
-        let number = {
+        let (number, owner) = {
             let mut registry = lock(&self.registry);
-            let next = u32::try_from(registry.numbers.len() + 1).context("too many sessions")?;
-            if next == RESERVED_BY_OTHER {
-                bail!("too many kernel sessions");
-            }
-            let (number, owner) = *registry
-                .numbers
-                .entry(instance_id.to_string())
-                .or_insert((next, uid));
-            // The uid that placed it first owns it (the broker keeps other users off the id).
-            registry.instances.insert(number, instance_id.to_string());
-            (number, owner)
+            let number = match registry.numbers.get(instance_id) {
+                Some(known) => *known,
+                None => {
+                    // Never a number a live session of the last daemon still has.
+                    let next = registry
+                        .numbers
+                        .values()
+                        .map(|(n, _)| *n)
+                        .max()
+                        .unwrap_or(0)
+                        .checked_add(1)
+                        .filter(|n| *n != RESERVED_BY_OTHER)
+                        .context("too many kernel sessions")?;
+                    // The uid that placed it first owns it (the broker keeps other users off the
+                    // id).
+                    registry
+                        .numbers
+                        .insert(instance_id.to_string(), (next, uid));
+                    registry.instances.insert(next, instance_id.to_string());
+                    // Saved before any map holds it.
+                    self.save_numbers(&registry);
+                    (next, uid)
+                }
+            };
+            number
         };
-        let (number, owner) = number;
         // Its project: where its first placed process runs (an agent's worktree, the directory
         // `styxy run` was started in).
         let project = crate::procs::project_of(pid);
@@ -67,10 +80,13 @@ impl KernelSessions {
                 bail!("process {pid} ended while it was being placed");
             }
             drop(sessions);
-            lock(&self.registry)
-                .projects
-                .entry(number)
-                .or_insert((uid, project));
+            let mut registry = lock(&self.registry);
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                registry.projects.entry(number)
+            {
+                entry.insert((uid, project));
+                self.save_numbers(&registry);
+            }
         }
         // Its moves so far (through the shim) join the kernel's view, its project's sticky ports
         // its choices, and its leases count as its own.

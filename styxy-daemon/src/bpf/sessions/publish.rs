@@ -5,16 +5,18 @@
 use super::*;
 
 impl KernelSessions {
-    /// Everything, at start: the lease holders (the ranges are in the map since the programs
-    /// were loaded; every holder starts as none), the views and the spares.
+    /// Everything, at start: the holder of every port (the ranges are in the map since the
+    /// programs were loaded; pinned maps still say what the last daemon wrote), the views, the
+    /// sticky ports and the spares.
     pub fn publish_all(&self, broker: &Broker) {
         {
             let registry = lock(&self.registry);
-            for lease in broker.leases() {
-                self.republish_holder(broker, &registry, lease.port);
+            for port in 0..=u16::MAX {
+                self.republish_holder(broker, &registry, port);
             }
         }
         self.sync_views(broker);
+        self.sync_sticky(broker, true);
         self.refill_spares(broker);
     }
 
