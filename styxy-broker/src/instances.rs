@@ -49,7 +49,8 @@ impl Broker {
         Ok((ports.len(), effects))
     }
 
-    /// Names a group of processes; `ldpreload-<pid>` when no id is given.
+    /// Names a group of processes; `ldpreload-<pid>-<start time>` when no id is given (never the
+    /// id of an earlier process that had the same pid).
     pub fn register_instance(
         &mut self,
         id: Option<String>,
@@ -70,7 +71,9 @@ impl Broker {
         label: InstanceLabel,
         now_ms: u64,
     ) -> Result<(String, Effects), BrokerError> {
-        let id = id.unwrap_or_else(|| format!("ldpreload-{}", process.pid));
+        // The start time too: a later process with the same pid (pid reuse) is not the earlier
+        // one's group, and never joins it.
+        let id = id.unwrap_or_else(|| format!("ldpreload-{}-{}", process.pid, process.start_time));
         if let Some(taken) = self
             .instances
             .get(&id)

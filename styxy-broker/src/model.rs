@@ -179,10 +179,10 @@ impl From<Lease> for LeaseRecord {
     }
 }
 
-/// A named group of processes (an agent session, or `ldpreload-<pid>`).
+/// A named group of processes (an agent session, or `ldpreload-<pid>-<start time>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    /// The id (`claude-<session>`, `ldpreload-<pid>`, …).
+    /// The id (`claude-<session>`, `ldpreload-<pid>-<start time>`, …).
     pub id: String,
     /// The process the instance lives with.
     pub process: ProcessId,

@@ -768,8 +768,31 @@ fn expire_ends_lapsed_and_orphaned_leases_but_keeps_bound_claims() {
     );
     assert_eq!(
         b.instances().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-        vec!["ldpreload-1"]
+        vec!["ldpreload-1-10"]
     );
+}
+
+/// A process that got an earlier process's pid is not that process's group: without an id it
+/// gets an instance of its own, and the earlier one's processes and claims stay with it.
+#[test]
+fn a_reused_pid_never_joins_the_earlier_processs_instance() {
+    let mut b = broker();
+    let first = pid(4242);
+    let (first_id, _) = b.register_instance(None, first, 1000, 0).unwrap();
+    let later = ProcessId {
+        pid: 4242,
+        start_time: first.start_time + 1,
+    };
+    let (later_id, _) = b.register_instance(None, later, 1000, 1).unwrap();
+    assert_ne!(first_id, later_id);
+    let group = |id: &str| -> Vec<ProcessId> {
+        b.instances()
+            .find(|i| i.id == id)
+            .map(|i| i.processes().collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(group(&first_id), vec![first]);
+    assert_eq!(group(&later_id), vec![later]);
 }
 
 #[test]
