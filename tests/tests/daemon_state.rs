@@ -510,3 +510,29 @@ async fn a_full_disk_fails_durable_calls_promptly_and_recovers() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// One daemon per state dir: a second one given the same dir (on another socket) stops at once,
+/// names the first, and leaves it serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_one_state_dir_stops_and_names_the_first() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let out = Command::new(styxy_tests::styxy_bin())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(daemon.dir.join("second.sock"))
+        .arg("--state-dir")
+        .arg(daemon.state_dir())
+        .args(["--listen", "127.0.0.1:0", "--observer", "sockets"])
+        .stdin(Stdio::null())
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("another daemon uses the state dir")
+            && said.contains(&format!("(pid {})", daemon.pid())),
+        "{said}"
+    );
+    assert!(!daemon.dir.join("second.sock").exists());
+    daemon.status().await?;
+    Ok(())
+}

@@ -143,7 +143,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // 1. Service ranges and lease limits: built-in defaults, changed by the config file if any.
     let (ranges, user_limits) = load_config(opts.config.as_deref())?;
 
-    // 2. Saved leases and instances; those whose process has died go at the first sweep.
+    // 2. Saved leases and instances; those whose process has died go at the first sweep. One
+    //    daemon per state dir: the lock is held until this function returns.
+    let _state_dir_lock = crate::store::lock_state_dir(&opts.state_dir)?;
     let (store, mut snapshot, audit) = Store::open(&opts.state_dir, AUDIT_KEEP)?;
     let damage = std::mem::take(&mut snapshot.damage);
     tracing::info!(

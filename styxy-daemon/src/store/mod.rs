@@ -24,6 +24,7 @@
 mod audit;
 mod dir;
 mod journal;
+mod lock;
 mod state;
 mod writer;
 
@@ -40,6 +41,7 @@ use audit::AuditLog;
 pub use dir::write_private;
 use dir::{prepare_state_dir, read_json_lines, read_state_file, set_aside, write_snapshot};
 use journal::Journal;
+pub use lock::lock_state_dir;
 pub use state::Snapshot;
 use state::{lease_number, State};
 use writer::{append_json_line, Writer};
