@@ -109,6 +109,10 @@ impl SessionPrograms {
         let attached = self.attach_into(&mut links);
         if attached.is_err() {
             detach_links(links);
+            // Nothing of a session is attached: nothing needs to outlive the daemon.
+            if let Err(e) = self.observer.unpin() {
+                tracing::warn!(cause = %format!("{e:#}"), "unpinning the observer's programs");
+            }
             return attached;
         }
         self.links = Some(links);
