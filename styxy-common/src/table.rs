@@ -302,15 +302,19 @@ impl Writer<'_> {
 
     /// Replaces every view entry (and the `VIEWED` and `TARGETED` bits) with `entries`; returns
     /// how many did not fit ([`MAX_ENTRIES`]) or had too long an id, and were left out.
+    ///
+    /// The bits are read without the seqlock (one load per connect), so a bit that stays set is
+    /// never cleared on the way: the new entries' bits are set first, and only then the bits of
+    /// the old entries' ports that no new entry keeps are cleared. (Clearing them all first, then
+    /// setting the new ones, left every viewed port unviewed for a moment at each change: a
+    /// connect then went to the asked port's real holder, another session's server.)
     pub fn set_views<'e>(&self, entries: impl IntoIterator<Item = Entry<'e>>) -> usize {
         let words = self.table.words;
-        let count = words[WORD_ENTRY_COUNT].load(Ordering::Relaxed) as usize;
-        for index in 0..count.min(MAX_ENTRIES) {
+        let old_count = (words[WORD_ENTRY_COUNT].load(Ordering::Relaxed) as usize).min(MAX_ENTRIES);
+        let mut old = [(None, 0u16, 0u16); MAX_ENTRIES];
+        for (index, slot) in old.iter_mut().enumerate().take(old_count) {
             let raw = RawEntry::read(words, index);
-            if let Some(protocol) = raw.protocol {
-                set_bit(words, VIEWED, protocol_index(protocol, raw.asked), false);
-                set_bit(words, TARGETED, protocol_index(protocol, raw.bound), false);
-            }
+            *slot = (raw.protocol, raw.asked, raw.bound);
         }
         let mut written = 0;
         let mut left_out = 0;
@@ -335,6 +339,28 @@ impl Writer<'_> {
             written += 1;
         }
         words[WORD_ENTRY_COUNT].store(written as u64, Ordering::Relaxed);
+        let kept = |protocol: Protocol, port: u16, by_asked: bool| {
+            (0..written).any(|index| {
+                let raw = RawEntry::read(words, index);
+                raw.protocol == Some(protocol)
+                    && if by_asked {
+                        raw.asked == port
+                    } else {
+                        raw.bound == port
+                    }
+            })
+        };
+        for (protocol, asked, bound) in old.iter().take(old_count) {
+            let Some(protocol) = *protocol else {
+                continue;
+            };
+            if !kept(protocol, *asked, true) {
+                set_bit(words, VIEWED, protocol_index(protocol, *asked), false);
+            }
+            if !kept(protocol, *bound, false) {
+                set_bit(words, TARGETED, protocol_index(protocol, *bound), false);
+            }
+        }
         left_out
     }
 }
@@ -432,6 +458,67 @@ mod tests {
 
     fn words() -> Vec<AtomicU64> {
         (0..WORDS).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    /// A view entry that stays through a rewrite of the views is seen by every reader all along:
+    /// its `VIEWED` and `TARGETED` bits (read without the seqlock, on every connect) never clear,
+    /// and its lookup never misses. A reader that saw the bit clear for a moment would connect to
+    /// the asked port's real holder, another session's server (the session soak's last misroutes).
+    #[test]
+    fn an_entry_that_stays_is_never_missing_while_the_views_are_rewritten() {
+        let memory = words();
+        let table = Table::new(&memory).expect("long enough");
+        table.init(1, 0);
+        let stays = Entry {
+            instance_id: b"session-a",
+            uid: 1000,
+            protocol: Protocol::Tcp,
+            asked: 8000,
+            bound: 8100,
+        };
+        let others = |round: u16| {
+            (0..8u16).map(move |i| Entry {
+                instance_id: b"session-b",
+                uid: 1000,
+                protocol: Protocol::Tcp,
+                asked: 9000 + i,
+                bound: 9100 + (i + round) % 50,
+            })
+        };
+        table.write(|w| {
+            w.set_views(core::iter::once(stays).chain(others(0)));
+        });
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let misses = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let patient = table.patient(|attempt| {
+                    std::thread::yield_now();
+                    attempt < 1_000_000
+                });
+                let mut misses = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    if !patient.is_viewed(Protocol::Tcp, 8000)
+                        || !patient.is_targeted(Protocol::Tcp, 8100)
+                        || patient.redirect(b"session-a", 1000, Protocol::Tcp, 8000) != Some(8100)
+                    {
+                        misses += 1;
+                    }
+                }
+                misses
+            });
+            for round in 0..60_000u16 {
+                // The entry that stays moves about among the others, as a new lease reorders them.
+                let at = usize::from(round % 9);
+                let mut entries: std::vec::Vec<Entry<'_>> = others(round).collect();
+                entries.insert(at, stays);
+                table.write(|w| {
+                    w.set_views(entries);
+                });
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().expect("the reader")
+        });
+        assert_eq!(misses, 0, "readers missed an entry that never went");
     }
 
     #[test]
