@@ -111,22 +111,8 @@ fn tracefs() -> Result<PathBuf> {
             return Ok(PathBuf::from(dir));
         }
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings; a failure is reported.
-    let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = super::object::mount_kernel_fs(c"tracefs", c"/sys/kernel/tracing") {
+        bail!("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {e}");
     }
     tracing::info!("mounted tracefs at /sys/kernel/tracing (for the session tracepoints)");
     Ok(PathBuf::from("/sys/kernel/tracing"))

@@ -1,5 +1,5 @@
-//! Where the kernel programs come from and where they go: the eBPF object file and the cgroup v2
-//! mount.
+//! Where the kernel programs come from and where they go: the eBPF object file, the cgroup v2
+//! mount, and the kernel file systems they need mounted (tracefs, bpffs).
 
 use std::path::{Path, PathBuf};
 
@@ -49,4 +49,23 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .find(|m| m.fs_type == "cgroup2")
         .map(|m| m.mount_point)
         .context("no cgroup v2 mount found (mount one with `mount -t cgroup2 none /sys/fs/cgroup`)")
+}
+
+/// Mounts a kernel file system of type `fstype` at `target` (tracefs, bpffs: no source, no
+/// options).
+pub fn mount_kernel_fs(fstype: &std::ffi::CStr, target: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: valid NUL-terminated strings; a failure is reported.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -290,19 +290,9 @@ fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: `attr` is the `obj_get` member of `union bpf_attr`, and `path` a NUL-terminated
-    // string, both valid for the call; the kernel treats the rest of the union as zero.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: `attr` is the `obj_get` member of `union bpf_attr`; `path`, a NUL-terminated
+    // string, outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &attr) }?;
     // SAFETY: a new descriptor, ours alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -322,20 +312,29 @@ fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: `attr` is the `link_update` member of `union bpf_attr`, valid for the call; the
-    // size passed is its own, and the kernel treats the rest of the union as zero.
+    // SAFETY: `attr` is the `link_update` member of `union bpf_attr`, with two descriptors.
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(drop)
+}
+
+/// The `bpf` system call `command` with `attr`; what it returned.
+///
+/// # Safety
+/// `attr` is the member of `union bpf_attr` that `command` reads, and any pointer in it is valid
+/// for the call (the size passed is its own: the kernel treats the rest of the union as zero).
+unsafe fn bpf<A>(command: libc::c_long, attr: &A) -> std::io::Result<libc::c_long> {
+    // SAFETY: as the caller promised.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const attr,
-            std::mem::size_of::<LinkUpdateAttr>(),
+            command,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<A>(),
         )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 /// Removes what an earlier daemon of `state_dir` left pinned in bpffs (only root can; others
@@ -368,21 +367,8 @@ fn mount_bpffs() -> Result<()> {
     if rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
-    // SAFETY: valid NUL-terminated strings; a failure is reported.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c"/sys/fs/bpf".as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "bpffs is not mounted at {BPFFS} and mounting it failed: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = super::object::mount_kernel_fs(c"bpf", c"/sys/fs/bpf") {
+        bail!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}");
     }
     tracing::info!("mounted bpffs at {BPFFS} (for the pinned kernel sessions)");
     Ok(())
