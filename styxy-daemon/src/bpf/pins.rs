@@ -375,8 +375,15 @@ fn mount_bpffs() -> Result<()> {
 }
 
 /// Removes the pins of state directories that no longer exist (a test's, a removed user's): no
-/// daemon can ever come back for them.
+/// daemon can ever come back for them. Only from the machine's own mount namespace: a daemon in a
+/// sandbox of its own (systemd's `PrivateTmp`, `ProtectHome`) does not see every directory that
+/// exists, and would remove the pins of a daemon whose state it cannot see.
 fn remove_orphans() {
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let own = namespace("self");
+    if own.is_none() || own != namespace("1") {
+        return;
+    }
     for entry in std::fs::read_dir(PINS_ROOT).into_iter().flatten().flatten() {
         let Some(state_dir) = entry.file_name().to_str().and_then(unescape_path) else {
             continue;
