@@ -78,6 +78,9 @@ struct Registry {
     /// The entries written to `STICKY`, and the broker's lingering generation they reflect.
     sticky: HashMap<StickyKey, u32>,
     sticky_lingering_generation: u64,
+    /// The highest session number the taken-over maps hold (see `take_over`): new sessions are
+    /// numbered above it, whatever the saved numbers say.
+    numbers_floor: u32,
 }
 
 /// The daemon's handle on the kernel sessions.
@@ -134,9 +137,21 @@ impl KernelSessions {
             .filter(|(task, member)| entry_holds(*task, member))
             .map(|(_, m)| m.session)
             .collect();
+        let in_maps = lock(&self.sessions)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, m)| m.session)
+            .max()
+            .unwrap_or(0);
         let mut registry = lock(&self.registry);
         registry.views = lock(&self.views).iter().filter_map(Result::ok).collect();
         registry.sticky = lock(&self.sticky).iter().filter_map(Result::ok).collect();
+        registry.numbers_floor = registry
+            .views
+            .keys()
+            .map(|k| k.session)
+            .chain(registry.sticky.keys().map(|k| k.session))
+            .fold(in_maps, u32::max);
         for saved in numbers::load(&self.numbers_file) {
             if live.contains(&saved.number) {
                 registry
@@ -161,11 +176,14 @@ impl KernelSessions {
         );
     }
 
-    /// Writes which number is which instance to the state directory.
-    fn save_numbers(&self, registry: &Registry) {
+    /// Writes which number is which instance to the state directory: the sessions that may have
+    /// a live process (and `placing`, about to), so the file does not grow with every session
+    /// there ever was. A session left out that comes back gets a new number.
+    fn save_numbers(&self, registry: &Registry, placing: u32) {
         let sessions = registry
             .numbers
             .iter()
+            .filter(|(_, (number, _))| *number == placing || registry.projects.contains_key(number))
             .map(|(instance, (number, owner))| numbers::SavedSession {
                 instance: instance.clone(),
                 number: *number,

@@ -28,13 +28,14 @@ impl KernelSessions {
             let number = match registry.numbers.get(instance_id) {
                 Some(known) => *known,
                 None => {
-                    // Never a number a live session of the last daemon still has.
+                    // Never a number the last daemon's maps still hold.
                     let next = registry
                         .numbers
                         .values()
                         .map(|(n, _)| *n)
                         .max()
                         .unwrap_or(0)
+                        .max(registry.numbers_floor)
                         .checked_add(1)
                         .filter(|n| *n != RESERVED_BY_OTHER)
                         .context("too many kernel sessions")?;
@@ -45,7 +46,7 @@ impl KernelSessions {
                         .insert(instance_id.to_string(), (next, uid));
                     registry.instances.insert(next, instance_id.to_string());
                     // Saved before any map holds it.
-                    self.save_numbers(&registry);
+                    self.save_numbers(&registry, next);
                     (next, uid)
                 }
             };
@@ -85,7 +86,7 @@ impl KernelSessions {
                 registry.projects.entry(number)
             {
                 entry.insert((uid, project));
-                self.save_numbers(&registry);
+                self.save_numbers(&registry, number);
             }
         }
         // Its moves so far (through the shim) join the kernel's view, its project's sticky ports
