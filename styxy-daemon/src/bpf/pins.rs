@@ -129,7 +129,11 @@ impl HeldLink {
     /// Pinned at `path` from now on (it was not: `self` as it was else).
     fn pinned_at(self, path: &Path) -> Result<HeldLink> {
         match self {
-            HeldLink::Unpinned { _link } => pin(_link, path),
+            HeldLink::Unpinned { _link } => {
+                // aya's pin drops the link when it fails: nothing stale may be in its way.
+                let _ = std::fs::remove_file(path);
+                pin(_link, path)
+            }
             pinned => Ok(pinned),
         }
     }
