@@ -131,18 +131,10 @@ impl KernelSessions {
     /// The registry of the last daemon, whose maps these are: what `VIEWS` and `STICKY` hold,
     /// and which number is which instance (from the state directory).
     fn take_over(&self) {
-        let live: std::collections::HashSet<u32> = lock(&self.sessions)
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(task, member)| entry_holds(*task, member))
-            .map(|(_, m)| m.session)
-            .collect();
-        let in_maps = lock(&self.sessions)
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, m)| m.session)
-            .max()
-            .unwrap_or(0);
+        let entries: Vec<(u32, Member)> =
+            lock(&self.sessions).iter().filter_map(Result::ok).collect();
+        let in_maps = entries.iter().map(|(_, m)| m.session).max().unwrap_or(0);
+        let live = live_numbers(&entries);
         let mut registry = lock(&self.registry);
         registry.views = lock(&self.views).iter().filter_map(Result::ok).collect();
         registry.sticky = lock(&self.sticky).iter().filter_map(Result::ok).collect();
@@ -250,17 +242,19 @@ impl KernelSessions {
     /// How many sessions have at least one live process in the kernel: entries that hold for a
     /// running task (a stale one, left by a task the exit program did not see, counts for none).
     pub fn live_sessions(&self) -> usize {
-        let sessions = lock(&self.sessions);
-        let mut live: Vec<u32> = sessions
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(task, member)| entry_holds(*task, member))
-            .map(|(_, m)| m.session)
-            .collect();
-        live.sort_unstable();
-        live.dedup();
-        live.len()
+        let entries: Vec<(u32, Member)> =
+            lock(&self.sessions).iter().filter_map(Result::ok).collect();
+        live_numbers(&entries).len()
     }
+}
+
+/// The sessions of `entries` (the `SESSIONS` map's) with an entry that holds for a running task.
+fn live_numbers(entries: &[(u32, Member)]) -> std::collections::HashSet<u32> {
+    entries
+        .iter()
+        .filter(|(task, member)| entry_holds(*task, member))
+        .map(|(_, m)| m.session)
+        .collect()
 }
 
 /// Whether a `SESSIONS` entry still holds for the task it names: the task runs, and its

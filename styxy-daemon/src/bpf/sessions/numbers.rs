@@ -4,7 +4,7 @@
 //! next new session a number no live one has. Written (atomically, 0600) before a new number
 //! reaches the kernel's maps; read only when the maps are reused.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -49,12 +49,10 @@ pub fn load(path: &Path) -> Vec<SavedSession> {
     match serde_json::from_slice::<File>(&text) {
         Ok(file) => {
             // One number per instance and one instance per number, or none of them is trusted.
-            let mut numbers = HashMap::new();
-            let mut instances = HashMap::new();
+            let mut numbers = HashSet::new();
+            let mut instances = HashSet::new();
             let consistent = file.sessions.iter().all(|s| {
-                numbers.insert(s.number, ()).is_none()
-                    && instances.insert(s.instance.as_str(), ()).is_none()
-                    && s.number != 0
+                numbers.insert(s.number) && instances.insert(s.instance.as_str()) && s.number != 0
             });
             if consistent {
                 file.sessions
