@@ -3,8 +3,9 @@
 //! as they were: `/sys/fs/bpf/styxy/<the state directory, escaped>/<object digest>/`. One
 //! directory per state directory, because each daemon (the installed one, a user's, a test's)
 //! owns its own programs; its name is the state directory's path, escaped as systemd escapes
-//! paths (`/var/lib/styxy` → `var-lib-styxy`), so that anyone can see whose pins they are and a
-//! daemon can remove those of a state directory that no longer exists.
+//! paths (`/var/lib/styxy` → `var-lib-styxy`) but with every `.` escaped (bpffs refuses any name
+//! with a dot, EPERM), so that anyone can see whose pins they are and a daemon can remove those
+//! of a state directory that no longer exists.
 //!
 //! The daemon makes and reuses them (`styxy-daemon/src/bpf/pins.rs`); `styxy uninstall` and the
 //! tests remove them with [`remove_pins_of`].
@@ -32,9 +33,10 @@ pub fn remove_pins_of(state_dir: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// `path` as one file name, as `systemd-escape --path` writes it: the slashes at either end
-/// dropped, the others `-`, and every byte other than ASCII letters, digits, `:`, `_` and a `.`
-/// not in front written `\xNN`. `/` alone is `-`.
+/// `path` as one file name bpffs accepts, as `systemd-escape --path` writes it but for dots: the
+/// slashes at either end dropped, the others `-`, and every byte other than ASCII letters,
+/// digits, `:` and `_` written `\xNN` (systemd keeps a `.` not in front; bpffs refuses a name
+/// that contains one). `/` alone is `-`.
 pub fn escape_path(path: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
@@ -43,11 +45,10 @@ pub fn escape_path(path: &Path) -> String {
         return "-".to_string();
     }
     let mut out = String::with_capacity(trimmed.len());
-    for (i, &b) in trimmed.iter().enumerate() {
+    for &b in trimmed {
         match b {
             b'/' => out.push('-'),
-            b'.' if i == 0 => out.push_str("\\x2e"),
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b':' | b'_' | b'.' => out.push(b as char),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b':' | b'_' => out.push(b as char),
             _ => out.push_str(&format!("\\x{b:02x}")),
         }
     }
@@ -97,18 +98,18 @@ mod tests {
     use proptest::strategy::Strategy;
 
     #[test]
-    fn paths_are_escaped_as_systemd_escapes_them() {
-        // `systemd-escape --path /var/lib/styxy` and friends.
+    fn paths_are_escaped_as_systemd_escapes_them_but_for_dots() {
+        // `systemd-escape --path /var/lib/styxy` and friends; dots escaped everywhere.
         assert_eq!(escape_path(Path::new("/var/lib/styxy")), "var-lib-styxy");
         assert_eq!(escape_path(Path::new("/")), "-");
         assert_eq!(escape_path(Path::new("/.hidden")), "\\x2ehidden");
         assert_eq!(
             escape_path(Path::new("/tmp/.tmpAb-9/state")),
-            "tmp-.tmpAb\\x2d9-state"
+            "tmp-\\x2etmpAb\\x2d9-state"
         );
         assert_eq!(
             escape_path(Path::new("/home/a b/.local/state/styxy/")),
-            "home-a\\x20b-.local-state-styxy"
+            "home-a\\x20b-\\x2elocal-state-styxy"
         );
     }
 
@@ -133,7 +134,7 @@ mod tests {
             }
             let path = PathBuf::from(std::ffi::OsString::from_vec(bytes));
             let name = escape_path(&path);
-            proptest::prop_assert!(!name.contains('/'), "{}", name);
+            proptest::prop_assert!(!name.contains('/') && !name.contains('.'), "{}", name);
             proptest::prop_assert_eq!(unescape_path(&name), Some(path));
         }
     }

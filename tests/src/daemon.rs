@@ -51,8 +51,10 @@ impl Daemon {
         // The bulk range spills into the next block: it must be this daemon's too.
         let base = ports::port_blocks(2);
         let wrapper = wrapper(base);
+        // A dot in the path, as in `~/.local/state`: bpffs refuses names with one, so the pins'
+        // directory name must escape it (every eBPF test then shows that it does).
         let temp = tempfile::Builder::new()
-            .prefix(&format!("styxy-test-{base}-"))
+            .prefix(&format!("styxy-test.{base}-"))
             .tempdir()?;
         let dir = temp.path().to_path_buf();
         // Let other users reach the socket (tests that act as another uid).

@@ -107,9 +107,10 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
                 "200",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("daemon.log"))?)
             .spawn()?,
     );
+    let log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     let cli = |args: &[&str]| {
         Command::new(styxy_tests::styxy_bin())
             .arg("--socket")
@@ -120,7 +121,8 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
     styxy_tests::eventually(10, "the daemon up", || async {
         cli(&["status"]).ok()?.status.success().then_some(())
     })
-    .await?;
+    .await
+    .map_err(|e| e.context(format!("the daemon's log:\n{}", log())))?;
     let mut owner = Command::new("sleep").arg("120").spawn()?;
     let owner_pid = owner.id().to_string();
     // With so few descriptors, the daemon may still be closing the connections of the calls
@@ -135,7 +137,8 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
         );
         out.status.success().then_some(out)
     })
-    .await?;
+    .await
+    .map_err(|e| e.context(format!("the daemon's log:\n{}", log())))?;
     let lease: serde_json::Value = serde_json::from_slice(&leased.stdout)?;
     // Idle connections until the daemon has no descriptor left, held over a few lease sweeps.
     let flood: Vec<std::os::unix::net::UnixStream> = (0..100)
@@ -147,7 +150,8 @@ async fn a_descriptor_flood_never_ends_a_live_process_lease() -> anyhow::Result<
         let out = cli(&["--json", "status"]).ok()?;
         out.status.success().then_some(out)
     })
-    .await?;
+    .await
+    .map_err(|e| e.context(format!("the daemon's log:\n{}", log())))?;
     let status: serde_json::Value = serde_json::from_slice(&seen.stdout)?;
     let ports = cli(&["--json", "ports"])?;
     let listed: serde_json::Value = serde_json::from_slice(&ports.stdout)?;
