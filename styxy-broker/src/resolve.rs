@@ -126,30 +126,15 @@ impl Broker {
                 .leases
                 .get(&req.port)
                 .is_some_and(|l| self.is_held_when_its_server_goes(l));
-        let holder = self
-            .holder_of(req.port, req.protocol, me)
-            .or_else(|| {
-                self.leases
-                    .get(&req.port)
-                    .filter(|l| {
-                        (!dead_lease || dead_but_held) && !self.lease_belongs_to(l, req, processes)
-                    })
-                    .cloned()
-                    .map(HolderView::Lease)
-            })
-            .or_else(|| {
-                // A sibling thread of the asker was moved onto this port (from another one): the
-                // two are different servers, so this bind moves too, rather than collide.
-                self.leases
-                    .get(&req.port)
-                    .filter(|l| {
-                        l.is_claim()
-                            && l.process == Some(me)
-                            && l.asked().is_some_and(|asked| asked != req.port)
-                    })
-                    .cloned()
-                    .map(HolderView::Lease)
-            });
+        let holder = self.holder_of(req.port, req.protocol, me).or_else(|| {
+            self.leases
+                .get(&req.port)
+                .filter(|l| {
+                    (!dead_lease || dead_but_held) && !self.lease_belongs_to(l, req, processes)
+                })
+                .cloned()
+                .map(HolderView::Lease)
+        });
         let Some(holder) = holder else {
             if let Some(claim) = refused.and_then(|port| self.take_lease(port)) {
                 effects.lease_removed(claim);
@@ -240,12 +225,20 @@ impl Broker {
 
     /// Whether a lease is the asker's own: leased to it or to one of its ancestors (a shell that allocated
     /// a port for the server it starts), to its instance, or, tied to no process, to its user.
+    /// A claim taken by a move never is: its port stands, in its session's view, for the port
+    /// its server asked, so a bind asking that port itself — by another server of the session,
+    /// or a second server of the same process — must move, or the asked port's clients would
+    /// reach it. (The session's next server for the asked port takes a hold back through
+    /// `held_for`.)
     pub(crate) fn lease_belongs_to(
         &self,
         lease: &Lease,
         req: &BindRequest,
         processes: &dyn ProcessView,
     ) -> bool {
+        if lease.asked().is_some_and(|asked| asked != req.port) {
+            return false;
+        }
         // Of the asker's session — as its owner's, or in root's session — not merely of a
         // session of the same name (names are global: another user may use one).
         let same_owner = lease.owner_uid == req.uid

@@ -1367,6 +1367,62 @@ fn a_sessions_port_is_held_for_it_between_two_lives_of_its_server() {
     assert!(!b.is_taken(8001));
 }
 
+/// A port a session's server was moved to stands, in the session's view, for the port it asked:
+/// the session's other server asking that port itself is moved, whether the port is claimed by a
+/// live server (about to bind) or held since it stopped — else the asked port's clients would
+/// reach the other server.
+#[test]
+fn a_sessions_server_asking_the_port_another_was_moved_to_is_moved_too() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(39), pid(40), pid(41), pid(42), pid(43)].into(),
+        ..Procs::default()
+    };
+    b.register_instance(Some("B".into()), pid(39), 1000, 1)
+        .unwrap();
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    let (moved, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert!(matches!(moved, BindDecision::Reassign { port: 8001, .. }));
+    // Claimed, not bound yet: B's server for 8001 does not get it.
+    let (second, _) = b
+        .resolve_bind(&session_bind(41, 8001, Protocol::Tcp, "B"), &procs, 3)
+        .unwrap();
+    let BindDecision::Reassign {
+        port: elsewhere, ..
+    } = second
+    else {
+        panic!("B's server for 8001 kept the port B's server for 8000 was moved to: {second:?}");
+    };
+    assert_ne!(elsewhere, 8001);
+    b.apply(bound_by(2, 8001, 40, Protocol::Tcp), 4);
+    b.apply(bound_by(3, elsewhere, 41, Protocol::Tcp), 5);
+    // Both stop: 8001 is held for B's server for 8000.
+    b.apply(PortEvent::Released { cookie: 2 }, 6);
+    b.apply(PortEvent::Released { cookie: 3 }, 7);
+    // B's next server for 8001 is moved (to its earlier port) rather than onto the hold.
+    let (again, _) = b
+        .resolve_bind(&session_bind(42, 8001, Protocol::Tcp, "B"), &procs, 8)
+        .unwrap();
+    assert!(
+        matches!(again, BindDecision::Reassign { port, .. } if port == elsewhere),
+        "{again:?}"
+    );
+    b.apply(bound_by(4, elsewhere, 42, Protocol::Tcp), 9);
+    let mut view: Vec<(u16, u16)> = b.view_of("B").iter().map(|v| (v.asked, v.bound)).collect();
+    view.sort_unstable();
+    assert_eq!(view, [(8000, 8001), (8001, elsewhere)]);
+    // B's next server for 8000 takes its hold back.
+    let (back, _) = b
+        .resolve_bind(&session_bind(43, 8000, Protocol::Tcp, "B"), &procs, 10)
+        .unwrap();
+    assert!(
+        matches!(back, BindDecision::Reassign { port: 8001, .. }),
+        "{back:?}"
+    );
+}
+
 #[test]
 fn a_port_a_session_bound_free_is_held_too_and_ends_with_the_session() {
     let mut b = broker();

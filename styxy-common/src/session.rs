@@ -159,8 +159,9 @@ pub const GLOBAL_TASK_START_TIME_OFFSET: &str = "TASK_START_TIME_OFFSET";
 pub const GLOBAL_TASK_CRED_OFFSET: &str = "TASK_CRED_OFFSET";
 pub const GLOBAL_CRED_EUID_OFFSET: &str = "CRED_EUID_OFFSET";
 
-/// `PORT_INFO[port]`: who holds a lease or claim on the port (low 32 bits) and the port's
-/// service range (bits 32..40, index + 1; 0 for none).
+/// `PORT_INFO[port]`: who holds a lease or claim on the port (bits 0..32), the port's service
+/// range (bits 32..40, index + 1; 0 for none) and, for a session's *hold* of a port its server
+/// was moved to, the port that server asked (bits 40..56; 0 for any other lease).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortInfo(pub u64);
 
@@ -168,12 +169,12 @@ pub struct PortInfo(pub u64);
 pub const RESERVED_BY_OTHER: u32 = u32::MAX;
 
 impl PortInfo {
-    pub const fn new(reserved_by: u32, range: Option<u32>) -> Self {
+    pub const fn new(reserved_by: u32, held_for: u16, range: Option<u32>) -> Self {
         let range = match range {
             Some(index) if index < RANGES_MAX => index as u64 + 1,
             _ => 0,
         };
-        PortInfo(reserved_by as u64 | (range << 32))
+        PortInfo(reserved_by as u64 | (range << 32) | ((held_for as u64) << 40))
     }
     /// 0: no lease; [`RESERVED_BY_OTHER`]; else the session number holding it.
     pub const fn reserved_by(self) -> u32 {
@@ -185,6 +186,19 @@ impl PortInfo {
             0 => None,
             n => Some(n as u32 - 1),
         }
+    }
+    /// For a hold of a port its session's server was moved to (and that server has stopped):
+    /// the port it asked, whose next server alone may take the port back. In the session's view
+    /// the port stands for that one, so a bind of the session asking any other port — the held
+    /// port itself included — must not get it. 0: the lease is its session's for any bind.
+    pub const fn held_for(self) -> u16 {
+        (self.0 >> 40) as u16
+    }
+    /// Whether a bind asking `asked`, by a process of `session`, must leave the port alone.
+    pub const fn reserved_against(self, session: u32, asked: u16) -> bool {
+        let by = self.reserved_by();
+        let held_for = self.held_for();
+        by != 0 && (by != session || (held_for != 0 && held_for != asked))
     }
 }
 
@@ -303,15 +317,46 @@ mod tests {
     }
 
     #[test]
-    fn port_info_packs_holder_and_range() {
-        let info = PortInfo::new(7, Some(3));
-        assert_eq!((info.reserved_by(), info.range()), (7, Some(3)));
-        let none = PortInfo::new(0, None);
+    fn port_info_packs_holder_hold_and_range() {
+        let info = PortInfo::new(7, 0, Some(3));
+        assert_eq!(
+            (info.reserved_by(), info.held_for(), info.range()),
+            (7, 0, Some(3))
+        );
+        let none = PortInfo::new(0, 0, None);
         assert_eq!((none.reserved_by(), none.range()), (0, None));
-        let other = PortInfo::new(RESERVED_BY_OTHER, Some(RANGES_MAX - 1));
+        let other = PortInfo::new(RESERVED_BY_OTHER, 0, Some(RANGES_MAX - 1));
         assert_eq!(other.reserved_by(), RESERVED_BY_OTHER);
         assert_eq!(other.range(), Some(RANGES_MAX - 1));
+        let held = PortInfo::new(u32::MAX - 1, u16::MAX, Some(RANGES_MAX - 1));
+        assert_eq!(
+            (held.reserved_by(), held.held_for(), held.range()),
+            (u32::MAX - 1, u16::MAX, Some(RANGES_MAX - 1))
+        );
         // A range index the kernel has no spares for is no range.
-        assert_eq!(PortInfo::new(1, Some(RANGES_MAX)).range(), None);
+        assert_eq!(PortInfo::new(1, 0, Some(RANGES_MAX)).range(), None);
+    }
+
+    #[test]
+    fn a_hold_is_its_sessions_only_for_the_port_its_server_asked() {
+        // Session 7's server asked 8000 and was moved to 8001, then stopped: 8001 is held.
+        let hold = PortInfo::new(7, 8000, None);
+        assert!(
+            !hold.reserved_against(7, 8000),
+            "its next server takes it back"
+        );
+        assert!(
+            hold.reserved_against(7, 8001),
+            "the session's server asking 8001 moves"
+        );
+        assert!(
+            hold.reserved_against(8, 8000),
+            "another session's server moves"
+        );
+        // Any other lease of a session is its own for every bind of the session.
+        let claim = PortInfo::new(7, 0, None);
+        assert!(!claim.reserved_against(7, 8001) && claim.reserved_against(8, 8001));
+        assert!(!PortInfo::new(0, 0, None).reserved_against(7, 8001));
+        assert!(PortInfo::new(RESERVED_BY_OTHER, 0, None).reserved_against(7, 8001));
     }
 }

@@ -35,8 +35,10 @@ pub fn styxy_bind6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Whether `port` is taken for a process `tgid` of `session`: a socket of another process is
-/// bound on it, or a lease or claim of anyone but this session holds it.
+/// Whether `port` is taken for a bind asking `asked` by a process `tgid` of `session`: a socket
+/// of another process is bound on it, or a lease or claim of anyone but this session holds it,
+/// or the session holds it for the next server of another asked port (see
+/// [`PortInfo::reserved_against`]).
 ///
 /// "Who holds this port" is decided in three places, which must agree: here (at bind time, from
 /// the kernel's own counts and the daemon's `PORT_INFO`), in the daemon's spare-port refill
@@ -45,14 +47,13 @@ pub fn styxy_bind6(ctx: SockAddrContext) -> i32 {
 /// broker (`holder_of` and `pick_for_move`, for the shim's moves). A port the broker calls taken
 /// is written into `PORT_INFO` as reserved, so what the broker knows reaches this check.
 #[inline(always)]
-pub(crate) fn taken(protocol: u8, port: u16, tgid: u32, session: u32) -> bool {
+pub(crate) fn taken(protocol: u8, port: u16, asked: u16, tgid: u32, session: u32) -> bool {
     let slot = port_slot(protocol, port);
     let bound = PORTS.get(slot).copied().unwrap_or(0);
     if bound != 0 && !(bound == 1 && LAST_BINDER.get(slot).copied() == Some(tgid)) {
         return true;
     }
-    let reserved_by = PortInfo(PORT_INFO.get(u32::from(port)).copied().unwrap_or(0)).reserved_by();
-    reserved_by != 0 && reserved_by != session
+    PortInfo(PORT_INFO.get(u32::from(port)).copied().unwrap_or(0)).reserved_against(session, asked)
 }
 
 /// A SOL_SOCKET option of the socket: `None` when the kernel would not say.
@@ -98,7 +99,7 @@ pub(crate) fn sticky_port(
     // SAFETY: a plain u32 copied out of the map value.
     let value = unsafe { STICKY.get(key) }.copied()?;
     let port = value as u16;
-    if port == 0 || port == asked || taken(protocol, port, tgid, session) {
+    if port == 0 || port == asked || taken(protocol, port, asked, tgid, session) {
         return None;
     }
     if value & STICKY_LINGERING != 0 && socket_option(sock_addr, SO_REUSEADDR).unwrap_or(0) == 0 {
@@ -164,7 +165,7 @@ pub(crate) fn take_slot(
     let port = unsafe {
         core::intrinsics::atomic_xchg::<u32, { core::intrinsics::AtomicOrdering::SeqCst }>(slot, 0)
     } as u16;
-    (port != 0 && port != asked && !taken(protocol, port, tgid, session)).then_some(port)
+    (port != 0 && port != asked && !taken(protocol, port, asked, tgid, session)).then_some(port)
 }
 
 #[inline(always)]
@@ -230,11 +231,11 @@ pub(crate) fn move_for_session(
     if let Some(earlier) = unsafe { MOVES.get(key) }.copied() {
         // Its other family's bind went there, or an earlier process with this pid's did: reused
         // only while no one else holds it.
-        if !taken(protocol, earlier as u16, tgid, session) {
+        if !taken(protocol, earlier as u16, asked, tgid, session) {
             return Some(earlier as u16);
         }
     }
-    if !taken(protocol, asked, tgid, session) || reuseport(ctx.sock_addr) {
+    if !taken(protocol, asked, asked, tgid, session) || reuseport(ctx.sock_addr) {
         return None;
     }
     let info = PortInfo(PORT_INFO.get(u32::from(asked)).copied().unwrap_or(0));

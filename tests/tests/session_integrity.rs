@@ -99,7 +99,7 @@ fn in_session(daemon: &Daemon, session: &str, program: &str, args: &[String]) ->
 /// listens on (Python prints its socket's own). A moved one's notice must name that port.
 fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Result<(Spawned, u16)> {
     let args = http_server_args(port, site);
-    let mut command = match session {
+    let command = match session {
         Some(session) => in_session(daemon, session, PYTHON, &args),
         None => {
             let mut c = Command::new(PYTHON);
@@ -107,6 +107,23 @@ fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Resu
             c
         }
     };
+    serve_by(command, port, true)
+}
+
+/// As [`serve`], in `session` without the shim (as a static binary runs): only the kernel moves
+/// it, and nothing prints a notice.
+fn serve_unshimmed(
+    daemon: &Daemon,
+    session: &str,
+    port: u16,
+    site: &Site,
+) -> Result<(Spawned, u16)> {
+    let args = http_server_args(port, site);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serve_by(daemon.unshimmed_in(session, PYTHON, &args), port, false)
+}
+
+fn serve_by(mut command: Command, port: u16, notice: bool) -> Result<(Spawned, u16)> {
     let mut server = Spawned::start(&mut command)?;
     // "Serving HTTP on 127.0.0.1 port N (http://…)"; stdout and stderr lines arrive in either
     // order, so the notice is looked for among both.
@@ -117,7 +134,7 @@ fn serve(daemon: &Daemon, session: Option<&str>, port: u16, site: &Site) -> Resu
         .nth(1)
         .and_then(|w| w.parse().ok())
         .with_context(|| format!("a port in {line:?}"))?;
-    if bound != port {
+    if bound != port && notice {
         let notice = server.has_line(5, |l| l.contains("STYXY"))?;
         anyhow::ensure!(
             notice_port(&notice) == Some(bound),
@@ -1075,6 +1092,34 @@ async fn between_two_lives_of_a_server_its_port_stays_its_sessions() -> Result<(
         refused.to_string().contains("Couldn't connect") || refused.to_string().contains("refused"),
         "{refused}"
     );
+    // B's own server asking that port itself — through the shim, then without it (only the
+    // kernel acts) — is moved off it too: in B's view it stands for the asked port, whose clients
+    // must not reach this other server.
+    let b_other = site("b-other")?;
+    for shim in [true, false] {
+        let how = if shim { "shim" } else { "kernel" };
+        let (other, other_port) = if shim {
+            serve(&daemon, Some("lives-b"), b_port, &b_other)?
+        } else {
+            serve_unshimmed(&daemon, "lives-b", b_port, &b_other)?
+        };
+        assert_ne!(
+            other_port, b_port,
+            "{how}: B's held port is kept for B's server of {asked}"
+        );
+        assert_eq!(whoami_in(&daemon, "lives-b", b_port)?, "b-other", "{how}");
+        assert!(
+            whoami_in(&daemon, "lives-b", asked).is_err(),
+            "{how}: B's clients of {asked} still find nothing, not B's other server\n{}",
+            daemon.log()
+        );
+        drop(other);
+        styxy_tests::eventually(10, "B's other server gone", || async {
+            let out = daemon.cli(&["observe", &other_port.to_string()]);
+            (!String::from_utf8_lossy(&out.stdout).contains("python")).then_some(())
+        })
+        .await?;
+    }
     // A third session asking B's port meanwhile is moved off it.
     let (_c_server, c_port) = serve(&daemon, Some("lives-c"), b_port, &c1)?;
     assert_ne!(c_port, b_port, "B's port is held for B");

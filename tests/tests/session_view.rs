@@ -661,3 +661,48 @@ async fn another_user_naming_the_same_session_cannot_redirect_its_traffic() -> R
     assert_eq!(curl(&daemon, Some("session-b"), "127.0.0.1", asked)?, "A");
     Ok(())
 }
+
+/// With the shim alone (the socket tables, no kernel programs): while a session's moved server is
+/// between two lives, the port it was moved to is held for the port it asked. The session's other
+/// server asking that port itself moves off it, and the session's clients of the asked port find
+/// nothing rather than reach that other server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_port_stands_for_its_asked_port_not_for_itself() -> Result<()> {
+    let daemon = Daemon::start().await?;
+    let dir = tempfile::tempdir()?;
+    let asked = daemon.base + 125;
+    let _outside = marked_server(&daemon, None, asked, "outside", dir.path())?;
+    styxy_tests::wait_for_listener(asked)?;
+    // The session lives on (its agent), whatever its servers do.
+    let mut agent = Spawned::start(&mut daemon.shimmed_in("session-h", "sleep", &["600"]))?;
+    agent.rest(0);
+    let mut first = marked_server(&daemon, Some("session-h"), asked, "first", dir.path())?;
+    let held = notice_port(&first.line_where(20, |l| l.starts_with(NOTICE))?).context("moved")?;
+    styxy_tests::wait_for_listener(held)?;
+    drop(first);
+    // Held: the view entry stays, with no process.
+    eventually(10, "the first server's port held", || async {
+        let view = view_of(&daemon, "session-h").ok()?;
+        (view.len() == 1 && view[0]["pid"].as_u64().unwrap_or(0) == 0).then_some(())
+    })
+    .await
+    .with_context(|| format!("the view: {:?}", view_of(&daemon, "session-h")))?;
+    let mut other = marked_server(&daemon, Some("session-h"), held, "other", dir.path())?;
+    let moved = notice_port(&other.line_where(20, |l| l.starts_with(NOTICE))?).context("moved")?;
+    assert_ne!(
+        moved, held,
+        "the session's server asking its held port moves off it"
+    );
+    styxy_tests::wait_for_listener(moved)?;
+    assert_eq!(
+        curl(&daemon, Some("session-h"), "127.0.0.1", held)?,
+        "other"
+    );
+    assert!(
+        curl(&daemon, Some("session-h"), "127.0.0.1", asked).is_err(),
+        "the asked port's clients find nothing between its server's two lives"
+    );
+    other.child.kill()?;
+    agent.child.kill()?;
+    Ok(())
+}

@@ -311,12 +311,13 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         // Who holds it stays as the last daemon left it, until the broker's holders are
         // published (see `KernelSessions::publish_all`).
         let slot = port_info.slot(usize::from(port));
-        let held_by = if reused {
-            session::PortInfo(slot.load(Ordering::Acquire)).reserved_by()
+        let (held_by, held_for) = if reused {
+            let left = session::PortInfo(slot.load(Ordering::Acquire));
+            (left.reserved_by(), left.held_for())
         } else {
-            0
+            (0, 0)
         };
-        let info = session::PortInfo::new(held_by, range);
+        let info = session::PortInfo::new(held_by, held_for, range);
         port_info
             .slot(usize::from(port))
             .store(info.0, Ordering::Release);

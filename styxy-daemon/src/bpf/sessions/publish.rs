@@ -27,7 +27,11 @@ impl KernelSessions {
         // A claim that names no session is still its process's own: where that process is a
         // member, its session's (so the kernel never moves a process off its own claim).
         let session_of = |pid: u32| lock(&self.sessions).get(&pid, 0).ok().map(|m| m.session);
-        let info = PortInfo::new(reserved_by(broker, registry, port, session_of), range);
+        let info = PortInfo::new(
+            reserved_by(broker, registry, port, session_of),
+            held_for(broker, port),
+            range,
+        );
         slot.store(info.0, Ordering::Release);
     }
 
@@ -256,7 +260,8 @@ pub(super) fn write_changes<K, V>(
 /// `PortInfo::reserved_by` for `port`: the session number of the lease's instance — or, for a
 /// lease that names none, of the kernel session its process is a member of (`session_of`) — when
 /// it is a placed session of the lease's owner; any other lease is `RESERVED_BY_OTHER`. (The
-/// broker counts a claim as its process's own whatever it names: so must the kernel.)
+/// broker counts a claim as its process's own whatever it names: so must the kernel. What a
+/// moved claim's port stands for once its server is gone is [`held_for`]'s.)
 pub(super) fn reserved_by(
     broker: &Broker,
     registry: &Registry,
@@ -281,6 +286,17 @@ pub(super) fn reserved_by(
         .or_else(of_its_process)
         .filter(|(_, owner)| *owner == 0 || *owner == lease.owner_uid)
         .map_or(RESERVED_BY_OTHER, |(number, _)| *number)
+}
+
+/// `PortInfo::held_for` for `port`: for a hold of a port a session's server was moved to (a
+/// claim with no process), the port that server asked; else 0. (As the broker's
+/// `lease_belongs_to` counts a moved claim as no bind's own but its asked port's.)
+pub(super) fn held_for(broker: &Broker, port: u16) -> u16 {
+    broker
+        .lease_on(port)
+        .filter(|lease| lease.process.is_none())
+        .and_then(|lease| lease.asked())
+        .unwrap_or(0)
 }
 
 /// A `STICKY` value: the port, flagged when old connections linger there (see
