@@ -18,6 +18,8 @@ use styxy_broker::{ProcessId, ProcessInfo, ProcessView};
 
 /// How long a cached command line is trusted (an `exec()` changes it; the pid and start time stay).
 const INFO_TTL: Duration = Duration::from_secs(1);
+/// The bytes of a command line the daemon keeps (see [`kept_cmdline`]).
+const CMDLINE_KEPT: usize = 256;
 /// Processes kept in the cache (each holds a descriptor); past this, the exited ones are dropped,
 /// then all.
 const CACHE_CAPACITY: usize = 512;
@@ -135,7 +137,7 @@ fn read_process_info(pid: u32) -> Option<ProcessInfo> {
     let stat = process.stat().ok()?;
     let cmdline = process
         .cmdline()
-        .map(|args| args.join(" "))
+        .map(|args| kept_cmdline(&args))
         .unwrap_or_default();
     Some(ProcessInfo {
         id: ProcessId {
@@ -146,6 +148,24 @@ fn read_process_info(pid: u32) -> Option<ProcessInfo> {
         cmdline,
         instance_id: session_of(&process),
     })
+}
+
+/// A command line as the daemon keeps it — for people (`styxy ports`, the audit, the dashboard)
+/// and for a service type's name: the arguments joined by spaces, cut after
+/// [`CMDLINE_KEPT`] bytes (at a character boundary, marked `…`). A whole one can be tens of
+/// kilobytes (a Java class path, a `python3 -c` script), and each is kept per cached process, per
+/// socket's owner and per audit record (10,000 of them).
+fn kept_cmdline(args: &[String]) -> String {
+    let mut line = args.join(" ");
+    if line.len() > CMDLINE_KEPT {
+        let mut end = CMDLINE_KEPT;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push('…');
+    }
+    line
 }
 
 /// `STYXY_INSTANCE` in the process's environment (as it was at exec): the agent session its
@@ -333,4 +353,21 @@ pub fn find_owners(
         .iter()
         .map(|inode| (*inode, found.get(inode).and_then(|pid| process_info(*pid))))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_command_line_is_cut_at_a_character_boundary() {
+        let short = vec!["vite".to_string(), "--port".to_string(), "5173".to_string()];
+        assert_eq!(kept_cmdline(&short), "vite --port 5173");
+        let script = vec!["python3".to_string(), "-c".to_string(), "é".repeat(400)];
+        let kept = kept_cmdline(&script);
+        assert!(kept.starts_with("python3 -c éé") && kept.ends_with('…'), "{kept}");
+        assert!(kept.len() <= CMDLINE_KEPT + '…'.len_utf8(), "{}", kept.len());
+        let exact = vec!["x".repeat(CMDLINE_KEPT)];
+        assert_eq!(kept_cmdline(&exact), exact[0]);
+    }
 }

@@ -206,12 +206,25 @@ pub async fn run() -> Result<()> {
             let took = started.elapsed();
             tokio::time::sleep(Duration::from_secs(6)).await;
             let after = crate::footprint::usage(daemon.pid())?.0;
+            // The moves the daemon keeps in memory for `styxy audit` (up to 10,000): bounded,
+            // and part of what a round leaves.
+            let audit = daemon
+                .client()
+                .await?
+                .list_audit(styxy_tests::v1::ListAuditRequest {
+                    since_ms: None,
+                    limit: 10_000,
+                })
+                .await?
+                .into_inner()
+                .entries
+                .len();
             let all = totals.right + totals.wrong_session + totals.wrong_port + totals.refused;
             println!(
                 "{label:<38} round {round}: connections {all:>7} in {:.0} s: right {:>7}, another session's \
                  server {:>3}, the session's other server {:>3}, refused (between two lives) {:>6}; {} server \
                  starts; daemon {after:.1} MB 6 s after ({:+.1} MB on the round, {:+.1} MB on the {baseline:.1} \
-                 MB at start)",
+                 MB at start; {audit} moves in its audit)",
                 took.as_secs_f64(),
                 totals.right,
                 totals.wrong_session,
