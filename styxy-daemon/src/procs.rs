@@ -365,8 +365,15 @@ mod tests {
         assert_eq!(kept_cmdline(&short), "vite --port 5173");
         let script = vec!["python3".to_string(), "-c".to_string(), "é".repeat(400)];
         let kept = kept_cmdline(&script);
-        assert!(kept.starts_with("python3 -c éé") && kept.ends_with('…'), "{kept}");
-        assert!(kept.len() <= CMDLINE_KEPT + '…'.len_utf8(), "{}", kept.len());
+        assert!(
+            kept.starts_with("python3 -c éé") && kept.ends_with('…'),
+            "{kept}"
+        );
+        assert!(
+            kept.len() <= CMDLINE_KEPT + '…'.len_utf8(),
+            "{}",
+            kept.len()
+        );
         let exact = vec!["x".repeat(CMDLINE_KEPT)];
         assert_eq!(kept_cmdline(&exact), exact[0]);
     }
