@@ -140,15 +140,18 @@ pub fn install(layout: &Layout) -> Result<Vec<String>> {
         });
     }
     let mut report = Vec::new();
-    match styxy_daemon::find_ebpf_object(None) {
-        Ok(object) => items.push(Item {
-            target: layout.lib_dir().join(EBPF_OBJECT),
-            contents: read(&object)?,
-            mode: 0o644,
-        }),
-        Err(e) => report.push(format!(
-            "note: {e:#}; the daemon will read the socket tables instead"
-        )),
+    // A binary built with its eBPF programs inside (`cargo xtask build`) needs no object file.
+    if styxy_daemon::embedded_ebpf_object().is_none() {
+        match styxy_daemon::find_ebpf_object_file(None) {
+            Ok(object) => items.push(Item {
+                target: layout.lib_dir().join(EBPF_OBJECT),
+                contents: read(&object)?,
+                mode: 0o644,
+            }),
+            Err(e) => report.push(format!(
+                "note: {e:#}; the daemon will read the socket tables instead"
+            )),
+        }
     }
 
     let mut manifest = Manifest::load(layout)?;

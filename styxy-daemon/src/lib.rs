@@ -26,6 +26,6 @@ mod session_reports;
 mod store;
 mod table;
 
-pub use bpf::find_object as find_ebpf_object;
+pub use bpf::{embedded_object as embedded_ebpf_object, find_object_file as find_ebpf_object_file};
 pub use daemon::{run, KernelLogLevel, ObserverChoice, Options};
 pub use proxy::{HostHeader, ProxyEntry};

@@ -30,6 +30,51 @@ async fn ebpf_daemon(setup: &EbpfSetup, cgroup: &ChildCgroup) -> Result<Daemon> 
     Ok(daemon)
 }
 
+/// The one `styxy` binary carries its programs: a daemon given no object (no `--ebpf-object`,
+/// no `$STYXY_EBPF_OBJECT`) loads the one built into it, says so in `styxy status`, and moves
+/// nothing it should not (it sees binds in its cgroup). `cargo xtask test` builds the binaries
+/// with the object inside; a plain `cargo test` build has none, and this test says SKIP there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_styxy_binary_carries_its_ebpf_programs() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let cgroup = ChildCgroup::create(&setup.cgroup_root)?;
+    let path = cgroup.path.to_str().context("utf-8 path")?;
+    if std::env::var_os("STYXY_EBPF_OBJECT").is_some() {
+        anyhow::bail!("STYXY_EBPF_OBJECT is set: this test needs the daemon to choose");
+    }
+    let daemon = Daemon::start_with(&["--observer", "ebpf", "--cgroup", path]).await?;
+    let status = daemon.status().await?;
+    ensure!(status.observer == "ebpf", "observer: {status:?}");
+    if !status.observer_reason.contains("built into this binary") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI builds the binaries with their programs inside: {}",
+            status.observer_reason
+        );
+        eprintln!(
+            "SKIP: this styxy was built without its eBPF programs inside (`cargo xtask test` builds them in): {}",
+            status.observer_reason
+        );
+        return Ok(());
+    }
+    // It observes: a bind in its cgroup is seen.
+    let mut binder = Spawned::start(&mut cgroup.command(
+        "python3",
+        &["-u", "-c", BINDER, &format!("tcp:4:{}", daemon.base)],
+    ))?;
+    binder.line_where(10, |l| l.starts_with("tcp 4"))?;
+    styxy_tests::eventually(10, "the bind seen", || async {
+        let out = daemon.cli(&["observe", &daemon.base.to_string()]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("python")
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 /// A python process that binds what it is told and prints `PROTO FAMILY PORT` for each, then waits
 /// for stdin to close.
 const BINDER: &str = r#"

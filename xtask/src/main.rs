@@ -4,7 +4,8 @@
 //! - `build-ebpf`: build the kernel programs (styxy-ebpf) into `target/styxy-ebpf.o`;
 //! - `build-preload`: build the bind() shim (styxy-preload, `no_std`, panic = "abort") and put
 //!   `libstyxy_preload.so` next to the other binaries in `target/debug` and `target/release`;
-//! - `build`: everything, release mode (eBPF included when it can): what `styxy install` installs;
+//! - `build`: everything, release mode (eBPF included when it can, inside the `styxy` binary):
+//!   what `styxy install` installs;
 //! - `run`: set up, build in release mode (eBPF included when it can) and run the daemon in the foreground;
 //! - `lint`: `cargo fmt --check` and `cargo clippy -D warnings` on all three workspaces (the main
 //!   one, the shim's and the eBPF programs', the last with Debian's clippy);
@@ -85,17 +86,21 @@ fn main() -> Result<()> {
                 Err(e) if std::env::var_os("CI").is_some() => return Err(e),
                 Err(e) => eprintln!("xtask: {e:#}\nxtask: the eBPF tests will say SKIP"),
             }
-            cargo(&["build", "--workspace"])?;
+            run(with_embedded_ebpf(&root, cargo_command()).args(["build", "--workspace"]))?;
             build_preload(&root, &["debug"])?;
             // The shim's own unit tests (it is not a workspace member).
             run(preload_cargo(&root).arg("test"))?;
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
-            cargo(&test_args)
+            run(with_embedded_ebpf(&root, cargo_command()).args(&test_args))
         }
         Task::Bench { args } => {
             setup(&root)?;
-            cargo(&["build", "--release", "--workspace"])?;
+            run(with_embedded_ebpf(&root, cargo_command()).args([
+                "build",
+                "--release",
+                "--workspace",
+            ]))?;
             build_preload(&root, &["release"])?;
             run(Command::new(root.join("target/release/styxy-bench")).args(&args))
         }
@@ -213,15 +218,29 @@ fn build_release(root: &Path) -> Result<()> {
             "xtask: {e:#}\nxtask: continuing without eBPF: the daemon will read the socket tables"
         );
     }
-    cargo(&[
+    run(with_embedded_ebpf(root, cargo_command()).args([
         "build",
         "--release",
         "-p",
         "styxy-cli",
         "-p",
         "styxy-shim-client",
-    ])?;
+    ]))?;
     build_preload(root, &["release"])
+}
+
+/// `command` (a cargo build) with `STYXY_EBPF_EMBED` naming `target/styxy-ebpf.o` when it is
+/// there: the daemon then carries its programs inside (see `styxy-daemon/build.rs`). Every build
+/// xtask makes sets it alike, so they never rebuild each other's daemon; a plain `cargo build`
+/// makes a daemon that finds the object as a file.
+fn with_embedded_ebpf(root: &Path, mut command: Command) -> Command {
+    let object = root.join("target/styxy-ebpf.o");
+    if object.is_file() {
+        command.env("STYXY_EBPF_EMBED", object);
+    } else {
+        command.env_remove("STYXY_EBPF_EMBED");
+    }
+    command
 }
 
 /// Cargo for the shim's own workspace (styxy-preload), building into target/preload.

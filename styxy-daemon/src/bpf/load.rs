@@ -133,7 +133,7 @@ fn field_offset(format: &str, field: &str) -> Option<u32> {
 
 /// How the programs are loaded.
 pub struct AttachOptions<'a> {
-    pub object: &'a Path,
+    pub object: &'a super::object::Object,
     pub cgroup: &'a Path,
     /// The cgroup is the root: the programs see every bind, so they may move and redirect.
     pub whole_machine: bool,
@@ -158,8 +158,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         bail!("the eBPF observer needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)");
     }
     raise_memlock_limit();
-    let bytes = std::fs::read(object)
-        .with_context(|| format!("reading eBPF object {}", object.display()))?;
+    let bytes: &[u8] = &object.bytes;
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
     // Sessions need the whole machine (a port held anywhere must count), the tracepoints and
@@ -196,7 +195,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     // Pinned, so the sessions outlive this daemon, when the programs may enforce sessions;
     // otherwise whatever an earlier daemon of this state directory left pinned goes.
     let pins = match (&offsets, options.whole_machine) {
-        (Ok(_), true) => match Pins::prepare(options.state_dir, &bytes) {
+        (Ok(_), true) => match Pins::prepare(options.state_dir, bytes) {
             Ok(pins) => Some(Arc::new(pins)),
             Err(e) => {
                 tracing::warn!(cause = %format!("{e:#}"),
@@ -247,13 +246,18 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
         .override_global("EPHEMERAL_HIGH", &u32::from(ephemeral_high), true)
         .override_global("EPHEMERAL_IN_NO_RANGE", &ephemeral_in_no_range, true)
-        .load(&bytes)
-        .with_context(|| format!("loading eBPF object {}", object.display()))?;
+        .load(bytes)
+        .with_context(|| format!("loading the eBPF object ({})", object.origin))?;
     let mut links = Vec::new();
     for name in PROGRAMS_SOCK {
         let program: &mut CgroupSock = ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from {}", object.display()))?
+            .with_context(|| {
+                format!(
+                    "program {name} missing from the eBPF object ({})",
+                    object.origin
+                )
+            })?
             .try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
         let fd = program.fd()?.as_fd().try_clone_to_owned()?;
@@ -274,14 +278,24 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         for name in session_programs::cgroup_program_names() {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from {}", object.display()))?
+                .with_context(|| {
+                    format!(
+                        "program {name} missing from the eBPF object ({})",
+                        object.origin
+                    )
+                })?
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
         for (name, _) in session_programs::TRACEPOINTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from {}", object.display()))?
+                .with_context(|| {
+                    format!(
+                        "program {name} missing from the eBPF object ({})",
+                        object.origin
+                    )
+                })?
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }

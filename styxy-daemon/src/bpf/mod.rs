@@ -24,4 +24,4 @@ pub mod sessions;
 pub use attached::Attached;
 pub use events::OwnerCache;
 pub use load::{attach, ephemeral_ports, AttachOptions};
-pub use object::{cgroup2_root, find_object};
+pub use object::{cgroup2_root, embedded_object, find_object, find_object_file};

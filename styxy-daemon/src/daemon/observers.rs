@@ -34,7 +34,7 @@ pub(super) fn start(
         }
     };
     let ebpf_error = match ebpf {
-        Some(Ok((mut attached, whole_machine))) => {
+        Some(Ok((mut attached, whole_machine, origin))) => {
             let reading = tokio::task::block_in_place(|| engine.resync_reading())
                 .context("reading the kernel's socket tables")?;
             let seeded = attached.seed_bound(&reading);
@@ -68,8 +68,9 @@ pub(super) fn start(
             let status = ObserverStatus {
                 kind: "ebpf",
                 reason: format!(
-                    "attached to cgroup {}; {seeded} socket(s) bound before it were read from the socket tables; \
-                     {point_checks}; {sessions}; {pinned}; a full reading every {} s as a safety net",
+                    "the programs ({origin}) attached to cgroup {}; {seeded} socket(s) bound before it were read \
+                     from the socket tables; {point_checks}; {sessions}; {pinned}; a full reading every {} s as a \
+                     safety net",
                     attached.cgroup.display(),
                     EBPF_SAFETY_RESYNC.as_secs()
                 ),
@@ -111,9 +112,9 @@ pub(super) fn start(
     })
 }
 
-/// The attached programs, and whether they sit at the root of the cgroup tree (and so see every
-/// bind on the machine).
-fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attached, bool)> {
+/// The attached programs, whether they sit at the root of the cgroup tree (and so see every bind
+/// on the machine), and where the object came from.
+fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attached, bool, String)> {
     let object = ebpf::find_object(opts.ebpf_object.as_deref())?;
     let root = ebpf::cgroup2_root();
     let cgroup = match (&opts.cgroup, &root) {
@@ -136,7 +137,7 @@ fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attache
         ranges,
         state_dir: &opts.state_dir,
     })?;
-    Ok((attached, at_root))
+    Ok((attached, at_root, object.origin))
 }
 
 /// Runs the eBPF reader on a thread of its own, scheduled `SCHED_BATCH`, and returns once it
