@@ -25,7 +25,8 @@ log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_cli
 # curl (a real client), Go and musl to build the static servers the kernel-session tests run
 # (no LD_PRELOAD reaches them), and for the names over HTTPS: Chromium (a real browser), NSS's
 # certutil and ca-certificates (the stores `styxy trust` changes), and nss-myhostname, with which
-# glibc resolves `*.localhost` to loopback (its package adds `myhostname` to /etc/nsswitch.conf).
+# glibc resolves `*.localhost` to loopback (its package adds `myhostname` to /etc/nsswitch.conf);
+# zsh, fish and man load the completions and man pages `styxy` writes.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   tools=()
   command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
@@ -36,6 +37,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   command -v chromium >/dev/null 2>&1 || tools+=(chromium)
   command -v certutil >/dev/null 2>&1 || tools+=(libnss3-tools)
   command -v update-ca-certificates >/dev/null 2>&1 || tools+=(ca-certificates)
+  command -v zsh >/dev/null 2>&1 || tools+=(zsh)
+  command -v fish >/dev/null 2>&1 || tools+=(fish)
+  command -v man >/dev/null 2>&1 || tools+=(man-db)
   dpkg-query -W -f='${Status}' libnss-myhostname 2>/dev/null | grep -q "install ok installed" || tools+=(libnss-myhostname)
   if [ ${#tools[@]} -gt 0 ]; then
     log "apt-get install ${tools[*]}"

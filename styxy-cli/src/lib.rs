@@ -1,10 +1,11 @@
 //! The `styxy` command: the client of the daemon (one module per command under `commands`),
 //! `styxy run` and `styxy env` (`preload`), `styxy install` (`install`), the Claude Code hooks
-//! (`hook`), the MCP server (`mcp`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
+//! (`hook`), the MCP server (`mcp`), shell completions and man pages (`docs`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
 //! whole binary; [`client`] is how every part (and the tests) reach the daemon.
 
 pub mod client;
 mod commands;
+mod docs;
 mod hook;
 mod install;
 mod logging;
@@ -69,7 +70,8 @@ enum Command {
         )]
         command: Vec<std::ffi::OsString>,
     },
-    /// Install the binary, the shim, the eBPF object and the systemd unit.
+    /// Install the binary (its eBPF programs inside it, or their object beside it), the shim and the
+    /// systemd units.
     Install(InstallArgs),
     /// Remove what `styxy install` put in place (same --prefix and --root).
     Uninstall(InstallArgs),
@@ -84,6 +86,14 @@ enum Command {
         /// Also set STYXY_INSTANCE.
         #[arg(long)]
         instance: Option<String>,
+    },
+    /// Print the completion script for a shell: bash, zsh, fish, elvish or powershell (e.g.
+    /// `styxy completions bash > /usr/share/bash-completion/completions/styxy`).
+    Completions { shell: clap_complete::Shell },
+    /// Write a man page for `styxy` and each of its commands (styxy.1, styxy-ports.1, …) into DIR.
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
     #[command(flatten)]
     Client(commands::Command),
@@ -142,6 +152,11 @@ fn parse_timeout(text: &str) -> Result<f64, String> {
             "{text:?} is not a number of seconds from 0.1 to 86400"
         )),
     }
+}
+
+/// The `styxy` command line as clap describes it (completions and man pages are made from it).
+fn command_line() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
 }
 
 /// The `styxy` binary: parses the command line, runs the command, and turns an error into one
@@ -252,6 +267,13 @@ async fn run(args: Args) -> Result<()> {
                 "{}",
                 preload::env_lines(&library, instance.as_deref(), args.socket.as_deref())
             );
+            Ok(())
+        }
+        Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
+        Command::Manpages { dir } => {
+            for written in docs::manpages(&dir)? {
+                println!("{}", written.display());
+            }
             Ok(())
         }
         Command::Client(command) => {

@@ -556,3 +556,117 @@ fn the_mcp_server_answers_lines_that_are_not_json_with_parse_errors() -> anyhow:
         .any(|r| r["id"] == 3 && r["result"]["tools"].is_array()));
     Ok(())
 }
+
+/// `styxy completions SHELL` as each shell loads it: bash completes `styxy po` to `ports`, fish
+/// lists `ports` with its description, zsh registers `_styxy` for `styxy`. A shell this machine
+/// lacks says SKIP (CI installs them all).
+#[test]
+fn completions_load_in_bash_zsh_and_fish_and_complete_commands() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let script = |shell: &str| -> anyhow::Result<std::path::PathBuf> {
+        let out = Command::new(styxy_bin())
+            .args(["completions", shell])
+            .output()?;
+        let path = dir.path().join(format!("styxy.{shell}"));
+        std::fs::write(&path, text(&out))?;
+        Ok(path)
+    };
+    let have = |shell: &str| {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {shell}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI installs {shell} (scripts/setup.sh)"
+            );
+            eprintln!("SKIP: no {shell} on this machine");
+        }
+        found
+    };
+    let bash = script("bash")?;
+    let completed = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(styxy po); COMP_CWORD=1; COMP_LINE='styxy po'; COMP_POINT=8; \
+             _styxy styxy po styxy; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            bash.display()
+        ))
+        .output()?;
+    assert_eq!(text(&completed).trim(), "ports");
+    if have("fish") {
+        let fish = script("fish")?;
+        let completed = Command::new("fish")
+            .arg("-c")
+            .arg(format!("source {}; complete -C 'styxy po'", fish.display()))
+            .output()?;
+        let listed = text(&completed);
+        assert!(listed.lines().any(|l| l.starts_with("ports\t")), "{listed}");
+    }
+    if have("zsh") {
+        let functions = dir.path().join("zsh");
+        std::fs::create_dir(&functions)?;
+        std::fs::rename(script("zsh")?, functions.join("_styxy"))?;
+        let registered = Command::new("zsh")
+            .arg("-fc")
+            .arg(format!(
+                "fpath=({} $fpath); autoload -Uz compinit; compinit -u -d {}; print $_comps[styxy]",
+                functions.display(),
+                dir.path().join("zcompdump").display()
+            ))
+            .output()?;
+        assert_eq!(text(&registered).trim(), "_styxy");
+    }
+    let refused = Command::new(styxy_bin())
+        .args(["completions", "tcsh"])
+        .output()?;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("possible values: bash"));
+    Ok(())
+}
+
+/// `styxy manpages DIR` writes a page for `styxy` and for every command and subcommand, and
+/// `man` renders each with its name and its options.
+#[test]
+fn every_command_has_a_man_page_that_man_renders() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(styxy_bin())
+        .arg("manpages")
+        .arg(dir.path())
+        .output()?;
+    let written = text(&out);
+    // Every command `styxy --help` lists has its page.
+    let help = text(&Command::new(styxy_bin()).arg("--help").output()?);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() > 15, "{help}");
+    for command in commands.iter().copied().chain(["hook-install"]) {
+        let page = dir.path().join(format!("styxy-{command}.1"));
+        assert!(written.contains(&page.display().to_string()), "{written}");
+        let rendered = Command::new("man")
+            .arg("-l")
+            .arg(&page)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()?;
+        // Words as man lays them out (it justifies lines with extra spaces).
+        let rendered = text(&rendered)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            rendered.contains(&format!("NAME styxy-{command} - ")),
+            "{command}: {rendered}"
+        );
+    }
+    let ports = std::fs::read_to_string(dir.path().join("styxy-ports.1"))?;
+    assert!(ports.contains("instance"), "{ports}");
+    Ok(())
+}
