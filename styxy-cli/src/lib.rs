@@ -1,11 +1,13 @@
 //! The `styxy` command: the client of the daemon (one module per command under `commands`),
 //! `styxy run` and `styxy env` (`preload`), `styxy install` (`install`), the Claude Code hooks
-//! (`hook`), the MCP server (`mcp`), shell completions and man pages (`docs`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
+//! (`hook`), the MCP server (`mcp`), shell completions and man pages (`docs`), `styxy doctor`
+//! (`doctor`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
 //! whole binary; [`client`] is how every part (and the tests) reach the daemon.
 
 pub mod client;
 mod commands;
 mod docs;
+mod doctor;
 mod hook;
 mod install;
 mod logging;
@@ -87,6 +89,10 @@ enum Command {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Check what Styxy needs here — the daemon and its observer, the eBPF programs and kernel
+    /// sessions, the shim, the Claude Code hooks and MCP server, the state dir, other port tools —
+    /// and say how to fix what is off. Exit status 0 only when all is well.
+    Doctor,
     /// Print the completion script for a shell: bash, zsh, fish, elvish or powershell (e.g.
     /// `styxy completions bash > /usr/share/bash-completion/completions/styxy`).
     Completions { shell: clap_complete::Shell },
@@ -270,6 +276,18 @@ async fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
+        Command::Doctor => {
+            let target = match args.tcp {
+                Some(addr) => Target::Tcp(addr),
+                None => Target::Unix(args.socket.unwrap_or_else(daemon_socket)),
+            };
+            doctor::run(
+                &target,
+                args.json,
+                std::time::Duration::from_secs_f64(args.timeout),
+            )
+            .await
+        }
         Command::Manpages { dir } => {
             for written in docs::manpages(&dir)? {
                 println!("{}", written.display());

@@ -455,6 +455,44 @@ fn styxy_exe() -> Result<String> {
     Ok(exe.to_string_lossy().into_owned())
 }
 
+/// What `styxy hook install` put in one scope (read only; for `styxy doctor`).
+pub struct Installed {
+    /// The hooks of [`HOOKS`] missing from the settings file (by event name).
+    pub missing_hooks: Vec<&'static str>,
+    /// Whether the MCP server is configured.
+    pub mcp_server: bool,
+}
+
+/// Reads which of Styxy's hooks and whether its MCP server are in `places` (nothing is written).
+pub fn installed(places: &Places) -> Result<Installed> {
+    let settings = JsonFile::load(&places.settings)?;
+    let mcp = JsonFile::load(&places.mcp)?;
+    let has_hook = |event: &str, arg: &str| {
+        settings
+            .value
+            .pointer(&format!("/hooks/{event}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.get("hooks").and_then(Value::as_array))
+            .flatten()
+            .any(|h| is_our_hook(h, arg))
+    };
+    let missing_hooks = HOOKS
+        .iter()
+        .filter(|(event, _, arg)| !has_hook(event, arg))
+        .map(|(event, _, _)| *event)
+        .collect();
+    let mcp_server = mcp
+        .value
+        .pointer(&format!("/mcpServers/{MCP_NAME}"))
+        .is_some();
+    Ok(Installed {
+        missing_hooks,
+        mcp_server,
+    })
+}
+
 /// `styxy hook install`: returns the lines to print.
 pub fn install(places: &Places) -> Result<Vec<String>> {
     let exe = styxy_exe()?;
