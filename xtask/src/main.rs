@@ -10,7 +10,10 @@
 //! - `lint`: `cargo fmt --check` and `cargo clippy -D warnings` on all three workspaces (the main
 //!   one, the shim's and the eBPF programs', the last with Debian's clippy);
 //! - `test`: build every binary the end-to-end tests start, then run the whole test suite;
-//! - `bench`: build in release mode and run the side-by-side benchmarks.
+//! - `bench`: build in release mode and run the side-by-side benchmarks;
+//! - `dist`: the Debian package, `target/dist/styxy_<version>_amd64.deb` (see `dist`).
+
+mod dist;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +55,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The Debian package, target/dist/styxy_<version>_amd64.deb (checked by lintian when present).
+    Dist,
     /// Benchmarks, measured side by side in one run (release build).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -78,6 +83,7 @@ fn main() -> Result<()> {
             run(Command::new(&styxy).arg("daemon").args(&args))
         }
         Task::Lint => lint(&root),
+        Task::Dist => dist::dist(&root).map(drop),
         Task::Test { args } => {
             setup(&root)?;
             match build_ebpf(&root, true) {
