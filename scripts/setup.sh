@@ -26,7 +26,7 @@ log "ok: grpcurl $(grpcurl -version 2>&1 | head -n1), portpicker, prometheus_cli
 # (no LD_PRELOAD reaches them), and for the names over HTTPS: Chromium (a real browser), NSS's
 # certutil and ca-certificates (the stores `styxy trust` changes), and nss-myhostname, with which
 # glibc resolves `*.localhost` to loopback (its package adds `myhostname` to /etc/nsswitch.conf);
-# zsh, fish and man load the completions and man pages `styxy` writes.
+# zsh, fish and man load the completions and man pages `styxy` writes; lintian checks the package.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   tools=()
   command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
@@ -40,6 +40,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   command -v zsh >/dev/null 2>&1 || tools+=(zsh)
   command -v fish >/dev/null 2>&1 || tools+=(fish)
   command -v man >/dev/null 2>&1 || tools+=(man-db)
+  command -v lintian >/dev/null 2>&1 || tools+=(lintian)
   dpkg-query -W -f='${Status}' libnss-myhostname 2>/dev/null | grep -q "install ok installed" || tools+=(libnss-myhostname)
   if [ ${#tools[@]} -gt 0 ]; then
     log "apt-get install ${tools[*]}"

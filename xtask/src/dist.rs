@@ -19,16 +19,23 @@ set -e
 if [ "$1" = "configure" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
     systemctl enable --now styxy-http.socket styxy-https.socket styxy.service >/dev/null 2>&1 || true
+    # An upgrade: the running daemon makes way for the new one (kernel sessions stay pinned).
+    systemctl try-restart styxy.service >/dev/null 2>&1 || true
 fi
 exit 0
 "#;
+/// On removal (not on an upgrade, which keeps the kernel sessions across the restart): the
+/// daemon stops, and the programs it pinned for its sessions are detached.
 const PRERM: &str = r#"#!/bin/sh
 set -e
-if [ -d /run/systemd/system ]; then
-    systemctl disable --now styxy.service styxy-http.socket styxy-https.socket >/dev/null 2>&1 || true
+if [ "$1" = "remove" ] || [ "$1" = "deconfigure" ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now styxy.service styxy-http.socket styxy-https.socket >/dev/null 2>&1 || true
+    fi
+    # A daemon started by hand (no systemd) stops too.
+    pkill -TERM -f '^/usr/bin/styxy daemon' >/dev/null 2>&1 || true
+    rm -rf /sys/fs/bpf/styxy/var-lib-styxy
 fi
-# A daemon started by hand (no systemd): it stops, and takes its kernel programs with it.
-pkill -TERM -f '^/usr/bin/styxy daemon' >/dev/null 2>&1 || true
 exit 0
 "#;
 const POSTRM: &str = r#"#!/bin/sh
