@@ -37,6 +37,21 @@ impl Drop for Server {
     }
 }
 
+/// Runs `command` to its end: its stdout, or an error with both its outputs when it failed.
+pub fn run_ok(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `python3 -m http.server PORT` on 127.0.0.1, once it accepts connections.
 pub fn http_server(port: u16) -> Result<Server> {
     let child = Command::new("python3")

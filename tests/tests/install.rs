@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::{http_server, notice_port, styxy_bin, Daemon, Spawned};
+use styxy_tests::{http_server, notice_port, run_ok, styxy_bin, Daemon, Spawned};
 
 /// A fresh directory, removed when the returned guard drops (a failed test included).
 fn temp_dir(name: &str) -> Result<(tempfile::TempDir, PathBuf)> {
@@ -23,19 +23,6 @@ fn styxy(args: &[&str]) -> Command {
     let mut command = Command::new(styxy_bin());
     command.args(args);
     command
-}
-
-fn run_ok(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Every path under `dir` with its contents (None for directories).

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
-use styxy_tests::{ebpf_ready, http_server, is_root, KillOnDrop, Spawned};
+use styxy_tests::{ebpf_ready, http_server, is_root, run_ok, KillOnDrop, Spawned};
 
 /// The workspace root (this crate is `tests/`).
 fn workspace() -> PathBuf {
@@ -21,19 +21,6 @@ fn workspace() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
-}
-
-fn run(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Removes the package when the test ends, however it ends.
@@ -63,10 +50,12 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         return Ok(());
     }
     let root = workspace();
-    let built = run(Command::new(env!("CARGO"))
-        .args(["xtask", "dist"])
-        .current_dir(&root)
-        .stdin(Stdio::null()))?;
+    let built = run_ok(
+        Command::new(env!("CARGO"))
+            .args(["xtask", "dist"])
+            .current_dir(&root)
+            .stdin(Stdio::null()),
+    )?;
     let package = built
         .lines()
         .filter_map(|l| l.strip_prefix("xtask: "))
@@ -75,8 +64,8 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         .with_context(|| format!("the package's path in {built}"))?;
 
     let _purge = Purge;
-    run(Command::new("dpkg").arg("-i").arg(&package))?;
-    let listed = run(Command::new("dpkg").args(["-L", "styxy"]))?;
+    run_ok(Command::new("dpkg").arg("-i").arg(&package))?;
+    let listed = run_ok(Command::new("dpkg").args(["-L", "styxy"]))?;
     for file in [
         "/usr/bin/styxy",
         "/usr/lib/styxy/libstyxy_preload.so",
@@ -157,9 +146,11 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
 
     // The doctor, with the hooks installed and the shim preloaded: all green.
     let home = tempfile::tempdir()?;
-    run(Command::new("/usr/bin/styxy")
-        .args(["hook", "install"])
-        .env("HOME", home.path()))?;
+    run_ok(
+        Command::new("/usr/bin/styxy")
+            .args(["hook", "install"])
+            .env("HOME", home.path()),
+    )?;
     let doctor = Command::new("/usr/bin/styxy")
         .args(["--json", "doctor"])
         .env("HOME", home.path())
@@ -183,7 +174,7 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
     })
     .await?;
     let mut daemon = daemon;
-    run(Command::new("dpkg").args(["-r", "styxy"]))?;
+    run_ok(Command::new("dpkg").args(["-r", "styxy"]))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let stopped = loop {
         if let Some(exit) = daemon.0.try_wait()? {
@@ -214,7 +205,7 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         Path::new("/var/lib/styxy").exists(),
         "the daemon's state dir"
     );
-    run(Command::new("dpkg").args(["--purge", "styxy"]))?;
+    run_ok(Command::new("dpkg").args(["--purge", "styxy"]))?;
     ensure!(
         !Path::new("/var/lib/styxy").exists(),
         "purge removes the state dir"
