@@ -907,6 +907,55 @@ fn a_moved_bind_of_a_session_enters_its_view_until_the_moved_socket_is_released(
     assert!(b.leases().next().is_none());
 }
 
+/// A dev server that binds its port for TCP and UDP, moved once (one claim for the port): its
+/// session reaches it over both, and the UDP bind is what adds the UDP entry.
+#[test]
+fn a_server_moved_for_tcp_and_udp_is_in_its_view_for_both() {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(40)].into(),
+        ..Procs::default()
+    };
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 1);
+    b.apply(bound_by(2, 8000, 30, Protocol::Udp), 1);
+    let (moved, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 2)
+        .unwrap();
+    assert!(matches!(moved, BindDecision::Reassign { port: 8001, .. }));
+    b.apply(bound_by(3, 8001, 40, Protocol::Tcp), 3);
+    let (again, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Udp, "B"), &procs, 4)
+        .unwrap();
+    assert!(
+        matches!(again, BindDecision::Reassign { port: 8001, .. }),
+        "{again:?}"
+    );
+    let udp = bound_by(4, 8001, 40, Protocol::Udp);
+    b.apply(udp, 5);
+    let protocols: Vec<(Protocol, u16, u16)> = b
+        .views()
+        .iter()
+        .map(|e| (e.protocol, e.asked, e.bound))
+        .collect();
+    assert_eq!(
+        protocols,
+        vec![(Protocol::Tcp, 8000, 8001), (Protocol::Udp, 8000, 8001)]
+    );
+    let held = b
+        .sockets_on(8001, Some(Protocol::Udp))
+        .next()
+        .cloned()
+        .expect("the UDP socket");
+    assert!(
+        b.changes_a_view(&held),
+        "its bind is published as a view change"
+    );
+    // The UDP socket goes: the TCP entry stays.
+    b.apply(PortEvent::Released { cookie: 4 }, 6);
+    assert_eq!(b.views().len(), 1);
+    assert_eq!(b.views()[0].protocol, Protocol::Tcp);
+}
+
 #[test]
 fn a_view_entry_ends_with_its_process_and_needs_an_instance_and_a_move() {
     let mut b = broker();

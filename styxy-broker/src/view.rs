@@ -52,21 +52,45 @@ impl Broker {
             if !lease.is_claim() {
                 continue;
             }
-            let entry = ViewEntry {
-                instance_id: instance.to_string(),
-                protocol,
-                asked,
-                bound: lease.port,
-                pid: lease.process.map_or(0, |p| p.pid),
-                uid: lease.owner_uid,
-            };
-            let rank = (lease.created_ms, lease.id.as_str());
-            let key = (instance, lease.owner_uid, protocol, asked);
-            if newest.get(&key).is_none_or(|(at, id, _)| (*at, *id) < rank) {
-                newest.insert(key, (rank.0, rank.1, entry));
+            // A server moved once for both protocols (a dev server's TCP and UDP on one port: a
+            // claim is per port, recorded with its first bind's protocol) is reached by both.
+            let mut protocols = vec![protocol];
+            if let Some(owner) = lease.process {
+                for held in self.sockets_on(lease.port, None) {
+                    let own = held.socket.owner.as_ref().map(|o| o.id) == Some(owner);
+                    if own && !protocols.contains(&held.socket.protocol) {
+                        protocols.push(held.socket.protocol);
+                    }
+                }
+            }
+            for protocol in protocols {
+                let entry = ViewEntry {
+                    instance_id: instance.to_string(),
+                    protocol,
+                    asked,
+                    bound: lease.port,
+                    pid: lease.process.map_or(0, |p| p.pid),
+                    uid: lease.owner_uid,
+                };
+                let rank = (lease.created_ms, lease.id.as_str());
+                let key = (instance, lease.owner_uid, protocol, asked);
+                if newest.get(&key).is_none_or(|(at, id, _)| (*at, *id) < rank) {
+                    newest.insert(key, (rank.0, rank.1, entry));
+                }
             }
         }
         newest.into_values().map(|(_, _, entry)| entry).collect()
+    }
+
+    /// Whether a socket bound or released changes a view: it is the moved process's socket on
+    /// its claim's port (the view follows the protocols that process holds there).
+    pub fn changes_a_view(&self, held: &Held) -> bool {
+        self.leases.get(&held.socket.port).is_some_and(|l| {
+            l.is_claim()
+                && l.asked().is_some()
+                && l.process.is_some()
+                && l.process == held.socket.owner.as_ref().map(|o| o.id)
+        })
     }
 
     /// One session's view.

@@ -90,7 +90,10 @@ impl PublishedTable {
         let mut views_changed = false;
         for notice in &effects.notices {
             match notice {
-                Notice::Bound(h) | Notice::Released(h) => ports.push(h.socket.port),
+                Notice::Bound(h) | Notice::Released(h) => {
+                    ports.push(h.socket.port);
+                    views_changed |= broker.changes_a_view(h);
+                }
                 Notice::Leased(l) | Notice::LeaseEnded(l) => {
                     ports.push(l.port);
                     views_changed |= l.asked().is_some();

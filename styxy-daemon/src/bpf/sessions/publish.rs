@@ -43,7 +43,10 @@ impl KernelSessions {
             let registry = lock(&self.registry);
             for notice in &effects.notices {
                 let port = match notice {
-                    Notice::Bound(h) | Notice::Released(h) => h.socket.port,
+                    Notice::Bound(h) | Notice::Released(h) => {
+                        views_changed |= broker.changes_a_view(h);
+                        h.socket.port
+                    }
                     Notice::Leased(l) | Notice::LeaseEnded(l) => {
                         views_changed |= l.asked().is_some();
                         l.port
