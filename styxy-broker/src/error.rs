@@ -50,4 +50,15 @@ pub enum BrokerError {
         /// Its owner.
         owner_uid: u32,
     },
+    /// No session has this id or name.
+    #[error("no session {0}: `styxy status` lists the sessions by name and id")]
+    NoSuchSession(String),
+    /// The session is another user's: only its owner (or root) may give it the focus.
+    #[error("session {id} belongs to uid {owner_uid}; only that user or root may focus it")]
+    NotYourSession {
+        /// The session asked for.
+        id: String,
+        /// Its owner.
+        owner_uid: u32,
+    },
 }

@@ -106,6 +106,7 @@ impl Broker {
             project: earlier.and_then(|i| i.project.clone()).or(label.project),
             name: label.name.or_else(|| earlier.and_then(|i| i.name.clone())),
             first_registered_ms: earlier.map_or(now_ms, Instance::since_ms),
+            focused_by: earlier.map(|i| i.focused_by.clone()).unwrap_or_default(),
         };
         let mut effects = Effects::default();
         effects.changes.push(StateChange::PutInstance {

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod focus;
 mod hold;
 mod instances;
 mod kernel_move;
@@ -45,6 +46,7 @@ pub use sticky::{StickyKey, StickyPort, STICKY_PER_USER};
 pub use view::ViewEntry;
 
 pub use error::BrokerError;
+pub use focus::{retargets, Focus, FocusChange, Retarget};
 pub use instances::InstanceLabel;
 pub use leases::{AllocateRequest, LeaseSettings, Suggestion};
 pub use names::{NamedServer, Names, SessionName, NAME_SUFFIX, RESERVED_NAME};

@@ -206,6 +206,11 @@ pub struct Instance {
     /// When it was first registered (Unix ms); 0 in instances saved before it was kept.
     #[serde(default)]
     pub first_registered_ms: u64,
+    /// The users who gave this session the focus (see `focus`): their processes outside every
+    /// session reach its servers at the ports they asked for. A user focuses one session at a
+    /// time; the focus ends with the session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub focused_by: Vec<u32>,
 }
 
 /// Processes an instance remembers (see [`Instance::placed`]).

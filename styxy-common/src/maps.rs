@@ -15,9 +15,10 @@ use crate::event::{
     PORTS_MAP, PORT_SLOTS, REQUESTED_MAP,
 };
 use crate::session::{
-    Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAP, MOVES_MAX,
-    PORT_INFO_MAP, READER_MAP, REVERSE_MAP, REVERSE_MAX, SESSIONS_MAP, SESSIONS_MAX, SPARES_LEN,
-    SPARES_MAP, STICKY_MAP, STICKY_MAX, VIEWS_MAP, VIEWS_MAX,
+    Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, FOCUSING_LEN, FOCUSING_MAP,
+    FOCUS_MAP, FOCUS_MAX, MOVES_MAP, MOVES_MAX, PORT_INFO_MAP, READER_MAP, REVERSE_MAP,
+    REVERSE_MAX, SESSIONS_MAP, SESSIONS_MAX, SPARES_LEN, SPARES_MAP, STICKY_MAP, STICKY_MAX,
+    VIEWS_MAP, VIEWS_MAX,
 };
 
 /// `BPF_F_MMAPABLE`: an array the daemon maps into its memory.
@@ -96,6 +97,9 @@ pub const MAPS: &[MapSpec] = &[
     // The sessions' views.
     spec::<ViewKey, u32>(VIEWS_MAP, MapKind::Hash, VIEWS_MAX, 0),
     spec::<ReverseKey, u32>(REVERSE_MAP, MapKind::LruHash, REVERSE_MAX, 0),
+    // The users' focus (`styxy focus`).
+    spec::<u32, u32>(FOCUS_MAP, MapKind::Hash, FOCUS_MAX, 0),
+    spec::<u32, u32>(FOCUSING_MAP, MapKind::Array, FOCUSING_LEN, 0),
 ];
 
 /// The contract's entry for the map called `name`.

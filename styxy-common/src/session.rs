@@ -17,6 +17,10 @@
 //!   socket, so getpeername and recvmsg show the asked port back.
 //! - `STICKY` (hash, [`StickyKey`] → port, with [`STICKY_LINGERING`]): the sticky ports of each
 //!   session's project, so a kernel move gets the port its project got before while it is free.
+//! - `FOCUS` (hash, `u32` uid → session number, with `FOCUSING[0]` counting its entries): the
+//!   session whose view a user's processes outside every session follow (`styxy focus`); a
+//!   session's process follows it too for a port its own session neither maps nor serves; the
+//!   daemon's own process never does (`FOCUSING[FOCUSING_DAEMON]`).
 //! - `READER` (mmapable array, one `u32`): [`READER_SLEEPING`] while the daemon's ring-buffer
 //!   reader waits for a wake-up; otherwise records are submitted without one.
 
@@ -29,6 +33,8 @@ pub const VIEWS_MAP: &str = "VIEWS";
 pub const REVERSE_MAP: &str = "REVERSE";
 pub const READER_MAP: &str = "READER";
 pub const STICKY_MAP: &str = "STICKY";
+pub const FOCUS_MAP: &str = "FOCUS";
+pub const FOCUSING_MAP: &str = "FOCUSING";
 
 /// Value of `SESSIONS`: which session a task belongs to, whose it is, and since when.
 #[repr(C)]
@@ -81,6 +87,13 @@ pub const VIEWS_MAX: u32 = 16_384;
 /// Entries of `MOVES` and `REVERSE` (least recently used ones are dropped first).
 pub const MOVES_MAX: u32 = 16_384;
 pub const REVERSE_MAX: u32 = 65_536;
+/// Entries of `FOCUS`: users with a focus.
+pub const FOCUS_MAX: u32 = 4_096;
+/// `FOCUSING`: how many entries `FOCUS` holds, and the daemon's process (which never follows a
+/// focus: its proxy reaches each server by its real port).
+pub const FOCUSING_COUNT: u32 = 0;
+pub const FOCUSING_DAEMON: u32 = 1;
+pub const FOCUSING_LEN: u32 = 2;
 /// Entries of `STICKY`.
 pub const STICKY_MAX: u32 = 16_384;
 /// In a `STICKY` value: old connections linger on the port (TIME_WAIT), so only a socket with

@@ -8,12 +8,14 @@
 //! - `store` persists leases, instances and the audit log;
 //! - `table` publishes the session table the shim maps (taken ports, session views);
 //! - `session_reports` remembers what each agent session was last told (`SessionReport`);
+//! - `closing` aborts loopback connections a focus switch retargets (sock_diag);
 //! - `lingering` reads which ports old TCP connections still hold (TIME_WAIT), for the broker;
 //! - `metrics` counts what operators watch (served with `--metrics ADDR`);
 //! - `proxy` serves every live server by its name (`--proxy ADDR`).
 
 mod bpf;
 mod clock;
+mod closing;
 mod daemon;
 mod engine;
 mod lingering;

@@ -6,8 +6,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use styxy_common::event::{port_slot, BoundRecord, EVENTS_RING_BYTES, PORT_SLOTS};
 use styxy_common::maps::{BOUND_MAX, PORT_INFO_LEN, REQUESTED_MAX};
 use styxy_common::session::{
-    Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, MOVES_MAX, REVERSE_MAX,
-    SESSIONS_MAX, SPARES_LEN, STICKY_MAX, VIEWS_MAX,
+    Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, FOCUSING_LEN, FOCUS_MAX, MOVES_MAX,
+    REVERSE_MAX, SESSIONS_MAX, SPARES_LEN, STICKY_MAX, VIEWS_MAX,
 };
 
 /// The kernel's `BPF_F_MMAPABLE`: the daemon maps these arrays into its memory.
@@ -117,6 +117,17 @@ pub(crate) static STICKY: HashMap<StickyKey, u32> = HashMap::with_max_entries(ST
 #[map]
 pub(crate) static REVERSE: LruHashMap<ReverseKey, u32> =
     LruHashMap::with_max_entries(REVERSE_MAX, 0);
+
+/// uid → the session whose view that user's processes outside every session follow.
+#[map]
+pub(crate) static FOCUS: HashMap<u32, u32> = HashMap::with_max_entries(FOCUS_MAX, 0);
+
+/// `FOCUSING[FOCUSING_COUNT]`: how many entries `FOCUS` holds (daemon-written). While none,
+/// traffic outside the sessions is looked at no further: the machine pays one array read per
+/// connect for the focus. `FOCUSING[FOCUSING_DAEMON]`: the daemon's process, which never follows
+/// a focus (its proxy reaches each server by its real port).
+#[map]
+pub(crate) static FOCUSING: Array<u32> = Array::with_max_entries(FOCUSING_LEN, 0);
 
 /// Atomically adds `delta` (wrapping) to a `PORTS` slot.
 #[inline(always)]

@@ -1,18 +1,22 @@
 //! The session view: loopback traffic of a session's process to a port it was moved off goes to
 //! the moved server, and getpeername and recvmsg show the asked port back; connect4 also answers
-//! the shim's question whether the kernel steers the process.
+//! the shim's question whether the kernel steers the process. The focus lends a session's view
+//! to its user's processes outside the sessions (`FOCUS`).
 
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::bpf_get_socket_cookie;
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use aya_log_ebpf::{debug, warn};
-use styxy_common::event::IPPROTO_UDP;
-use styxy_common::session::{probe_flags, ReverseKey, ViewKey, PROBE_ADDR_V4, PROBE_ANSWER_PORT};
+use styxy_common::event::{port_slot, IPPROTO_UDP};
+use styxy_common::session::{
+    probe_flags, ReverseKey, ViewKey, FOCUSING_COUNT, FOCUSING_DAEMON, PROBE_ADDR_V4,
+    PROBE_ANSWER_PORT,
+};
 
 use crate::globals::ENFORCE;
-use crate::maps::{REVERSE, VIEWS};
-use crate::membership::{set_own_flags, steering_member};
+use crate::maps::{FOCUS, FOCUSING, LAST_BINDER, PORTS, REVERSE, SESSIONS, VIEWS};
+use crate::membership::{current_euid, set_own_flags, steering_member};
 use crate::{current_tgid, in_daemons_netns, transport, ALLOW};
 
 /// Whether an IPv4 address (network byte order, as in the context) is loopback (127.0.0.0/8).
@@ -50,17 +54,14 @@ pub(crate) fn dest_is_loopback(sock_addr: *mut bpf_sock_addr, v6: bool) -> bool 
 }
 
 /// connect4|6 and sendmsg4|6: loopback traffic of a session to an asked port of its view goes to
-/// the bound port, and the socket remembers it for the way back.
+/// the bound port, and the socket remembers it for the way back. Traffic outside the sessions
+/// (and a session's, for a port its own session neither maps nor serves) follows the focus of
+/// its user, when that user focuses a session.
 #[inline(always)]
 pub(crate) fn redirect(ctx: &SockAddrContext, v6: bool) {
     if ENFORCE.load() == 0 {
         return;
     }
-    let tgid = current_tgid();
-    let Some(member) = steering_member(tgid) else {
-        return;
-    };
-    let session = member.session;
     let sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; these fields are readable in these hooks.
     let (protocol, user_port) = unsafe { ((*sock_addr).protocol, (*sock_addr).user_port) };
@@ -71,29 +72,53 @@ pub(crate) fn redirect(ctx: &SockAddrContext, v6: bool) {
     if asked == 0 || !dest_is_loopback(sock_addr, v6) {
         return;
     }
-    // The shim asking whether the kernel steers it (it does: this process is a member it steers),
-    // and telling what its environment turns off.
-    if let Some(flags) = probe_flags(asked) {
-        if !v6 && protocol == IPPROTO_UDP && is_probe_address(sock_addr) {
-            set_own_flags(tgid, flags);
-            // SAFETY: user_port is writable in connect4 and sendmsg4; network byte order.
-            unsafe { (*sock_addr).user_port = u32::from(PROBE_ANSWER_PORT.to_be()) };
-            return;
+    let tgid = current_tgid();
+    let (session, bound) = match steering_member(tgid) {
+        Some(member) => {
+            // The shim asking whether the kernel steers it (it does: this process is a member
+            // it steers), and telling what its environment turns off.
+            if let Some(flags) = probe_flags(asked) {
+                if !v6 && protocol == IPPROTO_UDP && is_probe_address(sock_addr) {
+                    set_own_flags(tgid, flags);
+                    // SAFETY: user_port is writable in connect4 and sendmsg4; network byte order.
+                    unsafe { (*sock_addr).user_port = u32::from(PROBE_ANSWER_PORT.to_be()) };
+                    return;
+                }
+            }
+            if !member.views() {
+                // STYXY_VIEW=off: the real ports, as the shim leaves them.
+                return;
+            }
+            let key = ViewKey {
+                session: member.session,
+                asked,
+                protocol,
+                _pad: 0,
+            };
+            // SAFETY: a plain u32 copied out of the map value.
+            match unsafe { VIEWS.get(key) }.copied() {
+                Some(bound) => (member.session, bound),
+                None => {
+                    if !focusing() || serves_itself(member.session, protocol, asked) {
+                        return;
+                    }
+                    let Some(focused) = focused(protocol, asked) else {
+                        return;
+                    };
+                    focused
+                }
+            }
         }
-    }
-    if !member.views() {
-        // STYXY_VIEW=off: the real ports, as the shim leaves them.
-        return;
-    }
-    let key = ViewKey {
-        session,
-        asked,
-        protocol,
-        _pad: 0,
-    };
-    // SAFETY: a plain u32 copied out of the map value.
-    let Some(bound) = (unsafe { VIEWS.get(key) }).copied() else {
-        return;
+        None => {
+            // The probe of a process the kernel does not steer goes where it was sent.
+            if !focusing() || (probe_flags(asked).is_some() && !v6 && is_probe_address(sock_addr)) {
+                return;
+            }
+            let Some(focused) = focused(protocol, asked) else {
+                return;
+            };
+            focused
+        }
     };
     // In another network namespace, loopback is another machine's: the view is the host's.
     if !in_daemons_netns(sock_addr.cast()) {
@@ -117,6 +142,48 @@ pub(crate) fn redirect(ctx: &SockAddrContext, v6: bool) {
         ctx,
         "session {}: traffic to port {} sent to {}", session, asked, bound
     );
+}
+
+/// Whether any user focuses a session (one array read).
+#[inline(always)]
+fn focusing() -> bool {
+    FOCUSING.get(FOCUSING_COUNT).copied().unwrap_or(0) != 0
+}
+
+/// Where the focus of the calling task's user sends `(protocol, asked)`: the focused session and
+/// the port its view maps `asked` to, if it maps it.
+#[inline(always)]
+fn focused(protocol: u8, asked: u16) -> Option<(u32, u32)> {
+    if FOCUSING.get(FOCUSING_DAEMON).copied() == Some(current_tgid()) {
+        return None;
+    }
+    let euid = current_euid()?;
+    // SAFETY: plain u32s copied out of the map values.
+    let session = unsafe { FOCUS.get(euid) }.copied()?;
+    let key = ViewKey {
+        session,
+        asked,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    let bound = unsafe { VIEWS.get(key) }.copied()?;
+    Some((session, bound))
+}
+
+/// Whether the port is bound right now by a process of `session` (its own server, not moved):
+/// the session's clients keep reaching it, whatever the focus.
+#[inline(always)]
+fn serves_itself(session: u32, protocol: u8, port: u16) -> bool {
+    let slot = port_slot(protocol, port);
+    if PORTS.get(slot).copied().unwrap_or(0) == 0 {
+        return false;
+    }
+    let Some(binder) = LAST_BINDER.get(slot).copied() else {
+        return false;
+    };
+    // SAFETY: plain data copied out of the map value.
+    unsafe { SESSIONS.get(binder) }.is_some_and(|m| m.session == session)
 }
 
 /// Whether an IPv4 destination is the shim's probe address (see `PROBE_ADDR_V4`).

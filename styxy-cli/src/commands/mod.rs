@@ -4,6 +4,7 @@
 mod allocate;
 mod audit;
 pub(crate) mod daemon;
+mod focus;
 mod forget;
 mod observe;
 mod open;
@@ -44,6 +45,8 @@ pub(crate) enum Command {
     Session(session::Args),
     /// Forget sticky ports (the port a project's server gets back), by project or port.
     Forget(forget::Args),
+    /// Lend a session's view to you: your localhost:PORT (browser, OAuth callbacks) reaches that session's servers at the ports they asked for. --clear gives it up; with no session, shows it.
+    Focus(focus::Args),
     /// Open the dashboard (http://styxy.localhost/), or a server by its name, in the browser.
     Open(open::Args),
     /// Make this machine's browsers and tools trust https://NAME.localhost: the daemon's local CA (valid for *.localhost only) added to the system store (as root) and to Chromium's and Firefox's NSS databases.
@@ -89,6 +92,7 @@ pub(crate) async fn run(
             Command::Audit(args) => audit::run(&mut client, args, as_json).await,
             Command::Session(args) => session::run(&mut client, args, as_json).await,
             Command::Forget(args) => forget::run(&mut client, args, as_json).await,
+            Command::Focus(args) => focus::run(&mut client, args, as_json).await,
             Command::Open(args) => open::run(&mut client, args).await,
             Command::Trust(args) => trust::run(&mut client, args, true, as_json, deadline).await,
             Command::Untrust(args) => trust::run(&mut client, args, false, as_json, deadline).await,

@@ -23,6 +23,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         r.leases.retain(|l| &l.instance_id == instance);
         r.views.retain(|v| &v.instance_id == instance);
         r.sticky.clear();
+        r.focuses.retain(|f| &f.instance_id == instance);
     }
     if as_json {
         return print_json(&r);
@@ -35,6 +36,17 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if !r.views.is_empty() {
         println!();
         print_views(&r.views);
+    }
+    for focus in &r.focuses {
+        let name = if focus.session_name.is_empty() || focus.session_name == focus.instance_id {
+            focus.instance_id.clone()
+        } else {
+            format!("{} ({})", focus.session_name, focus.instance_id)
+        };
+        println!(
+            "focus: uid {}'s processes outside the sessions follow {name}'s view",
+            focus.uid
+        );
     }
     if !r.sticky.is_empty() {
         println!();

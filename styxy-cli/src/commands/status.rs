@@ -37,6 +37,15 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
             s.kernel_sessions_detail
         );
     }
+    if s.kernel_sessions_enforced {
+        match (s.focus_session_name.as_str(), s.focus_instance_id.as_str()) {
+            (_, "") => {
+                println!("focus:      none (`styxy focus SESSION` lends you a session's ports)")
+            }
+            (name, id) if name.is_empty() || name == id => println!("focus:      {id}"),
+            (name, id) => println!("focus:      {name} ({id})"),
+        }
+    }
     println!(
         "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped) · ResolveBind calls {}",
         s.bound_ports,

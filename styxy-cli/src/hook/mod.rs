@@ -87,6 +87,11 @@ pub async fn session_start(target: &Target) -> String {
                     "Static binaries (Go, musl) started in this session are moved and redirected by the kernel too."
                         .to_string(),
                 );
+                lines.push(if answer.focused_by.is_empty() {
+                    "The person at the keyboard may give this session the focus (`styxy focus`): their localhost:PORT outside the sessions then reaches this session's servers at the ports they asked for. You are told when it comes or goes.".to_string()
+                } else {
+                    "This session has the focus (`styxy focus`): outside the sessions, localhost:PORT reaches this session's servers at the ports they asked for.".to_string()
+                });
             }
             if let Some(line) = names_line(&answer) {
                 lines.push(line);

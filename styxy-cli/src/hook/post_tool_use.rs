@@ -91,8 +91,9 @@ pub fn describe(report: &SessionReportResponse, facts: &Facts) -> Option<String>
     let (stopped_helpers, stopped): (Vec<&SessionServer>, Vec<&SessionServer>) =
         report.stopped.iter().partition(helper);
     let urls = super::printed_urls::corrections(&facts.tool_output, &report.running);
+    let focus = report.focus_changed.then(|| describe_focus(report));
     if report.started.is_empty() && report.stopped.is_empty() && urls.is_empty() {
-        return None;
+        return focus.map(|line| format!("Styxy: {line}"));
     }
     let (moved, kept): (Vec<&SessionServer>, Vec<&SessionServer>) =
         started.into_iter().partition(|s| is_moved(s));
@@ -130,7 +131,36 @@ pub fn describe(report: &SessionReportResponse, facts: &Facts) -> Option<String>
         text.push_str("\n- ");
         text.push_str(&line);
     }
+    if let Some(line) = focus {
+        text.push_str("\n- ");
+        text.push_str(&line);
+    }
     Some(text)
+}
+
+/// The session gained or lost the focus (`styxy focus`): what that means for the person at the
+/// keyboard, and that nothing changes inside the session.
+pub fn describe_focus(report: &SessionReportResponse) -> String {
+    let moved: Vec<String> = report
+        .running
+        .iter()
+        .filter(|s| is_moved(s))
+        .map(|s| format!("localhost:{}", s.asked_port))
+        .collect();
+    let ports = if moved.is_empty() {
+        String::from("the ports its servers asked for")
+    } else {
+        moved.join(", ")
+    };
+    if report.focused_by.is_empty() {
+        format!(
+            "this session lost the focus: outside the sessions, {ports} reach whatever holds those ports again (the person at the keyboard focused elsewhere or cleared it; nothing changes inside this session)."
+        )
+    } else {
+        format!(
+            "the person at the keyboard gave this session the focus (`styxy focus`): outside every session (their browser, OAuth callbacks), {ports} now reach this session's servers. Nothing changes inside this session."
+        )
+    }
 }
 
 /// Whether the server was moved off the port it asked for.

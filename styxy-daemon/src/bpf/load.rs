@@ -342,6 +342,10 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             take(&mut ebpf, session::VIEWS_MAP)?,
             take(&mut ebpf, session::STICKY_MAP)?,
             take_mapped(&mut ebpf, session::SPARES_MAP, session::SPARES_LEN, true)?,
+            (
+                take(&mut ebpf, session::FOCUS_MAP)?,
+                take(&mut ebpf, session::FOCUSING_MAP)?,
+            ),
         )),
         Err(reason) => Err(reason),
     };
@@ -375,10 +379,12 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     }
     let ebpf = Arc::new(Mutex::new(ebpf));
     let sessions = match sessions_maps {
-        Ok((sessions, views, sticky, spares)) => Ok(KernelSessionMaps {
+        Ok((sessions, views, sticky, spares, (focus, focusing))) => Ok(KernelSessionMaps {
             sessions,
             views,
             sticky,
+            focus,
+            focusing,
             port_info,
             spares,
             ports: ports_for_sessions,

@@ -10,6 +10,7 @@
 //! sessions, the published table, lingering ports), `reports` (`ListPorts`, session reports,
 //! `ListAudit`), `status` (`Status` and what it counts).
 
+mod focus;
 mod freshness;
 mod kernel;
 mod reports;
@@ -55,6 +56,9 @@ pub enum EngineError {
         "every candidate port in the {0} range was taken in the kernel as it was picked; try again"
     )]
     Contended(String),
+    /// What the request needs is not there (the kernel programs, for a focus).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Everything requests share.

@@ -10,6 +10,10 @@ pub struct SessionReport {
     pub started: Vec<(SessionServer, Option<AskedHolder>)>,
     pub stopped: Vec<(SessionServer, Option<AskedHolder>)>,
     pub running: Vec<(SessionServer, Option<AskedHolder>)>,
+    /// The users who focus the session (`styxy focus`).
+    pub focused_by: Vec<u32>,
+    /// Whether it gained or lost the focus since its last report.
+    pub focus_changed: bool,
 }
 
 /// Who held the port a moved server asked for, as its move's audit entry recorded it.
@@ -64,7 +68,7 @@ impl Engine {
         uid: u32,
         peek: bool,
     ) -> Result<SessionReport, EngineError> {
-        let running = {
+        let (running, focused_by) = {
             let broker = lock(&self.broker);
             if let Some(owner) = broker.instance_owner(instance) {
                 if owner != uid && uid != 0 {
@@ -74,9 +78,19 @@ impl Engine {
                     }));
                 }
             }
-            broker.session_servers(instance, (uid != 0).then_some(uid))
+            let focused_by = broker
+                .instances()
+                .find(|i| i.id == instance)
+                .map(|i| i.focused_by.clone())
+                .unwrap_or_default();
+            (
+                broker.session_servers(instance, (uid != 0).then_some(uid)),
+                focused_by,
+            )
         };
-        let changes = self.session_reports.next(instance, &running, peek);
+        let (changes, focus_changed) =
+            self.session_reports
+                .next(instance, &running, !focused_by.is_empty(), peek);
         let audit = lock(&self.audit);
         let with_holder =
             |servers: Vec<SessionServer>| -> Vec<(SessionServer, Option<AskedHolder>)> {
@@ -112,6 +126,8 @@ impl Engine {
             started: with_holder(changes.started),
             stopped: with_holder(changes.stopped),
             running: with_holder(running),
+            focused_by,
+            focus_changed,
         })
     }
 

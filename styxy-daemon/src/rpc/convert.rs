@@ -342,15 +342,16 @@ pub fn engine_error(e: EngineError) -> Status {
                 Status::resource_exhausted(e.to_string())
             }
             BrokerError::UnknownServiceType(_) => Status::invalid_argument(e.to_string()),
-            BrokerError::NoSuchLease(_) | BrokerError::NoLeaseOnPort(_) => {
-                Status::not_found(e.to_string())
-            }
-            BrokerError::NotOwner { .. } | BrokerError::InstanceTaken { .. } => {
-                Status::permission_denied(e.to_string())
-            }
+            BrokerError::NoSuchLease(_)
+            | BrokerError::NoLeaseOnPort(_)
+            | BrokerError::NoSuchSession(_) => Status::not_found(e.to_string()),
+            BrokerError::NotOwner { .. }
+            | BrokerError::InstanceTaken { .. }
+            | BrokerError::NotYourSession { .. } => Status::permission_denied(e.to_string()),
         },
         EngineError::Store(_) => Status::unavailable(e.to_string()),
         EngineError::Contended(_) => Status::unavailable(e.to_string()),
+        EngineError::Unavailable(_) => Status::failed_precondition(e.to_string()),
     }
 }
 

@@ -207,6 +207,7 @@ impl BrokerService {
             leases: list.leases.iter().map(convert::lease).collect(),
             views: list.views.iter().map(convert::view_entry).collect(),
             sticky: list.sticky.iter().map(convert::sticky_port).collect(),
+            focuses: self.user_focuses(None),
         }))
     }
 
@@ -250,12 +251,19 @@ impl BrokerService {
             .unwrap_or_default();
         let (http, https) = self.engine.proxy_listen();
         Ok(Response::new(pb::RegisterInstanceResponse {
-            instance_id: id,
             kernel_session: placed.is_ok(),
             kernel_session_detail: placed.err().unwrap_or_default(),
             session_name,
             proxy_listen: http.unwrap_or_default(),
             proxy_tls_listen: https.unwrap_or_default(),
+            focused_by: self
+                .engine
+                .focuses()
+                .into_iter()
+                .filter(|f| f.instance_id == id)
+                .map(|f| f.uid)
+                .collect(),
+            instance_id: id,
         }))
     }
 
@@ -317,9 +325,16 @@ impl BrokerService {
 
     async fn status_call(
         &self,
-        _: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.engine.status();
+        // The caller's focus, when the transport says who calls.
+        let focus = self
+            .caller(&request, "Status")
+            .ok()
+            .and_then(|c| self.engine.focus_of(c.uid).after)
+            .unwrap_or_default();
+        let focus_name = self.session_name_of(&focus);
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             observer: s.observer.kind.to_string(),
@@ -359,6 +374,87 @@ impl BrokerService {
             observer_delay_p50_us: s.observer_delay.0,
             observer_delay_p99_us: s.observer_delay.1,
             observer_delay_samples: s.observer_delay.2,
+            focus_instance_id: focus,
+            focus_session_name: focus_name,
+        }))
+    }
+
+    /// Every user's focus (only `uid`'s, when given).
+    fn user_focuses(&self, uid: Option<u32>) -> Vec<pb::UserFocus> {
+        self.engine
+            .focuses()
+            .into_iter()
+            .filter(|f| uid.is_none_or(|uid| f.uid == uid))
+            .map(|f| pb::UserFocus {
+                uid: f.uid,
+                session_name: self.session_name_of(&f.instance_id),
+                instance_id: f.instance_id,
+            })
+            .collect()
+    }
+
+    /// The name of session `instance` (empty for none).
+    fn session_name_of(&self, instance: &str) -> String {
+        if instance.is_empty() {
+            return String::new();
+        }
+        self.engine
+            .session_name(instance)
+            .map(|n| n.name)
+            .unwrap_or_default()
+    }
+
+    async fn focus_call(
+        &self,
+        request: Request<pb::FocusRequest>,
+    ) -> Result<Response<pb::FocusResponse>, Status> {
+        let caller = self.caller(&request, "Focus")?;
+        let req = request.into_inner();
+        let session = req.session.trim();
+        if req.clear && !session.is_empty() {
+            return Err(Status::invalid_argument(
+                "name a session to focus, or clear the focus: not both",
+            ));
+        }
+        if session.len() > 512 || session.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "session: an id or name of at most 512 printable characters",
+            ));
+        }
+        let outcome = if req.clear {
+            self.engine.set_focus(None, caller.uid).await
+        } else if session.is_empty() {
+            Ok(self.engine.focus_of(caller.uid))
+        } else {
+            self.engine.set_focus(Some(session), caller.uid).await
+        }
+        .map_err(convert::engine_error)?;
+        let (available, unavailable_reason) = match self.engine.status().kernel_sessions {
+            (Some(_), _) => (true, String::new()),
+            (None, why) => (false, why),
+        };
+        let focuses = self.user_focuses((!caller.is_root()).then_some(caller.uid));
+        let instance_id = outcome.after.unwrap_or_default();
+        let previous = outcome.before.unwrap_or_default();
+        Ok(Response::new(pb::FocusResponse {
+            uid: caller.uid,
+            session_name: self.session_name_of(&instance_id),
+            instance_id,
+            previous_session_name: self.session_name_of(&previous),
+            previous_instance_id: previous,
+            ports: outcome
+                .retargets
+                .iter()
+                .map(|r| pb::FocusPort {
+                    asked: u32::from(r.asked),
+                    from: u32::from(r.from),
+                    to: u32::from(r.to),
+                })
+                .collect(),
+            closed_connections: u32::try_from(outcome.closed).unwrap_or(u32::MAX),
+            available,
+            unavailable_reason,
+            focuses,
         }))
     }
 
@@ -535,6 +631,8 @@ impl PortBroker for BrokerService {
                     .unwrap_or_default(),
                 session_name: session.map(|s| s.name).unwrap_or_default(),
                 instance_id: id.clone(),
+                focused_by: report.focused_by,
+                focus_changed: report.focus_changed,
             }))
         }
         .await;
@@ -582,6 +680,14 @@ impl PortBroker for BrokerService {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let answer = self.list_audit_call(request).await;
         self.counted("ListAudit", answer)
+    }
+
+    async fn focus(
+        &self,
+        request: Request<pb::FocusRequest>,
+    ) -> Result<Response<pb::FocusResponse>, Status> {
+        let answer = self.focus_call(request).await;
+        self.counted("Focus", answer)
     }
 
     async fn local_ca(

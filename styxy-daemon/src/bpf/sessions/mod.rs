@@ -22,6 +22,7 @@
 //! processes in (and back after a restart); `publish` keeps the maps in step with the broker;
 //! `numbers` keeps the session numbers in the state directory.
 
+mod focus;
 mod numbers;
 mod placement;
 mod publish;
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData};
 use styxy_broker::ProcessId;
 use styxy_broker::StateChange;
 use styxy_broker::{Broker, Effects, Notice};
@@ -52,6 +53,9 @@ pub struct KernelSessionMaps {
     pub sessions: BpfHashMap<MapData, u32, Member>,
     pub views: BpfHashMap<MapData, ViewKey, u32>,
     pub sticky: BpfHashMap<MapData, StickyKey, u32>,
+    /// uid → focused session number, and how many there are (see `focus`).
+    pub focus: BpfHashMap<MapData, u32, u32>,
+    pub focusing: BpfArray<MapData, u32>,
     pub port_info: MappedArray<AtomicU64>,
     pub spares: MappedArray<AtomicU32>,
     /// The kernel's per-port socket counts (read only here).
@@ -78,16 +82,22 @@ struct Registry {
     /// The entries written to `STICKY`, and the broker's lingering generation they reflect.
     sticky: HashMap<StickyKey, u32>,
     sticky_lingering_generation: u64,
+    /// The entries written to `FOCUS`: uid → session number.
+    focus: HashMap<u32, u32>,
     /// The highest session number the taken-over maps hold (see `take_over`): new sessions are
     /// numbered above it, whatever the saved numbers say.
     numbers_floor: u32,
 }
+
+/// `FOCUS` (uid → session number) and `FOCUSING` (how many), written together.
+type FocusMaps = (BpfHashMap<MapData, u32, u32>, BpfArray<MapData, u32>);
 
 /// The daemon's handle on the kernel sessions.
 pub struct KernelSessions {
     sessions: Mutex<BpfHashMap<MapData, u32, Member>>,
     views: Mutex<BpfHashMap<MapData, ViewKey, u32>>,
     sticky: Mutex<BpfHashMap<MapData, StickyKey, u32>>,
+    focus: Mutex<FocusMaps>,
     port_info: MappedArray<AtomicU64>,
     spares: MappedArray<AtomicU32>,
     ports: MappedArray<AtomicU64>,
@@ -114,6 +124,7 @@ impl KernelSessions {
             sessions: Mutex::new(maps.sessions),
             views: Mutex::new(maps.views),
             sticky: Mutex::new(maps.sticky),
+            focus: Mutex::new((maps.focus, maps.focusing)),
             port_info: maps.port_info,
             spares: maps.spares,
             ports: maps.ports,
@@ -138,6 +149,7 @@ impl KernelSessions {
         let mut registry = lock(&self.registry);
         registry.views = lock(&self.views).iter().filter_map(Result::ok).collect();
         registry.sticky = lock(&self.sticky).iter().filter_map(Result::ok).collect();
+        registry.focus = lock(&self.focus).0.iter().filter_map(Result::ok).collect();
         registry.numbers_floor = registry
             .views
             .keys()

@@ -93,6 +93,7 @@ impl KernelSessions {
         // its choices, and its leases count as its own.
         self.sync_views(broker);
         self.sync_sticky(broker, true);
+        self.sync_focus(broker);
         let registry = lock(&self.registry);
         for lease in broker
             .leases()

@@ -17,6 +17,7 @@ impl KernelSessions {
         }
         self.sync_views(broker);
         self.sync_sticky(broker, true);
+        self.sync_focus(broker);
         self.refill_spares(broker);
     }
 
@@ -68,6 +69,15 @@ impl KernelSessions {
                 )
             });
         self.sync_sticky(broker, sticky_changed);
+        // A focus is kept with its session: given, taken or ended with it.
+        if effects.changes.iter().any(|c| {
+            matches!(
+                c,
+                StateChange::PutInstance { .. } | StateChange::RemoveInstance { .. }
+            )
+        }) {
+            self.sync_focus(broker);
+        }
         self.refill_spares(broker);
     }
 

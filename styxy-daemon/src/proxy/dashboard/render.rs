@@ -73,6 +73,18 @@ pub fn main(d: &Dashboard, links: &LinkBase) -> String {
         }
         facts.push(format!("agent {}", escape(&session.agent)));
         facts.push(format!("uid {}", session.uid));
+        for uid in &session.focused_by {
+            facts.push(format!(
+                "<strong class=\"focus\">focused by uid {uid}</strong>: that user's localhost:PORT \
+                 reaches this session's servers (<code>styxy focus --clear</code> gives it back)"
+            ));
+        }
+        if session.focused_by.is_empty() {
+            facts.push(format!(
+                "<code>styxy focus {}</code> lends you its ports",
+                escape(&session.name)
+            ));
+        }
         facts.push(format!("started {} ago", age(session.age_secs)));
         facts.push(format!("id <code>{}</code>", escape(&session.instance_id)));
         let _ = writeln!(out, "<p class=\"facts\">{}</p>", facts.join(" · "));

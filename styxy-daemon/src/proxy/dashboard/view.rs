@@ -36,6 +36,9 @@ pub struct SessionView {
     pub uid: u32,
     /// Since its first registration.
     pub age_secs: u64,
+    /// The users who gave it the focus (`styxy focus`): their localhost:PORT outside the
+    /// sessions reaches its servers.
+    pub focused_by: Vec<u32>,
     pub servers: Vec<ServerView>,
 }
 
@@ -161,6 +164,7 @@ impl Dashboard {
                 },
                 uid: instance.owner_uid,
                 age_secs: records.now_ms.saturating_sub(instance.since_ms()) / 1000,
+                focused_by: instance.focused_by.clone(),
                 servers: by_session.remove(instance.id.as_str()).unwrap_or_default(),
             })
             .collect();
@@ -239,6 +243,7 @@ mod tests {
             project: Some(project.into()),
             name: None,
             first_registered_ms: since_ms,
+            focused_by: Vec::new(),
         }
     }
 
