@@ -41,6 +41,37 @@ impl Daemon {
         Daemon::start_under(|_| Wrapper::default(), extra_args).await
     }
 
+    /// The default install: the daemon as root with its eBPF programs at the cgroup root (kernel
+    /// sessions enforced; the shim in `styxy run`). `None` (after printing why) where root, cgroup
+    /// v2 or the object is missing outside CI (see `ebpf_ready`).
+    pub async fn start_root_ebpf() -> Result<Option<Daemon>> {
+        Daemon::start_root_ebpf_with(&[]).await
+    }
+
+    /// [`Daemon::start_root_ebpf`] with `extra` arguments (`--proxy 127.0.0.1:0`, say).
+    pub async fn start_root_ebpf_with(extra: &[&str]) -> Result<Option<Daemon>> {
+        let Some(setup) = crate::ebpf::ebpf_ready() else {
+            return Ok(None);
+        };
+        let object = setup.object.to_str().context("utf-8 path")?;
+        let mut args = vec![
+            "--observer",
+            "ebpf",
+            "--ebpf-object",
+            object,
+            "--ebpf-log",
+            "info",
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start_with(&args).await?;
+        let status = daemon.status().await?;
+        anyhow::ensure!(
+            status.kernel_sessions_enforced,
+            "kernel sessions are on at the root: {status:?}"
+        );
+        Ok(Some(daemon))
+    }
+
     /// A daemon run under the wrapper made for the daemon's port block (its first port), e.g.
     /// `systemd-socket-activate -l 127.0.0.1:PORT`, with extra arguments.
     pub async fn start_under(

@@ -34,25 +34,7 @@ const NOBODY: u32 = 65534;
 
 /// The default install: eBPF at the root (kernel sessions enforced), the shim in `styxy run`.
 async fn root_daemon() -> Result<Option<Daemon>> {
-    let Some(setup) = ebpf_ready() else {
-        return Ok(None);
-    };
-    let object = setup.object.to_str().context("utf-8 path")?;
-    let daemon = Daemon::start_with(&[
-        "--observer",
-        "ebpf",
-        "--ebpf-object",
-        object,
-        "--ebpf-log",
-        "info",
-    ])
-    .await?;
-    let status = daemon.status().await?;
-    anyhow::ensure!(
-        status.kernel_sessions_enforced,
-        "kernel sessions are on at the root: {status:?}"
-    );
-    Ok(Some(daemon))
+    Daemon::start_root_ebpf().await
 }
 
 /// A directory served by `python3 -m http.server` whose `/whoami.txt` says `name`, readable by

@@ -5,7 +5,8 @@
 //!
 //! The programs' tax is measured by rounds: each round starts a daemon at the cgroup root, times
 //! the calls with no kernel session live (the session programs detached), then with one live
-//! elsewhere on the machine (every program attached), stops it (its programs detach), and times
+//! elsewhere on the machine (every program attached) and with root focusing that session (`styxy
+//! focus`: every loopback connect outside the sessions looks the focus up), stops it (its programs detach), and times
 //! them again without; so drift on a shared machine falls on all sides alike. The log levels are compared in sibling child cgroups, each
 //! with a daemon of its own, and one without programs.
 
@@ -139,6 +140,10 @@ pub async fn run() -> Result<()> {
     let mut without: [Samples; 5] = Default::default();
     let mut moved = Samples::default();
     let mut moved_failed = 0;
+    // Loopback connects outside every session while root focuses the live session (`styxy
+    // focus`): each looks the focus up, and the port is not in the focused view.
+    let mut focused = Samples::default();
+    let mut focused_ratios: Vec<f64> = Vec::new();
     let cases = [
         ("bind", 0),
         ("bind", FREE),
@@ -185,6 +190,18 @@ pub async fn run() -> Result<()> {
             std::thread::sleep(SETTLE);
             time_into(call_timer(), call, *port, into)?;
         }
+        daemon
+            .client()
+            .await?
+            .focus(styxy_tests::v1::FocusRequest {
+                session: "bench-live".into(),
+                clear: false,
+            })
+            .await
+            .context("focusing the live session")?;
+        let mut round_focused = Samples::default();
+        std::thread::sleep(SETTLE);
+        time_into(call_timer(), "connect", LISTENED, &mut round_focused)?;
         // A process of a kernel session binding the held port: moved by the bind program. The
         // shim is not loaded (`env -u LD_PRELOAD` after `styxy run` registered the session).
         let mut session = Command::new(styxy_bin());
@@ -210,12 +227,16 @@ pub async fn run() -> Result<()> {
             std::thread::sleep(SETTLE);
             let mut round_without = Samples::default();
             time_into(call_timer(), call, *port, &mut round_without)?;
+            if *call == "connect" {
+                focused_ratios.push(round_focused.pct(0.5) / round_without.pct(0.5));
+            }
             idle_ratios[i].push(round_idle[i].pct(0.5) / round_without.pct(0.5));
             live_ratios[i].push(round_live[i].pct(0.5) / round_without.pct(0.5));
             idle[i].0.extend(&round_idle[i].0);
             live[i].0.extend(&round_live[i].0);
             without[i].0.extend(round_without.0);
         }
+        focused.0.extend(round_focused.0);
     }
     println!("\nWith a kernel session live (every program attached):");
     row(
@@ -235,6 +256,13 @@ pub async fn run() -> Result<()> {
     row(
         "loopback connect outside every session",
         &live[2],
+        &without[2],
+        "with",
+        "target ≤ 1.1×",
+    );
+    row(
+        "loopback connect outside, with a focus set",
+        &focused,
         &without[2],
         "with",
         "target ≤ 1.1×",
@@ -305,6 +333,13 @@ pub async fn run() -> Result<()> {
             spread(idle)
         );
     }
+    focused_ratios.sort_by(f64::total_cmp);
+    println!(
+        "    connect, focus set median {:.2}×, {:.2}–{:.2}×",
+        focused_ratios[focused_ratios.len() / 2],
+        focused_ratios[0],
+        focused_ratios[focused_ratios.len() - 1]
+    );
     Ok(())
 }
 
