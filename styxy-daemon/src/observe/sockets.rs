@@ -1,17 +1,18 @@
 //! The kernel's socket tables through netlink `sock_diag`: listening TCP and bound UDP sockets, all of them
 //! or only those on one port (the kernel filters by source port, so a point check costs a few syscalls,
-//! not a walk of `/proc/net/*`); and the ports TCP connections sit on (lingering ports).
+//! not a walk of `/proc/net/*`); the ports TCP connections sit on (lingering ports); and TCP
+//! connections whole, which `SOCK_DESTROY` aborts (a focus switch's, see `closing`).
 
 use std::collections::HashSet;
 use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
-    SockDiagMessage,
+    SockDiagDestroy, SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
@@ -27,6 +28,30 @@ pub struct KernelSocket {
     pub family: Family,
     pub address: IpAddr,
     pub port: u16,
+}
+
+/// A TCP connection as `sock_diag` reports it: both ends, its owner, and what names it in a
+/// `SOCK_DESTROY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub family: Family,
+    /// Local and remote address and port, and the cookie.
+    pub id: SocketId,
+    pub uid: u32,
+    pub inode: u32,
+}
+
+impl Connection {
+    /// Whether both ends are loopback (127/8, `::1`, `::ffff:127.x`).
+    pub fn is_loopback(&self) -> bool {
+        let loopback = |a: &IpAddr| match a {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        };
+        loopback(&self.id.source_address) && loopback(&self.id.destination_address)
+    }
 }
 
 /// A netlink `sock_diag` connection.
@@ -85,6 +110,61 @@ impl SockDiag {
         Ok(ports)
     }
 
+    /// TCP connections of both families in `states`.
+    pub fn tcp_connections(&mut self, states: StateFlags) -> io::Result<Vec<Connection>> {
+        let mut out = Vec::new();
+        for family in [Family::Inet, Family::Inet6] {
+            self.dump_headers(Protocol::Tcp, family, states.clone(), None, |h| {
+                out.push(Connection {
+                    family,
+                    id: h.socket_id.clone(),
+                    uid: h.uid,
+                    inode: h.inode,
+                });
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Aborts a TCP connection (`SOCK_DESTROY`: the kernel needs CONFIG_INET_DIAG_DESTROY, and
+    /// the caller CAP_NET_ADMIN). One that is gone meanwhile is not an error.
+    pub fn destroy(&mut self, connection: &Connection) -> io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut request = NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(
+                InetRequest {
+                    family: connection.family.af(),
+                    protocol: Protocol::Tcp.ipproto(),
+                    extensions: ExtensionFlags::empty(),
+                    states: StateFlags::all(),
+                    socket_id: connection.id.clone(),
+                },
+            ))),
+        );
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        let size = self.socket.recv(&mut &mut self.buf[..], 0)?;
+        let reply =
+            <NetlinkMessage<SockDiagMessage>>::deserialize(&self.buf[..size]).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}"))
+            })?;
+        match reply.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                let error = e.to_io();
+                if error.raw_os_error() == Some(libc::ENOENT) {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn dump(
         &mut self,
         protocol: Protocol,
@@ -92,6 +172,21 @@ impl SockDiag {
         states: StateFlags,
         port: Option<u16>,
         out: &mut Vec<KernelSocket>,
+    ) -> io::Result<()> {
+        self.dump_headers(protocol, family, states, port, |h| {
+            out.extend(to_kernel_socket(h, protocol, family, port));
+        })
+    }
+
+    /// Every socket of `protocol` and `family` in `states` (on source port `port`), one
+    /// response header at a time.
+    fn dump_headers(
+        &mut self,
+        protocol: Protocol,
+        family: Family,
+        states: StateFlags,
+        port: Option<u16>,
+        mut each: impl FnMut(&InetResponseHeader),
     ) -> io::Result<()> {
         let mut socket_id = match family {
             Family::Inet => SocketId::new_v4(),
@@ -131,10 +226,7 @@ impl SockDiag {
                 let length = message.header.length as usize;
                 match message.payload {
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                        if let Some(s) = to_kernel_socket(&response.header, protocol, family, port)
-                        {
-                            out.push(s);
-                        }
+                        each(&response.header);
                     }
                     NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(e) => {
