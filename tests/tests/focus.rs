@@ -40,10 +40,11 @@ server.listen(Number(port), '::', () => {
 "#;
 
 /// Headless Chromium (playwright-core) on one page: loads `URL`, prints `page BODY`, and reloads
-/// on each line read (the browser's connections kept alive in between), until `quit`.
+/// on each line read (the browser's connections kept alive in between), until `quit`; `switch
+/// NAME` first presses session NAME's focus button on the dashboard at `DASHBOARD`.
 const BROWSE: &str = r#"
 const { chromium } = require(process.argv[1]);
-const url = process.argv[2];
+const [url, dashboard] = process.argv.slice(2);
 (async () => {
   const browser = await chromium.launch({
     executablePath: '/usr/bin/chromium',
@@ -57,7 +58,15 @@ const url = process.argv[2];
   const lines = require('readline').createInterface({ input: process.stdin });
   for await (const line of lines) {
     if (line === 'quit') break;
-    await page.reload();
+    if (line.startsWith('switch ')) {
+      await page.goto(dashboard);
+      await page.click(`article[data-session="${line.slice(7)}"] form.focus button`);
+      await page.waitForLoadState();
+      console.log('dashboard', (await page.locator('strong.focus').count()), 'focused');
+      await page.goto(url);
+    } else {
+      await page.reload();
+    }
     await show();
   }
   await browser.close();
@@ -239,7 +248,8 @@ async fn the_focus_sends_the_browser_and_every_client_outside_the_sessions_to_th
             Command::new("node")
                 .args(["-e", BROWSE])
                 .arg(playwright)
-                .arg(format!("http://localhost:{asked}/")),
+                .arg(format!("http://localhost:{asked}/"))
+                .arg(format!("http://styxy.localhost:{proxy}/")),
         )?),
         None => None,
     };
@@ -346,8 +356,51 @@ async fn the_focus_sends_the_browser_and_every_client_outside_the_sessions_to_th
     if let Some(browser) = &mut browser {
         browser.send_line("reload")?;
         assert_eq!(page(browser)?, "page feature-a", "the first holder's again");
+        // The dashboard's switch: its button, pressed in the browser.
+        browser.send_line("switch feature-b")?;
+        let pressed =
+            browser.line_where(30, |l| l.starts_with("dashboard") || l.starts_with("Error"))?;
+        assert_eq!(pressed, "dashboard 1 focused");
+        assert_eq!(
+            page(browser)?,
+            "page feature-b",
+            "focused from the dashboard"
+        );
+        assert!(focus(&daemon, &[])?.starts_with("focus: feature-b (focus-b)"));
         browser.send_line("quit")?;
     }
+    // The switch as a script would press it: only with the dashboard's own Origin.
+    let dashboard = format!("http://styxy.localhost:{proxy}");
+    let post = |origin: Option<&str>, form: &str| -> Result<String> {
+        let mut command = Command::new("curl");
+        command.args([
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-d",
+            form,
+        ]);
+        if let Some(origin) = origin {
+            command.args(["-H", &format!("Origin: {origin}")]);
+        }
+        let out = command.arg(format!("{dashboard}/focus")).output()?;
+        Ok(stdout_of(&out))
+    };
+    assert_eq!(post(Some(&dashboard), "session=focus-b")?, "303");
+    assert_eq!(curl("127.0.0.1", asked)?, "feature-b");
+    assert_eq!(post(None, "clear=1")?, "403", "no Origin");
+    assert_eq!(
+        post(Some("http://evil.localhost"), "clear=1")?,
+        "403",
+        "another site's page"
+    );
+    assert_eq!(curl("127.0.0.1", asked)?, "feature-b", "still focused");
+    assert_eq!(post(Some(&dashboard), "session=nowhere")?, "404");
+    assert_eq!(post(Some(&dashboard), "clear=1")?, "303");
     assert_eq!(curl("[::1]", asked)?, "feature-a");
     assert_eq!(udp_ask(asked)?, format!("feature-a from {asked}"));
     assert_eq!(curl_in(&daemon, "focus-b", asked)?, "feature-b");

@@ -497,7 +497,8 @@ async fn after_kill_9_only_a_live_session_keeps_the_programs_attached() -> Resul
     let mut first = Spawned::start(Command::new(&programs.musl_server).args([&port, "first"]))?;
     assert_eq!(listening_port(&mut first)?, asked);
     // A session whose shell outlives the daemon: a server on "go", another on the next line.
-    let mut shell = Spawned::start(&mut in_session(
+    // In a group of its own: the background server goes with the shell when the test ends.
+    let mut shell = Spawned::start_group(&mut in_session(
         &daemon,
         "ks-kill",
         Path::new("sh"),

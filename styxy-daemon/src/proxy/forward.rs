@@ -98,6 +98,9 @@ pub async fn answer(
         return pages::no_host(html);
     };
     if styxy_broker::names::host_name(&host) == super::dashboard::HOST {
+        if request.method() == hyper::Method::POST && request.uri().path() == "/focus" {
+            return super::dashboard::focus_switch(request, &host, scheme, peer, engine).await;
+        }
         return super::dashboard::answer(&request, &host, scheme, engine);
     }
     // Held for the whole request (a page may need the server's details): a reading, not a lock.

@@ -3,10 +3,14 @@
 //! sticky ports (`view`), as one HTML page that reads whole without JavaScript (`render`) and
 //! follows the daemon live: `/events` is a server-sent event stream fed by the same notices as
 //! `Watch`, on which the page's script fetches its `<main>` again. `/state.json` is the same
-//! data for scripts. Everything is in the binary; there is no front-end build.
+//! data for scripts. `POST /focus` is the page's focus switch (`focus_switch`). Everything is
+//! in the binary; there is no front-end build.
 
+mod focus_switch;
 mod render;
 mod view;
+
+pub use focus_switch::answer as focus_switch;
 
 use std::time::Duration;
 
@@ -39,7 +43,7 @@ pub fn answer(
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "The dashboard is read with GET.\n",
+            "The dashboard is read with GET (and its focus switch is POST /focus).\n",
         );
     }
     let links = LinkBase {
@@ -71,7 +75,7 @@ pub fn answer(
             StatusCode::NOT_FOUND,
             &format!(
                 "The dashboard has no {other}: it serves / (the page), /events (server-sent \
-                 events) and /state.json.\n"
+                 events), /state.json and POST /focus.\n"
             ),
         ),
     }

@@ -76,18 +76,32 @@ pub fn main(d: &Dashboard, links: &LinkBase) -> String {
         for uid in &session.focused_by {
             facts.push(format!(
                 "<strong class=\"focus\">focused by uid {uid}</strong>: that user's localhost:PORT \
-                 reaches this session's servers (<code>styxy focus --clear</code> gives it back)"
-            ));
-        }
-        if session.focused_by.is_empty() {
-            facts.push(format!(
-                "<code>styxy focus {}</code> lends you its ports",
-                escape(&session.name)
+                 reaches this session's servers"
             ));
         }
         facts.push(format!("started {} ago", age(session.age_secs)));
         facts.push(format!("id <code>{}</code>", escape(&session.instance_id)));
         let _ = writeln!(out, "<p class=\"facts\">{}</p>", facts.join(" · "));
+        // The focus switch (`styxy focus`): a plain form, so it works without JavaScript; the
+        // daemon takes the user from the connection (see `focus_switch`).
+        let (field, label) = if session.focused_by.is_empty() {
+            (
+                format!(
+                    "<input type=\"hidden\" name=\"session\" value=\"{}\">",
+                    escape(&session.instance_id)
+                ),
+                "Focus: my localhost:PORT reaches this session",
+            )
+        } else {
+            (
+                "<input type=\"hidden\" name=\"clear\" value=\"1\">".to_string(),
+                "Clear my focus",
+            )
+        };
+        let _ = writeln!(
+            out,
+            "<form class=\"focus\" method=\"post\" action=\"/focus\">{field}<button type=\"submit\">{label}</button></form>"
+        );
         servers_table(&mut out, &session.servers, links);
         out.push_str("</article>\n");
     }
