@@ -236,7 +236,7 @@ impl StyxyMcp {
     }
 
     #[tool(
-        description = "The Styxy daemon's version, observer (eBPF or socket tables) and counters."
+        description = "The Styxy daemon's version, observer (eBPF or socket tables), counters, and the session the calling user focuses (`styxy focus`: that user's localhost:PORT outside the sessions reaches that session's servers)."
     )]
     async fn status(&self, Parameters(_): Parameters<NoArgs>) -> ToolAnswer {
         let r = self

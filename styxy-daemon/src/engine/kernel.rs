@@ -90,6 +90,14 @@ impl Engine {
             .collect()
     }
 
+    /// Whether `instance` has a kernel session (a number its processes carry): only then can a
+    /// focus on it be followed.
+    pub fn has_kernel_session(&self, instance: &str) -> bool {
+        self.kernel_sessions
+            .get()
+            .is_some_and(|k| k.number_of(instance).is_some())
+    }
+
     /// The instance of kernel session `number`.
     pub fn kernel_instance_of(&self, number: u32) -> Option<String> {
         self.kernel_sessions.get()?.instance_of(number)

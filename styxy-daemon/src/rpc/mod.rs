@@ -429,10 +429,20 @@ impl BrokerService {
             self.engine.set_focus(Some(session), caller.uid).await
         }
         .map_err(convert::engine_error)?;
-        let (available, unavailable_reason) = match self.engine.status().kernel_sessions {
+        let (mut available, mut unavailable_reason) = match self.engine.status().kernel_sessions {
             (Some(_), _) => (true, String::new()),
             (None, why) => (false, why),
         };
+        if let Some(focused) = outcome.after.as_deref() {
+            if available && !self.engine.has_kernel_session(focused) {
+                available = false;
+                unavailable_reason = format!(
+                    "session {focused} has no process in the kernel yet (none was started with \
+                     `styxy run` or under its agent since the daemon started): the focus applies \
+                     once one is"
+                );
+            }
+        }
         let focuses = self.user_focuses((!caller.is_root()).then_some(caller.uid));
         let instance_id = outcome.after.unwrap_or_default();
         let previous = outcome.before.unwrap_or_default();

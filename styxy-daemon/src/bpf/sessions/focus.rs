@@ -40,6 +40,11 @@ impl KernelSessions {
         registry.focus = wanted;
     }
 
+    /// The session number of `instance`, once one of its processes was placed.
+    pub fn number_of(&self, instance: &str) -> Option<u32> {
+        lock(&self.registry).numbers.get(instance).map(|(n, _)| *n)
+    }
+
     /// The tasks of every kernel session (ids from `SESSIONS`; threads share their process's
     /// descriptors): whose sockets a focus switch leaves open.
     pub fn session_tasks(&self) -> Vec<u32> {
