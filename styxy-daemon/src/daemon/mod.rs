@@ -211,9 +211,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         local_ca: bound.ca,
         proxy_detail,
     });
+    // The metrics endpoint is bound (or refused: not loopback) before anything is served, so a
+    // daemon that cannot start never answers a first call and then exits.
+    let metrics = match opts.metrics {
+        Some(addr) => Some(serve::metrics(addr, engine.clone(), stop.clone()).await?),
+        None => None,
+    };
     let mut servers = serve::start(&opts, engine.clone(), listeners, &stop).await?;
-    if let Some(addr) = opts.metrics {
-        servers.spawn(serve::metrics(addr, engine.clone(), stop.clone()).await?);
+    if let Some(metrics) = metrics {
+        servers.spawn(metrics);
     }
     if let Some((_, proxy)) = proxy {
         servers.spawn(proxy);
