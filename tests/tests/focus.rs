@@ -318,6 +318,17 @@ async fn the_focus_sends_the_browser_and_every_client_outside_the_sessions_to_th
             .output()?;
         assert_eq!(stdout_of(&out), format!("feature-b from {asked}"));
     }
+    // The agent of B is told once (its PostToolUse hook reads this report).
+    let mut client = daemon.client().await?;
+    let request = || styxy_tests::v1::SessionReportRequest {
+        instance_id: "focus-b".into(),
+        peek: false,
+        pid: 0,
+    };
+    let told = client.session_report(request()).await?.into_inner();
+    assert_eq!((told.focused_by, told.focus_changed), (vec![0], true));
+    let again = client.session_report(request()).await?.into_inner();
+    assert!(!again.focus_changed, "told once");
     // Visible: `styxy focus`, `styxy status`.
     let shown = focus(&daemon, &[])?;
     assert!(shown.starts_with("focus: feature-b (focus-b)"), "{shown}");

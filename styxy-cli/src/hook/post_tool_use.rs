@@ -373,6 +373,27 @@ mod tests {
     }
 
     #[test]
+    fn a_focus_gained_or_lost_is_told_with_the_ports_it_lends() {
+        let mut report = SessionReportResponse {
+            running: vec![server(7, 6007, 6006), server(8, 8000, 0)],
+            focused_by: vec![1000],
+            focus_changed: true,
+            ..Default::default()
+        };
+        let told = describe(&report, &facts()).expect("told");
+        assert!(
+            told.starts_with("Styxy: the person at the keyboard gave this session the focus"),
+            "{told}"
+        );
+        assert!(told.contains("localhost:6006 now reach"), "{told}");
+        report.focused_by.clear();
+        let told = describe(&report, &facts()).expect("told");
+        assert!(told.contains("this session lost the focus"), "{told}");
+        report.focus_changed = false;
+        assert_eq!(describe(&report, &facts()), None, "told once");
+    }
+
+    #[test]
     fn nothing_changed_says_nothing() {
         let report = SessionReportResponse {
             running: vec![server(1, 8000, 0)],
