@@ -306,6 +306,8 @@ async fn the_focus_sends_the_browser_and_every_client_outside_the_sessions_to_th
         udp_ask_in(&daemon, "focus-b", asked)?,
         format!("feature-b from {asked}")
     );
+    // A third session with no server of its own on the port follows the focus too.
+    assert_eq!(curl_in(&daemon, "focus-c", asked)?, "feature-b");
     // A static Go client (no shim anywhere): the kernel alone, and getpeername shows the port
     // it asked.
     if let Some(programs) = static_programs() {
