@@ -72,6 +72,17 @@ impl Daemon {
         Ok(Some(daemon))
     }
 
+    /// Where its names' proxy listens (`--proxy 127.0.0.1:0` picks the port): the port.
+    pub async fn proxy_port(&self) -> Result<u16> {
+        let status = self.status().await?;
+        status
+            .proxy_listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("the proxy's address in Status: {status:?}"))
+    }
+
     /// A daemon run under the wrapper made for the daemon's port block (its first port), e.g.
     /// `systemd-socket-activate -l 127.0.0.1:PORT`, with extra arguments.
     pub async fn start_under(

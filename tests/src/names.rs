@@ -30,13 +30,7 @@ pub async fn daemon_with_proxy_and(extra: &[&str]) -> Result<(Daemon, u16)> {
             Daemon::start_with(&args).await?
         }
     };
-    let status = daemon.status().await?;
-    let port = status
-        .proxy_listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("the proxy's address in Status: {status:?}"))?;
+    let port = daemon.proxy_port().await?;
     Ok((daemon, port))
 }
 

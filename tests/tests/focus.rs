@@ -219,14 +219,7 @@ async fn the_focus_sends_the_browser_and_every_client_outside_the_sessions_to_th
     let Some(daemon) = Daemon::start_root_ebpf_with(&["--proxy", "127.0.0.1:0"]).await? else {
         return Ok(());
     };
-    let proxy: u16 = daemon
-        .status()
-        .await?
-        .proxy_listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the proxy's port")?;
+    let proxy = daemon.proxy_port().await?;
     let browser_tools = match (playwright_core(), chromium()) {
         (Some(playwright), Some(_)) => Some(playwright),
         _ => None,

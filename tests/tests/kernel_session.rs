@@ -20,17 +20,10 @@ use styxy_tests::{
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A daemon with the eBPF programs at the cgroup root (the default): kernel sessions on.
-async fn root_daemon(setup: &EbpfSetup) -> Result<Daemon> {
-    let object = setup.object.to_str().context("utf-8 path")?;
-    let daemon = Daemon::start_with(&[
-        "--observer",
-        "ebpf",
-        "--ebpf-object",
-        object,
-        "--ebpf-log",
-        "info",
-    ])
-    .await?;
+async fn root_daemon(_setup: &EbpfSetup) -> Result<Daemon> {
+    let daemon = Daemon::start_root_ebpf()
+        .await?
+        .context("eBPF is ready: the caller checked")?;
     let status = daemon.status().await?;
     assert!(
         status.kernel_sessions_enforced

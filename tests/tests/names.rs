@@ -427,13 +427,7 @@ async fn the_agent_is_told_its_sessions_names() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_at_the_proxy_gets_an_answer_and_never_a_hang() -> Result<()> {
     let daemon = Daemon::start_with(&["--proxy", "127.0.0.1:0"]).await?;
-    let status = daemon.status().await?;
-    let proxy: u16 = status
-        .proxy_listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the proxy's port")?;
+    let proxy = daemon.proxy_port().await?;
     let big = format!("X-Big: {}", "a".repeat(70 * 1024));
     let (code, _) = curl(&format!("http://any.localhost:{proxy}/"), &["-H", &big])?;
     assert_eq!(code, 431, "an oversized head");

@@ -41,14 +41,7 @@ pub async fn run() -> Result<()> {
     // A port of the daemon's block: one in the ephemeral range that its command does not name
     // would be a helper's, with no name.
     let upstream = start_upstream(daemon.base + 50)?;
-    let proxy_port: u16 = daemon
-        .status()
-        .await?
-        .proxy_listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the proxy's port")?;
+    let proxy_port = daemon.proxy_port().await?;
     let name = format!("{}.localhost", upstream.port());
     let mut targets = vec![
         Target {
