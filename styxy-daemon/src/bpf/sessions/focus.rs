@@ -22,8 +22,8 @@ impl KernelSessions {
         // Counted up before an entry is added and down after one is removed: the count is never
         // below the entries (a program that reads 0 finds none to follow).
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        // The daemon's own connections (its proxy's) never follow a focus.
         let raised = count(wanted.len().max(registry.focus.len()));
+        // The daemon's own connections (its proxy's) never follow a focus.
         if let Err(e) = focusing.set(FOCUSING_DAEMON, std::process::id(), 0) {
             tracing::warn!(cause = %e, "the kernel's focus settings could not be written: the focus is not followed");
             return;
