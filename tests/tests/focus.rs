@@ -475,7 +475,14 @@ async fn the_focus_survives_a_daemon_restart_and_ends_with_its_session() -> Resu
     daemon.kill9_and_restart().await?;
     assert_eq!(curl("127.0.0.1", asked)?, "restart-b");
 
-    // The session ends (Claude Code's SessionEnd): so does its focus.
+    // The session ends (Claude Code's SessionEnd): so does its focus, and a connection it lent
+    // (kept alive to B's server) is closed with it.
+    let mut kept =
+        Spawned::start(Command::new("python3").args(["-c", KEEP_ALIVE, &asked.to_string()]))?;
+    assert_eq!(
+        kept.line_where(20, |l| l.starts_with("first"))?,
+        "first restart-b"
+    );
     let mut client = daemon.client().await?;
     client
         .end_instance(styxy_tests::v1::EndInstanceRequest {
@@ -486,6 +493,9 @@ async fn the_focus_survives_a_daemon_restart_and_ends_with_its_session() -> Resu
         focus(&daemon, &[])?,
         "no focus: localhost:PORT reaches whatever is bound to PORT"
     );
+    kept.send_line("")?;
+    let second = kept.line_where(20, |l| l.starts_with("second") || l.starts_with("closed"))?;
+    assert!(second.starts_with("closed"), "{second}");
     eventually(5, "the real port again", || async {
         (curl("127.0.0.1", asked).ok()? == "restart-a").then_some(())
     })

@@ -95,7 +95,7 @@ impl Engine {
 
     /// Closes `uid`'s loopback connections to the old destinations of `retargets`, but for those
     /// of the sessions' processes (they keep their own views) and the daemon's own (its proxy).
-    async fn close_retargeted(&self, uid: u32, retargets: &[Retarget]) -> usize {
+    pub(super) async fn close_retargeted(&self, uid: u32, retargets: &[Retarget]) -> usize {
         let ports: HashSet<u16> = retargets.iter().map(|r| r.from).collect();
         let tasks = self
             .kernel_sessions

@@ -327,11 +327,25 @@ impl Engine {
         Ok(forgotten)
     }
 
-    /// Ends a session's leases and claims and forgets the instance (SessionEnd).
+    /// Ends a session's leases and claims and forgets the instance (SessionEnd). Its focus ends
+    /// with it: the connections its focusers' processes still have to its servers are closed.
     pub async fn end_instance(&self, id: &str, uid: u32) -> Result<usize, EngineError> {
-        let (ended, ticket) = self.commit(|b| lift(b.end_instance(id, uid)));
-        let ended = ended?;
+        let (ended, ticket) = self.commit(|b| {
+            // Who focused it, and where its view sent them, before it ends.
+            let focused: Vec<(u32, Vec<styxy_broker::Retarget>)> = b
+                .instances()
+                .filter(|i| i.id == id)
+                .flat_map(|i| i.focused_by.clone())
+                .map(|focuser| (focuser, styxy_broker::retargets(&b.view_of(id), &[])))
+                .collect();
+            let (result, effects) = lift(b.end_instance(id, uid));
+            (result.map(|ended| (ended, focused)), effects)
+        });
+        let (ended, focused) = ended?;
         self.session_reports.forget(id);
+        for (focuser, retargets) in focused {
+            self.close_retargeted(focuser, &retargets).await;
+        }
         self.wait_durable(ticket).await?;
         Ok(ended)
     }
