@@ -31,6 +31,7 @@ mod resolve;
 mod session_report;
 mod socket_table;
 mod sticky;
+pub mod stopping;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -43,6 +44,7 @@ pub use model::*;
 pub use ranges::{PortRange, ServiceRanges, ServiceType, UserLimits};
 pub use session_report::{session_changes, SessionChanges, SessionServer};
 pub use sticky::{StickyKey, StickyPort, STICKY_PER_USER};
+pub use stopping::{StopCandidate, StopRefused, StopTarget};
 pub use view::ViewEntry;
 
 pub use error::BrokerError;

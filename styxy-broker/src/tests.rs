@@ -2416,3 +2416,139 @@ fn helper_ports_and_udp_get_no_names() {
     assert!(resolved(&names, "40001.nb.localhost").is_none());
     assert!(resolved(&names, "5353.localhost").is_none());
 }
+
+// ---- styxy stop ----------------------------------------------------------------------------------------
+
+/// Session A's server kept 8000; session B's asked 8000 too and was moved to 8001; a process of
+/// no session holds 9000.
+fn two_sessions_on_one_port() -> Broker {
+    let mut b = broker();
+    let procs = Procs {
+        alive: [pid(30), pid(40)].into(),
+        ..Procs::default()
+    };
+    let (kept, _) = b
+        .resolve_bind(&session_bind(30, 8000, Protocol::Tcp, "A"), &procs, 1)
+        .unwrap();
+    assert!(matches!(kept, BindDecision::Keep { .. }), "{kept:?}");
+    b.apply(bound_by(1, 8000, 30, Protocol::Tcp), 2);
+    let (moved, _) = b
+        .resolve_bind(&session_bind(40, 8000, Protocol::Tcp, "B"), &procs, 3)
+        .unwrap();
+    assert!(matches!(moved, BindDecision::Reassign { port: 8001, .. }));
+    b.apply(bound_by(2, 8001, 40, Protocol::Tcp), 4);
+    b.apply(bound_by(3, 9000, 60, Protocol::Tcp), 5);
+    b
+}
+
+/// A stop's processes as (pid, bound ports, asked port).
+type Stopping = Vec<(u32, Vec<u16>, Option<u16>)>;
+
+fn stop(b: &Broker, instance: &str, target: StopTarget) -> Result<Stopping, StopRefused> {
+    b.servers_to_stop(instance, &target, &Names::default(), &|_| None)
+        .map(|found| {
+            found
+                .into_iter()
+                .map(|c| (c.pid, c.ports, c.asked))
+                .collect()
+        })
+}
+
+#[test]
+fn a_port_is_stopped_as_the_session_sees_it() {
+    let b = two_sessions_on_one_port();
+    // In B, 8000 is B's moved server (its view sends B there), not A's.
+    assert_eq!(
+        stop(&b, "B", StopTarget::Port(8000)),
+        Ok(vec![(40, vec![8001], Some(8000))])
+    );
+    // In A, 8000 is A's own.
+    assert_eq!(
+        stop(&b, "A", StopTarget::Port(8000)),
+        Ok(vec![(30, vec![8000], None)])
+    );
+    // B may name its server by the port it landed on too.
+    assert_eq!(
+        stop(&b, "B", StopTarget::Port(8001)),
+        Ok(vec![(40, vec![8001], None)])
+    );
+}
+
+#[test]
+fn another_sessions_server_or_nobodys_is_refused_with_its_owner() {
+    let b = two_sessions_on_one_port();
+    // B's view has no entry for 8001's other meaning: in A, 8001 is B's server.
+    assert_eq!(
+        stop(&b, "A", StopTarget::Port(8001)),
+        Err(StopRefused::NotYours {
+            pid: 40,
+            comm: "python3".into(),
+            ports: vec![8001],
+            instance_id: Some("B".into()),
+        })
+    );
+    // A third session with no server on 8000 reaches A's: refused.
+    assert!(matches!(
+        stop(&b, "C", StopTarget::Port(8000)),
+        Err(StopRefused::NotYours { pid: 30, instance_id: Some(ref a), .. }) if a == "A"
+    ));
+    // A process of no session.
+    assert!(matches!(
+        stop(&b, "B", StopTarget::Port(9000)),
+        Err(StopRefused::NotYours {
+            pid: 60,
+            instance_id: None,
+            ..
+        })
+    ));
+    assert_eq!(
+        stop(&b, "B", StopTarget::Port(7000)),
+        Err(StopRefused::NotFound("nothing holds port 7000".into()))
+    );
+}
+
+#[test]
+fn every_server_of_a_session_includes_those_the_kernel_says_are_its() {
+    let b = two_sessions_on_one_port();
+    assert_eq!(
+        stop(&b, "B", StopTarget::All),
+        Ok(vec![(40, vec![8001], None)])
+    );
+    // The kernel's membership says 60 (which holds 9000, claimed by no one) is B's: a server
+    // that double-forked away from its session's shim is still the session's.
+    let kernel = |pid: u32| (pid == 60 || pid == 40).then(|| "B".to_string());
+    let all: Vec<u32> = b
+        .servers_to_stop("B", &StopTarget::All, &Names::default(), &kernel)
+        .unwrap()
+        .iter()
+        .map(|c| c.pid)
+        .collect();
+    assert_eq!(all, vec![40, 60]);
+    // And its port 9000 may be stopped from B, not from A.
+    assert!(b
+        .servers_to_stop("B", &StopTarget::Port(9000), &Names::default(), &kernel)
+        .is_ok());
+    assert!(matches!(
+        b.servers_to_stop("A", &StopTarget::Port(9000), &Names::default(), &kernel),
+        Err(StopRefused::NotYours { pid: 60, .. })
+    ));
+    assert_eq!(
+        stop(&b, "D", StopTarget::All),
+        Err(StopRefused::NotFound(
+            "the session has no server running".into()
+        ))
+    );
+}
+
+#[test]
+fn a_pid_is_stopped_only_from_its_own_session() {
+    assert_eq!(
+        stopping::check_session("B", 40, "python3", vec![8001], Some("B".into())),
+        Ok(())
+    );
+    assert!(matches!(
+        stopping::check_session("B", 30, "python3", vec![8000], Some("A".into())),
+        Err(StopRefused::NotYours { pid: 30, .. })
+    ));
+    assert!(stopping::check_session("B", 1, "systemd", vec![], None).is_err());
+}

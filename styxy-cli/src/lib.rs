@@ -77,7 +77,7 @@ enum Command {
     Install(InstallArgs),
     /// Remove what `styxy install` put in place (same --prefix and --root).
     Uninstall(InstallArgs),
-    /// The Claude Code hooks (SessionStart, PostToolUse, SessionEnd) and their installer.
+    /// The Claude Code hooks (SessionStart, PreToolUse, PostToolUse, SessionEnd) and their installer.
     #[command(subcommand)]
     Hook(HookCommand),
     /// Serve MCP on stdio (for Claude Code and other agents): session ports, who holds a port,
@@ -124,7 +124,11 @@ enum HookCommand {
     /// Run as the PostToolUse hook (matcher Bash): tells the agent of moved binds and of its
     /// session's servers that started or stopped; silent when nothing changed, exit 0 always.
     PostToolUse,
-    /// Add the three hooks and the `styxy` MCP server to Claude Code's configuration (default:
+    /// Run as the PreToolUse hook (matcher Bash): denies a command whose kill, pkill, killall,
+    /// fuser -k or kill-port would reach another session's processes, naming them and the
+    /// `styxy stop` to use; silent otherwise, and whenever anything goes wrong (it fails open).
+    PreToolUse,
+    /// Add the hooks (SessionStart, PreToolUse and PostToolUse for Bash, SessionEnd) and the `styxy` MCP server to Claude Code's configuration (default:
     /// ~/.claude/settings.json and ~/.claude.json).
     Install(HookPlaces),
     /// Remove exactly what `hook install` added (same options); the files are given back as they were.
@@ -249,6 +253,11 @@ async fn run(args: Args) -> Result<()> {
         Command::Hook(HookCommand::PostToolUse) => {
             let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
             hook::post_tool_use::run(&target).await;
+            Ok(())
+        }
+        Command::Hook(HookCommand::PreToolUse) => {
+            let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
+            hook::kill_guard::run(&target).await;
             Ok(())
         }
         Command::Hook(HookCommand::Install(places)) => {

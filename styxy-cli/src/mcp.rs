@@ -78,6 +78,25 @@ pub struct ReleaseArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct StopArgs {
+    /// A port as this session uses it (the port its commands asked for): its server is stopped wherever it landed.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// A server's name in this session (its service, e.g. "storybook").
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A process of this session.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Stop every server of this session.
+    #[serde(default)]
+    pub all: Option<bool>,
+    /// Seconds between SIGTERM and SIGKILL (default 5, at most 60).
+    #[serde(default)]
+    pub grace_seconds: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct NoArgs {}
 
 /// A tool's answer: the reply as the JSON `styxy --json` prints, or an error with the fix.
@@ -99,6 +118,20 @@ impl StyxyMcp {
         F: FnOnce(crate::commands::Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(what, CALL_DEADLINE, f).await
+    }
+
+    /// [`Self::call`] with a deadline of its own.
+    async fn call_within<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, String>
+    where
+        F: FnOnce(crate::commands::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let attempt = async {
             let client = crate::client::connect(&self.target)
                 .await
@@ -114,13 +147,13 @@ impl StyxyMcp {
                 .map(tonic::Response::into_inner)
                 .map_err(|s| format!("{what} failed: {}", s.message()))
         };
-        tokio::time::timeout(CALL_DEADLINE, attempt)
+        tokio::time::timeout(deadline, attempt)
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
                     "the Styxy daemon at {} did not answer {what} within {} s; it may be stopped or overloaded",
                     self.target,
-                    CALL_DEADLINE.as_secs()
+                    deadline.as_secs()
                 ))
             })
     }
@@ -231,6 +264,37 @@ impl StyxyMcp {
                 "release_port",
                 |mut c| async move { c.release(request).await },
             )
+            .await?;
+        json_of(&r)
+    }
+
+    #[tool(
+        description = "Stop servers of this session only: by the port this session uses (its server is found wherever Styxy moved it), by name, by pid, or all. SIGTERM, then SIGKILL after the grace period. Another session's server (or a process of no session) is refused with whose it is. Use this instead of pkill, killall, fuser -k or kill $(lsof -t -i:PORT), which reach other sessions' servers on the same port."
+    )]
+    async fn stop_server(&self, Parameters(args): Parameters<StopArgs>) -> ToolAnswer {
+        use pb::stop_server_request::Target;
+        let target = match (args.port, args.name, args.pid, args.all.unwrap_or(false)) {
+            (Some(port), None, None, false) => Target::Port(port),
+            (None, Some(name), None, false) => Target::Name(name),
+            (None, None, Some(pid), false) => Target::Pid(pid),
+            (None, None, None, true) => Target::All(true),
+            _ => return Err("give exactly one of port, name, pid or all: true".to_string()),
+        };
+        let grace = args.grace_seconds.unwrap_or(5);
+        if grace > 60 {
+            return Err("grace_seconds: at most 60".to_string());
+        }
+        let request = pb::StopServerRequest {
+            target: Some(target),
+            grace_ms: (grace * 1000).max(1),
+            session: String::new(),
+            dry_run: false,
+        };
+        let deadline = CALL_DEADLINE + Duration::from_secs(u64::from(grace) + 10);
+        let r = self
+            .call_within("stop_server", deadline, |mut c| async move {
+                c.stop_server(request).await
+            })
             .await?;
         json_of(&r)
     }
@@ -352,12 +416,29 @@ mod tests {
             .await
             .expect_err("protocol");
         assert!(protocol.contains("\"tcp\" or \"udp\""), "{protocol}");
+        let stop = |port, all| StopArgs {
+            port,
+            name: None,
+            pid: None,
+            all,
+            grace_seconds: None,
+        };
+        let both = s
+            .stop_server(Parameters(stop(Some(8000), Some(true))))
+            .await
+            .expect_err("two targets");
+        assert!(both.contains("exactly one of port, name, pid"), "{both}");
+        let none = s
+            .stop_server(Parameters(stop(None, None)))
+            .await
+            .expect_err("no target");
+        assert!(none.contains("exactly one"), "{none}");
     }
 
     #[test]
     fn every_tool_has_a_description_and_an_object_schema() {
         let tools = StyxyMcp::tool_router().list_all();
-        assert_eq!(tools.len(), 7);
+        assert_eq!(tools.len(), 8);
         for tool in tools {
             assert!(
                 tool.description.as_deref().is_some_and(|d| !d.is_empty()),

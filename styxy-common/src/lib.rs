@@ -1,6 +1,6 @@
 //! The vocabulary every Styxy component shares, kept `no_std` so the eBPF programs and the shim can
 //! use it: protocols and families ([`net`]), environment variable names ([`env`]), the kernel →
-//! daemon bind event record ([`event`]), the kernel session maps ([`session`]), every map's
+//! daemon bind event record ([`event`]), the kernel session maps ([`session`]), the kill protection between sessions ([`protection`]), every map's
 //! name, kind and size — the kernel contract — ([`maps`]), the session table the daemon publishes for the shim
 //! ([`table`]) and the C ABI between the preload shim and the lazily
 //! loaded client library ([`shim`]). With the `std` feature, also the default paths that the
@@ -20,6 +20,7 @@ pub mod net;
 pub mod paths;
 #[cfg(feature = "std")]
 pub mod pins;
+pub mod protection;
 pub mod session;
 pub mod shim;
 #[cfg(not(target_arch = "bpf"))]

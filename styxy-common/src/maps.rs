@@ -14,6 +14,7 @@ use crate::event::{
     BindEvent, BoundRecord, BOUND_MAP, CONFIG_MAP, DROPPED_MAP, EVENTS_MAP, EVENTS_RING_BYTES,
     PORTS_MAP, PORT_SLOTS, REQUESTED_MAP,
 };
+use crate::protection::{REFUSALS_MAP, REFUSALS_RING_BYTES};
 use crate::session::{
     Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, FOCUSING_LEN, FOCUSING_MAP,
     FOCUS_MAP, FOCUS_MAX, MOVES_MAP, MOVES_MAX, PORT_INFO_MAP, READER_MAP, REVERSE_MAP,
@@ -100,6 +101,15 @@ pub const MAPS: &[MapSpec] = &[
     // The users' focus (`styxy focus`).
     spec::<u32, u32>(FOCUS_MAP, MapKind::Hash, FOCUS_MAX, 0),
     spec::<u32, u32>(FOCUSING_MAP, MapKind::Array, FOCUSING_LEN, 0),
+    // Signals refused between sessions (`lsm/task_kill`).
+    MapSpec {
+        name: REFUSALS_MAP,
+        kind: MapKind::RingBuf,
+        key_size: 0,
+        value_size: 0,
+        max_entries: REFUSALS_RING_BYTES,
+        flags: 0,
+    },
 ];
 
 /// The contract's entry for the map called `name`.

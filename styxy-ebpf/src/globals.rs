@@ -23,6 +23,10 @@ pub(crate) static TASK_START_TIME_OFFSET: Global<u32> = Global::new(0);
 #[no_mangle]
 pub(crate) static TASK_CRED_OFFSET: Global<u32> = Global::new(0);
 #[no_mangle]
+pub(crate) static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
+pub(crate) static TASK_COMM_OFFSET: Global<u32> = Global::new(0);
+#[no_mangle]
 pub(crate) static CRED_EUID_OFFSET: Global<u32> = Global::new(0);
 /// The kernel's ephemeral ports (`ip_local_port_range`), where port-0 binds land.
 #[no_mangle]

@@ -1,7 +1,8 @@
 //! Styxy's kernel side: programs on a cgroup v2 directory that report every bind and release, and
 //! that move and redirect the binds and loopback traffic of kernel sessions.
 //!
-//! The programs are in modules by job — [`observing`], [`moving`], [`views`], [`membership`] —
+//! The programs are in modules by job — [`observing`], [`moving`], [`views`], [`membership`],
+//! [`protecting`] —
 //! over the maps of the kernel contract ([`maps`], checked against `styxy_common::maps`) and the
 //! settings the daemon writes at load time ([`globals`]).
 //!
@@ -22,12 +23,16 @@
 //!   `styxy_common::session::PROBE_PORT`), so each process has exactly one enforcer, and takes
 //!   what the asker's environment turns off (`STYXY_VIEW=off`, `STYXY_DISABLE=1`) into its entry.
 //!
+//! Protecting (where BPF LSM is active, while a kernel session is live):
+//! - `lsm/task_kill` refuses a signal that would end or stop a process of one session when a
+//!   process of another sends it, and records it in `REFUSALS` ([`protecting`]).
+//!
 //! Membership is checked against the calling task itself (see `steering_member`): an entry
 //! holds only for a process not newer than it (a reused pid is never a member, whatever was
 //! left in the map), and a session steers only processes running as its owner (a setuid program
 //! in a user's session is untouched; root's sessions steer every uid).
 //!
-//! Every program allows the operation: they never deny a bind or a connect. A record that does
+//! Every cgroup program allows the operation: they never deny a bind or a connect. A record that does
 //! not fit in the ring buffer is counted in `DROPPED`; the daemon then resyncs from the socket
 //! tables. Records are submitted without waking the daemon's reader while it is draining (the
 //! `READER` word), so a burst of binds costs it one wake-up, not one per record.
@@ -49,6 +54,7 @@ mod maps;
 mod membership;
 mod moving;
 mod observing;
+mod protecting;
 mod views;
 
 /// Allow the operation (cgroup sock and sock_addr programs).

@@ -5,6 +5,7 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use styxy_common::event::{port_slot, BoundRecord, EVENTS_RING_BYTES, PORT_SLOTS};
 use styxy_common::maps::{BOUND_MAX, PORT_INFO_LEN, REQUESTED_MAX};
+use styxy_common::protection::REFUSALS_RING_BYTES;
 use styxy_common::session::{
     Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, FOCUSING_LEN, FOCUS_MAX, MOVES_MAX,
     REVERSE_MAX, SESSIONS_MAX, SPARES_LEN, STICKY_MAX, VIEWS_MAX,
@@ -128,6 +129,11 @@ pub(crate) static FOCUS: HashMap<u32, u32> = HashMap::with_max_entries(FOCUS_MAX
 /// a focus (its proxy reaches each server by its real port).
 #[map]
 pub(crate) static FOCUSING: Array<u32> = Array::with_max_entries(FOCUSING_LEN, 0);
+
+/// Signals `lsm/task_kill` refused between sessions, for the daemon (see
+/// `styxy_common::protection`).
+#[map]
+pub(crate) static REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_RING_BYTES, 0);
 
 /// Atomically adds `delta` (wrapping) to a `PORTS` slot.
 #[inline(always)]

@@ -4,7 +4,9 @@
 //! server on a held port is moved; the next PostToolUse tells the agent (asked → bound, both
 //! addresses) and one with no change says nothing; a command of the session reaches the moved
 //! server through the asked port; every MCP tool answers what `styxy --json` answers; SessionEnd
-//! ends the session. Skips, saying why, when the CLI is not installed (`cargo xtask setup`).
+//! ends the session. The PreToolUse kill guard denies a `pkill` that would reach another
+//! session's server, and the model reads why and what to use instead. Skips, saying why, when the
+//! CLI is not installed (`cargo xtask setup`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -158,7 +160,7 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
         .filter_map(Value::as_str)
         .filter(|t| t.starts_with("mcp__styxy__"))
         .collect();
-    ensure!(tools.len() == 7, "{tools:?}");
+    ensure!(tools.len() == 8, "{tools:?}");
     ensure!(
         moved_entry.instance_id == instance,
         "{moved_entry:?} vs {instance}"
@@ -265,6 +267,87 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
     ensure!(
         after["instances"].as_u64().unwrap_or(0) == 0,
         "the session ended: {after}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kill_guard_keeps_an_agent_from_killing_another_sessions_server() -> Result<()> {
+    let claude = match claude_binary() {
+        Ok(path) => path,
+        Err(why) => {
+            assert!(std::env::var_os("CI").is_none(), "required in CI: {why}");
+            eprintln!("SKIP: {why}");
+            return Ok(());
+        }
+    };
+    let daemon = Daemon::start().await?;
+    let port = daemon.base + 200;
+    // Another session's server: a sibling project's dev server.
+    let mut other = styxy_tests::Spawned::start(&mut daemon.shimmed_in(
+        "feature-a",
+        "python3",
+        &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"],
+    ))?;
+    styxy_tests::wait_for_listener(port)?;
+    let temp = tempfile::tempdir()?;
+    let home = temp.path().join("home");
+    let work = temp.path().join("work");
+    std::fs::create_dir_all(&home)?;
+    std::fs::create_dir_all(&work)?;
+    let install = Command::new(styxy_bin())
+        .args(["hook", "install"])
+        .env("HOME", &home)
+        .env_remove("XDG_STATE_HOME")
+        .output()?;
+    ensure!(install.status.success(), "hook install: {install:?}");
+    let script = vec![
+        // 0: the usual clean-up, which would kill feature-a's server.
+        Turn::Tool(
+            "Bash",
+            json!({ "command": format!("pkill -f 'http.server {port}'"), "description": "stop the old dev server" }),
+        ),
+        Turn::Text("Understood."),
+    ];
+    let stand_in = StandIn::start(script).await?;
+    let socket = daemon.socket.to_string_lossy().into_owned();
+    let events = {
+        let port = stand_in.port;
+        tokio::task::spawn_blocking(move || {
+            run_claude(
+                &claude,
+                port,
+                &home,
+                &work,
+                "Bash",
+                &[("STYXY_SOCKET", &socket)],
+                Duration::from_secs(150),
+            )
+        })
+        .await??
+    };
+    // The hook denied the call, naming the other session's server and `styxy stop`.
+    let denied = tool_result_text(&events, &tool_use_id(0)).context("the result of step 0")?;
+    for needle in [
+        "this command would signal another session's processes".to_string(),
+        format!("pid {} (python3, port {port}) of session", other.child.id()),
+        "feature-a".to_string(),
+        "`styxy stop PORT`".to_string(),
+    ] {
+        ensure!(denied.contains(&needle), "{needle:?} not in {denied}");
+    }
+    // The model read it, and the server runs on.
+    ensure!(
+        stand_in
+            .requests()
+            .iter()
+            .any(|r| r.to_string().contains("would signal another session")),
+        "the denial never reached the model"
+    );
+    ensure!(other.child.try_wait()?.is_none(), "feature-a's server was killed");
+    ensure!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "feature-a's server answers"
     );
     Ok(())
 }

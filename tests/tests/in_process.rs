@@ -55,6 +55,7 @@ async fn the_daemon_runs_in_process_and_stops_when_its_shutdown_completes() -> a
         proxy_upstream_timeout: std::time::Duration::from_secs(60),
         proxy_host_header: styxy_daemon::HostHeader::Keep,
         ebpf_log: styxy_daemon::KernelLogLevel::Warn,
+        kill_protection: true,
         idle_timeout: std::time::Duration::from_secs(120),
     };
 

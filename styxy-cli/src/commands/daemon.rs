@@ -53,9 +53,19 @@ pub(crate) struct Args {
     /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
     #[arg(long, value_enum, default_value = "warn")]
     ebpf_log: KernelLogLevel,
+    /// Refuse, in the kernel, a signal that would end or stop a process of one session when a process of another session sends it (lsm/task_kill; needs BPF LSM, `bpf` in /sys/kernel/security/lsm)
+    #[arg(long, value_enum, default_value = "on")]
+    kill_protection: Switch,
     /// Close a connection that sends nothing for this many seconds (the daemon pings clients at a third of it, so live ones stay)
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(3..=86_400))]
     idle_timeout_secs: u64,
+}
+
+/// A feature turned on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 /// `--proxy` and `--proxy-tls`: a loopback address, or `systemd`.
@@ -129,6 +139,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
                 ProxyHost::Upstream => HostHeader::Upstream,
             },
             ebpf_log: args.ebpf_log,
+            kill_protection: args.kill_protection == Switch::On,
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         },
         shutdown,

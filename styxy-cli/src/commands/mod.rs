@@ -12,6 +12,7 @@ mod ports;
 mod release;
 mod session;
 mod status;
+mod stop;
 mod suggest;
 mod trust;
 mod watch;
@@ -47,6 +48,8 @@ pub(crate) enum Command {
     Forget(forget::Args),
     /// Lend a session's view to you: your localhost:PORT (browser, OAuth callbacks) reaches that session's servers at the ports they asked for. --clear gives it up; with no session, shows it.
     Focus(focus::Args),
+    /// Stop servers of your own session: by the port your session uses (8000), by name (storybook), --pid, or --session for all. SIGTERM, then SIGKILL after --grace. Another session's server is refused: use this instead of pkill or kill $(lsof -t -i:PORT).
+    Stop(stop::Args),
     /// Open the dashboard (http://styxy.localhost/), or a server by its name, in the browser.
     Open(open::Args),
     /// Make this machine's browsers and tools trust https://NAME.localhost: the daemon's local CA (valid for *.localhost only) added to the system store (as root) and to Chromium's and Firefox's NSS databases.
@@ -80,6 +83,11 @@ pub(crate) async fn run(
         command,
         Command::Watch | Command::Trust(_) | Command::Untrust(_)
     );
+    // `styxy stop` waits for the servers to end: its grace period on top of the deadline.
+    let budget = match &command {
+        Command::Stop(args) => deadline + args.longest_wait(),
+        _ => deadline,
+    };
     let call = async {
         match command {
             Command::Status => status::run(&mut client, as_json).await,
@@ -93,6 +101,7 @@ pub(crate) async fn run(
             Command::Session(args) => session::run(&mut client, args, as_json).await,
             Command::Forget(args) => forget::run(&mut client, args, as_json).await,
             Command::Focus(args) => focus::run(&mut client, args, as_json).await,
+            Command::Stop(args) => stop::run(&mut client, args, as_json).await,
             Command::Open(args) => open::run(&mut client, args).await,
             Command::Trust(args) => trust::run(&mut client, args, true, as_json, deadline).await,
             Command::Untrust(args) => trust::run(&mut client, args, false, as_json, deadline).await,
@@ -101,7 +110,7 @@ pub(crate) async fn run(
     if streams {
         return call.await;
     }
-    tokio::time::timeout(deadline, call)
+    tokio::time::timeout(budget, call)
         .await
         .map_err(|_| late())?
 }

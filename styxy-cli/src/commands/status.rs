@@ -46,6 +46,21 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
             (name, id) => println!("focus:      {name} ({id})"),
         }
     }
+    if s.kernel_sessions_enforced {
+        let refused = if s.refused_signals > 0 {
+            format!(" · {} refused since start", s.refused_signals)
+        } else {
+            String::new()
+        };
+        println!(
+            "kills:      {}{refused}",
+            if s.kill_protection {
+                "refused between sessions in the kernel (lsm/task_kill)".to_string()
+            } else {
+                s.kill_protection_detail.clone()
+            }
+        );
+    }
     println!(
         "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped) · ResolveBind calls {}",
         s.bound_ports,

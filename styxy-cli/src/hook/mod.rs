@@ -2,7 +2,8 @@
 //! agent's session and registers the agent process in it (with the daemon's eBPF programs, the
 //! kernel then moves and redirects for everything the agent starts, static binaries included);
 //! `styxy hook post-tool-use` tells the agent of every move and every server of its session that
-//! started or stopped (`post_tool_use`); `styxy hook session-end` ends the session's leases and
+//! started or stopped (`post_tool_use`); `styxy hook pre-tool-use` denies a kill command aimed
+//! at another session's processes (`kill_guard`, reading `kill_idioms`); `styxy hook session-end` ends the session's leases and
 //! claims when the agent's session ends; `styxy hook install|uninstall` adds or removes all of it,
 //! the MCP server included (`settings`).
 //!
@@ -25,6 +26,8 @@ use styxy_common::env;
 /// Marks the lines this hook writes, so a second run adds nothing.
 const ENV_MARKER: &str = "# styxy: bind() shim for this session (styxy hook session-start)";
 
+pub mod kill_guard;
+pub mod kill_idioms;
 pub mod post_tool_use;
 pub mod printed_urls;
 pub mod settings;

@@ -85,6 +85,54 @@ pub fn hook_output(report: &SessionReportResponse, facts: &Facts) -> Option<Stri
 /// ports (a notebook's kernel channels, a debugging port) in one line; then any URL the tool
 /// printed with a port its server was moved off.
 pub fn describe(report: &SessionReportResponse, facts: &Facts) -> Option<String> {
+    let refused = describe_refused_signals(&report.refused_signals);
+    match (describe_servers(report, facts), refused) {
+        (Some(servers), Some(refused)) => Some(format!("{servers}\n- {refused}")),
+        (None, Some(refused)) => Some(format!("Styxy: {refused}")),
+        (servers, None) => servers,
+    }
+}
+
+/// The signals the kernel refused from this session to another's: what happened, and the
+/// command to use instead.
+pub fn describe_refused_signals(refused: &[styxy_proto::v1::RefusedSignal]) -> Option<String> {
+    if refused.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = refused
+        .iter()
+        .take(SERVERS_TOLD)
+        .map(|r| {
+            let session = if r.target_session_name.is_empty()
+                || r.target_session_name == r.target_instance_id
+            {
+                r.target_instance_id.clone()
+            } else {
+                format!("{} ({})", r.target_session_name, r.target_instance_id)
+            };
+            let ports: Vec<String> = r.target_ports.iter().map(u32::to_string).collect();
+            let on = if ports.is_empty() {
+                String::new()
+            } else {
+                format!(" on port {}", ports.join(", "))
+            };
+            format!(
+                "{} from {} (pid {}) to {} (pid {}{on}), a process of session {session}",
+                r.signal, r.sender_comm, r.sender_pid, r.target_comm, r.target_pid
+            )
+        })
+        .collect();
+    Some(format!(
+        "the kernel refused (EPERM) signals from this session to another session's processes: {}. \
+         Sessions may run the same server on the same asked port side by side, so `pkill`, \
+         `kill $(lsof -t -i:PORT)` and `fuser -k` reach the other session's server. To stop this \
+         session's own servers use `styxy stop PORT` (the port this session uses), `styxy stop \
+         NAME`, or `styxy stop --session` for all of them.",
+        each.join("; ")
+    ))
+}
+
+fn describe_servers(report: &SessionReportResponse, facts: &Facts) -> Option<String> {
     let helper = |s: &&SessionServer| is_helper(s, &facts.ephemeral);
     let (started_helpers, started): (Vec<&SessionServer>, Vec<&SessionServer>) =
         report.started.iter().partition(helper);
@@ -391,6 +439,42 @@ mod tests {
         assert!(told.contains("this session lost the focus"), "{told}");
         report.focus_changed = false;
         assert_eq!(describe(&report, &facts()), None, "told once");
+    }
+
+    #[test]
+    fn a_refused_signal_is_told_with_whose_process_it_was_and_what_to_use() {
+        let mut report = SessionReportResponse {
+            refused_signals: vec![styxy_proto::v1::RefusedSignal {
+                signal: "SIGTERM".into(),
+                sender_pid: 41,
+                sender_comm: "pkill".into(),
+                target_pid: 30,
+                target_comm: "python3".into(),
+                target_instance_id: "claude-a".into(),
+                target_session_name: "feature-a".into(),
+                target_ports: vec![8000],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let told = describe(&report, &facts()).expect("told");
+        assert!(
+            told.starts_with("Styxy: the kernel refused (EPERM) signals from this session"),
+            "{told}"
+        );
+        assert!(
+            told.contains("SIGTERM from pkill (pid 41) to python3 (pid 30 on port 8000), a process of session feature-a (claude-a)"),
+            "{told}"
+        );
+        assert!(told.contains("`styxy stop PORT`"), "{told}");
+        // With a server change, one more line.
+        report.started = vec![server(7, 6007, 6006)];
+        let told = describe(&report, &facts()).expect("told");
+        assert!(
+            told.starts_with("Styxy: this session's servers changed."),
+            "{told}"
+        );
+        assert!(told.contains("\n- the kernel refused"), "{told}");
     }
 
     #[test]

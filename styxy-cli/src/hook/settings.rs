@@ -1,5 +1,5 @@
 //! `styxy hook install|uninstall`: adds Styxy's three Claude Code hooks (SessionStart,
-//! PostToolUse for Bash, SessionEnd) and its MCP server to the files Claude Code reads, and takes
+//! PreToolUse and PostToolUse for Bash, SessionEnd) and its MCP server to the files Claude Code reads, and takes
 //! exactly them away again.
 //!
 //! - User scope (the default): hooks in `~/.claude/settings.json` (or `--settings FILE`), the MCP
@@ -25,8 +25,9 @@ use serde_json::{json, Map, Value};
 use crate::preload;
 
 /// The hooks Styxy adds: (Claude Code event, matcher, `styxy hook …` argument).
-pub const HOOKS: [(&str, Option<&str>, &str); 3] = [
+pub const HOOKS: [(&str, Option<&str>, &str); 4] = [
     ("SessionStart", None, "session-start"),
+    ("PreToolUse", Some("Bash"), "pre-tool-use"),
     ("PostToolUse", Some("Bash"), "post-tool-use"),
     ("SessionEnd", None, "session-end"),
 ];
@@ -512,7 +513,7 @@ pub fn install(places: &Places) -> Result<Vec<String>> {
         save_backup(&settings)?;
         settings.write(&settings.pretty()?)?;
         lines.push(format!(
-            "added the Styxy hooks (SessionStart, PostToolUse for Bash, SessionEnd) to {}",
+            "added the Styxy hooks (SessionStart, PreToolUse and PostToolUse for Bash, SessionEnd) to {}",
             settings.path.display()
         ));
     } else {

@@ -5,7 +5,7 @@
 //! (its start time is not newer than the membership entry: a reused pid is not a member) and that
 //! it runs as the session's owner (its effective uid: a setuid program in a user's session is not
 //! steered by that user). aya-ebpf cannot emit CO-RE relocations, so the daemon hands the programs
-//! the four offsets they need as load-time constants.
+//! the offsets they need as load-time constants.
 //!
 //! Hand-written rather than a crate: the one BTF crate that reads struct members (`btf-rs`) is
 //! LGPL, which this MIT/Apache project would carry into its static binary; `aya-obj` keeps its
@@ -27,6 +27,10 @@ pub struct TaskOffsets {
     pub cred: u32,
     /// `cred.euid`.
     pub euid: u32,
+    /// `task_struct.tgid` and `task_struct.comm`, read of a signal's target by the kill
+    /// protection (see `styxy_common::protection`).
+    pub tgid: u32,
+    pub comm: u32,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -242,6 +246,8 @@ impl<'a> Btf<'a> {
             start_time: self.member_offset("task_struct", "start_time")?,
             cred: self.member_offset("task_struct", "cred")?,
             euid: self.member_offset("cred", "euid")?,
+            tgid: self.member_offset("task_struct", "tgid")?,
+            comm: self.member_offset("task_struct", "comm")?,
         })
     }
 }
@@ -264,7 +270,8 @@ mod tests {
     /// A BTF blob built by hand: `struct cred { int uid; int euid; }`, and a `task_struct` whose
     /// `start_time` sits in an anonymous struct, behind a typedef.
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0cred\0uid\0euid\0task_struct\0group_leader\0start_time\0flags\0";
+        let strings =
+            b"\0int\0cred\0uid\0euid\0task_struct\0group_leader\0start_time\0flags\0tgid\0comm\0";
         let name = |s: &str| -> u32 {
             let pos = strings
                 .windows(s.len() + 2)
@@ -287,12 +294,14 @@ mod tests {
         // 5: typedef of 4 (unnamed), so the walk goes through an alias
         push(&[0, KIND_TYPEDEF << 24, 4]);
         // 6: struct task_struct (kind_flag: bit-field offsets) { int flags:3 @0; ptr
-        //    group_leader @64; anon @128; ptr cred @256 }
-        push(&[name("task_struct"), 1 << 31 | KIND_STRUCT << 24 | 4, 40]);
+        //    group_leader @64; anon @128; ptr cred @256; int tgid @320; int comm @352 }
+        push(&[name("task_struct"), 1 << 31 | KIND_STRUCT << 24 | 6, 48]);
         push(&[name("flags"), 1, 3 << 24]);
         push(&[name("group_leader"), 3, 64]);
         push(&[0, 5, 128]);
         push(&[name("cred"), 3, 256]);
+        push(&[name("tgid"), 1, 320]);
+        push(&[name("comm"), 1, 352]);
         let type_bytes: Vec<u8> = types.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
@@ -318,6 +327,8 @@ mod tests {
                 start_time: 16,
                 cred: 32,
                 euid: 4,
+                tgid: 40,
+                comm: 44,
             })
         );
         assert_eq!(
@@ -349,6 +360,7 @@ mod tests {
         assert!(offsets.cred.is_multiple_of(8));
         assert!(offsets.start_time.is_multiple_of(8));
         assert!(offsets.euid >= 4 && offsets.euid.is_multiple_of(4));
+        assert!(offsets.tgid.is_multiple_of(4) && offsets.comm > offsets.tgid);
     }
 
     proptest::proptest! {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData, RingBuf};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use styxy_common::event::{
@@ -18,7 +18,7 @@ use styxy_common::event::{
     PROGRAMS_SOCK,
 };
 use styxy_common::maps::{PORT_INFO_LEN, UNREPORTED_MAP};
-use styxy_common::session;
+use styxy_common::{protection, session};
 
 use super::attached::{counted_since, Attached, DROP_CHECK_RECORDS};
 use super::counts::KernelPortCounts;
@@ -26,6 +26,7 @@ use super::kernel_btf;
 use super::kernel_log::{KernelLogLevel, ToTracing};
 use super::mapped::{MappedArray, Slot};
 use super::pins::{self, ObserverLinks, Pins};
+use super::protection::{KillProtection, Refusals};
 use super::session_programs::{self, SessionPrograms};
 use super::sessions::{KernelSessionMaps, NUMBERS_FILE};
 
@@ -143,6 +144,9 @@ pub struct AttachOptions<'a> {
     /// The daemon's state directory: its programs and maps are pinned under its name (see
     /// [`Pins`]), and its kernel sessions' numbers kept in it.
     pub state_dir: &'a Path,
+    /// Whether the kernel refuses signals between sessions where BPF LSM allows it (see
+    /// [`super::protection`]).
+    pub kill_protection: bool,
 }
 
 /// Loads the object and attaches the observer's programs (post_bind4|6, sock_release) to the
@@ -188,6 +192,8 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 start_time: 0,
                 cred: 0,
                 euid: 0,
+                tgid: 0,
+                comm: 0,
             },
             0,
         ),
@@ -241,6 +247,8 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
         )
         .override_global(session::GLOBAL_TASK_CRED_OFFSET, &task.cred, true)
         .override_global(session::GLOBAL_CRED_EUID_OFFSET, &task.euid, true)
+        .override_global(protection::GLOBAL_TASK_TGID_OFFSET, &task.tgid, true)
+        .override_global(protection::GLOBAL_TASK_COMM_OFFSET, &task.comm, true)
         .override_global(session::GLOBAL_ENFORCE, &enforce, true)
         .override_global("AYA_LOG_LEVEL", &log_level, true)
         .override_global("EPHEMERAL_LOW", &u32::from(ephemeral_low), true)
@@ -300,6 +308,13 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
             program.load().with_context(|| format!("loading {name}"))?;
         }
     }
+    let kill_protection = match &offsets {
+        Ok(_) if !options.kill_protection => {
+            KillProtection::Off("turned off (styxy daemon --kill-protection off)".to_string())
+        }
+        Ok(_) => load_task_kill(&mut ebpf),
+        Err(reason) => KillProtection::Off(reason.clone()),
+    };
     // PORTS twice from one descriptor: writable for the counts (the daemon adds what was bound
     // before), read-only for the session maps' spare-port choice.
     let (ports, ports_for_sessions) = {
@@ -346,6 +361,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
                 take(&mut ebpf, session::FOCUS_MAP)?,
                 take(&mut ebpf, session::FOCUSING_MAP)?,
             ),
+            Refusals::new(take(&mut ebpf, protection::REFUSALS_MAP)?),
         )),
         Err(reason) => Err(reason),
     };
@@ -379,26 +395,30 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     }
     let ebpf = Arc::new(Mutex::new(ebpf));
     let sessions = match sessions_maps {
-        Ok((sessions, views, sticky, spares, (focus, focusing))) => Ok(KernelSessionMaps {
-            sessions,
-            views,
-            sticky,
-            focus,
-            focusing,
-            port_info,
-            spares,
-            ports: ports_for_sessions,
-            programs: SessionPrograms::new(
-                ebpf.clone(),
-                cgroup_dir
-                    .try_clone()
-                    .context("duplicating the cgroup directory's descriptor")?,
-                pins.clone(),
-                observer_links.clone(),
-            )?,
-            numbers_file: options.state_dir.join(NUMBERS_FILE),
-            reused,
-        }),
+        Ok((sessions, views, sticky, spares, (focus, focusing), refusals)) => {
+            Ok(KernelSessionMaps {
+                sessions,
+                views,
+                sticky,
+                focus,
+                focusing,
+                port_info,
+                spares,
+                ports: ports_for_sessions,
+                programs: SessionPrograms::new(
+                    ebpf.clone(),
+                    cgroup_dir
+                        .try_clone()
+                        .context("duplicating the cgroup directory's descriptor")?,
+                    pins.clone(),
+                    observer_links.clone(),
+                    kill_protection,
+                )?,
+                refusals,
+                numbers_file: options.state_dir.join(NUMBERS_FILE),
+                reused,
+            })
+        }
         Err(reason) => Err(reason),
     };
     Ok(Attached {
@@ -442,6 +462,35 @@ fn own_netns_cookie() -> Option<u64> {
         );
         libc::close(fd);
         (rc == 0 && cookie != 0).then_some(cookie)
+    }
+}
+
+/// Loads `lsm/task_kill` when BPF LSM is active (attached with the session programs); else says
+/// why the kernel does not protect sessions from each other's signals. Never fails the load: the
+/// sessions work without it.
+fn load_task_kill(ebpf: &mut Ebpf) -> KillProtection {
+    if let Err(why) = super::protection::bpf_lsm_active() {
+        return KillProtection::Off(why);
+    }
+    let loaded = (|| -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let program: &mut Lsm = ebpf
+            .program_mut(protection::PROGRAM_TASK_KILL)
+            .context("program missing from the eBPF object")?
+            .try_into()?;
+        program.load(protection::TASK_KILL_HOOK, &btf)?;
+        Ok(())
+    })();
+    match loaded {
+        Ok(()) => KillProtection::Kernel,
+        Err(e) => {
+            let mut why = format!("loading {} failed: {e:#}", protection::PROGRAM_TASK_KILL);
+            if let Some(hint) = super::protection::refusal_hint(&why) {
+                why = format!("{hint}; {why}");
+            }
+            tracing::warn!("{why}");
+            KillProtection::Off(why)
+        }
     }
 }
 

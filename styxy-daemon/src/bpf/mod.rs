@@ -2,12 +2,10 @@
 //! ([`object`], [`load`]), what the daemon then holds ([`attached`]: the ring buffer it drains
 //! into broker events, [`events`]; the per-port counts, [`counts`]), and the kernel sessions
 //! ([`sessions`]: the maps that say who is in which session and what it sees, with
-//! [`session_programs`] attached while one is live). [`mapped`] maps arrays into memory,
-//! [`kernel_btf`] reads the running kernel's struct offsets, [`kernel_log`] forwards the
-//! programs' log.
-//!
-//! Links are plain file descriptors (`bpf_link_create`), never pinned: they detach when the daemon
-//! exits, `kill -9` included, so nothing is left attached behind it and no bpffs is needed.
+//! [`session_programs`] attached while one is live, and [`protection`], the kill protection
+//! between sessions). [`mapped`] maps arrays into memory, [`kernel_btf`] reads the running
+//! kernel's struct offsets, [`kernel_log`] forwards the programs' log, [`pins`] keeps the
+//! programs and maps of live sessions in bpffs so they outlive a daemon restart.
 
 pub mod attached;
 pub mod counts;
@@ -18,6 +16,7 @@ pub mod load;
 pub mod mapped;
 pub mod object;
 pub mod pins;
+pub mod protection;
 pub mod session_programs;
 pub mod sessions;
 

@@ -224,9 +224,10 @@ pub fn hold_cgroup_link(
     }
 }
 
-/// Tracepoint program `name`: a new link from `attach()`, pinned; then the pinned links of the
-/// last daemon for it are unpinned (they detach). Both run meanwhile, on the same maps.
-pub fn hold_tracepoint_link(
+/// A tracepoint or LSM program `name` (attached to the kernel, not to a cgroup): a new link from
+/// `attach()`, pinned as `name@N`; then the pinned links of the last daemon for it are unpinned
+/// (they detach). Both run meanwhile, on the same maps.
+pub fn hold_numbered_link(
     pins: Option<&Pins>,
     name: &str,
     attach: impl FnOnce() -> Result<FdLink>,
@@ -256,6 +257,25 @@ pub fn hold_tracepoint_link(
         let _ = std::fs::remove_file(path);
     }
     Ok(held)
+}
+
+/// Unpins every link of program `name` a daemon before this one left (`name@N`, see
+/// [`hold_numbered_link`]): the kernel detaches each when nothing else holds it.
+pub fn remove_links(pins: &Pins, name: &str) {
+    let prefix = format!("{name}@");
+    for entry in std::fs::read_dir(pins.dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Whether pinned links of tracepoint program `name` are there (the session programs were

@@ -1,6 +1,7 @@
 //! The programs only kernel sessions need — `bind4|6` (moves), `connect4|6`, `sendmsg4|6`,
 //! `recvmsg4|6` and `getpeername4|6` (the session view, and the shim's question), and the
-//! `sched_process_fork|exit|exec` tracepoints (membership) — attached while a session may
+//! `sched_process_fork|exit|exec` tracepoints (membership), and `lsm/task_kill` where BPF LSM
+//! is active (the kill protection between sessions, see `protection`) — attached while a session may
 //! have a live process, and detached a few seconds after the last one ended. With no session, the
 //! machine's binds, connects and UDP receives pay for none of them; only the observer's
 //! `post_bind4|6` and `sock_release` stay.
@@ -15,12 +16,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint};
 use aya::Ebpf;
 use styxy_common::event::PROGRAMS_SOCK_ADDR;
-use styxy_common::session;
+use styxy_common::{protection, session};
 
 use super::pins::{self, HeldLink, ObserverLinks, Pins};
+use super::protection::KillProtection;
 
 /// How many idle checks in a row (one a second, from the lease sweep) find no session before
 /// the programs are detached: a session started right after another ended finds them attached.
@@ -48,12 +50,15 @@ pub struct SessionPrograms {
     observer: Arc<ObserverLinks>,
     links: Option<Links>,
     idle_checks: u32,
+    /// Whether `lsm/task_kill` is loaded (and so attached with the rest), or why not.
+    kill_protection: KillProtection,
 }
 
 #[derive(Default)]
 struct Links {
     cgroup: Vec<(&'static str, HeldLink)>,
     tracepoints: Vec<(&'static str, HeldLink)>,
+    lsm: Option<HeldLink>,
 }
 
 fn lock(ebpf: &Mutex<Ebpf>) -> std::sync::MutexGuard<'_, Ebpf> {
@@ -69,7 +74,14 @@ impl SessionPrograms {
         cgroup: std::fs::File,
         pins: Option<Arc<Pins>>,
         observer: Arc<ObserverLinks>,
+        kill_protection: KillProtection,
     ) -> Result<SessionPrograms> {
+        if !kill_protection.is_kernel() {
+            // A daemon before this one may have left it attached for its sessions.
+            if let Some(pins) = pins.as_deref() {
+                pins::remove_links(pins, protection::PROGRAM_TASK_KILL);
+            }
+        }
         let mut programs = SessionPrograms {
             ebpf,
             cgroup,
@@ -77,6 +89,7 @@ impl SessionPrograms {
             observer,
             links: None,
             idle_checks: 0,
+            kill_protection,
         };
         let left_attached = programs
             .pins
@@ -94,6 +107,12 @@ impl SessionPrograms {
         self.links.is_some()
     }
 
+    /// Whether the kernel refuses signals between sessions (while these are attached), or why
+    /// not.
+    pub fn kill_protection(&self) -> &KillProtection {
+        &self.kill_protection
+    }
+
     /// Attaches every session program, unless they are attached; all or none.
     pub fn attach(&mut self) -> Result<()> {
         self.idle_checks = 0;
@@ -107,6 +126,17 @@ impl SessionPrograms {
             .context("pinning the observer's programs")?;
         let mut links = Links::default();
         let attached = self.attach_into(&mut links);
+        if attached.is_ok() && self.kill_protection.is_kernel() {
+            // The sessions work without it: a failure turns the protection off, not them.
+            match self.attach_task_kill() {
+                Ok(link) => links.lsm = Some(link),
+                Err(e) => {
+                    let why = format!("attaching lsm/task_kill failed: {e:#}");
+                    tracing::warn!("{why}");
+                    self.kill_protection = KillProtection::Off(why);
+                }
+            }
+        }
         if attached.is_err() {
             detach_links(links);
             // Nothing of a session is attached: nothing needs to outlive the daemon.
@@ -128,7 +158,7 @@ impl SessionPrograms {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
-            let link = pins::hold_tracepoint_link(pins, name, || {
+            let link = pins::hold_numbered_link(pins, name, || {
                 let id = program
                     .attach("sched", event)
                     .with_context(|| format!("attaching {name} to sched/{event}"))?;
@@ -151,6 +181,21 @@ impl SessionPrograms {
             links.cgroup.push((name, link));
         }
         Ok(())
+    }
+
+    fn attach_task_kill(&self) -> Result<HeldLink> {
+        let mut ebpf = lock(&self.ebpf);
+        let name = protection::PROGRAM_TASK_KILL;
+        let program: &mut Lsm = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        pins::hold_numbered_link(self.pins.as_deref(), name, || {
+            let id = program
+                .attach()
+                .with_context(|| format!("attaching {name}"))?;
+            Ok(FdLink::from(program.take_link(id)?))
+        })
     }
 
     /// One idle check: `no_session` says the kernel's session map is empty. After
@@ -179,9 +224,10 @@ impl SessionPrograms {
 }
 
 /// Detaches `links`: the view and bind programs first (the shim takes over again), the
-/// membership tracepoints last.
+/// kill protection, and the membership tracepoints last.
 fn detach_links(links: Links) {
-    for (name, link) in links.cgroup.into_iter().chain(links.tracepoints) {
+    let lsm = links.lsm.map(|link| (protection::PROGRAM_TASK_KILL, link));
+    for (name, link) in links.cgroup.into_iter().chain(lsm).chain(links.tracepoints) {
         if let Err(e) = link.detach() {
             tracing::warn!(program = name, cause = %format!("{e:#}"), "detaching a kernel session program failed");
         }

@@ -75,6 +75,8 @@ pub struct Options {
     pub proxy_upstream_timeout: Duration,
     /// Which of the kernel programs' own log lines go into the daemon's log.
     pub ebpf_log: KernelLogLevel,
+    /// Whether the kernel refuses signals between sessions where BPF LSM allows it.
+    pub kill_protection: bool,
     /// A connection that sends nothing for this long is closed (HTTP/2 pings at a third of it
     /// keep live clients' connections open).
     pub idle_timeout: Duration,
@@ -299,6 +301,7 @@ async fn sweep_leases(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         }
         crate::procs::forget_exited();
         engine.detach_idle_session_programs();
+        engine.collect_refused_signals();
         ticks += 1;
         if ticks.is_multiple_of(TRIM_EVERY) {
             limits::return_freed_memory();

@@ -136,6 +136,7 @@ fn attach_ebpf(opts: &Options, ranges: Vec<(u16, u16)>) -> Result<(ebpf::Attache
         log_level: opts.ebpf_log,
         ranges,
         state_dir: &opts.state_dir,
+        kill_protection: opts.kill_protection,
     })?;
     Ok((attached, at_root, object.origin))
 }

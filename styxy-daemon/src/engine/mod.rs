@@ -13,8 +13,10 @@
 mod focus;
 mod freshness;
 mod kernel;
+mod protection;
 mod reports;
 mod status;
+mod stopping;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,7 @@ use styxy_broker::{
 
 pub use reports::AskedHolder;
 pub use status::{DelayWindow, Endpoints, ObserverStatus};
+pub use stopping::{StopRequest, DEFAULT_GRACE};
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.
 pub const AUDIT_KEEP: usize = 10_000;
@@ -59,6 +62,12 @@ pub enum EngineError {
     /// What the request needs is not there (the kernel programs, for a focus).
     #[error("{0}")]
     Unavailable(String),
+    /// The caller may not do this (another session's server, for a stop).
+    #[error("{0}")]
+    Refused(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// Everything requests share.
@@ -97,6 +106,8 @@ pub struct Engine {
     pub(super) names: Mutex<(u64, Arc<styxy_broker::Names>)>,
     /// The kernel's ephemeral ports (where helper ports are, which get no names).
     pub(super) ephemeral: std::ops::RangeInclusive<u16>,
+    /// Signals the kernel refused between sessions, waiting for their sessions' reports.
+    pub(super) refused_signals: Mutex<protection::RefusedSignals>,
 }
 
 impl Engine {
@@ -129,6 +140,7 @@ impl Engine {
             generation: AtomicU64::new(1),
             names: Mutex::new((0, Arc::default())),
             ephemeral: styxy_common::net::ephemeral_ports(),
+            refused_signals: Mutex::new(protection::RefusedSignals::default()),
         }
     }
 

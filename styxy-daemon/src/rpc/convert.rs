@@ -352,6 +352,8 @@ pub fn engine_error(e: EngineError) -> Status {
         EngineError::Store(_) => Status::unavailable(e.to_string()),
         EngineError::Contended(_) => Status::unavailable(e.to_string()),
         EngineError::Unavailable(_) => Status::failed_precondition(e.to_string()),
+        EngineError::Refused(_) => Status::permission_denied(e.to_string()),
+        EngineError::NotFound(_) => Status::not_found(e.to_string()),
     }
 }
 

@@ -19,9 +19,9 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::clock::now_ms;
-use crate::engine::{AskedHolder, Engine};
+use crate::engine::{AskedHolder, Engine, StopRequest, DEFAULT_GRACE};
 use crate::procs;
-use styxy_broker::{AllocateRequest, BindDecision, BindRequest, Caller, HolderView};
+use styxy_broker::{AllocateRequest, BindDecision, BindRequest, Caller, HolderView, StopTarget};
 use styxy_proto::v1 as pb;
 use styxy_proto::v1::port_broker_server::PortBroker;
 
@@ -335,6 +335,7 @@ impl BrokerService {
             .and_then(|c| self.engine.focus_of(c.uid).after)
             .unwrap_or_default();
         let focus_name = self.session_name_of(&focus);
+        let kill_protection = self.engine.kill_protection();
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             observer: s.observer.kind.to_string(),
@@ -376,7 +377,121 @@ impl BrokerService {
             observer_delay_samples: s.observer_delay.2,
             focus_instance_id: focus,
             focus_session_name: focus_name,
+            kill_protection: kill_protection.0,
+            kill_protection_detail: kill_protection.1,
+            refused_signals: self.engine.refused_signal_count(),
         }))
+    }
+
+    async fn stop_server_call(
+        &self,
+        request: Request<pb::StopServerRequest>,
+    ) -> Result<Response<pb::StopServerResponse>, Status> {
+        let caller = self.caller(&request, "StopServer")?;
+        let Some(caller_pid) = caller.pid else {
+            return Err(Status::permission_denied(format!(
+                "StopServer acts in the caller's own session, which the daemon finds from the \
+                 caller's process: call it over the Unix socket ({})",
+                self.socket_hint
+            )));
+        };
+        let req = request.into_inner();
+        use pb::stop_server_request::Target;
+        let target = match req.target {
+            Some(Target::Port(port)) => {
+                StopRequest::Target(StopTarget::Port(convert::port(port, "port")?))
+            }
+            Some(Target::Name(name)) => {
+                let name = name.trim();
+                if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+                    return Err(Status::invalid_argument(
+                        "name: a server's name in the session (its service, e.g. storybook), at \
+                         most 64 printable characters",
+                    ));
+                }
+                StopRequest::Target(StopTarget::Name(name.to_string()))
+            }
+            Some(Target::Pid(pid)) => StopRequest::Pid(convert::pid(pid)?),
+            Some(Target::All(true)) => StopRequest::Target(StopTarget::All),
+            Some(Target::All(false)) | None => {
+                return Err(Status::invalid_argument(
+                    "say what to stop: a port, a name, a pid, or all of the session's servers",
+                ))
+            }
+        };
+        if req.session.len() > 512 || req.session.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "session: an id or name of at most 512 printable characters",
+            ));
+        }
+        let grace = match req.grace_ms {
+            0 => DEFAULT_GRACE,
+            ms if ms > 600_000 => {
+                return Err(Status::invalid_argument(
+                    "grace_ms: at most 600,000 (ten minutes)",
+                ))
+            }
+            ms => std::time::Duration::from_millis(u64::from(ms)),
+        };
+        let outcome = self
+            .engine
+            .stop_servers(
+                caller.uid,
+                caller_pid,
+                Some(req.session.as_str()),
+                target,
+                grace,
+                req.dry_run,
+            )
+            .await
+            .map_err(convert::engine_error)?;
+        Ok(Response::new(pb::StopServerResponse {
+            session_name: self.session_name_of(&outcome.instance_id),
+            instance_id: outcome.instance_id,
+            stopped: outcome
+                .stopped
+                .into_iter()
+                .map(|s| pb::StoppedServer {
+                    pid: s.candidate.pid,
+                    comm: s.candidate.comm,
+                    cmdline: s.candidate.cmdline,
+                    ports: s.candidate.ports.into_iter().map(u32::from).collect(),
+                    asked_port: s.candidate.asked.map_or(0, u32::from),
+                    ended_by: s.ended_by.to_string(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn process_sessions_call(
+        &self,
+        request: Request<pb::ProcessSessionsRequest>,
+    ) -> Result<Response<pb::ProcessSessionsResponse>, Status> {
+        let req = request.into_inner();
+        if req.pids.len() > 4096 {
+            return Err(Status::invalid_argument("pids: at most 4,096"));
+        }
+        let pids = req
+            .pids
+            .into_iter()
+            .map(convert::pid)
+            .collect::<Result<Vec<u32>, Status>>()?;
+        let processes = self
+            .engine
+            .process_sessions(&pids)
+            .into_iter()
+            .map(|p| {
+                let instance_id = p.instance_id.unwrap_or_default();
+                pb::ProcessSession {
+                    pid: p.pid,
+                    comm: p.comm,
+                    session_name: self.session_name_of(&instance_id),
+                    instance_id,
+                    ports: p.ports.into_iter().map(u32::from).collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ProcessSessionsResponse { processes }))
     }
 
     /// Every user's focus (only `uid`'s, when given).
@@ -612,6 +727,9 @@ impl PortBroker for BrokerService {
                     ))
                 }
             };
+            // Signals refused a moment ago (the kill this report follows) are told now, not a
+            // report later: the ring is read here too, not only once a second.
+            self.engine.collect_refused_signals();
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
             // The servers' names are read only when the proxy serves them.
@@ -643,6 +761,22 @@ impl PortBroker for BrokerService {
                 instance_id: id.clone(),
                 focused_by: report.focused_by,
                 focus_changed: report.focus_changed,
+                refused_signals: self
+                    .engine
+                    .take_refused_signals(&id, req.peek)
+                    .into_iter()
+                    .map(|r| pb::RefusedSignal {
+                        target_session_name: self.session_name_of(&r.target_instance_id),
+                        at_ms: r.at_ms,
+                        signal: r.signal,
+                        sender_pid: r.sender_pid,
+                        sender_comm: r.sender_comm,
+                        target_pid: r.target_pid,
+                        target_comm: r.target_comm,
+                        target_instance_id: r.target_instance_id,
+                        target_ports: r.target_ports.into_iter().map(u32::from).collect(),
+                    })
+                    .collect(),
             }))
         }
         .await;
@@ -698,6 +832,22 @@ impl PortBroker for BrokerService {
     ) -> Result<Response<pb::FocusResponse>, Status> {
         let answer = self.focus_call(request).await;
         self.counted("Focus", answer)
+    }
+
+    async fn stop_server(
+        &self,
+        request: Request<pb::StopServerRequest>,
+    ) -> Result<Response<pb::StopServerResponse>, Status> {
+        let answer = self.stop_server_call(request).await;
+        self.counted("StopServer", answer)
+    }
+
+    async fn process_sessions(
+        &self,
+        request: Request<pb::ProcessSessionsRequest>,
+    ) -> Result<Response<pb::ProcessSessionsResponse>, Status> {
+        let answer = self.process_sessions_call(request).await;
+        self.counted("ProcessSessions", answer)
     }
 
     async fn local_ca(

@@ -45,6 +45,7 @@ use styxy_common::session::{
 };
 
 use super::mapped::MappedArray;
+use super::protection::{KillProtection, Refusals};
 use super::session_programs::SessionPrograms;
 use crate::clock::{boottime_ns, monotonic_ns};
 
@@ -62,6 +63,8 @@ pub struct KernelSessionMaps {
     pub ports: MappedArray<AtomicU64>,
     /// The programs sessions need, attached while one is live.
     pub programs: SessionPrograms,
+    /// The signals `lsm/task_kill` refused (see `bpf::protection`).
+    pub refusals: Refusals,
     /// Where the session numbers are kept (see `numbers`).
     pub numbers_file: std::path::PathBuf,
     /// The maps are the last daemon's (pinned), with its sessions in them.
@@ -104,6 +107,7 @@ pub struct KernelSessions {
     registry: Mutex<Registry>,
     /// Held while a process is placed, and while the programs are detached for want of any.
     programs: Mutex<SessionPrograms>,
+    refusals: Mutex<Refusals>,
     /// Idle checks so far (see [`KernelSessions::detach_if_idle`]).
     idle_checks: AtomicU64,
     numbers_file: std::path::PathBuf,
@@ -130,6 +134,7 @@ impl KernelSessions {
             ports: maps.ports,
             registry: Mutex::new(Registry::default()),
             programs: Mutex::new(maps.programs),
+            refusals: Mutex::new(maps.refusals),
             idle_checks: AtomicU64::new(0),
             numbers_file: maps.numbers_file,
         };
@@ -244,6 +249,27 @@ impl KernelSessions {
             self.sync_sticky(broker, true);
         }
         programs.check_idle(live.is_empty());
+    }
+
+    /// The instance whose kernel session process `pid` is in, when its entry holds for it (the
+    /// kernel's membership follows forks, so a server that double-forked or called `setsid` is
+    /// still its session's).
+    pub fn instance_of_task(&self, pid: u32) -> Option<String> {
+        let member = lock(&self.sessions).get(&pid, 0).ok()?;
+        if !entry_holds(pid, &member) {
+            return None;
+        }
+        self.instance_of(member.session)
+    }
+
+    /// Whether the kernel refuses signals between sessions, and why not.
+    pub fn kill_protection(&self) -> KillProtection {
+        lock(&self.programs).kill_protection().clone()
+    }
+
+    /// The signals refused between sessions since the last call.
+    pub fn refused_signals(&self) -> Vec<styxy_common::protection::SignalRefusal> {
+        lock(&self.refusals).drain()
     }
 
     /// Whether the session programs are attached now.

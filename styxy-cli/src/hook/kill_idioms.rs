@@ -1,0 +1,623 @@
+//! What a shell command would signal, read from its text before it runs: the kill idioms agents
+//! use to clean up — `kill PIDS`, `kill $(lsof -t -i:P)`, `lsof -ti:P | xargs kill`, `fuser -k
+//! P/tcp`, `pkill [-f] PATTERN`, `killall NAME`, `npx kill-port P` — as [`KillTarget`]s. Pure:
+//! the targets are resolved against the live processes elsewhere (`kill_guard`).
+//!
+//! Hand-written rather than a crate: the shell-splitting crates (`shlex`, `shell-words`) split
+//! words but know neither command substitutions nor `|`, `;`, `&&`, which these idioms are made
+//! of. The reader knows only what it needs — quotes, backslashes, `$(…)` and backticks, the
+//! operators — and is fuzzed (`fuzz_the_reader_never_panics`). A command it cannot read yields
+//! no target: the guard then lets it run (it fails open).
+
+/// Something a command would send a signal to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KillTarget {
+    /// A process by pid (`kill 1234`).
+    Pid(u32),
+    /// A process group (`kill -- -1234`).
+    Group(u32),
+    /// Whoever holds a port (`lsof -t -i:P`, `fuser -k P/tcp`, `kill-port P`).
+    Port(u16),
+    /// Processes whose name (`full: false`) or command line (`full: true`) matches a pattern
+    /// (`pkill`, `pgrep`); `exact`: the whole name must match (`-x`).
+    Pattern {
+        pattern: String,
+        full: bool,
+        exact: bool,
+    },
+    /// Processes by name (`killall`, `pidof`).
+    Name(String),
+}
+
+/// The words that may start a kill idiom: a command without any of them is not read further.
+const KILL_WORDS: [&str; 3] = ["kill", "fuser", "kill-port"];
+
+/// Everything `command` would signal, as far as its text says.
+pub fn kill_targets(command: &str) -> Vec<KillTarget> {
+    if !KILL_WORDS.iter().any(|w| command.contains(w)) {
+        return Vec::new();
+    }
+    let mut targets = Vec::new();
+    read_list(command, 0, &mut targets);
+    targets.dedup();
+    targets
+}
+
+/// Commands nest in substitutions; deeper than this is not read.
+const MAX_DEPTH: usize = 4;
+
+/// A word of a simple command: its text, and the commands substituted into it.
+#[derive(Clone, Debug, Default)]
+struct Word {
+    text: String,
+    substitutions: Vec<String>,
+}
+
+/// A command list: pipelines separated by `;`, `&&`, `||`, `&` or newlines.
+fn read_list(text: &str, depth: usize, targets: &mut Vec<KillTarget>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    for pipeline in split_pipelines(text) {
+        let commands: Vec<Vec<Word>> = pipeline.into_iter().map(strip_prefixes).collect();
+        for (i, words) in commands.iter().enumerate() {
+            let previous = i.checked_sub(1).and_then(|p| commands.get(p));
+            read_command(words, previous, depth, targets);
+        }
+    }
+}
+
+/// `sudo`, `env`, `command`, `exec`, `nohup`, `timeout N` and `VAR=value` before a command.
+fn strip_prefixes(mut words: Vec<Word>) -> Vec<Word> {
+    loop {
+        let Some(first) = words.first() else {
+            return words;
+        };
+        let text = first.text.as_str();
+        let assignment = text.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if assignment
+            || matches!(
+                text,
+                "sudo" | "env" | "command" | "exec" | "nohup" | "builtin"
+            )
+        {
+            words.remove(0);
+            // sudo's and env's own options.
+            while words
+                .first()
+                .is_some_and(|w| w.text.starts_with('-') && w.text != "--")
+            {
+                words.remove(0);
+            }
+        } else if text == "timeout" {
+            words.remove(0);
+            while words.first().is_some_and(|w| w.text.starts_with('-')) {
+                words.remove(0);
+            }
+            if !words.is_empty() {
+                words.remove(0); // the duration
+            }
+        } else {
+            return words;
+        }
+    }
+}
+
+fn read_command(
+    words: &[Word],
+    previous: Option<&Vec<Word>>,
+    depth: usize,
+    targets: &mut Vec<KillTarget>,
+) {
+    // Whatever is substituted runs too (`echo $(pkill node)`).
+    for word in words {
+        for inner in &word.substitutions {
+            read_list(inner, depth + 1, targets);
+        }
+    }
+    let Some(first) = words.first() else {
+        return;
+    };
+    let args = &words[1..];
+    match program_name(&first.text) {
+        "kill" => read_kill(args, depth, targets),
+        "pkill" => targets.extend(read_pgrep(args)),
+        "killall" => targets.extend(
+            args.iter()
+                .filter(|w| !w.text.starts_with('-'))
+                .map(|w| KillTarget::Name(w.text.clone())),
+        ),
+        "fuser" if args.iter().any(|w| is_short_flag(&w.text, 'k')) => {
+            targets.extend(fuser_ports(args).into_iter().map(KillTarget::Port));
+        }
+        "kill-port" => targets.extend(kill_port_ports(args)),
+        "npx" | "pnpx" | "bunx" => {
+            let rest: Vec<&Word> = args
+                .iter()
+                .skip_while(|w| w.text.starts_with('-'))
+                .collect();
+            if rest
+                .first()
+                .is_some_and(|w| program_name(&w.text) == "kill-port")
+            {
+                let ports: Vec<Word> = rest[1..].iter().map(|w| (*w).clone()).collect();
+                targets.extend(kill_port_ports(&ports));
+            }
+        }
+        "xargs" => {
+            // `PRODUCER | xargs [opts] kill [opts]`: the producer's pids.
+            let kills = args
+                .iter()
+                .find(|w| !w.text.starts_with('-'))
+                .is_some_and(|w| program_name(&w.text) == "kill");
+            if let (true, Some(producer)) = (kills, previous) {
+                targets.extend(producer_targets(producer));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `/usr/bin/kill` → `kill`.
+fn program_name(text: &str) -> &str {
+    text.rsplit('/').next().unwrap_or(text)
+}
+
+/// Whether `text` is a short-option cluster holding `flag` (`-k`, `-ki`, `-kn`).
+fn is_short_flag(text: &str, flag: char) -> bool {
+    text.strip_prefix('-').is_some_and(|f| {
+        !f.starts_with('-')
+            && !f.is_empty()
+            && f.chars().all(|c| c.is_ascii_alphabetic())
+            && f.contains(flag)
+    })
+}
+
+fn read_kill(args: &[Word], depth: usize, targets: &mut Vec<KillTarget>) {
+    let mut i = 0;
+    let mut options_done = false;
+    while let Some(word) = args.get(i) {
+        i += 1;
+        let text = word.text.as_str();
+        if !options_done {
+            match text {
+                "--" => {
+                    options_done = true;
+                    continue;
+                }
+                "-l" | "-L" | "--list" | "--table" => return,
+                "-s" | "-n" | "--signal" => {
+                    i += 1;
+                    continue;
+                }
+                _ if text.starts_with('-') && text.len() > 1 && !is_number(&text[1..]) => {
+                    continue; // -9 is below; -TERM, -SIGKILL
+                }
+                _ if text.starts_with('-') && is_number(&text[1..]) && i == 1 => {
+                    continue; // `kill -9 PID`: a signal number first
+                }
+                _ => {}
+            }
+        }
+        if !word.substitutions.is_empty() {
+            for inner in &word.substitutions {
+                if depth < MAX_DEPTH {
+                    for pipeline in split_pipelines(inner) {
+                        if let Some(last) = pipeline.into_iter().map(strip_prefixes).next_back() {
+                            targets.extend(producer_targets(&last));
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        for piece in text.split_whitespace() {
+            if let Some(group) = piece.strip_prefix('-').and_then(|n| n.parse::<u32>().ok()) {
+                targets.push(KillTarget::Group(group));
+            } else if let Ok(pid) = piece.parse::<u32>() {
+                targets.push(KillTarget::Pid(pid));
+            }
+        }
+    }
+}
+
+fn is_number(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// What a command that prints pids names: `lsof -t -i:P`, `fuser P/tcp`, `pgrep [-f] PAT`,
+/// `pidof NAME`.
+fn producer_targets(words: &[Word]) -> Vec<KillTarget> {
+    let Some(first) = words.first() else {
+        return Vec::new();
+    };
+    let args = &words[1..];
+    match program_name(&first.text) {
+        "lsof" => lsof_ports(args).into_iter().map(KillTarget::Port).collect(),
+        "fuser" => fuser_ports(args)
+            .into_iter()
+            .map(KillTarget::Port)
+            .collect(),
+        "pgrep" => read_pgrep(args),
+        "pidof" => args
+            .iter()
+            .filter(|w| !w.text.starts_with('-'))
+            .map(|w| KillTarget::Name(w.text.clone()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The ports of `lsof`'s `-i` selections: `-i:P`, `-i :P`, `-i tcp:P`, `-ti:P`, `-i4TCP:P-Q`
+/// (a range only when short).
+fn lsof_ports(args: &[Word]) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut i = 0;
+    while let Some(word) = args.get(i) {
+        i += 1;
+        let text = word.text.as_str();
+        let selection = if let Some(pos) = text.find("i") {
+            let is_option = text.starts_with('-') && !text.starts_with("--");
+            if !is_option {
+                continue;
+            }
+            let after = &text[pos + 1..];
+            if after.is_empty() {
+                // `-i :P`: the selection is the next word.
+                match args.get(i) {
+                    Some(next) if !next.text.starts_with('-') => {
+                        i += 1;
+                        next.text.clone()
+                    }
+                    _ => continue,
+                }
+            } else {
+                after.to_string()
+            }
+        } else {
+            continue;
+        };
+        if let Some((_, port)) = selection.rsplit_once(':') {
+            ports.extend(port_list(port));
+        }
+    }
+    ports
+}
+
+/// `8000`, `8000,8001`, `8000-8002` (at most 64 ports from a range).
+fn port_list(text: &str) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for part in text.split(',') {
+        if let Some((low, high)) = part.split_once('-') {
+            if let (Ok(low), Ok(high)) = (low.parse::<u16>(), high.parse::<u16>()) {
+                if low <= high && high - low < 64 {
+                    ports.extend(low..=high);
+                }
+            }
+        } else if let Ok(port) = part.parse::<u16>() {
+            ports.push(port);
+        }
+    }
+    ports.retain(|p| *p != 0);
+    ports
+}
+
+/// `fuser`'s `P/tcp`, `P/udp`, or `-n tcp P`.
+fn fuser_ports(args: &[Word]) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut namespace = false;
+    for word in args {
+        let text = word.text.as_str();
+        if text == "-n" || text == "--namespace" {
+            namespace = true;
+            continue;
+        }
+        if let Some((port, proto)) = text.split_once('/') {
+            if matches!(proto, "tcp" | "udp") {
+                ports.extend(port.parse::<u16>().ok().filter(|p| *p != 0));
+            }
+        } else if namespace && !text.starts_with('-') && !matches!(text, "tcp" | "udp" | "file") {
+            ports.extend(text.parse::<u16>().ok().filter(|p| *p != 0));
+        }
+    }
+    ports
+}
+
+/// `kill-port P [P…]`, `--port P`, `-p P`, `P,Q`.
+fn kill_port_ports(args: &[Word]) -> Vec<KillTarget> {
+    args.iter()
+        .filter(|w| !w.text.starts_with('-'))
+        .flat_map(|w| port_list(&w.text))
+        .map(KillTarget::Port)
+        .collect()
+}
+
+/// `pkill`/`pgrep` options and pattern.
+fn read_pgrep(args: &[Word]) -> Vec<KillTarget> {
+    let (mut full, mut exact) = (false, false);
+    let mut pattern = None;
+    let mut i = 0;
+    while let Some(word) = args.get(i) {
+        i += 1;
+        let text = word.text.as_str();
+        match text {
+            "-f" | "--full" => full = true,
+            "-x" | "--exact" => exact = true,
+            // Options with a value.
+            "-u" | "-U" | "-g" | "-G" | "-P" | "-s" | "-t" | "-F" | "--signal" | "-d"
+            | "--euid" | "--uid" | "--parent" | "--pidfile" | "--session" | "--terminal" => i += 1,
+            _ if text.starts_with("--") => {}
+            _ if text.starts_with('-') && text.len() > 1 => {
+                let flags = &text[1..];
+                if flags.chars().all(|c| c.is_ascii_lowercase()) {
+                    full |= flags.contains('f');
+                    exact |= flags.contains('x');
+                }
+                // else a signal: -9, -TERM, -SIGKILL
+            }
+            _ => {
+                if pattern.is_none() {
+                    pattern = Some(text.to_string());
+                }
+            }
+        }
+    }
+    pattern
+        .map(|pattern| {
+            vec![KillTarget::Pattern {
+                pattern,
+                full,
+                exact,
+            }]
+        })
+        .unwrap_or_default()
+}
+
+/// Splits a command list into pipelines of simple commands (each a list of words).
+fn split_pipelines(text: &str) -> Vec<Vec<Vec<Word>>> {
+    let mut pipelines: Vec<Vec<Vec<Word>>> = Vec::new();
+    let mut pipeline: Vec<Vec<Word>> = Vec::new();
+    let mut command: Vec<Word> = Vec::new();
+    let mut word = Word::default();
+    let mut in_word = false;
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    let end_word = |command: &mut Vec<Word>, word: &mut Word, in_word: &mut bool| {
+        if *in_word {
+            command.push(std::mem::take(word));
+            *in_word = false;
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\\' => {
+                if let Some(next) = chars.get(i + 1) {
+                    if *next != '\n' {
+                        word.text.push(*next);
+                        in_word = true;
+                    }
+                }
+                i += 2;
+                continue;
+            }
+            '\'' => {
+                in_word = true;
+                i += 1;
+                while i < chars.len() && chars[i] != '\'' {
+                    word.text.push(chars[i]);
+                    i += 1;
+                }
+            }
+            '"' => {
+                in_word = true;
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        i += 1;
+                        word.text.push(chars[i]);
+                    } else if chars[i] == '$' && chars.get(i + 1) == Some(&'(') {
+                        let (inner, next) = substitution(&chars, i + 2, ')');
+                        word.substitutions.push(inner);
+                        i = next;
+                        continue;
+                    } else if chars[i] == '`' {
+                        let (inner, next) = substitution(&chars, i + 1, '`');
+                        word.substitutions.push(inner);
+                        i = next;
+                        continue;
+                    } else {
+                        word.text.push(chars[i]);
+                    }
+                    i += 1;
+                }
+            }
+            '$' if chars.get(i + 1) == Some(&'(') => {
+                in_word = true;
+                let (inner, next) = substitution(&chars, i + 2, ')');
+                word.substitutions.push(inner);
+                i = next;
+                continue;
+            }
+            '`' => {
+                in_word = true;
+                let (inner, next) = substitution(&chars, i + 1, '`');
+                word.substitutions.push(inner);
+                i = next;
+                continue;
+            }
+            '#' if !in_word => {
+                // A comment, to the end of the line.
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            ' ' | '\t' => end_word(&mut command, &mut word, &mut in_word),
+            '|' | ';' | '&' | '\n' | '(' | ')' | '{' | '}'
+                if !(matches!(c, '{' | '}') && in_word) =>
+            {
+                end_word(&mut command, &mut word, &mut in_word);
+                if !command.is_empty() {
+                    pipeline.push(std::mem::take(&mut command));
+                }
+                let pipe = c == '|' && chars.get(i + 1) != Some(&'|');
+                if !pipe && !pipeline.is_empty() {
+                    pipelines.push(std::mem::take(&mut pipeline));
+                }
+                if matches!(c, '|' | '&') && chars.get(i + 1) == Some(&c) {
+                    i += 1;
+                }
+            }
+            '>' | '<' => {
+                // A redirection: its target word is no argument, nor its descriptor (`2>`).
+                if in_word && word.substitutions.is_empty() && is_number(&word.text) {
+                    word = Word::default();
+                    in_word = false;
+                }
+                end_word(&mut command, &mut word, &mut in_word);
+                i += 1;
+                while i < chars.len() && matches!(chars[i], '>' | '&' | '|') {
+                    i += 1;
+                }
+                while i < chars.len() && chars[i] == ' ' {
+                    i += 1;
+                }
+                while i < chars.len() && !matches!(chars[i], ' ' | '\t' | '\n' | ';' | '|' | '&') {
+                    i += 1;
+                }
+                continue;
+            }
+            _ => {
+                word.text.push(c);
+                in_word = true;
+            }
+        }
+        i += 1;
+    }
+    end_word(&mut command, &mut word, &mut in_word);
+    if !command.is_empty() {
+        pipeline.push(command);
+    }
+    if !pipeline.is_empty() {
+        pipelines.push(pipeline);
+    }
+    pipelines
+}
+
+/// The text of a substitution starting at `start` (after `$(` or the opening backtick), and
+/// where reading goes on after it. Nested parentheses and quotes are kept whole.
+fn substitution(chars: &[char], start: usize, close: char) -> (String, usize) {
+    let mut depth = 0usize;
+    let mut i = start;
+    let mut quote: Option<char> = None;
+    while i < chars.len() {
+        let c = chars[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || (c == '"' && close != '"') => quote = Some(c),
+            None if c == '\\' => i += 1,
+            None if close == ')' && c == '(' => depth += 1,
+            None if c == close && depth == 0 => {
+                return (chars[start..i].iter().collect(), i + 1);
+            }
+            None if close == ')' && c == ')' => depth -= 1,
+            None => {}
+        }
+        i += 1;
+    }
+    (
+        chars[start.min(chars.len())..].iter().collect(),
+        chars.len(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use KillTarget::*;
+
+    fn pattern(p: &str, full: bool) -> KillTarget {
+        Pattern {
+            pattern: p.into(),
+            full,
+            exact: false,
+        }
+    }
+
+    #[test]
+    fn the_common_kill_idioms_are_read() {
+        let cases: Vec<(&str, Vec<KillTarget>)> = vec![
+            ("kill 1234", vec![Pid(1234)]),
+            ("kill -9 1234 5678", vec![Pid(1234), Pid(5678)]),
+            ("kill -TERM 42", vec![Pid(42)]),
+            ("kill -s KILL 42", vec![Pid(42)]),
+            ("kill -- -77", vec![Group(77)]),
+            ("kill $(lsof -t -i:8000)", vec![Port(8000)]),
+            ("kill -9 $(lsof -ti:3000)", vec![Port(3000)]),
+            ("kill `lsof -t -i :5173`", vec![Port(5173)]),
+            ("kill $(lsof -t -i tcp:6006)", vec![Port(6006)]),
+            ("lsof -ti:8000 | xargs kill", vec![Port(8000)]),
+            ("lsof -ti:8000 | xargs -r kill -9", vec![Port(8000)]),
+            ("fuser -k 8000/tcp", vec![Port(8000)]),
+            ("fuser -k -n tcp 8000", vec![Port(8000)]),
+            ("fuser 8000/tcp", vec![]),
+            ("pkill -f http.server", vec![pattern("http.server", true)]),
+            ("pkill node", vec![pattern("node", false)]),
+            (
+                "pkill -9 -f 'vite --port'",
+                vec![pattern("vite --port", true)],
+            ),
+            ("pgrep -f vite | xargs kill", vec![pattern("vite", true)]),
+            (
+                "kill $(pgrep -f storybook)",
+                vec![pattern("storybook", true)],
+            ),
+            ("killall node", vec![Name("node".into())]),
+            ("kill $(pidof python3)", vec![Name("python3".into())]),
+            ("npx kill-port 3000", vec![Port(3000)]),
+            ("npx -y kill-port 3000 3001", vec![Port(3000), Port(3001)]),
+            ("sudo kill 99", vec![Pid(99)]),
+            (
+                "cd app && npm run build; pkill -f vite || true",
+                vec![pattern("vite", true)],
+            ),
+            ("echo kill 5 # kill 6", vec![]),
+            ("git commit -m 'kill 5'", vec![]),
+            ("ls", vec![]),
+            ("kill -l", vec![]),
+            ("kill %1", vec![]),
+        ];
+        for (command, wanted) in cases {
+            assert_eq!(kill_targets(command), wanted, "{command}");
+        }
+    }
+
+    #[test]
+    fn redirections_and_nesting_do_not_confuse_it() {
+        assert_eq!(
+            kill_targets("kill $(lsof -t -i:8000) 2>/dev/null"),
+            vec![Port(8000)]
+        );
+        assert_eq!(
+            kill_targets("bash -c \"echo\"; (pkill -f 'python3 -m http.server 8000') &"),
+            vec![pattern("python3 -m http.server 8000", true)]
+        );
+        assert_eq!(
+            kill_targets("kill \"$(lsof -t -i:9000)\""),
+            vec![Port(9000)]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_the_reader_never_panics(text in ".{0,200}") {
+            let _ = kill_targets(&text);
+            let _ = kill_targets(&format!("kill {text}"));
+            let _ = kill_targets(&format!("kill $(lsof -ti:{text}"));
+        }
+    }
+}
