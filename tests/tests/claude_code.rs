@@ -287,7 +287,13 @@ async fn the_kill_guard_keeps_an_agent_from_killing_another_sessions_server() ->
     let mut other = styxy_tests::Spawned::start(&mut daemon.shimmed_in(
         "feature-a",
         "python3",
-        &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"],
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
     ))?;
     styxy_tests::wait_for_listener(port)?;
     let temp = tempfile::tempdir()?;
@@ -344,7 +350,10 @@ async fn the_kill_guard_keeps_an_agent_from_killing_another_sessions_server() ->
             .any(|r| r.to_string().contains("would signal another session")),
         "the denial never reached the model"
     );
-    ensure!(other.child.try_wait()?.is_none(), "feature-a's server was killed");
+    ensure!(
+        other.child.try_wait()?.is_none(),
+        "feature-a's server was killed"
+    );
     ensure!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
         "feature-a's server answers"
