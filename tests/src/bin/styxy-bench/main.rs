@@ -46,7 +46,7 @@ impl Measured {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    // `styxy-bench [broker|shim|ebpf|kernel|soak|footprint|proxy]`: one part only; all by default.
+    // `styxy-bench [broker|shim|ebpf|kernel|soak|footprint|proxy|guard]`: one part only; all by default.
     let only = std::env::args().nth(1);
     match only.as_deref() {
         Some("shim") => return shim::run().await,
@@ -55,6 +55,7 @@ async fn main() -> Result<()> {
         Some("kernel") => return kernel::run().await,
         Some("soak") => return soak::run().await,
         Some("proxy") => return proxy::run().await,
+        Some("guard") => return guard::run().await,
         _ => {}
     }
     println!("Styxy broker benchmark — {OPS} operations per scenario, side by side\n");
@@ -136,10 +137,13 @@ async fn main() -> Result<()> {
     println!();
     proxy::run().await?;
     println!();
+    guard::run().await?;
+    println!();
     footprint::run().await
 }
 
 mod calls;
+mod guard;
 mod kernel;
 mod others;
 mod proxy;
