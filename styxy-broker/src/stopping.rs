@@ -133,6 +133,24 @@ impl Broker {
         Ok(candidates)
     }
 
+    /// The orphans: servers whose session has ended (its agent gone, or SessionEnd) while they
+    /// run on — backgrounded or daemonized dev servers that keep their port and nobody knows
+    /// whose they are. A server's session is what `session_of(pid)` says (the kernel's
+    /// membership, which follows double forks), else what the broker was told. Servers of no
+    /// session are nobody's orphans.
+    pub fn orphans(&self, session_of: &dyn Fn(u32) -> Option<String>) -> Vec<StopCandidate> {
+        let mut found = self.processes_holding(|_, _| true);
+        found.retain_mut(|c| {
+            if let Some(known) = session_of(c.pid) {
+                c.instance_id = Some(known);
+            }
+            c.instance_id
+                .as_deref()
+                .is_some_and(|id| !self.instances.contains_key(id))
+        });
+        found
+    }
+
     /// The processes holding `port` as session `instance` sees it: its view's server for that
     /// asked port, else whoever holds the port itself.
     fn holders_of_asked_port(&self, instance: &str, port: u16) -> Vec<StopCandidate> {

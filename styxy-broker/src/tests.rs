@@ -2552,3 +2552,26 @@ fn a_pid_is_stopped_only_from_its_own_session() {
     ));
     assert!(stopping::check_session("B", 1, "systemd", vec![], None).is_err());
 }
+
+#[test]
+fn a_server_whose_session_ended_is_an_orphan_and_no_other_is() {
+    let mut b = two_sessions_on_one_port();
+    // Both sessions are registered: nobody is an orphan (60 is in no session).
+    for (id, p) in [("A", 30), ("B", 40)] {
+        b.register_instance(Some(id.into()), pid(p), 1000, 6)
+            .unwrap();
+    }
+    assert!(b.orphans(&|_| None).is_empty());
+    // A ends (SessionEnd): its server runs on, an orphan; B's is not.
+    b.end_instance("A", 1000).unwrap();
+    let orphans: Vec<(u32, Option<String>)> = b
+        .orphans(&|_| None)
+        .into_iter()
+        .map(|c| (c.pid, c.instance_id))
+        .collect();
+    assert_eq!(orphans, vec![(30, Some("A".into()))]);
+    // A server the kernel knows to be A's (it double-forked away) is A's orphan too.
+    let kernel = |pid: u32| (pid == 60).then(|| "A".to_string());
+    let pids: Vec<u32> = b.orphans(&kernel).iter().map(|c| c.pid).collect();
+    assert_eq!(pids, vec![30, 60]);
+}

@@ -487,6 +487,7 @@ async fn the_focus_survives_a_daemon_restart_and_ends_with_its_session() -> Resu
     client
         .end_instance(styxy_tests::v1::EndInstanceRequest {
             instance_id: "restart-b".into(),
+            stop_servers: false,
         })
         .await?;
     assert_eq!(

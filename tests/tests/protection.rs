@@ -417,3 +417,95 @@ async fn the_kill_guard_denies_kill_commands_that_reach_another_session() -> Res
     assert_eq!(curl(asked)?, "guard-a");
     Ok(())
 }
+
+/// A session whose agent (`sh`) runs on with a server it started in the background.
+fn session_with_background_server(
+    daemon: &Daemon,
+    session: &str,
+    name: &str,
+    port: u16,
+) -> Result<(Spawned, u16, u32)> {
+    let script = format!("python3 -c \"$SERVE\" {name} {port} & sleep 100000");
+    let mut command = daemon.shimmed_in(session, "sh", &["-c", &script]);
+    command.env("SERVE", SERVE);
+    let mut agent = Spawned::start_group(&mut command)?;
+    let (port, pid) = serving_line(&mut agent)?;
+    styxy_tests::wait_for_listener(port)?;
+    Ok((agent, port, pid))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_stops_exactly_the_servers_of_ended_sessions() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(daemon) = Daemon::start_root_ebpf().await? else {
+        return Ok(());
+    };
+    let base = daemon.base + 40;
+    let (_agent_a, port_a, a) = session_with_background_server(&daemon, "prune-a", "a", base)?;
+    let (_agent_b, _, b) = session_with_background_server(&daemon, "prune-b", "b", base + 1)?;
+    let (_agent_c, _, c) =
+        session_with_background_server(&daemon, "claude-prune-c", "c", base + 2)?;
+    let orphans = text(&daemon.cli(&["prune", "--dry-run"]));
+    assert!(orphans.contains("no orphans"), "{orphans}");
+
+    // A's session ends (SessionEnd); its agent and its server run on.
+    let mut client = daemon.client().await?;
+    client
+        .end_instance(styxy_tests::v1::EndInstanceRequest {
+            instance_id: "prune-a".into(),
+            stop_servers: false,
+        })
+        .await?;
+    let ports = text(&daemon.cli(&["ports"]));
+    let line = ports
+        .lines()
+        .find(|l| l.starts_with(&format!("{port_a} ")))
+        .with_context(|| format!("port {port_a} in {ports}"))?;
+    assert!(line.contains("prune-a (ended: orphan)"), "{line}");
+    let listed: Value =
+        serde_json::from_slice(&daemon.cli(&["--json", "prune", "--dry-run"]).stdout)?;
+    let pids: Vec<u64> = listed["stopped"]
+        .as_array()
+        .context("stopped")?
+        .iter()
+        .filter_map(|s| s["pid"].as_u64())
+        .collect();
+    assert_eq!(pids, vec![u64::from(a)], "{listed}");
+    assert_eq!(listed["instanceIds"], json!(["prune-a"]), "{listed}");
+    assert!(alive(a), "a dry run stops nothing");
+
+    let pruned = daemon.cli(&["prune"]);
+    assert!(pruned.status.success(), "{pruned:?}");
+    assert!(
+        text(&pruned).contains("stopped 1 orphan(s)"),
+        "{}",
+        text(&pruned)
+    );
+    eventually(10, "A's server ended", || async {
+        (!alive(a)).then_some(())
+    })
+    .await?;
+    assert!(alive(b) && alive(c), "the live sessions' servers run on");
+
+    // A session that opted in: its SessionEnd stops its servers.
+    let mut hook = daemon
+        .cli_command(&["hook", "session-end"])
+        .env("STYXY_STOP_SERVERS_ON_END", "1")
+        .stdin(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let input = json!({ "session_id": "prune-c", "hook_event_name": "SessionEnd" });
+        hook.stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.to_string().as_bytes())?;
+    }
+    assert!(hook.wait()?.success());
+    eventually(10, "C's server ended with its session", || async {
+        (!alive(c)).then_some(())
+    })
+    .await?;
+    assert!(alive(b), "B's server runs on");
+    Ok(())
+}

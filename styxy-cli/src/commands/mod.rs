@@ -9,6 +9,7 @@ mod forget;
 mod observe;
 mod open;
 mod ports;
+mod prune;
 mod release;
 mod session;
 mod status;
@@ -50,6 +51,8 @@ pub(crate) enum Command {
     Focus(focus::Args),
     /// Stop servers of your own session: by the port your session uses (8000), by name (storybook), --pid, or --session for all. SIGTERM, then SIGKILL after --grace. Another session's server is refused: use this instead of pkill or kill $(lsof -t -i:PORT).
     Stop(stop::Args),
+    /// Stop the orphans: servers whose session ended while they run on (yours; root: everyone's). --dry-run lists them; `styxy ports` marks them.
+    Prune(prune::Args),
     /// Open the dashboard (http://styxy.localhost/), or a server by its name, in the browser.
     Open(open::Args),
     /// Make this machine's browsers and tools trust https://NAME.localhost: the daemon's local CA (valid for *.localhost only) added to the system store (as root) and to Chromium's and Firefox's NSS databases.
@@ -86,6 +89,7 @@ pub(crate) async fn run(
     // `styxy stop` waits for the servers to end: its grace period on top of the deadline.
     let budget = match &command {
         Command::Stop(args) => deadline + args.longest_wait(),
+        Command::Prune(args) => deadline + args.longest_wait(),
         _ => deadline,
     };
     let call = async {
@@ -102,6 +106,7 @@ pub(crate) async fn run(
             Command::Forget(args) => forget::run(&mut client, args, as_json).await,
             Command::Focus(args) => focus::run(&mut client, args, as_json).await,
             Command::Stop(args) => stop::run(&mut client, args, as_json).await,
+            Command::Prune(args) => prune::run(&mut client, args, as_json).await,
             Command::Open(args) => open::run(&mut client, args).await,
             Command::Trust(args) => trust::run(&mut client, args, true, as_json, deadline).await,
             Command::Untrust(args) => trust::run(&mut client, args, false, as_json, deadline).await,

@@ -101,12 +101,12 @@ fn print_holders(holders: &[pb::Holder]) {
             pid_cell(h.pid),
             if h.comm.is_empty() { "?" } else { &h.comm }.to_string(),
             h.service_type.clone(),
-            if h.instance_id.is_empty() {
-                "-"
-            } else {
-                &h.instance_id
-            }
-            .to_string(),
+            match (h.instance_id.as_str(), h.orphan) {
+                ("", _) => "-".to_string(),
+                // Its session ended while it runs on: `styxy prune` stops it.
+                (ended, true) => format!("{ended} (ended: orphan)"),
+                (id, false) => id.to_string(),
+            },
             h.addresses.join(","),
         ]);
     }

@@ -177,25 +177,34 @@ pub(crate) fn session_id_of(input: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Set to `1` in the environment Claude Code runs its hooks with (its own: `env` in
+/// settings.json, or the shell that starts it), and SessionEnd stops the session's servers too.
+pub const STOP_SERVERS_ON_END: &str = "STYXY_STOP_SERVERS_ON_END";
+
 /// `styxy hook session-end` (Claude Code `SessionEnd`): ends the session's leases and claims and
-/// forgets its instance; its servers keep running. Never fails the session: whatever goes wrong
-/// (no input, not JSON, no daemon), it says nothing and exits 0.
+/// forgets its instance; its servers keep running (orphans, which `styxy prune` stops), unless
+/// the session opted in with [`STOP_SERVERS_ON_END`]. Never fails the session: whatever goes
+/// wrong (no input, not JSON, no daemon), it says nothing and exits 0.
 pub async fn session_end(target: &Target) {
     let input = read_hook_input();
     let Some(session_id) = session_id_of(&input) else {
         return;
     };
     let instance = instance_id(&session_id);
+    let stop_servers = std::env::var(STOP_SERVERS_ON_END).is_ok_and(|v| v == "1");
+    // Stopping waits for the servers to end (SIGTERM, then SIGKILL after 5 s).
+    let deadline = if stop_servers { 15 } else { 2 };
     let call = async {
         let mut client = crate::client::connect(target).await?;
         client
             .end_instance(styxy_proto::v1::EndInstanceRequest {
                 instance_id: instance,
+                stop_servers,
             })
             .await?;
         anyhow::Ok(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), call).await;
+    let _ = tokio::time::timeout(Duration::from_secs(deadline), call).await;
 }
 
 /// Appends the shim's lines to `CLAUDE_ENV_FILE`; `Ok(false)` when they are there already.

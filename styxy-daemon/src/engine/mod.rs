@@ -41,7 +41,7 @@ use styxy_broker::{
 
 pub use reports::AskedHolder;
 pub use status::{DelayWindow, Endpoints, ObserverStatus};
-pub use stopping::{StopRequest, DEFAULT_GRACE};
+pub use stopping::{StopRequest, Stopped, DEFAULT_GRACE};
 
 /// How many reassignments the daemon keeps in memory for `ListAudit`.
 pub const AUDIT_KEEP: usize = 10_000;

@@ -144,7 +144,7 @@ impl Engine {
                     .collect(),
             });
         }
-        let stopped = end_processes(candidates, grace).await;
+        let stopped = end_processes_whatever_the_caller(candidates, grace).await;
         for s in &stopped {
             tracing::info!(pid = s.candidate.pid, comm = %s.candidate.comm, session = %instance,
                 ended_by = s.ended_by, "stopped a server for its session (styxy stop)");
@@ -153,6 +153,74 @@ impl Engine {
             instance_id: instance,
             stopped,
         })
+    }
+
+    /// The orphans: servers whose session ended while they run on.
+    pub fn orphans(&self) -> Vec<StopCandidate> {
+        let broker = lock(&self.broker);
+        broker.orphans(&|pid| {
+            self.kernel_sessions
+                .get()
+                .and_then(|k| k.instance_of_task(pid))
+        })
+    }
+
+    /// Stops the orphans of `uid` (root: everyone's); lists them in a dry run.
+    pub async fn prune(&self, uid: u32, grace: Duration, dry_run: bool) -> Vec<Stopped> {
+        let orphans: Vec<StopCandidate> = self
+            .orphans()
+            .into_iter()
+            .filter(|c| uid == 0 || process_uid(c.pid) == Some(uid))
+            .collect();
+        self.end_or_list(
+            orphans,
+            grace,
+            dry_run,
+            "pruned an orphan (its session ended)",
+        )
+        .await
+    }
+
+    /// Stops the servers of session `instance`, which just ended (it opted in).
+    pub async fn stop_servers_of_ended(&self, instance: &str, uid: u32) -> Vec<Stopped> {
+        let servers: Vec<StopCandidate> = self
+            .orphans()
+            .into_iter()
+            .filter(|c| c.instance_id.as_deref() == Some(instance))
+            .filter(|c| uid == 0 || process_uid(c.pid) == Some(uid))
+            .collect();
+        self.end_or_list(
+            servers,
+            DEFAULT_GRACE,
+            false,
+            "stopped a server with its session (SessionEnd)",
+        )
+        .await
+    }
+
+    async fn end_or_list(
+        &self,
+        candidates: Vec<StopCandidate>,
+        grace: Duration,
+        dry_run: bool,
+        what: &str,
+    ) -> Vec<Stopped> {
+        if dry_run {
+            return candidates
+                .into_iter()
+                .map(|candidate| Stopped {
+                    candidate,
+                    ended_by: "",
+                })
+                .collect();
+        }
+        let stopped = end_processes_whatever_the_caller(candidates, grace).await;
+        for s in &stopped {
+            tracing::info!(pid = s.candidate.pid, comm = %s.candidate.comm,
+                session = s.candidate.instance_id.as_deref().unwrap_or_default(),
+                ended_by = s.ended_by, "{what}");
+        }
+        stopped
     }
 
     fn callers_session(
@@ -233,6 +301,17 @@ fn process_uid(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// [`end_processes`] on a task of its own: a caller that goes away (a client's deadline, a hook
+/// killed) does not leave a server with SIGTERM sent and no SIGKILL to follow.
+async fn end_processes_whatever_the_caller(
+    candidates: Vec<StopCandidate>,
+    grace: Duration,
+) -> Vec<Stopped> {
+    tokio::spawn(end_processes(candidates, grace))
+        .await
+        .unwrap_or_default()
 }
 
 /// SIGTERM to each, then SIGKILL to those still running after `grace`.

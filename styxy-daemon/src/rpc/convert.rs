@@ -219,6 +219,7 @@ pub fn holder(held: &Held) -> pb::Holder {
         since_ms: s.since_ms,
         port: u32::from(s.port),
         instance_id: held.instance_id.clone().unwrap_or_default(),
+        orphan: false,
     }
 }
 

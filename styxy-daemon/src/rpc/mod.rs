@@ -202,8 +202,25 @@ impl BrokerService {
         _: Request<pb::ListPortsRequest>,
     ) -> Result<Response<pb::ListPortsResponse>, Status> {
         let list = self.engine.list();
+        let orphans: std::collections::HashMap<u32, String> = self
+            .engine
+            .orphans()
+            .into_iter()
+            .map(|c| (c.pid, c.instance_id.unwrap_or_default()))
+            .collect();
         Ok(Response::new(pb::ListPortsResponse {
-            holders: list.holders.iter().map(convert::holder).collect(),
+            holders: list
+                .holders
+                .iter()
+                .map(|held| {
+                    let mut holder = convert::holder(held);
+                    if let Some(ended) = orphans.get(&holder.pid) {
+                        holder.orphan = true;
+                        holder.instance_id.clone_from(ended);
+                    }
+                    holder
+                })
+                .collect(),
             leases: list.leases.iter().map(convert::lease).collect(),
             views: list.views.iter().map(convert::view_entry).collect(),
             sticky: list.sticky.iter().map(convert::sticky_port).collect(),
@@ -448,18 +465,33 @@ impl BrokerService {
         Ok(Response::new(pb::StopServerResponse {
             session_name: self.session_name_of(&outcome.instance_id),
             instance_id: outcome.instance_id,
-            stopped: outcome
-                .stopped
-                .into_iter()
-                .map(|s| pb::StoppedServer {
-                    pid: s.candidate.pid,
-                    comm: s.candidate.comm,
-                    cmdline: s.candidate.cmdline,
-                    ports: s.candidate.ports.into_iter().map(u32::from).collect(),
-                    asked_port: s.candidate.asked.map_or(0, u32::from),
-                    ended_by: s.ended_by.to_string(),
-                })
-                .collect(),
+            stopped: outcome.stopped.into_iter().map(stopped_server).collect(),
+        }))
+    }
+
+    async fn prune_call(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let caller = self.caller(&request, "Prune")?;
+        let req = request.into_inner();
+        let grace = match req.grace_ms {
+            0 => DEFAULT_GRACE,
+            ms if ms > 600_000 => {
+                return Err(Status::invalid_argument(
+                    "grace_ms: at most 600,000 (ten minutes)",
+                ))
+            }
+            ms => std::time::Duration::from_millis(u64::from(ms)),
+        };
+        let stopped = self.engine.prune(caller.uid, grace, req.dry_run).await;
+        let instance_ids = stopped
+            .iter()
+            .map(|s| s.candidate.instance_id.clone().unwrap_or_default())
+            .collect();
+        Ok(Response::new(pb::PruneResponse {
+            stopped: stopped.into_iter().map(stopped_server).collect(),
+            instance_ids,
         }))
     }
 
@@ -662,17 +694,23 @@ impl PortBroker for BrokerService {
     ) -> Result<Response<pb::EndInstanceResponse>, Status> {
         let answer = async {
             let caller = self.caller(&request, "EndInstance")?;
-            let id =
-                convert::instance_id(Some(request.into_inner().instance_id))?.ok_or_else(|| {
-                    Status::invalid_argument("instance_id is empty: name the session to end")
-                })?;
+            let req = request.into_inner();
+            let id = convert::instance_id(Some(req.instance_id))?.ok_or_else(|| {
+                Status::invalid_argument("instance_id is empty: name the session to end")
+            })?;
             let ended = self
                 .engine
                 .end_instance(&id, caller.uid)
                 .await
                 .map_err(convert::engine_error)?;
+            let stopped = if req.stop_servers {
+                self.engine.stop_servers_of_ended(&id, caller.uid).await
+            } else {
+                Vec::new()
+            };
             Ok(Response::new(pb::EndInstanceResponse {
                 leases_ended: u32::try_from(ended).unwrap_or(u32::MAX),
+                stopped: stopped.into_iter().map(stopped_server).collect(),
             }))
         }
         .await;
@@ -842,6 +880,14 @@ impl PortBroker for BrokerService {
         self.counted("StopServer", answer)
     }
 
+    async fn prune(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let answer = self.prune_call(request).await;
+        self.counted("Prune", answer)
+    }
+
     async fn process_sessions(
         &self,
         request: Request<pb::ProcessSessionsRequest>,
@@ -866,6 +912,18 @@ impl PortBroker for BrokerService {
             )),
         };
         self.counted("LocalCa", answer)
+    }
+}
+
+/// A stopped server as the calls answer it.
+fn stopped_server(s: crate::engine::Stopped) -> pb::StoppedServer {
+    pb::StoppedServer {
+        pid: s.candidate.pid,
+        comm: s.candidate.comm,
+        cmdline: s.candidate.cmdline,
+        ports: s.candidate.ports.into_iter().map(u32::from).collect(),
+        asked_port: s.candidate.asked.map_or(0, u32::from),
+        ended_by: s.ended_by.to_string(),
     }
 }
 

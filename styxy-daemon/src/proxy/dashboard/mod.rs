@@ -87,6 +87,7 @@ fn read(engine: &Engine) -> Dashboard {
     let names = engine.names();
     let audit = engine.audit(None, AUDIT_READ);
     let list = engine.list();
+    let orphans = engine.orphans();
     Dashboard::build(
         &Records {
             sessions: &sessions,
@@ -94,6 +95,7 @@ fn read(engine: &Engine) -> Dashboard {
             audit: &audit,
             leases: &list.leases,
             sticky: &list.sticky,
+            orphans: &orphans,
             now_ms: crate::clock::now_ms(),
         },
         |pid| {

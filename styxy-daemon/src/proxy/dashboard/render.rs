@@ -111,6 +111,25 @@ pub fn main(d: &Dashboard, links: &LinkBase) -> String {
         servers_table(&mut out, &d.outside, links);
         out.push_str("</section>\n");
     }
+    if !d.orphans.is_empty() {
+        out.push_str(
+            "<section><h2>Orphans</h2>\n<p class=\"none\">Their session ended while they run on; \
+             <code>styxy prune</code> stops them.</p>\n<table><tr><th>Ports</th><th>Command</th>\
+             <th>PID</th><th>Ended session</th></tr>\n",
+        );
+        for o in &d.orphans {
+            let ports: Vec<String> = o.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(
+                out,
+                "<tr class=\"orphan\"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+                ports.join(", "),
+                escape(&o.command),
+                o.pid,
+                escape(&o.session)
+            );
+        }
+        out.push_str("</table></section>\n");
+    }
     out.push_str("<section><h2>Recent moves</h2>\n");
     if d.moves.is_empty() {
         out.push_str("<p class=\"none\">No bind was moved.</p>\n");
@@ -270,6 +289,15 @@ mod tests {
             session: None,
         };
         names.servers = vec![evil];
+        // An orphan's command line is escaped as well.
+        let orphan = styxy_broker::StopCandidate {
+            pid: 77,
+            comm: "node".into(),
+            cmdline: "node -e '<img src=x onerror=alert(2)>' 9000".into(),
+            ports: vec![9000],
+            asked: None,
+            instance_id: Some("claude-<b>".into()),
+        };
         let d = Dashboard::build(
             &Records {
                 sessions: &[],
@@ -277,6 +305,7 @@ mod tests {
                 audit: &[],
                 leases: &[],
                 sticky: &[],
+                orphans: &[orphan],
                 now_ms: 0,
             },
             |_| None,
@@ -289,5 +318,8 @@ mod tests {
         assert!(!page.contains("<script>alert"), "{page}");
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page.contains("href=\"http://8000.localhost:8080/\""));
+        assert!(page.contains("<h2>Orphans</h2>"), "{page}");
+        assert!(!page.contains("<img src=x"), "{page}");
+        assert!(page.contains("claude-&lt;b&gt;"), "{page}");
     }
 }

@@ -1,6 +1,7 @@
 //! What the dashboard shows, as plain data read from the daemon in one go: the sessions (name,
 //! worktree, agent, age) with their servers (names, asked → bound, command, pid, whom a moved
-//! server moved off), the servers outside every session, recent moves, leases and sticky ports.
+//! server moved off), the servers outside every session, the orphans (servers whose session
+//! ended), recent moves, leases and sticky ports.
 //! Built from the broker's own records by [`Dashboard::build`], which does no I/O but what its
 //! caller passes in (`agent_of`), so it is tested as data.
 
@@ -17,6 +18,8 @@ pub struct Dashboard {
     pub sessions: Vec<SessionView>,
     /// Named servers outside every session.
     pub outside: Vec<ServerView>,
+    /// Servers whose session ended while they run on (`styxy prune` stops them).
+    pub orphans: Vec<OrphanView>,
     /// Newest first.
     pub moves: Vec<MoveView>,
     pub leases: Vec<LeaseView>,
@@ -52,6 +55,15 @@ pub struct ServerView {
     pub pid: u32,
     /// Who held the asked port when it was moved (`vite (pid 4100, session feature-y)`).
     pub moved_off: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct OrphanView {
+    pub pid: u32,
+    pub command: String,
+    pub ports: Vec<u16>,
+    /// The session that ended.
+    pub session: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -93,6 +105,8 @@ pub struct Records<'a> {
     pub audit: &'a [AuditRecord],
     pub leases: &'a [Lease],
     pub sticky: &'a [StickyPort],
+    /// Servers whose session ended.
+    pub orphans: &'a [styxy_broker::StopCandidate],
     pub now_ms: u64,
 }
 
@@ -212,9 +226,20 @@ impl Dashboard {
             })
             .collect();
         sticky.sort_by(|a, b| (&a.project, a.asked).cmp(&(&b.project, b.asked)));
+        let orphans = records
+            .orphans
+            .iter()
+            .map(|o| OrphanView {
+                pid: o.pid,
+                command: shown(&o.cmdline, &o.comm, &o.ports),
+                ports: o.ports.clone(),
+                session: o.instance_id.clone().unwrap_or_default(),
+            })
+            .collect();
         Dashboard {
             sessions,
             outside,
+            orphans,
             moves,
             leases,
             sticky,
@@ -323,6 +348,7 @@ mod tests {
                 audit: &audit,
                 leases: &[],
                 sticky: &[],
+                orphans: &[],
                 now_ms: 100_000,
             },
             |pid| (pid == 11).then(|| "claude".to_string()),
