@@ -171,3 +171,45 @@ async fn a_server_started_in_a_session_appears_on_the_dashboard_without_a_reload
     assert!(said.contains("/events"), "{said}");
     Ok(())
 }
+
+/// The live page follows the daemon's state, not only binds: a session registered (or ended,
+/// or focused with `styxy focus`) sends an `event: change` at once, with no socket bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_registered_or_ended_is_an_event_of_the_live_page() -> Result<()> {
+    let (daemon, proxy) = daemon_with_proxy().await?;
+    let mut events = Spawned::start(Command::new("curl").args([
+        "-sS",
+        "-N",
+        "-m",
+        "30",
+        &format!("http://styxy.localhost:{proxy}/events"),
+    ]))?;
+    // The stream is open once its first keep-alive or event could come: give curl its connect.
+    eventually(10, "the event stream connected", || async {
+        let listed = std::process::Command::new("ss")
+            .args(["-tnH", "state", "established", &format!("dport = :{proxy}")])
+            .output()
+            .ok()?;
+        (!listed.stdout.is_empty()).then_some(())
+    })
+    .await?;
+    let mut sleeper = Spawned::start(Command::new("sleep").arg("60"))?;
+    let mut client = daemon.client().await?;
+    client
+        .register_instance(styxy_tests::v1::RegisterInstanceRequest {
+            instance_id: Some("live-page".into()),
+            pid: sleeper.child.id(),
+            name: None,
+        })
+        .await?;
+    events.line_where(10, |l| l == "event: change")?;
+    client
+        .end_instance(styxy_tests::v1::EndInstanceRequest {
+            instance_id: "live-page".into(),
+            stop_servers: false,
+        })
+        .await?;
+    events.line_where(10, |l| l == "event: change")?;
+    sleeper.kill()?;
+    Ok(())
+}

@@ -106,6 +106,9 @@ pub struct Engine {
     pub(super) names: Mutex<(u64, Arc<styxy_broker::Names>)>,
     /// The kernel's ephemeral ports (where helper ports are, which get no names).
     pub(super) ephemeral: std::ops::RangeInclusive<u16>,
+    /// Bumped by every commit that changes the persistent state (sessions registered and ended,
+    /// a focus set, leases): what the dashboard's live page follows besides the notices.
+    pub(super) state_changed: tokio::sync::watch::Sender<u64>,
     /// Signals the kernel refused between sessions, waiting for their sessions' reports.
     pub(super) refused_signals: Mutex<protection::RefusedSignals>,
 }
@@ -141,6 +144,7 @@ impl Engine {
             names: Mutex::new((0, Arc::default())),
             ephemeral: styxy_common::net::ephemeral_ports(),
             refused_signals: Mutex::new(protection::RefusedSignals::default()),
+            state_changed: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -175,6 +179,12 @@ impl Engine {
         self.notices.subscribe()
     }
 
+    /// Changes each time a commit changes the persistent state (a session registered or ended, a
+    /// focus switched, a lease): with [`Engine::subscribe`], all a live view needs to follow.
+    pub fn watch_state(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state_changed.subscribe()
+    }
+
     /// Runs `decide` under the broker lock, queues its state changes in order, then publishes its notices.
     pub(super) fn commit<T>(
         &self,
@@ -202,6 +212,10 @@ impl Engine {
             let ticket = self.store.enqueue(&effects.changes, &audit);
             (value, effects, ticket)
         };
+        if !effects.changes.is_empty() {
+            self.state_changed
+                .send_modify(|generation| *generation += 1);
+        }
         if effects
             .notices
             .iter()

@@ -106,10 +106,12 @@ fn read(engine: &Engine) -> Dashboard {
     )
 }
 
-/// `event: change` each time the daemon changes (changes that come together are one event), and
+/// `event: change` each time the daemon changes — a notice (bind, release, move, lease) or a change
+/// of its state (a session, a focus) — (changes that come together are one event), and
 /// a comment every [`KEEP_ALIVE`]; it ends when the client goes.
 fn events(engine: &Engine) -> Response<ProxyBody> {
     let mut notices = engine.subscribe();
+    let mut state = engine.watch_state();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
@@ -123,6 +125,11 @@ fn events(engine: &Engine) -> Response<ProxyBody> {
                         Bytes::from_static(b"event: change\ndata: {}\n\n")
                     }
                     Err(RecvError::Closed) => return,
+                },
+                // A focus switched with `styxy focus`, a session registered or ended.
+                changed = state.changed() => match changed {
+                    Ok(()) => Bytes::from_static(b"event: change\ndata: {}\n\n"),
+                    Err(_) => return,
                 },
                 _ = keep_alive.tick() => Bytes::from_static(b": alive\n\n"),
                 () = tx.closed() => return,
