@@ -149,7 +149,7 @@ impl Engine {
     }
 
     /// (sessions with a live process in the kernel, and what that means or why there are none).
-    pub(super) fn kernel_session_status(&self) -> (Option<usize>, String) {
+    pub fn kernel_session_status(&self) -> (Option<usize>, String) {
         match self.kernel_sessions.get() {
             Some(sessions) => (
                 Some(sessions.live_sessions()),

@@ -576,7 +576,7 @@ impl BrokerService {
             self.engine.set_focus(Some(session), caller.uid).await
         }
         .map_err(convert::engine_error)?;
-        let (mut available, mut unavailable_reason) = match self.engine.status().kernel_sessions {
+        let (mut available, mut unavailable_reason) = match self.engine.kernel_session_status() {
             (Some(_), _) => (true, String::new()),
             (None, why) => (false, why),
         };
