@@ -133,6 +133,31 @@ fn read_command(
             targets.extend(fuser_ports(args).into_iter().map(KillTarget::Port));
         }
         "kill-port" => targets.extend(kill_port_ports(args)),
+        // `bash -c 'pkill -f vite'`: the script runs too.
+        "sh" | "bash" | "dash" | "zsh" => {
+            if let Some(position) = args.iter().position(|w| is_short_flag(&w.text, 'c')) {
+                if let Some(script) = args.get(position + 1) {
+                    read_list(&script.text, depth + 1, targets);
+                    // In double quotes, `$(…)` was read as the word's substitution: when the
+                    // script kills, what it substitutes names the targets.
+                    let kills = script
+                        .text
+                        .split_whitespace()
+                        .any(|w| program_name(w) == "kill");
+                    if kills && depth < MAX_DEPTH {
+                        for inner in &script.substitutions {
+                            for pipeline in split_pipelines(inner) {
+                                if let Some(last) =
+                                    pipeline.into_iter().map(strip_prefixes).next_back()
+                                {
+                                    targets.extend(producer_targets(&last));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         "npx" | "pnpx" | "bunx" => {
             let rest: Vec<&Word> = args
                 .iter()
@@ -589,6 +614,8 @@ mod tests {
             ("git commit -m 'kill 5'", vec![]),
             ("ls", vec![]),
             ("kill -l", vec![]),
+            ("bash -c 'pkill -f vite'", vec![pattern("vite", true)]),
+            ("sh -c \"kill $(lsof -t -i:8000)\"", vec![Port(8000)]),
             ("kill %1", vec![]),
         ];
         for (command, wanted) in cases {
