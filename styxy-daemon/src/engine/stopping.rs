@@ -91,9 +91,20 @@ impl Engine {
         let candidates = match request {
             StopRequest::Target(target) => {
                 let names = self.names();
+                // Each holder's session, read before the decision: reading one may take the
+                // broker lock itself (a registered ancestor), which the decision holds.
+                let holders: std::collections::BTreeSet<u32> = lock(&self.broker)
+                    .holders()
+                    .iter()
+                    .filter_map(|h| h.socket.owner.as_ref().map(|o| o.id.pid))
+                    .collect();
+                let sessions: std::collections::HashMap<u32, String> = holders
+                    .into_iter()
+                    .filter_map(|pid| Some((pid, self.session_of_process(pid)?)))
+                    .collect();
                 let decided =
                     lock(&self.broker).servers_to_stop(&instance, &target, &names, &|pid| {
-                        self.session_of_process(pid)
+                        sessions.get(&pid).cloned()
                     });
                 decided.map_err(|refused| self.refusal(&instance, refused))?
             }
@@ -236,7 +247,7 @@ impl Engine {
             return Err(EngineError::Unavailable(
                 "this process is in no session, so it has no servers of its own to stop: run \
                  `styxy stop` inside the session (its agent's shell, or `styxy run`), or name one \
-                 of your sessions with --session"
+                 of your sessions with --in SESSION"
                     .to_string(),
             ));
         };
