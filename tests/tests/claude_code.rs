@@ -3,10 +3,11 @@
 //! the MCP server in a scratch HOME; the SessionStart hook turns the shim on; a background Bash
 //! server on a held port is moved; the next PostToolUse tells the agent (asked → bound, both
 //! addresses) and one with no change says nothing; a command of the session reaches the moved
-//! server through the asked port; every MCP tool answers what `styxy --json` answers; SessionEnd
-//! ends the session. The PreToolUse kill guard denies a `pkill` that would reach another
-//! session's server, and the model reads why and what to use instead. Skips, saying why, when the
-//! CLI is not installed (`cargo xtask setup`).
+//! server through the asked port; every MCP tool answers what `styxy --json` answers, and
+//! `stop_server` stops the session's moved server by its asked port (not the port's holder);
+//! SessionEnd ends the session. The PreToolUse kill guard denies a `pkill` that would reach
+//! another session's server, and the model reads why and what to use instead. Skips, saying why,
+//! when the CLI is not installed (`cargo xtask setup`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -97,10 +98,13 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
         Turn::Tool("mcp__styxy__status", json!({})),
         // 10: a bad call is a tool error, and the server goes on.
         Turn::Tool("mcp__styxy__who_holds", json!({ "port": 70000 })),
-        // 11: the server stops.
+        // 11: the server stops: MCP stop_server by the port this session asked (its view sends
+        // it to the moved server), as the kill guard advises.
+        Turn::Tool("mcp__styxy__stop_server", json!({ "port": held })),
+        // 12: a Bash call after it, whose report tells the stop.
         Turn::Tool(
             "Bash",
-            json!({ "command": "kill $(cat server.pid); sleep 2", "description": "stop" }),
+            json!({ "command": "sleep 2", "description": "wait" }),
         ),
         Turn::Text("All done."),
     ];
@@ -117,7 +121,7 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
                 &work,
                 "Bash,mcp__styxy__session_ports,mcp__styxy__who_holds,mcp__styxy__suggest_ports,\
                  mcp__styxy__list_ports,mcp__styxy__allocate_port,mcp__styxy__release_port,\
-                 mcp__styxy__status",
+                 mcp__styxy__status,mcp__styxy__stop_server",
                 &[("STYXY_SOCKET", &socket)],
                 Duration::from_secs(150),
             )
@@ -261,6 +265,20 @@ async fn claude_code_sessions_get_moves_reported_views_and_the_mcp_tools() -> Re
     }
     let bad = tool_result_text(&events, &tool_use_id(10)).context("bad call")?;
     ensure!(bad.contains("1 to 65535"), "{bad}");
+    // stop_server stopped this session's server, found through its view: the moved one.
+    let stopped = tool_json(&events, 11)?;
+    ensure!(stopped["instanceId"] == instance.as_str(), "{stopped}");
+    ensure!(
+        stopped["stopped"].as_array().is_some_and(|s| s.len() == 1
+            && s[0]["ports"] == json!([moved])
+            && s[0]["askedPort"] == u32::from(held)
+            && s[0]["endedBy"] == "SIGTERM"),
+        "{stopped}"
+    );
+    ensure!(
+        holder.pid() != 0 && std::net::TcpStream::connect(("127.0.0.1", held)).is_ok(),
+        "the holder of {held} (not this session's) runs on"
+    );
 
     // SessionEnd ended the session: its instance is gone, nothing of it is leased.
     let after = styxy_json(&daemon, &["status"])?;
