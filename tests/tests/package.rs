@@ -3,7 +3,9 @@
 //! eBPF programs built into it at the cgroup root (this machine may have no systemd as PID 1:
 //! the daemon is started by hand and the unit checked with `systemd-analyze verify`), a real
 //! server is moved through the installed shim, `styxy doctor` is green; `dpkg -r` stops the
-//! daemon and removes every file, `dpkg --purge` the state dir too.
+//! daemon and removes every file, `dpkg --purge` the state dir too: a listing of every path under
+//! /usr, /etc, /var/lib, /opt and /lib after the purge is the one before the install. The package
+//! holds no object file, and the running daemon neither maps nor holds one open.
 //!
 //! Needs root, dpkg and the eBPF toolchain (it says SKIP without them; CI has them). It builds
 //! in release mode, and is the only test in this binary: nothing else runs while the package is
@@ -21,6 +23,28 @@ fn workspace() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
+}
+
+/// Where a package puts files (and its scripts could): every path under them, to compare before
+/// the install and after the purge.
+const LISTED_ROOTS: [&str; 5] = ["/usr", "/etc", "/var/lib", "/opt", "/lib"];
+
+/// Every path under [`LISTED_ROOTS`] (not following symlinks), but what changes on its own while
+/// the test runs: dpkg's and apt's own records, logs and caches, and Python's bytecode caches
+/// (the test's `python3` writes them, as root, next to the standard library).
+fn filesystem_listing() -> Result<std::collections::BTreeSet<String>> {
+    let roots = LISTED_ROOTS.iter().filter(|r| Path::new(r).exists());
+    let out = run_ok(Command::new("find").args(roots).arg("-xdev"))?;
+    Ok(out
+        .lines()
+        .filter(|p| {
+            !p.starts_with("/var/lib/dpkg")
+                && !p.starts_with("/var/lib/apt")
+                && !p.starts_with("/var/lib/systemd")
+                && !p.contains("__pycache__")
+        })
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Removes the package when the test ends, however it ends.
@@ -63,9 +87,15 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         .map(PathBuf::from)
         .with_context(|| format!("the package's path in {built}"))?;
 
+    let before = filesystem_listing()?;
     let _purge = Purge;
     run_ok(Command::new("dpkg").arg("-i").arg(&package))?;
     let listed = run_ok(Command::new("dpkg").args(["-L", "styxy"]))?;
+    // The programs travel inside the binary: no object file in the package.
+    ensure!(
+        !listed.lines().any(|l| l.ends_with(".o")),
+        "an object file in the package: {listed}"
+    );
     for file in [
         "/usr/bin/styxy",
         "/usr/lib/styxy/libstyxy_preload.so",
@@ -123,6 +153,22 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         "{status}"
     );
     ensure!(status["kernelSessionsEnforced"] == true, "{status}");
+    // No `.o` file read: none is open in the daemon, none of its memory maps one.
+    let pid = daemon.0.id();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    ensure!(
+        !maps.contains(".o\n"),
+        "the daemon maps an object file: {maps}"
+    );
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            ensure!(
+                target.extension().is_none_or(|e| e != "o"),
+                "the daemon holds {} open",
+                target.display()
+            );
+        }
+    }
 
     // A real server moved off a taken port, through the installed shim.
     // In a built-in range (the test type's, 9200-9299): the installed daemon has no config.
@@ -210,5 +256,9 @@ async fn the_package_installs_runs_and_leaves_nothing_behind() -> Result<()> {
         !Path::new("/var/lib/styxy").exists(),
         "purge removes the state dir"
     );
+    // Nothing the package or its scripts made is left anywhere it could have put something.
+    let after = filesystem_listing()?;
+    let left: Vec<&String> = after.difference(&before).collect();
+    ensure!(left.is_empty(), "left behind after the purge: {left:?}");
     Ok(())
 }
