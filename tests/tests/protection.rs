@@ -5,7 +5,8 @@
 //! with EPERM — a double-forked, `setsid` daemon of A included — while from outside every session
 //! it works; B's agent is told of the refusal. The PreToolUse kill guard denies `pkill -f`,
 //! `kill $(lsof -t -i:P)`, `lsof -ti:P | xargs kill`, `fuser -k` and `npx kill-port` in B when
-//! they would reach A's server, and lets them through when only B's processes match.
+//! they would reach A's server (or A's client of B's port, which `lsof -i:P` lists too), and lets
+//! them through when only B's processes match.
 //!
 //! Needs root, cgroup v2 and the eBPF object, and BPF LSM for the kernel's part (each test says
 //! why when it skips; CI provides them and fails instead). One test at a time: they attach at
@@ -409,6 +410,27 @@ async fn the_kill_guard_denies_kill_commands_that_reach_another_session() -> Res
     ] {
         assert_eq!(guard(&daemon, "guard-b", &command)?, None, "{command}");
     }
+    // `lsof -i:P` lists P's clients too: a process of A connected to B's port is a target of
+    // B's `kill $(lsof -t -i:PORT)`.
+    let client = "import socket, sys, time\ns = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\nprint('connected', flush=True)\ntime.sleep(600)\n";
+    let mut a_client = Spawned::start(&mut daemon.shimmed_in(
+        "claude-guard-a",
+        "python3",
+        &["-c", client, &b.port.to_string()],
+    ))?;
+    a_client.line_where(20, |l| l == "connected")?;
+    let reason = guard(
+        &daemon,
+        "guard-b",
+        &format!("kill $(lsof -t -i:{})", b.port),
+    )?
+    .context("denied: A's client is connected to B's port")?;
+    assert!(
+        reason.contains(&format!("pid {} (python3) of session", a_client.child.id()))
+            && reason.contains("claude-guard-a"),
+        "{reason}"
+    );
+    drop(a_client);
     // From A, the same `pkill -f http.server` would reach B's server.
     let reason = guard(&daemon, "guard-a", "pkill -f http.server")?.context("denied in A")?;
     assert!(reason.contains("claude-guard-b"), "{reason}");

@@ -66,6 +66,8 @@ async fn decide(input: &str, target: &Target) -> Option<String> {
                 .filter(|pid| *pid != 0),
         );
     }
+    // `lsof -i:P` lists the clients of P too: their processes are targets as well.
+    pids.extend(clients_of(&ports));
     pids.extend(processes_matching(&targets));
     if pids.is_empty() {
         return None;
@@ -136,6 +138,73 @@ fn denial(others: &[&ProcessSession], ports: &[u16]) -> String {
         }
     })
     .to_string()
+}
+
+/// The processes with a TCP connection to one of `ports` (as `lsof -i:P` lists them besides the
+/// port's holders): the sockets from `/proc/net/tcp{,6}` whose remote port is one of them, found
+/// among the processes' descriptors this user may read (another user's processes are not this
+/// user's to signal anyway). Nothing is read when no such connection exists.
+fn clients_of(ports: &[u16]) -> BTreeSet<u32> {
+    let mut found = BTreeSet::new();
+    if ports.is_empty() {
+        return found;
+    }
+    let mut inodes: BTreeSet<u64> = BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        inodes.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(|line| client_inode(line, ports)),
+        );
+    }
+    if inodes.is_empty() {
+        return found;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|inode| inodes.contains(&inode))
+            })
+        });
+        if holds {
+            found.insert(pid);
+        }
+    }
+    found
+}
+
+/// The socket inode of a `/proc/net/tcp` line whose remote port is one of `ports` (a connection
+/// to it, any state but LISTEN).
+fn client_inode(line: &str, ports: &[u16]) -> Option<u64> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let remote = fields.get(2)?;
+    let port = u16::from_str_radix(remote.rsplit_once(':')?.1, 16).ok()?;
+    let state = fields.get(3)?;
+    if !ports.contains(&port) || *state == "0A" {
+        return None;
+    }
+    fields.get(9)?.parse().ok().filter(|inode| *inode != 0)
 }
 
 /// The processes the pid, group, pattern and name targets name, read from `/proc` as `kill`,
@@ -337,6 +406,30 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("`styxy stop 8000`"), "{reason}");
+    }
+
+    #[test]
+    fn a_connection_to_a_port_is_read_from_the_kernels_table() {
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+        let client = "   3: 0100007F:C350 0100007F:1F40 01 00000000:00000000 00:00000000 00000000  1000        0 424242 1 0";
+        assert_eq!(client_inode(client, &[8000]), Some(424242));
+        assert_eq!(client_inode(client, &[8001]), None);
+        let listener = "   0: 00000000:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 5151 1 0";
+        assert_eq!(
+            client_inode(listener, &[0]),
+            None,
+            "a listener has no remote port of its own"
+        );
+        assert_eq!(client_inode("garbage", &[8000]), None);
+    }
+
+    #[test]
+    fn a_process_connected_to_a_port_is_found_as_its_client() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let port = server.local_addr().expect("its address").port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connected");
+        assert!(clients_of(&[port]).contains(&std::process::id()));
+        assert!(clients_of(&[]).is_empty());
     }
 
     #[tokio::test]
