@@ -163,18 +163,8 @@ fn clients_of(ports: &[u16]) -> BTreeSet<u32> {
     if inodes.is_empty() {
         return found;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+    for pid in running_pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         let holds = fds.flatten().any(|fd| {
@@ -228,17 +218,7 @@ fn processes_matching(targets: &[KillTarget]) -> BTreeSet<u32> {
         return pids;
     }
     let own = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in running_pids() {
         if pid == own {
             continue;
         }
@@ -250,6 +230,15 @@ fn processes_matching(targets: &[KillTarget]) -> BTreeSet<u32> {
         }
     }
     pids
+}
+
+/// Every process's pid, as `/proc` lists them (none when it cannot be read).
+fn running_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
 }
 
 /// What `pkill` and `killall` look at.

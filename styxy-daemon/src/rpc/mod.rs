@@ -441,15 +441,7 @@ impl BrokerService {
                 "session: an id or name of at most 512 printable characters",
             ));
         }
-        let grace = match req.grace_ms {
-            0 => DEFAULT_GRACE,
-            ms if ms > 600_000 => {
-                return Err(Status::invalid_argument(
-                    "grace_ms: at most 600,000 (ten minutes)",
-                ))
-            }
-            ms => std::time::Duration::from_millis(u64::from(ms)),
-        };
+        let grace = grace_period(req.grace_ms)?;
         let outcome = self
             .engine
             .stop_servers(
@@ -475,15 +467,7 @@ impl BrokerService {
     ) -> Result<Response<pb::PruneResponse>, Status> {
         let caller = self.caller(&request, "Prune")?;
         let req = request.into_inner();
-        let grace = match req.grace_ms {
-            0 => DEFAULT_GRACE,
-            ms if ms > 600_000 => {
-                return Err(Status::invalid_argument(
-                    "grace_ms: at most 600,000 (ten minutes)",
-                ))
-            }
-            ms => std::time::Duration::from_millis(u64::from(ms)),
-        };
+        let grace = grace_period(req.grace_ms)?;
         let stopped = self.engine.prune(caller.uid, grace, req.dry_run).await;
         let instance_ids = stopped
             .iter()
@@ -912,6 +896,17 @@ impl PortBroker for BrokerService {
             )),
         };
         self.counted("LocalCa", answer)
+    }
+}
+
+/// `grace_ms` of StopServer and Prune: 0 for the default, at most ten minutes.
+fn grace_period(grace_ms: u32) -> Result<std::time::Duration, Status> {
+    match grace_ms {
+        0 => Ok(DEFAULT_GRACE),
+        ms if ms > 600_000 => Err(Status::invalid_argument(
+            "grace_ms: at most 600,000 (ten minutes)",
+        )),
+        ms => Ok(std::time::Duration::from_millis(u64::from(ms))),
     }
 }
 
