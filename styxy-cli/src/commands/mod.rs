@@ -14,6 +14,7 @@ mod release;
 mod session;
 mod status;
 mod stop;
+mod stopping;
 mod suggest;
 mod trust;
 mod watch;

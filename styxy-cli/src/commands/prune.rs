@@ -6,8 +6,8 @@
 use anyhow::Result;
 use styxy_proto::v1 as pb;
 
-use super::Client;
-use crate::output::{call, print_json, print_table, table};
+use super::{stopping, Client};
+use crate::output::{call, print_json};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -15,14 +15,14 @@ pub(crate) struct Args {
     #[arg(long)]
     dry_run: bool,
     /// Seconds to wait after SIGTERM before SIGKILL.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=600))]
-    grace: u32,
+    #[arg(long, default_value_t = 5.0, value_parser = stopping::grace_seconds)]
+    grace: f64,
 }
 
 impl Args {
     /// How long the call may take beyond the daemon's answer.
     pub(super) fn longest_wait(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(u64::from(self.grace) + 10)
+        stopping::longest_wait(self.grace)
     }
 }
 
@@ -31,8 +31,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         client
             .prune(pb::PruneRequest {
                 dry_run: args.dry_run,
-                // 0 means "the default" to the daemon: a zero grace is 1 ms.
-                grace_ms: (args.grace * 1000).max(1),
+                grace_ms: stopping::grace_ms(args.grace),
             })
             .await,
     )?;
@@ -52,25 +51,6 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         },
         r.stopped.len()
     );
-    let mut t = table(&["PID", "COMMAND", "PORTS", "ENDED SESSION", "ENDED BY"]);
-    for (s, session) in r.stopped.iter().zip(&r.instance_ids) {
-        let ports: Vec<String> = s.ports.iter().map(u32::to_string).collect();
-        t.add_row(vec![
-            s.pid.to_string(),
-            if s.cmdline.is_empty() {
-                s.comm.clone()
-            } else {
-                s.cmdline.clone()
-            },
-            ports.join(","),
-            session.clone(),
-            if s.ended_by.is_empty() {
-                "-".to_string()
-            } else {
-                s.ended_by.clone()
-            },
-        ]);
-    }
-    print_table(&t);
+    stopping::print_stopped(&r.stopped, Some(("ENDED SESSION", &r.instance_ids)));
     Ok(())
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use styxy_proto::v1 as pb;
 use styxy_proto::v1::stop_server_request::Target;
 
-use super::Client;
-use crate::output::{call, print_json, print_table, table};
+use super::{stopping, Client};
+use crate::output::{call, print_json};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -25,7 +25,7 @@ pub(crate) struct Args {
     #[arg(long = "session")]
     all: bool,
     /// Seconds to wait after SIGTERM before SIGKILL.
-    #[arg(long, default_value_t = 5.0, value_parser = grace_seconds)]
+    #[arg(long, default_value_t = 5.0, value_parser = stopping::grace_seconds)]
     grace: f64,
     /// From outside every session: the session of yours to act in (its name or id).
     #[arg(long = "in", value_name = "SESSION")]
@@ -35,21 +35,10 @@ pub(crate) struct Args {
     dry_run: bool,
 }
 
-fn grace_seconds(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text
-        .trim_end_matches('s')
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !(0.0..=600.0).contains(&seconds) {
-        return Err("the grace period is 0 to 600 seconds".to_string());
-    }
-    Ok(seconds)
-}
-
 impl Args {
     /// How long the call may take beyond the daemon's answer: the grace period and the kill.
     pub(super) fn longest_wait(&self) -> Duration {
-        Duration::from_secs_f64(self.grace) + Duration::from_secs(10)
+        stopping::longest_wait(self.grace)
     }
 }
 
@@ -64,13 +53,11 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         },
         (None, None, false) => bail!("name a port or a server to stop, or give --pid or --session"),
     };
-    // 0 means "the default" to the daemon: a zero grace is 1 ms.
-    let grace_ms = ((args.grace * 1000.0).round() as u32).max(1);
     let r = call(
         client
             .stop_server(pb::StopServerRequest {
                 target: Some(target),
-                grace_ms,
+                grace_ms: stopping::grace_ms(args.grace),
                 session: args.in_session.clone().unwrap_or_default(),
                 dry_run: args.dry_run,
             })
@@ -92,28 +79,6 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
             "stopped"
         }
     );
-    let mut t = table(&["PID", "COMMAND", "PORTS", "ENDED BY"]);
-    for s in &r.stopped {
-        let ports: Vec<String> = s.ports.iter().map(u32::to_string).collect();
-        let mut ports = ports.join(",");
-        if s.asked_port != 0 {
-            ports = format!("{ports} (asked {})", s.asked_port);
-        }
-        t.add_row(vec![
-            s.pid.to_string(),
-            if s.cmdline.is_empty() {
-                s.comm.clone()
-            } else {
-                s.cmdline.clone()
-            },
-            ports,
-            if s.ended_by.is_empty() {
-                "-".to_string()
-            } else {
-                s.ended_by.clone()
-            },
-        ]);
-    }
-    print_table(&t);
+    stopping::print_stopped(&r.stopped, None);
     Ok(())
 }
