@@ -1,7 +1,8 @@
 //! `styxy doctor`: one command that checks what Styxy needs on this machine and says, for each
 //! thing that is off, how to fix it — the daemon reachable and its observer, the eBPF programs
-//! and kernel sessions, the shim, the Claude Code hooks and MCP server, the state directory, and
-//! other tools that fight for the same ports. Exit status 0 only when every check passes; `--json`
+//! and kernel sessions, the shim, the Claude Code hooks and MCP server, what keeps one session's
+//! kill from reaching another's servers, the state directory, and other tools that fight for the
+//! same ports. Exit status 0 only when every check passes; `--json`
 //! prints the same as one object.
 
 use std::os::unix::fs::MetadataExt;
@@ -77,6 +78,7 @@ pub async fn run(target: &Target, as_json: bool, deadline: Duration) -> Result<(
     checks.extend(kernel_checks(status.as_ref()));
     checks.push(shim_check());
     checks.push(claude_code_check());
+    checks.push(kill_protection_check(status.as_ref()));
     checks.push(state_dir_check(status.as_ref()));
     checks.push(port_tools_check(status.as_ref()));
 
@@ -243,6 +245,49 @@ fn claude_code_check() -> Check {
         seen.join("; "),
         "`styxy hook install` (or `styxy hook install --project DIR` for one project)",
     )
+}
+
+/// What keeps a session's `kill`/`pkill` off another session's servers: the kernel's
+/// `lsm/task_kill` (every program), else the agents' PreToolUse guard (commands Claude Code runs).
+/// One of the two passes; the detail says which, and why the kernel's is off.
+fn kill_protection_check(status: Option<&pb::StatusResponse>) -> Check {
+    const NAME: &str = "kill protection";
+    let Some(s) = status else {
+        return Check::off(NAME, "not checked: no daemon", "start the daemon (above)");
+    };
+    if s.kill_protection {
+        return Check::ok(NAME, format!("in the kernel: {}", s.kill_protection_detail));
+    }
+    let mut guard = None;
+    let mut scopes = Vec::new();
+    if let Ok(user) = Places::user(None) {
+        scopes.push(user);
+    }
+    if let Ok(here) = std::env::current_dir() {
+        scopes.push(Places::project(&here, None));
+    }
+    for places in &scopes {
+        if settings::installed(places).is_ok_and(|f| !f.missing_hooks.contains(&"PreToolUse")) {
+            guard = Some(places.settings.display().to_string());
+            break;
+        }
+    }
+    match guard {
+        Some(settings) => Check::ok(
+            NAME,
+            format!(
+                "the agents' PreToolUse guard (in {settings}) only; {}",
+                s.kill_protection_detail
+            ),
+        ),
+        None => Check::off(
+            NAME,
+            format!("none: {}", s.kill_protection_detail),
+            "`styxy hook install` (the agents' guard); for every program, a kernel with the BPF \
+             LSM (`bpf` in /sys/kernel/security/lsm, e.g. boot with lsm=...,bpf) and the daemon's \
+             default --kill-protection on",
+        ),
+    }
 }
 
 /// The daemon's state directory: its owner's (root's, or this user's) alone.

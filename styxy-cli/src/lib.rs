@@ -90,8 +90,8 @@ enum Command {
         instance: Option<String>,
     },
     /// Check what Styxy needs here — the daemon and its observer, the eBPF programs and kernel
-    /// sessions, the shim, the Claude Code hooks and MCP server, the state dir, other port tools —
-    /// and say how to fix what is off. Exit status 0 only when all is well.
+    /// sessions, the shim, the Claude Code hooks and MCP server, kill protection, the state dir,
+    /// other port tools — and say how to fix what is off. Exit status 0 only when all is well.
     Doctor,
     /// Print the completion script for a shell: bash, zsh, fish, elvish or powershell (e.g.
     /// `styxy completions bash > /usr/share/bash-completion/completions/styxy`).

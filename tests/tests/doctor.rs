@@ -76,6 +76,15 @@ async fn doctor_names_what_is_off_with_its_fix() -> Result<()> {
     );
     assert_eq!(check(&report, "shim")["ok"], true, "{report}");
     assert_eq!(check(&report, "state dir")["ok"], true, "{report}");
+    // No kernel programs and no guard: nothing keeps one session's kill off another's servers.
+    let kills = check(&report, "kill protection");
+    assert_eq!(kills["ok"], false, "{kills}");
+    assert!(
+        kills["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("styxy hook install") && f.contains("lsm")),
+        "{kills}"
+    );
     // The people's output says the same, each fix under its check.
     let text = daemon
         .cli_command(&["doctor"])
@@ -94,6 +103,15 @@ async fn doctor_names_what_is_off_with_its_fix() -> Result<()> {
     hook_install(home.path())?;
     let (_, report) = doctor(&daemon, home.path(), None)?;
     assert_eq!(check(&report, "Claude Code")["ok"], true, "{report}");
+    // ... and with them the agents' guard: kill protection passes, saying it is the guard alone.
+    let kills = check(&report, "kill protection");
+    assert_eq!(kills["ok"], true, "{kills}");
+    assert!(
+        kills["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("PreToolUse guard") && d.contains("only")),
+        "{kills}"
+    );
     // A state dir others may write to is named, with the chmod that fixes it.
     let state = daemon.state_dir().to_path_buf();
     std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
@@ -151,6 +169,22 @@ async fn doctor_is_all_green_on_the_default_install() -> Result<()> {
             .as_str()
             .is_some_and(|d| d.contains("in this shell's LD_PRELOAD")),
         "{shim}"
+    );
+    // The kernel's lsm/task_kill where the kernel takes BPF LSM programs, else the guard: the
+    // detail says which, agreeing with the daemon's status.
+    let kills = check(&report, "kill protection");
+    let status = daemon.cli_command(&["--json", "status"]).output()?;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let expected = if status["killProtection"] == true {
+        "in the kernel"
+    } else {
+        "PreToolUse guard"
+    };
+    assert!(
+        kills["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(expected)),
+        "{kills} (status: {status})"
     );
     Ok(())
 }
