@@ -644,3 +644,35 @@ async fn an_ephemeral_bind_is_counted_and_found_through_the_socket_tables() -> R
     drop(server);
     Ok(())
 }
+
+/// `--cgroup` naming a directory that is not in the cgroup v2 file system stops the daemon with
+/// what to give instead, not the kernel's bare "bad file descriptor".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_that_is_not_cgroup_v2_is_named_with_the_fix() -> Result<()> {
+    let Some(setup) = ebpf_ready() else {
+        return Ok(());
+    };
+    let object = setup.object.to_str().context("utf-8 path")?;
+    let plain = tempfile::tempdir()?;
+    let path = plain.path().to_str().context("utf-8 path")?;
+    let started = Daemon::start_with(&[
+        "--observer",
+        "ebpf",
+        "--cgroup",
+        path,
+        "--ebpf-object",
+        object,
+    ])
+    .await;
+    let Err(e) = started else {
+        anyhow::bail!("a daemon attached to {path}, a plain directory");
+    };
+    let said = format!("{e:#}");
+    assert!(
+        said.contains(&format!("{path} is not a cgroup v2 directory"))
+            && said.contains("findmnt -t cgroup2"),
+        "{said}"
+    );
+    assert!(!said.contains("Bad file descriptor"), "{said}");
+    Ok(())
+}

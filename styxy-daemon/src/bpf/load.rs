@@ -165,6 +165,7 @@ pub fn attach(options: &AttachOptions<'_>) -> Result<Attached> {
     let bytes: &[u8] = &object.bytes;
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
+    ensure_cgroup2(&cgroup_dir, cgroup)?;
     // Sessions need the whole machine (a port held anywhere must count), the tracepoints and
     // the kernel's type information.
     let offsets = if options.whole_machine {
@@ -502,6 +503,31 @@ fn raise_memlock_limit() {
     };
     // SAFETY: a valid rlimit struct; failure only matters on old kernels and shows at load time.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Fails with what to give instead when `dir` is not a directory of a cgroup v2 file system: the
+/// kernel's own answer to attaching there is a bare EBADF.
+fn ensure_cgroup2(dir: &std::fs::File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    /// `CGROUP2_SUPER_MAGIC` in linux/magic.h.
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    // SAFETY: statfs is plain data; all zeroes is a valid value of it.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor this function borrows, and a buffer of the right type.
+    if unsafe { libc::fstatfs(dir.as_raw_fd(), &mut fs) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the file system of {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64, not on every target.
+    let kind = fs.f_type as i64;
+    if kind != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup v2 directory (its file system's magic is {kind:#x}); give --cgroup \
+             a directory of the cgroup2 mount (`findmnt -t cgroup2`), or leave it out for the root",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
