@@ -969,6 +969,64 @@ async fn kernel_sessions_survive_a_daemon_restart() -> Result<()> {
     Ok(())
 }
 
+/// Pins whose state directory is gone are removed by the next daemon that starts, whatever its
+/// own state directory — the daemon that left them ran where this one runs (its pins record the
+/// mount namespace): their programs detach. Without the record this needs pid 1's mount
+/// namespace, which some machines hide; the record decides either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pins_of_a_state_dir_that_is_gone_go_with_the_next_start() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut left) = root_daemon().await? else {
+        return Ok(());
+    };
+    let pins = left.pin_dir().context("the pin directory")?;
+    let session_site = site("session")?;
+    let (_server, _) = serve(&left, Some("left-behind"), left.base + 160, &session_site)?;
+    styxy_tests::eventually(
+        10,
+        "the session in the kernel, its links pinned",
+        || async {
+            let status = left.status().await.ok()?;
+            (status.kernel_sessions == 1).then_some(())
+        },
+    )
+    .await
+    .with_context(|| left.log())?;
+    let marks: Vec<String> = std::fs::read_dir(&pins)?
+        .flatten()
+        .flat_map(|build| {
+            std::fs::read_dir(build.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("mount-namespace-"))
+        .collect();
+    let own = std::fs::read_link("/proc/self/ns/mnt")?;
+    let own = own.to_string_lossy();
+    assert_eq!(
+        marks,
+        vec![format!(
+            "mount-namespace-{}",
+            own.trim_start_matches("mnt:[").trim_end_matches(']')
+        )],
+        "the build records its mount namespace"
+    );
+    left.kill9()?;
+    assert!(pins.is_dir(), "a live session keeps the pins after kill -9");
+    std::fs::remove_dir_all(left.state_dir())?;
+    let next = root_daemon().await?.context("a second root daemon")?;
+    assert!(
+        !pins.exists(),
+        "the pins of the state directory that is gone: {}\n{}",
+        pins.display(),
+        next.log()
+    );
+    assert!(next.pin_dir().is_some_and(|p| p.is_dir()), "its own stay");
+    Ok(())
+}
+
 /// Another build of the programs (an upgrade) never runs on the last build's maps: its start
 /// removes the old pins, and the session is put back from `/proc`, its process still reaching
 /// its own server.

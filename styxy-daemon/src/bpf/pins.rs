@@ -75,6 +75,7 @@ impl Pins {
         for sub in ["maps", "links"] {
             make_private_dir(&dir.join(sub))?;
         }
+        mark_mount_namespace(&dir);
         Ok(Pins {
             dir,
             reused: complete,
@@ -398,21 +399,72 @@ fn mount_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// Removes the pins of state directories that no longer exist (a test's, a removed user's): no
-/// daemon can ever come back for them. Only from the machine's own mount namespace: a daemon in a
-/// sandbox of its own (systemd's `PrivateTmp`, `ProtectHome`) does not see every directory that
-/// exists, and would remove the pins of a daemon whose state it cannot see.
-fn remove_orphans() {
-    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    let own = namespace("self");
-    if own.is_none() || own != namespace("1") {
-        return;
+/// The start of the name of the directory, beside `maps` and `links`, that records the mount
+/// namespace of the daemon that made a build's pins (`mount-namespace-4026531841`): bpffs holds
+/// only directories and pinned objects, so the record is a name.
+const MOUNT_NAMESPACE_MARK: &str = "mount-namespace-";
+
+/// The mount namespace of process `pid` (`self` for this one), as its inode number.
+fn mount_namespace(pid: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+    let inode = link.to_str()?.strip_prefix("mnt:[")?.strip_suffix(']')?;
+    Some(inode.to_string())
+}
+
+/// Records in `build_dir` the mount namespace this daemon runs in (see [`remove_orphans`]).
+fn mark_mount_namespace(build_dir: &Path) {
+    if let Some(namespace) = mount_namespace("self") {
+        let mark = build_dir.join(format!("{MOUNT_NAMESPACE_MARK}{namespace}"));
+        if let Err(e) = make_private_dir(&mark) {
+            tracing::warn!(cause = %format!("{e:#}"), "recording the mount namespace of the pins");
+        }
     }
+}
+
+/// The mount namespace recorded in a build's pin directory, when one is.
+fn recorded_mount_namespace(build_dir: &Path) -> Option<String> {
+    std::fs::read_dir(build_dir)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let name = entry.file_name();
+            Some(
+                name.to_str()?
+                    .strip_prefix(MOUNT_NAMESPACE_MARK)?
+                    .to_string(),
+            )
+        })
+}
+
+/// Removes the pins of state directories that no longer exist (a test's, a removed user's): no
+/// daemon can ever come back for them. "No longer exist" must hold for the daemon that made
+/// them: a daemon in a sandbox of its own (systemd's `PrivateTmp`, `ProtectHome`) sees other
+/// directories than one outside it. So a state directory's pins go when each of its builds was
+/// pinned by a daemon in this daemon's mount namespace (each build records it), or — builds
+/// pinned before that record, or where it could not be made — when this daemon shares pid 1's
+/// mount namespace, the machine's own. Where pid 1's cannot be read (a container's init that
+/// hides it), the record alone decides.
+fn remove_orphans() {
+    let Some(own) = mount_namespace("self") else {
+        return;
+    };
+    let machines = mount_namespace("1").is_some_and(|init| init == own);
     for entry in std::fs::read_dir(PINS_ROOT).into_iter().flatten().flatten() {
         let Some(state_dir) = entry.file_name().to_str().and_then(unescape_path) else {
             continue;
         };
-        if !state_dir.exists() {
+        if state_dir.exists() {
+            continue;
+        }
+        let same_view = std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .all(|build| match recorded_mount_namespace(&build.path()) {
+                Some(namespace) => namespace == own,
+                None => machines,
+            });
+        if same_view {
             tracing::info!(pins = %entry.path().display(), "removing the pins of a state directory that is gone");
             remove(&entry.path());
         }
