@@ -12,6 +12,7 @@
 //! why when it skips; CI provides them and fails instead). One test at a time: they attach at
 //! the cgroup root.
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -337,6 +338,11 @@ impl Drop for KillAtEnd {
 /// The kill guard's verdict on `command` run in session `claude-SESSION`: its reason when it
 /// denies, `None` when it lets the command run.
 fn guard(daemon: &Daemon, session: &str, command: &str) -> Result<Option<String>> {
+    guard_in(daemon, session, command, Path::new("/"))
+}
+
+/// [`guard`] for a command run in `cwd` (the hook's input says where).
+fn guard_in(daemon: &Daemon, session: &str, command: &str, cwd: &Path) -> Result<Option<String>> {
     use std::io::Write;
     let mut hook = daemon
         .cli_command(&["hook", "pre-tool-use"])
@@ -348,6 +354,7 @@ fn guard(daemon: &Daemon, session: &str, command: &str) -> Result<Option<String>
         "hook_event_name": "PreToolUse",
         "tool_name": "Bash",
         "tool_input": { "command": command },
+        "cwd": cwd,
     });
     hook.stdin
         .take()
@@ -400,6 +407,50 @@ async fn the_kill_guard_denies_kill_commands_that_reach_another_session() -> Res
         );
         assert!(reason.contains("styxy stop"), "{reason}");
     }
+    // Pid files, relative to the command's directory: read as `kill` would read them.
+    let run_dir = tempfile::tempdir()?;
+    std::fs::write(run_dir.path().join("a.pid"), format!("{}\n", a.pid))?;
+    std::fs::write(run_dir.path().join("b.pid"), format!("{}\n", b.pid))?;
+    for command in [
+        "kill $(cat a.pid)",
+        "kill -9 $(<a.pid)",
+        "cat a.pid | xargs kill",
+    ] {
+        let reason = guard_in(&daemon, "guard-b", command, run_dir.path())?
+            .with_context(|| format!("{command:?} was let through"))?;
+        assert!(reason.contains("claude-guard-a"), "{command}: {reason}");
+    }
+    assert_eq!(
+        guard_in(&daemon, "guard-b", "kill $(cat b.pid)", run_dir.path())?,
+        None
+    );
+    // The shell scripts a command runs are read too: their kill idioms are the command's.
+    let script = |name: &str, text: &str| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = run_dir.path().join(name);
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    script(
+        "stop.sh",
+        "#!/usr/bin/env bash\necho stopping\n./really-stop\n",
+    )?;
+    script("really-stop", "#!/bin/sh\npkill -f http.server || true\n")?;
+    script("stop-b.sh", "#!/bin/sh\nkill $(cat b.pid)\n")?;
+    for command in [
+        "./stop.sh",
+        "bash stop.sh",
+        "npm run build && ./really-stop",
+    ] {
+        let reason = guard_in(&daemon, "guard-b", command, run_dir.path())?
+            .with_context(|| format!("{command:?} was let through"))?;
+        assert!(reason.contains("claude-guard-a"), "{command}: {reason}");
+    }
+    assert_eq!(
+        guard_in(&daemon, "guard-b", "./stop-b.sh", run_dir.path())?,
+        None
+    );
     // Only B's own processes: through.
     for command in [
         "pkill -f guard-b".to_string(),

@@ -1,8 +1,9 @@
 //! `styxy hook pre-tool-use` (Claude Code `PreToolUse`, matcher `Bash`): the kill guard. Before
 //! a command runs, the kill idioms in it (`kill_idioms`) are resolved against the live processes
-//! and ports — pids as given, ports through the daemon's table of bound sockets, `pkill` and
-//! `killall` patterns through `/proc` as those tools match them — and the daemon says which
-//! session each process is in. When any belongs to another session, the call is denied with a
+//! and ports (in the command, and in the shell scripts it runs) — pids as given or as a pid file
+//! holds them, ports through the daemon's table of bound sockets, `pkill` and `killall` patterns
+//! through `/proc` as those tools match them — and the daemon says which session each process is
+//! in. When any belongs to another session, the call is denied with a
 //! reason naming it and the `styxy stop` to use instead; everything else passes silently.
 //!
 //! It fails open: a command it cannot read, a daemon that does not answer within
@@ -10,12 +11,14 @@
 //! word in it costs reading the hook's input and nothing else.
 
 use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use styxy_proto::v1::{ListPortsRequest, ProcessSession, ProcessSessionsRequest};
 
-use super::kill_idioms::{kill_targets, KillTarget};
+use super::kill_idioms::{kill_targets, KillTarget, SHELLS};
 use crate::client::Target;
 
 /// The longest the guard may hold a command up; past it the command runs.
@@ -36,10 +39,12 @@ pub async fn run(target: &Target) {
 async fn decide(input: &str, target: &Target) -> Option<String> {
     let value: Value = serde_json::from_str(input).ok()?;
     let command = value.get("tool_input")?.get("command")?.as_str()?;
-    let targets = kill_targets(command);
+    let cwd = value.get("cwd").and_then(Value::as_str).map(Path::new);
+    let mut targets = expand_scripts(kill_targets(command), cwd);
     if targets.is_empty() {
         return None;
     }
+    targets.extend(pid_file_targets(&targets, cwd));
     let session_id = super::session_id_of(input)?;
     let instance = super::instance_id(&session_id);
     let mut client = crate::client::connect(target).await.ok()?;
@@ -197,6 +202,134 @@ fn client_inode(line: &str, ports: &[u16]) -> Option<u64> {
     fields.get(9)?.parse().ok().filter(|inode| *inode != 0)
 }
 
+/// The most of a pid file read: pid files hold a line or a few.
+const PID_FILE_BYTES: u64 = 64 * 1024;
+
+/// The pids and groups in the pid files among `targets` (`kill $(cat server.pid)`), as `kill`
+/// would read them: whitespace-separated numbers, `-N` a group. A path relative to the command's
+/// directory (the hook's `cwd`) or `~/…`; one with a variable or a glob in it, or that cannot be
+/// read, names nothing (the guard fails open).
+fn pid_file_targets(targets: &[KillTarget], cwd: Option<&Path>) -> Vec<KillTarget> {
+    let mut found = Vec::new();
+    for target in targets {
+        let KillTarget::PidFile(written) = target else {
+            continue;
+        };
+        let Some(path) = written_path(written, cwd) else {
+            continue;
+        };
+        let mut text = String::new();
+        let read =
+            open_regular(&path).and_then(|f| f.take(PID_FILE_BYTES).read_to_string(&mut text).ok());
+        if read.is_none() {
+            continue;
+        }
+        for piece in text.split_whitespace() {
+            if let Some(group) = piece.strip_prefix('-').and_then(|n| n.parse::<u32>().ok()) {
+                found.push(KillTarget::Group(group));
+            } else if let Ok(pid) = piece.parse::<u32>() {
+                found.push(KillTarget::Pid(pid));
+            }
+        }
+    }
+    found
+}
+
+/// `path` opened for reading when it is a regular file: a FIFO (`kill $(cat pipe)`), a terminal
+/// or a device could block the guard, and so the agent, for as long as nobody writes.
+fn open_regular(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+}
+
+/// The most of a script read.
+const SCRIPT_BYTES: u64 = 256 * 1024;
+/// Scripts that run scripts are followed this deep.
+const SCRIPT_DEPTH: usize = 3;
+
+/// `targets` with each script the command runs replaced by what its text would signal (and the
+/// scripts it runs in turn, [`SCRIPT_DEPTH`] deep, each file once). A script is read when it is
+/// shell: run by a named shell (`bash stop.sh`), or its first line names one (`#!/bin/sh`,
+/// `#!/usr/bin/env bash`), or, without a first `#!` line, its name ends in `.sh`. Anything else
+/// — a binary, a Node or Python script, a file that cannot be read — names nothing.
+fn expand_scripts(targets: Vec<KillTarget>, cwd: Option<&Path>) -> Vec<KillTarget> {
+    let mut found = Vec::new();
+    let mut read: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut pending: Vec<(KillTarget, usize)> = targets.into_iter().map(|t| (t, 0)).collect();
+    while let Some((target, depth)) = pending.pop() {
+        let KillTarget::Script { path, by_shell } = target else {
+            if !found.contains(&target) {
+                found.push(target);
+            }
+            continue;
+        };
+        if depth >= SCRIPT_DEPTH {
+            continue;
+        }
+        let Some(file) = written_path(&path, cwd) else {
+            continue;
+        };
+        if !read.insert(file.clone()) {
+            continue;
+        }
+        if let Some(text) = shell_script_text(&file, by_shell) {
+            pending.extend(kill_targets(&text).into_iter().map(|t| (t, depth + 1)));
+        }
+    }
+    found
+}
+
+/// The text of `file` when it is a shell script (see [`expand_scripts`]).
+fn shell_script_text(file: &Path, by_shell: bool) -> Option<String> {
+    let plain_shell = by_shell || file.extension().is_some_and(|e| e == "sh");
+    let mut opened = open_regular(file)?;
+    // Two bytes first: a binary or another language's file run by its path is not read on.
+    let mut head = [0u8; 2];
+    let got = opened.read(&mut head).ok()?;
+    if !plain_shell && &head[..got] != b"#!" {
+        return None;
+    }
+    let mut bytes = head[..got].to_vec();
+    opened.take(SCRIPT_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let shell = match text.strip_prefix("#!") {
+        Some(line) => {
+            let mut words = line.lines().next().unwrap_or("").split_whitespace();
+            let mut interpreter = words.next().map(|w| w.rsplit('/').next().unwrap_or(w));
+            if interpreter == Some("env") {
+                interpreter = words.find(|w| !w.starts_with('-'));
+            }
+            interpreter.is_some_and(|i| SHELLS.contains(&i))
+        }
+        None => plain_shell,
+    };
+    shell.then_some(text)
+}
+
+/// Where a file the command names (a pid file, a script) is, when its text says so without the
+/// shell's help.
+fn written_path(written: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+    if written.is_empty() || written.contains(['$', '*', '?', '[', '{']) {
+        return None;
+    }
+    let path = match written.strip_prefix("~/") {
+        Some(rest) => PathBuf::from(std::env::var_os("HOME")?).join(rest),
+        None => PathBuf::from(written),
+    };
+    if path.is_absolute() {
+        return Some(path);
+    }
+    Some(cwd?.join(path))
+}
+
 /// The processes the pid, group, pattern and name targets name, read from `/proc` as `kill`,
 /// `pkill` and `killall` match them. Never the guard itself.
 fn processes_matching(targets: &[KillTarget]) -> BTreeSet<u32> {
@@ -334,6 +467,100 @@ mod tests {
 
     fn matcher(target: KillTarget) -> Matcher {
         Matcher::new(&target).expect("a matcher")
+    }
+
+    #[test]
+    fn the_shell_scripts_a_command_runs_are_read_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text).expect("writing");
+        };
+        write(
+            "stop.sh",
+            "#!/usr/bin/env bash\nset -e\npkill -f vite\n./more.sh\n",
+        );
+        write("more.sh", "kill 4242\nsh stop.sh\n"); // runs stop.sh again: read once
+        write("down", "#!/bin/sh\nkillall node\n");
+        write("tool.js", "#!/usr/bin/env node\nprocess.kill(1)\n");
+        write("notes", "kill 9\n");
+        let script = |path: &str, by_shell: bool| KillTarget::Script {
+            path: path.into(),
+            by_shell,
+        };
+        let vite = KillTarget::Pattern {
+            pattern: "vite".into(),
+            full: true,
+            exact: false,
+        };
+        let mut read = expand_scripts(vec![script("./stop.sh", false)], Some(dir.path()));
+        read.sort_by_key(|t| format!("{t:?}"));
+        assert_eq!(read, vec![vite, KillTarget::Pid(4242)]);
+        assert_eq!(
+            expand_scripts(vec![script("./down", false)], Some(dir.path())),
+            vec![KillTarget::Name("node".into())]
+        );
+        // Not shell: a Node script, a file with no `#!` and no .sh run by its path.
+        assert_eq!(
+            expand_scripts(vec![script("./tool.js", false)], Some(dir.path())),
+            vec![]
+        );
+        assert_eq!(
+            expand_scripts(vec![script("./notes", false)], Some(dir.path())),
+            vec![]
+        );
+        // ... unless a shell is named to run it.
+        assert_eq!(
+            expand_scripts(vec![script("notes", true)], Some(dir.path())),
+            vec![KillTarget::Pid(9)]
+        );
+        // A FIFO is never opened (nobody writes to it: opening it would block).
+        let fifo = dir.path().join("pipe.sh");
+        let made = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("a path");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(made.as_ptr(), 0o600) }, 0);
+        assert_eq!(
+            expand_scripts(vec![script("pipe.sh", true)], Some(dir.path())),
+            vec![]
+        );
+        assert_eq!(
+            pid_file_targets(&[KillTarget::PidFile("pipe.sh".into())], Some(dir.path())),
+            vec![]
+        );
+        // A binary is not read as text; a missing file names nothing.
+        assert_eq!(
+            expand_scripts(
+                vec![script("/bin/true", false), script("./gone.sh", false)],
+                None
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn pid_files_are_read_as_kill_reads_them_relative_to_the_command() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::write(dir.path().join("server.pid"), "4242\n").expect("writing");
+        std::fs::write(dir.path().join("two.pid"), "11 -12\nnot-a-pid\n").expect("writing");
+        let targets = vec![
+            KillTarget::PidFile("server.pid".into()),
+            KillTarget::PidFile(dir.path().join("two.pid").display().to_string()),
+            KillTarget::PidFile("missing.pid".into()),
+            KillTarget::PidFile("$PIDFILE".into()),
+            KillTarget::Pid(7),
+        ];
+        assert_eq!(
+            pid_file_targets(&targets, Some(dir.path())),
+            vec![
+                KillTarget::Pid(4242),
+                KillTarget::Pid(11),
+                KillTarget::Group(12)
+            ]
+        );
+        // No directory to resolve against: only the absolute path is read.
+        assert_eq!(
+            pid_file_targets(&targets, None),
+            vec![KillTarget::Pid(11), KillTarget::Group(12)]
+        );
     }
 
     #[test]

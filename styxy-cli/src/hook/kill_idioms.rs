@@ -1,7 +1,8 @@
 //! What a shell command would signal, read from its text before it runs: the kill idioms agents
 //! use to clean up — `kill PIDS`, `kill $(lsof -t -i:P)`, `lsof -ti:P | xargs kill`, `fuser -k
-//! P/tcp`, `pkill [-f] PATTERN`, `killall NAME`, `npx kill-port P` — as [`KillTarget`]s. Pure:
-//! the targets are resolved against the live processes elsewhere (`kill_guard`).
+//! P/tcp`, `pkill [-f] PATTERN`, `killall NAME`, `npx kill-port P`, `kill $(cat PIDFILE)` — as
+//! [`KillTarget`]s, and the scripts it runs (`./stop.sh`, `bash down.sh`) for the guard to read.
+//! Pure: files and live processes are read elsewhere (`kill_guard`).
 //!
 //! Hand-written rather than a crate: the shell-splitting crates (`shlex`, `shell-words`) split
 //! words but know neither command substitutions nor `|`, `;`, `&&`, which these idioms are made
@@ -27,14 +28,26 @@ pub enum KillTarget {
     },
     /// Processes by name (`killall`, `pidof`).
     Name(String),
+    /// The pids written in a file (`kill $(cat server.pid)`, `$(<server.pid)`, `cat server.pid |
+    /// xargs kill`), as the command wrote its path: resolved against the command's directory.
+    PidFile(String),
+    /// A script the command runs (`./stop.sh`, `bash scripts/stop.sh`, `. ./env.sh`), as the
+    /// command wrote its path: what it would signal is read from its text (`kill_guard`).
+    /// `by_shell`: a shell was named to run it, so it is shell whatever its first line says.
+    Script { path: String, by_shell: bool },
 }
 
-/// The words that may start a kill idiom: a command without any of them is not read further.
+/// The words that may start a kill idiom: a command without any of them, and without a path or
+/// a shell that could run a script, is not read further.
 const KILL_WORDS: [&str; 3] = ["kill", "fuser", "kill-port"];
+/// The shells whose scripts are read (`bash stop.sh`, a `#!/bin/sh` file).
+pub const SHELLS: [&str; 4] = ["sh", "bash", "dash", "zsh"];
 
-/// Everything `command` would signal, as far as its text says.
+/// Everything `command` would signal, as far as its text says; the scripts it runs are
+/// [`KillTarget::Script`]s, for the caller to read.
 pub fn kill_targets(command: &str) -> Vec<KillTarget> {
-    if !KILL_WORDS.iter().any(|w| command.contains(w)) {
+    let may_run_a_script = command.contains('/') || command.contains("sh ");
+    if !may_run_a_script && !KILL_WORDS.iter().any(|w| command.contains(w)) {
         return Vec::new();
     }
     let mut targets = Vec::new();
@@ -133,9 +146,16 @@ fn read_command(
             targets.extend(fuser_ports(args).into_iter().map(KillTarget::Port));
         }
         "kill-port" => targets.extend(kill_port_ports(args)),
-        // `bash -c 'pkill -f vite'`: the script runs too.
+        // `bash -c 'pkill -f vite'`: the script runs too; `bash stop.sh`: the file's.
         "sh" | "bash" | "dash" | "zsh" => {
-            if let Some(position) = args.iter().position(|w| is_short_flag(&w.text, 'c')) {
+            let inline = args.iter().position(|w| is_short_flag(&w.text, 'c'));
+            if let (None, Some(file)) = (inline, args.iter().find(|w| !w.text.starts_with('-'))) {
+                targets.push(KillTarget::Script {
+                    path: file.text.clone(),
+                    by_shell: true,
+                });
+            }
+            if let Some(position) = inline {
                 if let Some(script) = args.get(position + 1) {
                     read_list(&script.text, depth + 1, targets);
                     // In double quotes, `$(…)` was read as the word's substitution: when the
@@ -171,6 +191,15 @@ fn read_command(
                 targets.extend(kill_port_ports(&ports));
             }
         }
+        // `. ./env.sh`, `source scripts/stop.sh`: run by this shell.
+        "." | "source" => {
+            if let Some(file) = args.first() {
+                targets.push(KillTarget::Script {
+                    path: file.text.clone(),
+                    by_shell: true,
+                });
+            }
+        }
         "xargs" => {
             // `PRODUCER | xargs [opts] kill [opts]`: the producer's pids.
             let kills = args
@@ -180,6 +209,18 @@ fn read_command(
             if let (true, Some(producer)) = (kills, previous) {
                 targets.extend(producer_targets(producer));
             }
+        }
+        // `./stop.sh`, `scripts/stop-dev`: a file run by its path (what it is, its first line
+        // says).
+        program
+            if first.text.contains('/')
+                && first.substitutions.is_empty()
+                && !program.is_empty() =>
+        {
+            targets.push(KillTarget::Script {
+                path: first.text.clone(),
+                by_shell: false,
+            });
         }
         _ => {}
     }
@@ -228,6 +269,14 @@ fn read_kill(args: &[Word], depth: usize, targets: &mut Vec<KillTarget>) {
         }
         if !word.substitutions.is_empty() {
             for inner in &word.substitutions {
+                // `$(<FILE)`: bash reads the file in place of `cat`.
+                if let Some(file) = inner.trim().strip_prefix('<') {
+                    let file = file.trim();
+                    if !file.is_empty() && !file.contains(char::is_whitespace) {
+                        targets.push(KillTarget::PidFile(unquote(file)));
+                    }
+                    continue;
+                }
                 if depth < MAX_DEPTH {
                     for pipeline in split_pipelines(inner) {
                         if let Some(last) = pipeline.into_iter().map(strip_prefixes).next_back() {
@@ -253,7 +302,7 @@ fn is_number(text: &str) -> bool {
 }
 
 /// What a command that prints pids names: `lsof -t -i:P`, `fuser P/tcp`, `pgrep [-f] PAT`,
-/// `pidof NAME`.
+/// `pidof NAME`, `cat PIDFILE`.
 fn producer_targets(words: &[Word]) -> Vec<KillTarget> {
     let Some(first) = words.first() else {
         return Vec::new();
@@ -271,7 +320,22 @@ fn producer_targets(words: &[Word]) -> Vec<KillTarget> {
             .filter(|w| !w.text.starts_with('-'))
             .map(|w| KillTarget::Name(w.text.clone()))
             .collect(),
+        "cat" => args
+            .iter()
+            .filter(|w| !w.text.starts_with('-') && !w.text.is_empty())
+            .map(|w| KillTarget::PidFile(w.text.clone()))
+            .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// A word's text without the quotes around it (`"$(<'my app.pid')"` reaches here whole).
+fn unquote(text: &str) -> String {
+    let quoted = |q: char| text.len() >= 2 && text.starts_with(q) && text.ends_with(q);
+    if quoted('\'') || quoted('"') {
+        text[1..text.len() - 1].to_string()
+    } else {
+        text.to_string()
     }
 }
 
@@ -573,6 +637,13 @@ mod tests {
         }
     }
 
+    fn script(path: &str, by_shell: bool) -> KillTarget {
+        Script {
+            path: path.into(),
+            by_shell,
+        }
+    }
+
     #[test]
     fn the_common_kill_idioms_are_read() {
         let cases: Vec<(&str, Vec<KillTarget>)> = vec![
@@ -617,6 +688,31 @@ mod tests {
             ("bash -c 'pkill -f vite'", vec![pattern("vite", true)]),
             ("sh -c \"kill $(lsof -t -i:8000)\"", vec![Port(8000)]),
             ("kill %1", vec![]),
+            ("kill $(cat server.pid)", vec![PidFile("server.pid".into())]),
+            (
+                "kill -9 `cat /tmp/a.pid`",
+                vec![PidFile("/tmp/a.pid".into())],
+            ),
+            ("kill $(<.vite.pid)", vec![PidFile(".vite.pid".into())]),
+            (
+                "cat run/web.pid | xargs kill",
+                vec![PidFile("run/web.pid".into())],
+            ),
+            ("cat server.pid", vec![]),
+            ("./stop.sh", vec![script("./stop.sh", false)]),
+            (
+                "cd app && scripts/stop-dev --all",
+                vec![script("scripts/stop-dev", false)],
+            ),
+            ("bash -e stop.sh", vec![script("stop.sh", true)]),
+            ("sudo sh ./down.sh", vec![script("./down.sh", true)]),
+            (
+                ". ./env.sh; source x.sh",
+                vec![script("./env.sh", true), script("x.sh", true)],
+            ),
+            ("ls /tmp", vec![]),
+            ("bash", vec![]),
+            ("echo $(cat notes.txt)", vec![]),
         ];
         for (command, wanted) in cases {
             assert_eq!(kill_targets(command), wanted, "{command}");

@@ -1,8 +1,8 @@
 //! Sessions never hurt each other, at what cost, side by side in one run:
 //! - the PreToolUse kill guard per Bash call (`styxy hook pre-tool-use`, a process started with the
 //!   hook's JSON on stdin, as Claude Code starts it) next to `/bin/true` started the same way, for a
-//!   command with no kill word, one whose port is looked up in the daemon, and a `pkill -f` that
-//!   reads `/proc`; pairs alternate, so drift falls on both sides;
+//!   command with no kill word, a shell script read (no kill in it), one whose port is looked up
+//!   in the daemon, and a `pkill -f` that reads `/proc`; pairs alternate, so drift falls on both sides;
 //! - `kill(pid, 0)` and `kill(pid, SIGUSR1)` from outside every session with `lsm/task_kill`
 //!   attached (a session live) and without (`--kill-protection off`), in alternated rounds —
 //!   where the kernel loads BPF LSM programs at all; elsewhere it says why not.
@@ -55,10 +55,20 @@ pub async fn run() -> Result<()> {
     // A server the guard resolves `kill $(lsof -t -i:P)` to.
     let port = daemon.base + 40;
     let _server = styxy_tests::http_server(port)?;
+    // A build script with no kill in it, as agents write them: read, and nothing more.
+    let work_dir = tempfile::tempdir()?;
+    std::fs::write(
+        work_dir.path().join("build.sh"),
+        "#!/usr/bin/env bash\nset -euo pipefail\nnpm ci\nnpm run build\n",
+    )?;
     let cases = [
         (
             "no kill word (`npm run build`)",
             "npm run build".to_string(),
+        ),
+        (
+            "a shell script read (`./build.sh`, no kill)",
+            "./build.sh".to_string(),
         ),
         (
             "kill $(lsof -t -i:P): a daemon lookup",
@@ -75,6 +85,7 @@ pub async fn run() -> Result<()> {
             "hook_event_name": "PreToolUse",
             "tool_name": "Bash",
             "tool_input": { "command": command },
+            "cwd": work_dir.path(),
         })
         .to_string();
         let (mut hook, mut floor) = (Samples::default(), Samples::default());
