@@ -29,8 +29,8 @@ impl KillProtection {
                 a process of one session when a process of another sends it (lsm/task_kill)"
                 .to_string(),
             KillProtection::Off(why) => format!(
-                "off in the kernel: {why}; the agents' PreToolUse guard (styxy hook install) \
-                 still denies kill commands aimed at another session"
+                "off in the kernel: {why}; where the agents' PreToolUse guard is installed \
+                 (styxy hook install), it denies their kill commands aimed at another session"
             ),
         }
     }
