@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use styxy_proto::v1::{ListPortsRequest, ProcessSession, ProcessSessionsRequest};
 
-use super::kill_idioms::{kill_targets, KillTarget, SHELLS};
+use super::kill_idioms::{kill_operand, kill_targets, KillTarget, SHELLS};
 use crate::client::Target;
 
 /// The longest the guard may hold a command up; past it the command runs.
@@ -260,13 +260,7 @@ fn pid_file_targets(targets: &[KillTarget], cwd: Option<&Path>) -> Vec<KillTarge
         if read.is_none() {
             continue;
         }
-        for piece in text.split_whitespace() {
-            if let Some(group) = piece.strip_prefix('-').and_then(|n| n.parse::<u32>().ok()) {
-                found.push(KillTarget::Group(group));
-            } else if let Ok(pid) = piece.parse::<u32>() {
-                found.push(KillTarget::Pid(pid));
-            }
-        }
+        found.extend(text.split_whitespace().filter_map(kill_operand));
     }
     found
 }

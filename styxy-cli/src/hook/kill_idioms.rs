@@ -287,13 +287,16 @@ fn read_kill(args: &[Word], depth: usize, targets: &mut Vec<KillTarget>) {
             }
             continue;
         }
-        for piece in text.split_whitespace() {
-            if let Some(group) = piece.strip_prefix('-').and_then(|n| n.parse::<u32>().ok()) {
-                targets.push(KillTarget::Group(group));
-            } else if let Ok(pid) = piece.parse::<u32>() {
-                targets.push(KillTarget::Pid(pid));
-            }
-        }
+        targets.extend(text.split_whitespace().filter_map(kill_operand));
+    }
+}
+
+/// One operand of `kill` as `kill` reads it: `1234` a process, `-1234` a process group; anything
+/// else (`%1`, a name) nothing here.
+pub fn kill_operand(piece: &str) -> Option<KillTarget> {
+    match piece.strip_prefix('-') {
+        Some(group) => group.parse().ok().map(KillTarget::Group),
+        None => piece.parse().ok().map(KillTarget::Pid),
     }
 }
 
