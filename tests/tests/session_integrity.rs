@@ -992,26 +992,46 @@ async fn the_pins_of_a_state_dir_that_is_gone_go_with_the_next_start() -> Result
     )
     .await
     .with_context(|| left.log())?;
-    let marks: Vec<String> = std::fs::read_dir(&pins)?
-        .flatten()
-        .flat_map(|build| {
-            std::fs::read_dir(build.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("mount-namespace-"))
-        .collect();
+    let marks = || -> Vec<String> {
+        std::fs::read_dir(&pins)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|build| {
+                std::fs::read_dir(build.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("mount-namespace-"))
+            .collect()
+    };
     let own = std::fs::read_link("/proc/self/ns/mnt")?;
     let own = own.to_string_lossy();
+    let own_mark = format!(
+        "mount-namespace-{}",
+        own.trim_start_matches("mnt:[").trim_end_matches(']')
+    );
     assert_eq!(
-        marks,
-        vec![format!(
-            "mount-namespace-{}",
-            own.trim_start_matches("mnt:[").trim_end_matches(']')
-        )],
+        marks(),
+        vec![own_mark.clone()],
         "the build records its mount namespace"
+    );
+    // A restart replaces the last daemon's record (a service's private namespace is new at each
+    // start): a record left by another namespace goes.
+    let build = std::fs::read_dir(&pins)?
+        .flatten()
+        .next()
+        .context("the build's pins")?
+        .path();
+    std::fs::create_dir(build.join("mount-namespace-1"))?;
+    left.kill9()?;
+    left.restart().await?;
+    assert_eq!(
+        marks(),
+        vec![own_mark],
+        "the restarted daemon's record alone"
     );
     left.kill9()?;
     assert!(pins.is_dir(), "a live session keeps the pins after kill -9");

@@ -411,13 +411,25 @@ fn mount_namespace(pid: &str) -> Option<String> {
     Some(inode.to_string())
 }
 
-/// Records in `build_dir` the mount namespace this daemon runs in (see [`remove_orphans`]).
+/// Records in `build_dir` the mount namespace this daemon runs in (see [`remove_orphans`]),
+/// replacing the last daemon's record (a service with `PrivateTmp` gets a new namespace at each
+/// start).
 fn mark_mount_namespace(build_dir: &Path) {
-    if let Some(namespace) = mount_namespace("self") {
-        let mark = build_dir.join(format!("{MOUNT_NAMESPACE_MARK}{namespace}"));
-        if let Err(e) = make_private_dir(&mark) {
-            tracing::warn!(cause = %format!("{e:#}"), "recording the mount namespace of the pins");
+    let Some(namespace) = mount_namespace("self") else {
+        return;
+    };
+    let mark = format!("{MOUNT_NAMESPACE_MARK}{namespace}");
+    for entry in std::fs::read_dir(build_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let stale = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(MOUNT_NAMESPACE_MARK) && n != mark);
+        if stale {
+            let _ = std::fs::remove_dir(entry.path());
         }
+    }
+    if let Err(e) = make_private_dir(&build_dir.join(&mark)) {
+        tracing::warn!(cause = %format!("{e:#}"), "recording the mount namespace of the pins");
     }
 }
 
