@@ -90,9 +90,15 @@ fn strip_prefixes(mut words: Vec<Word>) -> Vec<Word> {
         let assignment = text.split_once('=').is_some_and(|(name, _)| {
             !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         });
+        // `/usr/bin/env` as `env`; `./env` is a script of that name.
+        let name = if text.starts_with('/') {
+            program_name(text)
+        } else {
+            text
+        };
         if assignment
             || matches!(
-                text,
+                name,
                 "sudo" | "env" | "command" | "exec" | "nohup" | "builtin"
             )
         {
@@ -104,7 +110,7 @@ fn strip_prefixes(mut words: Vec<Word>) -> Vec<Word> {
             {
                 words.remove(0);
             }
-        } else if text == "timeout" {
+        } else if name == "timeout" {
             words.remove(0);
             while words.first().is_some_and(|w| w.text.starts_with('-')) {
                 words.remove(0);
@@ -149,7 +155,7 @@ fn read_command(
         // `bash -c 'pkill -f vite'`: the script runs too; `bash stop.sh`: the file's.
         "sh" | "bash" | "dash" | "zsh" => {
             let inline = args.iter().position(|w| is_short_flag(&w.text, 'c'));
-            if let (None, Some(file)) = (inline, args.iter().find(|w| !w.text.starts_with('-'))) {
+            if let (None, Some(file)) = (inline, script_operand(args)) {
                 targets.push(KillTarget::Script {
                     path: file.text.clone(),
                     by_shell: true,
@@ -224,6 +230,23 @@ fn read_command(
         }
         _ => {}
     }
+}
+
+/// The script a shell is given to run (`bash -e -o pipefail stop.sh` → `stop.sh`): its first
+/// operand, past the options and the arguments of those that take one.
+fn script_operand(args: &[Word]) -> Option<&Word> {
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        match word.text.as_str() {
+            "-o" | "+o" | "-O" | "+O" | "--rcfile" | "--init-file" => {
+                words.next();
+            }
+            "--" => return words.next(),
+            text if text.starts_with('-') || text.starts_with('+') => {}
+            _ => return Some(word),
+        }
+    }
+    None
 }
 
 /// `/usr/bin/kill` → `kill`.
@@ -708,6 +731,10 @@ mod tests {
                 vec![script("scripts/stop-dev", false)],
             ),
             ("bash -e stop.sh", vec![script("stop.sh", true)]),
+            ("bash -e -o pipefail down.sh", vec![script("down.sh", true)]),
+            ("/usr/bin/env bash stop.sh", vec![script("stop.sh", true)]),
+            ("/usr/bin/sudo /bin/kill 99", vec![Pid(99)]),
+            ("./env --all", vec![script("./env", false)]),
             ("sudo sh ./down.sh", vec![script("./down.sh", true)]),
             (
                 ". ./env.sh; source x.sh",
