@@ -201,8 +201,8 @@ fn shim_check() -> Check {
     }
 }
 
-/// The Claude Code hooks and MCP server, in the user's settings or this directory's project.
-fn claude_code_check() -> Check {
+/// Where Claude Code's settings may hold Styxy's hooks: the user's, and this directory's project.
+fn settings_scopes() -> Vec<Places> {
     let mut scopes = Vec::new();
     if let Ok(user) = Places::user(None) {
         scopes.push(user);
@@ -210,8 +210,13 @@ fn claude_code_check() -> Check {
     if let Ok(here) = std::env::current_dir() {
         scopes.push(Places::project(&here, None));
     }
+    scopes
+}
+
+/// The Claude Code hooks and MCP server, in the user's settings or this directory's project.
+fn claude_code_check() -> Check {
     let mut seen = Vec::new();
-    for places in &scopes {
+    for places in &settings_scopes() {
         match settings::installed(places) {
             Ok(found) if found.missing_hooks.is_empty() && found.mcp_server => {
                 return Check::ok(
@@ -259,14 +264,7 @@ fn kill_protection_check(status: Option<&pb::StatusResponse>) -> Check {
         return Check::ok(NAME, format!("in the kernel: {}", s.kill_protection_detail));
     }
     let mut guard = None;
-    let mut scopes = Vec::new();
-    if let Ok(user) = Places::user(None) {
-        scopes.push(user);
-    }
-    if let Ok(here) = std::env::current_dir() {
-        scopes.push(Places::project(&here, None));
-    }
-    for places in &scopes {
+    for places in &settings_scopes() {
         if settings::installed(places).is_ok_and(|f| !f.missing_hooks.contains(&"PreToolUse")) {
             guard = Some(places.settings.display().to_string());
             break;
