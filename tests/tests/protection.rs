@@ -451,6 +451,22 @@ async fn the_kill_guard_denies_kill_commands_that_reach_another_session() -> Res
         guard_in(&daemon, "guard-b", "./stop-b.sh", run_dir.path())?,
         None
     );
+    // Package scripts, from the nearest package.json, run in the package's directory.
+    std::fs::write(
+        run_dir.path().join("package.json"),
+        r#"{"scripts": {"stop": "echo stopping && ./really-stop", "stop-b": "kill $(cat b.pid)"}}"#,
+    )?;
+    let nested = run_dir.path().join("src");
+    std::fs::create_dir_all(&nested)?;
+    for command in ["npm run stop", "yarn stop", "cd src && pnpm stop"] {
+        let reason = guard_in(&daemon, "guard-b", command, &nested)?
+            .with_context(|| format!("{command:?} was let through"))?;
+        assert!(reason.contains("claude-guard-a"), "{command}: {reason}");
+    }
+    assert_eq!(
+        guard_in(&daemon, "guard-b", "npm run stop-b", &nested)?,
+        None
+    );
     // Only B's own processes: through.
     for command in [
         "pkill -f guard-b".to_string(),

@@ -286,35 +286,101 @@ const SCRIPT_BYTES: u64 = 256 * 1024;
 const SCRIPT_DEPTH: usize = 3;
 
 /// `targets` with each script the command runs replaced by what its text would signal (and the
-/// scripts it runs in turn, [`SCRIPT_DEPTH`] deep, each file once). A script is read when it is
+/// scripts it runs in turn, [`SCRIPT_DEPTH`] deep, each once). A script is read when it is
 /// shell: run by a named shell (`bash stop.sh`), or its first line names one (`#!/bin/sh`,
-/// `#!/usr/bin/env bash`), or, without a first `#!` line, its name ends in `.sh`. Anything else
-/// — a binary, a Node or Python script, a file that cannot be read — names nothing.
+/// `#!/usr/bin/env bash`), or, without a first `#!` line, its name ends in `.sh`; a package
+/// script (`npm run stop`) is read from its `package.json`, and its paths are relative to the
+/// package's directory, where it runs. Pid files come out as paths from the directory of the
+/// script that reads them. Anything else — a binary, a Node or Python script, a
+/// file that cannot be read — names nothing.
 fn expand_scripts(targets: Vec<KillTarget>, cwd: Option<&Path>) -> Vec<KillTarget> {
     let mut found = Vec::new();
-    let mut read: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut pending: Vec<(KillTarget, usize)> = targets.into_iter().map(|t| (t, 0)).collect();
-    while let Some((target, depth)) = pending.pop() {
-        let KillTarget::Script { path, by_shell } = target else {
-            if !found.contains(&target) {
-                found.push(target);
+    let mut read: BTreeSet<(PathBuf, String)> = BTreeSet::new();
+    // Each target with the directory its paths are relative to.
+    let cwd = cwd.map(Path::to_path_buf);
+    let mut pending: Vec<(KillTarget, usize, Option<PathBuf>)> =
+        targets.into_iter().map(|t| (t, 0, cwd.clone())).collect();
+    while let Some((target, depth, cwd)) = pending.pop() {
+        let (text, runs_in) = match target {
+            KillTarget::Script { .. } | KillTarget::PackageScript { .. }
+                if depth >= SCRIPT_DEPTH =>
+            {
+                continue;
             }
+            KillTarget::Script { path, by_shell } => {
+                let Some(file) = written_path(&path, cwd.as_deref()) else {
+                    continue;
+                };
+                if !read.insert((file.clone(), String::new())) {
+                    continue;
+                }
+                (shell_script_text(&file, by_shell), cwd)
+            }
+            KillTarget::PackageScript { name, dir } => {
+                let Some(package) = package_dir(dir.as_deref(), cwd.as_deref()) else {
+                    continue;
+                };
+                if !read.insert((package.clone(), name.clone())) {
+                    continue;
+                }
+                (package_script_text(&package, &name), Some(package))
+            }
+            // A pid file where the command that reads it runs.
+            KillTarget::PidFile(path) => {
+                let path = match written_path(&path, cwd.as_deref()) {
+                    Some(file) => file.display().to_string(),
+                    None => path,
+                };
+                let target = KillTarget::PidFile(path);
+                if !found.contains(&target) {
+                    found.push(target);
+                }
+                continue;
+            }
+            other => {
+                if !found.contains(&other) {
+                    found.push(other);
+                }
+                continue;
+            }
+        };
+        let Some(text) = text else {
             continue;
         };
-        if depth >= SCRIPT_DEPTH {
-            continue;
-        }
-        let Some(file) = written_path(&path, cwd) else {
-            continue;
-        };
-        if !read.insert(file.clone()) {
-            continue;
-        }
-        if let Some(text) = shell_script_text(&file, by_shell) {
-            pending.extend(kill_targets(&text).into_iter().map(|t| (t, depth + 1)));
-        }
+        pending.extend(
+            kill_targets(&text)
+                .into_iter()
+                .map(|t| (t, depth + 1, runs_in.clone())),
+        );
     }
     found
+}
+
+/// The most of a `package.json` read.
+const PACKAGE_JSON_BYTES: u64 = 1024 * 1024;
+
+/// The directory of the package a package manager would run a script of: `dir` (`--prefix`)
+/// when given, else the nearest directory from the command's up that has a `package.json`.
+fn package_dir(dir: Option<&str>, cwd: Option<&Path>) -> Option<PathBuf> {
+    let start = match dir {
+        Some(dir) => return written_path(dir, cwd),
+        None => cwd?,
+    };
+    start
+        .ancestors()
+        .find(|d| d.join("package.json").is_file())
+        .map(Path::to_path_buf)
+}
+
+/// `scripts.NAME` of `package`'s `package.json`: a shell command line.
+fn package_script_text(package: &Path, name: &str) -> Option<String> {
+    let mut text = String::new();
+    open_regular(&package.join("package.json"))?
+        .take(PACKAGE_JSON_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    let manifest: Value = serde_json::from_str(&text).ok()?;
+    Some(manifest.get("scripts")?.get(name)?.as_str()?.to_string())
 }
 
 /// The text of `file` when it is a shell script (see [`expand_scripts`]).
@@ -587,6 +653,59 @@ mod tests {
             ),
             vec![]
         );
+    }
+
+    #[test]
+    fn package_scripts_are_read_from_the_nearest_package_json_and_run_in_its_directory() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let package = dir.path().join("web");
+        std::fs::create_dir_all(package.join("src/components")).expect("a package");
+        std::fs::create_dir_all(package.join("scripts")).expect("a scripts dir");
+        std::fs::write(
+            package.join("package.json"),
+            r#"{"name": "web", "scripts": {
+                "stop": "pkill -f http.server && ./scripts/down.sh",
+                "prekill": "kill $(cat run/web.pid)",
+                "kill": "echo",
+                "again": "npm run stop",
+                "dev": "vite --port 5173"
+            }}"#,
+        )
+        .expect("writing");
+        std::fs::write(package.join("scripts/down.sh"), "#!/bin/sh\nkillall node\n")
+            .expect("writing");
+        let from = |command: &str, cwd: &Path| {
+            let mut read = expand_scripts(kill_targets(command), Some(cwd));
+            read.sort_by_key(|t| format!("{t:?}"));
+            read
+        };
+        let stop = vec![
+            KillTarget::Name("node".into()),
+            KillTarget::Pattern {
+                pattern: "http.server".into(),
+                full: true,
+                exact: false,
+            },
+        ];
+        // From a directory inside the package: its package.json, and the script's paths from
+        // the package's directory.
+        let inside = package.join("src/components");
+        assert_eq!(from("npm run stop", &inside), stop);
+        assert_eq!(from("yarn stop", &inside), stop);
+        assert_eq!(from("npm run again", &inside), stop);
+        assert_eq!(from("npm --prefix web stop", dir.path()), stop);
+        assert_eq!(
+            from("npm run kill", &inside),
+            vec![KillTarget::PidFile(
+                package.join("run/web.pid").display().to_string()
+            )]
+        );
+        // Scripts that signal nothing, a script the package lacks, no package: nothing.
+        assert_eq!(from("npm run dev", &inside), vec![]);
+        assert_eq!(from("npm run missing", &inside), vec![]);
+        assert_eq!(from("npm run stop", dir.path()), vec![]);
+        std::fs::write(dir.path().join("package.json"), "{ not json").expect("writing");
+        assert_eq!(from("npm run stop", dir.path()), vec![]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What a shell command would signal, read from its text before it runs: the kill idioms agents
 //! use to clean up — `kill PIDS`, `kill $(lsof -t -i:P)`, `lsof -ti:P | xargs kill`, `fuser -k
 //! P/tcp`, `pkill [-f] PATTERN`, `killall NAME`, `npx kill-port P`, `kill $(cat PIDFILE)` — as
-//! [`KillTarget`]s, and the scripts it runs (`./stop.sh`, `bash down.sh`) for the guard to read.
+//! [`KillTarget`]s, and the scripts it runs (`./stop.sh`, `bash down.sh`, `npm run stop`) for the
+//! guard to read.
 //! Pure: files and live processes are read elsewhere (`kill_guard`).
 //!
 //! Hand-written rather than a crate: the shell-splitting crates (`shlex`, `shell-words`) split
@@ -35,6 +36,10 @@ pub enum KillTarget {
     /// command wrote its path: what it would signal is read from its text (`kill_guard`).
     /// `by_shell`: a shell was named to run it, so it is shell whatever its first line says.
     Script { path: String, by_shell: bool },
+    /// A package script a package manager runs (`npm run stop`, `yarn stop`, `pnpm run kill`):
+    /// `scripts.NAME` of the `package.json` in `dir` (as the command wrote it: `--prefix`,
+    /// `--cwd`, `-C`) or, without one, the command's directory or the nearest above it.
+    PackageScript { name: String, dir: Option<String> },
 }
 
 /// The words that may start a kill idiom: a command without any of them, and without a path or
@@ -42,11 +47,15 @@ pub enum KillTarget {
 const KILL_WORDS: [&str; 3] = ["kill", "fuser", "kill-port"];
 /// The shells whose scripts are read (`bash stop.sh`, a `#!/bin/sh` file).
 pub const SHELLS: [&str; 4] = ["sh", "bash", "dash", "zsh"];
+/// The package managers whose scripts are read (`npm run stop`); `npm` is in `pnpm` too.
+const PACKAGE_MANAGERS: [&str; 3] = ["npm", "yarn", "bun"];
 
 /// Everything `command` would signal, as far as its text says; the scripts it runs are
 /// [`KillTarget::Script`]s, for the caller to read.
 pub fn kill_targets(command: &str) -> Vec<KillTarget> {
-    let may_run_a_script = command.contains('/') || command.contains("sh ");
+    let may_run_a_script = command.contains('/')
+        || command.contains("sh ")
+        || PACKAGE_MANAGERS.iter().any(|m| command.contains(m));
     if !may_run_a_script && !KILL_WORDS.iter().any(|w| command.contains(w)) {
         return Vec::new();
     }
@@ -184,18 +193,9 @@ fn read_command(
                 }
             }
         }
-        "npx" | "pnpx" | "bunx" => {
-            let rest: Vec<&Word> = args
-                .iter()
-                .skip_while(|w| w.text.starts_with('-'))
-                .collect();
-            if rest
-                .first()
-                .is_some_and(|w| program_name(&w.text) == "kill-port")
-            {
-                let ports: Vec<Word> = rest[1..].iter().map(|w| (*w).clone()).collect();
-                targets.extend(kill_port_ports(&ports));
-            }
+        "npx" | "pnpx" | "bunx" => targets.extend(package_run(args)),
+        manager @ ("npm" | "yarn" | "pnpm" | "bun") => {
+            targets.extend(package_manager_targets(manager, args));
         }
         // `. ./env.sh`, `source scripts/stop.sh`: run by this shell.
         "." | "source" => {
@@ -230,6 +230,98 @@ fn read_command(
         }
         _ => {}
     }
+}
+
+/// What a package's binary run by `npx` (`npm exec`, `pnpm dlx`, `bun x`, …) would signal:
+/// `kill-port P…`.
+fn package_run(args: &[Word]) -> Vec<KillTarget> {
+    let rest: Vec<&Word> = args
+        .iter()
+        .skip_while(|w| w.text.starts_with('-'))
+        .collect();
+    match rest.split_first() {
+        Some((binary, ports)) if program_name(&binary.text) == "kill-port" => {
+            let ports: Vec<Word> = ports.iter().map(|w| (*w).clone()).collect();
+            kill_port_ports(&ports)
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// What a package manager's command line runs that may signal: the package scripts it names
+/// (`npm run stop`, `npm stop`, `yarn stop`, `pnpm run stop`, `bun run stop`; npm's and yarn's
+/// `preNAME` and `postNAME` with them) and the packages' binaries it runs (`npm exec kill-port
+/// 3000`). The package's directory is `--prefix DIR` (npm), `--cwd DIR` (yarn) or `-C`/`--dir
+/// DIR` (pnpm) when given. A workspace's script (`-w`, `--filter`) is another package's and is
+/// not read.
+fn package_manager_targets(manager: &str, args: &[Word]) -> Vec<KillTarget> {
+    let mut dir = None;
+    // The manager's command (`run`, `stop`, `exec`, a script's bare name), then a `run`'s script.
+    let mut command: Option<&str> = None;
+    let mut words = args.iter();
+    let name = loop {
+        let Some(word) = words.next() else {
+            return Vec::new();
+        };
+        let text = word.text.as_str();
+        if let Some((option, value)) = text.split_once('=') {
+            if matches!(option, "--prefix" | "--cwd" | "--dir") {
+                dir = Some(value.to_string());
+                continue;
+            }
+        }
+        match text {
+            "--prefix" | "--cwd" | "-C" | "--dir" => dir = words.next().map(|w| w.text.clone()),
+            "-w" | "--workspace" | "--workspaces" | "-ws" | "--filter" | "-F" | "--recursive"
+            | "-r" => return Vec::new(),
+            // The script's own arguments follow `--`.
+            "--" if command.is_some() => return Vec::new(),
+            _ if text.starts_with('-') => {}
+            _ => match (manager, command) {
+                (_, Some(_)) => break text.to_string(),
+                (_, None) if matches!(text, "run" | "run-script" | "rum" | "urn") => {
+                    command = Some(text);
+                }
+                ("npm", None) if matches!(text, "exec" | "x") => {
+                    return package_run(words.as_slice());
+                }
+                ("pnpm", None) if matches!(text, "exec" | "dlx") => {
+                    return package_run(words.as_slice());
+                }
+                ("yarn", None) if matches!(text, "exec" | "dlx") => {
+                    return package_run(words.as_slice());
+                }
+                ("bun", None) if text == "x" => return package_run(words.as_slice()),
+                ("npm", None) if matches!(text, "t" | "tst" | "test") => break "test".to_string(),
+                ("npm", None) if matches!(text, "start" | "stop" | "restart") => {
+                    break text.to_string();
+                }
+                // npm's other commands are its own; the others run a script by its bare name.
+                ("npm", None) => return Vec::new(),
+                (_, None) => break text.to_string(),
+            },
+        }
+    };
+    // `npm restart` without a restart script runs stop, then start.
+    let mut names = vec![name.clone()];
+    if manager == "npm" && name == "restart" {
+        names.extend(["stop".to_string(), "start".to_string()]);
+    }
+    let with_pre_post = matches!(manager, "npm" | "yarn");
+    names
+        .into_iter()
+        .flat_map(|name| {
+            if with_pre_post {
+                vec![format!("pre{name}"), name.clone(), format!("post{name}")]
+            } else {
+                vec![name]
+            }
+        })
+        .map(|name| KillTarget::PackageScript {
+            name,
+            dir: dir.clone(),
+        })
+        .collect()
 }
 
 /// The script a shell is given to run (`bash -e -o pipefail stop.sh` → `stop.sh`): its first
@@ -705,7 +797,12 @@ mod tests {
             ("sudo kill 99", vec![Pid(99)]),
             (
                 "cd app && npm run build; pkill -f vite || true",
-                vec![pattern("vite", true)],
+                vec![
+                    package("prebuild", None),
+                    package("build", None),
+                    package("postbuild", None),
+                    pattern("vite", true),
+                ],
             ),
             ("echo kill 5 # kill 6", vec![]),
             ("git commit -m 'kill 5'", vec![]),
@@ -743,6 +840,56 @@ mod tests {
             ("ls /tmp", vec![]),
             ("bash", vec![]),
             ("echo $(cat notes.txt)", vec![]),
+        ];
+        for (command, wanted) in cases {
+            assert_eq!(kill_targets(command), wanted, "{command}");
+        }
+    }
+
+    fn package(name: &str, dir: Option<&str>) -> KillTarget {
+        PackageScript {
+            name: name.into(),
+            dir: dir.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_package_scripts_a_command_runs_are_named() {
+        let npm = |name: &str, dir: Option<&str>| {
+            vec![
+                package(&format!("pre{name}"), dir),
+                package(name, dir),
+                package(&format!("post{name}"), dir),
+            ]
+        };
+        let cases: Vec<(&str, Vec<KillTarget>)> = vec![
+            ("npm run stop", npm("stop", None)),
+            ("npm run-script stop -- --force", npm("stop", None)),
+            ("npm stop", npm("stop", None)),
+            ("npm test", npm("test", None)),
+            ("npm --prefix web run kill", npm("kill", Some("web"))),
+            ("npm run --prefix=web kill", npm("kill", Some("web"))),
+            (
+                "npm restart",
+                [npm("restart", None), npm("stop", None), npm("start", None)].concat(),
+            ),
+            ("yarn stop", npm("stop", None)),
+            ("yarn --cwd app run stop", npm("stop", Some("app"))),
+            ("pnpm run stop", vec![package("stop", None)]),
+            ("pnpm -C app stop", vec![package("stop", Some("app"))]),
+            ("bun run stop", vec![package("stop", None)]),
+            ("npm exec kill-port 3000", vec![Port(3000)]),
+            ("npm x -- kill-port 3000", vec![Port(3000)]),
+            ("pnpm dlx kill-port 5173", vec![Port(5173)]),
+            ("yarn dlx kill-port 8080", vec![Port(8080)]),
+            ("bun x kill-port 6006", vec![Port(6006)]),
+            // npm's own commands, another workspace's scripts, nothing to run: nothing.
+            ("npm install", vec![]),
+            ("npm ci && npm ls", vec![]),
+            ("npm -w api run stop", vec![]),
+            ("pnpm --filter web stop", vec![]),
+            ("npm run", vec![]),
+            ("yarn", vec![]),
         ];
         for (command, wanted) in cases {
             assert_eq!(kill_targets(command), wanted, "{command}");
