@@ -8,13 +8,16 @@
 //! elsewhere on the machine (every program attached) and with root focusing that session (`styxy
 //! focus`: every loopback connect outside the sessions looks the focus up), stops it (its programs detach), and times
 //! them again without; so drift on a shared machine falls on all sides alike. The log levels are compared in sibling child cgroups, each
-//! with a daemon of its own, and one without programs.
+//! with a daemon of its own, and one without programs. The connect program's own run time, with
+//! and without a focus, is read from the kernel's accounting (`program_time`): what the focus
+//! adds is far below what timing whole connects can separate here.
 
 use std::ffi::OsString;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::calls::{run_call_timer, Samples};
+use crate::program_time::{RunTimeStats, Runs};
 use anyhow::{bail, Context, Result};
 use styxy_tests::{ebpf_ready, helper_bin, port_holder, styxy_bin, ChildCgroup, Daemon};
 
@@ -144,6 +147,10 @@ pub async fn run() -> Result<()> {
     // focus`): each looks the focus up, and the port is not in the focused view.
     let mut focused = Samples::default();
     let mut focused_ratios: Vec<f64> = Vec::new();
+    // The connect program's runs in the live and focused connect cases, by the kernel's count.
+    const CONNECT4: &str = "styxy_connect4";
+    let (mut live_connect_runs, mut focused_connect_runs) = (Runs::default(), Runs::default());
+    let _stats = RunTimeStats::enable()?;
     let cases = [
         ("bind", 0),
         ("bind", FREE),
@@ -188,7 +195,11 @@ pub async fn run() -> Result<()> {
         wait_for_session_programs(&daemon).await?;
         for ((call, port), into) in cases.iter().zip(round_live.iter_mut()) {
             std::thread::sleep(SETTLE);
+            let before = Runs::of(CONNECT4)?;
             time_into(call_timer(), call, *port, into)?;
+            if *call == "connect" {
+                live_connect_runs.add(Runs::of(CONNECT4)?.since(before));
+            }
         }
         daemon
             .client()
@@ -201,7 +212,9 @@ pub async fn run() -> Result<()> {
             .context("focusing the live session")?;
         let mut round_focused = Samples::default();
         std::thread::sleep(SETTLE);
+        let before = Runs::of(CONNECT4)?;
         time_into(call_timer(), "connect", LISTENED, &mut round_focused)?;
+        focused_connect_runs.add(Runs::of(CONNECT4)?.since(before));
         // A process of a kernel session binding the held port: moved by the bind program. The
         // shim is not loaded (`env -u LD_PRELOAD` after `styxy run` registered the session).
         let mut session = Command::new(styxy_bin());
@@ -291,6 +304,23 @@ pub async fn run() -> Result<()> {
     println!(
         "    … and {:.2}× a free-port bind without any programs; {moved_failed} of {CALLS} moved binds failed",
         moved.pct(0.5) / without[1].pct(0.5)
+    );
+    let (live_ns, focused_ns) = (
+        live_connect_runs.per_run_ns(),
+        focused_connect_runs.per_run_ns(),
+    );
+    let native_ns = without[2].pct(0.5) * 1000.0;
+    println!(
+        "    the connect program itself (the kernel's run-time accounting, {} and {} runs): \
+         {live_ns:.0} ns a run with a session live, {focused_ns:.0} ns with the focus set; the \
+         focus adds {:+.0} ns, {:+.2} % of a loopback connect without programs ({:.2} µs p50): \
+         {:.3}× (target ≤ 1.1×)",
+        live_connect_runs.count,
+        focused_connect_runs.count,
+        focused_ns - live_ns,
+        (focused_ns - live_ns) / native_ns * 100.0,
+        native_ns / 1000.0,
+        (native_ns + focused_ns - live_ns) / native_ns,
     );
     println!("\nWith no session live (the session programs detached; the bind observer only):");
     for (i, label) in [

@@ -146,8 +146,10 @@ mod calls;
 mod guard;
 mod kernel;
 mod others;
+mod program_time;
 mod proxy;
 mod proxy_websocket;
+mod relay;
 mod soak;
 
 /// The daemon's footprint: resident memory and open descriptors idle, and after 10,000

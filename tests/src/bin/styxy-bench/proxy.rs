@@ -63,6 +63,13 @@ pub async fn run() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The floor: a byte relay that knows no HTTP (see `relay`).
+    let relay = crate::relay::start(upstream)?;
+    targets.push(Target {
+        label: "byte relay (floor)",
+        addr: relay,
+        host: format!("127.0.0.1:{}", upstream.port()),
+    });
     // The others, each killed when the run ends.
     let mut _others = Vec::new();
     match others::start_caddy(upstream)? {
@@ -135,7 +142,7 @@ pub async fn run() -> Result<()> {
         }
     }
     let echo = crate::proxy_websocket::start_echo(daemon.base + 51)?;
-    crate::proxy_websocket::run(echo, proxy_port)?;
+    crate::proxy_websocket::run(echo, proxy_port, crate::relay::start(echo)?)?;
     // Memory: the daemon idle, then holding 1,000 idle connections at the proxy.
     let pid = daemon.pid();
     let idle = rss_mb(pid)?;

@@ -1,6 +1,7 @@
 //! `styxy-bench proxy`'s WebSocket part: the round trip of a small message echoed by a
-//! WebSocket server (tungstenite, one thread per connection), direct and through the names'
-//! proxy's tunnel, alternated in two rounds. A benchmark, not a test: it asserts nothing about
+//! WebSocket server (tungstenite, one thread per connection), direct, through the names' proxy's
+//! tunnel and through a byte relay (`relay`, the floor of any tunnel in user space), alternated
+//! in two rounds. A benchmark, not a test: it asserts nothing about
 //! time.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -70,8 +71,9 @@ fn round_trips(addr: SocketAddr, url: &str) -> Result<(f64, f64)> {
     Ok((at(0.50), at(0.99)))
 }
 
-/// Direct and through the proxy on `proxy_port`, two alternating rounds, printed.
-pub fn run(echo: SocketAddr, proxy_port: u16) -> Result<()> {
+/// Direct, through the proxy on `proxy_port` and through `relay` (a byte relay to `echo`), two
+/// alternating rounds, printed.
+pub fn run(echo: SocketAddr, proxy_port: u16, relay: SocketAddr) -> Result<()> {
     let proxy = SocketAddr::from(([127, 0, 0, 1], proxy_port));
     let direct_url = format!("ws://127.0.0.1:{}/", echo.port());
     let named_url = format!("ws://{}.localhost:{proxy_port}/", echo.port());
@@ -91,13 +93,21 @@ pub fn run(echo: SocketAddr, proxy_port: u16) -> Result<()> {
     for round in 1..=2 {
         let direct = round_trips(echo, &direct_url).context("direct")?;
         let named = round_trips(proxy, &named_url).context("through the proxy")?;
-        for (label, (p50, p99)) in [("direct", direct), ("styxy proxy", named)] {
+        let relayed = round_trips(relay, &direct_url).context("through the byte relay")?;
+        for (label, (p50, p99)) in [
+            ("direct", direct),
+            ("styxy proxy", named),
+            ("byte relay", relayed),
+        ] {
             println!("round {round}  {label:<12} p50 {p50:>7.1} µs   p99 {p99:>7.1} µs");
         }
-        ratios.push((named.0 / direct.0, named.1 / direct.1));
+        ratios.push((named.0 / direct.0, named.1 / direct.1, relayed.0 / direct.0));
     }
-    for (p50, p99) in ratios {
-        println!("styxy proxy WebSocket round trip: {p50:.2}× direct at p50, {p99:.2}× at p99");
+    for (p50, p99, floor) in ratios {
+        println!(
+            "styxy proxy WebSocket round trip: {p50:.2}× direct at p50, {p99:.2}× at p99 \
+             (the byte relay, the floor: {floor:.2}× at p50)"
+        );
     }
     Ok(())
 }
