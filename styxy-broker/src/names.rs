@@ -78,8 +78,12 @@ pub struct Names {
 impl Names {
     /// The server a `Host` header names (any case, with or without a port or a trailing dot).
     pub fn resolve(&self, host: &str) -> Option<&NamedServer> {
-        let host = host_name(host);
-        self.by_host.get(&host).and_then(|i| self.servers.get(*i))
+        self.resolve_name(&host_name(host))
+    }
+
+    /// The server a name ([`host_name`]'s form of a `Host`) names.
+    pub fn resolve_name(&self, name: &str) -> Option<&NamedServer> {
+        self.by_host.get(name).and_then(|i| self.servers.get(*i))
     }
 }
 

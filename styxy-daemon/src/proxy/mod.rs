@@ -360,12 +360,14 @@ where
 {
     let engine = shared.engine.clone();
     let upstream = shared.upstream.clone();
+    let peer = Arc::new(forward::Peer::new(peer));
     let service = hyper::service::service_fn(move |request| {
         let engine = engine.clone();
         let upstream = upstream.clone();
+        let peer = peer.clone();
         async move {
             Ok::<_, std::convert::Infallible>(
-                forward::answer(request, peer, scheme, &engine, &upstream).await,
+                forward::answer(request, &peer, scheme, &engine, &upstream).await,
             )
         }
     });

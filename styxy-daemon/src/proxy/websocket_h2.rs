@@ -118,7 +118,7 @@ fn upgrade_request(
     request: &Request<Incoming>,
     host: &str,
     target: SocketAddr,
-    peer: SocketAddr,
+    peer: &forward::Peer,
     scheme: Scheme,
     upstream: &Upstream,
 ) -> Result<Request<Empty<Bytes>>, String> {

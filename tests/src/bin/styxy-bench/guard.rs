@@ -61,9 +61,19 @@ pub async fn run() -> Result<()> {
         work_dir.path().join("build.sh"),
         "#!/usr/bin/env bash\nset -euo pipefail\nnpm ci\nnpm run build\n",
     )?;
+    // ... and a package.json of a Vite app, whose scripts `npm run build` reads.
+    std::fs::write(
+        work_dir.path().join("package.json"),
+        r#"{"name": "web", "private": true, "type": "module", "scripts": {"dev": "vite",
+           "build": "tsc -b && vite build", "lint": "eslint .", "preview": "vite preview"},
+           "dependencies": {"react": "^19.1.0", "react-dom": "^19.1.0"},
+           "devDependencies": {"@vitejs/plugin-react": "^5.0.0", "eslint": "^9.30.0",
+           "typescript": "~5.8.3", "vite": "^7.0.4"}}"#,
+    )?;
     let cases = [
+        ("no kill word (`git status`)", "git status".to_string()),
         (
-            "no kill word (`npm run build`)",
+            "a package script read (`npm run build`, no kill)",
             "npm run build".to_string(),
         ),
         (
