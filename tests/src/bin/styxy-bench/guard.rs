@@ -73,7 +73,7 @@ pub async fn run() -> Result<()> {
     let cases = [
         ("no kill word (`git status`)", "git status".to_string()),
         (
-            "a package script read (`npm run build`, no kill)",
+            "a package script read (`npm run build`)",
             "npm run build".to_string(),
         ),
         (
