@@ -10,7 +10,7 @@
 //! [`BUDGET`], any error — the command runs, as it would without Styxy. A command with no kill
 //! word in it costs reading the hook's input and nothing else.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -296,6 +296,9 @@ const SCRIPT_DEPTH: usize = 3;
 fn expand_scripts(targets: Vec<KillTarget>, cwd: Option<&Path>) -> Vec<KillTarget> {
     let mut found = Vec::new();
     let mut read: BTreeSet<(PathBuf, String)> = BTreeSet::new();
+    // Each package.json read once, however many of its scripts run (`npm run stop`: prestop,
+    // stop, poststop).
+    let mut manifests: BTreeMap<PathBuf, Option<Value>> = BTreeMap::new();
     // Each target with the directory its paths are relative to.
     let cwd = cwd.map(Path::to_path_buf);
     let mut pending: Vec<(KillTarget, usize, Option<PathBuf>)> =
@@ -323,7 +326,13 @@ fn expand_scripts(targets: Vec<KillTarget>, cwd: Option<&Path>) -> Vec<KillTarge
                 if !read.insert((package.clone(), name.clone())) {
                     continue;
                 }
-                (package_script_text(&package, &name), Some(package))
+                let manifest = manifests
+                    .entry(package.clone())
+                    .or_insert_with(|| package_manifest(&package));
+                let text = manifest
+                    .as_ref()
+                    .and_then(|m| Some(m.get("scripts")?.get(&name)?.as_str()?.to_string()));
+                (text, Some(package))
             }
             // A pid file where the command that reads it runs.
             KillTarget::PidFile(path) => {
@@ -372,15 +381,14 @@ fn package_dir(dir: Option<&str>, cwd: Option<&Path>) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// `scripts.NAME` of `package`'s `package.json`: a shell command line.
-fn package_script_text(package: &Path, name: &str) -> Option<String> {
+/// `package`'s `package.json`, parsed; its `scripts.NAME` are shell command lines.
+fn package_manifest(package: &Path) -> Option<Value> {
     let mut text = String::new();
     open_regular(&package.join("package.json"))?
         .take(PACKAGE_JSON_BYTES)
         .read_to_string(&mut text)
         .ok()?;
-    let manifest: Value = serde_json::from_str(&text).ok()?;
-    Some(manifest.get("scripts")?.get(name)?.as_str()?.to_string())
+    serde_json::from_str(&text).ok()
 }
 
 /// The text of `file` when it is a shell script (see [`expand_scripts`]).

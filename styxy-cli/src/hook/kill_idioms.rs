@@ -282,16 +282,14 @@ fn package_manager_targets(manager: &str, args: &[Word]) -> Vec<KillTarget> {
                 (_, None) if matches!(text, "run" | "run-script" | "rum" | "urn") => {
                     command = Some(text);
                 }
-                ("npm", None) if matches!(text, "exec" | "x") => {
+                (_, None)
+                    if matches!(
+                        (manager, text),
+                        ("npm", "exec" | "x") | ("pnpm" | "yarn", "exec" | "dlx") | ("bun", "x")
+                    ) =>
+                {
                     return package_run(words.as_slice());
                 }
-                ("pnpm", None) if matches!(text, "exec" | "dlx") => {
-                    return package_run(words.as_slice());
-                }
-                ("yarn", None) if matches!(text, "exec" | "dlx") => {
-                    return package_run(words.as_slice());
-                }
-                ("bun", None) if text == "x" => return package_run(words.as_slice()),
                 ("npm", None) if matches!(text, "t" | "tst" | "test") => break "test".to_string(),
                 ("npm", None) if matches!(text, "start" | "stop" | "restart") => {
                     break text.to_string();
