@@ -191,7 +191,8 @@ pub async fn listen(
 }
 
 /// The period of [`keep_a_timer_due`]: shorter than every timeout the proxy sets per request or
-/// connection ([`HEADER_TIMEOUT`], the upstream's connect timeout of 5 s and head timeout).
+/// connection by default ([`HEADER_TIMEOUT`], the upstream's connect timeout of 5 s, its head
+/// timeout of `--proxy-upstream-timeout-secs`; one set below this tick wakes the driver again).
 const TIMER_TICK: Duration = Duration::from_secs(4);
 
 /// Keeps a timer due within [`TIMER_TICK`] on this thread's runtime. Tokio wakes its own

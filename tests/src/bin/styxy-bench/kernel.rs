@@ -195,9 +195,10 @@ pub async fn run() -> Result<()> {
         wait_for_session_programs(&daemon).await?;
         for ((call, port), into) in cases.iter().zip(round_live.iter_mut()) {
             std::thread::sleep(SETTLE);
-            let before = Runs::of(CONNECT4)?;
+            let connect = *call == "connect";
+            let before = connect.then(|| Runs::of(CONNECT4)).transpose()?;
             time_into(call_timer(), call, *port, into)?;
-            if *call == "connect" {
+            if let Some(before) = before {
                 live_connect_runs.add(Runs::of(CONNECT4)?.since(before));
             }
         }
