@@ -10,7 +10,8 @@
 //! - `session_reports` remembers what each agent session was last told (`SessionReport`);
 //! - `closing` aborts loopback connections a focus switch retargets (sock_diag);
 //! - `lingering` reads which ports old TCP connections still hold (TIME_WAIT), for the broker;
-//! - `metrics` counts what operators watch (served with `--metrics ADDR`);
+//! - `metrics` counts what operators watch (served with `--metrics ADDR`); `heap` counts the live
+//!   heap, through the allocator the `styxy` binary installs;
 //! - `proxy` serves every live server by its name (`--proxy ADDR`).
 
 mod bpf;
@@ -18,6 +19,7 @@ mod clock;
 mod closing;
 mod daemon;
 mod engine;
+pub mod heap;
 mod lingering;
 mod metrics;
 mod observe;

@@ -1,8 +1,8 @@
 //! What the daemon exposes to operators, in the OpenMetrics text format (Prometheus scrapes it):
 //! binds seen, moves, leases and claims by service type, RPCs by method and status code,
 //! `ResolveBind` latency, lost eBPF records, resyncs, refused connections, the names' proxy's
-//! WebSockets, and the observer in use. Counters are kept
-//! as things happen; the lease and observer gauges are read when scraped.
+//! WebSockets, the observer in use and the live heap. Counters are kept as things happen; the
+//! lease, observer and heap gauges are read when scraped.
 
 use std::sync::Mutex;
 
@@ -61,6 +61,7 @@ pub struct Metrics {
     pub proxy_websockets: Family<WebSocketLabels, Counter>,
     leases: Family<LeaseLabels, Gauge>,
     observer: Family<ObserverLabels, Gauge>,
+    heap_live_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +79,7 @@ impl Default for Metrics {
             proxy_websockets: Family::default(),
             leases: Family::default(),
             observer: Family::default(),
+            heap_live_bytes: Gauge::default(),
         };
         {
             let mut r = metrics.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,6 +128,13 @@ impl Default for Metrics {
                 "The observer in use (1 for it)",
                 metrics.observer.clone(),
             );
+            if crate::heap::live_bytes().is_some() {
+                r.register(
+                    "heap_live_bytes",
+                    "Bytes the daemon holds on its heap (not what the allocator keeps free for reuse)",
+                    metrics.heap_live_bytes.clone(),
+                );
+            }
         }
         metrics
     }
@@ -143,7 +152,7 @@ impl Metrics {
             .inc();
     }
 
-    /// The text a scrape gets: the gauges read from `broker` and `observer` now.
+    /// The text a scrape gets: the gauges read from `broker`, `observer` and the heap now.
     pub fn render(&self, broker: &Broker, observer: &str) -> String {
         self.leases.clear();
         for lease in broker.leases() {
@@ -160,6 +169,10 @@ impl Metrics {
                 observer: observer.to_string(),
             })
             .set(1);
+        if let Some(live) = crate::heap::live_bytes() {
+            self.heap_live_bytes
+                .set(i64::try_from(live).unwrap_or(i64::MAX));
+        }
         let mut text = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = encode(&mut text, &registry) {

@@ -558,6 +558,23 @@ async fn metrics_are_served_and_parse_as_openmetrics() -> anyhow::Result<()> {
     assert!(value("styxy_resyncs_total{}").is_some_and(|n| n >= 1.0));
     assert_eq!(value("styxy_lost_records_total{}"), Some(0.0));
     assert_eq!(value("styxy_observer{observer=sockets-table}"), Some(1.0));
+    // The live heap the `styxy` binary's allocator counts: a daemon holds some hundreds of kB
+    // to some MB, and Status says the same within what one call moves.
+    let heap = value("styxy_heap_live_bytes{}").expect("the heap gauge");
+    assert!((100e3..1e9).contains(&heap), "{heap}");
+    let status_heap = daemon
+        .status()
+        .await?
+        .heap_live_bytes
+        .expect("Status carries the live heap") as f64;
+    assert!((status_heap - heap).abs() < 1e6, "{status_heap} vs {heap}");
+    let shown = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).to_string();
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("heap:") && l.contains(" MB live")),
+        "{shown}"
+    );
 
     let refused = Daemon::start_with(&["--metrics", "0.0.0.0:9"]).await;
     let error = format!("{:#}", refused.err().expect("not loopback: refused"));

@@ -71,6 +71,12 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         s.dropped_events,
         s.resolve_bind_calls
     );
+    if let Some(bytes) = s.heap_live_bytes {
+        println!(
+            "heap:       {:.1} MB live (what the daemon holds, not what its allocator keeps for reuse)",
+            bytes as f64 / 1e6
+        );
+    }
     if s.refused_connections > 0 {
         println!(
             "refused connections: {} (a user, or everyone, held as many as the daemon takes)",

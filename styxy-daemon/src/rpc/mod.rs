@@ -397,6 +397,7 @@ impl BrokerService {
             kill_protection: kill_protection.0,
             kill_protection_detail: kill_protection.1,
             refused_signals: self.engine.refused_signal_count(),
+            heap_live_bytes: crate::heap::live_bytes().map(|b| b as u64),
         }))
     }
 

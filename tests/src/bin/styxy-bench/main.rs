@@ -177,6 +177,55 @@ mod footprint {
         Ok((kb / 1024.0, fds))
     }
 
+    /// Nanoseconds per allocation + free through the system allocator and through the daemon's
+    /// counting one, side by side (rounds alternate): two threads at once, as the daemon's
+    /// two workers allocate, sizes cycling from 16 B to 4 KiB, 64 blocks live per thread.
+    fn allocator_cost() -> (f64, f64) {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use styxy_daemon::heap::CountingAllocator;
+        const CALLS: usize = 2_000_000;
+        fn churn<A: GlobalAlloc + Sync>(allocator: &A) -> f64 {
+            let started = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        let mut live: Vec<(*mut u8, Layout)> = Vec::with_capacity(64);
+                        for i in 0..CALLS {
+                            let size = 16 << (i % 9);
+                            let layout = Layout::from_size_align(size, 8).expect("a valid layout");
+                            // SAFETY: a non-zero layout; each block is freed once, with its layout.
+                            unsafe {
+                                let block = allocator.alloc(layout);
+                                assert!(!block.is_null(), "out of memory");
+                                block.write(1);
+                                if live.len() == 64 {
+                                    let (old, old_layout) = live.swap_remove(i % 64);
+                                    allocator.dealloc(old, old_layout);
+                                }
+                                live.push((block, layout));
+                            }
+                        }
+                        for (block, layout) in live {
+                            // SAFETY: allocated above with this layout, not yet freed.
+                            unsafe { allocator.dealloc(block, layout) };
+                        }
+                    });
+                }
+            });
+            started.elapsed().as_nanos() as f64 / CALLS as f64
+        }
+        let (mut system, mut counting) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            system.push(churn(&System));
+            counting.push(churn(&CountingAllocator));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (median(&mut system), median(&mut counting))
+    }
+
     /// Clients and seconds of the request flood.
     const FLOOD_CLIENTS: usize = 40;
     const FLOOD_SECONDS: u64 = 5;
@@ -284,10 +333,21 @@ mod footprint {
 
     pub async fn run() -> Result<()> {
         println!("Footprint — the daemon idle, and after {SERVERS} short-lived servers\n");
+        let (system_ns, counting_ns) = tokio::task::block_in_place(allocator_cost);
+        println!(
+            "allocator: an allocation and its free, 16 B to 4 KiB, 2 threads: system {system_ns:.1} ns, \
+             the daemon's counting allocator {counting_ns:.1} ns ({:.2}×; it counts the live heap for \
+             Status and the metrics)",
+            counting_ns / system_ns
+        );
         let daemon = super::production_daemon().await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (idle_mb, idle_fds) = usage(daemon.pid())?;
-        println!("idle: resident {idle_mb:.1} MB, {idle_fds} open descriptors   target ≤ 20 MB");
+        let heap_mb = |status: pb::StatusResponse| status.heap_live_bytes.unwrap_or(0) as f64 / 1e6;
+        let idle_heap = heap_mb(daemon.status().await?);
+        println!(
+            "idle: resident {idle_mb:.1} MB (live heap {idle_heap:.2} MB), {idle_fds} open descriptors   target ≤ 20 MB"
+        );
         let started = Instant::now();
         let mut running = Vec::new();
         for _ in 0..SERVERS {
@@ -314,10 +374,13 @@ mod footprint {
             after_mb - idle_mb,
             after_fds as i64 - idle_fds as i64
         );
+        let heap_before = heap_mb(daemon.status().await?);
         let (before, peak, after, refused) = request_flood(&daemon).await?;
+        let heap_after = heap_mb(daemon.status().await?);
         println!(
             "request flood ({FLOOD_CLIENTS} TCP clients, 4 MB Suggest requests, {FLOOD_SECONDS} s, {refused} refused): \
-             resident {before:.1} MB before, peak {peak:.1} MB, {after:.1} MB 6 s after   target: bounded, back to the baseline"
+             resident {before:.1} MB before, peak {peak:.1} MB, {after:.1} MB 6 s after; live heap {heap_before:.2} → \
+             {heap_after:.2} MB   target: bounded, back to the baseline"
         );
         let with_ebpf = gone_after_exit(&daemon, daemon.base + 40).await?;
         let status = daemon.status().await?;

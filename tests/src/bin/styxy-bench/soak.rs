@@ -4,9 +4,9 @@
 //! another session's server or its own server for another port (wrong: the misroutes Styxy exists
 //! to prevent), or nobody (refused: the session's server was between two lives). Run with the
 //! default install — the root daemon with eBPF and the shim together — and with the socket tables
-//! and the shim alone, two rounds on each daemon. The daemon's resident memory before and after
-//! each round tells whether it returns to its baseline, and whether a second round adds to what the
-//! first left.
+//! and the shim alone, two rounds on each daemon. The daemon's live heap (what it holds, counted by
+//! its allocator) before and after each round tells whether it gives back what the round used;
+//! its resident memory, what the allocator keeps besides.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,6 +197,7 @@ pub async fn run() -> Result<()> {
         let daemon = Daemon::start_with(&args).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let baseline = crate::footprint::usage(daemon.pid())?.0;
+        let heap_baseline = heap_live_mb(&daemon).await?;
         let mut last = baseline;
         // Two rounds on one daemon: what the first leaves (bounded records such as the audit
         // filling up, or the allocator's hold) the second must not add to, or it grows.
@@ -206,6 +207,7 @@ pub async fn run() -> Result<()> {
             let took = started.elapsed();
             tokio::time::sleep(Duration::from_secs(6)).await;
             let after = crate::footprint::usage(daemon.pid())?.0;
+            let heap_after = heap_live_mb(&daemon).await?;
             // The moves the daemon keeps in memory for `styxy audit` (up to 10,000): bounded,
             // and part of what a round leaves.
             let audit = daemon
@@ -223,14 +225,17 @@ pub async fn run() -> Result<()> {
             println!(
                 "{label:<38} round {round}: connections {all:>7} in {:.0} s: right {:>7}, another session's \
                  server {:>3}, the session's other server {:>3}, refused (between two lives) {:>6}; {} server \
-                 starts; daemon {after:.1} MB 6 s after ({:+.1} MB on the round, {:+.1} MB on the {baseline:.1} \
-                 MB at start; {audit} moves in its audit)",
+                 starts; 6 s after, the daemon's live heap {heap_after:.2} MB ({:+.2} MB on the {heap_baseline:.2} MB \
+                 at start; {audit} moves in its audit, {:.0} bytes a move), resident {after:.1} MB ({:+.1} MB on the round, {:+.1} MB \
+                 on the {baseline:.1} MB at start)",
                 took.as_secs_f64(),
                 totals.right,
                 totals.wrong_session,
                 totals.wrong_port,
                 totals.refused,
                 totals.server_starts,
+                heap_after - heap_baseline,
+                (heap_after - heap_baseline) * 1e6 / audit.max(1) as f64,
                 after - last,
                 after - baseline
             );
@@ -238,4 +243,12 @@ pub async fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The daemon's live heap in MB, from its status.
+async fn heap_live_mb(daemon: &Daemon) -> Result<f64> {
+    let bytes = daemon.status().await?.heap_live_bytes.context(
+        "the daemon counts its heap (the `styxy` binary installs the counting allocator)",
+    )?;
+    Ok(bytes as f64 / 1e6)
 }
