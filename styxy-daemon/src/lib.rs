@@ -32,4 +32,5 @@ mod table;
 
 pub use bpf::{embedded_object as embedded_ebpf_object, find_object_file as find_ebpf_object_file};
 pub use daemon::{run, KernelLogLevel, ObserverChoice, Options};
+pub use observe::sockets::inodes_connected_to;
 pub use proxy::{HostHeader, ProxyEntry};
