@@ -368,10 +368,13 @@ mod footprint {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (after_mb, after_fds) = usage(daemon.pid())?;
+        let after_heap = heap_mb(daemon.status().await?);
         println!(
-            "after {SERVERS} servers ({:.1} s): resident {after_mb:.1} MB ({:+.1}), {after_fds} descriptors ({:+})   target: no growth",
+            "after {SERVERS} servers ({:.1} s): resident {after_mb:.1} MB ({:+.1}), live heap {after_heap:.2} MB ({:+.2}), \
+             {after_fds} descriptors ({:+})   target: no growth",
             started.elapsed().as_secs_f64(),
             after_mb - idle_mb,
+            after_heap - idle_heap,
             after_fds as i64 - idle_fds as i64
         );
         let heap_before = heap_mb(daemon.status().await?);
