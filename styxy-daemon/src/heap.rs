@@ -99,8 +99,11 @@ unsafe impl GlobalAlloc for CountingAllocator {
         // SAFETY: the caller's contract for `realloc`, forwarded.
         let new = unsafe { System.realloc(ptr, layout, new_size) };
         if !new.is_null() {
-            Self::count_out(layout.size());
-            Self::count_in(new_size);
+            // One add of the difference (a Vec's growth is a realloc: hot).
+            counter().fetch_add(
+                (new_size as isize).wrapping_sub(layout.size() as isize),
+                Ordering::Relaxed,
+            );
         }
         new
     }

@@ -10,7 +10,7 @@
 //! [`BUDGET`], any error — the command runs, as it would without Styxy. A command with no kill
 //! word in it costs reading the hook's input and nothing else.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -156,9 +156,8 @@ fn clients_of(ports: &[u16]) -> BTreeSet<u32> {
     }
     // sock_diag picks the connections by port in the kernel; where it is refused (a sandbox
     // without netlink), the `/proc` tables say the same, slower.
-    let inodes = styxy_daemon::inodes_connected_to(ports)
-        .map(|found| found.into_iter().collect::<BTreeSet<u64>>())
-        .unwrap_or_else(|_| proc_table_inodes(ports));
+    let inodes =
+        styxy_daemon::inodes_connected_to(ports).unwrap_or_else(|_| proc_table_inodes(ports));
     if inodes.is_empty() {
         return found;
     }
@@ -187,7 +186,7 @@ fn clients_of(ports: &[u16]) -> BTreeSet<u32> {
 /// of a table walks the kernel's whole TCP hash and formats every socket in it, TIME_WAIT
 /// included (14 ms with 14,700 of them here), so read in as few calls as can be
 /// (`read_socket_table`), the two tables at once, each on a thread of its own.
-fn proc_table_inodes(ports: &[u16]) -> BTreeSet<u64> {
+fn proc_table_inodes(ports: &[u16]) -> HashSet<u64> {
     let read = |table: &str| -> Vec<u64> {
         read_socket_table(table)
             .map(|text| {
