@@ -1,6 +1,6 @@
 //! One request through the proxy: its name resolved to a server, the request rewritten for it
 //! (loopback target, HTTP/1.1, hop-by-hop headers dropped, `X-Forwarded-*` and `Forwarded`
-//! added, `Host` kept or set to the upstream's), sent over a pooled keep-alive connection, and
+//! added, `Host` kept or set to the upstream's), sent over a keep-alive connection (`pool`), and
 //! the answer streamed back; a WebSocket upgrade becomes a tunnel between the two connections.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -11,9 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use styxy_broker::NamedServer;
 
 use super::{pages, Scheme};
@@ -67,10 +65,10 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The client side of the proxy: pooled keep-alive connections to the named servers.
-#[derive(Clone)]
+/// The client side of the proxy: how it asks the named servers (over keep-alive connections,
+/// see `pool`).
+#[derive(Clone, Copy)]
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
     host_header: HostHeader,
     /// How long a named server may take to answer a request's head (its body may stream on
     /// for as long as it likes: server-sent events, long polls).
@@ -89,15 +87,7 @@ impl Upstream {
     }
 
     pub fn new(host_header: HostHeader, head_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(connector);
         Upstream {
-            client,
             host_header,
             head_timeout,
         }
@@ -169,7 +159,8 @@ pub async fn answer(
         Ok(forwarded) => forwarded,
         Err(why) => return pages::bad_request(&why, html),
     };
-    let answered = tokio::time::timeout(upstream.head_timeout, upstream.client.request(forwarded));
+    let answered =
+        tokio::time::timeout(upstream.head_timeout, super::pool::send(target, forwarded));
     let Ok(answered) = answered.await else {
         return pages::upstream_silent(&host, server, target, upstream.head_timeout, html);
     };
@@ -190,7 +181,7 @@ pub async fn answer(
             strip_hop_by_hop(response.headers_mut());
             response.map(BodyExt::boxed)
         }
-        Err(e) => pages::upstream_failed(&host, server, target, &e, html),
+        Err(e) => pages::upstream_failed(&host, server, target, e.as_ref(), html),
     }
 }
 
@@ -253,18 +244,12 @@ fn rewrite(
 ) -> Result<Request<Incoming>, String> {
     let (mut parts, body) = request.into_parts();
     let upgrade = upgrade_of(&parts.headers);
-    // `http://127.0.0.1:PORT` and the path as it came (already parsed: not parsed again).
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    uri.authority = Some(
-        hyper::http::uri::Authority::try_from(authority_of(target))
-            .map_err(|e| format!("the server's address cannot be forwarded to: {e}"))?,
-    );
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri =
-        Uri::from_parts(uri).map_err(|e| format!("the request's path cannot be forwarded: {e}"))?;
+    // Origin-form, the path as it came (already parsed: not parsed again); the connection is
+    // to the target already.
+    parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
+        Some(path) => Uri::from(path),
+        None => Uri::from_static("/"),
+    };
     parts.version = Version::HTTP_11;
     // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one.
     let mut cookies = parts.headers.get_all(header::COOKIE).iter();
@@ -290,7 +275,7 @@ fn rewrite(
     Ok(Request::from_parts(parts, body))
 }
 
-/// `127.0.0.1:PORT` or `[::1]:PORT`: a loopback target as a URI's authority, written without
+/// `127.0.0.1:PORT` or `[::1]:PORT`: a loopback target as a `Host`, written without
 /// the formatting machinery (`SocketAddr`'s `Display` cost 1,700 instructions a request).
 fn authority_of(target: SocketAddr) -> String {
     let host = match target.ip() {
@@ -312,7 +297,7 @@ pub fn set_host_and_forwarded(
 ) -> Result<(), String> {
     let host_value = match host_header {
         HostHeader::Keep => HeaderValue::from_str(host),
-        HostHeader::Upstream => HeaderValue::from_str(&target.to_string()),
+        HostHeader::Upstream => HeaderValue::from_str(&authority_of(target)),
     }
     .map_err(|_| format!("the host {host:?} is not valid"))?;
     // Room for what comes, at once rather than by growing.

@@ -17,6 +17,7 @@
 mod dashboard;
 mod forward;
 mod pages;
+mod pool;
 mod tls;
 mod websocket_h2;
 
@@ -95,8 +96,8 @@ impl Scheme {
 /// Binds the proxy's listeners; returns the addresses they got (port 0 asks for any) and the
 /// server to run until `stop`. The server is one single-threaded runtime per core, each
 /// accepting on its own copy of the listeners, so a request lives on one thread from the
-/// client's read to the upstream's answer (its client connection and its pooled upstream
-/// connection are that thread's): on a shared work-stealing runtime the proxy added 46–54 µs at
+/// client's read to the upstream's answer (its client connection and its kept-alive upstream
+/// connection are that thread's: see `pool`): on a shared work-stealing runtime the proxy added 46–54 µs at
 /// p50 over a direct connection (`styxy-bench proxy`); see the README for what it adds this way.
 pub async fn listen(
     options: ProxyOptions,
@@ -195,7 +196,8 @@ pub async fn listen(
 /// timeout of `--proxy-upstream-timeout-secs`; one set below this tick wakes the driver again).
 const TIMER_TICK: Duration = Duration::from_secs(4);
 
-/// Keeps a timer due within [`TIMER_TICK`] on this thread's runtime. Tokio wakes its own
+/// Keeps a timer due within [`TIMER_TICK`] on this thread's runtime, and on each tick closes
+/// this thread's upstream connections that have been idle too long (`pool::sweep`). Tokio wakes its own
 /// driver (a write to its eventfd) whenever a timer is set earlier than every timer it parked
 /// with; hyper sets its header-read timer after each answer on a kept-alive connection, so
 /// without a nearer timer each proxied request cost that write: 7.0 system calls per keep-alive
@@ -206,6 +208,7 @@ async fn keep_a_timer_due() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        pool::sweep();
     }
 }
 
@@ -360,11 +363,10 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let engine = shared.engine.clone();
-    let upstream = shared.upstream.clone();
+    let upstream = shared.upstream;
     let peer = Arc::new(forward::Peer::new(peer));
     let service = hyper::service::service_fn(move |request| {
         let engine = engine.clone();
-        let upstream = upstream.clone();
         let peer = peer.clone();
         async move {
             Ok::<_, std::convert::Infallible>(
