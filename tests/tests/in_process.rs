@@ -53,6 +53,7 @@ async fn the_daemon_runs_in_process_and_stops_when_its_shutdown_completes() -> a
         proxy: None,
         proxy_tls: None,
         proxy_upstream_timeout: std::time::Duration::from_secs(60),
+        proxy_spin: std::time::Duration::ZERO,
         proxy_host_header: styxy_daemon::HostHeader::Keep,
         ebpf_log: styxy_daemon::KernelLogLevel::Warn,
         kill_protection: true,

@@ -4,7 +4,7 @@
 //! since glibc does not resolve `*.localhost` here) — over HTTP/1.1 and h2c; a name follows its
 //! server to another port; bodies stream (server-sent events); Vite's HMR WebSocket works through
 //! the name (of a session named with `styxy run --name`); an unknown name lists the live ones; a server that drops the connection gets a 502
-//! naming it and its session.
+//! naming it and its session; the proxy's threads poll after traffic and sleep when idle.
 //!
 //! On the default install (the root daemon's eBPF programs and the shim) when eBPF can be used
 //! here, else on the socket tables (saying so). Tests here run one at a time.
@@ -617,4 +617,66 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
         "{body}"
     );
     Ok(())
+}
+
+/// The proxy's threads keep polling after traffic for their window (`--proxy-spin-us`, here the
+/// largest, 10 ms) and sleep once it has passed: the 40 ms after each answer cost them CPU time
+/// (a thread that slept would spend next to none there: the answer was already sent), a quiet
+/// second costs them none.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_polls_after_traffic_and_sleeps_when_idle() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (daemon, proxy) =
+        styxy_tests::names::daemon_with_proxy_and(&["--proxy-spin-us", "10000"]).await?;
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("poller");
+    std::fs::create_dir_all(&dir)?;
+    let _server = http_server_in(&daemon, "poll", &dir, daemon.base + 14)?;
+    let url = format!("http://poller.localhost:{proxy}/");
+    eventually(10, "the server named", || async {
+        curl(&url, &[]).ok().filter(|(code, _)| *code == 200)
+    })
+    .await?;
+    let pid = daemon.pid();
+    let mut after_answers = std::time::Duration::ZERO;
+    for _ in 0..30 {
+        let (code, body) = curl(&url, &[])?;
+        ensure!(code == 200, "{code}: {body}");
+        let answered = proxy_threads_cpu(pid)?;
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        after_answers += proxy_threads_cpu(pid)? - answered;
+    }
+    let quiet = proxy_threads_cpu(pid)?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let idle = proxy_threads_cpu(pid)? - quiet;
+    eprintln!("proxy threads: {after_answers:?} after 30 answers, {idle:?} idle for a second");
+    // Up to 10 ms each (less what curl took to read the answer and end).
+    ensure!(
+        after_answers >= std::time::Duration::from_millis(60),
+        "the proxy's threads polled for only {after_answers:?} after 30 answers with a 10 ms window"
+    );
+    ensure!(
+        idle < std::time::Duration::from_millis(30),
+        "the proxy's threads took {idle:?} of CPU in a second without traffic"
+    );
+    Ok(())
+}
+
+/// The CPU time the daemon's proxy threads (`styxy-proxy-N`) have had.
+fn proxy_threads_cpu(pid: u32) -> Result<std::time::Duration> {
+    let mut ns = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with("styxy-proxy-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("schedstat"))?;
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .context("schedstat's run time")?;
+    }
+    Ok(std::time::Duration::from_nanos(ns))
 }

@@ -50,6 +50,9 @@ pub(crate) struct Args {
     /// How long a named server may take to start answering a request through the proxy (its body may stream for as long as it likes); slower: 504
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     proxy_upstream_timeout_secs: u64,
+    /// How long a proxy thread keeps polling its connections after traffic instead of sleeping, in microseconds: the next request or WebSocket message is then picked up without a wake-up (a loopback hop's largest cost); 0: never spin. Idle, nothing spins
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    proxy_spin_us: u64,
     /// Which of the kernel programs' own log lines (moves, empty spare pools, full maps) go into this log.
     #[arg(long, value_enum, default_value = "warn")]
     ebpf_log: KernelLogLevel,
@@ -134,6 +137,7 @@ pub(crate) async fn run(args: Args, socket: Option<PathBuf>) -> Result<()> {
             proxy: args.proxy,
             proxy_tls: args.proxy_tls,
             proxy_upstream_timeout: Duration::from_secs(args.proxy_upstream_timeout_secs),
+            proxy_spin: Duration::from_micros(args.proxy_spin_us),
             proxy_host_header: match args.proxy_host {
                 ProxyHost::Keep => HostHeader::Keep,
                 ProxyHost::Upstream => HostHeader::Upstream,

@@ -73,6 +73,8 @@ pub struct Options {
     pub proxy_host_header: crate::proxy::HostHeader,
     /// How long a named server may take to start answering a request through the proxy.
     pub proxy_upstream_timeout: Duration,
+    /// How long a proxy thread polls without sleeping after traffic (see `proxy::spin`).
+    pub proxy_spin: Duration,
     /// Which of the kernel programs' own log lines go into the daemon's log.
     pub ebpf_log: KernelLogLevel,
     /// Whether the kernel refuses signals between sessions where BPF LSM allows it.
@@ -198,6 +200,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             ca_dir: opts.state_dir.clone(),
             host_header: opts.proxy_host_header,
             upstream_timeout: opts.proxy_upstream_timeout,
+            spin: opts.proxy_spin,
         };
         proxy = Some(crate::proxy::listen(options, engine.clone(), stop.clone()).await?);
     }

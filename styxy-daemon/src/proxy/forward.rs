@@ -116,6 +116,7 @@ pub async fn answer(
     engine: &Engine,
     upstream: &Upstream,
 ) -> Response<ProxyBody> {
+    super::spin::activity();
     let html = pages::wants_html(request.headers());
     let Some(host) = requested_host(&request) else {
         return pages::no_host(html);
@@ -164,6 +165,7 @@ pub async fn answer(
     let Ok(answered) = answered.await else {
         return pages::upstream_silent(&host, server, target, upstream.head_timeout, html);
     };
+    super::spin::activity();
     match answered {
         Ok(mut response) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -385,8 +387,8 @@ pub async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     let (Ok(client), Ok(upstream)) = (client, upstream) else {
         return;
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    let mut client = super::spin::Active(TokioIo::new(client));
+    let mut upstream = super::spin::Active(TokioIo::new(upstream));
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(cause = %e, "a proxied WebSocket ended");
     }

@@ -18,6 +18,7 @@ mod dashboard;
 mod forward;
 mod pages;
 mod pool;
+mod spin;
 mod tls;
 mod websocket_h2;
 
@@ -67,6 +68,8 @@ pub struct ProxyOptions {
     pub host_header: HostHeader,
     /// How long a named server may take to start answering a request.
     pub upstream_timeout: Duration,
+    /// How long a proxy thread polls without sleeping after traffic (see `spin`).
+    pub spin: Duration,
 }
 
 /// What the proxy got: its addresses, and the authority behind its HTTPS.
@@ -97,8 +100,9 @@ impl Scheme {
 /// server to run until `stop`. The server is one single-threaded runtime per core, each
 /// accepting on its own copy of the listeners, so a request lives on one thread from the
 /// client's read to the upstream's answer (its client connection and its kept-alive upstream
-/// connection are that thread's: see `pool`): on a shared work-stealing runtime the proxy added 46–54 µs at
-/// p50 over a direct connection (`styxy-bench proxy`); see the README for what it adds this way.
+/// connection are that thread's: see `pool`), and a thread polls after traffic (`spin`): on a
+/// shared work-stealing runtime the proxy added 46–54 µs at p50 over a direct connection
+/// (`styxy-bench proxy`); see the README for what it adds this way.
 pub async fn listen(
     options: ProxyOptions,
     engine: Arc<Engine>,
@@ -132,7 +136,8 @@ pub async fn listen(
             .set_nonblocking(true)
             .context("making the proxy's listener non-blocking")?;
     }
-    let (host_header, upstream_timeout) = (options.host_header, options.upstream_timeout);
+    let (host_header, upstream_timeout, spin) =
+        (options.host_header, options.upstream_timeout, options.spin);
     tracing::info!(
         listening = ?listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect::<Vec<_>>(),
         "serving the names' proxy"
@@ -167,6 +172,7 @@ pub async fn listen(
                         let mut loops = tokio::task::JoinSet::new();
                         // Ends with the runtime.
                         tokio::spawn(keep_a_timer_due());
+                        tokio::spawn(spin::run(spin));
                         for (listener, tls) in listeners {
                             let listener = TcpListener::from_std(listener)
                                 .context("registering the proxy's listener")?;
@@ -197,8 +203,8 @@ pub async fn listen(
 const TIMER_TICK: Duration = Duration::from_secs(4);
 
 /// Keeps a timer due within [`TIMER_TICK`] on this thread's runtime, and on each tick closes
-/// this thread's upstream connections that have been idle too long (`pool::sweep`). Tokio wakes its own
-/// driver (a write to its eventfd) whenever a timer is set earlier than every timer it parked
+/// this thread's upstream connections that have been idle too long (`pool::sweep`). Tokio wakes
+/// its own driver (a write to its eventfd) whenever a timer is set earlier than every timer it parked
 /// with; hyper sets its header-read timer after each answer on a kept-alive connection, so
 /// without a nearer timer each proxied request cost that write: 7.0 system calls per keep-alive
 /// GET on a proxy thread (`strace -c` over 2,000 GETs), 6.0 with this. Costs one wake-up per

@@ -3,7 +3,10 @@
 //! GETs of a small body — p50/p99 of one client's sequential requests, and the requests per
 //! second of 32 clients — in two alternating rounds; a WebSocket echo's round trip direct and
 //! through the proxy (`proxy_websocket`); and the daemon's resident memory idle and with 1,000
-//! idle client connections at the proxy. A benchmark, not a test: it asserts nothing
+//! idle client connections at the proxy. The proxy runs twice, polling after traffic (the
+//! default `--proxy-spin-us`) and sleeping between events (`--proxy-spin-us 0`), with the CPU
+//! time each daemon spends a request; two byte relays (`relay`) give the floors of a hop in user
+//! space, with wake-ups and without. A benchmark, not a test: it asserts nothing
 //! about time.
 
 use std::io::{Read, Write};
@@ -30,6 +33,8 @@ struct Target {
     label: &'static str,
     addr: SocketAddr,
     host: String,
+    /// The process whose CPU time the sequential run reads (the daemons'), if any.
+    cpu_of: Option<u32>,
 }
 
 pub async fn run() -> Result<()> {
@@ -48,11 +53,13 @@ pub async fn run() -> Result<()> {
             label: "direct",
             addr: upstream,
             host: format!("127.0.0.1:{}", upstream.port()),
+            cpu_of: None,
         },
         Target {
             label: "styxy proxy",
             addr: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
             host: name.clone(),
+            cpu_of: Some(daemon.pid()),
         },
     ];
     // The daemon names the server once its table has it.
@@ -63,12 +70,30 @@ pub async fn run() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The floor: a byte relay that knows no HTTP (see `relay`).
+    // The same proxy with its threads sleeping between events (`--proxy-spin-us 0`): what the
+    // polling window buys, side by side.
+    let sleeping = Daemon::start_with(&["--proxy", "127.0.0.1:0", "--proxy-spin-us", "0"]).await?;
+    let sleeping_port = sleeping.proxy_port().await?;
+    targets.push(Target {
+        label: "styxy proxy, no spin",
+        addr: SocketAddr::from(([127, 0, 0, 1], sleeping_port)),
+        host: name.clone(),
+        cpu_of: Some(sleeping.pid()),
+    });
+    // The floor of a blocking relay: one that knows no HTTP (see `relay`).
     let relay = crate::relay::start(upstream)?;
     targets.push(Target {
-        label: "byte relay (floor)",
+        label: "blocking byte relay",
         addr: relay,
         host: format!("127.0.0.1:{}", upstream.port()),
+        cpu_of: None,
+    });
+    let polling_relay = crate::relay::start_polling(upstream)?;
+    targets.push(Target {
+        label: "polling byte relay",
+        addr: polling_relay,
+        host: format!("127.0.0.1:{}", upstream.port()),
+        cpu_of: None,
     });
     // The others, each killed when the run ends.
     let mut _others = Vec::new();
@@ -78,6 +103,7 @@ pub async fn run() -> Result<()> {
                 label: "caddy reverse_proxy",
                 addr,
                 host: format!("127.0.0.1:{}", addr.port()),
+                cpu_of: None,
             });
             _others.push(running);
         }
@@ -91,6 +117,7 @@ pub async fn run() -> Result<()> {
                 label: "portless",
                 addr,
                 host,
+                cpu_of: None,
             });
             _others.push(running);
         }
@@ -110,10 +137,13 @@ pub async fn run() -> Result<()> {
     let mut rows: Vec<(&str, f64, f64, f64)> = Vec::new();
     for round in 1..=2 {
         for target in &targets {
-            let (p50, p99) = latency(target)?;
+            let (p50, p99, cpu) = latency(target)?;
             let rate = throughput(target)?;
+            let cpu = cpu.map_or(String::new(), |cpu| {
+                format!("   daemon CPU {cpu:>5.1} µs a request")
+            });
             println!(
-                "round {round}  {:<20} p50 {:>7.1} µs   p99 {:>7.1} µs   {:>8.0} req/s ({CLIENTS} clients)",
+                "round {round}  {:<22} p50 {:>7.1} µs   p99 {:>7.1} µs   {:>8.0} req/s ({CLIENTS} clients){cpu}",
                 target.label, p50, p99, rate
             );
             rows.push((target.label, p50, p99, rate));
@@ -124,7 +154,7 @@ pub async fn run() -> Result<()> {
         let direct = round[0];
         for other in &round[1..] {
             println!(
-                "{:<20} adds p50 {:>6.1} µs, p99 {:>6.1} µs over direct; throughput {:.2}× direct",
+                "{:<22} adds p50 {:>6.1} µs, p99 {:>6.1} µs over direct; throughput {:.2}× direct",
                 other.0,
                 other.1 - direct.1,
                 other.2 - direct.2,
@@ -142,7 +172,18 @@ pub async fn run() -> Result<()> {
         }
     }
     let echo = crate::proxy_websocket::start_echo(daemon.base + 51)?;
-    crate::proxy_websocket::run(echo, proxy_port, crate::relay::start(echo)?)?;
+    crate::proxy_websocket::run(
+        echo,
+        &[
+            ("styxy proxy", proxy_port),
+            ("styxy proxy, no spin", sleeping_port),
+        ],
+        &[
+            ("blocking byte relay", crate::relay::start(echo)?),
+            ("polling byte relay", crate::relay::start_polling(echo)?),
+        ],
+    )?;
+    drop(sleeping);
     // Memory: the daemon idle, then holding 1,000 idle connections at the proxy.
     let pid = daemon.pid();
     let idle = rss_mb(pid)?;
@@ -264,20 +305,43 @@ fn get_once(target: &Target) -> Result<()> {
 }
 
 /// p50 and p99 (µs) of sequential GETs on one connection.
-fn latency(target: &Target) -> Result<(f64, f64)> {
+/// p50 and p99 of one client's sequential keep-alive GETs, in µs, and the CPU time the target's
+/// process spent a request over them (all its threads), when it has one to read.
+fn latency(target: &Target) -> Result<(f64, f64, Option<f64>)> {
     let mut client = Client::connect(target)?;
     for _ in 0..SEQUENTIAL {
         client.get()?;
     }
+    let cpu_before = target.cpu_of.map(cpu_ns).transpose()?;
     let mut times = Vec::with_capacity(SEQUENTIAL);
     for _ in 0..SEQUENTIAL {
         let started = Instant::now();
         client.get()?;
         times.push(started.elapsed());
     }
+    let cpu = match (target.cpu_of, cpu_before) {
+        (Some(pid), Some(before)) => Some((cpu_ns(pid)? - before) as f64 / 1e3 / SEQUENTIAL as f64),
+        _ => None,
+    };
     times.sort();
     let at = |p: f64| times[((times.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
-    Ok((at(0.50), at(0.99)))
+    Ok((at(0.50), at(0.99), cpu))
+}
+
+/// The CPU time all of `pid`'s threads have had, in ns (`/proc/PID/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue; // a thread that ended meanwhile
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .context("schedstat's run time")?;
+    }
+    Ok(total)
 }
 
 /// Requests per second of `CLIENTS` keep-alive clients, each sending as fast as it is answered.

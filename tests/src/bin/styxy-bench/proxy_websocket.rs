@@ -1,7 +1,8 @@
 //! `styxy-bench proxy`'s WebSocket part: the round trip of a small message echoed by a
 //! WebSocket server (tungstenite, one thread per connection), direct, through the names' proxy's
-//! tunnel and through a byte relay (`relay`, the floor of any tunnel in user space), alternated
-//! in two rounds. A benchmark, not a test: it asserts nothing about
+//! tunnel (polling after traffic, and sleeping between events) and through two byte relays
+//! (`relay`: the floors of a tunnel in user space, with wake-ups and without), alternated in
+//! two rounds. A benchmark, not a test: it asserts nothing about
 //! time.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -73,41 +74,49 @@ fn round_trips(addr: SocketAddr, url: &str) -> Result<(f64, f64)> {
 
 /// Direct, through the proxy on `proxy_port` and through `relay` (a byte relay to `echo`), two
 /// alternating rounds, printed.
-pub fn run(echo: SocketAddr, proxy_port: u16, relay: SocketAddr) -> Result<()> {
-    let proxy = SocketAddr::from(([127, 0, 0, 1], proxy_port));
+pub fn run(echo: SocketAddr, proxies: &[(&str, u16)], relays: &[(&str, SocketAddr)]) -> Result<()> {
     let direct_url = format!("ws://127.0.0.1:{}/", echo.port());
-    let named_url = format!("ws://{}.localhost:{proxy_port}/", echo.port());
-    // The daemon names the server once its table has it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while connect(proxy, &named_url).is_err() {
-        if Instant::now() > deadline {
-            bail!("the proxy does not reach {named_url}");
+    // Each way in: its label, where it connects, the URL it asks for.
+    let mut ways = vec![("direct".to_string(), echo, direct_url.clone())];
+    for (label, port) in proxies {
+        let proxy = SocketAddr::from(([127, 0, 0, 1], *port));
+        let named_url = format!("ws://{}.localhost:{port}/", echo.port());
+        // The daemon names the server once its table has it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connect(proxy, &named_url).is_err() {
+            if Instant::now() > deadline {
+                bail!("{label} does not reach {named_url}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        ways.push((label.to_string(), proxy, named_url));
+    }
+    for (label, relay) in relays {
+        ways.push((label.to_string(), *relay, direct_url.clone()));
     }
     println!(
         "\nWebSocket echo of a {}-byte message, round trips, side by side\n",
         MESSAGE.len()
     );
-    let mut ratios = Vec::new();
+    let mut rounds = Vec::new();
     for round in 1..=2 {
-        let direct = round_trips(echo, &direct_url).context("direct")?;
-        let named = round_trips(proxy, &named_url).context("through the proxy")?;
-        let relayed = round_trips(relay, &direct_url).context("through the byte relay")?;
-        for (label, (p50, p99)) in [
-            ("direct", direct),
-            ("styxy proxy", named),
-            ("byte relay", relayed),
-        ] {
-            println!("round {round}  {label:<12} p50 {p50:>7.1} µs   p99 {p99:>7.1} µs");
+        let mut row = Vec::new();
+        for (label, addr, url) in &ways {
+            let (p50, p99) = round_trips(*addr, url).with_context(|| label.clone())?;
+            println!("round {round}  {label:<22} p50 {p50:>7.1} µs   p99 {p99:>7.1} µs");
+            row.push((p50, p99));
         }
-        ratios.push((named.0 / direct.0, named.1 / direct.1, relayed.0 / direct.0));
+        rounds.push(row);
     }
-    for (p50, p99, floor) in ratios {
-        println!(
-            "styxy proxy WebSocket round trip: {p50:.2}× direct at p50, {p99:.2}× at p99 \
-             (the byte relay, the floor: {floor:.2}× at p50)"
-        );
+    for row in &rounds {
+        let direct = row[0];
+        for ((label, _, _), (p50, p99)) in ways.iter().zip(row).skip(1) {
+            println!(
+                "{label:<22} WebSocket round trip: {:.2}× direct at p50, {:.2}× at p99",
+                p50 / direct.0,
+                p99 / direct.1
+            );
+        }
     }
     Ok(())
 }
