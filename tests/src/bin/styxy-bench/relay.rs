@@ -19,16 +19,26 @@ const POLLING_WINDOW: Duration = Duration::from_micros(200);
 
 /// A polling relay to `server` on a loopback port of its own: its address.
 pub fn start_polling(server: SocketAddr) -> Result<SocketAddr> {
+    relay_to(server, |client, upstream| {
+        std::thread::spawn(move || {
+            let _ = poll_both(client, upstream);
+        });
+    })
+}
+
+/// Accepts on a loopback port of its own, connects each client to `server` and hands the two
+/// to `join`: its address.
+fn relay_to(
+    server: SocketAddr,
+    join: impl Fn(TcpStream, TcpStream) + Send + 'static,
+) -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
         for client in listener.incoming().flatten() {
-            let Ok(upstream) = TcpStream::connect(server) else {
-                continue;
-            };
-            std::thread::spawn(move || {
-                let _ = poll_both(client, upstream);
-            });
+            if let Ok(upstream) = TcpStream::connect(server) {
+                join(client, upstream);
+            }
         }
     });
     Ok(addr)
@@ -99,24 +109,16 @@ fn write_fully(to: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
 
 /// A blocking relay to `server` on a loopback port of its own: its address.
 pub fn start(server: SocketAddr) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(upstream) = TcpStream::connect(server) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
-            let (Ok(client_side), Ok(upstream_side)) = (client.try_clone(), upstream.try_clone())
-            else {
-                continue;
-            };
-            std::thread::spawn(move || pump(client, upstream_side));
-            std::thread::spawn(move || pump(upstream, client_side));
-        }
-    });
-    Ok(addr)
+    relay_to(server, |client, upstream| {
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let (Ok(client_side), Ok(upstream_side)) = (client.try_clone(), upstream.try_clone())
+        else {
+            return;
+        };
+        std::thread::spawn(move || pump(client, upstream_side));
+        std::thread::spawn(move || pump(upstream, client_side));
+    })
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing.
