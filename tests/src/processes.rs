@@ -278,3 +278,27 @@ pub fn http_get(port: u16) -> Result<String> {
     stream.read_to_string(&mut response)?;
     Ok(response.lines().next().unwrap_or_default().to_string())
 }
+
+/// The CPU time the threads of `pid` whose name (`comm`) `counted` accepts have had
+/// (`/proc/PID/task/*/schedstat`, in ns); a thread that ends while read is left out.
+pub fn cpu_time(pid: u32, counted: impl Fn(&str) -> bool) -> Result<Duration> {
+    let mut ns = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if !counted(comm.trim_end()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .context("schedstat's run time")?;
+    }
+    Ok(Duration::from_nanos(ns))
+}

@@ -664,19 +664,5 @@ async fn the_proxy_polls_after_traffic_and_sleeps_when_idle() -> Result<()> {
 
 /// The CPU time the daemon's proxy threads (`styxy-proxy-N`) have had.
 fn proxy_threads_cpu(pid: u32) -> Result<std::time::Duration> {
-    let mut ns = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?.path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if !comm.starts_with("styxy-proxy-") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.join("schedstat"))?;
-        ns += stat
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .context("schedstat's run time")?;
-    }
-    Ok(std::time::Duration::from_nanos(ns))
+    styxy_tests::cpu_time(pid, |name| name.starts_with("styxy-proxy-"))
 }

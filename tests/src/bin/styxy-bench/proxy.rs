@@ -328,20 +328,9 @@ fn latency(target: &Target) -> Result<(f64, f64, Option<f64>)> {
     Ok((at(0.50), at(0.99), cpu))
 }
 
-/// The CPU time all of `pid`'s threads have had, in ns (`/proc/PID/task/*/schedstat`).
+/// The CPU time all of `pid`'s threads have had, in ns.
 fn cpu_ns(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
-            continue; // a thread that ended meanwhile
-        };
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .context("schedstat's run time")?;
-    }
-    Ok(total)
+    Ok(styxy_tests::cpu_time(pid, |_| true)?.as_nanos() as u64)
 }
 
 /// Requests per second of `CLIENTS` keep-alive clients, each sending as fast as it is answered.
