@@ -4,7 +4,9 @@
 //! since glibc does not resolve `*.localhost` here) — over HTTP/1.1 and h2c; a name follows its
 //! server to another port; bodies stream (server-sent events); Vite's HMR WebSocket works through
 //! the name (of a session named with `styxy run --name`); an unknown name lists the live ones; a server that drops the connection gets a 502
-//! naming it and its session; the proxy's threads poll after traffic and sleep when idle.
+//! naming it and its session; the named server is told the name asked for and who asked
+//! (`X-Forwarded-*`, `Forwarded`), never the client's hop-by-hop headers; the proxy's threads
+//! poll after traffic and sleep when idle.
 //!
 //! On the default install (the root daemon's eBPF programs and the shim) when eBPF can be used
 //! here, else on the socket tables (saying so). Tests here run one at a time.
@@ -618,6 +620,134 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     );
     Ok(())
 }
+
+/// What a named server is told about a request: the name asked for (`Host` kept, or
+/// `127.0.0.1:PORT` with `--proxy-host upstream`), who asked and how (`X-Forwarded-*` and
+/// `Forwarded`, appended to what an earlier proxy wrote), and none of the headers of the
+/// client's own connection. Three requests over one client connection ask for two names:
+/// nothing of one request's name is left on the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_named_server_is_told_which_name_was_asked_and_by_whom() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    for host_header in ["keep", "upstream"] {
+        let (daemon, proxy) =
+            styxy_tests::names::daemon_with_proxy_and(&["--proxy-host", host_header]).await?;
+        let work = tempfile::tempdir()?;
+        let dir = work.path().join("echo-h");
+        std::fs::create_dir_all(&dir)?;
+        let asked = daemon.base + 14;
+        let _server = Spawned::start_group(
+            daemon
+                .shimmed_in("echo", "python3", &["-c", HEADER_ECHO, &asked.to_string()])
+                .current_dir(&dir),
+        )?;
+        eventually(10, "the echo server named and listening", || async {
+            curl(&format!("http://echo-h.localhost:{proxy}/"), &[])
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        })
+        .await?;
+        let bound = bound_port(&daemon, "echo", asked).await?;
+        let first = format!("echo-h.localhost:{proxy}");
+        let second = format!("{asked}.echo-h.localhost:{proxy}");
+        let out = Command::new("python3")
+            .args(["-c", ONE_CONNECTION, &proxy.to_string(), &first, &second])
+            .output()?;
+        ensure!(out.status.success(), "the client: {out:?}");
+        let answers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        ensure!(answers.len() == 3, "{answers:?}");
+        let client_ends: Vec<&serde_json::Value> = answers.iter().map(|a| &a["client"]).collect();
+        assert!(
+            client_ends.iter().all(|c| *c == client_ends[0]),
+            "one connection for the three: {client_ends:?}"
+        );
+        let seen = |n: usize, name: &str| -> Vec<String> {
+            answers[n]["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|pair| pair[0] == name)
+                .filter_map(|pair| pair[1].as_str().map(str::to_string))
+                .collect()
+        };
+        for (n, asked_for, earlier) in [
+            (0, &first, None),
+            (1, &second, Some("10.1.2.3")),
+            (2, &first, None),
+        ] {
+            let host = match host_header {
+                "keep" => asked_for.clone(),
+                _ => format!("127.0.0.1:{bound}"),
+            };
+            let (for_, forwarded) = match earlier {
+                None => (
+                    "127.0.0.1".to_string(),
+                    format!("for=127.0.0.1;host=\"{asked_for}\";proto=http"),
+                ),
+                Some(earlier) => (
+                    format!("{earlier}, 127.0.0.1"),
+                    format!("for={earlier}, for=127.0.0.1;host=\"{asked_for}\";proto=http"),
+                ),
+            };
+            let context = format!("request {n} ({host_header}): {:?}", answers[n]);
+            assert_eq!(seen(n, "host"), [host], "{context}");
+            assert_eq!(
+                seen(n, "x-forwarded-host"),
+                [asked_for.as_str()],
+                "{context}"
+            );
+            assert_eq!(seen(n, "x-forwarded-proto"), ["http"], "{context}");
+            assert_eq!(seen(n, "x-forwarded-for"), [for_], "{context}");
+            assert_eq!(seen(n, "forwarded"), [forwarded], "{context}");
+            for hop in ["x-drop", "keep-alive", "proxy-connection", "te"] {
+                assert!(seen(n, hop).is_empty(), "{hop} forwarded: {context}");
+            }
+            assert_eq!(seen(n, "x-kept"), ["yes"], "{context}");
+        }
+    }
+    Ok(())
+}
+
+/// A server (port in argv[1]) answering each GET with the headers it got, as JSON pairs in
+/// their order, over kept-alive connections.
+const HEADER_ECHO: &str = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps([[k.lower(), v] for k, v in self.headers.items()]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A client sending three GETs over one connection to the proxy (port argv[1]): for name
+/// argv[2], for argv[3] as if through an earlier proxy, for argv[2] again; each with headers of
+/// its own connection that must not be forwarded. Prints each answer's headers and the
+/// connection's local address.
+const ONE_CONNECTION: &str = r#"
+import http.client, json, sys
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+answers = []
+for host, earlier in [(sys.argv[2], None), (sys.argv[3], "10.1.2.3"), (sys.argv[2], None)]:
+    headers = {"Host": host, "Connection": "keep-alive, X-Drop", "X-Drop": "1",
+               "Keep-Alive": "timeout=5", "Proxy-Connection": "keep-alive", "TE": "trailers",
+               "X-Kept": "yes"}
+    if earlier:
+        headers["X-Forwarded-For"] = earlier
+        headers["Forwarded"] = "for=" + earlier
+    connection.request("GET", "/", headers=headers)
+    response = connection.getresponse()
+    body = response.read()
+    assert response.status == 200, (response.status, body)
+    answers.append({"client": list(connection.sock.getsockname()), "headers": json.loads(body)})
+print(json.dumps(answers))
+"#;
 
 /// The proxy's threads keep polling after traffic for their window (`--proxy-spin-us`, here the
 /// largest, 10 ms) and sleep once it has passed: the 40 ms after each answer cost them CPU time
