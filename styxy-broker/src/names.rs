@@ -14,6 +14,7 @@
 //! type (`dev`, `ui`, `docs`, `storybook`), else of any type. UDP servers and helper ports (see
 //! `styxy_common::command_line::is_helper_port`) get no names.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
@@ -87,21 +88,30 @@ impl Names {
     }
 }
 
-/// A `Host` value as a name: lowercase, without its port and trailing dot.
-pub fn host_name(host: &str) -> String {
+/// A `Host` value as a name: lowercase, without its port and trailing dot (copied only when
+/// it has capitals: the proxy asks this on every request).
+pub fn host_name(host: &str) -> Cow<'_, str> {
     let host = host.trim();
-    if let Some(literal) = host.strip_prefix('[') {
+    let name = if let Some(literal) = host.strip_prefix('[') {
         // An IPv6 literal, `[::1]:8080`: never a name, but kept whole.
         let end = literal.find(']').map_or(host.len(), |i| i + 2);
-        return host[..end].to_ascii_lowercase();
-    }
-    let without_port = match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            name
-        }
-        _ => host,
+        &host[..end]
+    } else {
+        let without_port = match host.rsplit_once(':') {
+            Some((name, port))
+                if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                name
+            }
+            _ => host,
+        };
+        without_port.trim_end_matches('.')
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 pub use styxy_common::label::dns_label;

@@ -4,6 +4,7 @@
 //! the answer streamed back; a WebSocket upgrade becomes a tunnel between the two connections.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
@@ -32,17 +33,32 @@ pub enum HostHeader {
     Upstream,
 }
 
-/// The client of one connection, with its address as the forwarding headers write it: made
-/// once per connection. Formatting the address, and the headers' other values, with `format!`
-/// on each request had cost 6,000 of the proxy's 58,000 instructions per keep-alive GET
-/// (callgrind over 2,000 through a release daemon).
-#[derive(Clone, Debug)]
+/// The client of one connection, and the forwarding headers' values for it, made once per
+/// connection (its address) or once per name it asks for (a browser's connection asks for
+/// one). Formatting them on each request had cost 6,000 of the proxy's 58,000 instructions per
+/// keep-alive GET, and making them for each request again 1,900 of 43,000 (callgrind over
+/// 2,000 through a release daemon).
+#[derive(Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     /// `X-Forwarded-For`'s element: `127.0.0.1`, `::1`.
-    forwarded_for: String,
+    forwarded_for: HeaderValue,
     /// `Forwarded`'s `for=` node: `127.0.0.1`, or IPv6 quoted in brackets (RFC 7239 §6).
     forwarded_node: String,
+    /// The values for the name this connection asked for last.
+    last_name: Mutex<Option<NameValues>>,
+}
+
+/// The header values one name asked for over one connection gets.
+#[derive(Debug)]
+struct NameValues {
+    /// The name as the client wrote it (`Host`, `:authority`).
+    host: Box<str>,
+    scheme: Scheme,
+    /// It as a header value: `Host` (kept) and `X-Forwarded-Host`.
+    host_value: HeaderValue,
+    /// `Forwarded`'s element for this client, name and scheme.
+    forwarded: HeaderValue,
 }
 
 impl Peer {
@@ -54,9 +70,43 @@ impl Peer {
         };
         Peer {
             addr,
-            forwarded_for,
+            // An address is digits, dots, colons and hex: always a valid value.
+            forwarded_for: HeaderValue::from_str(&forwarded_for)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             forwarded_node,
+            last_name: Mutex::new(None),
         }
+    }
+
+    /// The values for `host` over `scheme` (`Host`, `Forwarded`): those made for the last
+    /// request when it asked for the same, else new ones (kept for the next).
+    fn values_for(&self, host: &str, scheme: Scheme) -> Result<(HeaderValue, HeaderValue), String> {
+        // A poisoned lock only means a panic elsewhere mid-update: the values are remade.
+        let mut last = self.last_name.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(values) = last.as_ref() {
+            if &*values.host == host && values.scheme == scheme {
+                return Ok((values.host_value.clone(), values.forwarded.clone()));
+            }
+        }
+        let invalid = || format!("the host {host:?} is not valid");
+        let host_value = HeaderValue::from_str(host).map_err(|_| invalid())?;
+        let element = [
+            "for=",
+            &self.forwarded_node,
+            ";host=\"",
+            host,
+            "\";proto=",
+            scheme.as_str(),
+        ]
+        .concat();
+        let forwarded = HeaderValue::from_str(&element).map_err(|_| invalid())?;
+        *last = Some(NameValues {
+            host: host.into(),
+            scheme,
+            host_value: host_value.clone(),
+            forwarded: forwarded.clone(),
+        });
+        Ok((host_value, forwarded))
     }
 }
 
@@ -121,12 +171,15 @@ pub async fn answer(
     let Some(host) = requested_host(&request) else {
         return pages::no_host(html);
     };
-    let name = styxy_broker::names::host_name(&host);
+    let Ok(host) = host.to_str() else {
+        return pages::no_host(html);
+    };
+    let name = styxy_broker::names::host_name(host);
     if name == super::dashboard::HOST {
         if request.method() == hyper::Method::POST && request.uri().path() == "/focus" {
-            return super::dashboard::focus_switch(request, &host, scheme, peer.addr, engine).await;
+            return super::dashboard::focus_switch(request, host, scheme, peer.addr, engine).await;
         }
-        return super::dashboard::answer(&request, &host, scheme, engine);
+        return super::dashboard::answer(&request, host, scheme, engine);
     }
     // Held for the whole request (a page may need the server's details): a reading, not a lock.
     let names = engine.names();
@@ -134,11 +187,11 @@ pub async fn answer(
         return pages::unknown_name(&name, &names, html);
     };
     let Some(target) = loopback_target(server) else {
-        return pages::not_on_loopback(&host, server, html);
+        return pages::not_on_loopback(host, server, html);
     };
     if super::websocket_h2::is_websocket_connect(&request) {
         let route = Route {
-            host: &host,
+            host,
             server,
             target,
             peer,
@@ -156,14 +209,14 @@ pub async fn answer(
         return response;
     }
     let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
-    let forwarded = match rewrite(request, &host, target, peer, scheme, upstream.host_header) {
+    let forwarded = match rewrite(request, host, target, peer, scheme, upstream.host_header) {
         Ok(forwarded) => forwarded,
         Err(why) => return pages::bad_request(&why, html),
     };
     let answered =
         tokio::time::timeout(upstream.head_timeout, super::pool::send(target, forwarded));
     let Ok(answered) = answered.await else {
-        return pages::upstream_silent(&host, server, target, upstream.head_timeout, html);
+        return pages::upstream_silent(host, server, target, upstream.head_timeout, html);
     };
     super::spin::activity();
     match answered {
@@ -183,24 +236,18 @@ pub async fn answer(
             strip_hop_by_hop(response.headers_mut());
             response.map(BodyExt::boxed)
         }
-        Err(e) => pages::upstream_failed(&host, server, target, e.as_ref(), html),
+        Err(e) => pages::upstream_failed(host, server, target, e.as_ref(), html),
     }
 }
 
-/// The name asked for: HTTP/2's `:authority`, else HTTP/1.1's `Host`.
-fn requested_host<B>(request: &Request<B>) -> Option<String> {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .filter(|h| !h.is_empty())
+/// The name asked for: HTTP/2's `:authority`, else HTTP/1.1's `Host` (as received: a share
+/// of the request's buffer, not a copy).
+fn requested_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let host = match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => request.headers().get(header::HOST).cloned(),
+    };
+    host.filter(|h| !h.is_empty())
 }
 
 /// Where to reach `server` on loopback: IPv4 when it listens there (or on every address),
@@ -288,7 +335,8 @@ fn authority_of(target: SocketAddr) -> String {
     [host, itoa::Buffer::new().format(target.port())].concat()
 }
 
-/// `Host` as the named server gets it, and the `X-Forwarded-*` and `Forwarded` headers.
+/// `Host` as the named server gets it, and `X-Forwarded-For` (appended to), `X-Forwarded-Host`,
+/// `X-Forwarded-Proto` and RFC 7239's `Forwarded` (appended to).
 pub fn set_host_and_forwarded(
     headers: &mut HeaderMap,
     host: &str,
@@ -297,87 +345,101 @@ pub fn set_host_and_forwarded(
     scheme: Scheme,
     host_header: HostHeader,
 ) -> Result<(), String> {
+    let (name_value, forwarded) = peer.values_for(host, scheme)?;
     let host_value = match host_header {
-        HostHeader::Keep => HeaderValue::from_str(host),
-        HostHeader::Upstream => HeaderValue::from_str(&authority_of(target)),
-    }
-    .map_err(|_| format!("the host {host:?} is not valid"))?;
+        HostHeader::Keep => name_value.clone(),
+        HostHeader::Upstream => HeaderValue::from_str(&authority_of(target))
+            .map_err(|_| format!("the address {target} is not a valid host"))?,
+    };
     // Room for what comes, at once rather than by growing.
     headers.reserve(5);
     headers.insert(header::HOST, host_value);
-    add_forwarded(headers, host, peer, scheme);
+    append(headers, X_FORWARDED_FOR, &peer.forwarded_for);
+    headers.insert(X_FORWARDED_HOST, name_value);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    append(headers, header::FORWARDED, &forwarded);
     Ok(())
 }
 
-/// `X-Forwarded-For` (appended), `X-Forwarded-Host`, `X-Forwarded-Proto` and RFC 7239's
-/// `Forwarded` (appended).
-fn add_forwarded(headers: &mut HeaderMap, host: &str, peer: &Peer, scheme: Scheme) {
-    let appended = |earlier: Option<&HeaderValue>, element: &str| {
-        let value = match earlier.and_then(|v| v.to_str().ok()) {
-            Some(earlier) => [earlier, ", ", element].concat(),
-            None => element.to_string(),
-        };
-        HeaderValue::from_str(&value).ok()
-    };
-    if let Some(value) = appended(headers.get(X_FORWARDED_FOR), &peer.forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(host) {
-        headers.insert(X_FORWARDED_HOST, value);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
-    let element = [
-        "for=",
-        &peer.forwarded_node,
-        ";host=\"",
-        host,
-        "\";proto=",
-        scheme.as_str(),
-    ]
-    .concat();
-    if let Some(value) = appended(headers.get(header::FORWARDED), &element) {
-        headers.insert(header::FORWARDED, value);
+/// Sets `name` to `element`, after what an earlier proxy wrote there (`a, b`); an earlier value
+/// that is not text is replaced.
+fn append(headers: &mut HeaderMap, name: HeaderName, element: &HeaderValue) {
+    match headers.entry(name) {
+        header::Entry::Vacant(vacant) => {
+            vacant.insert(element.clone());
+        }
+        header::Entry::Occupied(mut occupied) => {
+            let joined = match (occupied.get().to_str(), element.to_str()) {
+                (Ok(earlier), Ok(element)) => {
+                    HeaderValue::from_str(&[earlier, ", ", element].concat()).ok()
+                }
+                _ => None,
+            };
+            occupied.insert(joined.unwrap_or_else(|| element.clone()));
+        }
     }
 }
 
 /// Drops the headers that concern one connection only (RFC 9110 §7.6.1), those the
-/// `Connection` header names included. Most messages carry none: one look over their names
+/// `Connection` header names included. Most requests carry none: one look over their names
 /// finds that, where removing each of the nine by name hashed it (3,400 instructions a request
-/// and its answer).
+/// and its answer). Most answers carry `Connection: keep-alive` and `Keep-Alive`: tokens naming
+/// what is dropped anyway are not parsed as names, and nothing is collected (parsing and
+/// collecting them had cost 1,000 instructions an answer more).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // What `Connection` names beyond those: rare (`Connection: x-secret`), parsed only then.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| !token.eq_ignore_ascii_case("close") && !is_hop_by_hop_token(token))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
-    let doomed: Vec<HeaderName> = headers
+    // A handful of headers, a few to drop: looking again after each removal costs less than
+    // a list of them.
+    while let Some(doomed) = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name) || named.contains(name))
+        .find(|name| is_hop_by_hop(name) || named.contains(name))
         .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
+    {
+        headers.remove(doomed);
     }
 }
 
 /// Whether `name` is a header of one connection only, whatever `Connection` says.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ]
-    .contains(name)
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    is_hop_by_hop_lowercase(name.as_str())
+}
+
+/// The same for a name in lowercase (a `HeaderName`'s): one comparison of lengths, then of the
+/// few names that long.
+fn is_hop_by_hop_lowercase(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
+/// Whether a `Connection` token names a header of one connection only, in any case.
+fn is_hop_by_hop_token(token: &str) -> bool {
+    if token.bytes().any(|b| b.is_ascii_uppercase()) {
+        is_hop_by_hop_lowercase(&token.to_ascii_lowercase())
+    } else {
+        is_hop_by_hop_lowercase(token)
+    }
 }
 
 /// Copies bytes both ways between an upgraded client connection and its upstream's, until
@@ -444,12 +506,18 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(
+        let peer = Peer::new("[::1]:50000".parse().unwrap());
+        let target = "127.0.0.1:5174".parse().unwrap();
+        let forward = |headers: &mut HeaderMap, host: &str, scheme: Scheme, host_header| {
+            set_host_and_forwarded(headers, host, target, &peer, scheme, host_header).unwrap()
+        };
+        forward(
             &mut headers,
             "app.localhost",
-            &Peer::new("[::1]:50000".parse().unwrap()),
             Scheme::Https,
+            HostHeader::Keep,
         );
+        assert_eq!(headers[header::HOST], "app.localhost");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(headers["x-forwarded-host"], "app.localhost");
         assert_eq!(headers["x-forwarded-proto"], "https");
@@ -457,6 +525,59 @@ mod tests {
             headers[header::FORWARDED],
             "for=\"[::1]\";host=\"app.localhost\";proto=https"
         );
+        // The next request on the connection asks for another name, over the other scheme:
+        // nothing of the first is kept.
+        let mut next = HeaderMap::new();
+        forward(
+            &mut next,
+            "api.app.localhost",
+            Scheme::Http,
+            HostHeader::Upstream,
+        );
+        assert_eq!(next[header::HOST], "127.0.0.1:5174");
+        assert_eq!(next["x-forwarded-for"], "::1");
+        assert_eq!(next["x-forwarded-host"], "api.app.localhost");
+        assert_eq!(next["x-forwarded-proto"], "http");
+        assert_eq!(
+            next[header::FORWARDED],
+            "for=\"[::1]\";host=\"api.app.localhost\";proto=http"
+        );
+        // And one more for the first name, behind another proxy: appended to.
+        let mut again = HeaderMap::new();
+        again.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        forward(&mut again, "app.localhost", Scheme::Https, HostHeader::Keep);
+        assert_eq!(
+            again[header::FORWARDED],
+            "for=10.0.0.1, for=\"[::1]\";host=\"app.localhost\";proto=https"
+        );
+        assert_eq!(again["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn connection_names_what_goes_in_any_case_and_over_several_fields() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-Secret ,Close,, "),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"], "{headers:?}");
+        // Nothing of one connection: nothing changes.
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
     }
 
     #[test]
