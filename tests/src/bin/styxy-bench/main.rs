@@ -90,12 +90,13 @@ async fn main() -> Result<()> {
         "(tonic client: what the CLI uses; lean client: the shim's HTTP/2 client, one blocking \
          thread per client like portserver's — both share the 2 cores with the daemon)"
     );
-    // Where the time goes: the floor (a call that does no work) and the shim's one call, direct.
+    // Where the time goes: Status (a reading of the daemon's state — sessions, focus, protection —
+    // the nearest to a call that does no work the API has; no floor) and the shim's one call.
     let daemon = production_daemon().await?;
     let floor = styxy_run(
         &daemon,
         1,
-        "floor: Status, 1 client".into(),
+        "Status (reads the state), 1 client".into(),
         |mut c| async move {
             c.status(pb::StatusRequest {}).await?;
             Ok(())
