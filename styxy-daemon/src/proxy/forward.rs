@@ -361,21 +361,23 @@ pub fn set_host_and_forwarded(
     Ok(())
 }
 
-/// Sets `name` to `element`, after what an earlier proxy wrote there (`a, b`); an earlier value
-/// that is not text is replaced.
+/// Sets `name` to `element`, after what earlier proxies wrote there, in one field (`a, b, c`,
+/// however many fields they came in); earlier values that are not text are dropped.
 fn append(headers: &mut HeaderMap, name: HeaderName, element: &HeaderValue) {
     match headers.entry(name) {
         header::Entry::Vacant(vacant) => {
             vacant.insert(element.clone());
         }
         header::Entry::Occupied(mut occupied) => {
-            let joined = match (occupied.get().to_str(), element.to_str()) {
-                (Ok(earlier), Ok(element)) => {
-                    HeaderValue::from_str(&[earlier, ", ", element].concat()).ok()
-                }
-                _ => None,
-            };
-            occupied.insert(joined.unwrap_or_else(|| element.clone()));
+            let mut joined: Vec<&[u8]> = occupied
+                .iter()
+                .filter(|v| v.to_str().is_ok())
+                .map(HeaderValue::as_bytes)
+                .collect();
+            joined.push(element.as_bytes());
+            let joined = HeaderValue::from_bytes(&joined.join(&b", "[..]))
+                .unwrap_or_else(|_| element.clone());
+            occupied.insert(joined);
         }
     }
 }
@@ -545,12 +547,21 @@ mod tests {
         // And one more for the first name, behind another proxy: appended to.
         let mut again = HeaderMap::new();
         again.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        again.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        again.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
         forward(&mut again, "app.localhost", Scheme::Https, HostHeader::Keep);
         assert_eq!(
             again[header::FORWARDED],
             "for=10.0.0.1, for=\"[::1]\";host=\"app.localhost\";proto=https"
         );
-        assert_eq!(again["x-forwarded-for"], "::1");
+        assert_eq!(
+            again["x-forwarded-for"],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, ::1"
+        );
+        assert_eq!(again.get_all("x-forwarded-for").iter().count(), 1);
     }
 
     #[test]
