@@ -205,7 +205,7 @@ fn who_holds(query: OwnedQuery, answer: &mut BindAnswer) -> c_int {
 }
 
 /// How the notice names the holder of `asked`: its command in backticks (its port arguments
-/// kept when cut) and its session — "`python3 -m http.server 8000`, session feature-x". A lease
+/// kept when cut) and its session's name — "`python3 -m http.server 8000`, session feature-x". A lease
 /// or a hold has no command (and no address): "a lease", with its session.
 fn holder_description(holder: &pb::Holder, asked: u32) -> String {
     let ports = u16::try_from(asked).map(|p| vec![p]).unwrap_or_default();
@@ -222,9 +222,15 @@ fn holder_description(holder: &pb::Holder, asked: u32) -> String {
     } else {
         "another process".to_string()
     };
-    if !holder.instance_id.is_empty() {
+    // The session by its name (`feature-x`), by its id from a daemon that does not say the name.
+    let session = if holder.session_name.is_empty() {
+        &holder.instance_id
+    } else {
+        &holder.session_name
+    };
+    if !session.is_empty() {
         text.push_str(", session ");
-        text.push_str(&holder.instance_id);
+        text.push_str(session);
     }
     text
 }
@@ -389,6 +395,16 @@ mod tests {
         assert_eq!(
             holder_description(&socket, 8000),
             "`python3 -m http.server 8000`, session feature-x"
+        );
+        // Named: by its name, not its id.
+        let named = pb::Holder {
+            instance_id: "claude-5f0c2a".into(),
+            session_name: "shop".into(),
+            ..socket.clone()
+        };
+        assert_eq!(
+            holder_description(&named, 8000),
+            "`python3 -m http.server 8000`, session shop"
         );
         let outside = pb::Holder {
             instance_id: String::new(),

@@ -320,11 +320,12 @@ async fn vite_moves_once_and_hmr_works(observer: Observer) -> Result<()> {
         notices[0].contains(&format!("Auto-assigned port {bound} ({asked} ")),
         "{notices:?}"
     );
-    // Whose the port is: A's command and session (on the kernel's path too, where the shim asks
-    // the daemon for the notice).
+    // Whose the port is: A's command and session, by the session's name (its directory's, as
+    // `a.localhost` says it; its id is `vite-a`) — on the kernel's path too, where the shim asks
+    // the daemon for the notice.
     assert!(
         notices[0].contains(&format!(
-            "in use by `node {vite} --port {asked}`, session vite-a, pid {})",
+            "in use by `node {vite} --port {asked}`, session a, pid {})",
             a.child.id()
         )),
         "{observer:?}: {notices:?}"

@@ -220,6 +220,8 @@ pub fn holder(held: &Held) -> pb::Holder {
         port: u32::from(s.port),
         instance_id: held.instance_id.clone().unwrap_or_default(),
         orphan: false,
+        // Said by the calls whose holders a person reads (ResolveBind, Observe).
+        session_name: String::new(),
     }
 }
 

@@ -191,7 +191,11 @@ impl BrokerService {
         Ok(Response::new(pb::ObserveResponse {
             port: u32::from(port),
             bound: !view.holders.is_empty(),
-            holders: view.holders.iter().map(convert::holder).collect(),
+            holders: view
+                .holders
+                .iter()
+                .map(|held| self.with_session_name(convert::holder(held)))
+                .collect(),
             lease: view.lease.as_ref().map(convert::lease),
             range_service_type: view.range_type.unwrap_or_default(),
         }))
@@ -323,16 +327,16 @@ impl BrokerService {
                 action: pb::BindAction::Reassign as i32,
                 port: u32::from(port),
                 holder: holder.map(|h| match h {
-                    HolderView::Socket(held) => convert::holder(&held),
+                    HolderView::Socket(held) => self.with_session_name(convert::holder(&held)),
                     // A lease has no command: the shim names it as a lease (of its session).
-                    HolderView::Lease(lease) => pb::Holder {
+                    HolderView::Lease(lease) => self.with_session_name(pb::Holder {
                         pid: lease.process.map_or(0, |p| p.pid),
                         service_type: lease.service_type,
                         uid: lease.owner_uid,
                         port: u32::from(lease.port),
                         instance_id: lease.instance_id.unwrap_or_default(),
                         ..Default::default()
-                    },
+                    }),
                 }),
                 service_type: requested_type,
             },
@@ -526,6 +530,13 @@ impl BrokerService {
     }
 
     /// The name of session `instance` (empty for none).
+    /// `holder` with its session's name, for the notice a moved bind prints (an instance id
+    /// means nothing to the person or agent reading it).
+    fn with_session_name(&self, mut holder: pb::Holder) -> pb::Holder {
+        holder.session_name = self.session_name_of(&holder.instance_id);
+        holder
+    }
+
     fn session_name_of(&self, instance: &str) -> String {
         if instance.is_empty() {
             return String::new();
