@@ -82,14 +82,24 @@ async fn moved_server(
         .find(|s| s.asked_port == u32::from(asked) && Some(s.pid) != old))
 }
 
-/// Another session's server on `port` (127.0.0.1), so that the session under test is moved.
+/// Another session's server on `port` (127.0.0.1), so that the session under test is moved:
+/// session `the-other-session`, named `other-work` (what the agent is told).
 fn holder_in_another_session(daemon: &Daemon, port: u16) -> Result<Spawned> {
     let port = port.to_string();
-    let mut holder = Spawned::start(&mut daemon.shimmed_in(
-        "the-other-session",
-        "python3",
-        &["-u", "-m", "http.server", &port, "--bind", "127.0.0.1"],
-    ))?;
+    let mut holder = Spawned::start(
+        Command::new(styxy_tests::styxy_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "run",
+                "--instance",
+                "the-other-session",
+                "--name",
+                "other-work",
+            ])
+            .args(["--", "python3", "-u", "-m", "http.server", &port])
+            .args(["--bind", "127.0.0.1"]),
+    )?;
     holder.line_where(15, |l| l.contains("Serving HTTP"))?;
     Ok(holder)
 }
@@ -483,8 +493,8 @@ async fn jupyter_is_reported_as_the_agent_needs(observer: Observer) -> Result<()
         "the notebook server first: {context}"
     );
     assert!(
-        lines[1].contains("session the-other-session"),
-        "the holder's session is named: {context}"
+        lines[1].contains("session other-work"),
+        "the holder's session is named (by its name, not its id): {context}"
     );
     let helpers: Vec<&&str> = lines
         .iter()

@@ -330,11 +330,11 @@ fn holder(s: &SessionServer) -> String {
         COMMAND_CHARS,
         &asked,
     );
-    let session = if s.asked_holder_instance_id.is_empty() {
-        String::new()
-    } else {
-        format!(", session {}", s.asked_holder_instance_id)
-    };
+    // The session by its name (`feature-x`), by its id from a daemon that does not say the name.
+    let session = [&s.asked_holder_session_name, &s.asked_holder_instance_id]
+        .into_iter()
+        .find(|said| !said.is_empty())
+        .map_or(String::new(), |session| format!(", session {session}"));
     if command.is_empty() {
         format!("pid {}{session}", s.asked_holder_pid)
     } else {
@@ -398,6 +398,12 @@ mod tests {
                 format!("node .bin/storybook dev -p {asked}")
             },
             asked_holder_instance_id: if asked == 0 {
+                String::new()
+            } else {
+                "claude-7f3e".into()
+            },
+            // Told by its name, not its id.
+            asked_holder_session_name: if asked == 0 {
                 String::new()
             } else {
                 "feature-x".into()

@@ -197,6 +197,8 @@ pub fn session_server(
         asked_holder_instance_id: asked_holder
             .map(|h| h.instance_id.clone())
             .unwrap_or_default(),
+        // Said by SessionReport, which knows the sessions' names.
+        asked_holder_session_name: String::new(),
         addresses: server.addresses.clone(),
         urls: Vec::new(),
     }

@@ -776,6 +776,8 @@ impl PortBroker for BrokerService {
                 list.iter()
                     .map(|(s, holder)| {
                         let mut server = convert::session_server(s, holder.as_ref());
+                        server.asked_holder_session_name =
+                            self.session_name_of(&server.asked_holder_instance_id);
                         if let (Some(names), Some(proxy)) = (&names, proxy) {
                             server.urls = convert::urls_of(names, proxy, &id, s);
                         }
