@@ -28,6 +28,11 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const UNREPORTED_MAP: &str = "UNREPORTED";
 pub const REWRITES_MAP: &str = "REWRITES";
 pub const LAST_BINDER_MAP: &str = "LAST_BINDER";
+/// The proxy's spliced tunnels: each socket under its peer's cookie (see `styxy-ebpf`'s
+/// `splicing`).
+pub const SPLICED_MAP: &str = "SPLICED";
+/// Entries of `SPLICED`: two per spliced tunnel.
+pub const SPLICED_MAX: u32 = 8_192;
 
 /// Entries of `REQUESTED` (moved binds between bind4|6 and post_bind4|6).
 pub const REQUESTED_MAX: u32 = 16_384;
@@ -43,6 +48,7 @@ pub enum MapKind {
     Array = 2,
     PerCpuArray = 6,
     LruHash = 9,
+    SockHash = 18,
     RingBuf = 27,
 }
 
@@ -101,6 +107,9 @@ pub const MAPS: &[MapSpec] = &[
     // The users' focus (`styxy focus`).
     spec::<u32, u32>(FOCUS_MAP, MapKind::Hash, FOCUS_MAX, 0),
     spec::<u32, u32>(FOCUSING_MAP, MapKind::Array, FOCUSING_LEN, 0),
+    // The names' proxy's WebSocket tunnels, spliced in the kernel: socket cookie → the peer's
+    // socket (its fd on update).
+    spec::<u64, u32>(SPLICED_MAP, MapKind::SockHash, SPLICED_MAX, 0),
     // Signals refused between sessions (`lsm/task_kill`).
     MapSpec {
         name: REFUSALS_MAP,

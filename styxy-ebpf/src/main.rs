@@ -55,6 +55,7 @@ mod membership;
 mod moving;
 mod observing;
 mod protecting;
+mod splicing;
 mod views;
 
 /// Allow the operation (cgroup sock and sock_addr programs).

@@ -2,9 +2,9 @@
 //! daemon, with the few atomic updates made on them from several programs.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use styxy_common::event::{port_slot, BoundRecord, EVENTS_RING_BYTES, PORT_SLOTS};
-use styxy_common::maps::{BOUND_MAX, PORT_INFO_LEN, REQUESTED_MAX};
+use styxy_common::maps::{BOUND_MAX, PORT_INFO_LEN, REQUESTED_MAX, SPLICED_MAX};
 use styxy_common::protection::REFUSALS_RING_BYTES;
 use styxy_common::session::{
     Member, MoveKey, Requested, ReverseKey, StickyKey, ViewKey, FOCUSING_LEN, FOCUS_MAX, MOVES_MAX,
@@ -148,3 +148,7 @@ pub(crate) fn count_port(protocol: u8, port: u16, delta: u64) {
         }
     }
 }
+
+/// The names' proxy's spliced tunnels: each socket under its peer's cookie (see `splicing`).
+#[map]
+pub(crate) static SPLICED: SockHash<u64> = SockHash::with_max_entries(SPLICED_MAX, 0);

@@ -146,6 +146,7 @@ async fn main() -> Result<()> {
 mod calls;
 mod guard;
 mod kernel;
+mod kernel_splice;
 mod others;
 mod program_time;
 mod proxy;

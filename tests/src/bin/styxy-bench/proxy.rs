@@ -6,7 +6,8 @@
 //! idle client connections at the proxy. The proxy runs twice, polling after traffic (the
 //! default `--proxy-spin-us`) and sleeping between events (`--proxy-spin-us 0`), with the CPU
 //! time each daemon spends a request; two byte relays (`relay`) give the floors of a hop in user
-//! space, with wake-ups and without. A benchmark, not a test: it asserts nothing
+//! space, with wake-ups and without, and for the WebSocket a third, spliced in the kernel
+//! (`kernel_splice`). A benchmark, not a test: it asserts nothing
 //! about time.
 
 use std::io::{Read, Write};
@@ -172,16 +173,24 @@ pub async fn run() -> Result<()> {
         }
     }
     let echo = crate::proxy_websocket::start_echo(daemon.base + 51)?;
+    let mut relays = vec![
+        ("blocking byte relay", crate::relay::start(echo)?),
+        ("polling byte relay", crate::relay::start_polling(echo)?),
+    ];
+    // The kernel's own splice, where this machine can load it (`ebpf_ready` says why not).
+    if let Some(setup) = styxy_tests::ebpf_ready() {
+        relays.push((
+            "kernel splice relay",
+            crate::kernel_splice::start(echo, &setup.object)?,
+        ));
+    }
     crate::proxy_websocket::run(
         echo,
         &[
             ("styxy proxy", proxy_port),
             ("styxy proxy, no spin", sleeping_port),
         ],
-        &[
-            ("blocking byte relay", crate::relay::start(echo)?),
-            ("polling byte relay", crate::relay::start_polling(echo)?),
-        ],
+        &relays,
     )?;
     drop(sleeping);
     // Memory: the daemon idle, then holding 1,000 idle connections at the proxy.

@@ -1,7 +1,8 @@
 //! `styxy-bench proxy`'s WebSocket part: the round trip of a small message echoed by a
 //! WebSocket server (tungstenite, one thread per connection), direct, through the names' proxy's
-//! tunnel (polling after traffic, and sleeping between events) and through two byte relays
-//! (`relay`: the floors of a tunnel in user space, with wake-ups and without), alternated in
+//! tunnel (polling after traffic, and sleeping between events) and through byte relays
+//! (`relay`: the floors of a tunnel in user space, with wake-ups and without; `kernel_splice`:
+//! the kernel's own splice, where the bench may load it), alternated in
 //! two rounds. A benchmark, not a test: it asserts nothing about
 //! time.
 

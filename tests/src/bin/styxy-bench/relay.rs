@@ -28,7 +28,7 @@ pub fn start_polling(server: SocketAddr) -> Result<SocketAddr> {
 
 /// Accepts on a loopback port of its own, connects each client to `server` and hands the two
 /// to `join`: its address.
-fn relay_to(
+pub fn relay_to(
     server: SocketAddr,
     join: impl Fn(TcpStream, TcpStream) + Send + 'static,
 ) -> Result<SocketAddr> {
