@@ -27,6 +27,9 @@
 //! - `lsm/task_kill` refuses a signal that would end or stop a process of one session when a
 //!   process of another sends it, and records it in `REFUSALS` ([`protecting`]).
 //!
+//! Measuring (loaded by `styxy-bench proxy` only):
+//! - a sockmap `stream_verdict` splices two sockets in the kernel ([`splicing`]).
+//!
 //! Membership is checked against the calling task itself (see `steering_member`): an entry
 //! holds only for a process not newer than it (a reused pid is never a member, whatever was
 //! left in the map), and a session steers only processes running as its owner (a setuid program

@@ -1,10 +1,13 @@
-//! The names' proxy's WebSocket tunnels spliced in the kernel: once a tunnel's two sockets
-//! (the client's connection to the proxy and the proxy's to the server) are in `SPLICED`, each
-//! under the other's cookie, the bytes that arrive on one are sent on the other from the
-//! kernel, without waking the proxy.
+//! A tunnel spliced in the kernel: once a tunnel's two sockets (a client's connection to a relay
+//! and the relay's to the server) are in `SPLICED`, each under the other's cookie, the bytes
+//! that arrive on one are sent on the other by the kernel, without waking the relay.
 //!
-//! Only the daemon puts sockets in `SPLICED`, and only its own; a socket whose peer is not (or no
-//! longer) there keeps its bytes for the daemon to read as usual.
+//! Only `styxy-bench proxy` loads it, as the kernel's floor for the names' proxy's WebSocket
+//! tunnels. The daemon does not: the kernel sends a redirected segment from a workqueue, a
+//! wake-up per hop like a sleeping relay's, and on the machines measured the spliced tunnel's
+//! round trip was slower than the proxy's own polling one (the README's benchmark section).
+//!
+//! A socket whose peer is not (or no longer) in the map keeps its bytes for its reader.
 
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::helpers::bpf_get_socket_cookie;
