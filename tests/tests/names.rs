@@ -85,6 +85,48 @@ async fn two_worktrees_on_one_port_are_each_reached_by_name() -> Result<()> {
         format!("http://feature-y.localhost:{proxy}/"),
         "{value}"
     );
+    // What the person sees in `styxy ports`: each server's session by its name and its URL by
+    // name, not an instance id; `--instance` takes the name too. `styxy audit` names both
+    // sessions of Y's move.
+    let ports = String::from_utf8(daemon.cli(&["ports"]).stdout)?;
+    for (port, whose) in [(asked, "feature-x"), (y_port, "feature-y")] {
+        let row = ports
+            .lines()
+            .find(|l| l.starts_with(&format!("{port} ")))
+            .with_context(|| format!("port {port} in {ports}"))?;
+        assert!(
+            row.contains(&format!(" {whose} "))
+                && row.ends_with(&format!("http://{whose}.localhost:{proxy}/")),
+            "{row}"
+        );
+    }
+    let only_y: serde_json::Value = serde_json::from_slice(
+        &daemon
+            .cli(&["--json", "ports", "--instance", "feature-y"])
+            .stdout,
+    )?;
+    let holders = only_y["holders"].as_array().context("holders")?;
+    assert!(
+        !holders.is_empty()
+            && holders
+                .iter()
+                .all(|h| h["instanceId"] == "wt-y" && h["sessionName"] == "feature-y"),
+        "{only_y}"
+    );
+    assert_eq!(
+        holders[0]["urls"][0],
+        format!("http://feature-y.localhost:{proxy}/"),
+        "{only_y}"
+    );
+    let audit = String::from_utf8(daemon.cli(&["audit"]).stdout)?;
+    let line = audit
+        .lines()
+        .find(|l| l.contains(&format!(": {asked} → {y_port}")))
+        .with_context(|| format!("Y's move in {audit}"))?;
+    assert!(
+        line.contains("[feature-y]") && line.contains("session feature-x)"),
+        "{line}"
+    );
     // No name carries the bound port.
     let (code, _) = curl(
         &format!("http://{y_port}.feature-y.localhost:{proxy}/"),

@@ -447,13 +447,17 @@ async fn ports_name_the_agent_session_that_claimed_them() -> Result<()> {
     assert_eq!(mine[0]["port"], u32::from(moved));
     assert_eq!(mine[0]["pid"], pid);
     assert_eq!(mine[0]["instanceId"], "agent-7");
-    // The holder of the asked port belongs to no session; the table says so.
+    // The session is named after its directory (the test's working directory here).
+    let name = mine[0]["sessionName"].as_str().context("a session name")?;
+    assert!(!name.is_empty() && name != "agent-7", "{mine:?}");
+    // The holder of the asked port belongs to no session; the table says so, and shows the
+    // moved server's session by its name.
     let table = String::from_utf8(daemon.cli(&["ports"]).stdout)?;
     let row = table
         .lines()
         .find(|l| l.starts_with(&moved.to_string()))
         .context("a row for the moved port")?;
-    assert!(row.contains("agent-7"), "{table}");
+    assert!(row.contains(&format!(" {name} ")), "{table}");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `styxy audit`: every moved bind — who (and in which session), from which port to which, held
-//! by whom (command, pid, session).
+//! by whom (command, pid, session). Sessions are named as the names show them (their worktree's,
+//! or `styxy run --name`) while they live, by instance id after.
 
 use anyhow::Result;
 use styxy_proto::v1 as pb;
@@ -29,10 +30,10 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         println!("no reassigned binds yet");
     }
     for e in &r.entries {
-        let session = if e.instance_id.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", e.instance_id)
+        let session = match (e.instance_id.as_str(), e.session_name.as_str()) {
+            ("", _) => String::new(),
+            (id, "") => format!(" [{id}]"),
+            (_, name) => format!(" [{name}]"),
         };
         println!(
             "{}  {} pid {}{session}: {} → {}{}",
@@ -62,8 +63,14 @@ fn holder(e: &pb::AuditEntry) -> String {
         text.push_str(&format!("`{command}`, "));
     }
     text.push_str(&format!("pid {}", e.holder_pid));
-    if !e.holder_instance_id.is_empty() {
-        text.push_str(&format!(", session {}", e.holder_instance_id));
+    // By its name while the session lives; by its id once it has ended.
+    match (
+        e.holder_instance_id.as_str(),
+        e.holder_session_name.as_str(),
+    ) {
+        ("", _) => {}
+        (id, "") => text.push_str(&format!(", session {id}")),
+        (_, name) => text.push_str(&format!(", session {name}")),
     }
     text.push(')');
     text
@@ -80,9 +87,14 @@ mod tests {
             holder_pid: 4121,
             holder_comm: "python3".into(),
             holder_cmdline: "/usr/bin/python3 -m http.server 8000".into(),
-            holder_instance_id: "feature-x".into(),
+            holder_instance_id: "claude-7f3e".into(),
             ..Default::default()
         };
+        assert_eq!(
+            holder(&e),
+            " (held by `python3 -m http.server 8000`, pid 4121, session claude-7f3e)"
+        );
+        e.holder_session_name = "feature-x".into();
         assert_eq!(
             holder(&e),
             " (held by `python3 -m http.server 8000`, pid 4121, session feature-x)"

@@ -1,7 +1,9 @@
 //! `styxy ports`: every bound port, lease and session view entry, or one agent session's
-//! (`--instance`). A view entry reads `8000 → 8001`: inside that session, the asked port reaches
-//! the server that was moved to the bound one. Sticky ports read `8000 → 8001` too: the port
-//! that project's server asking 8000 got last, and gets again while it is free.
+//! (`--instance`, by its id or its name). A server's session is shown by its name (its
+//! worktree's, or `styxy run --name`), and its URL by name through the proxy when the proxy runs.
+//! A view entry reads `8000 → 8001`: inside that session, the asked port reaches the server that
+//! was moved to the bound one. Sticky ports read `8000 → 8001` too: the port that project's
+//! server asking 8000 got last, and gets again while it is free.
 
 use anyhow::Result;
 use styxy_proto::v1 as pb;
@@ -11,19 +13,22 @@ use crate::output::{call, expiry, pid_cell, print_json, print_table, protocol_na
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Only the ports of this agent session (its STYXY_INSTANCE), e.g. `--instance "$STYXY_INSTANCE"`.
+    /// Only the ports of this agent session: its STYXY_INSTANCE (`--instance "$STYXY_INSTANCE"`)
+    /// or its name (`--instance feature-x`).
     #[arg(long)]
     instance: Option<String>,
 }
 
 pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Result<()> {
     let mut r = call(client.list_ports(pb::ListPortsRequest {}).await)?;
-    if let Some(instance) = &args.instance {
-        r.holders.retain(|h| &h.instance_id == instance);
-        r.leases.retain(|l| &l.instance_id == instance);
-        r.views.retain(|v| &v.instance_id == instance);
+    if let Some(wanted) = &args.instance {
+        let ids = instances_called(&r, wanted);
+        let mine = |id: &String| ids.contains(id);
+        r.holders.retain(|h| mine(&h.instance_id));
+        r.leases.retain(|l| mine(&l.instance_id));
+        r.views.retain(|v| mine(&v.instance_id));
         r.sticky.clear();
-        r.focuses.retain(|f| &f.instance_id == instance);
+        r.focuses.retain(|f| mine(&f.instance_id));
     }
     if as_json {
         return print_json(&r);
@@ -53,6 +58,40 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         print_sticky(&r.sticky);
     }
     Ok(())
+}
+
+/// The instance ids `wanted` stands for: itself, and the sessions named so.
+fn instances_called(r: &pb::ListPortsResponse, wanted: &str) -> Vec<String> {
+    let named = r
+        .holders
+        .iter()
+        .filter(|h| h.session_name == wanted)
+        .map(|h| &h.instance_id)
+        .chain(
+            r.focuses
+                .iter()
+                .filter(|f| f.session_name == wanted)
+                .map(|f| &f.instance_id),
+        );
+    let mut ids: Vec<String> = Vec::new();
+    for id in std::iter::once(wanted).chain(named.map(String::as_str)) {
+        if !id.is_empty() && !ids.iter().any(|known| known == id) {
+            ids.push(id.to_string());
+        }
+    }
+    ids
+}
+
+/// A holder's session as a person knows it: its name (its id when it has none), or the ended
+/// session of an orphan.
+fn session_cell(h: &pb::Holder) -> String {
+    match (h.instance_id.as_str(), h.session_name.as_str(), h.orphan) {
+        ("", _, _) => "-".to_string(),
+        // Its session ended while it runs on: `styxy prune` stops it.
+        (ended, _, true) => format!("{ended} (ended: orphan)"),
+        (id, "", false) => id.to_string(),
+        (_, name, false) => name.to_string(),
+    }
 }
 
 fn print_sticky(sticky: &[pb::StickyPort]) {
@@ -92,7 +131,7 @@ fn print_holders(holders: &[pb::Holder]) {
         return;
     }
     let mut t = table(&[
-        "PORT", "PROTO", "PID", "COMM", "TYPE", "INSTANCE", "ADDRESS",
+        "PORT", "PROTO", "PID", "COMM", "TYPE", "SESSION", "ADDRESS", "URL",
     ]);
     for h in holders {
         t.add_row([
@@ -101,13 +140,10 @@ fn print_holders(holders: &[pb::Holder]) {
             pid_cell(h.pid),
             if h.comm.is_empty() { "?" } else { &h.comm }.to_string(),
             h.service_type.clone(),
-            match (h.instance_id.as_str(), h.orphan) {
-                ("", _) => "-".to_string(),
-                // Its session ended while it runs on: `styxy prune` stops it.
-                (ended, true) => format!("{ended} (ended: orphan)"),
-                (id, false) => id.to_string(),
-            },
+            session_cell(h),
             h.addresses.join(","),
+            // The most general of its names (all of them in --json).
+            h.urls.first().map_or("-", String::as_str).to_string(),
         ]);
     }
     print_table(&t);
@@ -126,4 +162,51 @@ fn print_leases(leases: &[pb::Lease]) {
         ]);
     }
     print_table(&t);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(instance_id: &str, session_name: &str) -> pb::Holder {
+        pb::Holder {
+            instance_id: instance_id.into(),
+            session_name: session_name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_session_is_shown_by_its_name_and_an_ended_one_by_its_id() {
+        assert_eq!(
+            session_cell(&holder("claude-7f3e", "feature-x")),
+            "feature-x"
+        );
+        assert_eq!(session_cell(&holder("claude-7f3e", "")), "claude-7f3e");
+        assert_eq!(session_cell(&holder("", "")), "-");
+        let orphan = pb::Holder {
+            orphan: true,
+            ..holder("claude-7f3e", "")
+        };
+        assert_eq!(session_cell(&orphan), "claude-7f3e (ended: orphan)");
+    }
+
+    #[test]
+    fn a_session_is_picked_by_its_id_or_its_name() {
+        let r = pb::ListPortsResponse {
+            holders: vec![
+                holder("claude-7f3e", "feature-x"),
+                holder("claude-0a1b", "feature-y"),
+                holder("claude-7f3e", "feature-x"),
+                holder("", ""),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            instances_called(&r, "feature-x"),
+            ["feature-x", "claude-7f3e"]
+        );
+        assert_eq!(instances_called(&r, "claude-0a1b"), ["claude-0a1b"]);
+        assert_eq!(instances_called(&r, ""), Vec::<String>::new());
+    }
 }

@@ -154,29 +154,30 @@ pub fn family(value: i32) -> Result<styxy_broker::Family, Status> {
     }
 }
 
-/// Where a browser reaches session `instance`'s `server` through the proxy's entry (`("https",
-/// "127.0.0.1:8443")`): one URL per name, most general first; none when it has no name.
-pub fn urls_of(
-    names: &styxy_broker::Names,
-    (scheme, listen): (&str, &str),
-    instance: &str,
-    server: &styxy_broker::SessionServer,
-) -> Vec<String> {
-    names
-        .servers
-        .iter()
-        .find(|n| {
-            n.instance_id.as_deref() == Some(instance)
-                && n.pid == server.pid
-                && n.port == server.port
-        })
-        .map(|n| {
-            n.names
-                .iter()
-                .map(|name| styxy_common::url::name_url(scheme, name, listen))
-                .collect()
-        })
-        .unwrap_or_default()
+/// Every live server's names, and the proxy's entry they are reached at (`https`,
+/// `127.0.0.1:8443`).
+pub struct ServedNames {
+    pub names: std::sync::Arc<styxy_broker::Names>,
+    pub scheme: &'static str,
+    pub listen: String,
+}
+
+impl ServedNames {
+    /// Where a browser reaches the server `pid` bound on `port`: one URL per name, most
+    /// general first; none when it has no name.
+    pub fn urls(&self, pid: u32, port: u16) -> Vec<String> {
+        self.names
+            .servers
+            .iter()
+            .find(|n| n.pid == pid && n.port == port)
+            .map(|n| {
+                n.names
+                    .iter()
+                    .map(|name| styxy_common::url::name_url(self.scheme, name, &self.listen))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// A server of a session, with who held the port it asked for.
@@ -222,8 +223,9 @@ pub fn holder(held: &Held) -> pb::Holder {
         port: u32::from(s.port),
         instance_id: held.instance_id.clone().unwrap_or_default(),
         orphan: false,
-        // Said by the calls whose holders a person reads (ResolveBind, Observe).
+        // Said by the calls whose holders a person reads (ResolveBind, Observe, ListPorts).
         session_name: String::new(),
+        urls: Vec::new(),
     }
 }
 
@@ -278,6 +280,9 @@ pub fn audit_entry(r: &AuditRecord) -> pb::AuditEntry {
         holder_instance_id: r.holder_instance_id.clone().unwrap_or_default(),
         instance_id: r.instance_id.clone().unwrap_or_default(),
         uid: r.uid,
+        // Said by ListAudit, which knows the live sessions' names.
+        session_name: String::new(),
+        holder_session_name: String::new(),
     }
 }
 

@@ -212,15 +212,20 @@ impl BrokerService {
             .into_iter()
             .map(|c| (c.pid, c.instance_id.unwrap_or_default()))
             .collect();
+        let named = self.served_names();
         Ok(Response::new(pb::ListPortsResponse {
             holders: list
                 .holders
                 .iter()
                 .map(|held| {
-                    let mut holder = convert::holder(held);
+                    let mut holder = self.with_session_name(convert::holder(held));
                     if let Some(ended) = orphans.get(&holder.pid) {
                         holder.orphan = true;
                         holder.instance_id.clone_from(ended);
+                        holder.session_name.clear();
+                    }
+                    if let (Some(named), Ok(port)) = (&named, u16::try_from(holder.port)) {
+                        holder.urls = named.urls(holder.pid, port);
                     }
                     holder
                 })
@@ -537,6 +542,19 @@ impl BrokerService {
         holder
     }
 
+    /// Every live server's names, and the proxy's entry they are reached at; `None` when the
+    /// proxy does not run (the names are then read for nothing).
+    fn served_names(&self) -> Option<convert::ServedNames> {
+        let (http, https) = self.engine.proxy_listen();
+        let (http, https) = (http.unwrap_or_default(), https.unwrap_or_default());
+        let (scheme, listen) = styxy_common::url::proxy_entry(&http, &https)?;
+        Some(convert::ServedNames {
+            names: self.engine.names(),
+            scheme,
+            listen: listen.to_string(),
+        })
+    }
+
     fn session_name_of(&self, instance: &str) -> String {
         if instance.is_empty() {
             return String::new();
@@ -619,7 +637,15 @@ impl BrokerService {
         let limit = convert::count(req.limit, convert::MAX_AUDIT, 100, "limit")?;
         let entries = self.engine.audit(req.since_ms, limit);
         Ok(Response::new(pb::ListAuditResponse {
-            entries: entries.iter().map(convert::audit_entry).collect(),
+            entries: entries
+                .iter()
+                .map(|record| {
+                    let mut entry = convert::audit_entry(record);
+                    entry.session_name = self.session_name_of(&entry.instance_id);
+                    entry.holder_session_name = self.session_name_of(&entry.holder_instance_id);
+                    entry
+                })
+                .collect(),
         }))
     }
 }
@@ -766,11 +792,7 @@ impl PortBroker for BrokerService {
             self.engine.collect_refused_signals();
             let report = self.engine.session_report(&id, caller.uid, req.peek)
                 .map_err(convert::engine_error)?;
-            // The servers' names are read only when the proxy serves them.
-            let (http, https) = self.engine.proxy_listen();
-            let (http, https) = (http.unwrap_or_default(), https.unwrap_or_default());
-            let proxy = styxy_common::url::proxy_entry(&http, &https);
-            let names = proxy.map(|_| self.engine.names());
+            let named = self.served_names();
             let session = self.engine.session_name(&id);
             let servers = |list: &[(styxy_broker::SessionServer, Option<AskedHolder>)]| {
                 list.iter()
@@ -778,8 +800,8 @@ impl PortBroker for BrokerService {
                         let mut server = convert::session_server(s, holder.as_ref());
                         server.asked_holder_session_name =
                             self.session_name_of(&server.asked_holder_instance_id);
-                        if let (Some(names), Some(proxy)) = (&names, proxy) {
-                            server.urls = convert::urls_of(names, proxy, &id, s);
+                        if let Some(named) = &named {
+                            server.urls = named.urls(s.pid, s.port);
                         }
                         server
                     })
