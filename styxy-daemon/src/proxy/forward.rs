@@ -33,14 +33,16 @@ pub enum HostHeader {
     Upstream,
 }
 
-/// The client of one connection, and the forwarding headers' values for it, made once per
-/// connection (its address) or once per name it asks for (a browser's connection asks for
+/// The client of one connection and the scheme it speaks, and the forwarding headers' values
+/// for it, made once per connection (its address) or once per name it asks for (a browser's connection asks for
 /// one). Formatting them on each request had cost 6,000 of the proxy's 58,000 instructions per
 /// keep-alive GET, and making them for each request again 1,900 of 43,000 (callgrind over
 /// 2,000 through a release daemon).
 #[derive(Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// Whether the connection is TLS (`proto=` and `X-Forwarded-Proto`).
+    pub scheme: Scheme,
     /// `X-Forwarded-For`'s element: `127.0.0.1`, `::1`.
     forwarded_for: HeaderValue,
     /// `Forwarded`'s `for=` node: `127.0.0.1`, or IPv6 quoted in brackets (RFC 7239 §6).
@@ -54,15 +56,14 @@ pub struct Peer {
 struct NameValues {
     /// The name as the client wrote it (`Host`, `:authority`).
     host: Box<str>,
-    scheme: Scheme,
     /// It as a header value: `Host` (kept) and `X-Forwarded-Host`.
     host_value: HeaderValue,
-    /// `Forwarded`'s element for this client, name and scheme.
+    /// `Forwarded`'s element for this client and name.
     forwarded: HeaderValue,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, scheme: Scheme) -> Peer {
         let forwarded_for = addr.ip().to_string();
         let forwarded_node = match addr.ip() {
             IpAddr::V4(_) => forwarded_for.clone(),
@@ -70,6 +71,7 @@ impl Peer {
         };
         Peer {
             addr,
+            scheme,
             // An address is digits, dots, colons and hex: always a valid value.
             forwarded_for: HeaderValue::from_str(&forwarded_for)
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
@@ -78,13 +80,13 @@ impl Peer {
         }
     }
 
-    /// The values for `host` over `scheme` (`Host`, `Forwarded`): those made for the last
-    /// request when it asked for the same, else new ones (kept for the next).
-    fn values_for(&self, host: &str, scheme: Scheme) -> Result<(HeaderValue, HeaderValue), String> {
+    /// The values for `host` (`Host`, `Forwarded`): those made for the last request when it
+    /// asked for the same name, else new ones (kept for the next).
+    fn values_for(&self, host: &str) -> Result<(HeaderValue, HeaderValue), String> {
         // A poisoned lock only means a panic elsewhere mid-update: the values are remade.
         let mut last = self.last_name.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(values) = last.as_ref() {
-            if &*values.host == host && values.scheme == scheme {
+            if &*values.host == host {
                 return Ok((values.host_value.clone(), values.forwarded.clone()));
             }
         }
@@ -96,13 +98,12 @@ impl Peer {
             ";host=\"",
             host,
             "\";proto=",
-            scheme.as_str(),
+            self.scheme.as_str(),
         ]
         .concat();
         let forwarded = HeaderValue::from_str(&element).map_err(|_| invalid())?;
         *last = Some(NameValues {
             host: host.into(),
-            scheme,
             host_value: host_value.clone(),
             forwarded: forwarded.clone(),
         });
@@ -153,7 +154,6 @@ pub struct Route<'a> {
     pub target: SocketAddr,
     /// The client.
     pub peer: &'a Peer,
-    pub scheme: Scheme,
     /// Whether the client reads the proxy's own pages as HTML.
     pub html: bool,
 }
@@ -162,7 +162,6 @@ pub struct Route<'a> {
 pub async fn answer(
     mut request: Request<Incoming>,
     peer: &Peer,
-    scheme: Scheme,
     engine: &Engine,
     upstream: &Upstream,
 ) -> Response<ProxyBody> {
@@ -177,9 +176,10 @@ pub async fn answer(
     let name = styxy_broker::names::host_name(host);
     if name == super::dashboard::HOST {
         if request.method() == hyper::Method::POST && request.uri().path() == "/focus" {
-            return super::dashboard::focus_switch(request, host, scheme, peer.addr, engine).await;
+            return super::dashboard::focus_switch(request, host, peer.scheme, peer.addr, engine)
+                .await;
         }
-        return super::dashboard::answer(&request, host, scheme, engine);
+        return super::dashboard::answer(&request, host, peer.scheme, engine);
     }
     // Held for the whole request (a page may need the server's details): a reading, not a lock.
     let names = engine.names();
@@ -195,7 +195,6 @@ pub async fn answer(
             server,
             target,
             peer,
-            scheme,
             html,
         };
         let (response, opened) = super::websocket_h2::tunnel(request, &route, upstream).await;
@@ -208,8 +207,9 @@ pub async fn answer(
         }
         return response;
     }
-    let client_upgrade = upgrade_of(request.headers()).map(|_| hyper::upgrade::on(&mut request));
-    let forwarded = match rewrite(request, host, target, peer, scheme, upstream.host_header) {
+    let upgrade = upgrade_of(request.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+    let forwarded = match rewrite(request, upgrade, host, target, peer, upstream.host_header) {
         Ok(forwarded) => forwarded,
         Err(why) => return pages::bad_request(&why, html),
     };
@@ -282,17 +282,17 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// The request as the named server gets it.
+/// The request as the named server gets it, asking for `upgrade` (`upgrade_of` its headers)
+/// when the client did.
 fn rewrite(
     request: Request<Incoming>,
+    upgrade: Option<HeaderValue>,
     host: &str,
     target: SocketAddr,
     peer: &Peer,
-    scheme: Scheme,
     host_header: HostHeader,
 ) -> Result<Request<Incoming>, String> {
     let (mut parts, body) = request.into_parts();
-    let upgrade = upgrade_of(&parts.headers);
     // Origin-form, the path as it came (already parsed: not parsed again); the connection is
     // to the target already.
     parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
@@ -320,7 +320,7 @@ fn rewrite(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, upgrade);
     }
-    set_host_and_forwarded(&mut parts.headers, host, target, peer, scheme, host_header)?;
+    set_host_and_forwarded(&mut parts.headers, host, target, peer, host_header)?;
     Ok(Request::from_parts(parts, body))
 }
 
@@ -342,10 +342,9 @@ pub fn set_host_and_forwarded(
     host: &str,
     target: SocketAddr,
     peer: &Peer,
-    scheme: Scheme,
     host_header: HostHeader,
 ) -> Result<(), String> {
-    let (name_value, forwarded) = peer.values_for(host, scheme)?;
+    let (name_value, forwarded) = peer.values_for(host)?;
     let host_value = match host_header {
         HostHeader::Keep => name_value.clone(),
         HostHeader::Upstream => HeaderValue::from_str(&authority_of(target))
@@ -356,7 +355,10 @@ pub fn set_host_and_forwarded(
     headers.insert(header::HOST, host_value);
     append(headers, X_FORWARDED_FOR, &peer.forwarded_for);
     headers.insert(X_FORWARDED_HOST, name_value);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(peer.scheme.as_str()),
+    );
     append(headers, header::FORWARDED, &forwarded);
     Ok(())
 }
@@ -508,17 +510,12 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let peer = Peer::new("[::1]:50000".parse().unwrap());
+        let peer = Peer::new("[::1]:50000".parse().unwrap(), Scheme::Https);
         let target = "127.0.0.1:5174".parse().unwrap();
-        let forward = |headers: &mut HeaderMap, host: &str, scheme: Scheme, host_header| {
-            set_host_and_forwarded(headers, host, target, &peer, scheme, host_header).unwrap()
+        let forward = |headers: &mut HeaderMap, peer: &Peer, host: &str, host_header| {
+            set_host_and_forwarded(headers, host, target, peer, host_header).unwrap()
         };
-        forward(
-            &mut headers,
-            "app.localhost",
-            Scheme::Https,
-            HostHeader::Keep,
-        );
+        forward(&mut headers, &peer, "app.localhost", HostHeader::Keep);
         assert_eq!(headers[header::HOST], "app.localhost");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(headers["x-forwarded-host"], "app.localhost");
@@ -527,22 +524,27 @@ mod tests {
             headers[header::FORWARDED],
             "for=\"[::1]\";host=\"app.localhost\";proto=https"
         );
-        // The next request on the connection asks for another name, over the other scheme:
-        // nothing of the first is kept.
+        // The next request on the connection asks for another name: nothing of the first is
+        // kept.
         let mut next = HeaderMap::new();
-        forward(
-            &mut next,
-            "api.app.localhost",
-            Scheme::Http,
-            HostHeader::Upstream,
-        );
+        forward(&mut next, &peer, "api.app.localhost", HostHeader::Upstream);
         assert_eq!(next[header::HOST], "127.0.0.1:5174");
         assert_eq!(next["x-forwarded-for"], "::1");
         assert_eq!(next["x-forwarded-host"], "api.app.localhost");
-        assert_eq!(next["x-forwarded-proto"], "http");
+        assert_eq!(next["x-forwarded-proto"], "https");
         assert_eq!(
             next[header::FORWARDED],
-            "for=\"[::1]\";host=\"api.app.localhost\";proto=http"
+            "for=\"[::1]\";host=\"api.app.localhost\";proto=https"
+        );
+        // Another client's connection, over plain HTTP.
+        let plain = Peer::new("127.0.0.1:40000".parse().unwrap(), Scheme::Http);
+        let mut other = HeaderMap::new();
+        forward(&mut other, &plain, "api.app.localhost", HostHeader::Keep);
+        assert_eq!(other["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(other["x-forwarded-proto"], "http");
+        assert_eq!(
+            other[header::FORWARDED],
+            "for=127.0.0.1;host=\"api.app.localhost\";proto=http"
         );
         // And one more for the first name, behind another proxy: appended to.
         let mut again = HeaderMap::new();
@@ -552,7 +554,7 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
-        forward(&mut again, "app.localhost", Scheme::Https, HostHeader::Keep);
+        forward(&mut again, &peer, "app.localhost", HostHeader::Keep);
         assert_eq!(
             again[header::FORWARDED],
             "for=10.0.0.1, for=\"[::1]\";host=\"app.localhost\";proto=https"

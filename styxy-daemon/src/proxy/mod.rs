@@ -370,13 +370,13 @@ where
 {
     let engine = shared.engine.clone();
     let upstream = shared.upstream;
-    let peer = Arc::new(forward::Peer::new(peer));
+    let peer = Arc::new(forward::Peer::new(peer, scheme));
     let service = hyper::service::service_fn(move |request| {
         let engine = engine.clone();
         let peer = peer.clone();
         async move {
             Ok::<_, std::convert::Infallible>(
-                forward::answer(request, &peer, scheme, &engine, &upstream).await,
+                forward::answer(request, &peer, &engine, &upstream).await,
             )
         }
     });

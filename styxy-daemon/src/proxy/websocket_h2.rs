@@ -14,7 +14,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
 use super::forward::{self, ProxyBody, Route, Upstream};
-use super::{pages, Scheme};
+use super::pages;
 
 /// Whether `request` opens a WebSocket by RFC 8441's extended CONNECT.
 pub fn is_websocket_connect<B>(request: &Request<B>) -> bool {
@@ -49,11 +49,10 @@ async fn open(
         server,
         target,
         peer,
-        scheme,
         html,
     } = *route;
     let client_stream = hyper::upgrade::on(&mut request);
-    let upgrade = match upgrade_request(&request, host, target, peer, scheme, upstream) {
+    let upgrade = match upgrade_request(&request, host, target, peer, upstream) {
         Ok(upgrade) => upgrade,
         Err(why) => return Err(pages::bad_request(&why, html)),
     };
@@ -119,7 +118,6 @@ fn upgrade_request(
     host: &str,
     target: SocketAddr,
     peer: &forward::Peer,
-    scheme: Scheme,
     upstream: &Upstream,
 ) -> Result<Request<Empty<Bytes>>, String> {
     let path = request
@@ -147,7 +145,7 @@ fn upgrade_request(
             HeaderValue::from_static("13"),
         );
     }
-    forward::set_host_and_forwarded(headers, host, target, peer, scheme, upstream.host_header())?;
+    forward::set_host_and_forwarded(headers, host, target, peer, upstream.host_header())?;
     Ok(upgrade)
 }
 
