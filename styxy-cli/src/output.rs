@@ -66,12 +66,18 @@ pub(crate) fn pid_cell(pid: u32) -> String {
     }
 }
 
-/// `comm, pid N — type on addresses/proto [cmdline]`.
+/// `comm, pid N[, session NAME] — type on addresses/proto [cmdline]`.
 pub(crate) fn describe_holder(h: &pb::Holder) -> String {
-    let who = match (h.pid, h.comm.as_str()) {
+    let mut who = match (h.pid, h.comm.as_str()) {
         (0, _) => format!("uid {} (process not visible)", h.uid),
         (pid, comm) => format!("{comm}, pid {pid}"),
     };
+    // Its session, by the name a person knows it by (its id when it has none).
+    match (h.session_name.as_str(), h.instance_id.as_str()) {
+        ("", "") => {}
+        ("", id) => who.push_str(&format!(", session {id}")),
+        (name, _) => who.push_str(&format!(", session {name}")),
+    }
     format!(
         "{who} — {} on {}/{} [{}]",
         h.service_type,
@@ -136,6 +142,27 @@ mod tests {
         assert_eq!(human_duration(7500), "2h05m");
         assert_eq!(clock(3_723_000), "01:02:03");
         assert_eq!(expiry(0), "while its process runs");
+    }
+
+    #[test]
+    fn a_holder_is_described_with_its_session_by_name() {
+        let mut h = pb::Holder {
+            pid: 4100,
+            comm: "node".into(),
+            service_type: "dev".into(),
+            addresses: vec!["127.0.0.1".into()],
+            protocol: pb::Protocol::Tcp as i32,
+            cmdline: "vite --port 5173".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            describe_holder(&h),
+            "node, pid 4100 — dev on 127.0.0.1/tcp [vite --port 5173]"
+        );
+        h.instance_id = "claude-7f3e".into();
+        assert!(describe_holder(&h).starts_with("node, pid 4100, session claude-7f3e — "));
+        h.session_name = "feature-x".into();
+        assert!(describe_holder(&h).starts_with("node, pid 4100, session feature-x — "));
     }
 
     #[test]

@@ -87,7 +87,7 @@ async fn two_worktrees_on_one_port_are_each_reached_by_name() -> Result<()> {
     );
     // What the person sees in `styxy ports`: each server's session by its name and its URL by
     // name, not an instance id; `--instance` takes the name too. `styxy audit` names both
-    // sessions of Y's move.
+    // sessions of Y's move, `styxy observe` the session of the asked port's holder.
     let ports = String::from_utf8(daemon.cli(&["ports"]).stdout)?;
     for (port, whose) in [(asked, "feature-x"), (y_port, "feature-y")] {
         let row = ports
@@ -127,6 +127,8 @@ async fn two_worktrees_on_one_port_are_each_reached_by_name() -> Result<()> {
         line.contains("[feature-y]") && line.contains("session feature-x)"),
         "{line}"
     );
+    let observed = String::from_utf8(daemon.cli(&["observe", &asked.to_string()]).stdout)?;
+    assert!(observed.contains(", session feature-x — "), "{observed}");
     // No name carries the bound port.
     let (code, _) = curl(
         &format!("http://{y_port}.feature-y.localhost:{proxy}/"),
