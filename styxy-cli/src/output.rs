@@ -66,17 +66,25 @@ pub(crate) fn pid_cell(pid: u32) -> String {
     }
 }
 
+/// A session as a person knows it: by its name (its worktree's, or `styxy run --name`), by its
+/// instance id when it has none (ended, or from an older daemon); empty for none.
+pub(crate) fn session_shown<'a>(name: &'a str, id: &'a str) -> &'a str {
+    if name.is_empty() {
+        id
+    } else {
+        name
+    }
+}
+
 /// `comm, pid N[, session NAME] — type on addresses/proto [cmdline]`.
 pub(crate) fn describe_holder(h: &pb::Holder) -> String {
     let mut who = match (h.pid, h.comm.as_str()) {
         (0, _) => format!("uid {} (process not visible)", h.uid),
         (pid, comm) => format!("{comm}, pid {pid}"),
     };
-    // Its session, by the name a person knows it by (its id when it has none).
-    match (h.session_name.as_str(), h.instance_id.as_str()) {
-        ("", "") => {}
-        ("", id) => who.push_str(&format!(", session {id}")),
-        (name, _) => who.push_str(&format!(", session {name}")),
+    let session = session_shown(&h.session_name, &h.instance_id);
+    if !session.is_empty() {
+        who.push_str(&format!(", session {session}"));
     }
     format!(
         "{who} — {} on {}/{} [{}]",

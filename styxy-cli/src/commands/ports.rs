@@ -9,7 +9,9 @@ use anyhow::Result;
 use styxy_proto::v1 as pb;
 
 use super::Client;
-use crate::output::{call, expiry, pid_cell, print_json, print_table, protocol_name, table};
+use crate::output::{
+    call, expiry, pid_cell, print_json, print_table, protocol_name, session_shown, table,
+};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -85,12 +87,11 @@ fn instances_called(r: &pb::ListPortsResponse, wanted: &str) -> Vec<String> {
 /// A holder's session as a person knows it: its name (its id when it has none), or the ended
 /// session of an orphan.
 fn session_cell(h: &pb::Holder) -> String {
-    match (h.instance_id.as_str(), h.session_name.as_str(), h.orphan) {
-        ("", _, _) => "-".to_string(),
+    match (session_shown(&h.session_name, &h.instance_id), h.orphan) {
+        ("", _) => "-".to_string(),
         // Its session ended while it runs on: `styxy prune` stops it.
-        (ended, _, true) => format!("{ended} (ended: orphan)"),
-        (id, "", false) => id.to_string(),
-        (_, name, false) => name.to_string(),
+        (ended, true) => format!("{ended} (ended: orphan)"),
+        (session, false) => session.to_string(),
     }
 }
 
