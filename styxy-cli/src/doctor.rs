@@ -85,13 +85,13 @@ pub async fn run(target: &Target, as_json: bool, deadline: Duration) -> Result<(
     let failed = checks.iter().filter(|c| !c.ok).count();
     if as_json {
         let report = serde_json::json!({ "ok": failed == 0, "checks": checks });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for check in &checks {
             let mark = if check.ok { "✓" } else { "✗" };
-            println!("{mark} {:<16} {}", check.name, check.detail);
+            outln!("{mark} {:<16} {}", check.name, check.detail);
             if let Some(fix) = &check.fix {
-                println!("  {:<16} fix: {fix}", "");
+                outln!("  {:<16} fix: {fix}", "");
             }
         }
     }

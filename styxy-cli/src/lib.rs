@@ -4,6 +4,10 @@
 //! (`doctor`) — and `styxy daemon`, which hands over to the `styxy-daemon` crate. [`main`] is the
 //! whole binary; [`client`] is how every part (and the tests) reach the daemon.
 
+// First: its printing macros (`outln!`, `out!`) serve the modules below.
+#[macro_use]
+mod output;
+
 pub mod client;
 mod commands;
 mod docs;
@@ -13,7 +17,6 @@ mod install;
 mod logging;
 mod mcp;
 mod mcp_stdio;
-mod output;
 mod preload;
 mod trust_stores;
 
@@ -229,14 +232,14 @@ async fn run(args: Args) -> Result<()> {
         Command::Install(a) => {
             let layout = install::Layout::new(a.root, Some(a.prefix))?;
             for line in install::install(&layout)? {
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
         Command::Uninstall(a) => {
             let layout = install::Layout::new(a.root, Some(a.prefix))?;
             for line in install::uninstall(&layout)? {
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -247,7 +250,7 @@ async fn run(args: Args) -> Result<()> {
         }
         Command::Hook(HookCommand::SessionStart) => {
             let target = Target::Unix(args.socket.unwrap_or_else(daemon_socket));
-            println!("{}", hook::session_start(&target).await);
+            outln!("{}", hook::session_start(&target).await);
             Ok(())
         }
         Command::Hook(HookCommand::PostToolUse) => {
@@ -262,13 +265,13 @@ async fn run(args: Args) -> Result<()> {
         }
         Command::Hook(HookCommand::Install(places)) => {
             for line in hook::settings::install(&places.places()?)? {
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
         Command::Hook(HookCommand::Uninstall(places)) => {
             for line in hook::settings::uninstall(&places.places()?)? {
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -278,7 +281,7 @@ async fn run(args: Args) -> Result<()> {
         }
         Command::Env { instance } => {
             let library = preload::find_library()?;
-            print!(
+            out!(
                 "{}",
                 preload::env_lines(&library, instance.as_deref(), args.socket.as_deref())
             );
@@ -299,7 +302,7 @@ async fn run(args: Args) -> Result<()> {
         }
         Command::Manpages { dir } => {
             for written in docs::manpages(&dir)? {
-                println!("{}", written.display());
+                outln!("{}", written.display());
             }
             Ok(())
         }

@@ -2,6 +2,7 @@
 //! answer (the same shapes grpcurl prints), tables go through comfy-table, and times and holders
 //! read as people say them.
 
+use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Result};
@@ -9,6 +10,40 @@ use comfy_table::presets::NOTHING;
 use comfy_table::{ContentArrangement, Table};
 use styxy_common::net::Protocol;
 use styxy_proto::v1 as pb;
+
+/// `println!` for what a command prints on stdout: when its reader has gone (`styxy ports |
+/// head`), the command ends quietly as a Unix tool does, where `println!` would panic. (The
+/// process keeps ignoring SIGPIPE, as Rust programs do: a daemon gone mid-request is an error
+/// that says so, not a silent death.)
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for stdout, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!($($arg)*))
+    };
+}
+
+/// Writes to stdout; when that fails, ends the process: quietly (status 0) when the reader has
+/// gone, else with the error on stderr (status 1).
+pub(crate) fn write_out(text: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // stderr may be gone too: nothing more to do then.
+        let _ = writeln!(std::io::stderr(), "styxy: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// A gRPC answer, or an error that carries the daemon's message.
 pub(crate) fn call<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
@@ -22,7 +57,7 @@ pub(crate) fn call<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Resu
 
 /// Prints a message as indented proto3 JSON.
 pub(crate) fn print_json(message: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(message)?);
+    outln!("{}", serde_json::to_string_pretty(message)?);
     Ok(())
 }
 
@@ -44,7 +79,7 @@ pub(crate) fn table(header: &[&str]) -> Table {
 /// Prints a table with the trailing spaces of its last column trimmed.
 pub(crate) fn print_table(table: &Table) {
     for line in table.lines() {
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
 }
 

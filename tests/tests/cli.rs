@@ -1,6 +1,6 @@
 //! The `styxy` command-line client: readable output for people, `--json` for scripts, clear errors.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::Context;
 use styxy_tests::v1 as pb;
@@ -668,5 +668,35 @@ fn every_command_has_a_man_page_that_man_renders() -> anyhow::Result<()> {
     }
     let ports = std::fs::read_to_string(dir.path().join("styxy-ports.1"))?;
     assert!(ports.contains("instance"), "{ports}");
+    Ok(())
+}
+
+/// A reader that goes away (`styxy ports | head`) ends a command quietly, as a Unix tool does:
+/// status 0 and nothing on stderr (it was a panic and its backtrace).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_goes_away_ends_a_command_quietly() -> anyhow::Result<()> {
+    let daemon = Daemon::start().await?;
+    let commands: [&[&str]; 4] = [
+        &["ports"],
+        &["--json", "ports"],
+        &["status"],
+        &["suggest", "dev", "-n", "3"],
+    ];
+    for args in commands {
+        // A pipe whose reader is closed before the command starts: its first write fails.
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = daemon
+            .cli_command(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()?;
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "styxy {args:?}: {}, stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }

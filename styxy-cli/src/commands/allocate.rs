@@ -38,7 +38,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if as_json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "{} ({}) leased as {}, {}",
         r.port,
         r.service_type,

@@ -27,7 +27,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         return print_json(&r);
     }
     if r.entries.is_empty() {
-        println!("no reassigned binds yet");
+        outln!("no reassigned binds yet");
     }
     for e in &r.entries {
         let session = match (e.instance_id.as_str(), e.session_name.as_str()) {
@@ -35,7 +35,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
             (id, "") => format!(" [{id}]"),
             (_, name) => format!(" [{name}]"),
         };
-        println!(
+        outln!(
             "{}  {} pid {}{session}: {} → {}{}",
             clock(e.at_ms),
             e.comm,

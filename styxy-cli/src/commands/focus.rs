@@ -48,31 +48,31 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     let before = session_label(&r.previous_session_name, &r.previous_instance_id);
     let looked = session.is_empty() && !args.clear;
     match (looked, r.instance_id.is_empty()) {
-        (true, true) => println!("no focus: localhost:PORT reaches whatever is bound to PORT"),
-        (true, false) => println!("focus: {now}"),
-        (false, true) if r.previous_instance_id.is_empty() => println!("no focus to clear"),
-        (false, true) => println!("focus cleared (was {before})"),
+        (true, true) => outln!("no focus: localhost:PORT reaches whatever is bound to PORT"),
+        (true, false) => outln!("focus: {now}"),
+        (false, true) if r.previous_instance_id.is_empty() => outln!("no focus to clear"),
+        (false, true) => outln!("focus cleared (was {before})"),
         (false, false) if r.previous_instance_id == r.instance_id => {
-            println!("focus: {now} (already)")
+            outln!("focus: {now} (already)")
         }
-        (false, false) if r.previous_instance_id.is_empty() => println!("focus: {now}"),
-        (false, false) => println!("focus: {now} (was {before})"),
+        (false, false) if r.previous_instance_id.is_empty() => outln!("focus: {now}"),
+        (false, false) => outln!("focus: {now} (was {before})"),
     }
     for port in &r.ports {
         if looked {
-            println!("  localhost:{} → {}", port.asked, port.to);
+            outln!("  localhost:{} → {}", port.asked, port.to);
         } else {
-            println!("  localhost:{}: {} → {}", port.asked, port.from, port.to);
+            outln!("  localhost:{}: {} → {}", port.asked, port.from, port.to);
         }
     }
     if !looked && r.closed_connections > 0 {
-        println!(
+        outln!(
             "closed {} connection(s) to the old destinations",
             r.closed_connections
         );
     }
     if !r.available {
-        println!("(not followed here: {})", r.unavailable_reason);
+        outln!("(not followed here: {})", r.unavailable_reason);
     }
     Ok(())
 }

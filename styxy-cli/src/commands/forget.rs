@@ -57,10 +57,10 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         return print_json(&r);
     }
     match r.forgotten.len() {
-        0 => println!("no sticky port matched"),
+        0 => outln!("no sticky port matched"),
         n => {
             for e in &r.forgotten {
-                println!(
+                outln!(
                     "forgot {} → {} ({}) of {}",
                     if e.asked_port == 0 {
                         "any".to_string()
@@ -72,7 +72,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
                     e.project
                 );
             }
-            println!("{n} sticky port{} forgotten", if n == 1 { "" } else { "s" });
+            outln!("{n} sticky port{} forgotten", if n == 1 { "" } else { "s" });
         }
     }
     Ok(())

@@ -44,14 +44,14 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         format!(" ({} range)", r.range_service_type)
     };
     match (&r.holders[..], &r.lease) {
-        ([], None) => println!("port {port}{range} is free"),
+        ([], None) => outln!("port {port}{range} is free"),
         (holders, lease) => {
-            println!("port {port}{range}:");
+            outln!("port {port}{range}:");
             for h in holders {
-                println!("  bound by {}", describe_holder(h));
+                outln!("  bound by {}", describe_holder(h));
             }
             if let Some(l) = lease {
-                println!("  leased: {}", describe_lease(l));
+                outln!("  leased: {}", describe_lease(l));
             }
         }
     }

@@ -33,7 +33,7 @@ pub(super) async fn run(client: &mut Client, args: Args) -> Result<()> {
         bail!("the Styxy daemon serves no names: {why}");
     };
     let url = styxy_common::url::name_url(scheme, &host_of(args.name.as_deref()), listen);
-    println!("{url}");
+    outln!("{url}");
     if args.print {
         return Ok(());
     }

@@ -37,11 +37,11 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     }
     print_holders(&r.holders);
     if !r.leases.is_empty() {
-        println!();
+        outln!();
         print_leases(&r.leases);
     }
     if !r.views.is_empty() {
-        println!();
+        outln!();
         print_views(&r.views);
     }
     for focus in &r.focuses {
@@ -50,13 +50,13 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         } else {
             format!("{} ({})", focus.session_name, focus.instance_id)
         };
-        println!(
+        outln!(
             "focus: uid {}'s processes outside the sessions follow {name}'s view",
             focus.uid
         );
     }
     if !r.sticky.is_empty() {
-        println!();
+        outln!();
         print_sticky(&r.sticky);
     }
     Ok(())
@@ -128,7 +128,7 @@ fn print_views(views: &[pb::ViewEntry]) {
 
 fn print_holders(holders: &[pb::Holder]) {
     if holders.is_empty() {
-        println!("no bound ports seen");
+        outln!("no bound ports seen");
         return;
     }
     let mut t = table(&[

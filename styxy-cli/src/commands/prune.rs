@@ -39,10 +39,10 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         return print_json(&r);
     }
     if r.stopped.is_empty() {
-        println!("no orphans: every server with a session belongs to a live one");
+        outln!("no orphans: every server with a session belongs to a live one");
         return Ok(());
     }
-    println!(
+    outln!(
         "{} {} orphan(s):",
         if args.dry_run {
             "would stop"

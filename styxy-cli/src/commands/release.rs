@@ -27,6 +27,6 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if as_json {
         return print_json(&r);
     }
-    println!("released {}", r.released_lease_ids.join(", "));
+    outln!("released {}", r.released_lease_ids.join(", "));
     Ok(())
 }

@@ -60,19 +60,19 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         return print_json(&r);
     }
     match (r.session_name.as_str(), r.session_name_wanted.as_str()) {
-        ("", _) => println!("session {}", r.instance_id),
-        (name, "") => println!("session {} (named {name})", r.instance_id),
-        (name, wanted) if wanted == styxy_common::url::DASHBOARD_LABEL => println!(
+        ("", _) => outln!("session {}", r.instance_id),
+        (name, "") => outln!("session {} (named {name})", r.instance_id),
+        (name, wanted) if wanted == styxy_common::url::DASHBOARD_LABEL => outln!(
             "session {} (named {name}: {wanted}.localhost is the dashboard's)",
             r.instance_id
         ),
-        (name, wanted) => println!(
+        (name, wanted) => outln!(
             "session {} (named {name}: an older session is named {wanted})",
             r.instance_id
         ),
     }
     if r.running.is_empty() {
-        println!("no servers");
+        outln!("no servers");
         return Ok(());
     }
     // A URL column when the daemon's proxy serves names.

@@ -11,28 +11,29 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
     if as_json {
         return print_json(&s);
     }
-    println!(
+    outln!(
         "Styxy {} — up {}",
         s.version,
         human_duration(s.uptime_seconds)
     );
-    println!("observer:   {} ({})", s.observer, s.observer_reason);
-    println!("socket:     {}", s.socket_path);
+    outln!("observer:   {} ({})", s.observer, s.observer_reason);
+    outln!("socket:     {}", s.socket_path);
     let tcp = if s.tcp_listen.is_empty() {
         "off"
     } else {
         &s.tcp_listen
     };
-    println!("tcp:        {tcp}");
-    println!("names:      {}", names_line(&s));
-    println!("state dir:  {}", s.state_dir);
+    outln!("tcp:        {tcp}");
+    outln!("names:      {}", names_line(&s));
+    outln!("state dir:  {}", s.state_dir);
     if s.kernel_sessions_enforced {
-        println!(
+        outln!(
             "sessions:   {} managed in the kernel ({})",
-            s.kernel_sessions, s.kernel_sessions_detail
+            s.kernel_sessions,
+            s.kernel_sessions_detail
         );
     } else {
-        println!(
+        outln!(
             "sessions:   none in the kernel: {}",
             s.kernel_sessions_detail
         );
@@ -40,10 +41,10 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
     if s.kernel_sessions_enforced {
         match (s.focus_session_name.as_str(), s.focus_instance_id.as_str()) {
             (_, "") => {
-                println!("focus:      none (`styxy focus SESSION` lends you a session's ports)")
+                outln!("focus:      none (`styxy focus SESSION` lends you a session's ports)")
             }
-            (name, id) if name.is_empty() || name == id => println!("focus:      {id}"),
-            (name, id) => println!("focus:      {name} ({id})"),
+            (name, id) if name.is_empty() || name == id => outln!("focus:      {id}"),
+            (name, id) => outln!("focus:      {name} ({id})"),
         }
     }
     if s.kernel_sessions_enforced {
@@ -52,7 +53,7 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "kills:      {}{refused}",
             if s.kill_protection {
                 "refused between sessions in the kernel (lsm/task_kill)".to_string()
@@ -61,7 +62,7 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
             }
         );
     }
-    println!(
+    outln!(
         "bound ports {} · leases {} · instances {} · reassignments {} · events {} ({} dropped) · ResolveBind calls {}",
         s.bound_ports,
         s.leases,
@@ -72,28 +73,28 @@ pub(super) async fn run(client: &mut Client, as_json: bool) -> Result<()> {
         s.resolve_bind_calls
     );
     if let Some(bytes) = s.heap_live_bytes {
-        println!(
+        outln!(
             "heap:       {:.1} MB live (what the daemon holds, not what its allocator keeps for reuse)",
             bytes as f64 / 1e6
         );
     }
     if s.refused_connections > 0 {
-        println!(
+        outln!(
             "refused connections: {} (a user, or everyone, held as many as the daemon takes)",
             s.refused_connections
         );
     }
     for damage in &s.state_damage {
-        println!("damaged state found at start: {damage}");
+        outln!("damaged state found at start: {damage}");
     }
     if s.processes_unchecked > 0 {
-        println!(
+        outln!(
             "warning: {} process check(s) could not read /proc (out of file descriptors?); those processes kept what they hold",
             s.processes_unchecked
         );
     }
     if s.observer_delay_samples > 0 {
-        println!(
+        outln!(
             "bind → broker: p50 {} µs · p99 {} µs (last {} events)",
             s.observer_delay_p50_us,
             s.observer_delay_p99_us,

@@ -71,7 +71,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     } else {
         format!("{} ({})", r.session_name, r.instance_id)
     };
-    println!(
+    outln!(
         "{} in session {session}:",
         if args.dry_run {
             "would stop"

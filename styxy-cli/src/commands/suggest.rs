@@ -32,6 +32,6 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         ports.join(" ")
     };
     let (start, end) = (r.range_start, r.range_end);
-    println!("{} ({start}-{end}): {listed}", r.service_type);
+    outln!("{} ({start}-{end}): {listed}", r.service_type);
     Ok(())
 }

@@ -32,7 +32,7 @@ pub(super) async fn run(
         .map_err(|_| anyhow!("the Styxy daemon did not answer within {deadline:?}"))?;
     let ca = call(answer)?;
     if args.print {
-        print!("{}", ca.certificate_pem);
+        out!("{}", ca.certificate_pem);
         return Ok(());
     }
     let authority = Authority {
@@ -91,7 +91,7 @@ fn change_stores(authority: &Authority, owner: Option<&StoreOwner>, trust: bool)
 }
 
 fn print_outcomes(authority: &Authority, outcomes: &[Outcome], trust: bool) {
-    println!(
+    outln!(
         "Styxy local CA (for *.localhost only), SHA-256 {}",
         authority.fingerprint
     );
@@ -109,7 +109,7 @@ fn print_outcomes(authority: &Authority, outcomes: &[Outcome], trust: bool) {
         } else {
             format!(" ({})", o.path.display())
         };
-        println!("  {word:<16} {}{path}{detail}", o.store);
+        outln!("  {word:<16} {}{path}{detail}", o.store);
     }
     if trust {
         let system_file = system::certificate_path(authority).filter(|p| p.exists());
@@ -119,7 +119,7 @@ fn print_outcomes(authority: &Authority, outcomes: &[Outcome], trust: bool) {
                      NODE_EXTRA_CA_CERTS=~/.styxy-ca.pem"
                 .to_string(),
         };
-        println!("Node.js reads its own list of authorities: {node}");
-        println!("A browser that was running reads its store again when restarted.");
+        outln!("Node.js reads its own list of authorities: {node}");
+        outln!("A browser that was running reads its store again when restarted.");
     }
 }

@@ -29,9 +29,9 @@ pub(super) async fn run(
     while let Some(event) = stream.next().await {
         let event = event.map_err(|s| anyhow!("the event stream ended: {}", s.message()))?;
         if as_json {
-            println!("{}", serde_json::to_string(&event)?);
+            outln!("{}", serde_json::to_string(&event)?);
         } else {
-            println!("{}", describe(&event));
+            outln!("{}", describe(&event));
         }
     }
     Ok(())

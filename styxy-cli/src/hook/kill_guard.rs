@@ -31,7 +31,7 @@ const NAMED: usize = 6;
 pub async fn run(target: &Target) {
     let input = super::read_hook_input();
     if let Ok(Some(denial)) = tokio::time::timeout(BUDGET, decide(&input, target)).await {
-        println!("{denial}");
+        outln!("{denial}");
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn run(target: &Target) {
     };
     if let Ok(Ok(report)) = tokio::time::timeout(Duration::from_secs(3), call).await {
         if let Some(output) = hook_output(&report, &facts) {
-            println!("{output}");
+            outln!("{output}");
         }
     }
 }
