@@ -800,8 +800,14 @@ print(json.dumps(answers))
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_polls_after_traffic_and_sleeps_when_idle() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let (daemon, proxy) =
-        styxy_tests::names::daemon_with_proxy_and(&["--proxy-spin-us", "10000"]).await?;
+    let metrics = format!("127.0.0.1:{}", styxy_tests::port_block() + 1);
+    let (daemon, proxy) = styxy_tests::names::daemon_with_proxy_and(&[
+        "--proxy-spin-us",
+        "10000",
+        "--metrics",
+        &metrics,
+    ])
+    .await?;
     let work = tempfile::tempdir()?;
     let dir = work.path().join("poller");
     std::fs::create_dir_all(&dir)?;
@@ -812,28 +818,53 @@ async fn the_proxy_polls_after_traffic_and_sleeps_when_idle() -> Result<()> {
     })
     .await?;
     let pid = daemon.pid();
-    let mut after_answers = std::time::Duration::ZERO;
+    // Polling is told by the wall time the proxy's threads spent in their windows (the daemon's
+    // `proxy_polled_seconds`), not by their CPU time: a polling thread yields its core to
+    // whatever else wants it, so beside four busy loops on the two cores it got 10-13 ms of CPU
+    // after 30 answers — as much as a sleeping proxy took then to see its clients hang up.
+    let polled_before = polled_seconds(&metrics)?;
+    let cpu_before = proxy_threads_cpu(pid)?;
     for _ in 0..30 {
         let (code, body) = curl(&url, &[])?;
         ensure!(code == 200, "{code}: {body}");
-        let answered = proxy_threads_cpu(pid)?;
         tokio::time::sleep(std::time::Duration::from_millis(40)).await;
-        after_answers += proxy_threads_cpu(pid)? - answered;
     }
+    let polled = polled_seconds(&metrics)? - polled_before;
+    let cpu = proxy_threads_cpu(pid)? - cpu_before;
+    // Idle: no window opens, and the threads, asleep, take no CPU.
     let quiet = proxy_threads_cpu(pid)?;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let idle = proxy_threads_cpu(pid)? - quiet;
-    eprintln!("proxy threads: {after_answers:?} after 30 answers, {idle:?} idle for a second");
-    // Up to 10 ms each (less what curl took to read the answer and end).
+    let polled_idle = polled_seconds(&metrics)? - polled_before - polled;
+    eprintln!(
+        "proxy threads: polled {polled:.3} s over 30 answers ({cpu:?} of CPU), then {polled_idle:.3} s \
+         and {idle:?} of CPU idle for a second"
+    );
+    // A window of 10 ms after each of 30 answers (each counted from when the thread's poller
+    // runs, a little after the answer: half asked).
     ensure!(
-        after_answers >= std::time::Duration::from_millis(60),
-        "the proxy's threads polled for only {after_answers:?} after 30 answers with a 10 ms window"
+        polled >= 0.15,
+        "the proxy's threads polled for only {polled:.3} s after 30 answers with a 10 ms window"
+    );
+    ensure!(
+        polled_idle == 0.0,
+        "the proxy's threads polled {polled_idle:.3} s in a second without traffic"
     );
     ensure!(
         idle < std::time::Duration::from_millis(30),
         "the proxy's threads took {idle:?} of CPU in a second without traffic"
     );
     Ok(())
+}
+
+/// The daemon's `proxy_polled_seconds` (its metrics at `metrics`).
+fn polled_seconds(metrics: &str) -> Result<f64> {
+    let (code, text) = curl(&format!("http://{metrics}/metrics"), &[])?;
+    ensure!(code == 200, "metrics: {code}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("styxy_proxy_polled_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("styxy_proxy_polled_seconds_total in {text}"))
 }
 
 /// The CPU time the daemon's proxy threads (`styxy-proxy-N`) have had.

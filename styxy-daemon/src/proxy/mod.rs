@@ -35,6 +35,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::engine::Engine;
 
 pub use forward::HostHeader;
+pub use spin::polled;
 pub use tls::LocalCa;
 
 /// Client connections served at once.
