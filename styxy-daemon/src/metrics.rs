@@ -1,8 +1,9 @@
 //! What the daemon exposes to operators, in the OpenMetrics text format (Prometheus scrapes it):
 //! binds seen, moves, leases and claims by service type, RPCs by method and status code,
 //! `ResolveBind` latency, lost eBPF records, resyncs, refused connections, the names' proxy's
-//! WebSockets, the observer in use and the live heap. Counters are kept as things happen; the
-//! lease, observer and heap gauges are read when scraped.
+//! WebSockets and polling time, the observer in use and the live heap. Counters are kept as
+//! things happen; the lease, observer and heap gauges, and the proxy's polling time (counted by
+//! the proxy itself), are read when scraped.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;

@@ -534,9 +534,8 @@ impl BrokerService {
             .collect()
     }
 
-    /// The name of session `instance` (empty for none).
-    /// `holder` with its session's name, for the notice a moved bind prints (an instance id
-    /// means nothing to the person or agent reading it).
+    /// `holder` with its session's name, for what a person or agent reads of it (the notice a
+    /// moved bind prints, `styxy ports`, `styxy observe`): an instance id means nothing to them.
     fn with_session_name(&self, mut holder: pb::Holder) -> pb::Holder {
         holder.session_name = self.session_name_of(&holder.instance_id);
         holder
@@ -555,6 +554,7 @@ impl BrokerService {
         })
     }
 
+    /// The name of session `instance` (empty for none, or once it has ended).
     fn session_name_of(&self, instance: &str) -> String {
         if instance.is_empty() {
             return String::new();
