@@ -102,12 +102,23 @@ pub(crate) fn pid_cell(pid: u32) -> String {
 }
 
 /// A session as a person knows it: by its name (its worktree's, or `styxy run --name`), by its
-/// instance id when it has none (ended, or from an older daemon); empty for none.
+/// instance id when it has none (ended, or from an older daemon); empty when there is no
+/// session (no id: a name alone is not one).
 pub(crate) fn session_shown<'a>(name: &'a str, id: &'a str) -> &'a str {
-    if name.is_empty() {
+    if id.is_empty() || name.is_empty() {
         id
     } else {
         name
+    }
+}
+
+/// `feature-x (claude-abc)`, or the id alone when the session has no other name: for what acts
+/// on a session (focus, stop), where its id matters too.
+pub(crate) fn session_label(name: &str, id: &str) -> String {
+    if name.is_empty() || name == id {
+        id.to_string()
+    } else {
+        format!("{name} ({id})")
     }
 }
 

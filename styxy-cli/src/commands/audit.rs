@@ -6,7 +6,7 @@ use anyhow::Result;
 use styxy_proto::v1 as pb;
 
 use super::Client;
-use crate::output::{call, clock, print_json};
+use crate::output::{call, clock, print_json, session_shown};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -30,10 +30,9 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         outln!("no reassigned binds yet");
     }
     for e in &r.entries {
-        let session = match (e.instance_id.as_str(), e.session_name.as_str()) {
-            ("", _) => String::new(),
-            (id, "") => format!(" [{id}]"),
-            (_, name) => format!(" [{name}]"),
+        let session = match session_shown(&e.session_name, &e.instance_id) {
+            "" => String::new(),
+            session => format!(" [{session}]"),
         };
         outln!(
             "{}  {} pid {}{session}: {} → {}{}",
@@ -64,13 +63,9 @@ fn holder(e: &pb::AuditEntry) -> String {
     }
     text.push_str(&format!("pid {}", e.holder_pid));
     // By its name while the session lives; by its id once it has ended.
-    match (
-        e.holder_instance_id.as_str(),
-        e.holder_session_name.as_str(),
-    ) {
-        ("", _) => {}
-        (id, "") => text.push_str(&format!(", session {id}")),
-        (_, name) => text.push_str(&format!(", session {name}")),
+    let session = session_shown(&e.holder_session_name, &e.holder_instance_id);
+    if !session.is_empty() {
+        text.push_str(&format!(", session {session}"));
     }
     text.push(')');
     text

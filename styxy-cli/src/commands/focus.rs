@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use styxy_proto::v1 as pb;
 
 use super::Client;
-use crate::output::{call, print_json};
+use crate::output::{call, print_json, session_label};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -17,15 +17,6 @@ pub(crate) struct Args {
     /// Give the focus up: localhost:PORT reaches whatever is bound to PORT again.
     #[arg(long, conflicts_with = "session")]
     clear: bool,
-}
-
-/// `feature-x (claude-abc)`, or the id alone when it has no other name.
-fn session_label(name: &str, id: &str) -> String {
-    if name.is_empty() || name == id {
-        id.to_string()
-    } else {
-        format!("{name} ({id})")
-    }
 }
 
 pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Result<()> {

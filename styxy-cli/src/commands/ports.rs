@@ -10,7 +10,8 @@ use styxy_proto::v1 as pb;
 
 use super::Client;
 use crate::output::{
-    call, expiry, pid_cell, print_json, print_table, protocol_name, session_shown, table,
+    call, expiry, pid_cell, print_json, print_table, protocol_name, session_label, session_shown,
+    table,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -45,11 +46,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
         print_views(&r.views);
     }
     for focus in &r.focuses {
-        let name = if focus.session_name.is_empty() || focus.session_name == focus.instance_id {
-            focus.instance_id.clone()
-        } else {
-            format!("{} ({})", focus.session_name, focus.instance_id)
-        };
+        let name = session_label(&focus.session_name, &focus.instance_id);
         outln!(
             "focus: uid {}'s processes outside the sessions follow {name}'s view",
             focus.uid

@@ -11,7 +11,7 @@ use styxy_proto::v1 as pb;
 use styxy_proto::v1::stop_server_request::Target;
 
 use super::{stopping, Client};
-use crate::output::{call, print_json};
+use crate::output::{call, print_json, session_label};
 
 #[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Args {
@@ -66,11 +66,7 @@ pub(super) async fn run(client: &mut Client, args: Args, as_json: bool) -> Resul
     if as_json {
         return print_json(&r);
     }
-    let session = if r.session_name.is_empty() || r.session_name == r.instance_id {
-        r.instance_id.clone()
-    } else {
-        format!("{} ({})", r.session_name, r.instance_id)
-    };
+    let session = session_label(&r.session_name, &r.instance_id);
     outln!(
         "{} in session {session}:",
         if args.dry_run {
